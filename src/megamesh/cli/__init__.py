@@ -1,0 +1,42 @@
+"""The `megamesh` command: one subcommand per verb; modules here only parse, build and run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from megamesh.errors import MegameshError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megamesh.cli import inspect_cmd, quickstart
+
+    parser = argparse.ArgumentParser(
+        prog="megamesh",
+        description="Plan, compile, train and serve decoder-only LLMs from one CPU to a TPU fleet.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    quickstart.add_parser(sub)
+    inspect_cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from megamesh.platform import default_to_cpu_without_accelerator
+
+    default_to_cpu_without_accelerator()
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return int(args.run(args, extra) or 0)
+    except MegameshError as e:
+        print(f"megamesh {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"megamesh {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

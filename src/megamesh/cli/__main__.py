@@ -1,0 +1,5 @@
+import sys
+
+from megamesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Argument helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from megamesh.config import ModelConfig, parse_overrides
+from megamesh.errors import ConfigError
+from megamesh.model.source import model_config
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:
+    p.add_argument("--model", default=default, required=default is None,
+                   help="preset name, config file (.json/.yaml) or Hugging Face directory "
+                   f"(default: {default}); override fields with --model.FIELD=VALUE")
+
+
+def split_overrides(extra: list[str], allowed_prefixes: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Sort `--model.x=1 --train.lr=3e-4` into {"model": {...}, "train": {...}}; anything else is an error."""
+    out: dict[str, dict[str, str]] = {p: {} for p in allowed_prefixes}
+    for item in extra:
+        head = item.lstrip("-").split(".", 1)[0]
+        if not item.startswith("--") or head not in allowed_prefixes or "." not in item:
+            allowed = " ".join(f"--{p}.KEY=VALUE" for p in allowed_prefixes)
+            raise ConfigError(f"unrecognized argument {item!r}: overrides look like {allowed}")
+        out[head].update(parse_overrides([item], prefix=head))
+    return out
+
+
+def resolve_model(args: argparse.Namespace, extra: list[str]) -> ModelConfig:
+    overrides = split_overrides(extra, ("model",))["model"]
+    return model_config(args.model, overrides)

@@ -1,0 +1,83 @@
+"""Attention: RoPE, the KV cache write, and grouped-query attention.
+
+Glossary: B batch, T query length, S key length, H query heads, K kv heads,
+G = H / K query heads per kv head, Dh head dim.
+
+Cache convention: slot j of a row's cache holds the key/value of position j, so a
+query at position p attends to slots 0..p. Tokens are written at `positions[:, 0]`
+onwards (a row's T new tokens have consecutive positions); the caller keeps
+positions + T <= S. Stale slots past p are masked, never read.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megamesh.config import ModelConfig
+from megamesh.model.axes import constrain
+
+_NEG = -1e30  # large negative score for masked keys (finite: no NaN from inf - inf)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies (Dh/2,), with Llama 3.1 scaling when configured (float32)."""
+    dh = cfg.resolved_head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    low_wavelen = rs.original_max_position / rs.low_freq_factor
+    high_wavelen = rs.original_max_position / rs.high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, each (B, T, Dh), for integer positions (B, T)."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (B, T, N, Dh) by position; halves convention (Hugging Face's rotate_half)."""
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new (B, T, K, Dh) into cache (B, S, K, Dh) at per-row slot `start` (B,)."""
+    def one(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+
+    return jax.vmap(one)(cache, new, start)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+           k_pos: jax.Array) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q (B, T, H, Dh); k, v (B, S, K, Dh); q_pos (B, T) and k_pos (B, S) integer positions.
+    A query attends to keys at positions <= its own. Returns (B, T, H, Dh).
+    """
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, H // K, Dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (Dh**-0.5)
+    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]  # (B,1,1,T,S)
+    scores = jnp.where(mask, scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return constrain(out.reshape(B, T, H, Dh), ("batch", "seq", "heads", "head_dim"))

@@ -1,0 +1,190 @@
+"""The decoder: one forward pass for training, prefill and decode.
+
+    forward(params, tokens, positions, cache=None, *, cfg) -> (logits, cache)
+
+- training: cache=None; tokens (B, T) attend causally by position.
+- prefill / decode: pass a cache from `init_cache`; the T new tokens of each row are
+  written at their positions and attend to everything cached at positions <= their own.
+
+Glossary: B batch, T tokens, S cache length, D d_model, F d_ff, H heads, K kv heads,
+Dh head dim, V vocab, L layers, E experts.
+
+Layers of a stack share one set of stacked weights and run under `jax.lax.scan`
+(optionally rematerialized). No mesh or device code: activations only name their
+logical axes (`constrain`), and sharding rules are applied from outside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from megamesh.config import ModelConfig
+from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
+from megamesh.model.axes import constrain
+from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
+from megamesh.model.specs import layer_stacks, param_specs
+
+Params = dict[str, Any]
+Cache = dict[str, dict[str, jax.Array]]
+
+REMAT = {
+    "full": None,  # save nothing inside a layer: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random parameters from the spec table (truncated normal, ones for norms)."""
+    specs = param_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    flat = {}
+    for k, spec in zip(keys, specs.values()):
+        dtype = jnp.dtype(spec.dtype)
+        if spec.init == "ones":
+            flat[spec.name] = jnp.ones(spec.shape, dtype)
+        elif spec.init == "zeros":
+            flat[spec.name] = jnp.zeros(spec.shape, dtype)
+        else:
+            w = jax.random.truncated_normal(k, -2.0, 2.0, spec.shape, jnp.float32)
+            flat[spec.name] = (w * (spec.std / 0.87962566)).astype(dtype)  # unit-std truncation
+    return unflatten(flat)
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"a/b": x} -> {"a": {"b": x}}."""
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+    """An empty KV cache: per stack, k and v of shape (L, B, S, K, Dh)."""
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    return {
+        s.name: {"k": jnp.zeros((s.n_layers, *shape), dtype),
+                 "v": jnp.zeros((s.n_layers, *shape), dtype)}
+        for s in layer_stacks(cfg)
+    }
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def swiglu(h: jax.Array, p: Params) -> jax.Array:
+    cd = h.dtype
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"].astype(cd))
+    up = jnp.einsum("btd,df->btf", h, p["w_up"].astype(cd))
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    return jnp.einsum("btf,fd->btd", act, p["w_down"].astype(cd))
+
+
+def moe_mlp(h: jax.Array, p: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    moe = cfg.moe
+    assert moe is not None
+    probs, weights, experts = route(h, p["router"], moe)
+    y = dispatch_compute_combine(h, weights, experts, p, moe)
+    if moe.n_shared_experts:
+        y = y + swiglu(h, p["shared"])
+    return y, load_balancing_loss(probs, experts, moe.n_experts)
+
+
+def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
+          cache: dict[str, jax.Array] | None, cfg: ModelConfig,
+          moe: bool) -> tuple[jax.Array, dict[str, jax.Array] | None, jax.Array]:
+    """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D)."""
+    cd = x.dtype
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["attn"]["wq"].astype(cd))  # (B,T,H,Dh)
+    k = jnp.einsum("btd,dhk->bthk", h, p["attn"]["wk"].astype(cd))  # (B,T,K,Dh)
+    v = jnp.einsum("btd,dhk->bthk", h, p["attn"]["wv"].astype(cd))
+    q = constrain(apply_rope(q, *rope), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(apply_rope(k, *rope), ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+    if cache is None:
+        out = attend(q, k, v, positions, positions)
+    else:
+        start = positions[:, 0]
+        cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
+        S = cache["k"].shape[1]
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (x.shape[0], S))
+        out = attend(q, cache["k"].astype(cd), cache["v"].astype(cd), positions, k_pos)
+    x = x + jnp.einsum("bthk,hkd->btd", out, p["attn"]["wo"].astype(cd))
+    x = constrain(x, ("batch", "seq", "embed"))
+
+    h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+    if moe:
+        y, aux = moe_mlp(h, p["moe"], cfg)
+    else:
+        y, aux = swiglu(h, p["mlp"]), jnp.zeros((), jnp.float32)
+    x = constrain(x + y, ("batch", "seq", "embed"))
+    return x, cache, aux
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
+            *, cfg: ModelConfig, with_aux: bool = False) -> Any:
+    """Logits (B, T, V) in float32 and the updated cache (None when training).
+
+    With `with_aux=True` also returns the MoE load-balancing loss (mean over MoE layers;
+    0 for dense models) as a third value.
+    """
+    cd = jnp.dtype(cfg.compute_dtype)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(cd)  # (B,T,D)
+    x = constrain(x, ("batch", "seq", "embed"))
+    rope = rope_tables(positions, cfg)
+    new_cache: Cache | None = None if cache is None else {}
+    aux_total = jnp.zeros((), jnp.float32)
+    n_moe = 0
+    for stack in layer_stacks(cfg):
+
+        def body(x, layer, stack=stack):
+            p, c = layer
+            x, c, aux = block(x, p, positions, rope, c, cfg, stack.moe)
+            return x, (c, aux)
+
+        if cache is None and cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
+        stack_cache = None if cache is None else cache[stack.name]
+        x, (c, aux) = jax.lax.scan(body, x, (params[stack.name], stack_cache))
+        if new_cache is not None:
+            new_cache[stack.name] = c
+        if stack.moe:
+            aux_total = aux_total + jnp.sum(aux)
+            n_moe += stack.n_layers
+
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    logits = jnp.einsum("btd,dv->btv", x, head.astype(cd), preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "seq", "vocab"))
+    if with_aux:
+        return logits, new_cache, aux_total / max(n_moe, 1)
+    return logits, new_cache

@@ -1,0 +1,88 @@
+"""Meshes from layout strings, on real devices or on compile-only TPU devices.
+
+A layout names mesh axis sizes: `data=2,fsdp=4`. Axes left out have size 1, so every
+mesh has all of MESH_AXES and one rule set serves every layout. `dcn` is the axis across
+slices (pods joined by the data-center network); the others are within a slice (ICI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from megamesh.errors import ConfigError
+from megamesh.sharding.rules import MESH_AXES
+
+
+def parse_layout(layout: str | dict[str, int]) -> dict[str, int]:
+    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; checks names and sizes."""
+    if isinstance(layout, dict):
+        items = list(layout.items())
+    else:
+        items = []
+        for part in filter(None, (p.strip() for p in layout.split(","))):
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(f"layout part {part!r} is not allowed: must look like axis=size "
+                                  f"(axes: {', '.join(MESH_AXES)})")
+            try:
+                size = int(value)
+            except ValueError:
+                raise ConfigError(f"layout {name.strip()}={value!r} is not allowed: the size must "
+                                  "be a positive integer") from None
+            items.append((name.strip(), size))
+    out: dict[str, int] = {}
+    for name, size in items:
+        if name not in MESH_AXES:
+            raise ConfigError(f"unknown mesh axis {name!r} in layout: allowed are {', '.join(MESH_AXES)}")
+        if name in out:
+            raise ConfigError(f"mesh axis {name!r} appears twice in the layout")
+        if not isinstance(size, int) or size < 1:
+            raise ConfigError(f"layout {name}={size!r} is not allowed: must be a positive integer")
+        out[name] = size
+    return out
+
+
+def format_layout(sizes: dict[str, int]) -> str:
+    return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) > 1) or "data=1"
+
+
+def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all of jax's devices) with every axis of MESH_AXES.
+
+    Default layout: all devices on fsdp. On TPU devices the device order follows the
+    physical torus (jax's mesh_utils); `dcn` splits across slices.
+    """
+    import jax
+
+    devs = list(jax.devices() if devices is None else devices)
+    sizes = {"fsdp": len(devs)} if layout is None else parse_layout(layout)
+    n = math.prod(sizes.values())
+    if n != len(devs):
+        raise ConfigError(f"layout {format_layout(sizes)} uses {n} devices but there are "
+                          f"{len(devs)}: the sizes must multiply to {len(devs)}")
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
+    arr = _device_array(shape, devs)
+    return Mesh(arr, MESH_AXES)
+
+
+def _device_array(shape: tuple[int, ...], devs: list[Any]) -> np.ndarray:
+    if devs[0].platform != "tpu" or len(devs) == 1:
+        return np.array(devs, dtype=object).reshape(shape)
+    from jax.experimental import mesh_utils
+
+    n_slices = len({getattr(d, "slice_index", 0) for d in devs})
+    dcn = shape[0]
+    if n_slices > 1:
+        if dcn % n_slices:
+            raise ConfigError(f"layout dcn={dcn} is not allowed on {n_slices} slices: dcn must be "
+                              f"a multiple of {n_slices}")
+        ici_shape = (dcn // n_slices,) + shape[1:]
+        dcn_shape = (n_slices,) + (1,) * (len(shape) - 1)
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devs,
+                                                    allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(shape, devs, allow_split_physical_axes=True)
