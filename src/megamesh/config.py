@@ -385,19 +385,28 @@ def load_config_file(path: str | Path) -> ModelConfig:
     return config_from_dict(data)
 
 
-def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
-    """Apply dotted-key overrides (`n_layers=4`, `moe.top_k=1`); an unknown key is an error."""
+def _nested_class(typ: Any) -> type | None:
+    """The dataclass a field holds (through `X | None`), or None for plain fields."""
+    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
+    return next((a for a in args if dataclasses.is_dataclass(a)), None)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Apply dotted-key overrides (`n_layers=4`, `moe.top_k=1`) to a frozen config dataclass.
+
+    Values from the command line are strings and are converted to each field's type; an
+    unknown key is an error listing the allowed ones.
+    """
+    cls = type(cfg)
+    hints = _hints(cls)
     changes: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
-    hints = _hints(ModelConfig)
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in hints:
-            raise ConfigError(
-                f"unknown override key {key!r}: allowed keys are {', '.join(hints)}"
-            )
+            raise ConfigError(f"unknown override key {key!r}: allowed keys are {', '.join(hints)}")
         if rest:
-            if head not in _NESTED:
+            if _nested_class(hints[head]) is None:
                 raise ConfigError(f"unknown override key {key!r}: {head!r} has no sub-keys")
             nested.setdefault(head, {})[rest] = value
         else:
@@ -405,19 +414,17 @@ def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     for head, sub in nested.items():
         current = changes.get(head, getattr(cfg, head))
         if current is None:
-            raise ConfigError(f"cannot override {head}.* on a model without {head}; set {head} first")
-        cls = _NESTED[head]
-        sub_hints = _hints(cls)
+            raise ConfigError(f"cannot override {head}.* on a config without {head}; set {head} first")
+        sub_hints = _hints(type(current))
         for k in sub:
-            if k not in sub_hints:
-                raise ConfigError(
-                    f"unknown override key {head + '.' + k!r}: allowed keys are "
-                    + ", ".join(f"{head}.{n}" for n in sub_hints)
-                )
-        changes[head] = dataclasses.replace(
-            current, **{k: _coerce(v, sub_hints[k], f"{head}.{k}") for k, v in sub.items()}
-        )
-    return dataclasses.replace(cfg, **changes)
+            if k.partition(".")[0] not in sub_hints:
+                raise ConfigError(f"unknown override key {head + '.' + k!r}: allowed keys are "
+                                  + ", ".join(f"{head}.{n}" for n in sub_hints))
+        changes[head] = apply_overrides(current, sub)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except TypeError as e:
+        raise ConfigError(str(e)) from e
 
 
 def parse_overrides(items: list[str], prefix: str = "") -> dict[str, str]:
