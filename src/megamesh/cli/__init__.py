@@ -10,7 +10,7 @@ from megamesh.errors import MegameshError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import inspect_cmd, quickstart
+    from megamesh.cli import inspect_cmd, quickstart, train
 
     parser = argparse.ArgumentParser(
         prog="megamesh",
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     quickstart.add_parser(sub)
     inspect_cmd.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,63 @@
+"""`megamesh train`: sharded, checkpointed, resumable training on the available devices."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megamesh.cli.common import add_model_args, split_overrides
+from megamesh.config import apply_overrides
+from megamesh.model.source import model_config
+from megamesh.train.config import TrainConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (default: tiny on the Python stdlib source)",
+                       description="Train on this machine's devices. Override any training field "
+                       "with --train.KEY=VALUE and any model field with --model.KEY=VALUE.")
+    add_model_args(p, default="tiny")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
+    p.add_argument("--data", nargs="+", default=None,
+                   help="text files or folders, .jsonl (text field), .parquet (text column); "
+                   "default: the Python standard library's source")
+    p.add_argument("--mesh", default=None, help="layout such as data=2,fsdp=4 (default: all devices on fsdp)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch", type=int, help="global batch in sequences")
+    p.add_argument("--seq", type=int, help="sequence length in tokens")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--accum", type=int, help="gradient-accumulation microbatches per step")
+    p.add_argument("--remat", help="remat policy: none, dots, dots_no_batch, full")
+    p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
+    p.set_defaults(run=run)
+
+
+def build_configs(args: argparse.Namespace, extra: list[str]):
+    over = split_overrides(extra, ("model", "train"))
+    model_over = dict(over["model"])
+    if args.remat:
+        model_over["remat"] = args.remat
+    cfg = model_config(args.model, model_over)
+    train_over = dict(over["train"])
+    for flag, key in (("steps", "steps"), ("batch", "global_batch"), ("seq", "seq_len"), ("lr", "lr"),
+                      ("accum", "microbatches")):
+        if getattr(args, flag) is not None:
+            train_over[key] = getattr(args, flag)
+    base = TrainConfig()
+    if "steps" in train_over and "warmup_steps" not in train_over:
+        train_over["warmup_steps"] = min(base.warmup_steps, max(0, int(train_over["steps"]) // 10))
+    return cfg, apply_overrides(base, train_over)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    cfg, tc = build_configs(args, extra)
+    from megamesh.train.distributed import initialize_from_env
+    from megamesh.train.loop import train
+
+    initialize_from_env()
+    result = train(cfg, tc, args.out, data_paths=args.data, layout=args.mesh, resume=args.resume,
+                   progress=False if args.no_progress else None)
+    if result.preempted:
+        sys.stdout.flush()
+        return 143
+    return 0

@@ -1,0 +1,182 @@
+"""Training data: the embedded default corpus, a byte-level BPE tokenizer, packing, batches.
+
+With no `--data`, the corpus is the Python standard library's own source files (present
+on every machine with Python, nothing downloaded). Documents are tokenized by a
+byte-level BPE trained with the `tokenizers` library, separated by an end-of-text
+token, and packed into one token stream cut into sequences of seq_len + 1 tokens
+(inputs and shifted targets). A held-out share of documents forms the validation split.
+
+Batches come from a Grain MapDataset (shuffled per epoch from a seed, random access),
+so the batch of step s is a pure function of (corpus, seed, s): the pipeline position
+saved in a checkpoint is just the number of batches consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megamesh.errors import ConfigError
+
+EOS = "<|endoftext|>"
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".parquet", ".c", ".h", ".html"}
+
+
+def default_corpus_files() -> list[Path]:
+    """The standard library's .py files, tests and IDLE left out (about 11 MB on 3.11)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root).as_posix()
+        if "site-packages" in rel or "test" in rel or rel.startswith("idlelib"):
+            continue
+        files.append(f)
+    return sorted(files)
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise ConfigError(f"--data {str(p)!r} holds no text files "
+                                  f"({', '.join(sorted(TEXT_SUFFIXES))})")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"--data {str(p)!r} does not exist")
+    return files
+
+
+def read_documents(paths: list[str] | None) -> tuple[list[str], str]:
+    """Documents from text, JSONL (`text` field) and Parquet (`text` column) files.
+
+    Returns (documents, description). None reads the embedded default corpus.
+    """
+    files = default_corpus_files() if not paths else _expand(paths)
+    docs: list[str] = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            for i, line in enumerate(f.read_text(errors="replace").splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"{f}:{i + 1}: each JSONL line needs a string field "
+                                      "'text'") from None
+                docs.append(str(text))
+        elif f.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ConfigError("reading Parquet needs pyarrow: pip install pyarrow") from None
+            table = pq.read_table(f)
+            if "text" not in table.column_names:
+                raise ConfigError(f"{f}: Parquet needs a 'text' column; it has "
+                                  f"{', '.join(table.column_names)}")
+            docs += [str(t) for t in table.column("text").to_pylist() if t]
+        else:
+            docs.append(f.read_text(errors="replace"))
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ConfigError(f"--data {' '.join(paths or [])!r} holds no text: every document is empty")
+    what = "Python standard library source" if not paths else ", ".join(paths)
+    return docs, f"{what} ({len(files)} files, {len(docs)} documents)"
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained on the documents, with EOS as token 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+@dataclass
+class Corpus:
+    """Packed token streams for training and validation."""
+
+    train: np.ndarray  # int32 token ids, documents separated by EOS
+    val: np.ndarray
+    eos_id: int
+    fingerprint: str  # identifies documents + tokenizer: a resumed run must see the same data
+    description: str
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "train.npy", self.train)
+        np.save(directory / "val.npy", self.val)
+        (directory / "corpus.json").write_text(json.dumps(
+            {"eos_id": self.eos_id, "fingerprint": self.fingerprint, "description": self.description}))
+
+    @classmethod
+    def load(cls, directory: Path) -> Corpus:
+        meta = json.loads((directory / "corpus.json").read_text())
+        return cls(np.load(directory / "train.npy"), np.load(directory / "val.npy"), **meta)
+
+
+def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: float) -> Corpus:
+    """Tokenize, split by a stable hash of each document, and pack with EOS separators."""
+    eos = tokenizer.token_to_id(EOS)
+    ids = [e.ids for e in tokenizer.encode_batch(docs)]
+    is_val = [zlib.crc32(d.encode()) % 10_000 < val_fraction * 10_000 for d in docs]
+    if val_fraction > 0 and not any(is_val):
+        is_val[-1] = True  # at least one validation document
+    if all(is_val):
+        raise ConfigError("--data has too few documents to hold out a validation split")
+
+    def pack(keep: bool) -> np.ndarray:
+        parts = [np.asarray(i + [eos], np.int32) for i, v in zip(ids, is_val) if v == keep]
+        return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
+
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    h.update(tokenizer.to_str().encode())
+    return Corpus(pack(False), pack(True), eos, h.hexdigest()[:16], description)
+
+
+class PackedSequences:
+    """Random-access source: item i is tokens[i*T : i*T + T + 1] (inputs and shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        s = int(i) * self.seq_len
+        return self.tokens[s:s + self.seq_len + 1]
+
+
+def batch_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, *, name: str):
+    """Grain MapDataset whose item s is the (global_batch, seq_len + 1) batch of step s."""
+    import grain
+
+    source = PackedSequences(tokens, seq_len)
+    if len(source) < 1:
+        raise ConfigError(f"the {name} split has {len(tokens)} tokens, fewer than one sequence of "
+                          f"seq_len+1={seq_len + 1}: use more data or a shorter --seq")
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    return ds.batch(global_batch, drop_remainder=True, batch_fn=np.stack)

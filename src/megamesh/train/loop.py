@@ -1,0 +1,239 @@
+"""The training loop: data, the jitted step, checkpoints, guards, metrics, preemption.
+
+Everything a run writes lives under OUT: tokenizer.json, data/ (the packed corpus),
+checkpoints/, metrics.jsonl, tensorboard/. A run never overwrites another: OUT with
+checkpoints needs --resume, and a resumed run must be the same model on the same data.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from megamesh import __version__
+from megamesh.config import ModelConfig
+from megamesh.errors import ConfigError, MegameshError
+from megamesh.model import specs
+from megamesh.sharding.mesh import format_layout, make_mesh
+from megamesh.sharding.rules import strategy
+from megamesh.train import data as data_lib
+from megamesh.train.checkpoint import Checkpointer, check_same_model
+from megamesh.train.config import TrainConfig
+from megamesh.train.metrics import Goodput, MetricsWriter, lost_work_seconds, peak_flops
+from megamesh.train.progress import Progress
+from megamesh.train.step import build_eval_step, build_train_step
+
+
+class TrainingDiverged(MegameshError):
+    exit_code = 3
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    val_loss: float | None = None
+    preempted: bool = False
+    out: Path = Path(".")
+
+
+class _Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and stops at the step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
+    """Errors a user can fix before any work: sequence length, batch vs data axes."""
+    if tc.seq_len > cfg.max_seq_len:
+        raise ConfigError(f"--seq {tc.seq_len} is longer than model {cfg.name} allows "
+                          f"(max_seq_len={cfg.max_seq_len})")
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    batch_axes = dict(strategy(tc.strategy))["batch"]
+    n = int(np.prod([sizes[a] for a in batch_axes]))
+    micro = tc.global_batch // tc.microbatches
+    if micro % n:
+        raise ConfigError(
+            f"--batch {tc.global_batch} (microbatch {micro}) is not divisible by the data-parallel "
+            f"size {n} (mesh {format_layout(sizes)}, axes {'x'.join(batch_axes)}): use a multiple of {n}")
+
+
+def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: TrainConfig,
+                 log: Any) -> tuple[data_lib.Corpus, Any]:
+    """Load OUT's tokenizer and packed corpus, or build them (process 0) on first use."""
+    data_dir, tok_path = out / "data", out / "tokenizer.json"
+    if not (data_dir / "corpus.json").exists():
+        if jax.process_index() == 0:
+            t0 = time.perf_counter()
+            docs, desc = data_lib.read_documents(paths)
+            vocab = min(tc.tokenizer_vocab, cfg.vocab_size)
+            tok = data_lib.train_tokenizer(docs, vocab)
+            corpus = data_lib.build_corpus(docs, desc, tok, tc.val_fraction)
+            tok.save(str(tok_path))
+            corpus.save(data_dir)
+            log(f"data: {desc}; BPE vocab {tok.get_vocab_size()}; {len(corpus.train):,} train + "
+                f"{len(corpus.val):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
+        _barrier("data")
+    elif paths:
+        data_lib.read_documents(paths)  # still validate the user's paths
+    tok = data_lib.load_tokenizer(tok_path)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ConfigError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
+                          f"{cfg.name}'s vocab_size={cfg.vocab_size}")
+    return data_lib.Corpus.load(data_dir), tok
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def global_batch(batch: np.ndarray, sharding: Any) -> jax.Array:
+    """A global array from the full batch every process holds (each keeps its own shards)."""
+    return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
+          layout: str | None = None, resume: bool = False, progress: bool | None = None,
+          log: Any = print) -> TrainResult:
+    is_main = jax.process_index() == 0
+    if not is_main:
+        log = lambda *a, **k: None  # noqa: E731
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
+    has_ckpt = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+    if has_ckpt and not resume:
+        raise ConfigError(f"--out {str(out)!r} already holds checkpoints: pass --resume to continue "
+                          "that run, or choose a new --out (nothing was overwritten)")
+    mesh = make_mesh(layout)
+    check_request(cfg, tc, mesh)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier("out")
+
+    corpus, _ = prepare_data(out, data_paths, cfg, tc, log)
+    ts = build_train_step(cfg, tc, mesh)
+    evaluate = build_eval_step(cfg, tc, ts)
+    ckpt = Checkpointer(ckpt_dir, keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
+    meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": corpus.fingerprint,
+            "megamesh": __version__}
+
+    start = 0
+    latest = ckpt.latest_step() if resume else None
+    if latest is not None:
+        saved = ckpt.read_meta(latest)
+        check_same_model(saved["model"], cfg.to_dict(), str(ckpt_dir))
+        if saved["corpus"] != corpus.fingerprint:
+            raise ConfigError(f"checkpoint in {ckpt_dir} was trained on different data (corpus "
+                              f"{saved['corpus']}, now {corpus.fingerprint})")
+        state, saved = ckpt.restore(latest, ts.abstract_state())
+        start = int(saved["data_step"])
+        log(f"resumed from step {start} ({ckpt_dir / str(latest)}) onto mesh {format_layout(_sizes(mesh))}")
+    else:
+        state = ts.init(jax.random.key(tc.seed))
+
+    metrics_path = out / "metrics.jsonl"
+    goodput = Goodput(lost_work_seconds(metrics_path, start) if is_main and start else 0.0)
+    writer = MetricsWriter(out, enabled=is_main)
+    train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed, name="train")
+    val_ds = data_lib.batch_dataset(corpus.val, tc.seq_len, tc.global_batch, tc.seed + 1,
+                                    name="validation")
+    flops_per_step = specs.flops_per_token(cfg, tc.seq_len, "train") * tc.global_batch * tc.seq_len
+    peak, peak_src = peak_flops(list(mesh.devices.flat))
+    tokens_per_step = tc.global_batch * tc.seq_len
+    log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {mesh.devices.size} "
+        f"{mesh.devices.flat[0].platform} devices, mesh {format_layout(_sizes(mesh))}, "
+        f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}; MFU vs {peak_src}")
+
+    result = TrainResult(final_step=start, out=out)
+    bar = Progress(total=tc.steps, start=start, enabled=is_main, rich=progress, every=tc.log_every)
+    first = True
+    try:
+        with _Preemption() as pre:
+            for step in range(start, tc.steps):
+                t0 = time.perf_counter()
+                batch = global_batch(train_ds[step], ts.batch_sharding)
+                t1 = time.perf_counter()
+                state, m = ts.fn(state, batch)
+                m = jax.device_get(m)
+                t2 = time.perf_counter()
+                dt = t2 - t1
+                goodput.data += t1 - t0
+                if first:
+                    goodput.compile += dt
+                elif m["finite"]:
+                    goodput.productive += dt
+                record = {"step": step + 1, "loss": float(m["loss"]), "nll": float(m["nll"]),
+                          "aux_loss": float(m["aux"]), "lr": float(m["lr"]),
+                          "grad_norm": float(m["grad_norm"]), "finite": bool(m["finite"]),
+                          "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
+                          "mfu": flops_per_step / dt / peak, "compile_step": first}
+                first = False
+                result.losses[step + 1] = record["loss"]
+                result.final_step = step + 1
+                bad = int(state["bad_steps"]) if not m["finite"] else 0
+                if bad >= tc.max_bad_steps:
+                    writer.write({**record, **goodput.fields()})
+                    raise TrainingDiverged(
+                        f"{bad} consecutive steps had a non-finite loss or gradient (last: step "
+                        f"{step + 1}); stopped. The last good checkpoint "
+                        f"(step {ckpt.latest_step()}) in {ckpt_dir} is intact")
+                done = step + 1 == tc.steps
+                if (step + 1) % tc.eval_every == 0 or done:
+                    record["val_loss"] = result.val_loss = _validate(evaluate, state, val_ds, tc, ts)
+                if (step + 1) % tc.checkpoint_every == 0 or done or pre.signum is not None:
+                    goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
+                                                    wait=done or pre.signum is not None)
+                record.update(goodput.fields())
+                writer.write(record)
+                bar.update(step + 1, record)
+                if pre.signum is not None:
+                    result.preempted = True
+                    log(f"\nstopped by signal {pre.signum} after step {step + 1}; checkpoint saved")
+                    break
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    if is_main and not result.preempted:
+        f = goodput.fields()
+        log(f"done: step {result.final_step}, loss {result.losses.get(result.final_step, float('nan')):.4f}"
+            + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+            + f"; goodput {f['goodput']:.1%} (compile {f['badput_compile_s']:.1f}s, data "
+            f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
+            f"{f['badput_lost_s']:.1f}s); checkpoints in {ckpt_dir}")
+    return result
+
+
+def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) -> float:
+    losses = [float(evaluate(state["params"], global_batch(val_ds[i], ts.batch_sharding)))
+              for i in range(tc.eval_batches)]
+    return float(np.mean(losses))
+
+
+def _sizes(mesh: Any) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.devices.shape))

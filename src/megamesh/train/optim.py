@@ -1,0 +1,29 @@
+"""AdamW through optax: warmup + cosine decay, decoupled weight decay, global-norm clipping."""
+
+from __future__ import annotations
+
+import optax
+
+from megamesh.config import ModelConfig
+from megamesh.model.specs import param_specs
+from megamesh.model.transformer import unflatten
+from megamesh.train.config import TrainConfig
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def weight_decay_mask(cfg: ModelConfig) -> dict:
+    """Decay weight matrices and embeddings, not norm scales (read off the spec table)."""
+    return unflatten({n: s.init == "normal" for n, s in param_specs(cfg).items()})
+
+
+def make_optimizer(cfg: ModelConfig, tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                    mask=weight_decay_mask(cfg)),
+    )

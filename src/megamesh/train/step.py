@@ -1,0 +1,144 @@
+"""The train step: the one function `megamesh train` runs and `megamesh compile` lowers.
+
+State is a dict: params (param_dtype, fp32 master weights), opt_state, step, and the
+guard counters. One call = one optimizer update over `global_batch` sequences, split
+into `microbatches` for gradient accumulation (a scan, so memory holds one microbatch
+of activations). A step whose loss or gradient is not finite leaves params and
+optimizer state untouched and is counted (`bad_steps` consecutive, `skipped` total).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from megamesh.config import ModelConfig
+from megamesh.model.transformer import forward, init_params
+from megamesh.sharding.rules import activation_sharding, data_sharding, param_shardings, strategy
+from megamesh.train.config import TrainConfig
+from megamesh.train.optim import lr_schedule, make_optimizer
+
+State = dict[str, Any]
+
+
+def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy (+ MoE aux loss) of a (B, T+1) token batch."""
+    tokens, targets = batch[:, :-1], batch[:, 1:]
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, _, aux = forward(params, tokens, positions, cfg=cfg, with_aux=True)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.mean(logz - picked)
+    coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
+    return nll + coef * aux, {"nll": nll, "aux": aux}
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """The jitted step and everything needed to feed it."""
+
+    fn: Any  # jitted (state, batch) -> (state, metrics); donates state
+    init: Any  # jitted (key) -> state, created sharded
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    mesh: Mesh
+    schedule: optax.Schedule
+
+    def abstract_state(self) -> Any:
+        """ShapeDtypeStructs (with shardings) of the state: for restore and AOT compile."""
+        shapes = jax.eval_shape(self.init, jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.state_shardings)
+
+
+def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: Any,
+                     replicated: NamedSharding) -> Any:
+    """Optimizer-state subtrees shaped like the params get the params' shardings."""
+    return jax.tree.map(
+        lambda node: params_shardings if jax.tree.structure(node) == params_def else replicated,
+        opt_state_shape, is_leaf=lambda node: jax.tree.structure(node) == params_def)
+
+
+def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep:
+    rules = strategy(tc.strategy)
+    opt = make_optimizer(cfg, tc)
+    schedule = lr_schedule(tc)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    p_shard = param_shardings(cfg, mesh, rules)
+
+    def init(key: jax.Array) -> State:
+        params = init_params(cfg, key)
+        return {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32),
+                "bad_steps": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    params_def = jax.tree.structure(shapes["params"])
+    state_shardings = {
+        "params": p_shard,
+        "opt_state": _state_shardings(shapes["opt_state"], p_shard, params_def, replicated),
+        "step": replicated, "bad_steps": replicated, "skipped": replicated,
+    }
+    batch_shape = (tc.global_batch, tc.seq_len + 1)
+    batch_sharding = data_sharding(mesh, rules, batch_shape)
+    micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
+        params = state["params"]
+        with activation_sharding(mesh, rules):
+            if tc.microbatches == 1:
+                (loss, parts), grads = grad_fn(params, batch, cfg)
+            else:
+                micro = batch.reshape(tc.microbatches, -1, batch.shape[-1])
+
+                def accumulate(carry, mb):
+                    mb = jax.lax.with_sharding_constraint(mb, micro_sharding)
+                    (mb_loss, pt), g = grad_fn(params, mb, cfg)
+                    return jax.tree.map(jnp.add, carry, (mb_loss, pt, g)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32),
+                                                      {"nll": jnp.zeros(()), "aux": jnp.zeros(())},
+                                                      params))
+                (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+                loss, parts, grads = jax.tree.map(lambda x: x / tc.microbatches, (loss, parts, grads))
+        if tc.nan_steps:  # fault injection (tests of the guard)
+            poisoned = jnp.isin(state["step"], jnp.asarray(tc.nan_steps))
+            grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = opt.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "bad_steps": jnp.where(finite, 0, state["bad_steps"] + 1),
+            "skipped": state["skipped"] + jnp.where(finite, 0, 1),
+        }
+        metrics = {"loss": loss, "nll": parts["nll"], "aux": parts["aux"], "grad_norm": grad_norm,
+                   "lr": schedule(state["step"]), "finite": finite}
+        return new_state, metrics
+
+    fn = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, replicated), donate_argnums=0)
+    init_fn = jax.jit(init, out_shardings=state_shardings)
+    return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
+                     batch_sharding=batch_sharding, mesh=mesh, schedule=schedule)
+
+
+def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
+    """Jitted validation loss (mean nll) of one (B, T+1) batch, on the train step's shardings."""
+    rules = strategy(tc.strategy)
+
+    def ev(params: Any, batch: jax.Array) -> jax.Array:
+        with activation_sharding(ts.mesh, rules):
+            return loss_fn(params, batch, cfg)[1]["nll"]
+
+    return jax.jit(ev, in_shardings=(ts.state_shardings["params"], ts.batch_sharding))
