@@ -205,7 +205,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 done = step + 1 == tc.steps
                 if (step + 1) % tc.eval_every == 0 or done:
                     record["val_loss"] = result.val_loss = _validate(evaluate, state, val_ds, tc, ts)
-                if (step + 1) % tc.checkpoint_every == 0 or done or pre.signum is not None:
+                # No periodic save in the middle of a non-finite streak: the last checkpoint
+                # stays a good one to return to.
+                periodic = (step + 1) % tc.checkpoint_every == 0 and bool(m["finite"])
+                if periodic or done or pre.signum is not None:
                     goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
                                                     wait=done or pre.signum is not None)
                 record.update(goodput.fields())

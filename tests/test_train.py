@@ -1,0 +1,226 @@
+"""megamesh train end to end: real subprocesses, real Orbax checkpoints, SIGKILL and SIGTERM."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+         "--model.d_ff=128", "--model.vocab_size=512", "--train.tokenizer_vocab=512",
+         "--batch", "8", "--seq", "32", "--no-progress", "--train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small slice of the standard library's source: quick to tokenize."""
+    d = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for f in sorted(stdlib.glob("*.py"))[:40]:
+        shutil.copy(f, d / f.name)
+    return d
+
+
+def env_for(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def train_cmd(out, corpus, *extra):
+    return [sys.executable, "-m", "megamesh.cli", "train", "--out", str(out), "--data", str(corpus),
+            *SMALL, *extra]
+
+
+def run_train(out, corpus, *extra, devices=8, timeout=240):
+    return subprocess.run(train_cmd(out, corpus, *extra), capture_output=True, text=True,
+                          env=env_for(devices), timeout=timeout)
+
+
+def losses(out):
+    """Last recorded loss of every step (a resumed run re-records the redone steps)."""
+    by_step = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = rec["loss"]
+    return by_step
+
+
+def records(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_step(out, step, proc, timeout=120):
+    path = Path(out) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()
+                                 if x.strip().endswith("}")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"never reached step {step}: {proc.poll()}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_run_writes_metrics_tensorboard_tokenizer_and_checkpoints(reference):
+    recs = records(reference)
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "mfu", "goodput",
+                "badput_compile_s", "badput_data_s", "badput_checkpoint_s", "badput_lost_s"):
+        assert key in recs[-1], key
+    assert recs[0]["compile_step"] and recs[0]["badput_compile_s"] > 0
+    assert 0 < recs[-1]["goodput"] < 1 and 0 < recs[-1]["mfu"] < 1
+    assert "val_loss" in recs[-1] and np.isfinite(recs[-1]["val_loss"])
+    assert recs[-1]["loss"] < recs[0]["loss"]  # it learns
+    assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
+    assert (reference / "tokenizer.json").exists()
+    steps = sorted(int(p.name) for p in (reference / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 9, 12]  # keep-last-3
+
+
+def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint_every=3"),
+                            env=env_for(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_step(out, 7, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from step" in r.stdout
+    assert losses(out) == losses(reference)  # exact float equality, step for step
+    assert records(out)[-1]["badput_lost_s"] > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint_every=100"),
+                            env=env_for(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    saved = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2 and f"after step {saved[0]}" in stdout
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=100", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert losses(out) == losses(reference)
+
+
+def test_resume_onto_a_different_mesh_and_device_count(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    r = run_train(out, corpus, "--steps", "6", "--train.checkpoint_every=3", "--mesh", "fsdp=8")
+    assert r.returncode == 0, r.stderr
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume",
+                  "--mesh", "data=2,tensor=2", devices=4)
+    assert r.returncode == 0, r.stderr
+    assert "onto mesh data=2,tensor=2" in r.stdout
+    ref, got = losses(reference), losses(out)
+    # The schedule differs (6 vs 12 steps) for steps 1-6, so compare where the runs agree:
+    # step 7 from the resharded restore equals a same-mesh resume from the same checkpoint.
+    same_mesh = tmp_path / "same"
+    shutil.copytree(out, same_mesh, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    for p in (same_mesh / "checkpoints").iterdir():
+        if p.name.isdigit() and int(p.name) > 6:
+            shutil.rmtree(p)
+    r = run_train(same_mesh, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume",
+                  "--mesh", "fsdp=8")
+    assert r.returncode == 0, r.stderr
+    again = losses(same_mesh)
+    for step in range(7, 13):
+        assert got[step] == pytest.approx(again[step], rel=1e-5)
+    assert set(ref) == set(got)
+
+
+def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus):
+    out = tmp_path / "skip"
+    r = run_train(out, corpus, "--steps", "6", "--train.fault_nan_steps=2")
+    assert r.returncode == 0, r.stderr
+    recs = records(out)
+    assert [x["finite"] for x in recs] == [True, True, False, True, True, True]
+
+    out = tmp_path / "stop"
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=2",
+                  "--train.fault_nan_steps=4,5,6", "--train.max_bad_steps=3")
+    assert r.returncode == 3
+    assert "3 consecutive steps had a non-finite loss" in r.stderr
+    assert "Traceback" not in r.stderr
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == 4  # the last good one (steps 5-7 were bad), intact and restorable
+    r = run_train(out, corpus, "--steps", "8", "--train.checkpoint_every=2", "--resume")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/path"], "does not exist"),
+        (["--mesh", "data=3"], "uses 3 devices but there are 8"),
+        (["--batch", "6"], "not divisible by the data-parallel size 8"),
+        (["--seq", "99999"], "longer than model tiny allows"),
+        (["--train.learning_rate=1"], "unknown override key 'learning_rate'"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, corpus, args, message):
+    out = tmp_path / "bad"
+    r = run_train(out, corpus, "--steps", "2", *args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_empty_data_and_existing_run_and_other_model(tmp_path, corpus, reference):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("  \n")
+    r = run_train(tmp_path / "e", empty, "--steps", "2")
+    assert r.returncode == 2 and "holds no text" in r.stderr
+
+    before = (reference / "metrics.jsonl").read_bytes()
+    r = run_train(reference, corpus, "--steps", "2")
+    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    r = run_train(reference, corpus, "--steps", "14", "--resume", "--model.n_layers=3")
+    assert r.returncode == 2 and "different model: n_layers=2 there, 3 asked for" in r.stderr
+    assert (reference / "metrics.jsonl").read_bytes() == before  # nothing overwritten
+
+
+def test_two_processes_equal_one(tmp_path, corpus):
+    """2 processes x 2 CPU devices over gloo == 1 process x 4 devices, same global layout."""
+    single = tmp_path / "single"
+    r = run_train(single, corpus, "--steps", "4", "--mesh", "data=2,fsdp=2", devices=4)
+    assert r.returncode == 0, r.stderr
+
+    multi = tmp_path / "multi"
+    port = 20000 + os.getpid() % 20000
+    procs = []
+    for pid in range(2):
+        env = env_for(2)
+        env.update(MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES="2",
+                   MEGAMESH_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(train_cmd(multi, corpus, "--steps", "4", "--mesh", "data=2,fsdp=2"),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    assert "on 4 cpu devices" in outs[0][0]
+    a, b = losses(single), losses(multi)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=0)
