@@ -14,13 +14,15 @@ def megamesh(*args, cwd=None):
                           text=True, env=env, cwd=cwd, timeout=300)
 
 
-def test_quickstart_runs_the_tiny_model():
-    r = megamesh("quickstart", "--batch", "2", "--seq", "32")
+def test_quickstart_runs_trains_and_samples(tmp_path):
+    r = megamesh("quickstart", "--batch", "2", "--seq", "32", "--steps", "3", "--out", str(tmp_path / "qs"))
     assert r.returncode == 0, r.stderr
     assert "llama3.1-405b" in r.stdout and "405.85B" in r.stdout
     assert "forward: logits (2, 32, 8192)" in r.stdout
     diff = float(r.stdout.split("max relative difference from the full forward ")[1].split()[0])
     assert diff < 1e-4
+    assert "done: step 3" in r.stdout and "sample (temperature 0.8" in r.stdout
+    assert (tmp_path / "qs" / "checkpoints" / "3").is_dir()
 
 
 def test_inspect_json_counts():

@@ -118,3 +118,34 @@ def test_forward_returns_aux_for_moe_only():
         logits, cache, aux = forward(params, tok, jnp.arange(4)[None], cfg=cfg, with_aux=True)
         assert logits.shape == (1, 4, cfg.vocab_size) and cache is None
         assert (float(aux) > 0) == positive
+
+
+def test_sampling_rules():
+    from megamesh.model.generate import sample
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
+    key = jax.random.key(0)
+    t = jnp.asarray([0.0, 1.0, 1.0])
+    k = jnp.asarray([0, 1, 0])
+    p = jnp.asarray([1.0, 1.0, 0.4])
+    # row 0 greedy, row 1 top-k 1, row 2 top-p 0.4 (only the 0.5 token reaches it): all pick 0
+    for i in range(5):
+        assert sample(logits, jax.random.fold_in(key, i), t, k, p).tolist() == [0, 0, 0]
+    # top-p 0.7 keeps tokens 0 and 1 only
+    draws = {int(sample(logits[:1], jax.random.fold_in(key, i), jnp.asarray([1.0]), jnp.asarray([0]),
+                        jnp.asarray([0.7]))[0]) for i in range(60)}
+    assert draws == {0, 1}
+
+
+def test_generate_greedy_equals_argmax_of_full_forward():
+    from megamesh.model.generate import generate
+
+    cfg = small("tiny")
+    params = init_params(cfg, jax.random.key(0))
+    prompt = [1, 2, 3, 4]
+    out = generate(params, cfg, prompt, 6)
+    seq = list(prompt)
+    for _ in range(6):
+        logits, _ = forward(params, jnp.asarray([seq]), jnp.arange(len(seq))[None], cfg=cfg)
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    assert out == seq[len(prompt):]

@@ -41,6 +41,7 @@ class TrainResult:
     val_loss: float | None = None
     preempted: bool = False
     out: Path = Path(".")
+    params: Any = None  # the final parameters (sharded jax arrays)
 
 
 class _Preemption:
@@ -222,6 +223,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
         bar.close()
         ckpt.close()
         writer.close()
+    result.params = state["params"]
     if is_main and not result.preempted:
         f = goodput.fields()
         log(f"done: step {result.final_step}, loss {result.losses.get(result.final_step, float('nan')):.4f}"

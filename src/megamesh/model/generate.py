@@ -1,0 +1,65 @@
+"""Sampling and a simple one-sequence generator over the model's own KV-cached forward.
+
+`sample` (temperature, top-k, top-p) is shared with the serving engine; `generate` is
+the plain loop used by the quickstart and by tests as the reference decode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from megamesh.config import ModelConfig
+from megamesh.model.transformer import forward, init_cache
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """One token per row from logits (B, V); per-row temperature (0 = greedy), top_k (0 = off), top_p."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+    V = logits.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
+    # top-p: keep the smallest prefix of sorted tokens whose probability reaches top_p.
+    probs = jax.nn.softmax(jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits), axis=-1)
+    cum = jnp.cumsum(probs, axis=-1) - probs
+    cutoff_idx = jnp.sum(cum < top_p[:, None], axis=-1) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
+    scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature <= 0, greedy, drawn).astype(jnp.int32)
+
+
+def generate(params: Any, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Generate up to max_new_tokens after `prompt` (greedy at temperature 0)."""
+    n = len(prompt)
+    total = n + max_new_tokens
+    if total > cfg.max_seq_len:
+        raise ValueError(f"prompt {n} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_seq_len {cfg.max_seq_len}")
+    fwd = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg))
+    samp = jax.jit(sample)
+    cache = init_cache(cfg, 1, total)
+    logits, cache = fwd(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache)
+    key = jax.random.key(seed)
+    args = (jnp.asarray([temperature], jnp.float32), jnp.asarray([top_k], jnp.int32),
+            jnp.asarray([top_p], jnp.float32))
+    out: list[int] = []
+    last = logits[:, -1]
+    for i in range(max_new_tokens):
+        key, sub = jax.random.split(key)
+        tok = int(samp(last, sub, *args)[0])
+        out.append(tok)
+        if tok in stop_ids or i == max_new_tokens - 1:
+            break
+        logits, cache = fwd(params, jnp.asarray([[tok]], jnp.int32), jnp.asarray([[n + i]], jnp.int32), cache)
+        last = logits[:, -1]
+    return out
