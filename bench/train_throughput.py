@@ -70,7 +70,11 @@ def run_megamesh(devices: int, layout: str, steps: int, dtype: str, remat: str) 
 
 
 def maxtext_cmd(python: str, devices: int, steps: int) -> list[str]:
-    cmd = [python, "-m", "maxtext.trainers.pre_train.train", "base.yml", "hardware=cpu",
+    # The installed package has no repo checkout: name its base.yml by full path.
+    base = subprocess.run([python, "-c", "import maxtext, os; print(os.path.join("
+                           "os.path.dirname(maxtext.__file__), 'configs', 'base.yml'))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    cmd = [python, "-m", "maxtext.trainers.pre_train.train", base, "hardware=cpu",
            "skip_jax_distributed_system=true", "jax_cache_dir=", "dataset_type=synthetic",
            "enable_checkpointing=false", "base_emb_dim=256", "base_num_query_heads=4",
            "base_num_kv_heads=4", "base_mlp_dim=1024", "base_num_decoder_layers=4", "head_dim=64",
@@ -104,9 +108,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="megamesh compute dtype (MaxText's default is bf16)")
     ap.add_argument("--remat", default="full", help="megamesh remat policy (MaxText's default is full)")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = ap.parse_args()
     results: dict = {}
-    for name, (devices, layout) in SETTINGS.items():
+    for name in args.settings:
+        devices, layout = SETTINGS[name]
         ours, theirs = [], []
         for _ in range(args.runs):
             ours.append(run_megamesh(devices, layout, args.steps, args.dtype, args.remat)["tokens_per_s"])
