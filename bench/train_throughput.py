@@ -40,7 +40,7 @@ def worker(devices: int, layout: str, steps: int, compute_dtype: str, remat: str
     from megamesh.config import ModelConfig
     from megamesh.sharding.mesh import make_mesh
     from megamesh.train.config import TrainConfig
-    from megamesh.train.loop import global_batch
+    from megamesh.train.loop import global_array
     from megamesh.train.step import build_train_step
 
     cfg = ModelConfig(name="bench", **MODEL, max_seq_len=SEQ, compute_dtype=compute_dtype, remat=remat)
@@ -51,7 +51,7 @@ def worker(devices: int, layout: str, steps: int, compute_dtype: str, remat: str
     times = []
     for _ in range(steps):
         batch = rng.integers(0, cfg.vocab_size, (tc.global_batch, SEQ + 1), dtype=np.int32)
-        b = global_batch(batch, ts.batch_sharding)
+        b = global_array(batch, ts.batch_sharding)
         t0 = time.perf_counter()
         state, m = ts.fn(state, b)
         jax.block_until_ready(m)

@@ -224,3 +224,22 @@ def test_two_processes_equal_one(tmp_path, corpus):
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-6, abs=0)
+
+
+def test_train_starts_from_a_hugging_face_directory(tmp_path, corpus):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "megamesh.cli", "train", "--out", str(out), "--data", str(corpus),
+           "--model", str(tmp_path / "hf"), "--train.tokenizer_vocab=512", "--batch", "8", "--seq", "32",
+           "--steps", "2", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env_for(8), timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "initialized from the model directory's weights" in r.stdout
+    # HF's init (std 0.02) gives near-uniform logits: loss ~ ln(512) = 6.24, unlike megamesh's init
+    assert abs(records(out)[0]["loss"] - np.log(512)) < 0.05

@@ -51,12 +51,14 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, tc = build_configs(args, extra)
+    from megamesh.model.source import load_weights
     from megamesh.train.distributed import initialize_from_env
     from megamesh.train.loop import train
 
     initialize_from_env()
     result = train(cfg, tc, args.out, data_paths=args.data, layout=args.mesh, resume=args.resume,
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None,
+                   initial_params=load_weights(args.model))
     if result.preempted:
         sys.stdout.flush()
         return 143

@@ -111,14 +111,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def global_batch(batch: np.ndarray, sharding: Any) -> jax.Array:
+def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
     """A global array from the full batch every process holds (each keeps its own shards)."""
     return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
           layout: str | None = None, resume: bool = False, progress: bool | None = None,
-          log: Any = print) -> TrainResult:
+          initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
+    """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
+    Face model) replaces the random initialization of a fresh run."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -156,6 +158,13 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
         log(f"resumed from step {start} ({ckpt_dir / str(latest)}) onto mesh {format_layout(_sizes(mesh))}")
     else:
         state = ts.init(jax.random.key(tc.seed))
+        if initial_params is not None:
+            from megamesh.model.transformer import unflatten
+
+            shardings = ts.state_shardings["params"]
+            params = unflatten({k: np.asarray(v, dtype=cfg.param_dtype) for k, v in initial_params.items()})
+            state["params"] = jax.tree.map(global_array, params, shardings)
+            log("initialized from the model directory's weights")
 
     metrics_path = out / "metrics.jsonl"
     goodput = Goodput(lost_work_seconds(metrics_path, start) if is_main and start else 0.0)
@@ -177,7 +186,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
         with _Preemption() as pre:
             for step in range(start, tc.steps):
                 t0 = time.perf_counter()
-                batch = global_batch(train_ds[step], ts.batch_sharding)
+                batch = global_array(train_ds[step], ts.batch_sharding)
                 t1 = time.perf_counter()
                 state, m = ts.fn(state, batch)
                 m = jax.device_get(m)
@@ -235,7 +244,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
 
 
 def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) -> float:
-    losses = [float(evaluate(state["params"], global_batch(val_ds[i], ts.batch_sharding)))
+    losses = [float(evaluate(state["params"], global_array(val_ds[i], ts.batch_sharding)))
               for i in range(tc.eval_batches)]
     return float(np.mean(losses))
 
