@@ -111,13 +111,13 @@ def train_and_sample(cfg, args: argparse.Namespace) -> int:
 
     from megamesh.config import apply_overrides
     from megamesh.model.generate import generate
-    from megamesh.train.config import TrainConfig
+    from megamesh.train.config import TrainConfig, default_warmup
     from megamesh.train.data import EOS, load_tokenizer
     from megamesh.train.loop import train
 
     out = Path(args.out)
     tc = apply_overrides(TrainConfig(), {"steps": args.steps, "global_batch": 8, "seq_len": args.seq,
-                                         "warmup_steps": min(20, args.steps // 10),
+                                         "warmup_steps": default_warmup(args.steps),
                                          "checkpoint_every": max(1, args.steps // 4),
                                          "eval_every": max(1, args.steps // 4)})
     resume = (out / "checkpoints").exists()

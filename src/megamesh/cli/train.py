@@ -8,7 +8,7 @@ import sys
 from megamesh.cli.common import add_model_args, split_overrides
 from megamesh.config import apply_overrides
 from megamesh.model.source import model_config
-from megamesh.train.config import TrainConfig
+from megamesh.train.config import TrainConfig, default_warmup
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,10 +43,9 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
                       ("accum", "microbatches")):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
-    base = TrainConfig()
     if "steps" in train_over and "warmup_steps" not in train_over:
-        train_over["warmup_steps"] = min(base.warmup_steps, max(0, int(train_over["steps"]) // 10))
-    return cfg, apply_overrides(base, train_over)
+        train_over["warmup_steps"] = default_warmup(int(train_over["steps"]))
+    return cfg, apply_overrides(TrainConfig(), train_over)
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:

@@ -16,6 +16,7 @@ logical axes (`constrain`), and sharding rules are applied from outside.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -103,10 +104,7 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> j
     and a bf16 dot that outputs bf16 ~2x slower than one that outputs f32. On TPU the
     reshapes are free and the MXU accumulates in f32 anyway.
     """
-    lead, k = x.shape[:x.ndim - n_in], w.shape[:n_in]
-    K = 1
-    for d in k:
-        K *= d
+    lead, K = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     y = jnp.dot(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype), preferred_element_type=jnp.float32)
     return y.reshape(*lead, *w.shape[n_in:]).astype(out_dtype or x.dtype)
 

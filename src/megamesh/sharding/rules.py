@@ -73,7 +73,7 @@ def strategy(name: str) -> Rules:
     return STRATEGIES[name]
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: dict[str, int],
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, int],
                     rules: Rules) -> PartitionSpec:
     """The PartitionSpec for an array with these logical axes and shape on a mesh."""
     if len(axes) != len(shape):
@@ -90,7 +90,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes
         chosen: list[str] = []
         size = 1
         for m in mapping[axes[i]]:  # type: ignore[index]
-            n = mesh_sizes.get(m, 1)
+            n = sizes.get(m, 1)
             if n == 1 or m in used or shape[i] % (size * n):
                 continue
             chosen.append(m)
@@ -100,13 +100,14 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_sizes
     return PartitionSpec(*out)
 
 
-def _sizes(mesh: Mesh) -> dict[str, int]:
+def mesh_sizes(mesh: Mesh) -> dict[str, int]:
+    """Axis name -> size."""
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
 def param_partition_specs(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """PartitionSpec of every parameter, as a tree shaped like the parameters."""
-    sizes = _sizes(mesh)
+    sizes = mesh_sizes(mesh)
     return unflatten({n: logical_to_spec(s.axes, s.shape, sizes, rules)
                       for n, s in param_specs(cfg).items()})
 
@@ -118,7 +119,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict[str, Any
 
 def cache_shardings(cache: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """NamedSharding for a KV cache tree from `init_cache` (or its eval_shape)."""
-    sizes = _sizes(mesh)
+    sizes = mesh_sizes(mesh)
     return jax.tree.map(
         lambda a: NamedSharding(mesh, logical_to_spec(cache_axes(), a.shape, sizes, rules)), cache)
 
@@ -126,13 +127,13 @@ def cache_shardings(cache: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str
 def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a (batch, seq, ...) input array."""
     axes = ("batch", "seq") + (None,) * (len(shape) - 2)
-    return NamedSharding(mesh, logical_to_spec(axes, shape, _sizes(mesh), rules))
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh_sizes(mesh), rules))
 
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """While tracing inside this block, the model's `constrain` calls become sharding constraints."""
-    sizes = _sizes(mesh)
+    sizes = mesh_sizes(mesh)
 
     def constrainer(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
         spec = logical_to_spec(axes, x.shape, sizes, rules)

@@ -61,11 +61,6 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
-    def wait(self) -> float:
-        t0 = time.perf_counter()
-        self.manager.wait_until_finished()
-        return time.perf_counter() - t0
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -71,3 +71,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def default_warmup(steps: int) -> int:
+    """Warmup when only the step count is given: 10% of it, at most the default 20."""
+    return min(TrainConfig.warmup_steps, max(0, steps // 10))

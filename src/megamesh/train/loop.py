@@ -21,7 +21,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
 from megamesh.sharding.mesh import format_layout, make_mesh
-from megamesh.sharding.rules import strategy
+from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
 from megamesh.train.checkpoint import Checkpointer, check_same_model
 from megamesh.train.config import TrainConfig
@@ -69,7 +69,7 @@ def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
     if tc.seq_len > cfg.max_seq_len:
         raise ConfigError(f"--seq {tc.seq_len} is longer than model {cfg.name} allows "
                           f"(max_seq_len={cfg.max_seq_len})")
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    sizes = mesh_sizes(mesh)
     batch_axes = dict(strategy(tc.strategy))["batch"]
     n = int(np.prod([sizes[a] for a in batch_axes]))
     micro = tc.global_batch // tc.microbatches
@@ -133,6 +133,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
         raise ConfigError(f"--out {str(out)!r} already holds checkpoints: pass --resume to continue "
                           "that run, or choose a new --out (nothing was overwritten)")
     mesh = make_mesh(layout)
+    layout_str = format_layout(mesh_sizes(mesh))
     check_request(cfg, tc, mesh)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                               f"{saved['corpus']}, now {corpus.fingerprint})")
         state, saved = ckpt.restore(latest, ts.abstract_state())
         start = int(saved["data_step"])
-        log(f"resumed from step {start} ({ckpt_dir / str(latest)}) onto mesh {format_layout(_sizes(mesh))}")
+        log(f"resumed from step {start} ({ckpt_dir / str(latest)}) onto mesh {layout_str}")
     else:
         state = ts.init(jax.random.key(tc.seed))
         if initial_params is not None:
@@ -176,7 +177,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     peak, peak_src = peak_flops(list(mesh.devices.flat))
     tokens_per_step = tc.global_batch * tc.seq_len
     log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {mesh.devices.size} "
-        f"{mesh.devices.flat[0].platform} devices, mesh {format_layout(_sizes(mesh))}, "
+        f"{mesh.devices.flat[0].platform} devices, mesh {layout_str}, "
         f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}; MFU vs {peak_src}")
 
     result = TrainResult(final_step=start, out=out)
@@ -248,6 +249,3 @@ def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) 
               for i in range(tc.eval_batches)]
     return float(np.mean(losses))
 
-
-def _sizes(mesh: Any) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.devices.shape))
