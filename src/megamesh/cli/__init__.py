@@ -10,7 +10,7 @@ from megamesh.errors import MegameshError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import inspect_cmd, quickstart, train
+    from megamesh.cli import compile_cmd, inspect_cmd, plan, quickstart, train
 
     parser = argparse.ArgumentParser(
         prog="megamesh",
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_parser(sub)
     inspect_cmd.add_parser(sub)
     train.add_parser(sub)
+    plan.add_parser(sub)
+    compile_cmd.add_parser(sub)
     return parser
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from megamesh.errors import ConfigError
-from megamesh.sharding.rules import MESH_AXES
+from megamesh.sharding.logical import MESH_AXES
 
 
 def parse_layout(layout: str | dict[str, int]) -> dict[str, int]:

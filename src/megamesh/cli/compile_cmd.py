@@ -1,0 +1,124 @@
+"""`megamesh compile`: prove a plan before the hardware exists, by compiling megamesh's
+own train step for a TPU topology (compile-only devices from libtpu) and reading XLA's
+memory, FLOPs and collectives; compared with the planner's prediction field by field."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from megamesh.errors import ConfigError
+
+GiB = 2**30
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compile", help="compile the real train step for a TPU topology from this "
+                       "CPU and report HBM per device, FLOPs and collectives")
+    p.add_argument("--model", default="llama3.1-8b", help="preset, config file or HF directory")
+    p.add_argument("--target", default="tpu7x:2x2x2",
+                   help="TPU topology or chip count: tpu7x:16x16x36, v5p:2x2x2, tpu7x:256")
+    p.add_argument("--slices", type=int, default=None,
+                   help="pods/slices of the topology joined by DCN (multi-pod)")
+    p.add_argument("--mesh", help="layout, e.g. dcn=2,fsdp=256,tensor=4 (default: the plan's best)")
+    p.add_argument("--plan", help="a `megamesh plan --json` file: compile its best layout")
+    p.add_argument("--step", default="train", help="train (decode comes with serving)")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--remat", help="none, dots_no_batch, dots, full (default: the plan's or full)")
+    p.add_argument("--save", help="write the serialized executable to this new file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from megamesh.cli.common import split_overrides
+    from megamesh.model.source import model_config
+    from megamesh.plan.target import Target, parse_target
+
+    if args.step != "train":
+        raise ConfigError(f"--step {args.step!r} is not allowed yet: only train (the decode step "
+                          "arrives with `megamesh serve`)")
+    over = split_overrides(extra, ("model",))
+    cfg = model_config(args.model, over["model"])
+    target = parse_target(args.target)
+    if args.slices:
+        if args.slices < 1:
+            raise ConfigError(f"--slices {args.slices} is not allowed: must be >= 1")
+        target = Target(target.chip, args.slices * target.n_slices, target.slice_chips,
+                        target.topology)
+    mesh, remat, mb, seq, batch = args.mesh, args.remat, args.microbatches, args.seq, args.batch
+    if args.plan:
+        try:
+            with open(args.plan) as f:
+                plan = json.load(f)
+            best = plan["best"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--plan {args.plan}: not a `megamesh plan --json` file ({e})") from None
+        mesh = mesh or best["layout_text"]
+        remat = remat or best["remat"]
+        mb = best.get("microbatches", mb)
+        seq, batch = plan.get("seq", seq), batch or plan.get("batch")
+    batch = batch or target.chips
+    est = None
+    if not mesh:
+        from megamesh.plan.layout import Workload
+        from megamesh.plan.search import search
+
+        res = search(Workload(cfg, seq, batch), target,
+                     remats=(remat,) if remat else ("none", "dots_no_batch", "dots", "full"))
+        if not res.ranked:
+            raise ConfigError(f"the planner finds no layout of {cfg.name} that fits "
+                              f"{target.describe()}; give --mesh to compile one anyway")
+        est = res.ranked[0]
+        mesh, remat, mb = est.layout.text(), est.layout.remat, est.layout.microbatches
+    remat = remat or "full"
+    return compile_and_compare(cfg.replace(remat=remat), target, mesh, seq, batch, mb,
+                               as_json=args.json, save=args.save, estimate_=est)
+
+
+def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, mb: int, *,
+                        as_json: bool, save: str | None, estimate_: Any = None) -> int:
+    from megamesh.compile.aot import compile_train
+    from megamesh.plan.cost import estimate
+    from megamesh.plan.layout import Layout, Workload, place
+    from megamesh.sharding.mesh import parse_layout
+    from megamesh.train.config import TrainConfig
+
+    sizes = parse_layout(mesh)
+    tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1)
+    if estimate_ is None:
+        lay = Layout(sizes, remat=cfg.remat, microbatches=mb, placement=place(sizes, target))
+        estimate_ = estimate(Workload(cfg, seq, batch), target, lay)
+    print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {mb} microbatches, remat "
+          f"{cfg.remat}) for {target.describe()} with {mesh} ...", file=sys.stderr)
+    r = compile_train(cfg, tc, target, mesh, save=save)
+    pred = {"hbm_per_device_bytes": estimate_.memory.total, "flops": estimate_.flops_per_device}
+    got = {"hbm_per_device_bytes": r.hbm["total"], "flops": r.flops}
+    err = {k: (pred[k] / got[k] - 1) if got[k] else None for k in pred}
+    if as_json:
+        out = r.to_json()
+        out["plan"] = {"prediction": pred, "relative_error": err, "fits": estimate_.fits,
+                       "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu}
+        print(json.dumps(out, indent=2))
+    else:
+        cap = r.hbm_capacity_bytes / GiB
+        print(f"target {r.target} x {target.n_slices} slice(s), {r.devices:,} devices, layout "
+              f"{r.layout}")
+        if not r.fits:
+            print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
+        else:
+            print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.hbm.items() if k != "total")
+        print(f"  HBM per device (GiB): {parts}")
+        print(f"  matmul FLOPs per device: {r.flops:.4g} (XLA cost analysis, loop bodies once: "
+              f"{r.xla_flops:.4g}; our count in that convention: {r.flops_xla_convention:.4g})")
+        for c in r.collectives:
+            print(f"  {c['kind']:<20} x{c['count']:<6} {c['bytes'] / GiB:10.3f} GiB")
+        print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
+        print("plan vs compile: " + ", ".join(
+            f"{k} {pred[k]:.4g} vs {got[k]:.4g} ({err[k]:+.1%})" for k in pred if err[k] is not None))
+    return 0 if r.fits else 3

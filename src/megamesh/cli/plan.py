@@ -1,0 +1,161 @@
+"""`megamesh plan`: the best layout for a model on a target, and what it means in time,
+energy, money and serving capacity. Pure Python: never imports jax (except --verify)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from megamesh.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*([\d.]+)\s*(s|m|h|d|w)?\s*$")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="choose the parallel layout; predict memory, step time, MFU, "
+                       "time to train, energy, cost; size serving",
+                       description="Search mesh layouts (ICI and DCN), remat and microbatching for "
+                       "a model on a target and rank them by predicted step time.")
+    p.add_argument("--model", default="llama3.1-8b", help="preset, config file or HF directory")
+    p.add_argument("--target", default="tpu7x:256",
+                   help="CHIP:COUNT or CHIP:AxBxC, e.g. tpu7x:256, tpu7x:16x16x36, "
+                   "tpu7x:1000000, h100:16384")
+    p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
+    p.add_argument("--precision", default="bf16", help="bf16 or fp8 (matmul peak)")
+    p.add_argument("--kernels", default="xla",
+                   help="xla (megamesh's step today: full attention scores, einsum MoE) or fused "
+                   "(flash attention + grouped-matmul MoE, as MaxText's Pallas kernels)")
+    p.add_argument("--tokens", type=float, help="tokens to train on (default: 20 per parameter)")
+    p.add_argument("--deadline", help="instead of the target's chip count: the fewest chips that "
+                   "train --tokens within this time (e.g. 30d, 12h)")
+    p.add_argument("--mesh", help="evaluate this one layout, e.g. dcn=2,fsdp=256,tensor=4")
+    p.add_argument("--remat", help="only this remat policy: none, dots_no_batch, dots, full")
+    p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
+    p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
+    p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
+    p.add_argument("--verify", action="store_true",
+                   help="compile the best TPU layout with `megamesh compile` and compare")
+    p.add_argument("--serve", action="store_true", help="size serving instead of training")
+    p.add_argument("--qps", type=float, default=10.0, help="serving: requests per second")
+    p.add_argument("--input-tokens", type=int, default=1024, help="serving: prompt tokens")
+    p.add_argument("--output-tokens", type=int, default=256, help="serving: output tokens")
+    p.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token SLO")
+    p.add_argument("--slo-tpot-ms", type=float, help="serving: time-per-output-token SLO")
+    p.set_defaults(run=run)
+
+
+def parse_duration(text: str) -> float:
+    m = _DURATION.match(text)
+    if not m:
+        raise ConfigError(f"--deadline {text!r} is not allowed: write a number with a unit "
+                          "s, m, h, d or w, e.g. 30d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2) or "s"]
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    from megamesh.cli.common import split_overrides
+    from megamesh.model.source import model_config
+    from megamesh.model.specs import param_count
+    from megamesh.plan import questions, report
+    from megamesh.plan.layout import REMATS, Workload
+    from megamesh.plan.search import search
+    from megamesh.plan.target import parse_target
+
+    over = split_overrides(extra, ("model", "chip"))
+    cfg = model_config(args.model, over["model"])
+    target = parse_target(args.target, {k: float(v) for k, v in over["chip"].items()})
+    if args.serve:
+        ans = questions.serving_answer(cfg, target, qps=args.qps, input_tokens=args.input_tokens,
+                                       output_tokens=args.output_tokens,
+                                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+        if args.json:
+            print(json.dumps({"model": cfg.name, "target": args.target, "serve": ans}, indent=2))
+        else:
+            print(report.header(target))
+            print(f"serving {cfg.name}: {args.qps:g} req/s of {args.input_tokens} in + "
+                  f"{args.output_tokens} out tokens")
+            for k, v in ans.items():
+                print(f"  {k:<36} {v:,.3f}" if isinstance(v, float) else f"  {k:<36} {v}")
+        return 0
+    batch = args.batch or target.chips
+    w = Workload(cfg, args.seq, batch, args.precision, args.kernels)
+    tokens = args.tokens or 20.0 * param_count(cfg)
+    remats = REMATS
+    if args.remat:
+        if args.remat not in REMATS:
+            raise ConfigError(f"--remat {args.remat!r} is not allowed: one of {', '.join(REMATS)}")
+        remats = (args.remat,)
+    if args.deadline:
+        found = questions.fewest_chips_for_deadline(w, target, tokens, parse_duration(args.deadline))
+        if found is None:
+            raise ConfigError(f"no {target.chip.name} count up to 2,000,000 chips trains "
+                              f"{tokens:.3g} tokens of {cfg.name} within {args.deadline} at batch {batch}")
+        target, _ = found
+    fixed = None
+    if args.mesh:
+        from megamesh.sharding.logical import MESH_AXES
+
+        fixed = _parse_mesh(args.mesh, MESH_AXES)
+    res = search(w, target, remats=remats, fixed=fixed)
+    if not res.ranked:
+        smallest = res.rejected[0] if res.rejected else None
+        need = f"; the smallest needs {smallest.memory.total / 2**30:.1f} GiB per device " \
+               f"({smallest.layout.text()}, remat {smallest.layout.remat}) and a device has " \
+               f"{target.chip.device_hbm_bytes / 2**30:.0f} GiB" if smallest else ""
+        raise ConfigError(f"{cfg.name} at seq {args.seq}, batch {batch} does not fit "
+                          f"{target.describe()} in any layout{need}. Try more chips, a shorter "
+                          "sequence or a smaller batch per device")
+    best = res.ranked[0]
+    train = questions.training_answer(w, target, best, tokens)
+    if args.plot:
+        report.plot(res.ranked, args.plot, f"{cfg.name} on {target.describe()}")
+    if args.json:
+        out = {"model": cfg.name, "target": target.describe(), "chips": target.chips,
+               "seq": args.seq, "batch": batch, "precision": args.precision,
+               "kernels": args.kernels, "considered": res.considered,
+               "best": best.to_json(target), "training": train,
+               "candidates": [e.to_json(target) for e in res.ranked[:max(args.top, 1)]],
+               "why": report.why(res.ranked)}
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.header(target))
+        print(f"model: {cfg.name}, seq {args.seq}, batch {batch} sequences "
+              f"({w.tokens:,} tokens/step), {args.precision}, {args.kernels} kernels; "
+              f"{res.considered:,} layouts considered, {len(res.ranked):,} fit")
+        print(report.table(res.ranked, args.top))
+        print(report.why(res.ranked))
+        days = train["time_to_train_days"]
+        print(f"training {tokens:.3g} tokens: {train['steps']:,} steps, {days:,.1f} days at "
+              f"{best.mfu:.1%} MFU", end="")
+        if train["energy_mwh"] is not None:
+            print(f"; {train['energy_mwh']:,.0f} MWh at {train['average_power_mw']:,.1f} MW "
+                  f"({train['power_source']})", end="")
+        if train["cost_usd"] is not None:
+            print(f"; ${train['cost_usd']:,.0f} ({train['price_source']})", end="")
+        print()
+        print("estimates are approximate (analytic cost model; see BENCHMARKS.md for its "
+              "calibration against published runs)")
+    if args.verify:
+        return _verify(cfg, target, w, best)
+    return 0
+
+
+def _parse_mesh(text: str, axes: tuple[str, ...]) -> dict[str, int]:
+    from megamesh.sharding.mesh import parse_layout
+
+    return parse_layout(text)
+
+
+def _verify(cfg, target, w, best) -> int:
+    if not target.is_tpu:
+        raise ConfigError("--verify compiles for TPUs only; this target is a GPU")
+    from megamesh.cli.compile_cmd import compile_and_compare
+
+    print(f"\nverifying {best.layout.text()} by compiling the train step for "
+          f"{target.topology_name} x {target.n_slices} ...", file=sys.stderr)
+    return compile_and_compare(cfg.replace(remat=best.layout.remat), target, best.layout.text(),
+                               w.seq, w.batch, best.layout.microbatches, as_json=False, save=None,
+                               estimate_=best)

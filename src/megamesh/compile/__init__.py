@@ -1,0 +1,1 @@
+"""Ahead-of-time compilation of megamesh's own steps for TPU topologies that are not here."""

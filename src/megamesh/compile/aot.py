@@ -1,0 +1,158 @@
+"""Lower and compile megamesh's train step for a TPU topology that is not attached.
+
+`jax.experimental.topologies.get_topology_desc` (with libtpu installed) gives
+compile-only TPU devices for any topology, `num_slices` pods of it joined by DCN. The
+mesh, state and batch are built over those devices exactly as `megamesh train` builds
+them on real ones, and the *same* jitted function object (`build_train_step(...).fn`)
+is lowered with abstract (`ShapeDtypeStruct`) arguments and compiled by XLA:TPU.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from megamesh.config import ModelConfig
+from megamesh.errors import MegameshError
+from megamesh.plan.target import Target
+
+
+class DoesNotFit(MegameshError):
+    exit_code = 3
+
+
+@dataclass
+class CompileReport:
+    target: str
+    layout: str
+    step: str
+    devices: int
+    fits: bool
+    hbm_capacity_bytes: float
+    hbm: dict[str, float]  # argument, output, alias, temp, code, total (per device)
+    flops: float  # per device, matmuls, scans counted with their trip counts
+    flops_xla_convention: float  # the same count with each loop body once (XLA's convention)
+    xla_flops: float  # XLA cost analysis (loop bodies once; includes elementwise work)
+    xla_bytes_accessed: float
+    collectives: list[dict[str, Any]]
+    lower_s: float
+    compile_s: float
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"target": self.target, "layout": self.layout, "step": self.step,
+                "devices": self.devices, "fits": self.fits,
+                "hbm_per_device_bytes": self.hbm, "hbm_capacity_bytes": self.hbm_capacity_bytes,
+                "flops": self.flops, "flops_xla_convention": self.flops_xla_convention,
+                "xla_flops": self.xla_flops, "xla_bytes_accessed": self.xla_bytes_accessed,
+                "collectives": self.collectives, "lower_s": self.lower_s,
+                "compile_s": self.compile_s, "error": self.error, **self.extra}
+
+
+def topology_devices(target: Target) -> list[Any]:
+    """Compile-only devices for the target's slice topology times its slice count."""
+    if not target.is_tpu:
+        raise MegameshError(f"compile needs a TPU target; {target.chip.name} is not a TPU "
+                            "(plan it with `megamesh plan` instead)")
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
+                                            num_slices=target.n_slices)
+    except Exception as e:  # libtpu missing or topology unknown to it
+        raise MegameshError(f"cannot build TPU topology {target.topology_name} x "
+                            f"{target.n_slices} slices: {e}") from None
+    devs = list(topo.devices)
+    if len(devs) != target.devices:
+        raise MegameshError(f"libtpu made {len(devs)} devices for {target.topology_name} x "
+                            f"{target.n_slices}, expected {target.devices}")
+    del jax
+    return devs
+
+
+_OOM = re.compile(r"(?:used|needs?|requires?)\D{0,40}?([\d.]+)\s*([KMGT])i?B?.{0,80}?"
+                  r"(?:of|has|limit|available)\D{0,40}?([\d.]+)\s*([KMGT])", re.I | re.S)
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
+                  *, save: str | None = None) -> CompileReport:
+    """Compile megamesh's train step for `target`; never raises for an out-of-HBM step."""
+    import jax
+    import jax.numpy as jnp
+
+    from megamesh.compile.hlo import collectives, dot_flops
+    from megamesh.sharding.mesh import format_layout, make_mesh
+    from megamesh.sharding.rules import mesh_sizes
+    from megamesh.train.step import build_train_step
+
+    devs = topology_devices(target)
+    mesh = make_mesh(layout, devs)
+    ts = build_train_step(cfg, tc, mesh)
+    state = ts.abstract_state()
+    batch = jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len + 1), jnp.int32,
+                                 sharding=ts.batch_sharding)
+    return _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train",
+                    save, collectives, dot_flops)
+
+
+def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save: str | None,
+             collectives: Any, dot_flops: Any) -> CompileReport:
+    import jax
+
+    n = target.devices
+    cap = target.chip.device_hbm_bytes
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    lower_s = time.perf_counter() - t0
+    flops = dot_flops(jaxpr) / n
+    flops_once = dot_flops(jaxpr, trip_counts=False) / n
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # XLA reports out-of-HBM as a compile error
+        msg = str(e)
+        need = _parse_oom(msg)
+        if need is None:
+            raise MegameshError(f"XLA could not compile the {step} step: {msg[:2000]}") from None
+        hbm = {"total": need[0]}
+        return CompileReport(target.topology_name, layout, step, n, False, cap, hbm, flops,
+                             flops_once, 0.0, 0.0, [], lower_s, time.perf_counter() - t0,
+                             error=msg.strip().splitlines()[0][:500])
+    compile_s = time.perf_counter() - t0
+    m = compiled.memory_analysis()
+    hbm = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+           "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+    hbm["total"] = hbm["argument"] + hbm["output"] - hbm["alias"] + hbm["temp"] + hbm["code"]
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    if save:
+        from megamesh.fileio import write_new_file
+
+        write_new_file(save, _serialize(compiled))
+    return CompileReport(target.topology_name, layout, step, n, hbm["total"] <= cap, cap, hbm,
+                         flops, flops_once, float(ca.get("flops", 0.0)),
+                         float(ca.get("bytes accessed", 0.0)), collectives(compiled.as_text()),
+                         lower_s, compile_s)
+
+
+def _parse_oom(msg: str) -> tuple[float, float] | None:
+    if "memory" not in msg.lower() and "hbm" not in msg.lower():
+        return None
+    m = _OOM.search(msg)
+    if not m:
+        return (float("nan"), float("nan"))
+    return (float(m.group(1)) * _UNITS[m.group(2).upper()], float(m.group(3)) * _UNITS[m.group(4).upper()])
+
+
+def _serialize(compiled: Any) -> bytes:
+    from jax.experimental.serialize_executable import serialize
+
+    payload, _, _ = serialize(compiled)
+    return payload

@@ -1,0 +1,125 @@
+"""Reading a compiled step: matmul FLOPs from its jaxpr, collectives from its optimized HLO.
+
+XLA's own cost analysis counts the body of a while loop once, so for a step whose layers
+are a `scan` it undercounts by the layer count. The exact count comes from the jaxpr
+(every dot_general, times the trip counts of the scans around it); with trip counts
+ignored the same walk reproduces XLA's convention, which checks one against the other.
+
+Collectives are read from the optimized per-device HLO: kind, count (times the trip
+count of the while loops they sit in, read from the loop condition's bound) and bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from typing import Any
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
+    """FLOPs of all dot_generals in a (closed) jaxpr, 2 per multiply-add."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    total = 0.0
+    j = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    for eqn in j.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            contract = math.prod(lhs[d] for d in lc)
+            batch = math.prod(lhs[d] for d in lb)
+            free_l = math.prod(lhs) // (contract * batch)
+            free_r = math.prod(rhs) // (contract * batch)
+            total += 2.0 * batch * free_l * free_r * contract
+            continue
+        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" and trip_counts else 1
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    total += mult * dot_flops(sub, trip_counts=trip_counts)
+    return total
+
+
+_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+_SHAPE = re.compile(r"([a-z]\w*)\[([\d,]*)\]")
+_CALLS = re.compile(r"(?:body|to_apply|calls|condition|branch_computations)=\{?%?([\w.\-]+)")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
+          "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_BYTES.get(dt, 4) * (math.prod(int(d) for d in dims.split(",") if d) if dims else 1)
+               for dt, dims in _SHAPE.findall(text))
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Collectives of an optimized HLO module: [{kind, count, bytes}] (bytes: output, per device)."""
+    comps: dict[str, list[str]] = {}
+    entry = None
+    cur = None
+    for line in hlo_text.splitlines():
+        m = _COMP.match(line)
+        if m:
+            cur = m.group(1)
+            comps[cur] = []
+            if line.startswith("ENTRY"):
+                entry = cur
+            continue
+        if cur is not None:
+            comps[cur].append(line)
+    # multiplicity of each computation: callers' multiplicity x while trip counts
+    calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for name, lines in comps.items():
+        for line in lines:
+            trip = 1
+            if " while(" in line:
+                cond = re.search(r"condition=%?([\w.\-]+)", line)
+                trip = _trip_count(comps.get(cond.group(1), [])) if cond else 1
+            for callee in _CALLS.findall(line):
+                calls[name].append((callee, trip if "body=%" + callee in line
+                                    or "body=" + callee in line else 1))
+    mult: dict[str, int] = defaultdict(int)
+
+    def visit(name: str, m: int, depth: int = 0) -> None:
+        if depth > 50:
+            return
+        mult[name] += m
+        for callee, trip in calls.get(name, []):
+            visit(callee, m * trip, depth + 1)
+
+    if entry:
+        visit(entry, 1)
+    out: dict[str, dict[str, Any]] = {}
+    for name, lines in comps.items():
+        m = mult.get(name, 0)
+        if not m:
+            continue
+        for line in lines:
+            im = _INSTR.match(line)
+            if not im:
+                continue
+            op = im.group(3)
+            kind = op.removesuffix("-start")
+            if kind not in COLLECTIVES or op.endswith("-done"):
+                continue
+            shape = im.group(2)
+            nbytes = _shape_bytes(shape)
+            if op.endswith("-start") and shape.startswith("("):  # (operand, output) tuple
+                parts = _SHAPE.findall(shape)
+                nbytes = _shape_bytes("{}[{}]".format(*parts[-1])) if parts else nbytes
+            rec = out.setdefault(kind, {"kind": kind, "count": 0, "bytes": 0})
+            rec["count"] += m
+            rec["bytes"] += m * nbytes
+    return sorted(out.values(), key=lambda r: -r["bytes"])
+
+
+def _trip_count(cond_lines: list[str]) -> int:
+    """A scan's while condition compares the counter with a constant: that is the trip count."""
+    consts = [int(x) for line in cond_lines
+              for x in re.findall(r"s32\[\]\s+constant\((\d+)\)", line)]
+    return max(consts) if consts else 1
+

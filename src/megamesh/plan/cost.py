@@ -1,0 +1,211 @@
+"""Step time of megamesh's train step for a workload, target and layout.
+
+Per device, per step:
+- compute: hardware FLOPs (matmuls incl. what the kernels really do: the full T x T
+  attention score matrix of the xla kernels, MoE capacity padding and dispatch einsums,
+  remat recompute) at MXU_EFFICIENCY of peak;
+- HBM: weights streamed by every matmul pass (a matmul is bound by max(FLOPs, bytes)),
+  plus element-wise traffic (norms, RoPE, softmax, SwiGLU, residuals, logits, optimizer);
+- communication, ring/torus formulas: FSDP all-gather (fwd, bwd) and reduce-scatter of
+  gradients per microbatch; data/sequence/DCN gradient all-reduce once per step (these
+  are asynchronous and hide under compute up to OVERLAP); tensor-parallel all-reduces,
+  sequence-parallel K/V all-gathers and expert all-to-alls sit on the critical path.
+
+Efficiency constants (the only fitted numbers; calibrated on the published rows of
+../shared/reference/calibration.md, see BENCHMARKS.md "Planner calibration"):
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megamesh.model.specs import flops_per_token, layer_stacks, param_specs
+from megamesh.plan.layout import Layout, Workload
+from megamesh.plan.memory import Memory, estimate_memory, sharded_params, tokens_per_microbatch
+from megamesh.plan.target import Target
+
+MXU_EFFICIENCY = 0.72  # share of peak FLOP/s that large bf16 matmuls sustain
+ICI_EFFICIENCY = 0.75  # share of ICI/NVLink link bandwidth collectives achieve
+DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
+OVERLAP = 0.9  # share of local step time under which async collectives can hide
+__doc__ += f"""
+- MXU_EFFICIENCY = {MXU_EFFICIENCY}: share of peak FLOP/s that large bf16 matmuls sustain;
+- ICI_EFFICIENCY = {ICI_EFFICIENCY} and DCN_EFFICIENCY = {DCN_EFFICIENCY}: achieved share of link bandwidth;
+- OVERLAP = {OVERLAP}: share of the local step time that async collectives can hide under.
+Approximate by nature: a torus axis is assumed to get the share of the chip's links its
+size spans (log n / log slice size, at least one torus dimension); pipeline parallelism is
+not modelled because megamesh's step has none.
+"""
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    step_time_s: float
+    mfu: float
+    tokens_per_s_per_chip: float
+    memory: Memory
+    hbm_capacity: float
+    breakdown: dict[str, float]  # seconds: compute, hbm, ici, dcn (exposed parts)
+    comm: dict[str, float] = field(default_factory=dict)  # seconds of each collective, unhidden
+    flops_per_device: float = 0.0  # hardware FLOPs per device per step (matmuls)
+    model_flops_per_step: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.hbm_capacity
+
+    @property
+    def bottleneck(self) -> str:
+        return max(self.breakdown, key=self.breakdown.__getitem__)
+
+    def to_json(self, target: Target) -> dict:
+        return {
+            "layout": {a: n for a, n in self.layout.sizes.items() if n > 1} or {"data": 1},
+            "layout_text": self.layout.text(), "remat": self.layout.remat,
+            "microbatches": self.layout.microbatches,
+            "ici": {a: p[0] for a, p in self.layout.placement.items() if p[0] > 1},
+            "dcn": {a: p[1] for a, p in self.layout.placement.items() if p[1] > 1},
+            "step_time_s": self.step_time_s, "mfu": self.mfu,
+            "tokens_per_s_per_chip": self.tokens_per_s_per_chip,
+            "hbm_per_device_bytes": self.memory.total,
+            "hbm_parts_bytes": self.memory.parts(), "hbm_capacity_bytes": self.hbm_capacity,
+            "fits": self.fits, "bottleneck": self.bottleneck,
+            "breakdown_s": self.breakdown, "collectives_s": self.comm,
+            "flops_per_device": self.flops_per_device,
+        }
+
+
+def _axis_bw(target: Target, n_ici: int) -> float:
+    """Collective bandwidth (bytes/s egress per device) of an ICI axis of n_ici devices."""
+    c = target.chip
+    egress = c.ici_bw / 2 / c.devices_per_chip * ICI_EFFICIENCY
+    if c.ici_topology == "nvlink":
+        return egress
+    ndim = 3 if c.ici_topology == "torus3d" else 2
+    share = max(1 / ndim, math.log(n_ici) / math.log(max(target.slice_devices, 2)))
+    return egress * min(1.0, share)
+
+
+def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) -> float:
+    """All-gather (or reduce-scatter) over `axis` of an array of `full_bytes` gathered size."""
+    ni, nd = layout.ici(axis), layout.dcn(axis)
+    t = 0.0
+    if ni > 1:
+        t += full_bytes * (ni - 1) / ni / _axis_bw(target, ni)
+    if nd > 1:
+        c = target.chip
+        t += full_bytes / ni * (nd - 1) / nd / (c.dcn_bw / c.devices_per_chip * DCN_EFFICIENCY)
+    return t
+
+
+def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float]:
+    """(train-step FLOPs per token the kernels execute, of which attention scores).
+
+    Checked exactly against the step's jaxpr (tests): forward + 2x for the backward
+    pass + what the remat policy recomputes.
+    """
+    c = w.cfg
+    specs = param_specs(c)
+    dense = sum(2.0 * s.size for s in specs.values() if s.matmul and s.active_fraction == 1)
+    expert = sum(2.0 * s.size * s.active_fraction for s in specs.values() if s.active_fraction < 1)
+    att = 4.0 * w.seq * c.n_heads * c.resolved_head_dim * c.n_layers  # full score matrix
+    if w.kernels == "fused":
+        att /= 2  # flash kernels skip the masked half
+    dispatch = 0.0  # GShard one-hot dispatch + combine einsums, 2 * slots * D each
+    if c.moe and w.kernels == "xla":
+        m = c.moe
+        expert *= m.capacity_factor if m.capacity_factor else m.n_experts / m.top_k
+        n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
+        slots = (m.capacity_factor * m.top_k if m.capacity_factor else m.n_experts) * w.seq
+        dispatch = 4.0 * slots * c.d_model * n_moe
+    fwd = dense + expert + att + dispatch
+    # Full remat recomputes each layer's forward except what nothing downstream needs (jax
+    # drops it as dead code): the head (outside the scanned layers) and each layer's last
+    # op before the residual add: w_down of dense MLPs and shared experts, the combine
+    # einsum of MoE layers.
+    head = 2.0 * c.vocab_size * c.d_model
+    down = sum(2.0 * s.size for n, s in specs.items() if n.endswith("w_down")
+               and s.active_fraction == 1)
+    # dots_no_batch saves only matmuls without batch dims: attention, dispatch and the
+    # per-expert einsums (batch dim: expert) are recomputed.
+    recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
+                 "dots_no_batch": att + (expert + dispatch if dispatch else 0.0)}[remat]
+    return 3 * fwd + recompute, att
+
+
+def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None = None) -> Estimate:
+    c, chip = w.cfg, target.chip
+    n_dev = target.devices
+    peak = (chip.fp8_flops if w.precision == "fp8" and chip.fp8_flops else chip.bf16_flops)
+    peak_dev = peak / chip.devices_per_chip
+    hbm_bw = chip.hbm_bw / chip.devices_per_chip
+    mem = memory or estimate_memory(w, layout)
+    held, gathered = sharded_params(w, layout)
+    t, e, s = layout.size("tensor"), layout.size("expert"), layout.size("sequence")
+    mb = layout.microbatches
+    tok_mb = tokens_per_microbatch(w, layout)
+    tok_dev = tok_mb * mb
+
+    hw_per_token, _ = hardware_flops_per_token(w, layout.remat)
+    # tensor/expert/sequence devices share tokens; each does its share of the work
+    flops_dev = hw_per_token * w.tokens / n_dev
+    t_flops = flops_dev / (peak_dev * MXU_EFFICIENCY)
+    passes = 4 if layout.remat == "full" else 3
+    t_weights = gathered * 2 * passes * mb / hbm_bw
+    t_mm = max(t_flops, t_weights)
+
+    D, Dh = c.d_model, c.resolved_head_dim
+    F = (c.moe.d_ff_expert * c.moe.top_k if c.moe else c.d_ff) / t
+    HK = (c.n_heads + 2 * c.n_kv_heads) * Dh / t
+    per_tok_layer = 2 * (12 * D + 3 * F + 2 * HK)
+    if w.kernels == "xla":
+        per_tok_layer += c.n_heads / t * w.seq * 12  # scores f32 out/in, probs bf16 out/in
+    elem = tok_dev * per_tok_layer * c.n_layers * (passes + 1)
+    elem += tok_dev * c.vocab_size / t * 4 * 6 + held * 28
+    t_elem = elem / hbm_bw
+    t_local = t_mm + t_elem
+
+    comm: dict[str, float] = {}
+    f = layout.size("fsdp")
+    if f > 1:
+        comm["fsdp"] = mb * (gather_time(target, layout, "fsdp", gathered * 2 * 2)
+                             + gather_time(target, layout, "fsdp", gathered * 4))
+    grad = held * 4
+    for ax in ("data", "sequence"):  # parameters are replicated over these: all-reduce grads
+        if layout.size(ax) > 1:
+            comm[ax + "_grads"] = 2 * gather_time(target, layout, ax, grad)
+    if layout.size("dcn") > 1:
+        comm["dcn"] = 2 * gather_time(target, layout, "dcn", grad)
+    if t > 1:
+        n_ar = 6 if layout.remat == "full" else 4
+        comm["tensor"] = mb * c.n_layers * n_ar * 2 * gather_time(
+            target, layout, "tensor", tok_mb * D * 2)
+    if s > 1:
+        kv = tok_mb * s * 2 * c.n_kv_heads * Dh / min(t, c.n_kv_heads) * 2
+        comm["sequence_kv"] = mb * c.n_layers * 3 * gather_time(
+            target, layout, "sequence", kv)
+    if e > 1 and c.moe:
+        m = c.moe
+        n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
+        vol = tok_mb * m.top_k * (m.capacity_factor or 1.0) * D * 2
+        hops = max(1.0, layout.ici("expert") ** (1 / 3) / 2) if target.is_tpu else 1.0
+        comm["expert"] = mb * n_moe * (6 if layout.remat == "full" else 4) * hops * \
+            gather_time(target, layout, "expert", vol)
+
+    async_ici = sum(comm.get(k, 0.0) for k in ("fsdp", "data_grads", "sequence_grads"))
+    async_dcn = comm.get("dcn", 0.0)
+    hide = OVERLAP * t_local
+    exposed_ici = max(0.0, async_ici - hide)
+    exposed_dcn = max(0.0, async_dcn - max(0.0, hide - async_ici))
+    sync = sum(comm.get(k, 0.0) for k in ("tensor", "expert", "sequence_kv"))
+    step = t_local + exposed_ici + exposed_dcn + sync
+    model_flops = flops_per_token(c, w.seq, "train") * w.tokens
+    mfu = model_flops / (step * n_dev * peak_dev)
+    breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem, "ici": exposed_ici + sync,
+                 "dcn": exposed_dcn}
+    return Estimate(layout=layout, step_time_s=step, mfu=mfu,
+                    tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
+                    hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,
+                    flops_per_device=flops_dev, model_flops_per_step=model_flops)

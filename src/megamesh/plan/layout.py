@@ -1,0 +1,97 @@
+"""What the cost model evaluates: a workload (model, sequence, batch, precision) on a
+target with a layout (mesh axis sizes, remat policy, microbatches), and where each mesh
+axis lands physically (ICI within a slice, DCN across slices)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megamesh.config import ModelConfig
+from megamesh.errors import ConfigError
+from megamesh.plan.target import Target
+from megamesh.sharding.logical import MESH_AXES
+
+PRECISIONS = ("bf16", "fp8")
+# "xla": what megamesh's own step lowers to today (attention materializes the full T x T
+# score matrix; MoE uses GShard one-hot dispatch einsums with capacity padding).
+# "fused": flash attention that skips masked blocks and grouped-matmul MoE, as MaxText's
+# Pallas kernels (splash attention, megablox) do; used for the published calibration rows.
+KERNELS = ("xla", "fused")
+REMATS = ("none", "dots_no_batch", "dots", "full")
+
+
+@dataclass(frozen=True)
+class Workload:
+    cfg: ModelConfig
+    seq: int
+    batch: int  # global batch, sequences per optimizer step
+    precision: str = "bf16"
+    kernels: str = "xla"
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise ConfigError(f"--seq {self.seq} is not allowed: must be a positive integer")
+        if self.batch < 1:
+            raise ConfigError(f"--batch {self.batch} is not allowed: must be a positive integer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is not allowed: one of "
+                              f"{', '.join(PRECISIONS)}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"--kernels {self.kernels!r} is not allowed: one of {', '.join(KERNELS)}")
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+@dataclass(frozen=True)
+class Layout:
+    sizes: dict[str, int]  # mesh axis -> size (missing axes: 1)
+    remat: str = "full"
+    microbatches: int = 1
+    placement: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+
+    def size(self, axis: str) -> int:
+        return self.sizes.get(axis, 1)
+
+    @property
+    def batch_ways(self) -> int:
+        """Ways the batch is split (dcn, data, fsdp and expert all carry batch)."""
+        return self.size("dcn") * self.size("data") * self.size("fsdp") * self.size("expert")
+
+    def ici(self, axis: str) -> int:
+        return self.placement.get(axis, (self.size(axis), 1))[0]
+
+    def dcn(self, axis: str) -> int:
+        return self.placement.get(axis, (self.size(axis), 1))[1]
+
+    def text(self) -> str:
+        return ",".join(f"{a}={self.sizes[a]}" for a in MESH_AXES if self.sizes.get(a, 1) > 1) \
+            or "data=1"
+
+
+def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:
+    """Split each axis into (ICI part, DCN part).
+
+    Devices are laid out with the last mesh axis (expert) fastest, as in `make_mesh`, so
+    inner axes fill a slice first and the outer ones spill across slices. On TPUs the
+    spill must be exactly the `dcn` axis (multi-slice meshes put only dcn across slices);
+    on GPUs any data-like axis may span NVLink domains over the scale-out network.
+    """
+    if math.prod(sizes.values()) != target.devices:
+        raise ConfigError(f"layout uses {math.prod(sizes.values()):,} devices; the target has "
+                          f"{target.devices:,}")
+    room = target.slice_devices
+    out: dict[str, tuple[int, int]] = {}
+    for axis in reversed(MESH_AXES):
+        n = sizes.get(axis, 1)
+        ici = math.gcd(n, room)
+        if ici * (n // ici) != n or (n // ici > 1 and room // ici > 1):
+            raise ConfigError(f"axis {axis}={n} cannot be placed on slices of "
+                              f"{target.slice_devices} devices")
+        out[axis] = (ici, n // ici)
+        room //= ici
+    if target.is_tpu and any(out[a][1] > 1 for a in MESH_AXES if a != "dcn"):
+        raise ConfigError("on TPUs only the dcn axis may span slices")
+    return out

@@ -1,0 +1,115 @@
+"""HBM per device of megamesh's train step, part by part.
+
+Exact where the step is exact: the state (fp32 master weights and AdamW's two moments)
+and the gradients are summed parameter by parameter over the spec table, each sharded
+by the same rules the step uses (`sharding.logical`). Activations and temporaries are
+formulas per token and per layer for each remat policy, checked against what XLA
+allocates for the real step (`megamesh compile`; tests/test_plan_vs_compile.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
+from megamesh.plan.layout import Layout, Workload
+from megamesh.sharding.logical import resolve, strategy
+
+ADAM_BYTES = 8  # two fp32 moments per parameter
+
+
+@dataclass(frozen=True)
+class Memory:
+    state: float  # params + optimizer moments (arguments of the step)
+    grads: float
+    weights_gathered: float  # layer weights all-gathered for compute, and their full grads
+    activations: float  # saved for the backward pass over all layers
+    working: float  # one layer's recompute / backward working set, logits and loss
+
+    @property
+    def total(self) -> float:
+        return self.state + self.grads + self.weights_gathered + self.activations + self.working
+
+    def parts(self) -> dict[str, float]:
+        return {"state": self.state, "grads": self.grads, "weights_gathered": self.weights_gathered,
+                "activations": self.activations, "working": self.working}
+
+
+def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp") -> tuple[float, float]:
+    """(parameters held per device, parameters per device once fsdp is gathered)."""
+    rules = strategy(strat)
+    sizes = layout.sizes
+    held = gathered = 0.0
+    for s in param_specs(w.cfg).values():
+        dims = resolve(s.axes, s.shape, sizes, rules)
+        ways = gways = 1
+        for d in dims:
+            for m in d:
+                ways *= sizes[m]
+                if m != "fsdp":
+                    gways *= sizes[m]
+        held += s.size / ways
+        gathered += s.size / gways
+    return held, gathered
+
+
+def tokens_per_microbatch(w: Workload, layout: Layout) -> float:
+    """Tokens one device computes per microbatch."""
+    return w.tokens / layout.batch_ways / layout.size("sequence") / layout.microbatches
+
+
+def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -> float:
+    """Bytes saved per token per layer for the backward pass, under a remat policy."""
+    c = w.cfg
+    t = layout.size("tensor")
+    D, Dh = c.d_model, c.resolved_head_dim
+    H, K = c.n_heads / t, max(c.n_kv_heads / t, 1)
+    Tk = w.seq  # keys each query attends to (full score row in the xla kernel)
+    if moe:
+        m = c.moe
+        assert m is not None
+        F = m.d_ff_expert * m.top_k * (m.capacity_factor or m.n_experts / m.top_k) / t
+        F += m.n_shared_experts * m.d_ff_expert / t
+    else:
+        F = c.d_ff / t
+    scores = 0 if w.kernels == "fused" else H * Tk * 4  # f32 score row per query head
+    if remat == "full":
+        return 2 * D
+    dots_nb = 2 * (D + H * Dh + 2 * K * Dh + D + 2 * F + D)  # projections and MLP matmuls
+    if remat == "dots_no_batch":
+        return dots_nb + 2 * D
+    if remat == "dots":
+        return dots_nb + 2 * D + scores + 2 * H * Dh
+    # none: every intermediate the backward pass reads
+    return dots_nb + 4 * D * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
+
+
+def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp") -> Memory:
+    c = w.cfg
+    held, gathered = sharded_params(w, layout, strat)
+    pbytes = DTYPE_BYTES[c.param_dtype]
+    state = held * (pbytes + ADAM_BYTES)
+    grads = held * 4
+    specs = param_specs(c)
+    tok = tokens_per_microbatch(w, layout)
+    t, e = layout.size("tensor"), layout.size("expert")
+    acts = 0.0
+    widest_layer = 0.0
+    for st in layer_stacks(c):
+        acts += st.n_layers * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
+        per_layer = sum(s.size for n, s in specs.items() if n.startswith(st.name + "/")) / st.n_layers
+        if st.moe and c.moe:
+            per_layer = per_layer / e
+        widest_layer = max(widest_layer, per_layer / t)
+    # Coefficients set against XLA:TPU's allocation for this step (BENCHMARKS.md, "Plan vs
+    # compile"); approximate: XLA's choices vary with the layout. One layer's weights in
+    # flight (bf16 gathered, two layers prefetched) ~ 4 bytes per gathered parameter; the
+    # embedding and head gathered in bf16; the logits of a microbatch in f32 with their
+    # gradient; one layer recomputed without remat during the backward pass.
+    table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2)
+    weights_gathered = widest_layer * 4 + table * 2
+    recompute = max(layer_activation_bytes(w, layout, "none", st.moe) for st in layer_stacks(c))
+    logits = tok * c.vocab_size / t * 8
+    working = tok * recompute + logits
+    return Memory(state=state, grads=grads, weights_gathered=weights_gathered, activations=acts,
+                  working=working)

@@ -1,0 +1,178 @@
+"""Training and serving questions answered from the cost model: time to train, energy,
+power and cost; fewest chips for a deadline; serving capacity per replica and fleet."""
+
+from __future__ import annotations
+
+import math
+
+from megamesh.errors import ConfigError
+from megamesh.model.specs import (
+    flops_per_token,
+    kv_cache_bytes_per_token,
+    matmul_param_count,
+    param_bytes,
+    param_count,
+)
+from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, _axis_bw
+from megamesh.plan.layout import Workload
+from megamesh.plan.search import search
+from megamesh.plan.target import Target, from_chip_count
+
+PUE = 1.1  # Google fleet PUE (hardware.md: CNBC 2022, Q2 2021 figure)
+HBM_RESERVE = 0.9  # share of HBM serving may fill (runtime, fragmentation)
+
+
+def power_per_chip_w(target: Target) -> tuple[float | None, str]:
+    """All-in watts per chip at the wall (incl. PUE), and how it was derived."""
+    c = target.chip
+    if c.all_in_power_w:
+        return c.all_in_power_w * PUE, f"{c.all_in_power_w:.0f} W all-in x PUE {PUE}"
+    return None, f"no public all-in power for {c.name} (override chip all_in_power_w)"
+
+
+def training_answer(w: Workload, target: Target, best: Estimate, tokens: float) -> dict:
+    steps = math.ceil(tokens / w.tokens)
+    seconds = steps * best.step_time_s
+    watts, power_src = power_per_chip_w(target)
+    out = {"tokens": tokens, "steps": steps, "time_to_train_s": seconds,
+           "time_to_train_days": seconds / 86400, "mfu": best.mfu,
+           "total_flops": flops_per_token(w.cfg, w.seq, "train") * tokens,
+           "power_source": power_src, "average_power_mw": None, "energy_mwh": None, "cost_usd": None}
+    if watts:
+        out["average_power_mw"] = watts * target.chips / 1e6
+        out["energy_mwh"] = out["average_power_mw"] * seconds / 3600
+    if target.chip.price_per_chip_hour:
+        out["cost_usd"] = target.chip.price_per_chip_hour * target.chips * seconds / 3600
+        out["price_source"] = f"${target.chip.price_per_chip_hour}/chip-hour " + (
+            "(unconfirmed)" if "price_per_chip_hour" in target.chip.unconfirmed else "")
+    return out
+
+
+def fewest_chips_for_deadline(w: Workload, target: Target, tokens: float, deadline_s: float,
+                              max_chips: int = 2_000_000) -> tuple[Target, Estimate] | None:
+    """The smallest chip count (whole cubes inside a pod, whole pods beyond) that meets it."""
+    c = target.chip
+    unit = 64 if c.ici_topology == "torus3d" else (c.pod_chips if c.ici_topology == "torus2d" else 8)
+    counts = sorted({n for n in [unit * 2**k for k in range(40)] if n <= c.pod_chips} |
+                    {c.pod_chips * k for k in range(1, max_chips // c.pod_chips + 1)})
+
+    def time_at(n: int) -> tuple[float, Target, Estimate | None]:
+        try:
+            tgt = from_chip_count(c, n)
+            res = search(w, tgt)
+        except ConfigError:
+            return math.inf, target, None
+        if not res.ranked:
+            return math.inf, tgt, None
+        best = res.ranked[0]
+        return math.ceil(tokens / w.tokens) * best.step_time_s, tgt, best
+
+    # gallop up the candidate counts to the first that meets the deadline, then bisect
+    # back (step time falls as chips grow, monotone enough between the two probes)
+    prev, i = -1, 0
+    found = None
+    while i < len(counts):
+        t_i, tgt_i, est_i = time_at(counts[i])
+        if t_i <= deadline_s:
+            found = (i, tgt_i, est_i)
+            break
+        prev, i = i, (i * 2 + 1)
+    if found is None:
+        return None
+    lo, hi = prev + 1, found[0]
+    tgt_hi, est_hi = found[1], found[2]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t_mid, tgt_mid, est_mid = time_at(counts[mid])
+        if t_mid <= deadline_s:
+            hi, tgt_hi, est_hi = mid, tgt_mid, est_mid
+        else:
+            lo = mid + 1
+    assert est_hi is not None
+    return tgt_hi, est_hi
+
+
+def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output_tokens: int,
+                   slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+                   weight_dtype_bytes: int = 2) -> dict:
+    """Serving layout per replica, KV capacity, max batch, TTFT/TPOT, replicas, cost.
+
+    A replica is the smallest tensor-parallel group (within one slice) whose HBM holds
+    the bf16 weights with room for KV cache; decode is bound by max(weights + KV bytes
+    read per step / HBM bandwidth, FLOPs / peak) plus tensor-parallel all-reduces.
+    """
+    if qps <= 0 or input_tokens < 1 or output_tokens < 1:
+        raise ConfigError("--qps must be > 0 and --input-tokens/--output-tokens >= 1")
+    chip = target.chip
+    ctx = input_tokens + output_tokens
+    if ctx > cfg.max_seq_len:
+        raise ConfigError(f"input + output tokens = {ctx} exceeds {cfg.name}'s context of "
+                          f"{cfg.max_seq_len}")
+    wbytes = param_count(cfg) * weight_dtype_bytes if weight_dtype_bytes != 4 else param_bytes(cfg)
+    kv_tok = kv_cache_bytes_per_token(cfg, "bfloat16")
+    dev_hbm = chip.device_hbm_bytes * HBM_RESERVE
+    hbm_bw = chip.hbm_bw / chip.devices_per_chip
+    peak = chip.bf16_flops / chip.devices_per_chip * MXU_EFFICIENCY
+    n_active = matmul_param_count(cfg)
+    options = []
+    t = 1
+    while t <= target.slice_devices:
+        if target.slice_devices % t == 0 and (cfg.n_heads % t == 0 or t > cfg.n_heads):
+            free = dev_hbm * t - wbytes
+            if free > kv_tok * ctx:
+                options.append(t)
+        t *= 2
+    if not options:
+        raise ConfigError(f"{cfg.name} ({wbytes / 1e9:.0f} GB of bf16 weights) does not fit "
+                          f"one {chip.name} slice of {target.slice_devices} devices with room for "
+                          "KV cache; use a larger target or a smaller model")
+    best = None
+    for t in options[:4]:
+        kv_cap_tokens = (dev_hbm * t - wbytes) / kv_tok
+        max_batch = max(1, int(kv_cap_tokens // ctx))
+        for batch in sorted({max_batch} | {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+                                           if b < max_batch}, reverse=True):
+            avg_ctx = input_tokens + output_tokens / 2
+            bytes_step = wbytes + batch * avg_ctx * kv_tok
+            flops_step = batch * (2 * n_active + 4 * avg_ctx * cfg.n_heads *
+                                  cfg.resolved_head_dim * cfg.n_layers)
+            tp_comm = 0.0
+            if t > 1:
+                bw = _axis_bw(target, t)
+                tp_comm = cfg.n_layers * 2 * (2 * batch * cfg.d_model * 2 * (t - 1) / t / bw + 10e-6)
+            tpot = max(bytes_step / (hbm_bw * t), flops_step / (peak * t)) + tp_comm
+            prefill = (2 * n_active + 2 * input_tokens * cfg.n_heads * cfg.resolved_head_dim *
+                       cfg.n_layers) * input_tokens / (peak * t)
+            ttft = prefill + tpot
+            if slo_tpot_ms and tpot * 1e3 > slo_tpot_ms:
+                continue
+            if slo_ttft_ms and ttft * 1e3 > slo_ttft_ms:
+                continue
+            # a replica's decode slots are shared with prefills (one prefill per request)
+            per_req = output_tokens * tpot + prefill
+            rps = batch / per_req
+            tok_s = rps * output_tokens
+            chips_replica = math.ceil(t / chip.devices_per_chip)
+            cand = {"tensor": t, "chips_per_replica": chips_replica, "kv_capacity_tokens":
+                    int(kv_cap_tokens), "max_batch": max_batch, "batch": batch,
+                    "ttft_ms": ttft * 1e3, "tpot_ms": tpot * 1e3,
+                    "decode_tokens_per_s_per_chip": tok_s / chips_replica,
+                    "requests_per_s_per_replica": rps}
+            if best is None or cand["decode_tokens_per_s_per_chip"] > best["decode_tokens_per_s_per_chip"]:
+                best = cand
+            break
+    if best is None:
+        raise ConfigError(f"no {chip.name} serving layout meets the SLOs (TTFT {slo_ttft_ms} ms, "
+                          f"TPOT {slo_tpot_ms} ms); relax them or use a faster chip")
+    replicas = math.ceil(qps / best["requests_per_s_per_replica"])
+    chips = replicas * best["chips_per_replica"]
+    best.update({"qps": qps, "replicas": replicas, "chips_needed": chips,
+                 "target_chips": target.chips, "fits_target": chips <= target.chips})
+    watts, _ = power_per_chip_w(target)
+    tok_per_h = qps * output_tokens * 3600
+    best["cost_per_million_output_tokens_usd"] = (
+        chip.price_per_chip_hour * chips / tok_per_h * 1e6 if chip.price_per_chip_hour else None)
+    best["power_mw"] = watts * chips / 1e6 if watts else None
+    best["approximate"] = ("roofline estimate: decode bound by HBM bytes or FLOPs, perfect "
+                           "continuous batching, no prefix caching")
+    return best

@@ -1,0 +1,101 @@
+"""Logical axes -> mesh axes, as pure data and arithmetic (no jax).
+
+Strategies (small ordered rule sets) and the resolution of an array's logical axes to
+mesh axes live here so that the planner (which never imports jax) and the jax-side
+sharding code (`sharding.rules`) use exactly the same rules. Resolution, per array:
+
+- rules are applied in their order: an earlier rule claims its mesh axes first, so
+  e.g. `expert` claims the expert mesh axis before `batch` can, and an activation's
+  `batch` claims `fsdp` before its `embed` can;
+- a mesh axis is used at most once per array; size-1 mesh axes are skipped;
+- a mesh axis that does not divide the dimension is skipped (that dimension stays
+  replicated over it), so any model runs on any mesh.
+
+The mesh axes: dcn (across slices/pods), data, fsdp, sequence, tensor, expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from megamesh.errors import ConfigError
+
+MESH_AXES = ("dcn", "data", "fsdp", "sequence", "tensor", "expert")
+LOGICAL_AXES = ("expert", "batch", "seq", "cache_seq", "heads", "kv_heads", "mlp", "vocab",
+                "embed", "head_dim", "layers", "norm", "router")
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+
+_BATCH = ("dcn", "data", "fsdp", "expert")
+
+STRATEGIES: dict[str, Rules] = {
+    # ZeRO-3 style: parameters sharded over fsdp on their embed dim, tensor parallel on
+    # heads/mlp/vocab, experts over expert; the batch spread over every data-like axis.
+    "fsdp": (
+        ("expert", ("expert",)),
+        ("batch", _BATCH),
+        ("seq", ("sequence",)),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("mlp", ("tensor",)),
+        ("vocab", ("tensor",)),
+        ("embed", ("fsdp",)),
+    ),
+    # Pure data parallel: every parameter replicated, the batch split over all axes.
+    "dp": (
+        ("batch", _BATCH + ("tensor",)),
+    ),
+    # Serving: tensor and expert parallel weights (no fsdp gather per step); the batch
+    # (decode slots) over data; the KV cache split by kv head.
+    "serve": (
+        ("expert", ("expert",)),
+        ("batch", ("dcn", "data", "fsdp")),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("mlp", ("tensor",)),
+        ("vocab", ("tensor",)),
+    ),
+}
+
+
+def strategy(name: str) -> Rules:
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown strategy {name!r}: allowed are {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def resolve(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, int],
+            rules: Rules) -> list[tuple[str, ...]]:
+    """The mesh axes sharding each dimension (empty tuple: replicated)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+    for a in axes:
+        if a is not None and a not in LOGICAL_AXES:
+            raise ValueError(f"unknown logical axis {a!r}: allowed are {', '.join(LOGICAL_AXES)}")
+    order = {name: i for i, (name, _) in enumerate(rules)}
+    mapping = dict(rules)
+    used: set[str] = set()
+    out: list[tuple[str, ...]] = [()] * len(axes)
+    dims = sorted((i for i, a in enumerate(axes) if a in mapping), key=lambda i: order[axes[i]])
+    for i in dims:
+        chosen: list[str] = []
+        size = 1
+        for m in mapping[axes[i]]:  # type: ignore[index]
+            n = sizes.get(m, 1)
+            if n == 1 or m in used or shape[i] % (size * n):
+                continue
+            chosen.append(m)
+            size *= n
+        used.update(chosen)
+        out[i] = tuple(chosen)
+    return out
+
+
+def shard_fraction(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, int],
+                   rules: Rules) -> float:
+    """The fraction of the array one device holds."""
+    n = 1
+    for dim in resolve(axes, shape, sizes, rules):
+        for m in dim:
+            n *= sizes[m]
+    return 1.0 / n

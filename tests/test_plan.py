@@ -1,0 +1,167 @@
+"""The planner: targets, FLOP accounting against the real step, search, CLI answers, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megamesh.cli import main
+from megamesh.config import MoEConfig, preset
+from megamesh.errors import ConfigError
+from megamesh.plan.layout import Layout, Workload, place
+from megamesh.plan.search import search
+from megamesh.plan.target import parse_target
+
+
+def test_plan_never_imports_jax():
+    code = ("import sys; from megamesh.cli import plan as p; import megamesh.plan.search, "
+            "megamesh.plan.questions, megamesh.plan.report;"
+            "from megamesh.cli import main; main(['plan','--model','llama3.1-8b','--target',"
+            "'tpu7x:256','--json']);"
+            "bad=[m for m in sys.modules if m == 'jax' or m.startswith('jax.')];"
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("text,chips,devices,slices", [
+    ("tpu7x:256", 256, 512, 1), ("tpu7x:16x16x36", 9216, 18432, 1),
+    ("tpu7x:1000000", 109 * 9216, 2 * 109 * 9216, 109), ("h100:16384", 16384, 16384, 2048),
+    ("v4:6144", 6144, 6144, 2), ("v6e:256", 256, 256, 1),
+])
+def test_targets(text, chips, devices, slices):
+    t = parse_target(text)
+    assert (t.chips, t.devices, t.n_slices) == (chips, devices, slices)
+
+
+@pytest.mark.parametrize("bad", ["tpu9:4", "tpu7x", "tpu7x:abc", "tpu7x:0", "tpu7x:4x4",
+                                 "tpu7x:64x64x64", "h100:12"])
+def test_bad_targets(bad):
+    with pytest.raises(ConfigError):
+        parse_target(bad)
+
+
+@pytest.mark.parametrize("name,remat,cf", [
+    ("tiny", "none", None), ("tiny", "full", None), ("tiny", "dots", None),
+    ("tiny", "dots_no_batch", None), ("tiny-moe", "none", 1.25), ("tiny-moe", "full", None),
+    ("tiny-moe", "dots_no_batch", 1.25),
+])
+def test_hardware_flops_match_the_train_steps_jaxpr(name, remat, cf):
+    """The planner's FLOPs per token equal the matmul FLOPs of the real loss gradient (2%)."""
+    import jax
+    import jax.numpy as jnp
+
+    from megamesh.compile.hlo import dot_flops
+    from megamesh.model.transformer import init_params
+    from megamesh.plan.cost import hardware_flops_per_token
+    from megamesh.train.step import loss_fn
+
+    cfg = preset(name).replace(remat=remat)
+    if cfg.moe:
+        cfg = cfg.replace(moe=MoEConfig(**{**cfg.moe.__dict__, "capacity_factor": cf}))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    batch = jax.ShapeDtypeStruct((2, 129), jnp.int32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, b: loss_fn(p, b, cfg)[0]))(params, batch)
+    got = dot_flops(jaxpr) / 256
+    want, _ = hardware_flops_per_token(Workload(cfg, 128, 2), remat)
+    assert want == pytest.approx(got, rel=0.02)
+
+
+def test_search_ranks_fitting_layouts_and_drops_the_rest():
+    w = Workload(preset("llama3.1-70b"), 8192, 512)
+    res = search(w, parse_target("tpu7x:256"))
+    assert res.ranked and all(e.fits for e in res.ranked)
+    times = [e.step_time_s for e in res.ranked]
+    assert times == sorted(times)
+    assert all(not e.fits for e in res.rejected)
+    best = res.ranked[0]
+    assert 0 < best.mfu < 1 and best.bottleneck in {"compute", "hbm", "ici", "dcn"}
+
+
+def test_memory_is_exact_for_the_state():
+    """Params + AdamW moments sharded by the rules: 12 bytes per parameter over fsdp."""
+    from megamesh.model.specs import param_specs
+    from megamesh.plan.memory import estimate_memory
+
+    cfg = preset("llama3.1-8b")
+    t = parse_target("v5p:64")
+    sizes = {"fsdp": 64}
+    mem = estimate_memory(Workload(cfg, 2048, 64), Layout(sizes, placement=place(sizes, t)))
+    # every weight matrix is sharded on its embed dim (4096 = 64 * 64); norm scales replicated
+    specs = param_specs(cfg).values()
+    want = sum(s.size / 64 if "embed" in s.axes else s.size for s in specs) * 12
+    assert mem.state == pytest.approx(want, rel=1e-9)
+    assert sum(1 for s in specs if "embed" not in s.axes) == 3  # the three norm tables
+
+
+def run_json(capsys, *argv):
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_fields(capsys):
+    out = run_json(capsys, "--model", "llama3.1-70b", "--target", "tpu7x:16x16x36",
+                   "--seq", "8192", "--batch", "2304", "--tokens", "15e12")
+    for key in ("layout", "step_time_s", "mfu", "tokens_per_s_per_chip", "hbm_per_device_bytes",
+                "fits", "bottleneck"):
+        assert key in out["best"]
+        assert all(key in c for c in out["candidates"])
+    assert out["candidates"][0] == out["best"]
+    tr = out["training"]
+    assert tr["time_to_train_days"] > 0 and tr["energy_mwh"] > 0 and tr["average_power_mw"] > 0
+    # energy = power x time
+    assert tr["energy_mwh"] == pytest.approx(tr["average_power_mw"] * tr["time_to_train_s"] / 3600)
+
+
+def test_million_chip_plan_spans_pods_over_dcn(capsys):
+    out = run_json(capsys, "--model", "llama3.1-405b", "--target", "tpu7x:1000000",
+                   "--seq", "8192", "--batch", str(109 * 288))
+    assert out["chips"] == 109 * 9216
+    assert out["best"]["layout"]["dcn"] == 109
+    assert out["best"]["fits"]
+
+
+def test_deadline_gives_fewer_chips_for_more_time(capsys):
+    args = ["--model", "llama3.1-8b", "--target", "tpu7x:64", "--seq", "4096", "--batch", "1024",
+            "--tokens", "1e12"]
+    fast = run_json(capsys, *args, "--deadline", "5d")
+    slow = run_json(capsys, *args, "--deadline", "60d")
+    assert slow["chips"] < fast["chips"]
+    assert fast["training"]["time_to_train_days"] <= 5
+    assert slow["training"]["time_to_train_days"] <= 60
+
+
+def test_serving_plan(capsys):
+    assert main(["plan", "--serve", "--model", "llama3.1-70b", "--target", "tpu7x:256", "--qps",
+                 "50", "--input-tokens", "2000", "--output-tokens", "500", "--slo-tpot-ms", "50",
+                 "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)["serve"]
+    assert s["tpot_ms"] <= 50 and s["max_batch"] >= s["batch"] >= 1
+    assert s["replicas"] * s["requests_per_s_per_replica"] >= 50
+    assert s["chips_needed"] == s["replicas"] * s["chips_per_replica"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "llama3.1-405b", "--target", "tpu7x:4", "--seq", "8192", "--batch", "8"],
+     "does not fit"),
+    (["--target", "tpu7x:1000000", "--batch", "1000"], "cannot be split"),
+    (["--target", "nope:4"], "unknown chip"),
+    (["--precision", "fp4"], "--precision"),
+    (["--deadline", "soon"], "--deadline"),
+    (["--model.d_model=0"], "d_model"),
+])
+def test_plan_bad_input(capsys, argv, needle):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_plot_writes_png_and_never_overwrites(tmp_path, capsys):
+    png = tmp_path / "plan.png"
+    assert main(["plan", "--target", "v5p:128", "--batch", "128", "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plan", "--target", "v5p:128", "--batch", "128", "--plot", str(png)]) == 2
+    assert "already exists" in capsys.readouterr().err
