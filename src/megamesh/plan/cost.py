@@ -20,9 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megamesh.model.specs import flops_per_token, layer_stacks, param_specs
+from megamesh.model.specs import flops_per_token, layer_stacks
 from megamesh.plan.layout import Layout, Workload
-from megamesh.plan.memory import Memory, estimate_memory, sharded_params, tokens_per_microbatch
+from megamesh.plan.memory import (
+    Memory,
+    estimate_memory,
+    sharded_params,
+    specs_table,
+    tokens_per_microbatch,
+)
 from megamesh.plan.target import Target
 
 MXU_EFFICIENCY = 0.72  # share of peak FLOP/s that large bf16 matmuls sustain
@@ -107,7 +113,7 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float]:
     pass + what the remat policy recomputes.
     """
     c = w.cfg
-    specs = param_specs(c)
+    specs = specs_table(c)
     dense = sum(2.0 * s.size for s in specs.values() if s.matmul and s.active_fraction == 1)
     expert = sum(2.0 * s.size * s.active_fraction for s in specs.values() if s.active_fraction < 1)
     att = 4.0 * w.seq * c.n_heads * c.resolved_head_dim * c.n_layers  # full score matrix

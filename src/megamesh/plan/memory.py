@@ -9,8 +9,10 @@ allocates for the real step (`megamesh compile`; tests/test_plan_vs_compile.py).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+from megamesh.config import ModelConfig
 from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy
@@ -37,10 +39,15 @@ class Memory:
 
 def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp") -> tuple[float, float]:
     """(parameters held per device, parameters per device once fsdp is gathered)."""
+    return _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str) -> tuple[float, float]:
     rules = strategy(strat)
-    sizes = layout.sizes
+    sizes = dict(sizes_items)
     held = gathered = 0.0
-    for s in param_specs(w.cfg).values():
+    for s in _specs(cfg):
         dims = resolve(s.axes, s.shape, sizes, rules)
         ways = gways = 1
         for d in dims:
@@ -51,6 +58,16 @@ def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp") -> tuple[fl
         held += s.size / ways
         gathered += s.size / gways
     return held, gathered
+
+
+@functools.lru_cache(maxsize=64)
+def specs_table(cfg: ModelConfig) -> dict:
+    """The spec table, memoized (the search evaluates thousands of layouts of one model)."""
+    return param_specs(cfg)
+
+
+def _specs(cfg: ModelConfig) -> tuple:
+    return tuple(specs_table(cfg).values())
 
 
 def tokens_per_microbatch(w: Workload, layout: Layout) -> float:
@@ -90,7 +107,7 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp") -> Memory:
     pbytes = DTYPE_BYTES[c.param_dtype]
     state = held * (pbytes + ADAM_BYTES)
     grads = held * 4
-    specs = param_specs(c)
+    specs = specs_table(c)
     tok = tokens_per_microbatch(w, layout)
     t, e = layout.size("tensor"), layout.size("expert")
     acts = 0.0
