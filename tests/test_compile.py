@@ -29,11 +29,45 @@ def test_compile_tiny_on_ironwood_matches_the_plan():
     assert hbm["total"] == hbm["argument"] + hbm["output"] - hbm["alias"] + hbm["temp"] + hbm["code"]
     err = out["plan"]["relative_error"]
     assert abs(err["flops"]) <= 0.02
-    assert abs(err["hbm_per_device_bytes"]) <= 0.10
+    # the step's arguments are the sharded state (fp32 params + AdamW moments, with TPU
+    # (8, 128) tile padding) and this device's share of the int32 batch
+    batch_bytes = 8 * 257 * 4 / 8
+    state = out["plan"]["hbm_parts_bytes"]["state"]
+    assert hbm["argument"] == pytest.approx(state + batch_bytes, rel=0.005)
     kinds = {c["kind"] for c in out["collectives"]}
     assert {"all-gather", "reduce-scatter"} <= kinds  # FSDP: gather weights, scatter grads
     # our FLOP count in XLA's convention (loop bodies once) agrees with XLA's cost analysis
     assert out["flops_xla_convention"] == pytest.approx(out["xla_flops"], rel=0.05)
+
+
+SMALL = ["--model", "llama3.1-8b", "--model.d_model=1024", "--model.n_heads=8",
+         "--model.n_kv_heads=2", "--model.d_ff=3584", "--model.n_layers=4",
+         "--model.vocab_size=32000"]
+EIGHT_B_4 = ["--model", "llama3.1-8b", "--model.n_layers=4"]
+MEMORY_CASES = [  # (model args, target, layout, seq, batch, remat, microbatches)
+    pytest.param(SMALL, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1, id="small-tpu7x-fsdp"),
+    pytest.param(SMALL, "v5p:2x2x1", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v5p-tp"),
+    pytest.param(SMALL, "v6e:2x2", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v6e-tp",
+                 marks=pytest.mark.slow),
+    pytest.param(EIGHT_B_4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, id="8b-tpu7x-fsdp",
+                 marks=pytest.mark.slow),
+    pytest.param(EIGHT_B_4, "v5p:2x2x2", "fsdp=4,tensor=2", 2048, 8, "dots", 1, id="8b-v5p-tp",
+                 marks=pytest.mark.slow),
+    pytest.param(EIGHT_B_4, "v5p:2x2x2", "data=2,fsdp=4", 2048, 16, "dots_no_batch", 2,
+                 id="8b-v5p-accumulate", marks=pytest.mark.slow),
+    pytest.param(["--model", "llama3.1-405b"], "tpu7x:16x16x36", "data=9,fsdp=256,tensor=8",
+                 2048, 2304, "full", 1, id="405b-ironwood-pod", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("model,target,mesh,seq,batch,remat,mb", MEMORY_CASES)
+def test_plan_memory_within_10_percent_of_xla(model, target, mesh, seq, batch, remat, mb):
+    out = compile_json(*model, "--target", target, "--mesh", mesh, "--seq", str(seq), "--batch",
+                       str(batch), "--remat", remat, "--microbatches", str(mb))
+    err = out["plan"]["relative_error"]
+    assert abs(err["hbm_per_device_bytes"]) <= 0.10, err
+    assert abs(err["flops"]) <= 0.02, err
+    assert out["fits"] and out["plan"]["fits"]
 
 
 def test_compile_tensor_parallel_on_v5p_flops_and_state():

@@ -102,6 +102,7 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
     if as_json:
         out = r.to_json()
         out["plan"] = {"prediction": pred, "relative_error": err, "fits": estimate_.fits,
+                       "hbm_parts_bytes": estimate_.memory.parts(),
                        "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu}
         print(json.dumps(out, indent=2))
     else:

@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "train --tokens within this time (e.g. 30d, 12h)")
     p.add_argument("--mesh", help="evaluate this one layout, e.g. dcn=2,fsdp=256,tensor=4")
     p.add_argument("--remat", help="only this remat policy: none, dots_no_batch, dots, full")
+    p.add_argument("--max-microbatches", type=int,
+                   help="cap on gradient-accumulation microbatches (default: as many as help fit)")
     p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
     p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
@@ -99,7 +101,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from megamesh.sharding.logical import MESH_AXES
 
         fixed = _parse_mesh(args.mesh, MESH_AXES)
-    res = search(w, target, remats=remats, fixed=fixed)
+    if args.max_microbatches is not None and args.max_microbatches < 1:
+        raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
+    res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches)
     if not res.ranked:
         smallest = res.rejected[0] if res.rejected else None
         need = f"; the smallest needs {smallest.memory.total / 2**30:.1f} GiB per device " \

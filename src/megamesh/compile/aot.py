@@ -57,6 +57,11 @@ def topology_devices(target: Target) -> list[Any]:
     if not target.is_tpu:
         raise MegameshError(f"compile needs a TPU target; {target.chip.name} is not a TPU "
                             "(plan it with `megamesh plan` instead)")
+    import os
+
+    # Compile-only use never touches a TPU: let several processes (parallel compiles, a
+    # test beside a user's run) load libtpu instead of failing on its lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     import jax
     from jax.experimental import topologies
 

@@ -120,6 +120,6 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
 def _trip_count(cond_lines: list[str]) -> int:
     """A scan's while condition compares the counter with a constant: that is the trip count."""
     consts = [int(x) for line in cond_lines
-              for x in re.findall(r"s32\[\]\s+constant\((\d+)\)", line)]
+              for x in re.findall(r"s32\[\](?:\{[^}]*\})?\s+constant\((\d+)\)", line)]
     return max(consts) if consts else 1
 

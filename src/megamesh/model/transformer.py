@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from megamesh.config import ModelConfig
 from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
-from megamesh.model.axes import constrain
+from megamesh.model.axes import compute_weight, constrain
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
 
@@ -172,16 +172,24 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     0 for dense models) as a third value.
     """
     cd = jnp.dtype(cfg.compute_dtype)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(cd)  # (B,T,D)
+    specs = param_specs(cfg)
+    table = compute_weight(params["embed"], specs["embed"].axes, cd)
+    x = jnp.take(table, tokens, axis=0)  # (B,T,D)
     x = constrain(x, ("batch", "seq", "embed"))
     rope = rope_tables(positions, cfg)
     new_cache: Cache | None = None if cache is None else {}
     aux_total = jnp.zeros((), jnp.float32)
     n_moe = 0
     for stack in layer_stacks(cfg):
+        prefix = stack.name + "/"
+        stack_specs = unflatten({n[len(prefix):]: s for n, s in specs.items() if n.startswith(prefix)})
 
-        def body(x, layer, stack=stack):
+        def body(x, layer, stack=stack, stack_specs=stack_specs):
             p, c = layer
+            # matmul weights in compute dtype and layout (one layer at a time: FSDP gathers
+            # inside the scan); norm scales stay in their parameter dtype
+            p = jax.tree.map(lambda w, sp: compute_weight(w, sp.axes[1:], cd) if sp.matmul else w,
+                             p, stack_specs)
             x, c, aux = block(x, p, positions, rope, c, cfg, stack.moe)
             return x, (c, aux)
 
@@ -197,6 +205,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
 
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    head = compute_weight(head, ("embed", "vocab"), cd)
     logits = dense(x, head, out_dtype=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "vocab"))
     if with_aux:

@@ -35,10 +35,13 @@ MXU_EFFICIENCY = 0.72  # share of peak FLOP/s that large bf16 matmuls sustain
 ICI_EFFICIENCY = 0.75  # share of ICI/NVLink link bandwidth collectives achieve
 DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
 OVERLAP = 0.9  # share of local step time under which async collectives can hide
+MOE_IMBALANCE = 1.25  # expert work runs at the pace of the busiest expert (top-k routing)
 __doc__ += f"""
 - MXU_EFFICIENCY = {MXU_EFFICIENCY}: share of peak FLOP/s that large bf16 matmuls sustain;
 - ICI_EFFICIENCY = {ICI_EFFICIENCY} and DCN_EFFICIENCY = {DCN_EFFICIENCY}: achieved share of link bandwidth;
-- OVERLAP = {OVERLAP}: share of the local step time that async collectives can hide under.
+- OVERLAP = {OVERLAP}: share of the local step time that async collectives can hide under;
+- MOE_IMBALANCE = {MOE_IMBALANCE}: expert matmuls take this much longer than their FLOPs
+  say, because the step waits for the busiest expert (routing is never perfectly even).
 Approximate by nature: a torus axis is assumed to get the share of the chip's links its
 size spans (log n / log slice size, at least one torus dimension); pipeline parallelism is
 not modelled because megamesh's step has none.
@@ -94,20 +97,26 @@ def _axis_bw(target: Target, n_ici: int) -> float:
     return egress * min(1.0, share)
 
 
-def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) -> float:
-    """All-gather (or reduce-scatter) over `axis` of an array of `full_bytes` gathered size."""
+def gather_parts(target: Target, layout: Layout, axis: str, full_bytes: float) -> tuple[float, float]:
+    """(ICI s, DCN s) of an all-gather (or reduce-scatter) over `axis` of an array of
+    `full_bytes` gathered size: hierarchical, the DCN phase moves the 1/ni share."""
     ni, nd = layout.ici(axis), layout.dcn(axis)
-    t = 0.0
+    ici = dcn = 0.0
     if ni > 1:
-        t += full_bytes * (ni - 1) / ni / _axis_bw(target, ni)
+        ici = full_bytes * (ni - 1) / ni / _axis_bw(target, ni)
     if nd > 1:
         c = target.chip
-        t += full_bytes / ni * (nd - 1) / nd / (c.dcn_bw / c.devices_per_chip * DCN_EFFICIENCY)
-    return t
+        dcn = full_bytes / ni * (nd - 1) / nd / (c.dcn_bw / c.devices_per_chip * DCN_EFFICIENCY)
+    return ici, dcn
 
 
-def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float]:
-    """(train-step FLOPs per token the kernels execute, of which attention scores).
+def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) -> float:
+    return sum(gather_parts(target, layout, axis, full_bytes))
+
+
+def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, float]:
+    """(train-step FLOPs per token the kernels execute, of which attention scores, of
+    which routed-expert matmuls).
 
     Checked exactly against the step's jaxpr (tests): forward + 2x for the backward
     pass + what the remat policy recomputes.
@@ -138,7 +147,8 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float]:
     # per-expert einsums (batch dim: expert) are recomputed.
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
                  "dots_no_batch": att + (expert + dispatch if dispatch else 0.0)}[remat]
-    return 3 * fwd + recompute, att
+    expert_train = expert * (4 if remat in ("full", "dots_no_batch") else 3)
+    return 3 * fwd + recompute, att, expert_train
 
 
 def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None = None) -> Estimate:
@@ -147,17 +157,18 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     peak = (chip.fp8_flops if w.precision == "fp8" and chip.fp8_flops else chip.bf16_flops)
     peak_dev = peak / chip.devices_per_chip
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
-    mem = memory or estimate_memory(w, layout)
-    held, gathered = sharded_params(w, layout)
+    mem = memory or estimate_memory(w, layout, tpu=target.is_tpu)
+    held, gathered = sharded_params(w, layout, tpu=target.is_tpu)
     t, e, s = layout.size("tensor"), layout.size("expert"), layout.size("sequence")
     mb = layout.microbatches
     tok_mb = tokens_per_microbatch(w, layout)
     tok_dev = tok_mb * mb
 
-    hw_per_token, _ = hardware_flops_per_token(w, layout.remat)
+    hw_per_token, _, expert_per_token = hardware_flops_per_token(w, layout.remat)
     # tensor/expert/sequence devices share tokens; each does its share of the work
     flops_dev = hw_per_token * w.tokens / n_dev
-    t_flops = flops_dev / (peak_dev * MXU_EFFICIENCY)
+    paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev
+    t_flops = paced / (peak_dev * MXU_EFFICIENCY)
     passes = 4 if layout.remat == "full" else 3
     t_weights = gathered * 2 * passes * mb / hbm_bw
     t_mm = max(t_flops, t_weights)
@@ -174,43 +185,45 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     t_local = t_mm + t_elem
 
     comm: dict[str, float] = {}
-    f = layout.size("fsdp")
-    if f > 1:
-        comm["fsdp"] = mb * (gather_time(target, layout, "fsdp", gathered * 2 * 2)
-                             + gather_time(target, layout, "fsdp", gathered * 4))
+    net = {"async_ici": 0.0, "async_dcn": 0.0, "sync_ici": 0.0, "sync_dcn": 0.0}
+
+    def add(name: str, kind: str, axis: str, full_bytes: float, times: float) -> None:
+        ici, dcn = gather_parts(target, layout, axis, full_bytes)
+        comm[name] = comm.get(name, 0.0) + times * (ici + dcn)
+        net[kind + "_ici"] += times * ici
+        net[kind + "_dcn"] += times * dcn
+
+    if layout.size("fsdp") > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
+        add("fsdp", "async", "fsdp", gathered * 2 * 2, mb)
+        add("fsdp", "async", "fsdp", gathered * 4, mb)
     grad = held * 4
-    for ax in ("data", "sequence"):  # parameters are replicated over these: all-reduce grads
+    for ax in ("data", "sequence", "dcn"):  # parameters replicated over these: all-reduce
         if layout.size(ax) > 1:
-            comm[ax + "_grads"] = 2 * gather_time(target, layout, ax, grad)
-    if layout.size("dcn") > 1:
-        comm["dcn"] = 2 * gather_time(target, layout, "dcn", grad)
+            add(ax + "_grads", "async", ax, grad, 2)
     if t > 1:
         n_ar = 6 if layout.remat == "full" else 4
-        comm["tensor"] = mb * c.n_layers * n_ar * 2 * gather_time(
-            target, layout, "tensor", tok_mb * D * 2)
+        add("tensor", "sync", "tensor", tok_mb * D * 2, mb * c.n_layers * n_ar * 2)
     if s > 1:
         kv = tok_mb * s * 2 * c.n_kv_heads * Dh / min(t, c.n_kv_heads) * 2
-        comm["sequence_kv"] = mb * c.n_layers * 3 * gather_time(
-            target, layout, "sequence", kv)
+        add("sequence_kv", "sync", "sequence", kv, mb * c.n_layers * 3)
     if e > 1 and c.moe:
         m = c.moe
         n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
         vol = tok_mb * m.top_k * (m.capacity_factor or 1.0) * D * 2
         hops = max(1.0, layout.ici("expert") ** (1 / 3) / 2) if target.is_tpu else 1.0
-        comm["expert"] = mb * n_moe * (6 if layout.remat == "full" else 4) * hops * \
-            gather_time(target, layout, "expert", vol)
+        add("expert", "sync", "expert", vol, mb * n_moe * (6 if layout.remat == "full" else 4) * hops)
 
-    async_ici = sum(comm.get(k, 0.0) for k in ("fsdp", "data_grads", "sequence_grads"))
-    async_dcn = comm.get("dcn", 0.0)
+    # async collectives (XLA's latency-hiding scheduler) hide under local work; ICI and
+    # DCN are separate networks and hide independently
     hide = OVERLAP * t_local
-    exposed_ici = max(0.0, async_ici - hide)
-    exposed_dcn = max(0.0, async_dcn - max(0.0, hide - async_ici))
-    sync = sum(comm.get(k, 0.0) for k in ("tensor", "expert", "sequence_kv"))
+    exposed_ici = max(0.0, net["async_ici"] - hide)
+    exposed_dcn = max(0.0, net["async_dcn"] - hide)
+    sync = net["sync_ici"] + net["sync_dcn"]
     step = t_local + exposed_ici + exposed_dcn + sync
     model_flops = flops_per_token(c, w.seq, "train") * w.tokens
     mfu = model_flops / (step * n_dev * peak_dev)
-    breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem, "ici": exposed_ici + sync,
-                 "dcn": exposed_dcn}
+    breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem,
+                 "ici": exposed_ici + net["sync_ici"], "dcn": exposed_dcn + net["sync_dcn"]}
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
                     hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,

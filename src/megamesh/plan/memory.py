@@ -10,6 +10,7 @@ allocates for the real step (`megamesh compile`; tests/test_plan_vs_compile.py).
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from megamesh.config import ModelConfig
@@ -18,6 +19,14 @@ from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
+# Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's cases
+# (in-sample: 9 of its 14 cases within 10%). Read as: ~2 bytes per gathered layer weight
+# (bf16, one layer in flight), the bf16 embedding and head, 6 bytes per logit (f32 logits
+# and part of their gradient), half a layer's un-rematerialized working set, saved
+# activations x1.5 (f32 residual copies) and the fp32 gradient twice (the scan's stacked
+# gradient and the update's input).
+COEF = {"layer_weights": 2.0, "tables": 2.0, "logits": 6.0, "recompute": 0.5,
+        "activations": 1.5, "grads": 2.0}
 
 
 @dataclass(frozen=True)
@@ -37,25 +46,48 @@ class Memory:
                 "activations": self.activations, "working": self.working}
 
 
-def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp") -> tuple[float, float]:
-    """(parameters held per device, parameters per device once fsdp is gathered)."""
-    return _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat)
+def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp",
+                   tpu: bool = False) -> tuple[float, float]:
+    """(parameters held per device, parameters per device once fsdp is gathered).
+
+    With `tpu`, each held shard is counted as TPU memory lays it out: the minor two
+    dimensions padded to (8, 128) tiles (visible as `T(8,128)` in XLA:TPU's layouts); a
+    (1, 128) slice of a kv-head weight occupies 8x its size.
+    """
+    return _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat, tpu)
+
+
+def _tiled(shape: list[int]) -> int:
+    """Elements of an f32 array in (8, 128) tiles, with XLA free to pick which two dims
+    are minor (it picks the layout with the least padding)."""
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return -(-n // 128) * 128 if shape else 1
+    best = None
+    for i, a in enumerate(shape):
+        for j, b in enumerate(shape):
+            if i != j:
+                cand = n // (a * b) * (-(-a // 128) * 128) * (-(-b // 8) * 8)
+                best = cand if best is None else min(best, cand)
+    return best
 
 
 @functools.lru_cache(maxsize=4096)
-def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str) -> tuple[float, float]:
+def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str,
+                    tpu: bool) -> tuple[float, float]:
     rules = strategy(strat)
     sizes = dict(sizes_items)
     held = gathered = 0.0
     for s in _specs(cfg):
         dims = resolve(s.axes, s.shape, sizes, rules)
-        ways = gways = 1
-        for d in dims:
+        shard = list(s.shape)
+        gways = 1
+        for i, d in enumerate(dims):
             for m in d:
-                ways *= sizes[m]
+                shard[i] //= sizes[m]
                 if m != "fsdp":
                     gways *= sizes[m]
-        held += s.size / ways
+        held += _tiled(shard) if tpu else math.prod(shard)
         gathered += s.size / gways
     return held, gathered
 
@@ -96,17 +128,20 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     if remat == "dots_no_batch":
         return dots_nb + 2 * D
     if remat == "dots":
-        return dots_nb + 2 * D + scores + 2 * H * Dh
+        # the f32 score matrix is a dot output too, but XLA:TPU does not keep it (measured
+        # with `megamesh compile`; BENCHMARKS.md), so it is not counted
+        return dots_nb + 2 * D + 2 * H * Dh
     # none: every intermediate the backward pass reads
     return dots_nb + 4 * D * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
 
 
-def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp") -> Memory:
+def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool = False) -> Memory:
     c = w.cfg
-    held, gathered = sharded_params(w, layout, strat)
+    held, gathered = sharded_params(w, layout, strat, tpu)
     pbytes = DTYPE_BYTES[c.param_dtype]
     state = held * (pbytes + ADAM_BYTES)
-    grads = held * 4
+    # fp32 gradients; with accumulation a second copy (the running sum and the microbatch's)
+    grads = held * 4 * (2 if layout.microbatches > 1 else 1)
     specs = specs_table(c)
     tok = tokens_per_microbatch(w, layout)
     t, e = layout.size("tensor"), layout.size("expert")
@@ -118,15 +153,15 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp") -> Memory:
         if st.moe and c.moe:
             per_layer = per_layer / e
         widest_layer = max(widest_layer, per_layer / t)
-    # Coefficients set against XLA:TPU's allocation for this step (BENCHMARKS.md, "Plan vs
-    # compile"); approximate: XLA's choices vary with the layout. One layer's weights in
-    # flight (bf16 gathered, two layers prefetched) ~ 4 bytes per gathered parameter; the
-    # embedding and head gathered in bf16; the logits of a microbatch in f32 with their
-    # gradient; one layer recomputed without remat during the backward pass.
+    # Coefficients fitted to XLA:TPU's allocation for this step (bench/plan_vs_compile.py,
+    # BENCHMARKS.md "Plan vs compile"); approximate, XLA's choices vary with the layout.
+    k = COEF
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2)
-    weights_gathered = widest_layer * 4 + table * 2
+    weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
     recompute = max(layer_activation_bytes(w, layout, "none", st.moe) for st in layer_stacks(c))
-    logits = tok * c.vocab_size / t * 8
-    working = tok * recompute + logits
+    logits = tok * c.vocab_size / t * k["logits"]
+    working = tok * recompute * k["recompute"] + logits
+    acts *= k["activations"]
+    grads *= k["grads"]
     return Memory(state=state, grads=grads, weights_gathered=weights_gathered, activations=acts,
                   working=working)

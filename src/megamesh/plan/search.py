@@ -66,7 +66,8 @@ def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
 
 
 def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
-           fixed: dict[str, int] | None = None, max_tensor: int = 64) -> SearchResult:
+           fixed: dict[str, int] | None = None, max_tensor: int = 64,
+           max_microbatches: int | None = None) -> SearchResult:
     ranked: list[Estimate] = []
     rejected: list[Estimate] = []
     n = 0
@@ -88,10 +89,10 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
             mb = 1
             while True:
                 lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement)
-                mem = estimate_memory(w, lay)
+                mem = estimate_memory(w, lay, tpu=target.is_tpu)
                 n += 1
                 if mem.total <= target.chip.device_hbm_bytes or mb * 2 > per_dev_seqs \
-                        or per_dev_seqs % (mb * 2):
+                        or per_dev_seqs % (mb * 2) or mb * 2 > (max_microbatches or mb * 2):
                     break
                 mb *= 2
             est = estimate(w, target, lay, mem)

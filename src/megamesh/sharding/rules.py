@@ -70,8 +70,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     """While tracing inside this block, the model's `constrain` calls become sharding constraints."""
     sizes = mesh_sizes(mesh)
 
-    def constrainer(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        spec = logical_to_spec(axes, x.shape, sizes, rules)
+    # Weights are used in their compute layout: the parameter layout without fsdp
+    # (ZeRO-3: gathered for the matmul, never stored gathered).
+    compute_sizes = {**sizes, "fsdp": 1}
+
+    def constrainer(x: jax.Array, axes: tuple[str | None, ...], weight: bool) -> jax.Array:
+        spec = logical_to_spec(axes, x.shape, compute_sizes if weight else sizes, rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     with using_constrainer(constrainer):
