@@ -29,6 +29,11 @@ CASES = [
     ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1, True),
     ("llama3.1-8b", SMALL, "v5p:2x2x1", "fsdp=2,tensor=2", 2048, 8, "none", 1, True),
     ("llama3.1-8b", SMALL, "v6e:2x2", "data=2,fsdp=2", 2048, 8, "dots", 1, True),
+    ("llama3.1-8b", SMALL, "v6e:2x2", "fsdp=2,tensor=2", 2048, 8, "none", 1, True),
+    ("llama3.1-8b", SMALL, "v6e:2x2", "fsdp=4", 2048, 8, "full", 1, True),
+    ("llama3.1-8b", SMALL, "v6e:4x4", "fsdp=16", 2048, 16, "dots_no_batch", 1, True),
+    ("llama3.1-8b", {**SMALL, "vocab_size": 8000}, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1,
+     True),
     ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, False),
     ("llama3.1-8b", L4, "tpu7x:4x4x4", "fsdp=128", 2048, 128, "full", 1, False),
     ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=16", 1024, 16, "none", 1, False),
@@ -61,7 +66,8 @@ def main() -> int:
         r = compile_train(cfg, tc, target, lay)
         wall = time.perf_counter() - t0
         got = r.hbm["total"]
-        label = name + ("" if not over else " (small)" if over is SMALL else " (4 layers)")
+        label = name + ("" if not over else " (4 layers)" if over is L4 else
+                        " (small)" if over is SMALL else f" (small, vocab {over['vocab_size']})")
         print(f"| {label} | {tgt} | {lay} | {seq} | {batch} | {remat} | {mb} "
               f"| {est.memory.total / GiB:.2f} GiB | {got / GiB:.2f} GiB "
               f"| {est.memory.total / got - 1:+.1%} | {'yes' if est.fits else 'no'} "

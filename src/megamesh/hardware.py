@@ -34,6 +34,9 @@ class Chip:
     chip_power_w: float | None
     all_in_power_w: float | None  # chip + host + network share, before PUE
     price_per_chip_hour: float | None
+    # host <-> device bytes/s per chip (PCIe), for host offload; no per-chip figure is
+    # published for TPUs: PCIe Gen4 x16 (~32 GB/s) assumed, Gen5 x16 for H100/H200/B200
+    host_bw: float = 32e9
     unconfirmed: tuple[str, ...] = ()
     source: str = ""
 
@@ -77,23 +80,24 @@ CHIPS: dict[str, Chip] = {c.name: c for c in [
          price_per_chip_hour=None, unconfirmed=("all_in_power_w", "price_per_chip_hour"),
          source="docs.cloud.google.com/tpu/docs/tpu7x; ~10 MW per 9,216-chip pod "
          "(third-party, Hot Chips 2025) = ~1.09 kW/chip"),
-    Chip(name="h100", bf16_flops=989 * T, fp8_flops=1979 * T, hbm_bytes=80 * GB, hbm_bw=3.35e12,
+    Chip(name="h100", host_bw=64e9, bf16_flops=989 * T, fp8_flops=1979 * T, hbm_bytes=80 * GB, hbm_bw=3.35e12,
          devices_per_chip=1, ici_bw=900 * GB, ici_topology="nvlink", pod_chips=8,
          dcn_bw=400e9 / 8, chip_power_w=700, all_in_power_w=1275, price_per_chip_hour=2.9,
          unconfirmed=("price_per_chip_hour",),
          source="scaling-book gpus.md; DGX H100 10.2 kW / 8 GPUs (secondary); "
          "market price 1.9-3.9 $/h (midpoint)"),
-    Chip(name="h200", bf16_flops=989 * T, fp8_flops=1979 * T, hbm_bytes=141 * GB, hbm_bw=4.8e12,
+    Chip(name="h200", host_bw=64e9, bf16_flops=989 * T, fp8_flops=1979 * T, hbm_bytes=141 * GB, hbm_bw=4.8e12,
          devices_per_chip=1, ici_bw=900 * GB, ici_topology="nvlink", pod_chips=8,
          dcn_bw=400e9 / 8, chip_power_w=700, all_in_power_w=None, price_per_chip_hour=10.0,
          unconfirmed=("all_in_power_w", "price_per_chip_hour"),
          source="scaling-book gpus.md; GCP price approx."),
-    Chip(name="b200", bf16_flops=2250 * T, fp8_flops=4500 * T, hbm_bytes=192 * GB, hbm_bw=8.0e12,
+    Chip(name="b200", host_bw=64e9, bf16_flops=2250 * T, fp8_flops=4500 * T, hbm_bytes=192 * GB,
+         hbm_bw=8.0e12,
          devices_per_chip=1, ici_bw=1800 * GB, ici_topology="nvlink", pod_chips=8,
          dcn_bw=400e9 / 8, chip_power_w=1000, all_in_power_w=None, price_per_chip_hour=None,
          unconfirmed=("chip_power_w", "all_in_power_w", "price_per_chip_hour"),
          source="scaling-book gpus.md; power third-party"),
-    Chip(name="gb200", bf16_flops=2500 * T, fp8_flops=5000 * T, hbm_bytes=186 * GB,
+    Chip(name="gb200", host_bw=64e9, bf16_flops=2500 * T, fp8_flops=5000 * T, hbm_bytes=186 * GB,
          hbm_bw=8.0e12, devices_per_chip=1, ici_bw=1800 * GB, ici_topology="nvlink",
          pod_chips=72, dcn_bw=400e9 / 8, chip_power_w=None, all_in_power_w=1670,
          price_per_chip_hour=None,
@@ -108,6 +112,9 @@ DEVICE_KINDS = {
     "NVIDIA H100 80GB HBM3": "h100", "NVIDIA H100": "h100", "NVIDIA H200": "h200",
     "NVIDIA B200": "b200",
 }
+
+
+UNCONFIRMED_EVERYWHERE = ("host_bw",)  # no per-chip source found for any chip
 
 
 def chip(name: str, **overrides: float) -> Chip:

@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--remat", help="only this remat policy: none, dots_no_batch, dots, full")
     p.add_argument("--max-microbatches", type=int,
                    help="cap on gradient-accumulation microbatches (default: as many as help fit)")
+    p.add_argument("--offload", action="store_true",
+                   help="also consider host offload of activations and optimizer state (modelled "
+                   "for planning; megamesh's own train step cannot offload yet)")
     p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
     p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
@@ -103,7 +106,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         fixed = _parse_mesh(args.mesh, MESH_AXES)
     if args.max_microbatches is not None and args.max_microbatches < 1:
         raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
-    res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches)
+    res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches,
+                 offload=args.offload)
     if not res.ranked:
         smallest = res.rejected[0] if res.rejected else None
         need = f"; the smallest needs {smallest.memory.total / 2**30:.1f} GiB per device " \

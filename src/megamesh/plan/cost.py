@@ -25,6 +25,7 @@ from megamesh.plan.layout import Layout, Workload
 from megamesh.plan.memory import (
     Memory,
     estimate_memory,
+    layer_activation_bytes,
     sharded_params,
     specs_table,
     tokens_per_microbatch,
@@ -36,10 +37,14 @@ ICI_EFFICIENCY = 0.75  # share of ICI/NVLink link bandwidth collectives achieve
 DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
 OVERLAP = 0.9  # share of local step time under which async collectives can hide
 MOE_IMBALANCE = 1.25  # expert work runs at the pace of the busiest expert (top-k routing)
+ELEMENTWISE_TRAFFIC = 3.0  # HBM bytes of element-wise ops, x one bf16 read+write of operands
 __doc__ += f"""
 - MXU_EFFICIENCY = {MXU_EFFICIENCY}: share of peak FLOP/s that large bf16 matmuls sustain;
 - ICI_EFFICIENCY = {ICI_EFFICIENCY} and DCN_EFFICIENCY = {DCN_EFFICIENCY}: achieved share of link bandwidth;
 - OVERLAP = {OVERLAP}: share of the local step time that async collectives can hide under;
+- ELEMENTWISE_TRAFFIC = {ELEMENTWISE_TRAFFIC}: HBM bytes moved by element-wise work (norms,
+  RoPE, residual adds, SwiGLU) as a multiple of one bf16 read and write of their operands
+  (f32 upcasts inside norms, the backward pass re-reading them);
 - MOE_IMBALANCE = {MOE_IMBALANCE}: expert matmuls take this much longer than their FLOPs
   say, because the step waits for the busiest expert (routing is never perfectly even).
 Approximate by nature: a torus axis is assumed to get the share of the chip's links its
@@ -74,6 +79,7 @@ class Estimate:
             "layout": {a: n for a, n in self.layout.sizes.items() if n > 1} or {"data": 1},
             "layout_text": self.layout.text(), "remat": self.layout.remat,
             "microbatches": self.layout.microbatches,
+            "offload_optimizer": self.layout.offload_optimizer,
             "ici": {a: p[0] for a, p in self.layout.placement.items() if p[0] > 1},
             "dcn": {a: p[1] for a, p in self.layout.placement.items() if p[1] > 1},
             "step_time_s": self.step_time_s, "mfu": self.mfu,
@@ -145,9 +151,10 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
                and s.active_fraction == 1)
     # dots_no_batch saves only matmuls without batch dims: attention, dispatch and the
     # per-expert einsums (batch dim: expert) are recomputed.
+    nb = att + (expert + dispatch if dispatch else 0.0)
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
-                 "dots_no_batch": att + (expert + dispatch if dispatch else 0.0)}[remat]
-    expert_train = expert * (4 if remat in ("full", "dots_no_batch") else 3)
+                 "dots_no_batch": nb, "offload": nb}[remat]
+    expert_train = expert * (4 if remat in ("full", "dots_no_batch", "offload") else 3)
     return 3 * fwd + recompute, att, expert_train
 
 
@@ -176,7 +183,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     D, Dh = c.d_model, c.resolved_head_dim
     F = (c.moe.d_ff_expert * c.moe.top_k if c.moe else c.d_ff) / t
     HK = (c.n_heads + 2 * c.n_kv_heads) * Dh / t
-    per_tok_layer = 2 * (12 * D + 3 * F + 2 * HK)
+    per_tok_layer = ELEMENTWISE_TRAFFIC * 2 * (12 * D + 3 * F + 2 * HK)
     if w.kernels == "xla":
         per_tok_layer += c.n_heads / t * w.seq * 12  # scores f32 out/in, probs bf16 out/in
     elem = tok_dev * per_tok_layer * c.n_layers * (passes + 1)
@@ -219,11 +226,24 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     exposed_ici = max(0.0, net["async_ici"] - hide)
     exposed_dcn = max(0.0, net["async_dcn"] - hide)
     sync = net["sync_ici"] + net["sync_dcn"]
+    # host offload over PCIe: saved activations out in the forward pass and back in the
+    # backward pass (asynchronous); offloaded optimizer moments in and out at the update
+    host = 0.0
+    if layout.remat == "offload":
+        saved = sum(st.n_layers * layer_activation_bytes(w, layout, "offload", st.moe)
+                    for st in layer_stacks(c))
+        comm["host_activations"] = 2 * tok_dev * saved / chip.host_bw * chip.devices_per_chip
+        host += max(0.0, comm["host_activations"] - hide)
+    if layout.offload_optimizer:
+        comm["host_optimizer"] = held * 16 / chip.host_bw * chip.devices_per_chip
+        host += comm["host_optimizer"]
+    sync += host
     step = t_local + exposed_ici + exposed_dcn + sync
     model_flops = flops_per_token(c, w.seq, "train") * w.tokens
     mfu = model_flops / (step * n_dev * peak_dev)
     breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem,
-                 "ici": exposed_ici + net["sync_ici"], "dcn": exposed_dcn + net["sync_dcn"]}
+                 "ici": exposed_ici + net["sync_ici"], "dcn": exposed_dcn + net["sync_dcn"],
+                 "host": host}
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
                     hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,

@@ -19,6 +19,9 @@ PRECISIONS = ("bf16", "fp8")
 # Pallas kernels (splash attention, megablox) do; used for the published calibration rows.
 KERNELS = ("xla", "fused")
 REMATS = ("none", "dots_no_batch", "dots", "full")
+# Host offload (planner only: megamesh's step cannot offload yet). "offload" keeps what
+# dots_no_batch saves, in host memory (MaxText's `*_proj: offload` remat policies).
+OFFLOAD_REMATS = ("offload",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Layout:
     sizes: dict[str, int]  # mesh axis -> size (missing axes: 1)
     remat: str = "full"
     microbatches: int = 1
+    offload_optimizer: bool = False  # AdamW moments live in host memory (planner only)
     placement: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
     def size(self, axis: str) -> int:

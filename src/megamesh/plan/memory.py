@@ -125,7 +125,7 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     if remat == "full":
         return 2 * D
     dots_nb = 2 * (D + H * Dh + 2 * K * Dh + D + 2 * F + D)  # projections and MLP matmuls
-    if remat == "dots_no_batch":
+    if remat in ("dots_no_batch", "offload"):
         return dots_nb + 2 * D
     if remat == "dots":
         # the f32 score matrix is a dot output too, but XLA:TPU does not keep it (measured
@@ -139,7 +139,7 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     c = w.cfg
     held, gathered = sharded_params(w, layout, strat, tpu)
     pbytes = DTYPE_BYTES[c.param_dtype]
-    state = held * (pbytes + ADAM_BYTES)
+    state = held * (pbytes + (0 if layout.offload_optimizer else ADAM_BYTES))
     # fp32 gradients; with accumulation a second copy (the running sum and the microbatch's)
     grads = held * 4 * (2 if layout.microbatches > 1 else 1)
     specs = specs_table(c)
@@ -148,7 +148,9 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     acts = 0.0
     widest_layer = 0.0
     for st in layer_stacks(c):
-        acts += st.n_layers * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
+        # offloaded activations stay in HBM only while in flight (two layers' worth)
+        n_saved = min(2, st.n_layers) if layout.remat == "offload" else st.n_layers
+        acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
         per_layer = sum(s.size for n, s in specs.items() if n.startswith(st.name + "/")) / st.n_layers
         if st.moe and c.moe:
             per_layer = per_layer / e

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from megamesh.errors import ConfigError
 from megamesh.plan.cost import Estimate, estimate
-from megamesh.plan.layout import REMATS, Layout, Workload, place
+from megamesh.plan.layout import OFFLOAD_REMATS, REMATS, Layout, Workload, place
 from megamesh.plan.memory import estimate_memory
 from megamesh.plan.target import Target
 
@@ -67,7 +67,11 @@ def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
 
 def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
            fixed: dict[str, int] | None = None, max_tensor: int = 64,
-           max_microbatches: int | None = None) -> SearchResult:
+           max_microbatches: int | None = None, offload: bool = False) -> SearchResult:
+    """Rank layouts. `offload` also considers host offload of activations and optimizer
+    state (modelled for planning; megamesh's own step cannot offload yet)."""
+    if offload:
+        remats = tuple(remats) + OFFLOAD_REMATS
     ranked: list[Estimate] = []
     rejected: list[Estimate] = []
     n = 0
@@ -86,15 +90,21 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
         best_fail = None
         for remat in remats:
             # the fewest microbatches that fit (more only add weight gathers)
-            mb = 1
+            mb, opt_off = 1, False
             while True:
-                lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement)
+                lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
+                             offload_optimizer=opt_off)
                 mem = estimate_memory(w, lay, tpu=target.is_tpu)
                 n += 1
-                if mem.total <= target.chip.device_hbm_bytes or mb * 2 > per_dev_seqs \
-                        or per_dev_seqs % (mb * 2) or mb * 2 > (max_microbatches or mb * 2):
+                if mem.total <= target.chip.device_hbm_bytes:
                     break
-                mb *= 2
+                if offload and not opt_off:
+                    opt_off = True
+                    continue
+                if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) \
+                        or mb * 2 > (max_microbatches or mb * 2):
+                    break
+                mb, opt_off = mb * 2, False
             est = estimate(w, target, lay, mem)
             if est.fits:
                 ranked.append(est)
