@@ -95,3 +95,12 @@ def test_layout_that_cannot_fit_is_reported_by_both():
     assert out["fits"] is False and out["plan"]["fits"] is False
     assert out["hbm_per_device_bytes"]["total"] > out["hbm_capacity_bytes"]
     assert "memory" in out["error"].lower() or "hbm" in out["error"].lower()
+
+
+def test_plan_verify_compiles_the_best_layout():
+    r = subprocess.run([sys.executable, "-m", "megamesh.cli", "plan", "--model", "tiny",
+                        "--target", "tpu7x:4", "--seq", "256", "--batch", "8", "--verify"],
+                       capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "plan vs compile:" in r.stdout and "fits:" in r.stdout

@@ -165,3 +165,22 @@ def test_plot_writes_png_and_never_overwrites(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plan", "--target", "v5p:128", "--batch", "128", "--plot", str(png)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_host_offload_is_opt_in_and_saves_hbm():
+    from megamesh.plan.memory import estimate_memory
+
+    w = Workload(preset("llama3.1-70b"), 8192, 512)
+    t = parse_target("v6e:256")
+    sizes = {"fsdp": 256}
+    on_device = estimate_memory(w, Layout(sizes, remat="dots_no_batch",
+                                          placement=place(sizes, t)), tpu=True)
+    offloaded = estimate_memory(w, Layout(sizes, remat="offload", offload_optimizer=True,
+                                          placement=place(sizes, t)), tpu=True)
+    assert offloaded.state == pytest.approx(on_device.state / 3)  # 4 of 12 bytes per param
+    assert offloaded.activations < on_device.activations / 10
+    plain = search(w, t)
+    assert all(e.layout.remat != "offload" and not e.layout.offload_optimizer for e in plain.ranked)
+    with_offload = search(w, t, offload=True)
+    assert any(e.layout.remat == "offload" for e in with_offload.ranked)
+    assert with_offload.ranked[0].step_time_s <= plain.ranked[0].step_time_s

@@ -144,7 +144,8 @@ def slice_topology(c: Chip, n: int) -> tuple[int, ...]:
     if best is None:
         raise ConfigError(f"{n:,} {c.name} chips do not form a torus slice: 3-D slices of 64 "
                           "chips or more are whole 4x4x4 cubes (use a multiple of 64)")
-    return tuple(sorted(best))
+    # ascending, but size-1 dims last: libtpu's hosts are 2x2x1 blocks (2x2x1, not 1x2x2)
+    return tuple(sorted(best, key=lambda d: (d == 1, d)))
 
 
 def _factorizations(n: int, k: int) -> list[tuple[int, ...]]:
