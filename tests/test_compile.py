@@ -55,6 +55,8 @@ MEMORY_CASES = [  # (model args, target, layout, seq, batch, remat, microbatches
                  marks=pytest.mark.slow),
     pytest.param(EIGHT_B_4, "v5p:2x2x2", "data=2,fsdp=4", 2048, 16, "dots_no_batch", 2,
                  id="8b-v5p-accumulate", marks=pytest.mark.slow),
+    pytest.param(SMALL, "v6e:4x4", "fsdp=16", 2048, 16, "dots_no_batch", 1, id="small-v6e-fsdp",
+                 marks=pytest.mark.slow),
     pytest.param(["--model", "llama3.1-405b"], "tpu7x:16x16x36", "data=9,fsdp=256,tensor=8",
                  2048, 2304, "full", 1, id="405b-ironwood-pod", marks=pytest.mark.slow),
 ]
