@@ -105,7 +105,8 @@ def test_expected_partition_specs_data_and_expert():
     m = specs_for("tiny-moe", MOE, "fsdp=2,tensor=2,expert=2", "fsdp")
     assert m["layers"]["moe"]["w_gate"] == P(None, "expert", "fsdp", "tensor")
     assert m["layers"]["moe"]["w_down"] == P(None, "expert", "tensor", "fsdp")
-    assert m["layers"]["moe"]["router"] == P(None, "fsdp", None)
+    # the router's embed dim takes what heads/mlp left free: fsdp and tensor
+    assert m["layers"]["moe"]["router"] == P(None, ("fsdp", "tensor"), None)
     serve = specs_for("tiny", DENSE, "data=2,tensor=4", "serve")
     assert serve["layers"]["attn"]["wq"] == P(None, None, "tensor", None)
 
@@ -113,14 +114,14 @@ def test_expected_partition_specs_data_and_expert():
 def test_rules_resolution_order_and_divisibility():
     sizes = {"data": 2, "fsdp": 2, "expert": 2, "tensor": 4}
     rules = strategy("fsdp")
-    # an activation's batch claims fsdp before its embed can
+    # an activation's batch claims fsdp before its embed can; embed then splits over tensor
     assert logical_to_spec(("batch", "seq", "embed"), (8, 16, 64), sizes, rules) == \
-        P(("data", "fsdp", "expert"), None, None)
+        P(("data", "fsdp", "expert"), None, "tensor")
     # expert claims the expert axis before batch
     assert logical_to_spec(("batch", "expert", None, "embed"), (8, 4, 3, 64), sizes, rules) == \
-        P(("data", "fsdp"), "expert", None, None)
-    # 6 heads do not split 4 ways: replicated rather than an error
-    assert logical_to_spec(("embed", "heads"), (64, 6), sizes, rules) == P("fsdp", None)
+        P(("data", "fsdp"), "expert", None, "tensor")
+    # 6 heads do not split 4 ways: replicated rather than an error (embed takes tensor)
+    assert logical_to_spec(("embed", "heads"), (64, 6), sizes, rules) == P(("fsdp", "tensor"), None)
     with pytest.raises(ValueError, match="unknown logical axis 'hedas'"):
         logical_to_spec(("hedas",), (4,), sizes, rules)
 

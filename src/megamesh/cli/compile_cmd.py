@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="pods/slices of the topology joined by DCN (multi-pod)")
     p.add_argument("--mesh", help="layout, e.g. dcn=2,fsdp=256,tensor=4 (default: the plan's best)")
     p.add_argument("--plan", help="a `megamesh plan --json` file: compile its best layout")
-    p.add_argument("--step", default="train", help="train (decode comes with serving)")
+    p.add_argument("--step", default="train",
+                   help="train (the step of `megamesh train`) or decode (the serving engine's "
+                   "step: --batch slots, --seq context length, bf16 weights)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--microbatches", type=int, default=1)
@@ -39,9 +41,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.model.source import model_config
     from megamesh.plan.target import Target, parse_target
 
-    if args.step != "train":
-        raise ConfigError(f"--step {args.step!r} is not allowed yet: only train (the decode step "
-                          "arrives with `megamesh serve`)")
+    if args.step not in ("train", "decode"):
+        raise ConfigError(f"--step {args.step!r} is not allowed: one of train, decode")
     over = split_overrides(extra, ("model",))
     cfg = model_config(args.model, over["model"])
     target = parse_target(args.target)
@@ -63,6 +64,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         mb = best.get("microbatches", mb)
         seq, batch = plan.get("seq", seq), batch or plan.get("batch")
     batch = batch or target.chips
+    if args.step == "decode":
+        return compile_decode_and_compare(cfg, target, mesh or f"tensor={target.slice_devices}"
+                                          if not mesh else mesh, seq, batch, as_json=args.json,
+                                          save=args.save)
     est = None
     if not mesh:
         from megamesh.plan.layout import Workload
@@ -122,4 +127,44 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
         print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
         print("plan vs compile: " + ", ".join(
             f"{k} {pred[k]:.4g} vs {got[k]:.4g} ({err[k]:+.1%})" for k in pred if err[k] is not None))
+    return 0 if r.fits else 3
+
+
+def compile_decode_and_compare(cfg: Any, target: Any, mesh: str, max_len: int, batch: int, *,
+                               as_json: bool, save: str | None) -> int:
+    from megamesh.compile.aot import compile_decode
+    from megamesh.plan.layout import Layout, place
+    from megamesh.plan.memory import decode_memory
+    from megamesh.sharding.mesh import parse_layout
+
+    sizes = parse_layout(mesh)
+    lay = Layout(sizes, placement=place(sizes, target))
+    mem = decode_memory(cfg, lay, batch, max_len, tpu=target.is_tpu)
+    print(f"compiling {cfg.name} decode step ({batch} slots x {max_len} tokens, bf16 weights) "
+          f"for {target.describe()} with {mesh} ...", file=sys.stderr)
+    r = compile_decode(cfg, target, mesh, batch, max_len, save=save)
+    err = mem.total / r.hbm["total"] - 1 if r.hbm.get("total") else None
+    if as_json:
+        out = r.to_json()
+        out["plan"] = {"prediction": {"hbm_per_device_bytes": mem.total},
+                       "relative_error": {"hbm_per_device_bytes": err},
+                       "hbm_parts_bytes": {"weights": mem.state, "kv_cache": mem.activations,
+                                           "logits": mem.working},
+                       "fits": mem.total <= target.chip.device_hbm_bytes}
+        print(json.dumps(out, indent=2))
+    else:
+        cap = r.hbm_capacity_bytes / GiB
+        print(f"target {r.target} x {target.n_slices} slice(s), {r.devices:,} devices, layout {r.layout}")
+        if not r.fits:
+            print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
+        else:
+            print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+        print(f"  weights {mem.state / GiB:.2f} GiB, KV cache {mem.activations / GiB:.2f} GiB "
+              "per device (plan)")
+        for c in r.collectives:
+            print(f"  {c['kind']:<20} x{c['count']:<6} {c['bytes'] / GiB:10.3f} GiB")
+        print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
+        if err is not None:
+            print(f"plan vs compile: hbm_per_device_bytes {mem.total:.4g} vs {r.hbm['total']:.4g} "
+                  f"({err:+.1%})")
     return 0 if r.fits else 3

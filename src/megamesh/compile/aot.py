@@ -105,6 +105,21 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
                     save, collectives, dot_flops)
 
 
+def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: int,
+                   max_len: int, *, dtype: str = "bfloat16", save: str | None = None) -> CompileReport:
+    """Compile the serving decode step (`serve.step.build_decode_step`) for `target`."""
+    from megamesh.compile.hlo import collectives, dot_flops
+    from megamesh.serve.step import build_decode_step
+    from megamesh.sharding.mesh import format_layout, make_mesh
+    from megamesh.sharding.rules import mesh_sizes
+
+    devs = topology_devices(target)
+    mesh = make_mesh(layout, devs)
+    ds = build_decode_step(cfg, mesh, batch, max_len, dtype=dtype)
+    return _compile(ds.fn, ds.abstract_args(cfg), target, format_layout(mesh_sizes(mesh)),
+                    "decode", save, collectives, dot_flops)
+
+
 def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save: str | None,
              collectives: Any, dot_flops: Any) -> CompileReport:
     import jax

@@ -122,17 +122,19 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     else:
         F = c.d_ff / t
     scores = 0 if w.kernels == "fused" else H * Tk * 4  # f32 score row per query head
+    # the residual stream between matmuls is split over tensor too (embed -> tensor)
+    Dr = D / t if D % t == 0 else D
     if remat == "full":
-        return 2 * D
-    dots_nb = 2 * (D + H * Dh + 2 * K * Dh + D + 2 * F + D)  # projections and MLP matmuls
+        return 2 * Dr
+    dots_nb = 2 * (Dr + H * Dh + 2 * K * Dh + Dr + 2 * F + Dr)  # projections and MLP matmuls
     if remat in ("dots_no_batch", "offload"):
-        return dots_nb + 2 * D
+        return dots_nb + 2 * Dr
     if remat == "dots":
         # the f32 score matrix is a dot output too, but XLA:TPU does not keep it (measured
         # with `megamesh compile`; BENCHMARKS.md), so it is not counted
-        return dots_nb + 2 * D + 2 * H * Dh
+        return dots_nb + 2 * Dr + 2 * H * Dh
     # none: every intermediate the backward pass reads
-    return dots_nb + 4 * D * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
+    return dots_nb + 4 * Dr * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
 
 
 def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool = False) -> Memory:
@@ -167,3 +169,28 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     grads *= k["grads"]
     return Memory(state=state, grads=grads, weights_gathered=weights_gathered, activations=acts,
                   working=working)
+
+
+def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
+                  weight_bytes: int = 2, tpu: bool = False) -> Memory:
+    """HBM per device of the serving decode step: weights (serving dtype, `serve` rules),
+    the KV cache of `batch` slots of `max_len` tokens, and the step's logits."""
+    from megamesh.model.specs import kv_cache_bytes_per_token
+    from megamesh.sharding.logical import resolve as _resolve
+
+    rules = strategy("serve")
+    sizes = layout.sizes
+    held = 0.0
+    for s in _specs(cfg):
+        shard = list(s.shape)
+        for i, d in enumerate(_resolve(s.axes, s.shape, sizes, rules)):
+            for m in d:
+                shard[i] //= sizes[m]
+        held += _tiled(shard) if tpu else math.prod(shard)
+    slots = batch / (layout.size("dcn") * layout.size("data") * layout.size("fsdp"))
+    t = layout.size("tensor")
+    kv_ways = t if cfg.n_kv_heads % t == 0 else 1
+    cache = slots * max_len * kv_cache_bytes_per_token(cfg) / kv_ways
+    logits = slots * cfg.vocab_size / t * 4 * 2
+    return Memory(state=held * weight_bytes, grads=0.0, weights_gathered=0.0, activations=cache,
+                  working=logits)

@@ -31,6 +31,8 @@ _BATCH = ("dcn", "data", "fsdp", "expert")
 STRATEGIES: dict[str, Rules] = {
     # ZeRO-3 style: parameters sharded over fsdp on their embed dim, tensor parallel on
     # heads/mlp/vocab, experts over expert; the batch spread over every data-like axis.
+    # Between layers the residual stream's embed dim is split over tensor (what the
+    # batch left free), so saved activations are not replicated across a tensor group.
     "fsdp": (
         ("expert", ("expert",)),
         ("batch", _BATCH),
@@ -39,7 +41,7 @@ STRATEGIES: dict[str, Rules] = {
         ("kv_heads", ("tensor",)),
         ("mlp", ("tensor",)),
         ("vocab", ("tensor",)),
-        ("embed", ("fsdp",)),
+        ("embed", ("fsdp", "tensor")),
     ),
     # Pure data parallel: every parameter replicated, the batch split over all axes.
     "dp": (
