@@ -34,6 +34,8 @@ CASES = [
     ("llama3.1-8b", SMALL, "v6e:4x4", "fsdp=16", 2048, 16, "dots_no_batch", 1, True),
     ("llama3.1-8b", {**SMALL, "vocab_size": 8000}, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1,
      True),
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=8", 2048, 16, "full", 1, True),
+    ("llama3.1-8b", {**SMALL, "n_layers": 8}, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1, True),
     ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, False),
     ("llama3.1-8b", L4, "tpu7x:4x4x4", "fsdp=128", 2048, 128, "full", 1, False),
     ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=16", 1024, 16, "none", 1, False),
@@ -41,7 +43,7 @@ CASES = [
     ("llama3.1-8b", L4, "v6e:4x4", "fsdp=8,tensor=2", 4096, 32, "full", 2, False),
     ("llama3.1-8b", L4, "v5p:2x2x2", "data=2,fsdp=4", 2048, 16, "dots_no_batch", 2, False),
     ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=8,sequence=2", 4096, 8, "full", 1, False),
-    ("llama3.1-405b", {}, "tpu7x:16x16x36", "data=9,fsdp=256,tensor=8", 2048, 2304, "full", 1,
+    ("llama3.1-405b", {}, "tpu7x:16x24x24", "data=9,fsdp=256,tensor=8", 2048, 2304, "full", 1,
      False),
 ]
 
@@ -66,8 +68,9 @@ def main() -> int:
         r = compile_train(cfg, tc, target, lay)
         wall = time.perf_counter() - t0
         got = r.hbm["total"]
+        extra = {k: v for k, v in over.items() if SMALL.get(k) != v}
         label = name + ("" if not over else " (4 layers)" if over is L4 else
-                        " (small)" if over is SMALL else f" (small, vocab {over['vocab_size']})")
+                        " (small)" if not extra else f" (small, {extra})")
         print(f"| {label} | {tgt} | {lay} | {seq} | {batch} | {remat} | {mb} "
               f"| {est.memory.total / GiB:.2f} GiB | {got / GiB:.2f} GiB "
               f"| {est.memory.total / got - 1:+.1%} | {'yes' if est.fits else 'no'} "

@@ -20,13 +20,13 @@ from megamesh.sharding.logical import resolve, strategy
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
 # Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's cases
-# (11 of its 17 cases within 10%, fitted on those cases). Read as: ~2 bytes per gathered
-# layer weight (bf16, one layer in flight), the bf16 embedding and head, 6 bytes per logit
-# (f32 logits and part of their gradient), half a layer's un-rematerialized working set,
-# saved activations x1.25 and the fp32 gradient twice (the scan's stacked gradient and
-# the update's input).
+# (10 of its 17 cases within 10%, fitted on those cases; the misses are listed in
+# BENCHMARKS.md). Read as: ~2 bytes per gathered layer weight (bf16, one layer in flight),
+# the bf16 embedding and head, 6 bytes per logit (f32 logits and part of their
+# gradient), half a layer's un-rematerialized working set, saved activations x1.5 and the
+# fp32 gradient twice (the scan's stacked gradient and the update's input).
 COEF = {"layer_weights": 2.0, "tables": 2.0, "logits": 6.0, "recompute": 0.5,
-        "activations": 1.25, "grads": 2.0}
+        "activations": 1.5, "grads": 2.0}
 
 
 @dataclass(frozen=True)
@@ -192,5 +192,6 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
     kv_ways = t if cfg.n_kv_heads % t == 0 else 1
     cache = slots * max_len * kv_cache_bytes_per_token(cfg) / kv_ways
     logits = slots * cfg.vocab_size / t * 4 * 2
+    # the layer scan writes the updated cache as a new stacked buffer: one more cache copy
     return Memory(state=held * weight_bytes, grads=0.0, weights_gathered=0.0, activations=cache,
-                  working=logits)
+                  working=cache + logits)
