@@ -70,6 +70,20 @@ def test_plan_memory_within_10_percent_of_xla(model, target, mesh, seq, batch, r
     assert out["fits"] and out["plan"]["fits"]
 
 
+def test_compile_saves_the_executable_and_never_overwrites(tmp_path):
+    exe = tmp_path / "step.exe"
+    args = ["--model", "tiny", "--model.n_layers=1", "--target", "tpu7x:2x2x1", "--mesh",
+            "fsdp=8", "--seq", "128", "--batch", "8", "--save", str(exe)]
+    compile_json(*args)
+    assert exe.stat().st_size > 1000
+    before = exe.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "megamesh.cli", "compile", *args],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert exe.read_bytes() == before
+
+
 def test_compile_tensor_parallel_on_v5p_flops_and_state():
     out = compile_json("--model", "tiny", "--target", "v5p:2x2x1", "--mesh", "fsdp=2,tensor=2",
                        "--seq", "512", "--batch", "8", "--remat", "none")

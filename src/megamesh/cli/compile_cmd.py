@@ -43,6 +43,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.step not in ("train", "decode"):
         raise ConfigError(f"--step {args.step!r} is not allowed: one of train, decode")
+    if args.save:
+        from pathlib import Path
+
+        if Path(args.save).exists():  # say so before minutes of compiling, not after
+            raise ConfigError(f"{args.save} already exists: megamesh does not overwrite outputs; "
+                              "choose another path or remove it")
     over = split_overrides(extra, ("model",))
     cfg = model_config(args.model, over["model"])
     target = parse_target(args.target)
