@@ -20,7 +20,8 @@ def test_plan_never_imports_jax():
     code = ("import sys; from megamesh.cli import plan as p; import megamesh.plan.search, "
             "megamesh.plan.questions, megamesh.plan.report;"
             "from megamesh.cli import main; main(['plan','--model','llama3.1-8b','--target',"
-            "'tpu7x:256','--json']);"
+            "'tpu7x:256','--json']); main(['plan','--target','v5p:8','--batch','8','--mesh',"
+            "'fsdp=4,tensor=2','--json']);"
             "bad=[m for m in sys.modules if m == 'jax' or m.startswith('jax.')];"
             "assert not bad, bad")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

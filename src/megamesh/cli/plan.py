@@ -101,9 +101,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         target, _ = found
     fixed = None
     if args.mesh:
-        from megamesh.sharding.logical import MESH_AXES
+        from megamesh.sharding.logical import parse_layout
 
-        fixed = _parse_mesh(args.mesh, MESH_AXES)
+        fixed = parse_layout(args.mesh)
     if args.max_microbatches is not None and args.max_microbatches < 1:
         raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
     res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches,
@@ -149,12 +149,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.verify:
         return _verify(cfg, target, w, best)
     return 0
-
-
-def _parse_mesh(text: str, axes: tuple[str, ...]) -> dict[str, int]:
-    from megamesh.sharding.mesh import parse_layout
-
-    return parse_layout(text)
 
 
 def _verify(cfg, target, w, best) -> int:

@@ -15,40 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from megamesh.errors import ConfigError
-from megamesh.sharding.logical import MESH_AXES
-
-
-def parse_layout(layout: str | dict[str, int]) -> dict[str, int]:
-    """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; checks names and sizes."""
-    if isinstance(layout, dict):
-        items = list(layout.items())
-    else:
-        items = []
-        for part in filter(None, (p.strip() for p in layout.split(","))):
-            name, sep, value = part.partition("=")
-            if not sep:
-                raise ConfigError(f"layout part {part!r} is not allowed: must look like axis=size "
-                                  f"(axes: {', '.join(MESH_AXES)})")
-            try:
-                size = int(value)
-            except ValueError:
-                raise ConfigError(f"layout {name.strip()}={value!r} is not allowed: the size must "
-                                  "be a positive integer") from None
-            items.append((name.strip(), size))
-    out: dict[str, int] = {}
-    for name, size in items:
-        if name not in MESH_AXES:
-            raise ConfigError(f"unknown mesh axis {name!r} in layout: allowed are {', '.join(MESH_AXES)}")
-        if name in out:
-            raise ConfigError(f"mesh axis {name!r} appears twice in the layout")
-        if not isinstance(size, int) or size < 1:
-            raise ConfigError(f"layout {name}={size!r} is not allowed: must be a positive integer")
-        out[name] = size
-    return out
-
-
-def format_layout(sizes: dict[str, int]) -> str:
-    return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) > 1) or "data=1"
+from megamesh.sharding.logical import MESH_AXES, format_layout, parse_layout  # noqa: F401
 
 
 def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
