@@ -71,9 +71,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         seq, batch = plan.get("seq", seq), batch or plan.get("batch")
     batch = batch or target.chips
     if args.step == "decode":
-        return compile_decode_and_compare(cfg, target, mesh or f"tensor={target.slice_devices}"
-                                          if not mesh else mesh, seq, batch, as_json=args.json,
-                                          save=args.save)
+        return compile_decode_and_compare(cfg, target, mesh or f"tensor={target.slice_devices}",
+                                          seq, batch, as_json=args.json, save=args.save)
     est = None
     if not mesh:
         from megamesh.plan.layout import Workload

@@ -176,17 +176,8 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
     """HBM per device of the serving decode step: weights (serving dtype, `serve` rules),
     the KV cache of `batch` slots of `max_len` tokens, and the step's logits."""
     from megamesh.model.specs import kv_cache_bytes_per_token
-    from megamesh.sharding.logical import resolve as _resolve
 
-    rules = strategy("serve")
-    sizes = layout.sizes
-    held = 0.0
-    for s in _specs(cfg):
-        shard = list(s.shape)
-        for i, d in enumerate(_resolve(s.axes, s.shape, sizes, rules)):
-            for m in d:
-                shard[i] //= sizes[m]
-        held += _tiled(shard) if tpu else math.prod(shard)
+    held = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)[0]
     slots = batch / (layout.size("dcn") * layout.size("data") * layout.size("fsdp"))
     t = layout.size("tensor")
     kv_ways = t if cfg.n_kv_heads % t == 0 else 1
