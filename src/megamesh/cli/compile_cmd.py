@@ -116,20 +116,12 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
                        "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu}
         print(json.dumps(out, indent=2))
     else:
-        cap = r.hbm_capacity_bytes / GiB
-        print(f"target {r.target} x {target.n_slices} slice(s), {r.devices:,} devices, layout "
-              f"{r.layout}")
-        if not r.fits:
-            print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
-        else:
-            print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+        _print_verdict(r, target)
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.hbm.items() if k != "total")
         print(f"  HBM per device (GiB): {parts}")
         print(f"  matmul FLOPs per device: {r.flops:.4g} (XLA cost analysis, loop bodies once: "
               f"{r.xla_flops:.4g}; our count in that convention: {r.flops_xla_convention:.4g})")
-        for c in r.collectives:
-            print(f"  {c['kind']:<20} x{c['count']:<6} {c['bytes'] / GiB:10.3f} GiB")
-        print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
+        _print_collectives_and_times(r)
         print("plan vs compile: " + ", ".join(
             f"{k} {pred[k]:.4g} vs {got[k]:.4g} ({err[k]:+.1%})" for k in pred if err[k] is not None))
     return 0 if r.fits else 3
@@ -158,18 +150,27 @@ def compile_decode_and_compare(cfg: Any, target: Any, mesh: str, max_len: int, b
                        "fits": mem.total <= target.chip.device_hbm_bytes}
         print(json.dumps(out, indent=2))
     else:
-        cap = r.hbm_capacity_bytes / GiB
-        print(f"target {r.target} x {target.n_slices} slice(s), {r.devices:,} devices, layout {r.layout}")
-        if not r.fits:
-            print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
-        else:
-            print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+        _print_verdict(r, target)
         print(f"  weights {mem.state / GiB:.2f} GiB, KV cache {mem.activations / GiB:.2f} GiB "
               "per device (plan)")
-        for c in r.collectives:
-            print(f"  {c['kind']:<20} x{c['count']:<6} {c['bytes'] / GiB:10.3f} GiB")
-        print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
+        _print_collectives_and_times(r)
         if err is not None:
             print(f"plan vs compile: hbm_per_device_bytes {mem.total:.4g} vs {r.hbm['total']:.4g} "
                   f"({err:+.1%})")
     return 0 if r.fits else 3
+
+
+def _print_verdict(r: Any, target: Any) -> None:
+    cap = r.hbm_capacity_bytes / GiB
+    print(f"target {r.target} x {target.n_slices} slice(s), {r.devices:,} devices, layout "
+          f"{r.layout}")
+    if not r.fits:
+        print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
+    else:
+        print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+
+
+def _print_collectives_and_times(r: Any) -> None:
+    for c in r.collectives:
+        print(f"  {c['kind']:<20} x{c['count']:<6} {c['bytes'] / GiB:10.3f} GiB")
+    print(f"  lower {r.lower_s:.1f} s, compile {r.compile_s:.1f} s")
