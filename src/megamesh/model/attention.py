@@ -56,12 +56,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def write_cache(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new (B, T, K, Dh) into cache (B, S, K, Dh) at per-row slot `start` (B,)."""
-    def one(c: jax.Array, n: jax.Array, s: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-
-    return jax.vmap(one)(cache, new, start)
+def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
+    """Write new (B, T, K, Dh) into layer `layer` of cache (L, B, S, K, Dh) at per-row slot
+    `start` (B,). One scatter of the new entries: inside the layer scan, where the cache is
+    a loop carry, XLA updates it in place instead of copying the whole cache every step."""
+    B, T = new.shape[:2]
+    rows = jnp.arange(B, dtype=start.dtype)[:, None]
+    slots = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
+    return cache.at[layer, rows, slots].set(new.astype(cache.dtype))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,

@@ -133,9 +133,14 @@ def moe_mlp(h: jax.Array, p: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.A
 
 
 def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
-          cache: dict[str, jax.Array] | None, cfg: ModelConfig,
-          moe: bool) -> tuple[jax.Array, dict[str, jax.Array] | None, jax.Array]:
-    """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D)."""
+          kv: tuple[jax.Array, jax.Array, jax.Array] | None, cfg: ModelConfig, moe: bool,
+          attend_len: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
+    """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D).
+
+    kv: None (training), or (k cache, v cache, layer index) with the stack's whole caches
+    (L, B, S, K, Dh); this layer's new keys and values are written in place and its
+    queries attend to the first `attend_len` cache slots (default: all S).
+    """
     cd = x.dtype
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = dense(h, p["attn"]["wq"])  # (B,T,H,Dh)
@@ -144,14 +149,18 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     q = constrain(apply_rope(q, *rope), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, *rope), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-    if cache is None:
+    if kv is None:
         out = attend(q, k, v, positions, positions)
     else:
+        kc, vc, layer = kv
         start = positions[:, 0]
-        cache = {"k": write_cache(cache["k"], k, start), "v": write_cache(cache["v"], v, start)}
-        S = cache["k"].shape[1]
+        kc, vc = write_cache(kc, k, layer, start), write_cache(vc, v, layer, start)
+        S = kc.shape[2] if attend_len is None else attend_len
+        k_l = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)[:, :S]
+        v_l = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)[:, :S]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (x.shape[0], S))
-        out = attend(q, cache["k"].astype(cd), cache["v"].astype(cd), positions, k_pos)
+        out = attend(q, k_l.astype(cd), v_l.astype(cd), positions, k_pos)
+        kv = (kc, vc, layer)
     x = x + dense(out, p["attn"]["wo"], n_in=2)
     x = constrain(x, ("batch", "seq", "embed"))
 
@@ -161,15 +170,19 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     else:
         y, aux = swiglu(h, p["mlp"]), jnp.zeros((), jnp.float32)
     x = constrain(x + y, ("batch", "seq", "embed"))
-    return x, cache, aux
+    return x, kv, aux
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
-            *, cfg: ModelConfig, with_aux: bool = False) -> Any:
+            *, cfg: ModelConfig, with_aux: bool = False, attend_len: int | None = None,
+            logits_at: jax.Array | None = None) -> Any:
     """Logits (B, T, V) in float32 and the updated cache (None when training).
 
-    With `with_aux=True` also returns the MoE load-balancing loss (mean over MoE layers;
-    0 for dense models) as a third value.
+    With a cache: `attend_len` (static) limits attention to the first attend_len cache
+    slots (a shape bucket: every position written or attended must be below it);
+    `logits_at` (B,) computes the logits only at that token index of each row, (B, 1, V)
+    (a prefill needs just its last prompt token's). With `with_aux=True` also returns the
+    MoE load-balancing loss (mean over MoE layers; 0 for dense models) as a third value.
     """
     cd = jnp.dtype(cfg.compute_dtype)
     specs = param_specs(cfg)
@@ -184,25 +197,40 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
         prefix = stack.name + "/"
         stack_specs = unflatten({n[len(prefix):]: s for n, s in specs.items() if n.startswith(prefix)})
 
-        def body(x, layer, stack=stack, stack_specs=stack_specs):
-            p, c = layer
+        def weights(p, stack_specs=stack_specs):
             # matmul weights in compute dtype and layout (one layer at a time: FSDP gathers
             # inside the scan); norm scales stay in their parameter dtype
-            p = jax.tree.map(lambda w, sp: compute_weight(w, sp.axes[1:], cd) if sp.matmul else w,
-                             p, stack_specs)
-            x, c, aux = block(x, p, positions, rope, c, cfg, stack.moe)
-            return x, (c, aux)
+            return jax.tree.map(lambda w, sp: compute_weight(w, sp.axes[1:], cd) if sp.matmul else w,
+                                p, stack_specs)
 
-        if cache is None and cfg.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
-        stack_cache = None if cache is None else cache[stack.name]
-        x, (c, aux) = jax.lax.scan(body, x, (params[stack.name], stack_cache))
-        if new_cache is not None:
-            new_cache[stack.name] = c
+        if cache is None:
+            def body(x, p, stack=stack):
+                x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe)
+                return x, aux
+
+            if cfg.remat != "none":
+                body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
+            x, aux = jax.lax.scan(body, x, params[stack.name])
+        else:
+            # the stack's cache rides in the loop carry and is updated in place
+            def body(carry, layer, stack=stack):
+                x, kc, vc = carry
+                p, i = layer
+                x, (kc, vc, _), aux = block(x, weights(p), positions, rope, (kc, vc, i), cfg,
+                                            stack.moe, attend_len)
+                return (x, kc, vc), aux
+
+            c = cache[stack.name]
+            (x, kc, vc), aux = jax.lax.scan(
+                body, (x, c["k"], c["v"]),
+                (params[stack.name], jnp.arange(stack.n_layers, dtype=jnp.int32)))
+            new_cache[stack.name] = {"k": kc, "v": vc}
         if stack.moe:
             aux_total = aux_total + jnp.sum(aux)
             n_moe += stack.n_layers
 
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)  # (B,1,D)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
     head = compute_weight(head, ("embed", "vocab"), cd)
