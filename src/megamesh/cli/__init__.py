@@ -10,7 +10,7 @@ from megamesh.errors import MegameshError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import compile_cmd, inspect_cmd, plan, quickstart, train
+    from megamesh.cli import compile_cmd, inspect_cmd, plan, quickstart, serve, train
 
     parser = argparse.ArgumentParser(
         prog="megamesh",
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(sub)
     plan.add_parser(sub)
     compile_cmd.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

@@ -17,7 +17,10 @@ from megamesh.model.transformer import forward, init_cache
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """One token per row from logits (B, V); per-row temperature (0 = greedy), top_k (0 = off), top_p."""
+    """One token per row from logits (B, V); per-row temperature (0 = greedy), top_k (0 = off), top_p.
+
+    `key` is one key for the whole batch, or a batch of keys (B,), one per row: a row's
+    draw then depends only on its own key and logits, not on the other rows."""
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
@@ -32,7 +35,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     cutoff_idx = jnp.sum(cum < top_p[:, None], axis=-1) - 1
     cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-    drawn = jax.random.categorical(key, scaled, axis=-1)
+    if key.ndim == 1:
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
+    else:
+        drawn = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature <= 0, greedy, drawn).astype(jnp.int32)
 
 

@@ -1,10 +1,19 @@
-"""The decode step: one token for every slot of a fixed-size batch, through the model's own
-KV-cached forward. The serving engine runs this object; `megamesh compile --step decode`
-lowers the same one for a TPU topology.
+"""The serving steps: prefill one request into a cache slot, and decode one token for every
+slot of a fixed-size batch, both through the model's own KV-cached forward. The engine runs
+these objects; `megamesh compile --step decode` lowers the same decode step for a TPU.
 
 Weights are held in the serving dtype (bf16 by default) with the `serve` strategy: tensor
 and expert parallel, no FSDP gathers per token; the batch (decode slots) over data; the
 KV cache split by kv head. Per slot: a token, its position and sampling parameters.
+
+Shape buckets: a step is compiled per attention length A (the cache slots it reads), so a
+batch of short sequences does not read the whole context; every position written or read
+must be below A. The decode batch is always all slots and a prefill always one request,
+so a request's numbers do not depend on what else is running (the engine's tokens for a
+request are the same alone or among 64 others).
+
+Random draws: the token at position p of a request is drawn with key
+fold_in(key(seed), p), so sampling with a seed is reproducible whatever the batch.
 """
 
 from __future__ import annotations
@@ -29,10 +38,15 @@ from megamesh.sharding.rules import (
 )
 
 
+def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """One key per row: fold_in(key(seed), position)."""
+    return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
+
+
 @dataclass(frozen=True)
 class DecodeStep:
-    fn: Any  # jitted (params, cache, tokens (B,), positions (B,), key, temperature, top_k, top_p)
-    #          -> (next tokens (B,), logits (B, V) f32, cache); donates the cache
+    fn: Any  # jitted (params, cache, tokens (B,), positions (B,), seeds (B,) u32, temperature,
+    #          top_k, top_p) -> (next tokens (B,), logits (B, V) f32, cache); donates the cache
     param_shardings: Any
     cache_shardings: Any
     slot_sharding: NamedSharding
@@ -40,6 +54,7 @@ class DecodeStep:
     batch: int
     max_len: int
     dtype: str
+    attend_len: int | None = None
 
     def abstract_args(self, cfg: ModelConfig) -> tuple:
         """ShapeDtypeStructs of every argument (for AOT compile)."""
@@ -51,26 +66,49 @@ class DecodeStep:
         cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              cache, self.cache_shardings)
         slot = lambda dt: jax.ShapeDtypeStruct((self.batch,), dt, sharding=self.slot_sharding)
-        rep = NamedSharding(self.mesh, PartitionSpec())
-        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-        return (params, cache, slot(jnp.int32), slot(jnp.int32), key, slot(jnp.float32),
+        return (params, cache, slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32), slot(jnp.float32),
                 slot(jnp.int32), slot(jnp.float32))
 
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
-                      dtype: str = "bfloat16") -> DecodeStep:
+                      dtype: str = "bfloat16", attend_len: int | None = None) -> DecodeStep:
     rules = strategy("serve")
     p_shard = param_shardings(cfg, mesh, rules)
     c_shard = cache_shardings(jax.eval_shape(lambda: init_cache(cfg, batch, max_len)), mesh, rules)
     slot = NamedSharding(mesh, PartitionSpec(*data_sharding(mesh, rules, (batch, 1)).spec[:1]))
 
-    def step(params, cache, tokens, positions, key, temperature, top_k, top_p):
+    def step(params, cache, tokens, positions, seeds, temperature, top_k, top_p):
         with activation_sharding(mesh, rules):
-            logits, cache = forward(params, tokens[:, None], positions[:, None], cache, cfg=cfg)
+            logits, cache = forward(params, tokens[:, None], positions[:, None], cache, cfg=cfg,
+                                    attend_len=attend_len)
         logits = logits[:, -1]  # (B, V) f32
-        return sample(logits, key, temperature, top_k, top_p), logits, cache
+        keys = row_keys(seeds, positions + 1)
+        return sample(logits, keys, temperature, top_k, top_p), logits, cache
 
-    fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, None, slot, slot, slot),
+    fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, slot, slot, slot, slot),
                  out_shardings=(slot, None, c_shard), donate_argnums=1)
     return DecodeStep(fn=fn, param_shardings=p_shard, cache_shardings=c_shard, slot_sharding=slot,
-                      mesh=mesh, batch=batch, max_len=max_len, dtype=dtype)
+                      mesh=mesh, batch=batch, max_len=max_len, dtype=dtype, attend_len=attend_len)
+
+
+def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int) -> Any:
+    """Jitted (params, cache, tokens (1, length), n (), slot (), seed (), temperature (),
+    top_k (), top_p ()) -> (first token (), cache): runs the first n tokens (the rest is
+    padding) of one request into cache row `slot` and draws the token at position n."""
+    rules = strategy("serve")
+    rep = NamedSharding(ds.mesh, PartitionSpec())
+
+    def prefill(params, cache, tokens, n, slot, seed, temperature, top_k, top_p):
+        row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
+        positions = jnp.arange(length, dtype=jnp.int32)[None]
+        with activation_sharding(ds.mesh, rules):
+            logits, row = forward(params, tokens, positions, row, cfg=cfg, attend_len=length,
+                                  logits_at=(n - 1)[None])
+        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1),
+                             cache, row)
+        keys = row_keys(seed[None], n[None])
+        tok = sample(logits[:, 0], keys, temperature[None], top_k[None], top_p[None])
+        return tok[0], cache
+
+    return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.cache_shardings) + (rep,) * 7,
+                   out_shardings=(rep, ds.cache_shardings), donate_argnums=1)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from megamesh.errors import MegameshError
 
 
@@ -60,6 +62,18 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the model parameters of a checkpoint (no optimizer state), cast to the
+        dtypes and placed on the shardings of `abstract_params` (serving)."""
+        ocp = self._ocp
+        restore_args = jax.tree.map(
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape),
+            abstract_params)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": abstract_params}, restore_args={"params": restore_args},
+            partial_restore=True)))
+        return out["state"]["params"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

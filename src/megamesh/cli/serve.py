@@ -1,0 +1,67 @@
+"""`megamesh serve`: the continuous-batching engine behind the Anthropic Messages API and
+the OpenAI chat-completions API."""
+
+from __future__ import annotations
+
+import argparse
+
+from megamesh.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the Anthropic Messages API (and OpenAI's)",
+                       description="Serve a megamesh training run (the --out of `megamesh train`) or a "
+                       "Hugging Face directory on 127.0.0.1 by default.")
+    p.add_argument("--model", required=True, help="training run directory or Hugging Face directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept only these keys (x-api-key or Authorization: Bearer); repeatable")
+    p.add_argument("--name", help="model id clients send (default: the model's name)")
+    p.add_argument("--mesh", help="serving layout such as tensor=4 (default: all devices on tensor)")
+    p.add_argument("--slots", type=int, default=16, help="concurrent sequences (KV cache rows; default 16)")
+    p.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: the model's)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a slot before 529 overloaded (default 256)")
+    p.add_argument("--max-concurrent-per-key", type=int, default=256,
+                   help="requests in flight per API key before 429 (default 256)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32 MB)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    for flag in ("slots", "max_queue", "max_concurrent_per_key"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not allowed: 1..65535")
+    if args.max_body_mb <= 0:
+        raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
+    from megamesh.serve.server import build_engine, check_port_free
+
+    check_port_free(args.host, args.port)
+    import uvicorn
+
+    from megamesh.serve.api import Settings, create_app
+
+    engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
+                          max_queue=args.max_queue, dtype=args.dtype, name=args.name)
+    m = engine.model
+    print(f"model {m.name!r} from {m.source}: {engine.slots} slots x {engine.max_len} tokens "
+          f"(KV cache {engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
+          f"{len(engine.buckets)} buckets {engine.buckets} ...", flush=True)
+    print(f"warm-up done in {engine.start():.1f}s", flush=True)
+    settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
+                        max_concurrent_per_key=args.max_concurrent_per_key)
+    app = create_app(engine, settings)
+    print(f"serving on http://{args.host}:{args.port}  (POST /v1/messages, /v1/chat/completions; "
+          "GET /v1/models, /health, /metrics)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+    return 0

@@ -1,0 +1,321 @@
+"""The continuous-batching engine.
+
+One thread owns the model and loops: free the slots of finished or cancelled requests,
+admit waiting requests into free slots (a prefill each, which also draws their first
+token), then run one decode step for all slots and hand every active request its next
+token. Requests join and leave the running batch at every step.
+
+KV memory is a fixed set of slots (rows of one cache of shape (L, slots, max_len, K, Dh)):
+a request holds one slot from admission to its last token; admission control is the
+number of free slots plus a bounded waiting queue (past it, `QueueFull`). A request is
+refused up front when prompt + max_tokens exceeds the context (`max_len`).
+
+Shapes are bucketed so nothing compiles per request: prefill per prompt-length bucket and
+decode per attention-length bucket (powers of two up to max_len), all compiled and run
+once at start-up (warm-up). Tokens reach the caller through `emit(Event)` as they are
+produced, from the engine thread: the HTTP layer forwards them to its event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megamesh.errors import MegameshError
+from megamesh.model.transformer import init_cache
+from megamesh.serve.load import ServedModel
+from megamesh.serve.step import build_decode_step, build_prefill_step
+from megamesh.serve.text import Detokenizer, StopMatcher
+
+
+class QueueFull(MegameshError):
+    """The waiting queue is at its bound: the server is overloaded (HTTP 529)."""
+
+
+class TooLong(MegameshError, ValueError):
+    """prompt + max_tokens does not fit the context (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None  # None: a random one
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Event:
+    text: str = ""  # new text (may be empty)
+    done: bool = False
+    stop_reason: str | None = None  # end_turn | max_tokens | stop_sequence | cancelled | error
+    stop_sequence: str | None = None
+    output_tokens: int = 0  # generated so far (the end-of-sequence token is not counted)
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    seed: int
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    slot: int = -1
+    pos: int = 0  # position of `last` (the token the next decode step feeds)
+    last: int = 0
+    n_out: int = 0
+    out_ids: list[int] = dataclasses.field(default_factory=list)  # generated token ids
+    cancelled: bool = False
+    done: bool = False
+    detok: Any = None
+    stopper: Any = None
+
+
+def buckets(max_len: int, smallest: int = 64) -> list[int]:
+    """Powers of two from `smallest` below max_len, then max_len itself."""
+    out, b = [], smallest
+    while b < max_len:
+        out.append(b)
+        b *= 2
+    return out + [max_len]
+
+
+class Engine:
+    def __init__(self, model: ServedModel, mesh: Any, *, slots: int = 16, max_len: int | None = None,
+                 max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
+                 log: Callable[[str], None] = print):
+        cfg = model.cfg
+        self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
+        self.slots = slots
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        if slots < 1:
+            raise MegameshError(f"--slots {slots} is not allowed: at least 1")
+        if self.max_len < 2:
+            raise MegameshError(f"--max-len {self.max_len} is not allowed: at least 2")
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        self.dtype = dtype
+        self.buckets = buckets(self.max_len)
+        self.decode = {a: build_decode_step(cfg, mesh, slots, self.max_len, dtype, attend_len=a)
+                       for a in self.buckets}
+        any_step = self.decode[self.buckets[-1]]
+        self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
+        self.params = model.params
+        self.cache = jax.device_put(init_cache(cfg, slots, self.max_len, jnp.dtype(dtype)),
+                                    any_step.cache_shardings)
+        self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
+        self._active: dict[int, Request] = {}
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._ids = itertools.count()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()
+        self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache))
+
+    # ------------------------------------------------------------------ public API
+
+    def start(self) -> float:
+        """Compile and run every bucket once (warm-up), then start the loop; returns seconds."""
+        t0 = time.perf_counter()
+        self._warm_up()
+        self._thread = threading.Thread(target=self._loop, name="megamesh-engine", daemon=True)
+        self._thread.start()
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def check(self, n_prompt: int, max_tokens: int) -> None:
+        if n_prompt + max_tokens > self.max_len:
+            raise TooLong(f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = "
+                          f"{n_prompt + max_tokens} exceeds this server's context of {self.max_len} "
+                          f"tokens: at most {max(self.max_len - n_prompt, 0)} new tokens fit after "
+                          "this prompt")
+
+    def submit(self, prompt: list[int], sampling: Sampling, emit: Callable[[Event], None]) -> Request:
+        """Queue a request; tokens arrive through `emit`. Raises TooLong or QueueFull."""
+        if not prompt:
+            raise TooLong("the prompt is empty: at least one token is needed")
+        self.check(len(prompt), sampling.max_tokens)
+        seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
+        req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                self.stats["rejected_queue_full"] += 1
+                raise QueueFull(f"the server is overloaded: {len(self._waiting)} requests are waiting "
+                                f"(the bound is {self.max_queue}); retry later")
+            self._waiting.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify_all()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request (its client went away): its slot is freed before the next step."""
+        with self._cv:
+            if not req.done:
+                req.cancelled = True
+                self._cv.notify_all()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _warm_up(self) -> None:
+        greedy = (jnp.zeros((self.slots,), jnp.float32), jnp.zeros((self.slots,), jnp.int32),
+                  jnp.ones((self.slots,), jnp.float32))
+        zeros = jnp.zeros((self.slots,), jnp.int32)
+        for b in self.buckets:
+            _, self.cache = self.prefill[b](self.params, self.cache, jnp.zeros((1, b), jnp.int32),
+                                            jnp.int32(1), jnp.int32(0), jnp.uint32(0), jnp.float32(0),
+                                            jnp.int32(0), jnp.float32(1))
+            out = self.decode[b].fn(self.params, self.cache, zeros, zeros,
+                                    jnp.zeros((self.slots,), jnp.uint32), *greedy)
+            self.cache = out[2]
+        jax.block_until_ready(self.cache)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                self._reap()
+                self._admit()
+                if self._active:
+                    self._decode()
+            except Exception as e:  # noqa: BLE001 -- never let one bad step stop the server
+                self.log(f"engine step failed: {type(e).__name__}: {e}")
+                self.stats["step_errors"] += 1
+                for req in list(self._active.values()):
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+        for req in list(self._active.values()) + list(self._waiting):
+            self._finish(req, "cancelled")
+
+    def _reap(self) -> None:
+        with self._cv:
+            gone = [r for r in self._waiting if r.cancelled]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            self.stats["cancelled"] += 1
+            self._finish(r, "cancelled")
+        for req in [r for r in self._active.values() if r.cancelled]:
+            self.stats["cancelled"] += 1
+            self._finish(req, "cancelled")
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while self._free and budget > 0:
+            with self._cv:
+                if not self._waiting:
+                    return
+                req = self._waiting.popleft()
+            if req.cancelled:
+                self.stats["cancelled"] += 1
+                req.done = True
+                req.emit(Event(done=True, stop_reason="cancelled"))
+                continue
+            n = len(req.prompt)
+            b = next(x for x in self.buckets if x >= n)
+            budget -= b
+            req.slot = self._free.pop()
+            self._active[req.slot] = req
+            req.detok = Detokenizer(self.model.tokenizer, req.prompt)
+            req.stopper = StopMatcher(list(req.sampling.stop))
+            tokens = np.zeros((1, b), np.int32)
+            tokens[0, :n] = req.prompt
+            s = req.sampling
+            tok, self.cache = self.prefill[b](
+                self.params, self.cache, tokens, np.int32(n), np.int32(req.slot), np.uint32(req.seed),
+                np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
+            req.pos = n
+            self.stats["prompt_tokens"] += n
+            self._accept(req, int(tok))
+
+    def _decode(self) -> None:
+        B = self.slots
+        tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        seeds = np.zeros(B, np.uint32)
+        temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
+        for slot, r in self._active.items():
+            tokens[slot], positions[slot], seeds[slot] = r.last, r.pos, r.seed
+            temp[slot], top_k[slot], top_p[slot] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+        need = int(positions.max()) + 1
+        a = next(x for x in self.buckets if x >= need)
+        nxt, _, self.cache = self.decode[a].fn(self.params, self.cache, tokens, positions, seeds,
+                                               temp, top_k, top_p)
+        nxt = np.asarray(nxt)
+        self.stats["decode_steps"] += 1
+        for slot, r in list(self._active.items()):
+            r.pos += 1
+            self._accept(r, int(nxt[slot]))
+
+    def _accept(self, req: Request, tok: int) -> None:
+        """A new token for `req`: stream its text, or finish the request."""
+        if req.cancelled:
+            self.stats["cancelled"] += 1
+            self._finish(req, "cancelled")
+            return
+        if tok in self.model.eos_ids:
+            text, hit = req.stopper.push(req.detok.flush())
+            if hit is not None:
+                self._finish(req, hit.reason, text=hit.text, sequence=hit.sequence)
+            else:
+                self._finish(req, "end_turn", text=text + req.stopper.flush())
+            return
+        req.n_out += 1
+        req.last = tok
+        req.out_ids.append(tok)
+        self.stats["output_tokens"] += 1
+        text, hit = req.stopper.push(req.detok.push(tok))
+        if hit is not None:
+            self._finish(req, hit.reason, text=hit.text, sequence=hit.sequence)
+        elif req.n_out >= req.sampling.max_tokens:
+            more, hit = req.stopper.push(req.detok.flush())
+            if hit is not None:
+                self._finish(req, hit.reason, text=text + hit.text, sequence=hit.sequence)
+            else:
+                self._finish(req, "max_tokens", text=text + more + req.stopper.flush())
+        elif text:
+            req.emit(Event(text=text, output_tokens=req.n_out))
+
+    def _finish(self, req: Request, reason: str, *, text: str = "", sequence: str | None = None,
+                error: str | None = None) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.slot >= 0 and self._active.get(req.slot) is req:
+            del self._active[req.slot]
+            self._free.append(req.slot)
+            self._free.sort(reverse=True)
+        self.stats["finished_" + reason] += 1
+        req.emit(Event(text=text, done=True, stop_reason=reason, stop_sequence=sequence,
+                       output_tokens=req.n_out, error=error))

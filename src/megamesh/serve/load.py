@@ -1,0 +1,112 @@
+"""What `megamesh serve --model X` loads: a megamesh training run (its latest good Orbax
+checkpoint and the tokenizer saved next to it) or a Hugging Face directory (config.json,
+*.safetensors and tokenizer.json). Weights go straight onto the serving mesh in the
+serving dtype; only the parameters of a checkpoint are read, not its optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from megamesh.config import ModelConfig, config_from_dict
+from megamesh.errors import ConfigError
+from megamesh.model import hf
+from megamesh.model.specs import param_specs
+from megamesh.model.transformer import unflatten
+
+
+@dataclass
+class ServedModel:
+    cfg: ModelConfig
+    params: Any  # nested dict of arrays on the serving shardings
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_ids: tuple[int, ...]
+    name: str  # the model id clients use
+    source: str  # where it came from, for /v1/models and logs
+    created: int  # unix time of the weights
+
+
+def _abstract_params(cfg: ModelConfig, shardings: Any, dtype: str) -> Any:
+    flat = {n: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)) for n, s in param_specs(cfg).items()}
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        unflatten(flat), shardings)
+
+
+def _tokenizer(path: Path, what: str):
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise ConfigError(f"{what} has no tokenizer: {path} is missing (serving needs the "
+                          "tokenizer.json the model was trained with)")
+    return Tokenizer.from_file(str(path))
+
+
+def run_dir(spec: str) -> Path | None:
+    """The training run directory `spec` names (OUT or OUT/checkpoints), if it is one."""
+    p = Path(spec)
+    for cand in (p, p.parent):
+        if (cand / "checkpoints").is_dir() and (cand / "tokenizer.json").is_file():
+            return cand
+    return None
+
+
+def load_model(spec: str, shardings_for: Any, dtype: str, name: str | None = None) -> ServedModel:
+    """`shardings_for(cfg)` gives the parameter shardings on the serving mesh."""
+    out = run_dir(spec)
+    if out is not None:
+        return _load_run(out, shardings_for, dtype, name)
+    p = Path(spec)
+    if p.is_dir() and hf.is_hf_dir(p):
+        return _load_hf(p, shardings_for, dtype, name)
+    if p.is_dir():
+        raise ConfigError(f"--model {spec!r} is neither a megamesh training run (checkpoints/ and "
+                          "tokenizer.json) nor a Hugging Face directory (config.json, *.safetensors)")
+    raise ConfigError(f"--model {spec!r} is not a directory: serve takes a megamesh training run "
+                      "(the --out of `megamesh train`) or a Hugging Face model directory")
+
+
+def _load_run(out: Path, shardings_for: Any, dtype: str, name: str | None) -> ServedModel:
+    from megamesh.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(out / "checkpoints", keep=1_000_000, use_async=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"{out / 'checkpoints'} holds no complete checkpoint yet")
+        meta = ckpt.read_meta(step)
+        cfg = config_from_dict(meta["model"])
+        params = ckpt.restore_params(step, _abstract_params(cfg, shardings_for(cfg), dtype))
+    finally:
+        ckpt.close()
+    tok = _tokenizer(out / "tokenizer.json", f"training run {out}")
+    from megamesh.train.data import EOS
+
+    eos = tok.token_to_id(EOS)
+    created = int((out / "checkpoints" / str(step)).stat().st_mtime)
+    return ServedModel(cfg, params, tok, (eos,) if eos is not None else (), name or cfg.name,
+                       f"{out} (step {step})", created)
+
+
+def _load_hf(path: Path, shardings_for: Any, dtype: str, name: str | None) -> ServedModel:
+    tok = _tokenizer(path / "tokenizer.json", f"Hugging Face directory {path}")
+    cfg, flat = hf.load_hf(path)
+    shardings = shardings_for(cfg)
+    params = jax.tree.map(lambda a, sh: jax.device_put(np.asarray(a).astype(jnp.dtype(dtype)), sh),
+                          unflatten(flat), shardings)
+    eos: list[int] = []
+    for f in ("generation_config.json", "config.json"):
+        if (path / f).is_file():
+            e = json.loads((path / f).read_text()).get("eos_token_id")
+            if e is not None:
+                eos = [e] if isinstance(e, int) else list(e)
+                break
+    created = int(max((q.stat().st_mtime for q in path.glob("*.safetensors")), default=time.time()))
+    return ServedModel(cfg, params, tok, tuple(eos), name or path.name, str(path), created)

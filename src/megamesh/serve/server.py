@@ -1,0 +1,84 @@
+"""Build an engine + app from `--model`, and run it on uvicorn (in the foreground for
+`megamesh serve`, in a background thread for the quickstart, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from megamesh.errors import ConfigError
+
+
+def default_dtype() -> str:
+    """bf16 weights on accelerators; f32 on CPU, where bf16 matmuls run slower (XLA:CPU)."""
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
+                 max_queue: int = 256, dtype: str | None = None, name: str | None = None,
+                 log: Any = print):
+    import jax
+
+    from megamesh.serve.engine import Engine
+    from megamesh.serve.load import load_model
+    from megamesh.sharding.mesh import make_mesh
+    from megamesh.sharding.rules import param_shardings, strategy
+
+    dtype = dtype or default_dtype()
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype {dtype!r} is not allowed: float32 or bfloat16")
+    m = make_mesh(mesh or f"tensor={len(jax.devices())}")
+    model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
+    return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype, log=log)
+
+
+def check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port "
+                              "or --host") from None
+
+
+@dataclass
+class Running:
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 60) -> Running:
+    """Serve `app` from a background thread; returns once it accepts connections."""
+    import uvicorn
+
+    check_port_free(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    server.install_signal_handlers = lambda: None  # not the main thread
+    thread = threading.Thread(target=server.run, name="megamesh-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ConfigError(f"the HTTP server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return Running(server, thread, host, bound)
