@@ -221,7 +221,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         msg = {404: f"{request.method} {request.url.path}: no such route",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+               405: f"{request.method} is not allowed on {request.url.path}"}
+        msg = msg.get(e.status_code, str(e.detail))
         return _error_response(request, e.status_code, msg)
 
     @app.exception_handler(Exception)
@@ -285,7 +286,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         t0 = time.perf_counter()
         try:
-            handle = engine.submit(prompt, sampling, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            handle = engine.submit(prompt, sampling,
+                                   lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except QueueFull as e:
             raise ApiError(529, str(e), {"retry-after": str(settings.retry_after_s)}) from None
         in_flight[key] += 1
@@ -456,7 +458,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                             add_special_tokens=False).ids
         max_tokens = req.max_completion_tokens or req.max_tokens or max(engine.max_len - len(prompt), 1)
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-        sampling = Sampling(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        sampling = Sampling(max_tokens=max_tokens,
+                            temperature=1.0 if req.temperature is None else req.temperature,
                             top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
                             seed=req.seed, stop=stop)
         handle, queue, t0 = start(prompt, sampling, key)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
@@ -32,7 +33,13 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     dtype = dtype or default_dtype()
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype!r} is not allowed: float32 or bfloat16")
-    m = make_mesh(mesh or f"tensor={len(jax.devices())}")
+    from megamesh.sharding.logical import parse_layout
+
+    layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
+    n = math.prod(layout.values())
+    if n > len(jax.devices()):
+        raise ConfigError(f"--mesh {mesh} needs {n} devices; this host has {len(jax.devices())}")
+    m = make_mesh(layout, jax.devices()[:n])
     model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype, log=log)
 

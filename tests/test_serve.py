@@ -1,0 +1,445 @@
+"""megamesh serve: the engine, and live servers on 127.0.0.1 driven by the official SDKs.
+
+A small model is trained for a few steps by `megamesh train` (a real subprocess) so the
+server loads a real checkpoint and tokenizer. The SDK tests run against a uvicorn server
+in a thread of this process (so a test can also look inside its engine); the limits and
+authentication tests run `megamesh serve` as a subprocess.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anthropic
+import httpx
+import jax
+import openai
+import pytest
+
+from megamesh.serve.engine import Engine, Sampling
+from megamesh.serve.text import END, Detokenizer, StopMatcher, render_chat
+
+SMALL = ["--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+         "--model.d_ff=256", "--model.vocab_size=1024", "--model.max_seq_len=512"]
+MEGAMESH = [sys.executable, "-m", "megamesh.cli"]
+
+
+def _env(devices: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("serve") / "run"
+    data = Path(json.__file__).parent  # the json package's source: a small real corpus
+    subprocess.run(MEGAMESH + ["train", "--model", "tiny", *SMALL, "--data", str(data), "--steps", "4",
+                               "--batch", "4", "--seq", "128", "--out", str(out), "--no-progress"],
+                   check=True, env=_env(), capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    from megamesh.serve.server import build_engine
+
+    eng = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, max_queue=128,
+                       dtype="float32", log=lambda *_: None)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from megamesh.serve.api import create_app
+    from megamesh.serve.server import start_in_thread
+
+    running = start_in_thread(create_app(engine))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    return anthropic.Anthropic(base_url=server.url, api_key="test", max_retries=0)
+
+
+def run_engine(eng: Engine, prompt: list[int], sampling: Sampling):
+    done, events = threading.Event(), []
+
+    def emit(ev):
+        events.append(ev)
+        if ev.done:
+            done.set()
+
+    req = eng.submit(prompt, sampling, emit)
+    assert done.wait(120)
+    return req, "".join(e.text for e in events), events[-1]
+
+
+def reference_greedy(eng: Engine, prompt: list[int], n: int) -> str:
+    """The model's own greedy decode (model.generate), cut where the engine would stop."""
+    from megamesh.model.generate import generate
+
+    m = eng.model
+    ids = generate(jax.device_get(m.params), m.cfg, prompt, n, stop_ids=m.eos_ids)
+    ids = [t for t in ids if t not in m.eos_ids]
+    return m.tokenizer.decode(ids).split(END)[0]
+
+
+# ----------------------------------------------------------------------------- text pieces
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    s = StopMatcher(["STOP"])
+    assert s.push("abc ST") == ("abc ", None)
+    out, hit = s.push("OP and more")
+    assert out == "" and hit.text == "" and hit.reason == "stop_sequence" and hit.sequence == "STOP"
+    s = StopMatcher(["xy"])
+    assert s.push("ax") == ("a", None)
+    assert s.push("z") == ("xz", None)
+    s = StopMatcher([])
+    out, hit = s.push(f"done{END}tail")
+    assert hit.text == "done" and hit.reason == "end_turn" and hit.sequence is None
+
+
+def test_detokenizer_streams_multibyte_text_whole(run_dir):
+    from megamesh.train.data import load_tokenizer
+
+    tok = load_tokenizer(run_dir / "tokenizer.json")
+    text = "déjà vu: 世界 ✓ naïve"
+    ids = tok.encode(text).ids
+    d = Detokenizer(tok, [])
+    parts = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(parts) == text
+    assert all("\ufffd" not in p for p in parts)
+
+
+def test_chat_template():
+    assert render_chat("be brief", [("user", "hi")]) == \
+        f"<|system|>\nbe brief{END}\n<|user|>\nhi{END}\n<|assistant|>\n"
+    assert render_chat(None, [("user", "hi"), ("assistant", "Sure, ")]) == \
+        f"<|user|>\nhi{END}\n<|assistant|>\nSure, "
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def test_engine_greedy_equals_model_generate(engine):
+    tok = engine.model.tokenizer
+    for text in ("def load(path):", "import json\n\nclass Encoder", "x"):
+        prompt = tok.encode(text).ids
+        _, out, last = run_engine(engine, prompt, Sampling(max_tokens=24, temperature=0))
+        assert out == reference_greedy(engine, prompt, 24)
+        assert last.stop_reason in ("max_tokens", "end_turn")
+
+
+def test_engine_seeded_sampling_is_reproducible(engine):
+    prompt = engine.model.tokenizer.encode("for key in").ids
+    s = Sampling(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    a = run_engine(engine, prompt, s)[0].out_ids
+    assert a == run_engine(engine, prompt, s)[0].out_ids
+    assert a != run_engine(engine, prompt, Sampling(max_tokens=16, temperature=1.0, seed=8))[0].out_ids
+
+
+def test_engine_refuses_what_does_not_fit(engine):
+    from megamesh.serve.engine import TooLong
+
+    with pytest.raises(TooLong, match="exceeds this server's context of 512"):
+        engine.submit([1] * 500, Sampling(max_tokens=20), lambda ev: None)
+
+
+def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
+    from megamesh.serve.server import build_engine
+
+    sharded = build_engine(str(run_dir), mesh="data=4,tensor=2", slots=8, max_len=256, dtype="float32",
+                           log=lambda *_: None)
+    assert len(sharded.mesh.devices.flat) == 8
+    sharded.start()
+    try:
+        tok = engine.model.tokenizer
+        for text in ("def load(path):", "class JSONDecodeError"):
+            prompt = tok.encode(text).ids
+            one = run_engine(engine, prompt, Sampling(max_tokens=20, temperature=0))[0].out_ids
+            eight = run_engine(sharded, prompt, Sampling(max_tokens=20, temperature=0))[0].out_ids
+            assert one == eight
+    finally:
+        sharded.stop()
+
+
+# ----------------------------------------------------------------------------- Anthropic SDK
+
+
+# anthropic 2.x's messages.create has no sampling keywords: they travel in the body
+GREEDY = {"extra_body": {"temperature": 0}}
+CONVERSATION = dict(system="You write Python.", messages=[
+    {"role": "user", "content": "Write a JSON encoder."},
+    {"role": "assistant", "content": [{"type": "text", "text": "import json\n"}]}])
+
+
+def test_messages_create_equals_greedy_decode(client, engine):
+    msg = client.messages.create(model="tiny", max_tokens=24, **GREEDY, **CONVERSATION)
+    prompt = engine.model.tokenizer.encode(render_chat(
+        "You write Python.", [("user", "Write a JSON encoder."), ("assistant", "import json\n")])).ids
+    assert msg.type == "message" and msg.role == "assistant" and msg.model == "tiny"
+    assert msg.content[0].type == "text"
+    assert msg.content[0].text == reference_greedy(engine, prompt, 24)
+    assert msg.usage.input_tokens == len(prompt)
+    assert msg.stop_reason in ("max_tokens", "end_turn")
+    if msg.stop_reason == "max_tokens":
+        assert msg.usage.output_tokens == 24
+    assert msg._request_id.startswith("req_")
+
+
+def test_messages_stream_text_and_events(client):
+    plain = client.messages.create(model="tiny", max_tokens=20, **GREEDY, **CONVERSATION)
+    with client.messages.stream(model="tiny", max_tokens=20, **GREEDY, **CONVERSATION) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == plain.content[0].text == final.content[0].text
+    assert final.stop_reason == plain.stop_reason
+    assert final.usage.output_tokens == plain.usage.output_tokens
+    events = [e.type for e in client.messages.create(model="tiny", max_tokens=8, stream=True, **GREEDY,
+                                                     **CONVERSATION)]
+    assert events[:2] == ["message_start", "content_block_start"]
+    assert events[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(events[2:-3]) <= {"content_block_delta"}
+
+
+def test_raw_sse_sequence_and_close(server):
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["request-id"].startswith("req_")
+        raw = r.read().decode()
+    blocks = [b for b in raw.split("\n\n") if b]
+    names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    for b in blocks:
+        event, data = b.split("\n")
+        assert json.loads(data.removeprefix("data: "))["type"] == event.removeprefix("event: ")
+    delta = json.loads(blocks[-2].split("\n")[1][6:])
+    assert delta["usage"]["output_tokens"] >= 1
+    assert delta["delta"]["stop_reason"] in ("max_tokens", "end_turn")
+
+
+def test_stop_sequence(client):
+    free = client.messages.create(model="tiny", max_tokens=30, **GREEDY, **CONVERSATION).content[0].text
+    assert len(free) > 6
+    stop = free[3:6]
+    msg = client.messages.create(model="tiny", max_tokens=30, stop_sequences=[stop], **GREEDY,
+                                 **CONVERSATION)
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
+    assert msg.content[0].text == free[:free.index(stop)]
+
+
+def test_count_tokens_models_health_metrics(client, server, engine):
+    n = client.messages.count_tokens(model="tiny", **CONVERSATION).input_tokens
+    assert n == len(engine.model.tokenizer.encode(render_chat(
+        "You write Python.", [("user", "Write a JSON encoder."), ("assistant", "import json\n")])).ids)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    assert [m.id for m in oa.models.list().data] == ["tiny"]
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok" and h["slots"] == 16
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in ("megamesh_http_requests_total", "megamesh_output_tokens_total", "megamesh_queue_depth",
+                 "megamesh_active_slots", "megamesh_time_to_first_token_seconds_bucket",
+                 "megamesh_time_per_output_token_seconds_bucket"):
+        assert name in metrics
+
+
+def test_typed_errors(client, server):
+    with pytest.raises(anthropic.BadRequestError, match="messages.0.role"):
+        client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
+        client.messages.create(model="tiny", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError, match="context of 512"):
+        client.messages.create(model="tiny", max_tokens=600, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError, match="'image' is not supported"):
+        client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])
+    with pytest.raises(anthropic.BadRequestError, match="temperature"):
+        client.messages.create(model="tiny", max_tokens=5, extra_body={"temperature": 1.5},
+                               messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.NotFoundError, match="not served here") as e:
+        client.messages.create(model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    assert e.value.request_id.startswith("req_")
+    assert e.value.body["error"]["type"] == "not_found_error"
+    for raw, ctype in ((b"{not json", "application/json"), (b"[1, 2]", "application/json"),
+                       (b'{"model": "tiny"}', "application/json")):
+        r = httpx.post(server.url + "/v1/messages", content=raw, headers={"content-type": ctype})
+        assert r.status_code == 400, raw
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        assert r.headers["request-id"] == r.json()["request_id"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
+    def broken(*a, **k):
+        raise RuntimeError("injected device failure")
+
+    original = dict(engine.prefill)
+    engine.prefill.update({b: broken for b in engine.buckets})
+    try:
+        with pytest.raises(anthropic.InternalServerError):
+            client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+    finally:
+        engine.prefill.update(original)
+    assert client.messages.create(model="tiny", max_tokens=3,
+                                  messages=[{"role": "user", "content": "x"}]).usage.output_tokens >= 1
+
+
+# ----------------------------------------------------------------------------- OpenAI SDK
+
+
+def test_openai_chat_completions(server, client):
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    messages = [{"role": "system", "content": "You write Python."},
+                {"role": "user", "content": "Write a JSON encoder."}]
+    r = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    a = client.messages.create(model="tiny", max_tokens=16, **GREEDY, system="You write Python.",
+                               messages=[{"role": "user", "content": "Write a JSON encoder."}])
+    assert r.choices[0].message.content == a.content[0].text
+    assert r.choices[0].finish_reason == {"max_tokens": "length", "end_turn": "stop"}[a.stop_reason]
+    assert r.usage.prompt_tokens == a.usage.input_tokens
+    chunks = list(oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, n=2)
+
+
+# ----------------------------------------------------------------------------- load and abuse
+
+
+def test_64_concurrent_streams_each_equal_the_request_alone(server, engine):
+    prompts = [f"def f{i}(x):\n    return x * {i}" for i in range(64)]
+
+    def ask(p: str) -> str:
+        c = anthropic.Anthropic(base_url=server.url, api_key="test", max_retries=0)
+        with c.messages.stream(model="tiny", max_tokens=16, **GREEDY,
+                               messages=[{"role": "user", "content": p}]) as s:
+            return "".join(s.text_stream)
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(ask, prompts))
+    alone = [ask(p) for p in prompts[::8]]
+    assert alone == together[::8]
+    tok = engine.model.tokenizer
+    for p, got in list(zip(prompts, together))[1::8]:
+        ids = tok.encode(render_chat(None, [("user", p)])).ids
+        assert got == reference_greedy(engine, ids, 16)
+
+
+def test_disconnected_streams_free_their_slots(server, engine):
+    before = engine.stats["finished_cancelled"]
+    body = {"model": "tiny", "max_tokens": 400, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": "import json"}]}
+
+    def open_and_leave() -> None:
+        with httpx.stream("POST", server.url + "/v1/messages", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if "content_block_delta" in line:
+                    break  # leave mid-stream: the connection closes here
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda _: open_and_leave(), range(12)))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.active or engine.waiting):
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.waiting == 0
+    assert engine.stats["finished_cancelled"] - before == 12  # stopped, not run to max_tokens
+
+
+def _start_cli_server(run_dir: Path, port: int, *extra: str) -> subprocess.Popen:
+    proc = subprocess.Popen(MEGAMESH + ["serve", "--model", str(run_dir), "--port", str(port),
+                                        "--max-len", "512", "--dtype", "float32", *extra],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("megamesh serve did not come up")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_server_limits_and_auth(run_dir):
+    port = _free_port()
+    proc = _start_cli_server(run_dir, port, "--slots", "1", "--max-queue", "1",
+                             "--max-concurrent-per-key", "1", "--max-body-mb", "0.01",
+                             "--api-key", "k1", "--api-key", "k2", "--api-key", "k3")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        sdk = {k: anthropic.Anthropic(base_url=url, api_key=k, max_retries=0) for k in ("k1", "k2", "k3")}
+        hello = [{"role": "user", "content": "hello"}]
+        with pytest.raises(anthropic.AuthenticationError):
+            anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+                model="tiny", max_tokens=3, messages=hello)
+        r = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 3, "messages": hello})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        with pytest.raises(anthropic.ContentTooLargeError):
+            sdk["k1"].messages.create(model="tiny", max_tokens=3,
+                                      messages=[{"role": "user", "content": "x" * 20_000}])
+        assert sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello).usage.output_tokens >= 1
+
+        # k1 holds the only slot, k2 waits in the only queue place
+        long = dict(model="tiny", max_tokens=480, messages=hello, **GREEDY)
+        with sdk["k1"].messages.stream(**long) as s1:
+            next(iter(s1.text_stream))
+            with sdk["k2"].messages.stream(**long) as s2:
+                deadline = time.monotonic() + 30
+                while httpx.get(url + "/health").json()["queue_depth"] < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                with pytest.raises(anthropic.OverloadedError) as e:
+                    sdk["k3"].messages.create(model="tiny", max_tokens=3, messages=hello)
+                assert e.value.response.headers["retry-after"] == "1"
+                with pytest.raises(anthropic.RateLimitError):
+                    sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello)
+                s2.close()
+            s1.close()
+        assert proc.poll() is None  # none of that stopped the server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_bad_arguments_are_clear_errors(tmp_path):
+    r = subprocess.run(MEGAMESH + ["serve", "--model", str(tmp_path / "nothing")], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "is not a directory" in r.stderr
+    r = subprocess.run(MEGAMESH + ["serve", "--model", str(tmp_path), "--slots", "0"], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--slots 0 is not allowed" in r.stderr
