@@ -23,6 +23,9 @@ def test_quickstart_runs_trains_and_samples(tmp_path):
     assert diff < 1e-4
     assert "done: step 3" in r.stdout and "sample (temperature 0.8" in r.stdout
     assert (tmp_path / "qs" / "checkpoints" / "3").is_dir()
+    # it ends by serving the checkpoint and asking it one question through the anthropic SDK
+    assert "/v1/messages -> msg_" in r.stdout and "out, stop_reason " in r.stdout
+    assert "server stopped" in r.stdout
 
 
 def test_inspect_json_counts():

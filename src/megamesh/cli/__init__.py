@@ -10,7 +10,7 @@ from megamesh.errors import MegameshError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import compile_cmd, inspect_cmd, plan, quickstart, serve, train
+    from megamesh.cli import bench, compile_cmd, inspect_cmd, plan, quickstart, serve, train
 
     parser = argparse.ArgumentParser(
         prog="megamesh",
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_parser(sub)
     compile_cmd.add_parser(sub)
     serve.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 

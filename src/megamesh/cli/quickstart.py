@@ -3,7 +3,9 @@
 Lists the model presets with their sizes, builds the `tiny` model and runs it on this
 machine's devices (a full forward pass, and KV-cached prefill + decode checked against
 it), then trains it for a few minutes on the embedded corpus (the Python standard
-library's source), saves a checkpoint and prints a generated sample.
+library's source), saves a checkpoint and prints a generated sample; finally serves that
+checkpoint on 127.0.0.1 (`megamesh serve`'s engine and API in this process), sends one
+Messages API request through the official anthropic SDK, prints the reply and stops.
 """
 
 from __future__ import annotations
@@ -131,4 +133,38 @@ def train_and_sample(cfg, args: argparse.Namespace) -> int:
     print("-" * 60)
     print(prompt + tok.decode(ids))
     print("-" * 60)
+    del result
+    return serve_once(out)
+
+
+def serve_once(out) -> int:
+    """Serve the run in `out`, ask it one question through the anthropic SDK, stop."""
+    import anthropic
+
+    from megamesh.serve.api import create_app
+    from megamesh.serve.server import build_engine, start_in_thread
+
+    print(f"\nserving {out} (the same engine and API as `megamesh serve --model {out}`) ...")
+    engine = build_engine(str(out), mesh="tensor=1", slots=4, max_len=512, log=lambda *_: None)
+    warm = engine.start()
+    running = start_in_thread(create_app(engine))
+    try:
+        client = anthropic.Anthropic(base_url=running.url, api_key="quickstart", max_retries=0)
+        t0 = time.perf_counter()
+        msg = client.messages.create(
+            model=engine.model.name, max_tokens=60, system="You write Python.",
+            messages=[{"role": "user", "content": "Write a function that reads a file."},
+                      {"role": "assistant", "content": "def read"}],
+            extra_body={"temperature": 0.8, "top_k": 40})
+        dt = time.perf_counter() - t0
+        print(f"{running.url}/v1/messages -> {msg.id} ({msg.usage.input_tokens} tokens in, "
+              f"{msg.usage.output_tokens} out, stop_reason {msg.stop_reason}, {dt * 1e3:.0f} ms; "
+              f"warm-up {warm:.1f}s)")
+        print("-" * 60)
+        print("def read" + msg.content[0].text)
+        print("-" * 60)
+    finally:
+        running.stop()
+        engine.stop()
+    print("server stopped. Serve it yourself: megamesh serve --model " + str(out))
     return 0

@@ -20,26 +20,42 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     """One token per row from logits (B, V); per-row temperature (0 = greedy), top_k (0 = off), top_p.
 
     `key` is one key for the whole batch, or a batch of keys (B,), one per row: a row's
-    draw then depends only on its own key and logits, not on the other rows."""
+    draw then depends only on its own key and logits, not on the other rows.
+
+    The vocabulary sort that top-k/top-p need is the costly part (XLA:CPU: ~50 ms for
+    32 x 8192), so it runs only when some row asks for it (`lax.cond` runs one branch):
+    all-greedy batches take an argmax, plain temperature sampling a categorical draw.
+    """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-    V = logits.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
-    scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    # top-p: keep the smallest prefix of sorted tokens whose probability reaches top_p.
-    probs = jax.nn.softmax(jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits), axis=-1)
-    cum = jnp.cumsum(probs, axis=-1) - probs
-    cutoff_idx = jnp.sum(cum < top_p[:, None], axis=-1) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
-    scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-    if key.ndim == 1:
-        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled)
-    else:
-        drawn = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature <= 0, greedy, drawn).astype(jnp.int32)
+
+    def draw(x: jax.Array) -> jax.Array:
+        if key.ndim == 1:
+            out = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, x)
+        else:
+            out = jax.random.categorical(key, x, axis=-1)
+        return jnp.where(temperature <= 0, greedy, out).astype(jnp.int32)
+
+    def filtered() -> jax.Array:
+        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
+        V = logits.shape[-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)
+        x = jnp.where(scaled < kth, -jnp.inf, scaled)
+        # top-p: keep the smallest prefix of sorted tokens whose probability reaches top_p.
+        probs = jax.nn.softmax(jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits), axis=-1)
+        cum = jnp.cumsum(probs, axis=-1) - probs
+        cutoff_idx = jnp.sum(cum < top_p[:, None], axis=-1) - 1
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
+        return draw(jnp.where(x < cutoff, -jnp.inf, x))
+
+    sampling = temperature > 0
+    needs_filter = jnp.any(sampling & ((top_k > 0) | (top_p < 1.0)))
+    return jax.lax.cond(
+        jnp.any(sampling),
+        lambda: jax.lax.cond(needs_filter, filtered, lambda: draw(scaled)),
+        lambda: greedy)
 
 
 def generate(params: Any, cfg: ModelConfig, prompt: list[int], max_new_tokens: int, *,

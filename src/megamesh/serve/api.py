@@ -74,6 +74,7 @@ class MessagesRequest(_Open):
     stream: bool = False
     tools: list[Any] | None = None
     thinking: dict[str, Any] | None = None
+    ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says
 
 
 class CountTokensRequest(_Open):
@@ -102,6 +103,7 @@ class ChatRequest(_Open):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    ignore_eos: bool = False
 
 
 def _validate(model: type[BaseModel], data: Any) -> Any:
@@ -346,7 +348,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         sampling = Sampling(max_tokens=req.max_tokens,
                             temperature=1.0 if req.temperature is None else req.temperature,
                             top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
-                            stop=tuple(req.stop_sequences or ()))
+                            stop=tuple(req.stop_sequences or ()), ignore_eos=req.ignore_eos)
         handle, queue, t0 = start(prompt, sampling, key)
         msg_id = "msg_" + secrets.token_hex(12)
         usage_in = len(prompt)
@@ -461,7 +463,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         sampling = Sampling(max_tokens=max_tokens,
                             temperature=1.0 if req.temperature is None else req.temperature,
                             top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
-                            seed=req.seed, stop=stop)
+                            seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
         handle, queue, t0 = start(prompt, sampling, key)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         finish = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
