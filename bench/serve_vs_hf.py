@@ -10,7 +10,8 @@
    a time), bench/hf_server.py --mode static (batches of up to `concurrency`).
 3. The same client for all (`megamesh.serve.bench`, vLLM `bench serve` metrics): prompts
    of exactly --input-len random tokens (+ the chat template), --output-len output tokens
-   (ignore_eos), greedy, all requests at once with at most --concurrency in flight.
+   (ignore_eos), greedy, all requests at once (or Poisson arrivals at --request-rate,
+   lengths spread by --range-ratio) with at most --concurrency in flight.
    Medians over --rounds rounds. Writes a JSON file with every round.
 """
 
@@ -83,7 +84,8 @@ def measure(name: str, cmd: list[str], port: int, args, tokenizer) -> list[dict]
         rounds = []
         for i in range(args.rounds):
             cfg = BenchConfig(url=url, num_prompts=args.num_prompts, max_concurrency=args.concurrency,
-                              input_len=args.input_len, output_len=args.output_len, seed=i)
+                              input_len=args.input_len, output_len=args.output_len, seed=i,
+                              request_rate=args.request_rate, range_ratio=args.range_ratio)
             s = run_bench(cfg, tokenizer)
             print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
                   f"{s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
@@ -116,6 +118,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="Poisson arrivals at this rate (default inf: all at once)")
+    ap.add_argument("--range-ratio", type=float, default=0.0, help="length spread, as in vLLM's random dataset")
     ap.add_argument("--only", nargs="+", default=["megamesh", "hf-sequential", "hf-static"])
     ap.add_argument("--out", default=None, help="JSON results (default: a new file under runs/)")
     args = ap.parse_args()

@@ -177,6 +177,35 @@ def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
         sharded.stop()
 
 
+def test_hugging_face_directory_serves_the_same_tokens(run_dir, engine, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from megamesh.model import hf
+    from megamesh.model.transformer import flatten
+    from megamesh.serve.server import build_engine
+
+    m = engine.model
+    flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(m.params)).items()}
+    hf_dir = hf.save_hf(m.cfg, flat, tmp_path / "hf")
+    with pytest.raises(Exception, match="tokenizer.json"):
+        build_engine(str(hf_dir), mesh="tensor=1", slots=2, max_len=128, dtype="float32")
+    shutil.copy(run_dir / "tokenizer.json", hf_dir / "tokenizer.json")
+    other = build_engine(str(hf_dir), mesh="tensor=1", slots=4, max_len=128, dtype="float32",
+                         log=lambda *_: None)
+    assert other.model.name == "hf" and other.model.cfg.d_model == m.cfg.d_model
+    other.start()
+    try:
+        prompt = m.tokenizer.encode("def dump(obj):").ids
+        greedy = Sampling(max_tokens=12, temperature=0, ignore_eos=True)  # the export has no eos id
+        a = run_engine(engine, prompt, greedy)[0].out_ids
+        b = run_engine(other, prompt, greedy)[0].out_ids
+        assert a == b
+    finally:
+        other.stop()
+
+
 # ----------------------------------------------------------------------------- Anthropic SDK
 
 
