@@ -34,8 +34,26 @@ ROOT = Path(__file__).resolve().parent.parent
 def ensure_run(run: Path) -> None:
     if (run / "checkpoints").is_dir():
         return
-    subprocess.run([sys.executable, "-m", "megamesh.cli", "train", "--model", "tiny", "--steps", "2",
-                    "--batch", "8", "--seq", "256", "--out", str(run), "--no-progress"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megamesh.cli",
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "2",
+            "--batch",
+            "8",
+            "--seq",
+            "256",
+            "--out",
+            str(run),
+            "--no-progress",
+        ],
+        check=True,
+    )
 
 
 def ensure_hf(run: Path) -> Path:
@@ -53,7 +71,7 @@ mesh = make_mesh("data=1", jax.devices()[:1])
 m = load_model({str(run)!r}, lambda cfg: param_shardings(cfg, mesh, strategy("serve")), "float32")
 flat = {{k: np.asarray(v) for k, v in flatten(jax.device_get(m.params)).items()}}
 hf.save_hf(m.cfg, flat, {str(out)!r})
-shutil.copy({str(run / 'tokenizer.json')!r}, {str(out / 'tokenizer.json')!r})
+shutil.copy({str(run / "tokenizer.json")!r}, {str(out / "tokenizer.json")!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     return out
@@ -76,20 +94,35 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def measure(name: str, cmd: list[str], port: int, args, tokenizer) -> list[dict]:
     from megamesh.serve.bench import BenchConfig, run_bench
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_up(url, proc)
         rounds = []
         for i in range(args.rounds):
-            cfg = BenchConfig(url=url, num_prompts=args.num_prompts, max_concurrency=args.concurrency,
-                              input_len=args.input_len, output_len=args.output_len, seed=i,
-                              request_rate=args.request_rate, range_ratio=args.range_ratio)
+            cfg = BenchConfig(
+                url=url,
+                num_prompts=args.num_prompts,
+                max_concurrency=args.concurrency,
+                input_len=args.input_len,
+                output_len=args.output_len,
+                seed=i,
+                request_rate=args.request_rate,
+                range_ratio=args.range_ratio,
+            )
             s = run_bench(cfg, tokenizer)
-            print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
-                  f"{s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
-                  f"failed {s['failed']}", flush=True)
+            print(
+                f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
+                f"{s['ttft_ms']['p50']:.0f} ms, TPOT p50 {s['tpot_ms']['p50']:.1f} ms, "
+                f"failed {s['failed']}",
+                flush=True,
+            )
             rounds.append(s)
         return rounds
     finally:
@@ -118,9 +151,15 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--request-rate", type=float, default=float("inf"),
-                    help="Poisson arrivals at this rate (default inf: all at once)")
-    ap.add_argument("--range-ratio", type=float, default=0.0, help="length spread, as in vLLM's random dataset")
+    ap.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals at this rate (default inf: all at once)",
+    )
+    ap.add_argument(
+        "--range-ratio", type=float, default=0.0, help="length spread, as in vLLM's random dataset"
+    )
     ap.add_argument("--only", nargs="+", default=["megamesh", "hf-sequential", "hf-static"])
     ap.add_argument("--out", default=None, help="JSON results (default: a new file under runs/)")
     args = ap.parse_args()
@@ -132,12 +171,51 @@ def main() -> None:
 
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
     servers = {
-        "megamesh": ([sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--port", "8310",
-                      "--slots", str(args.concurrency), "--max-len", "1024"], 8310),
-        "hf-sequential": ([sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir),
-                           "--port", "8311", "--mode", "sequential"], 8311),
-        "hf-static": ([sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir),
-                       "--port", "8312", "--mode", "static", "--batch", str(args.concurrency)], 8312),
+        "megamesh": (
+            [
+                sys.executable,
+                "-m",
+                "megamesh.cli",
+                "serve",
+                "--model",
+                str(run),
+                "--port",
+                "8310",
+                "--slots",
+                str(args.concurrency),
+                "--max-len",
+                "1024",
+            ],
+            8310,
+        ),
+        "hf-sequential": (
+            [
+                sys.executable,
+                str(ROOT / "bench" / "hf_server.py"),
+                "--model",
+                str(hf_dir),
+                "--port",
+                "8311",
+                "--mode",
+                "sequential",
+            ],
+            8311,
+        ),
+        "hf-static": (
+            [
+                sys.executable,
+                str(ROOT / "bench" / "hf_server.py"),
+                "--model",
+                str(hf_dir),
+                "--port",
+                "8312",
+                "--mode",
+                "static",
+                "--batch",
+                str(args.concurrency),
+            ],
+            8312,
+        ),
     }
     results = {}
     for name in args.only:
@@ -149,13 +227,19 @@ def main() -> None:
     import torch
     import transformers
 
-    versions = {"python": sys.version.split()[0], "jax": jax.__version__, "torch": torch.__version__,
-                "transformers": transformers.__version__}
+    versions = {
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     print(f"\nversions: {versions}")
     print(f"{'server':<15} {'out tok/s':>10} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'E2EL p50 ms':>12}")
     for name, rounds in results.items():
-        print(f"{name:<15} {med(rounds, 'output_throughput'):>10.1f} {med(rounds, 'ttft_ms', 'p50'):>12.0f} "
-              f"{med(rounds, 'tpot_ms', 'p50'):>12.1f} {med(rounds, 'e2el_ms', 'p50'):>12.0f}")
+        print(
+            f"{name:<15} {med(rounds, 'output_throughput'):>10.1f} {med(rounds, 'ttft_ms', 'p50'):>12.0f} "
+            f"{med(rounds, 'tpot_ms', 'p50'):>12.1f} {med(rounds, 'e2el_ms', 'p50'):>12.0f}"
+        )
     if "megamesh" in results:
         for base in ("hf-sequential", "hf-static"):
             if base in results:

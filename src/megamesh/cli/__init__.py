@@ -10,7 +10,7 @@ from megamesh.errors import MegameshError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import bench, compile_cmd, inspect_cmd, plan, quickstart, serve, train
+    from megamesh.cli import bench, compile_cmd, fleet, inspect_cmd, launch, plan, quickstart, serve, train
 
     parser = argparse.ArgumentParser(
         prog="megamesh",
@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_cmd.add_parser(sub)
     serve.add_parser(sub)
     bench.add_parser(sub)
+    fleet.add_parser(sub)
+    launch.add_parser(sub)
     return parser
 
 

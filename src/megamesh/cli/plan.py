@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.plot:
         report.plot(res.ranked, args.plot, f"{cfg.name} on {target.describe()}")
     if args.json:
-        out = {"model": cfg.name, "target": target.describe(), "chips": target.chips,
+        out = {"model": cfg.name, "target": target.describe(), "target_spec": target.topology_name
+               if target.n_slices == 1 else f"{target.chip.name}:{target.chips}", "chips": target.chips,
                "seq": args.seq, "batch": batch, "precision": args.precision,
                "kernels": args.kernels, "considered": res.considered,
                "best": best.to_json(target), "training": train,

@@ -1,0 +1,139 @@
+"""`megamesh fleet`: simulate and plan a million-chip fleet (pure Python, never imports jax)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from megamesh.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fleet",
+        help="simulate and plan the fleet: build-out, power, failures, goodput",
+        description="Discrete-event simulation of a TPU fleet scenario (default: up to "
+        "1,004,544 tpu7x chips arriving through 2026 under a 1 GW cap).",
+    )
+    fsub = p.add_subparsers(dest="fleet_cmd", metavar="WHAT", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--scenario", help="scenario YAML/JSON (default: the built-in mission scenario)")
+        q.add_argument("--seed", type=int, help="override the scenario's random seed")
+        q.add_argument("--json", action="store_true", help="print JSON")
+
+    s = fsub.add_parser("simulate", help="run the scenario: goodput, utilization, energy, power, tokens")
+    common(s)
+    s.add_argument("--plot", help="write a PNG of capacity, allocation, power and goodput (a new file)")
+    s.add_argument(
+        "--check", action="store_true", help="check allocation and power invariants at every event"
+    )
+    s.add_argument("--write-default", metavar="FILE", help="write the built-in scenario as YAML and exit")
+    q = fsub.add_parser("largest-model", help="largest model trainable compute-optimally by a date")
+    common(q)
+    q.add_argument("--by", required=True, help="date, YYYY-MM-DD")
+    q = fsub.add_parser("serving-reserve", help="chips to hold back for the serving demand curve")
+    common(q)
+    q = fsub.add_parser("checkpoint", help="checkpoint interval and hot spares that maximize goodput")
+    common(q)
+    q.add_argument("--chips", type=int, default=16 * 9216, help="job size (default 16 pods)")
+    q.add_argument("--days", type=float, default=14.0, help="days of work at full speed (default 14)")
+    q = fsub.add_parser("sync-vs-replicas", help="one synchronous job over N pods vs N pod-level replicas")
+    common(q)
+    q.add_argument("--pods", type=int, default=109)
+    q.add_argument("--days", type=float, default=14.0, help="days of work at full speed (default 14)")
+    p.set_defaults(run=run)
+
+
+def _scenario(args: argparse.Namespace):
+    from megamesh.fleet.scenario import default_scenario, load, validate
+
+    s = load(args.scenario) if args.scenario else default_scenario()
+    if args.seed is not None:
+        s.seed = args.seed
+        validate(s)
+    return s
+
+
+def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    cmd = args.fleet_cmd
+    if cmd == "simulate" and args.write_default:
+        import yaml
+
+        from megamesh.fileio import write_new_file
+        from megamesh.fleet.scenario import default_scenario
+
+        write_new_file(args.write_default, yaml.safe_dump(default_scenario().to_dict(), sort_keys=False))
+        print(f"wrote {args.write_default}")
+        return 0
+    s = _scenario(args)
+    if cmd == "simulate":
+        from megamesh.fleet import report
+        from megamesh.fleet.sim import simulate
+
+        res, fleet = simulate(s, check=args.check)
+        if args.plot:
+            report.plot(fleet.series, res, args.plot)
+        print(json.dumps(res, indent=2) if args.json else report.text(res))
+        if args.plot and not args.json:
+            print(f"plot: {args.plot}")
+        return 0
+    from megamesh.fleet import questions
+
+    if cmd == "largest-model":
+        r = questions.largest_model(s, args.by)
+        text = (
+            f"by {r['by']}: {r['training_chip_hours']:.3e} training chip-hours (average "
+            f"{r['average_training_chips']:,.0f} chips) x MFU {r['mfu']:.1%} x goodput {r['goodput']:.1%} "
+            f"= {r['compute_flops']:.3e} FLOPs -> compute-optimal dense model of {r['params'] / 1e9:,.0f}B "
+            f"parameters on {r['tokens'] / 1e12:,.1f}T tokens\n  MFU: {r['mfu_source']}\n  goodput: "
+            f"{r['goodput_source']}\n  approximate: {r['approximate']}"
+        )
+    elif cmd == "serving-reserve":
+        r = questions.serving_reserve(s)
+        lines = [f"{'month':<8} {'serving chips':>14} {'of installed':>13} {'demand Mtok/s':>14}"]
+        for m in r["months"]:
+            frac = f"{m['fraction_of_installed']:.1%}" if m["fraction_of_installed"] is not None else "-"
+            lines.append(
+                f"{m['month']:<8} {m['serving_chips']:>14,} {frac:>13} {m['demand_tok_s'] / 1e6:>14.2f}"
+            )
+        lines.append(f"peak: hold back {r['peak_serving_chips']:,} chips")
+        text = "\n".join(lines)
+    elif cmd == "checkpoint":
+        if args.chips < 1 or args.days <= 0:
+            raise ConfigError("--chips must be >= 1 and --days > 0")
+        r = questions.checkpoint_and_spares(s, args.chips, args.days)
+        b = r["best"]
+        lines = [
+            f"job of {r['chips']:,} chips: MTBF {r['mtbf_min']:.1f} min; Daly interval "
+            f"{r['daly_interval_min']:.1f} min (closed-form goodput {r['daly_goodput']:.1%})",
+            f"{'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} {'repair wait h':>14}",
+        ]
+        for g in r["grid"]:
+            lines.append(
+                f"{g['spare_fraction']:>7.1%} {g['interval_min']:>8.1f}m {g['interval_vs_daly']:>7.2f} "
+                f"{g['goodput']:>8.1%} {g['repair_wait_hours']:>14.0f}"
+            )
+        lines.append(
+            f"best: spares {b['spare_fraction']:.1%}, checkpoint every {b['interval_min']:.1f} min "
+            f"-> goodput {b['goodput']:.1%}"
+        )
+        text = "\n".join(lines)
+    else:
+        if args.pods < 1 or args.days <= 0:
+            raise ConfigError("--pods must be >= 1 and --days > 0")
+        r = questions.sync_vs_replicas(s, args.pods, args.days)
+        lines = [f"{args.pods} pods = {r['chips']:,} chips"]
+        for k in ("synchronous", "pod_replicas"):
+            v = r[k]
+            lines.append(
+                f"{k:<13} {v['jobs']:>4} job(s) of {v['chips_per_job']:>9,} chips: MTBF "
+                f"{v['mtbf_min']:8.1f} min, checkpoint every {v['checkpoint_interval_min']:6.1f} min, "
+                f"goodput {v['goodput_simulated']:.1%} simulated ({v['goodput_closed_form']:.1%} closed form)"
+            )
+        lines.append(r["note"])
+        text = "\n".join(lines)
+    print(json.dumps(r, indent=2) if args.json else text)
+    return 0

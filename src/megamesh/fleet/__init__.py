@@ -1,0 +1,1 @@
+"""Fleet planning and simulation (pure Python, never imports jax)."""

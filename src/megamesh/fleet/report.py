@@ -1,0 +1,91 @@
+"""What `megamesh fleet` prints and plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _h(x: float) -> str:
+    for unit, d in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= d:
+            return f"{x / d:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def text(r: dict[str, Any]) -> str:
+    lines = [
+        f"fleet {r['scenario']}: {r['start']} .. {r['end']}, {r['pods_at_end']} pods = "
+        f"{r['chips_installed_at_end']:,} chips at the end ({r['events']:,} events simulated)",
+        f"goodput {r['goodput']:.1%} (training {r['training_goodput']:.1%}), utilization "
+        f"{r['utilization']:.1%} of installed chip-hours",
+        f"energy {r['energy_gwh']:,.0f} GWh, average {r['average_power_mw']:,.0f} MW, peak "
+        f"{r['peak_power_mw']:,.0f} MW (cap {r['power_cap_mw']:,.0f} MW)",
+        f"tokens trained {_h(r['tokens_trained'])}, served {_h(r['tokens_served'])} of "
+        f"{_h(r['tokens_demanded'])} demanded (short of demand {r['serving_shortfall_hours']:.0f} h)",
+        f"cost: energy ${_h(r['cost_usd']['energy'])}"
+        + (
+            f", chips ${_h(r['cost_usd']['chips'])}"
+            if r["cost_usd"]["chips"]
+            else " (chip-hours unpriced: no public tpu7x price; set price_per_chip_hour)"
+        ),
+        "",
+        f"{'job':<18} {'chips':>9} {'goodput':>8} {'progress':>9} {'finish':>17} {'interrupts':>10} "
+        f"{'MTBF':>8} {'ckpt':>7}  badput hours (ckpt/lost/restart/repair/queued/preempt)",
+    ]
+    for j in r["jobs"]:
+        b = j["badput_hours"]
+        finish = j["finish_time"] or "not finished"
+        if j["deadline"] and j["met_deadline"] is not None:
+            finish += " ok" if j["met_deadline"] else " LATE"
+        lines.append(
+            f"{j['name']:<18} {j['chips']:>9,} {j['goodput']:>8.1%} {j['progress']:>9.1%} {finish:>17} "
+            f"{j['interruptions']:>10,} {j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
+            + "/".join(
+                f"{b[k]:.0f}" for k in ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
+            )
+        )
+    lines.append(f"\napproximate: {r['approximate']}")
+    return "\n".join(lines)
+
+
+def plot(series: list[dict[str, float]], r: dict[str, Any], path: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megamesh.fileio import write_new_file
+
+    days = [p["t_h"] / 24 for p in series]
+    fig, ax = plt.subplots(4, 1, figsize=(10, 12), sharex=True)
+    ax[0].plot(days, [p["installed_chips"] / 1e3 for p in series], label="installed")
+    ax[0].stackplot(
+        days,
+        [p["training_chips"] / 1e3 for p in series],
+        [p["serving_chips"] / 1e3 for p in series],
+        [p["spare_chips"] / 1e3 for p in series],
+        labels=["training", "serving", "hot spares"],
+        alpha=0.6,
+    )
+    ax[0].set_ylabel("chips (thousands)")
+    ax[0].legend(loc="upper left")
+    ax[0].set_title(f"fleet {r['scenario']}: capacity and allocation")
+    ax[1].plot(days, [p["power_mw"] for p in series], label="power")
+    ax[1].axhline(r["power_cap_mw"], color="r", linestyle="--", label="cap")
+    ax[1].set_ylabel("MW")
+    ax[1].legend(loc="upper left")
+    ax[2].plot(days, [p["goodput"] for p in series])
+    ax[2].set_ylabel("goodput (cumulative)")
+    ax[2].set_ylim(0, 1)
+    ax[3].plot(days, [p["serving_demand_tok_s"] / 1e6 for p in series], label="demand")
+    ax[3].plot(days, [p["serving_capacity_tok_s"] / 1e6 for p in series], label="capacity")
+    ax[3].set_ylabel("serving Mtok/s")
+    ax[3].set_xlabel(f"days from {r['start']}")
+    ax[3].legend(loc="upper left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_new_file(path, buf.getvalue())

@@ -1,0 +1,349 @@
+"""A fleet scenario: capacity arriving over time, a power cap, workloads and failures.
+
+Loaded from YAML/JSON (`megamesh fleet --scenario F`) or the built-in default for the
+mission (`default_scenario()`, printed by `megamesh fleet --write-default F`). Every field
+is checked; an error names the field (`jobs[1].model`, `failures.chip_per_hour`) and what
+is allowed. Pure Python.
+
+Time is in hours from `start` (a date); dates in the file are ISO (`2026-03-01`).
+
+Failure defaults reproduce Llama 3's 419 unexpected interruptions in 54 days on 16,384
+GPUs (arXiv 2407.21783 as summarized in ../shared/reference/hardware.md: 4.7e-4 per
+GPU-day, 1.97e-5 per accelerator-hour). TPU failure rates are not published: the split
+between chip, host and pod failures is an assumption (parameters, marked unconfirmed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megamesh.config import PRESETS
+from megamesh.errors import ConfigError
+from megamesh.hardware import CHIPS
+
+LLAMA3_RATE_PER_CHIP_HOUR = 419 / (54 * 24 * 16384)  # 1.973e-5 unexpected interruptions
+CHIPS_PER_HOST = 4  # TPU v4/v5p/tpu7x hosts drive 4 chips
+CUBE_CHIPS = 64  # 3-D torus slices are built from 4x4x4 cubes
+
+
+@dataclass
+class Arrival:
+    month: str  # "2026-03": pods arrive on the first of that month
+    pods: int
+
+
+@dataclass
+class TrainingJob:
+    name: str
+    model: str  # a preset name
+    tokens: float
+    chips: int  # the fewest equal slices that fit a pod, each of whole 64-chip cubes
+    priority: int = 1  # higher wins; may preempt lower-priority training
+    start: str | None = None  # earliest start (date); default: the scenario start
+    deadline: str | None = None  # reported against, not enforced
+    seq: int = 8192
+    batch: int | None = None  # sequences per step; default chips // 8
+    checkpoint_interval_min: float | None = None  # default: Daly's optimum for this job
+
+
+@dataclass
+class ServingDemand:
+    model: str
+    tokens_per_day: float  # output tokens per day at `start`
+    monthly_growth: float = 0.0  # 0.2 = +20% per month, compounded
+    input_tokens: int = 2000
+    output_tokens: int = 500
+    slo_tpot_ms: float | None = 50.0
+    slo_ttft_ms: float | None = None
+    start: str | None = None
+
+
+@dataclass
+class Failures:
+    """Rates per hour per unit. Defaults: Llama 3's per-accelerator rate split 75% chip,
+    25% host, plus rare pod-level events (the split is an assumption; TPU rates are not
+    published)."""
+
+    chip_per_hour: float = LLAMA3_RATE_PER_CHIP_HOUR * 0.75
+    host_per_hour: float = LLAMA3_RATE_PER_CHIP_HOUR * 0.25 * CHIPS_PER_HOST
+    pod_per_hour: float = 1e-4
+    repair_hours: float = 24.0  # a failed cube (chip or host) back in service
+    pod_repair_hours: float = 8.0
+    save_min: float = 1.0  # unconfirmed: training blocked per checkpoint (async Orbax saves)
+    restart_min: float = 5.0  # unconfirmed: reschedule + restore + recompile
+    serving_restart_min: float = 2.0  # a serving replica back after a failure
+
+
+@dataclass
+class Scenario:
+    name: str = "mission-2026"
+    start: str = "2026-01-01"
+    end: str = "2026-12-31"
+    chip: str = "tpu7x"
+    arrivals: list[Arrival] = field(default_factory=list)
+    power_cap_mw: float = 1000.0
+    pue: float = 1.1  # Google fleet PUE (hardware.md)
+    all_in_power_w: float | None = None  # default: the catalog's (tpu7x 1,090 W, unconfirmed)
+    idle_power_fraction: float = 0.3  # unconfirmed: an allocated-but-idle chip's share
+    energy_price_per_mwh: float = 80.0  # unconfirmed: US industrial average order of magnitude
+    price_per_chip_hour: float | None = None  # default: the catalog's (none public for tpu7x)
+    spare_fraction: float = 0.02  # of installed cubes held as hot spares
+    jobs: list[TrainingJob] = field(default_factory=list)
+    serving: list[ServingDemand] = field(default_factory=list)
+    failures: Failures = field(default_factory=Failures)
+    seed: int = 0
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def t_start(self) -> dt.date:
+        return parse_date(self.start, "start")
+
+    def hours(self, date: str | None, where: str) -> float:
+        if date is None:
+            return 0.0
+        return (parse_date(date, where) - self.t_start).days * 24.0
+
+    @property
+    def horizon_h(self) -> float:
+        return self.hours(self.end, "end") + 24.0
+
+    @property
+    def pod_chips(self) -> int:
+        return CHIPS[self.chip].pod_chips
+
+    @property
+    def watts_per_chip(self) -> float:
+        w = self.all_in_power_w or CHIPS[self.chip].all_in_power_w
+        if not w:
+            raise ConfigError(f"chip {self.chip!r} has no all-in power in the catalog: set all_in_power_w")
+        return w * self.pue
+
+    @property
+    def chip_price(self) -> float | None:
+        return self.price_per_chip_hour or CHIPS[self.chip].price_per_chip_hour
+
+    def total_pods(self) -> int:
+        return sum(a.pods for a in self.arrivals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_date(text: str, where: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(text))
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a date; use YYYY-MM-DD") from None
+
+
+def month_date(text: str, where: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(str(text) + "-01")
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a month; use YYYY-MM") from None
+
+
+# ---------------------------------------------------------------------- loading and checks
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(names)}")
+    kwargs = {}
+    for k, v in data.items():
+        sub = f"{where}.{k}" if where else k
+        if k == "arrivals":
+            kwargs[k] = [_build(Arrival, a, f"{sub}[{i}]") for i, a in enumerate(_list(v, sub))]
+        elif k == "jobs":
+            kwargs[k] = [_build(TrainingJob, j, f"{sub}[{i}]") for i, j in enumerate(_list(v, sub))]
+        elif k == "serving":
+            kwargs[k] = [_build(ServingDemand, s, f"{sub}[{i}]") for i, s in enumerate(_list(v, sub))]
+        elif k == "failures":
+            kwargs[k] = _build(Failures, v, sub)
+        else:
+            kwargs[k] = v
+    missing = [
+        f.name
+        for f in names.values()
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where + '.' if where else ''}{missing[0]}: required field is missing")
+    return cls(**kwargs)
+
+
+def _list(v: Any, where: str) -> list:
+    if not isinstance(v, list):
+        raise ConfigError(f"{where}: expected a list")
+    return v
+
+
+def _num(v: Any, where: str, *, lo: float | None = 0.0, strict: bool = False, integer: bool = False) -> None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
+    if not ok:
+        raise ConfigError(f"{where}: {v!r} is not allowed: must be {'an integer' if integer else 'a number'}")
+    if lo is not None and (v < lo or (strict and v == lo)):
+        raise ConfigError(f"{where}: {v!r} is not allowed: must be {'>' if strict else '>='} {lo}")
+
+
+def validate(s: Scenario) -> Scenario:
+    if s.chip not in CHIPS:
+        raise ConfigError(f"chip: {s.chip!r} is unknown; one of {', '.join(CHIPS)}")
+    if not CHIPS[s.chip].ici_topology.startswith("torus3d"):
+        raise ConfigError(
+            f"chip: {s.chip!r} is not allowed: the fleet model allocates 3-D torus TPU pods (tpu7x, v5p, v4)"
+        )
+    if parse_date(s.end, "end") <= s.t_start:
+        raise ConfigError(f"end: {s.end} must be after start {s.start}")
+    for name in ("power_cap_mw", "pue", "energy_price_per_mwh"):
+        _num(getattr(s, name), name, strict=name != "energy_price_per_mwh")
+    if s.pue < 1:
+        raise ConfigError(f"pue: {s.pue} is not allowed: must be >= 1")
+    if not 0 <= s.idle_power_fraction <= 1:
+        raise ConfigError(f"idle_power_fraction: {s.idle_power_fraction} is not allowed: 0..1")
+    if not 0 <= s.spare_fraction < 0.5:
+        raise ConfigError(f"spare_fraction: {s.spare_fraction} is not allowed: 0 <= f < 0.5")
+    for opt in ("all_in_power_w", "price_per_chip_hour"):
+        if getattr(s, opt) is not None:
+            _num(getattr(s, opt), opt, strict=True)
+    _num(s.seed, "seed", integer=True)
+    if not s.arrivals:
+        raise ConfigError("arrivals: at least one pod must arrive")
+    for i, a in enumerate(s.arrivals):
+        month_date(a.month, f"arrivals[{i}].month")
+        _num(a.pods, f"arrivals[{i}].pods", integer=True)
+    f = s.failures
+    for k in (
+        "chip_per_hour",
+        "host_per_hour",
+        "pod_per_hour",
+        "repair_hours",
+        "pod_repair_hours",
+        "save_min",
+        "restart_min",
+        "serving_restart_min",
+    ):
+        _num(getattr(f, k), f"failures.{k}")
+    fleet_chips = s.total_pods() * s.pod_chips
+    for i, j in enumerate(s.jobs):
+        w = f"jobs[{i}]"
+        if j.model not in PRESETS:
+            raise ConfigError(f"{w}.model: unknown model {j.model!r}; presets are {', '.join(PRESETS)}")
+        _num(j.tokens, f"{w}.tokens", strict=True)
+        _num(j.chips, f"{w}.chips", lo=1, integer=True)
+        if j.chips > fleet_chips:
+            raise ConfigError(
+                f"{w}.chips: {j.chips:,} is larger than the fleet ({fleet_chips:,} chips "
+                f"in {s.total_pods()} pods)"
+            )
+        n = -(-j.chips // s.pod_chips)
+        if j.chips % (n * CUBE_CHIPS):
+            raise ConfigError(
+                f"{w}.chips: {j.chips:,} is not allowed: a job is {n} equal slice(s) of whole "
+                f"{CUBE_CHIPS}-chip cubes, so chips must be a multiple of {n * CUBE_CHIPS}"
+            )
+        _num(j.priority, f"{w}.priority", lo=None, integer=True)
+        _num(j.seq, f"{w}.seq", lo=1, integer=True)
+        if j.batch is not None:
+            _num(j.batch, f"{w}.batch", lo=1, integer=True)
+        if j.checkpoint_interval_min is not None:
+            _num(j.checkpoint_interval_min, f"{w}.checkpoint_interval_min", strict=True)
+        s.hours(j.start, f"{w}.start")
+        s.hours(j.deadline, f"{w}.deadline")
+    names = [j.name for j in s.jobs]
+    if len(set(names)) != len(names):
+        raise ConfigError("jobs: names must be unique")
+    for i, d in enumerate(s.serving):
+        w = f"serving[{i}]"
+        if d.model not in PRESETS:
+            raise ConfigError(f"{w}.model: unknown model {d.model!r}; presets are {', '.join(PRESETS)}")
+        _num(d.tokens_per_day, f"{w}.tokens_per_day")
+        _num(d.monthly_growth, f"{w}.monthly_growth", lo=-1, strict=True)
+        _num(d.input_tokens, f"{w}.input_tokens", lo=1, integer=True)
+        _num(d.output_tokens, f"{w}.output_tokens", lo=1, integer=True)
+        for k in ("slo_tpot_ms", "slo_ttft_ms"):
+            if getattr(d, k) is not None:
+                _num(getattr(d, k), f"{w}.{k}", strict=True)
+        s.hours(d.start, f"{w}.start")
+    return s
+
+
+def from_dict(data: dict[str, Any]) -> Scenario:
+    return validate(_build(Scenario, data, ""))
+
+
+def load(path: str | Path) -> Scenario:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--scenario {str(p)!r} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 -- any parse error is the user's file
+        raise ConfigError(f"--scenario {str(p)!r} does not parse: {e}") from None
+    return from_dict(data if data is not None else {})
+
+
+def default_scenario() -> Scenario:
+    """The mission: up to ~1M tpu7x chips (109 pods of 9,216) arriving through 2026 under
+    a 1 GW cap; a frontier pre-training run on 72 pods, a 70B run, a 405B post-training
+    run, experiments, and serving demand (2T output tokens/day from February) growing 25%
+    a month. The workloads are illustrative, not anyone's real plan."""
+    per_month = [4, 5, 6, 7, 8, 9, 10, 10, 11, 12, 13, 14]  # 109 pods
+    arrivals = [Arrival(f"2026-{m:02d}", n) for m, n in enumerate(per_month, start=1)]
+    jobs = [
+        TrainingJob(
+            name="llama-70b",
+            model="llama3.1-70b",
+            tokens=15e12,
+            chips=4 * 9216,
+            priority=1,
+            start="2026-01-15",
+        ),
+        TrainingJob(
+            name="experiments-8b",
+            model="llama3.1-8b",
+            tokens=2e12,
+            chips=4096,
+            priority=0,
+            start="2026-01-01",
+        ),
+        TrainingJob(
+            name="post-train-405b",
+            model="llama3.1-405b",
+            tokens=5e12,
+            chips=8 * 9216,
+            priority=1,
+            start="2026-04-01",
+        ),
+        TrainingJob(
+            name="frontier-2t",
+            model="frontier-2t",
+            tokens=60e12,
+            chips=72 * 9216,
+            priority=2,
+            start="2026-07-01",
+            deadline="2026-12-31",
+        ),
+    ]
+    serving = [
+        ServingDemand(model="llama3.1-70b", tokens_per_day=2e12, monthly_growth=0.25, start="2026-02-01")
+    ]
+    return validate(Scenario(arrivals=arrivals, jobs=jobs, serving=serving))

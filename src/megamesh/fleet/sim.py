@@ -1,0 +1,731 @@
+"""Discrete-event simulation of a fleet: pods arriving, jobs allocated, failures, restarts.
+
+Events (a heap, deterministic for a seed): pod arrivals, job submissions, daily serving
+re-sizing and samples, failures, restart completions, repairs, job completions. Nothing
+iterates over chips: a job's failures are one Poisson process with rate chips x chip rate
++ hosts x host rate + pods x pod rate, and its progress between events is closed-form,
+so the cost grows with the number of events, not with the fleet's size.
+
+Model (each simplification is a parameter or stated here):
+- Allocation: a pod is 9,216 chips = 144 cubes of 64 (4x4x4). A job is split into the
+  fewest equal slices that fit a pod (16,384 chips: 2 x 8,192); each slice gets whole
+  cubes inside one pod (best fit: the fullest powered pod with room), slices talk over
+  DCN. Serving replicas take cubes anywhere. A pod with nothing allocated is powered
+  off; allocated chips draw the all-in power x PUE, free chips in powered pods and hot
+  spares draw `idle_power_fraction` of it. Nothing is allocated that would put the
+  power above the cap.
+- Training job: work = tokens / (planner tokens/s at its chip count); it runs segments
+  of `tau` hours of work then a `save` (checkpoint); a failure loses the work since the
+  last completed save (a failure during a save loses that segment), then a restart of
+  `restart` hours (failures can strike during restarts too: Daly's model). tau defaults
+  to Daly's optimum for the job's MTBF.
+- Hot spares: `spare_fraction` of installed cubes is held free. A failed cube is swapped
+  for a spare at once (restart only) and returns as a spare after `repair_hours`; with no
+  spare left the job waits for its own repair. Spares are fungible across the fleet
+  (where a spare sits in the torus is not modelled). A pod-level failure waits for the
+  pod repair.
+- Priorities: higher-priority training may preempt lower (graceful: the preempted job
+  saves, losing no work, and re-queues); serving demand preempts any training.
+- Serving: the chips the planner says are needed for the day's demand (tokens/day
+  growing monthly), in whole replicas; replica failures are an availability factor
+  1 / (1 + replica failure rate x serving restart time). Tokens served = min(demand,
+  capacity x availability).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from megamesh.errors import ConfigError
+from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
+from megamesh.fleet.theory import daly_interval
+
+BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
+
+
+@dataclass
+class Job:
+    name: str
+    chips: int
+    priority: int
+    submit_h: float
+    work_h: float  # productive hours needed
+    tokens_per_h: float
+    tau_h: float
+    save_h: float
+    restart_h: float
+    rate_chip: float  # failures per hour from chips, hosts, pods
+    rate_host: float
+    rate_pod: float
+    mtbf_h: float
+    deadline_h: float | None = None
+    state: str = "pending"  # pending, queued, restarting, running, waiting, done
+    t_state: float = 0.0
+    version: int = 0
+    done_h: float = 0.0
+    productive_h: float = 0.0
+    first_start: float | None = None
+    finish: float | None = None
+    interruptions: int = 0
+    preemptions: int = 0
+    badput: Counter = field(default_factory=Counter)
+    alloc: list[list[int]] = field(default_factory=list)  # [pod, cubes]
+
+    @property
+    def cubes(self) -> int:
+        return sum(c for _, c in self.alloc)
+
+    @property
+    def rate(self) -> float:
+        return self.rate_chip + self.rate_host + self.rate_pod
+
+
+@dataclass
+class Serving:
+    name: str
+    tokens_per_s_per_chip: float
+    chips_per_replica: int
+    availability: float
+    demand0_per_s: float
+    growth: float
+    start_h: float
+    cubes: list[list[int]] = field(default_factory=list)  # [pod, cubes]
+    served: float = 0.0
+    demanded: float = 0.0
+    shortfall_h: float = 0.0
+
+    def demand_per_s(self, t: float, scenario: Scenario) -> float:
+        if t < self.start_h:
+            return 0.0
+        months = (t - self.start_h) / (24 * 30.4375)
+        return self.demand0_per_s * (1 + self.growth) ** months
+
+    @property
+    def chips(self) -> int:
+        return sum(c for _, c in self.cubes) * CUBE_CHIPS
+
+
+class Fleet:
+    def __init__(
+        self, scenario: Scenario, *, check: bool = False, planner: Any = None, samples_per_day: int = 1
+    ):
+        self.s = scenario
+        self.check = check
+        self.rng = random.Random(scenario.seed)
+        self.cubes_per_pod = scenario.pod_chips // CUBE_CHIPS
+        self.pod_used: list[int] = []
+        self.pod_powered_since: list[float] = []
+        self.spares = 0  # cubes held free as hot spares
+        self.in_repair = 0  # cubes out of service (their spare took their place)
+        self.free_total = 0
+        self.n_powered = 0
+        self.used_total = 0
+        self.heap: list[tuple[float, int, str, Any]] = []
+        self._seq = 0
+        self.t = 0.0
+        self.jobs: dict[str, Job] = {}
+        self.serving: list[Serving] = []
+        self.planner = planner or _planner_numbers
+        self.integrals = Counter()
+        self.peak_power_mw = 0.0
+        self.series: list[dict[str, float]] = []
+        self.sample_every_h = 24.0 / samples_per_day
+        self.events = 0
+        self._setup()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _push(self, t: float, kind: str, payload: Any = None) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (t, self._seq, kind, payload))
+
+    def _setup(self) -> None:
+        s = self.s
+        start = s.t_start
+        for a in s.arrivals:
+            d = month_date(a.month, "arrivals")
+            t = max(0.0, (d - start).days * 24.0)
+            if a.pods:
+                self._push(t, "pods", a.pods)
+        f = s.failures
+        for spec in s.jobs:
+            n = self.planner("train", spec, s)
+            hosts = math.ceil(spec.chips / CHIPS_PER_HOST)
+            pods = math.ceil(spec.chips / s.pod_chips)
+            rc, rh, rp = spec.chips * f.chip_per_hour, hosts * f.host_per_hour, pods * f.pod_per_hour
+            rate = rc + rh + rp
+            mtbf = 1 / rate if rate > 0 else math.inf
+            save_h, restart_h = f.save_min / 60, f.restart_min / 60
+            if spec.checkpoint_interval_min:
+                tau = spec.checkpoint_interval_min / 60
+            else:
+                tau = daly_interval(save_h, mtbf) if math.isfinite(mtbf) else 24.0
+            job = Job(
+                name=spec.name,
+                chips=spec.chips,
+                priority=spec.priority,
+                submit_h=s.hours(spec.start, "start"),
+                work_h=spec.tokens / n["tokens_per_h"],
+                tokens_per_h=n["tokens_per_h"],
+                tau_h=max(tau, 1e-6),
+                save_h=save_h,
+                restart_h=restart_h,
+                rate_chip=rc,
+                rate_host=rh,
+                rate_pod=rp,
+                mtbf_h=mtbf,
+                deadline_h=s.hours(spec.deadline, "deadline") if spec.deadline else None,
+            )
+            self.jobs[job.name] = job
+            self._push(job.submit_h, "submit", job.name)
+        for i, d in enumerate(s.serving):
+            n = self.planner("serve", d, s)
+            rep_rate = n["chips_per_replica"] * (f.chip_per_hour + f.host_per_hour / CHIPS_PER_HOST)
+            avail = 1 / (1 + rep_rate * f.serving_restart_min / 60)
+            self.serving.append(
+                Serving(
+                    name=f"serving[{i}] {d.model}",
+                    tokens_per_s_per_chip=n["tokens_per_s_per_chip"],
+                    chips_per_replica=n["chips_per_replica"],
+                    availability=avail,
+                    demand0_per_s=d.tokens_per_day / 86400,
+                    growth=d.monthly_growth,
+                    start_h=s.hours(d.start, "start"),
+                )
+            )
+        t = 0.0
+        while t <= s.horizon_h:
+            self._push(t, "tick")
+            t += self.sample_every_h
+
+    # ------------------------------------------------------------------ power and capacity
+
+    def power_mw(self, used: int | None = None, powered: int | None = None) -> float:
+        used = self.used_total if used is None else used
+        powered = self.n_powered if powered is None else powered
+        idle = powered * self.cubes_per_pod - used + self.spares + self.in_repair
+        idle = max(idle, 0)
+        return self.s.watts_per_chip * CUBE_CHIPS * (used + self.s.idle_power_fraction * idle) / 1e6
+
+    def _allocatable(self) -> int:
+        return self.free_total - self.spares - self.in_repair
+
+    def _fits(self, slices: list[int], pod_used: list[int]) -> list[list[int]] | None:
+        """Where a job's slices (cubes each) would go given per-pod usage (not committed):
+        each slice inside one pod, best fit (the fullest powered pod that has room)."""
+        used = list(pod_used)
+        out: list[list[int]] = []
+        for cubes in slices:
+            best, best_key = None, None
+            for p, u in enumerate(used):
+                room = self.cubes_per_pod - u
+                if room >= cubes:
+                    key = (u == 0, room)
+                    if best_key is None or key < best_key:
+                        best, best_key = p, key
+            if best is None:
+                return None
+            used[best] += cubes
+            out.append([best, cubes])
+        return out
+
+    def _place(self, alloc: list[list[int]]) -> None:
+        for p, c in alloc:
+            if self.pod_used[p] == 0:
+                self.n_powered += 1
+            self.pod_used[p] += c
+            self.used_total += c
+            self.free_total -= c
+
+    def _release(self, alloc: list[list[int]]) -> None:
+        for p, c in alloc:
+            self.pod_used[p] -= c
+            self.used_total -= c
+            self.free_total += c
+            if self.pod_used[p] == 0:
+                self.n_powered -= 1
+
+    def _power_after(self, alloc: list[list[int]], freed: list[list[int]] = ()) -> float:
+        used = self.used_total
+        pod_delta: Counter = Counter()
+        for p, c in freed:
+            pod_delta[p] -= c
+        for p, c in alloc:
+            pod_delta[p] += c
+        powered = self.n_powered
+        for p, d in pod_delta.items():
+            before, after = self.pod_used[p] > 0, self.pod_used[p] + d > 0
+            powered += int(after) - int(before)
+            used += d
+        return self.power_mw(used, powered)
+
+    def try_allocate(self, slices: list[int], freed: list[list[int]] = ()) -> list[list[int]] | None:
+        pod_used = list(self.pod_used)
+        for p, c in freed:
+            pod_used[p] -= c
+        if self._allocatable() + sum(c for _, c in freed) < sum(slices):
+            return None
+        alloc = self._fits(slices, pod_used)
+        if alloc is None or self._power_after(alloc, freed) > self.s.power_cap_mw + 1e-9:
+            return None
+        return alloc
+
+    # ------------------------------------------------------------------ integrals
+
+    def advance(self, t: float) -> None:
+        dt = t - self.t
+        if dt < 0:
+            raise AssertionError("time went backwards")
+        if dt > 0:
+            installed = len(self.pod_used) * self.s.pod_chips
+            p = self.power_mw()
+            self.integrals["installed_chip_h"] += installed * dt
+            self.integrals["allocated_chip_h"] += self.used_total * CUBE_CHIPS * dt
+            self.integrals["energy_mwh"] += p * dt
+            for sv in self.serving:
+                demand = sv.demand_per_s(self.t, self.s)
+                cap = sv.chips * sv.tokens_per_s_per_chip * sv.availability
+                sv.demanded += demand * dt * 3600
+                sv.served += min(demand, cap) * dt * 3600
+                if cap < demand:
+                    sv.shortfall_h += dt
+                self.integrals["serving_chip_h"] += sv.chips * dt
+                self.integrals["serving_good_chip_h"] += sv.chips * sv.availability * dt
+            for j in self.jobs.values():
+                if j.alloc:
+                    self.integrals["training_chip_h"] += j.cubes * CUBE_CHIPS * dt
+        self.t = t
+
+    # ------------------------------------------------------------------ jobs
+
+    def _set_state(self, job: Job, state: str) -> None:
+        job.state, job.t_state = state, self.t
+        job.version += 1
+        if state == "running":
+            remaining = job.work_h - job.done_h
+            k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
+            seg = job.tau_h + job.save_h
+            finish = self.t + (k - 1) * seg + (remaining - (k - 1) * job.tau_h) + job.save_h
+            self._push(finish, "finish", (job.name, job.version))
+        if state == "restarting":
+            self._push(self.t + job.restart_h, "restarted", (job.name, job.version))
+        if state in ("running", "restarting") and job.rate > 0:
+            self._push(self.t + self.rng.expovariate(job.rate), "failure", (job.name, job.version))
+
+    def _account_running(self, job: Job, graceful: bool) -> None:
+        """Leaving `running` at self.t: bank saved work, charge checkpoints and lost work."""
+        e = self.t - job.t_state
+        seg = job.tau_h + job.save_h
+        n = int(e // seg)
+        r = e - n * seg
+        saved = n * job.tau_h
+        job.badput["checkpoint"] += n * job.save_h
+        if r <= job.tau_h:
+            if graceful:
+                saved += r
+                job.badput["preempt"] += job.save_h  # the save it makes before leaving
+            else:
+                job.badput["lost"] += r
+        else:
+            if graceful:
+                saved += job.tau_h
+                job.badput["checkpoint"] += r - job.tau_h
+            else:
+                job.badput["lost"] += job.tau_h
+                job.badput["checkpoint"] += r - job.tau_h
+        saved = min(saved, job.work_h - job.done_h)
+        job.done_h += saved
+        job.productive_h += saved
+
+    def _leave(self, job: Job, graceful: bool) -> None:
+        if job.state == "running":
+            self._account_running(job, graceful)
+        elif job.state == "restarting":
+            job.badput["restart"] += self.t - job.t_state
+        elif job.state == "waiting":
+            job.badput["repair_wait"] += self.t - job.t_state
+        elif job.state == "queued" and job.first_start is not None:
+            job.badput["queued"] += self.t - job.t_state
+
+    def _start(self, job: Job, alloc: list[list[int]]) -> None:
+        self._leave(job, graceful=True)
+        self._place(alloc)
+        job.alloc = alloc
+        if job.first_start is None:
+            job.first_start = self.t
+        self._set_state(job, "restarting")
+
+    def _preempt(self, job: Job) -> None:
+        self._leave(job, graceful=True)
+        job.preemptions += 1
+        self._release(job.alloc)
+        job.alloc = []
+        self._set_state(job, "queued")
+
+    def schedule(self) -> None:
+        queue = sorted(
+            (j for j in self.jobs.values() if j.state == "queued"),
+            key=lambda j: (-j.priority, j.submit_h, j.name),
+        )
+        for job in queue:
+            n = math.ceil(job.chips / self.s.pod_chips)
+            slices = [job.chips // n // CUBE_CHIPS] * n
+            alloc = self.try_allocate(slices)
+            if alloc is None:
+                victims = sorted(
+                    (v for v in self.jobs.values() if v.alloc and v.priority < job.priority),
+                    key=lambda v: (v.priority, -v.submit_h),
+                )
+                freed: list[list[int]] = []
+                chosen = []
+                for v in victims:
+                    freed = freed + v.alloc
+                    chosen.append(v)
+                    alloc = self.try_allocate(slices, freed)
+                    if alloc is not None:
+                        break
+                if alloc is None:
+                    continue
+                for v in chosen:
+                    self._preempt(v)
+                alloc = self.try_allocate(slices)
+                if alloc is None:
+                    continue
+            self._start(job, alloc)
+
+    # ------------------------------------------------------------------ serving
+
+    def resize_serving(self) -> None:
+        for sv in self.serving:
+            # provision for the demand at the next re-sizing (demand grows in between)
+            demand = sv.demand_per_s(self.t + self.sample_every_h, self.s)
+            per_replica = sv.chips_per_replica * sv.tokens_per_s_per_chip * sv.availability
+            replicas = math.ceil(demand / per_replica) if demand > 0 else 0
+            want = math.ceil(replicas * sv.chips_per_replica / CUBE_CHIPS)
+            have = sum(c for _, c in sv.cubes)
+            while have > want and sv.cubes:
+                p, c = sv.cubes[-1]
+                give = min(c, have - want)
+                self._release([[p, give]])
+                if give == c:
+                    sv.cubes.pop()
+                else:
+                    sv.cubes[-1][1] -= give
+                have -= give
+            while have < want:
+                got = self._grab_cubes(want - have)
+                if not got:
+                    victims = sorted(
+                        (v for v in self.jobs.values() if v.alloc), key=lambda v: (v.priority, -v.submit_h)
+                    )
+                    if not victims:
+                        break
+                    self._preempt(victims[0])
+                    continue
+                sv.cubes.extend(got)
+                have += sum(c for _, c in got)
+
+    def _grab_cubes(self, n: int) -> list[list[int]]:
+        """Up to n cubes for serving, fullest powered pods first, within power."""
+        out = []
+        order = sorted(range(len(self.pod_used)), key=lambda p: (self.pod_used[p] == 0, -self.pod_used[p]))
+        for p in order:
+            room = min(self.cubes_per_pod - self.pod_used[p], n, self._allocatable())
+            if room <= 0:
+                continue
+            # shrink to what the power cap allows
+            while room > 0 and self._power_after([[p, room]]) > self.s.power_cap_mw + 1e-9:
+                room = room // 2
+            if room <= 0:
+                continue
+            self._place([[p, room]])
+            out.append([p, room])
+            n -= room
+            if n <= 0:
+                break
+        return out
+
+    # ------------------------------------------------------------------ events
+
+    def _job_event(self, payload: Any) -> Job | None:
+        name, version = payload
+        job = self.jobs[name]
+        return job if job.version == version else None
+
+    def run(self) -> dict[str, Any]:
+        horizon = self.s.horizon_h
+        while self.heap:
+            t, _, kind, payload = heapq.heappop(self.heap)
+            if t > horizon:
+                break
+            self.advance(t)
+            self.events += 1
+            if kind == "pods":
+                for _ in range(payload):
+                    self.pod_used.append(0)
+                    self.pod_powered_since.append(t)
+                    self.free_total += self.cubes_per_pod
+                target = int(self.s.spare_fraction * len(self.pod_used) * self.cubes_per_pod)
+                self.spares = max(0, target - self.in_repair)
+                self.resize_serving()
+                self.schedule()
+            elif kind == "submit":
+                job = self.jobs[payload]
+                job.state, job.t_state = "queued", t
+                self.schedule()
+            elif kind == "tick":
+                self.resize_serving()
+                self.schedule()
+                self._sample()
+            elif kind == "restarted":
+                job = self._job_event(payload)
+                if job is not None:
+                    job.badput["restart"] += t - job.t_state
+                    self._set_state(job, "running")
+            elif kind == "finish":
+                job = self._job_event(payload)
+                if job is not None:
+                    remaining = job.work_h - job.done_h
+                    k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
+                    job.badput["checkpoint"] += k * job.save_h
+                    job.done_h = job.work_h
+                    job.productive_h += remaining
+                    job.finish = t
+                    self._release(job.alloc)
+                    job.alloc = []
+                    job.state, job.version = "done", job.version + 1
+                    self.schedule()
+            elif kind == "failure":
+                job = self._job_event(payload)
+                if job is not None:
+                    self._fail(job)
+            elif kind == "repaired":
+                what, name, version = payload
+                if what == "spare":
+                    self.in_repair -= 1
+                    self.spares += 1
+                    self.schedule()
+                else:
+                    job = self.jobs[name]
+                    if job.version == version:
+                        job.badput["repair_wait"] += t - job.t_state
+                        self._set_state(job, "restarting")
+            if self.check:
+                self.check_invariants()
+        self.advance(max(self.t, min(horizon, self.t)))
+        return self.summary()
+
+    def _fail(self, job: Job) -> None:
+        f = self.s.failures
+        job.interruptions += 1
+        u = self.rng.random() * job.rate
+        pod_level = u >= job.rate_chip + job.rate_host
+        self._leave(job, graceful=False)
+        if pod_level:
+            job.state, job.t_state = "waiting", self.t
+            job.version += 1
+            self._push(self.t + f.pod_repair_hours, "repaired", ("job", job.name, job.version))
+        elif self.spares > 0:
+            self.spares -= 1
+            self.in_repair += 1
+            self._push(self.t + f.repair_hours, "repaired", ("spare", job.name, 0))
+            self._set_state(job, "restarting")
+        else:
+            job.state, job.t_state = "waiting", self.t
+            job.version += 1
+            self._push(self.t + f.repair_hours, "repaired", ("job", job.name, job.version))
+
+    def _sample(self) -> None:
+        p = self.power_mw()
+        self.peak_power_mw = max(self.peak_power_mw, p)
+        training = sum(j.cubes for j in self.jobs.values()) * CUBE_CHIPS
+        self.series.append(
+            {
+                "t_h": self.t,
+                "installed_chips": len(self.pod_used) * self.s.pod_chips,
+                "training_chips": training,
+                "serving_chips": sum(s.chips for s in self.serving),
+                "power_mw": p,
+                "spare_chips": self.spares * CUBE_CHIPS,
+                "goodput": self._goodput_so_far(),
+                "serving_demand_tok_s": sum(s.demand_per_s(self.t, self.s) for s in self.serving),
+                "serving_capacity_tok_s": sum(
+                    s.chips * s.tokens_per_s_per_chip * s.availability for s in self.serving
+                ),
+            }
+        )
+
+    def _goodput_so_far(self) -> float:
+        alloc = self.integrals["allocated_chip_h"]
+        good = (
+            sum(j.productive_h * j.chips for j in self.jobs.values()) + self.integrals["serving_good_chip_h"]
+        )
+        return good / alloc if alloc else 0.0
+
+    def check_invariants(self) -> None:
+        used = [0] * len(self.pod_used)
+        for j in self.jobs.values():
+            for p, c in j.alloc:
+                used[p] += c
+        for sv in self.serving:
+            for p, c in sv.cubes:
+                used[p] += c
+        for p, u in enumerate(used):
+            if u != self.pod_used[p] or u > self.cubes_per_pod or u < 0:
+                raise AssertionError(
+                    f"pod {p}: {u} cubes allocated, books say {self.pod_used[p]} of {self.cubes_per_pod}"
+                )
+        if self.free_total != sum(self.cubes_per_pod - u for u in used):
+            raise AssertionError("free cube count is off")
+        if self.power_mw() > self.s.power_cap_mw + 1e-6:
+            raise AssertionError(f"power {self.power_mw():.1f} MW above the cap {self.s.power_cap_mw} MW")
+
+    # ------------------------------------------------------------------ results
+
+    def summary(self) -> dict[str, Any]:
+        s = self.s
+        self.peak_power_mw = max(self.peak_power_mw, self.power_mw())
+        jobs = []
+        for j in self.jobs.values():
+            wall_end = j.finish if j.finish is not None else self.t
+            wall = (wall_end - j.first_start) if j.first_start is not None else 0.0
+            if j.state in ("running",):
+                pass
+            jobs.append(
+                {
+                    "name": j.name,
+                    "chips": j.chips,
+                    "priority": j.priority,
+                    "goodput": j.productive_h / wall if wall > 0 else 0.0,
+                    "finish_time": _date(s, j.finish),
+                    "finished": j.finish is not None,
+                    "first_start": _date(s, j.first_start),
+                    "deadline": _date(s, j.deadline_h),
+                    "met_deadline": (
+                        None if j.deadline_h is None else (j.finish is not None and j.finish <= j.deadline_h)
+                    ),
+                    "progress": j.done_h / j.work_h if j.work_h else 1.0,
+                    "tokens_trained": j.done_h * j.tokens_per_h,
+                    "productive_hours": j.productive_h,
+                    "wall_hours": wall,
+                    "badput_hours": {k: j.badput[k] for k in BADPUT},
+                    "interruptions": j.interruptions,
+                    "preemptions": j.preemptions,
+                    "mtbf_hours": j.mtbf_h,
+                    "checkpoint_interval_min": j.tau_h * 60,
+                    "work_hours_at_full_speed": j.work_h,
+                }
+            )
+        installed = self.integrals["installed_chip_h"]
+        energy_mwh = self.integrals["energy_mwh"]
+        price = s.chip_price
+        cost_energy = energy_mwh * s.energy_price_per_mwh
+        return {
+            "scenario": s.name,
+            "start": s.start,
+            "end": s.end,
+            "events": self.events,
+            "chips_installed_at_end": len(self.pod_used) * s.pod_chips,
+            "pods_at_end": len(self.pod_used),
+            "goodput": self._goodput_so_far(),
+            "training_goodput": (
+                sum(j.productive_h * j.chips for j in self.jobs.values()) / self.integrals["training_chip_h"]
+            )
+            if self.integrals["training_chip_h"]
+            else 0.0,
+            "utilization": self.integrals["allocated_chip_h"] / installed if installed else 0.0,
+            "energy_gwh": energy_mwh / 1e3,
+            "average_power_mw": energy_mwh / self.t if self.t else 0.0,
+            "peak_power_mw": self.peak_power_mw,
+            "power_cap_mw": s.power_cap_mw,
+            "tokens_trained": sum(j["tokens_trained"] for j in jobs),
+            "tokens_served": sum(sv.served for sv in self.serving),
+            "tokens_demanded": sum(sv.demanded for sv in self.serving),
+            "serving_shortfall_hours": max((sv.shortfall_h for sv in self.serving), default=0.0),
+            "cost_usd": {
+                "energy": cost_energy,
+                "chips": installed * price if price else None,
+                "note": "chip-hours x price_per_chip_hour (none public for tpu7x: set it)"
+                if not price
+                else "chip-hours x price_per_chip_hour",
+            },
+            "jobs": jobs,
+            "approximate": "failure rates, idle power and energy price are parameters, "
+            "not measured TPU figures",
+        }
+
+
+def _date(s: Scenario, t: float | None) -> str | None:
+    if t is None:
+        return None
+    import datetime as dt
+
+    return (dt.datetime.combine(s.t_start, dt.time()) + dt.timedelta(hours=t)).strftime("%Y-%m-%dT%H:%M")
+
+
+# ---------------------------------------------------------------------- planner numbers
+
+
+_CACHE: dict[tuple, dict[str, float]] = {}
+
+
+def _planner_numbers(kind: str, spec: Any, s: Scenario) -> dict[str, float]:
+    """Throughput of a training job or serving replica from megamesh's planner."""
+    from megamesh.config import preset
+    from megamesh.plan.layout import Workload
+    from megamesh.plan.questions import serving_answer
+    from megamesh.plan.search import search
+    from megamesh.plan.target import parse_target
+
+    if kind == "train":
+        batch = spec.batch or max(spec.chips // 8, 1)
+        key = ("train", spec.model, spec.chips, spec.seq, batch, s.chip)
+        if key not in _CACHE:
+            w = Workload(preset(spec.model), seq=spec.seq, batch=batch)
+            res = search(w, parse_target(f"{s.chip}:{spec.chips}"))
+            if not res.ranked:
+                raise ConfigError(
+                    f"job {spec.name!r}: {spec.model} does not fit {spec.chips:,} {s.chip} "
+                    f"chips at batch {batch} x {spec.seq} (megamesh plan finds no layout)"
+                )
+            best = res.ranked[0]
+            _CACHE[key] = {
+                "tokens_per_h": w.tokens / best.step_time_s * 3600,
+                "mfu": best.mfu,
+                "step_time_s": best.step_time_s,
+            }
+        return _CACHE[key]
+    key = (
+        "serve",
+        spec.model,
+        spec.input_tokens,
+        spec.output_tokens,
+        spec.slo_tpot_ms,
+        spec.slo_ttft_ms,
+        s.chip,
+    )
+    if key not in _CACHE:
+        a = serving_answer(
+            preset(spec.model),
+            parse_target(f"{s.chip}:{s.pod_chips}"),
+            qps=1.0,
+            input_tokens=spec.input_tokens,
+            output_tokens=spec.output_tokens,
+            slo_ttft_ms=spec.slo_ttft_ms,
+            slo_tpot_ms=spec.slo_tpot_ms,
+        )
+        _CACHE[key] = {
+            "tokens_per_s_per_chip": a["decode_tokens_per_s_per_chip"],
+            "chips_per_replica": a["chips_per_replica"],
+        }
+    return _CACHE[key]
+
+
+def simulate(scenario: Scenario, *, check: bool = False, planner: Any = None) -> tuple[dict[str, Any], Fleet]:
+    fleet = Fleet(scenario, check=check, planner=planner)
+    return fleet.run(), fleet

@@ -1,0 +1,322 @@
+"""megamesh fleet: theory, the discrete-event simulation, the questions, and launch manifests."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from megamesh.errors import ConfigError
+from megamesh.fleet import questions
+from megamesh.fleet.scenario import (
+    Arrival,
+    Failures,
+    Scenario,
+    TrainingJob,
+    default_scenario,
+    from_dict,
+    validate,
+)
+from megamesh.fleet.sim import simulate
+from megamesh.fleet.theory import daly_goodput, daly_interval, young_interval
+
+
+def megamesh(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run(
+        [sys.executable, "-m", "megamesh.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+# ----------------------------------------------------------------------------- theory
+
+
+def test_daly_worked_cases():
+    # save 5 min, restart 10 min (restart does not enter the optimum): Daly (2006)
+    assert daly_interval(5, 24 * 60) == pytest.approx(117, abs=0.5)
+    assert daly_interval(5, 6 * 60) == pytest.approx(57, abs=0.5)
+    assert young_interval(5, 24 * 60) == pytest.approx(120)
+    assert young_interval(5, 6 * 60) == pytest.approx(60)
+    assert daly_interval(30, 10) == 10  # delta >= 2M: checkpoint every MTBF
+
+
+@pytest.mark.parametrize("mtbf_h", [1.0, 6.0, 24.0])
+def test_simulated_goodput_matches_daly_closed_form(mtbf_h):
+    chips = 9216
+    s = dataclasses.replace(
+        default_scenario(),
+        failures=Failures(
+            chip_per_hour=1 / (mtbf_h * chips), host_per_hour=0, pod_per_hour=0, save_min=5, restart_min=10
+        ),
+    )
+    tau = daly_interval(5 / 60, mtbf_h)
+    closed = daly_goodput(tau, 5 / 60, 10 / 60, mtbf_h)
+    sims = [questions._run_single(s, chips, 125.0, tau * 60, 0.4, seed)["goodput"] for seed in range(3)]
+    assert sum(sims) / len(sims) == pytest.approx(closed, abs=0.02)
+
+
+def test_llama3_interruptions_reproduced():
+    """16,384 accelerators for 54 days: Llama 3 saw 419 unexpected interruptions."""
+    s = Scenario(
+        name="llama3",
+        start="2024-01-01",
+        end="2024-02-23",
+        arrivals=[Arrival("2024-01", 2)],
+        spare_fraction=0.05,
+        power_cap_mw=1e6,
+        seed=3,
+        failures=Failures(repair_hours=2),
+        jobs=[TrainingJob(name="llama3-405b", model="llama3.1-405b", tokens=1e18, chips=16384)],
+    )
+    res, _ = simulate(validate(s), planner=lambda kind, spec, sc: {"tokens_per_h": 1e9, "mfu": 0.4})
+    n = res["jobs"][0]["interruptions"]
+    assert abs(n - 419) < 3 * 419**0.5, n  # within 3 sigma of a Poisson count
+    assert res["jobs"][0]["mtbf_hours"] == pytest.approx(54 * 24 / 419, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+@pytest.fixture(scope="module")
+def mission():
+    s = default_scenario()
+    res, fleet = simulate(s)
+    return s, res, fleet
+
+
+def test_default_scenario_outputs(mission):
+    s, res, fleet = mission
+    for key in (
+        "goodput",
+        "utilization",
+        "energy_gwh",
+        "peak_power_mw",
+        "power_cap_mw",
+        "tokens_trained",
+        "tokens_served",
+        "jobs",
+    ):
+        assert key in res
+    assert res["chips_installed_at_end"] == 109 * 9216 == 1_004_544
+    assert 0 < res["goodput"] <= 1 and 0 < res["utilization"] <= 1
+    assert res["tokens_trained"] > 0 and res["tokens_served"] > 0
+    for j in res["jobs"]:
+        assert 0 <= j["goodput"] <= 1 and "finish_time" in j
+        assert j["productive_hours"] + sum(j["badput_hours"].values()) == pytest.approx(
+            j["wall_hours"], rel=0.02
+        )
+    assert res["peak_power_mw"] <= s.power_cap_mw
+    assert max(p["power_mw"] for p in fleet.series) <= s.power_cap_mw
+    # energy = integral of power: between 0 and cap x hours
+    assert 0 < res["energy_gwh"] * 1e3 <= s.power_cap_mw * s.horizon_h
+
+
+def test_power_cap_binds_but_is_never_exceeded_and_no_chip_is_allocated_twice():
+    s = default_scenario()
+    s = dataclasses.replace(s, power_cap_mw=880.0, end="2026-11-30", seed=1)
+    res, fleet = simulate(validate(s), check=True)  # invariants checked after every event
+    assert res["peak_power_mw"] <= 880.0 + 1e-6
+    assert res["peak_power_mw"] > 850  # the cap was approached: the 72-pod frontier job needs ~800 MW
+    tight = dataclasses.replace(s, power_cap_mw=850.0)
+    res, _ = simulate(validate(tight), check=True)
+    frontier = [j for j in res["jobs"] if j["name"] == "frontier-2t"][0]
+    assert frontier["first_start"] is None  # with serving and spares it does not fit 850 MW: never started
+    assert res["peak_power_mw"] <= 850.0 + 1e-6
+
+
+def test_deterministic_for_a_seed():
+    s = dataclasses.replace(default_scenario(), end="2026-04-30")
+    a, _ = simulate(s)
+    b, _ = simulate(s)
+    c, _ = simulate(dataclasses.replace(s, seed=7))
+    assert a == b
+    assert a["jobs"][0]["interruptions"] != c["jobs"][0]["interruptions"] or a != c
+
+
+def test_serving_preempts_training_and_priorities_hold():
+    s = Scenario(
+        name="small",
+        start="2026-01-01",
+        end="2026-03-31",
+        arrivals=[Arrival("2026-01", 1)],
+        jobs=[
+            TrainingJob(name="low", model="llama3.1-8b", tokens=1e15, chips=8192, priority=0),
+            TrainingJob(
+                name="high", model="llama3.1-8b", tokens=1e15, chips=8192, priority=5, start="2026-01-10"
+            ),
+        ],
+        failures=Failures(chip_per_hour=0, host_per_hour=0, pod_per_hour=0),
+    )
+    res, _ = simulate(
+        validate(s), check=True, planner=lambda kind, spec, sc: {"tokens_per_h": 1e12, "mfu": 0.4}
+    )
+    low, high = res["jobs"]
+    assert low["preemptions"] >= 1 and high["preemptions"] == 0
+    assert high["first_start"].startswith("2026-01-10")
+
+
+# ----------------------------------------------------------------------------- bad scenarios
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"failures": {"chip_per_hour": -1}}, "failures.chip_per_hour: -1 is not allowed"),
+        (
+            {"jobs": [{"name": "x", "model": "gpt-9", "tokens": 1e12, "chips": 64}]},
+            "jobs[0].model: unknown model",
+        ),
+        (
+            {"jobs": [{"name": "x", "model": "llama3.1-8b", "tokens": 1e12, "chips": 2_000_000}]},
+            "jobs[0].chips: 2,000,000 is larger than the fleet",
+        ),
+        (
+            {"jobs": [{"name": "x", "model": "llama3.1-8b", "tokens": 1e12, "chips": 100}]},
+            "jobs[0].chips: 100",
+        ),
+        ({"jobs": [{"name": "x", "model": "llama3.1-8b", "chips": 64}]}, "jobs[0].tokens: required"),
+        ({"power_cap_mw": 0}, "power_cap_mw: 0 is not allowed"),
+        ({"pue": 0.9}, "pue: 0.9 is not allowed"),
+        ({"arrivals": [{"month": "2026-13", "pods": 1}]}, "arrivals[0].month"),
+        ({"serving": [{"model": "llama3.1-70b", "tokens_per_day": -5}]}, "serving[0].tokens_per_day"),
+        ({"colour": "blue"}, "colour: unknown field"),
+    ],
+)
+def test_bad_scenarios_name_the_field(patch, message):
+    data = {"arrivals": [{"month": "2026-01", "pods": 2}]}
+    data.update(patch)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict(data)
+
+
+def test_cli_rejects_a_bad_scenario_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("arrivals: [{month: '2026-01', pods: 1}]\nfailures: {host_per_hour: -2}\n")
+    r = megamesh("fleet", "simulate", "--scenario", str(f))
+    assert r.returncode == 2 and "failures.host_per_hour: -2 is not allowed" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- questions and CLI
+
+
+def test_questions_answer():
+    s = default_scenario()
+    lm = questions.largest_model(s, "2026-12-31")
+    assert 1e11 < lm["params"] < 1e14 and lm["tokens"] == pytest.approx(20 * lm["params"])
+    reserve = questions.serving_reserve(s)
+    assert reserve["peak_serving_chips"] > 0 and len(reserve["months"]) == 12
+    cs = questions.checkpoint_and_spares(
+        s, 4 * 9216, work_days=3, spare_fractions=(0.0, 0.05), interval_factors=(0.25, 1.0, 4.0)
+    )
+    assert cs["best"]["interval_vs_daly"] == 1.0  # Daly's interval wins on the grid
+    sv = questions.sync_vs_replicas(s, pods=8, work_days=3)
+    assert sv["pod_replicas"]["goodput_simulated"] > sv["synchronous"]["goodput_simulated"]
+    assert sv["synchronous"]["mtbf_min"] == pytest.approx(sv["pod_replicas"]["mtbf_min"] / 8, rel=0.01)
+
+
+def test_cli_simulate_json_and_plot(tmp_path):
+    f = tmp_path / "s.yaml"
+    r = megamesh("fleet", "simulate", "--write-default", str(f))
+    assert r.returncode == 0, r.stderr
+    text = f.read_text().replace("end: '2026-12-31'", "end: '2026-03-31'")
+    f.write_text(text)
+    png = tmp_path / "fleet.png"
+    r = megamesh("fleet", "simulate", "--scenario", str(f), "--json", "--plot", str(png))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["end"] == "2026-03-31" and out["jobs"][0]["name"] == "llama-70b"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    r = megamesh("fleet", "simulate", "--scenario", str(f), "--plot", str(png))
+    assert r.returncode == 2 and "exists" in r.stderr  # never overwrites
+
+
+def test_fleet_never_imports_jax():
+    code = (
+        "import sys; from megamesh.fleet.sim import simulate; from megamesh.fleet import questions, launch; "
+        "from megamesh.fleet.scenario import default_scenario; import dataclasses; "
+        "simulate(dataclasses.replace(default_scenario(), end='2026-02-01')); "
+        "assert 'jax' not in sys.modules, 'jax imported'"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("launch") / "plan.json"
+    r = megamesh(
+        "plan",
+        "--model",
+        "llama3.1-70b",
+        "--target",
+        "tpu7x:16384",
+        "--seq",
+        "8192",
+        "--batch",
+        "2048",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    path.write_text(r.stdout)
+    return path
+
+
+def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_file, tmp_path):
+    import jsonschema
+    import kubernetes_validate
+    import yaml
+
+    from megamesh.fleet.launch import JOBSET_SCHEMA
+
+    out = tmp_path / "jobset.yaml"
+    r = megamesh("launch", "--plan", str(plan_file), "--name", "llama70b", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    js = yaml.safe_load(out.read_text())
+    jsonschema.validate(js, JOBSET_SCHEMA)
+    rj = js["spec"]["replicatedJobs"][0]
+    assert rj["replicas"] == 2  # 16,384 chips = 2 slices of 8,192
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "llama70b-slice-0"},
+        **{"spec": rj["template"]["spec"]},
+    }
+    kubernetes_validate.validate(job, "1.34", strict=True)
+    spec = rj["template"]["spec"]
+    assert spec["parallelism"] == spec["completions"] == 8192 // 4  # one pod per 4-chip host
+    pod = spec["template"]["spec"]
+    assert pod["nodeSelector"] == {
+        "cloud.google.com/gke-tpu-accelerator": "tpu7x",
+        "cloud.google.com/gke-tpu-topology": "16x16x32",
+    }
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["MEGAMESH_NUM_PROCESSES"] == "4096" and env["MEGASCALE_NUM_SLICES"] == "2"
+    assert env["MEGAMESH_COORDINATOR"] == "llama70b-slice-0-0.llama70b:8476"
+    assert "--mesh dcn=2" in pod["containers"][0]["command"][2]
+    # a broken manifest is caught by the schema
+    bad = json.loads(json.dumps(js))
+    bad["spec"]["failurePolicy"]["restartStrategy"] = "Sometimes"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, JOBSET_SCHEMA)
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["parallelism"] = "many"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, "1.34", strict=True)
+
+
+def test_launch_bad_input(tmp_path, plan_file):
+    r = megamesh("launch", "--plan", str(tmp_path / "none.json"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    (tmp_path / "serve.json").write_text('{"model": "x", "serve": {}}')
+    r = megamesh("launch", "--plan", str(tmp_path / "serve.json"))
+    assert r.returncode == 2 and "lacks 'target_spec'" in r.stderr
+    r = megamesh("launch", "--plan", str(plan_file), "--name", "Bad_Name")
+    assert r.returncode == 2 and "--name 'Bad_Name' is not allowed" in r.stderr
