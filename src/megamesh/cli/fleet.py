@@ -133,6 +133,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 f"{v['mtbf_min']:8.1f} min, checkpoint every {v['checkpoint_interval_min']:6.1f} min, "
                 f"goodput {v['goodput_simulated']:.1%} simulated ({v['goodput_closed_form']:.1%} closed form)"
             )
+        lines.append(
+            f"simulated: with the scenario's hot spares ({s.spare_fraction:.1%} of cubes, repair "
+            f"{s.failures.repair_hours:g} h), so it includes waiting for repairs once spares run out; "
+            "closed form (Daly): a spare is always there"
+        )
         lines.append(r["note"])
         text = "\n".join(lines)
     print(json.dumps(r, indent=2) if args.json else text)

@@ -215,6 +215,7 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
             "goodput_closed_form": daly_goodput(tau, delta, restart, mtbf),
             "goodput_simulated": sim["goodput"],
         }
+    out["spare_fraction"] = s.spare_fraction
     out["note"] = (
         "pod replicas only lose their own pod's work on a failure, but need an algorithm "
         "that tolerates independent replicas (e.g. local SGD / DiLoCo-style syncs); the "

@@ -95,6 +95,7 @@ class Serving:
     growth: float
     start_h: float
     cubes: list[list[int]] = field(default_factory=list)  # [pod, cubes]
+    n_cubes: int = 0
     served: float = 0.0
     demanded: float = 0.0
     shortfall_h: float = 0.0
@@ -107,7 +108,7 @@ class Serving:
 
     @property
     def chips(self) -> int:
-        return sum(c for _, c in self.cubes) * CUBE_CHIPS
+        return self.n_cubes * CUBE_CHIPS
 
 
 class Fleet:
@@ -125,6 +126,8 @@ class Fleet:
         self.free_total = 0
         self.n_powered = 0
         self.used_total = 0
+        self.training_cubes = 0  # cubes held by training jobs
+        self.n_queued = 0  # training jobs waiting for an allocation
         self.heap: list[tuple[float, int, str, Any]] = []
         self._seq = 0
         self.t = 0.0
@@ -296,9 +299,7 @@ class Fleet:
                     sv.shortfall_h += dt
                 self.integrals["serving_chip_h"] += sv.chips * dt
                 self.integrals["serving_good_chip_h"] += sv.chips * sv.availability * dt
-            for j in self.jobs.values():
-                if j.alloc:
-                    self.integrals["training_chip_h"] += j.cubes * CUBE_CHIPS * dt
+            self.integrals["training_chip_h"] += self.training_cubes * CUBE_CHIPS * dt
         self.t = t
 
     # ------------------------------------------------------------------ jobs
@@ -356,6 +357,8 @@ class Fleet:
         self._leave(job, graceful=True)
         self._place(alloc)
         job.alloc = alloc
+        self.training_cubes += job.cubes
+        self.n_queued -= 1
         if job.first_start is None:
             job.first_start = self.t
         self._set_state(job, "restarting")
@@ -364,10 +367,14 @@ class Fleet:
         self._leave(job, graceful=True)
         job.preemptions += 1
         self._release(job.alloc)
+        self.training_cubes -= job.cubes
         job.alloc = []
+        self.n_queued += 1
         self._set_state(job, "queued")
 
     def schedule(self) -> None:
+        if self.n_queued == 0:
+            return
         queue = sorted(
             (j for j in self.jobs.values() if j.state == "queued"),
             key=lambda j: (-j.priority, j.submit_h, j.name),
@@ -429,6 +436,7 @@ class Fleet:
                     continue
                 sv.cubes.extend(got)
                 have += sum(c for _, c in got)
+            sv.n_cubes = have
 
     def _grab_cubes(self, n: int) -> list[list[int]]:
         """Up to n cubes for serving, fullest powered pods first, within power."""
@@ -477,6 +485,7 @@ class Fleet:
             elif kind == "submit":
                 job = self.jobs[payload]
                 job.state, job.t_state = "queued", t
+                self.n_queued += 1
                 self.schedule()
             elif kind == "tick":
                 self.resize_serving()
@@ -497,6 +506,7 @@ class Fleet:
                     job.productive_h += remaining
                     job.finish = t
                     self._release(job.alloc)
+                    self.training_cubes -= job.cubes
                     job.alloc = []
                     job.state, job.version = "done", job.version + 1
                     self.schedule()
