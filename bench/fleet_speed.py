@@ -37,11 +37,22 @@ def timed(scenario: Scenario, planner=None, repeats: int = 3) -> tuple[float, in
 
 def uniform(pods: int, rate_scale: float) -> Scenario:
     f = Failures()
-    f = Failures(chip_per_hour=f.chip_per_hour * rate_scale, host_per_hour=f.host_per_hour * rate_scale,
-                 pod_per_hour=f.pod_per_hour * rate_scale)
+    f = Failures(
+        chip_per_hour=f.chip_per_hour * rate_scale,
+        host_per_hour=f.host_per_hour * rate_scale,
+        pod_per_hour=f.pod_per_hour * rate_scale,
+    )
     jobs = [TrainingJob(name=f"pod{i}", model="llama3.1-70b", tokens=1e18, chips=8192) for i in range(pods)]
-    return validate(Scenario(name=f"uniform-{pods}", arrivals=[Arrival("2026-01", pods)], jobs=jobs,
-                             failures=f, power_cap_mw=1e6, spare_fraction=0.05))
+    return validate(
+        Scenario(
+            name=f"uniform-{pods}",
+            arrivals=[Arrival("2026-01", pods)],
+            jobs=jobs,
+            failures=f,
+            power_cap_mw=1e6,
+            spare_fraction=0.05,
+        )
+    )
 
 
 def main() -> None:
@@ -58,13 +69,17 @@ def main() -> None:
     simulate(default_scenario())
     cold = time.perf_counter() - t0
     t, ev = timed(default_scenario(), repeats=args.repeats)
-    print(f"1. mission scenario, 1,004,544 chips, one year: {cold:.2f} s cold (incl. the planner's layout "
-          f"search for each job and the serving model), {t:.2f} s warm (median of {args.repeats}), "
-          f"{ev:,} events, {t / ev * 1e6:.0f} us/event")
+    print(
+        f"1. mission scenario, 1,004,544 chips, one year: {cold:.2f} s cold (incl. the planner's layout "
+        f"search for each job and the serving model), {t:.2f} s warm (median of {args.repeats}), "
+        f"{ev:,} events, {t / ev * 1e6:.0f} us/event"
+    )
     print("2. different fleet sizes (time per event):")
     for pods in (1, 11, 109):
         t, ev = timed(uniform(pods, 109 / pods), stub, args.repeats)
-        print(f"   {pods:>3} pods ({pods * 9216:>9,} chips): {t:.2f} s, {ev:,} events, {t / ev * 1e6:.0f} us/event")
+        print(
+            f"   {pods:>3} pods ({pods * 9216:>9,} chips): {t:.2f} s, {ev:,} events, {t / ev * 1e6:.0f} us/event"
+        )
     print("3. same fleet (109 pods), more events:")
     for scale in (1, 4, 16):
         t, ev = timed(uniform(109, scale), stub, args.repeats)
