@@ -78,7 +78,8 @@ def main() -> None:
     for pods in (1, 11, 109):
         t, ev = timed(uniform(pods, 109 / pods), stub, args.repeats)
         print(
-            f"   {pods:>3} pods ({pods * 9216:>9,} chips): {t:.2f} s, {ev:,} events, {t / ev * 1e6:.0f} us/event"
+            f"   {pods:>3} pods ({pods * 9216:>9,} chips): {t:.2f} s, {ev:,} events, "
+            f"{t / ev * 1e6:.0f} us/event"
         )
     print("3. same fleet (109 pods), more events:")
     for scale in (1, 4, 16):
