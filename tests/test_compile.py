@@ -46,7 +46,8 @@ SMALL = ["--model", "llama3.1-8b", "--model.d_model=1024", "--model.n_heads=8",
 EIGHT_B_4 = ["--model", "llama3.1-8b", "--model.n_layers=4"]
 MEMORY_CASES = [  # (model args, target, layout, seq, batch, remat, microbatches)
     pytest.param(SMALL, "tpu7x:2x2x1", "fsdp=8", 2048, 8, "full", 1, id="small-tpu7x-fsdp"),
-    pytest.param(SMALL, "v5p:2x2x1", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v5p-tp"),
+    pytest.param(SMALL, "v5p:2x2x1", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v5p-tp",
+                 marks=pytest.mark.slow),  # v5p tensor parallel also compiles in another test
     pytest.param(SMALL, "v6e:2x2", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v6e-tp",
                  marks=pytest.mark.slow),
     pytest.param(EIGHT_B_4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, id="8b-tpu7x-fsdp",

@@ -123,6 +123,7 @@ def test_forward_returns_aux_for_moe_only():
 def test_sampling_rules():
     from megamesh.model.generate import sample
 
+    sample = jax.jit(sample)
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 3))
     key = jax.random.key(0)
     t = jnp.asarray([0.0, 1.0, 1.0])

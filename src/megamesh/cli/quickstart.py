@@ -145,7 +145,7 @@ def serve_once(out) -> int:
     from megamesh.serve.server import build_engine, start_in_thread
 
     print(f"\nserving {out} (the same engine and API as `megamesh serve --model {out}`) ...")
-    engine = build_engine(str(out), mesh="tensor=1", slots=4, max_len=512, log=lambda *_: None)
+    engine = build_engine(str(out), mesh="tensor=1", slots=4, max_len=256, log=lambda *_: None)
     warm = engine.start()
     running = start_in_thread(create_app(engine))
     try:
