@@ -265,10 +265,11 @@ def test_raw_sse_sequence_and_close(server):
 
 
 def test_stop_sequence(client):
-    free = client.messages.create(model="tiny", max_tokens=30, **GREEDY, **CONVERSATION).content[0].text
+    no_eos = {"extra_body": {"temperature": 0, "ignore_eos": True}}
+    free = client.messages.create(model="tiny", max_tokens=30, **no_eos, **CONVERSATION).content[0].text
     assert len(free) > 6
     stop = free[3:6]
-    msg = client.messages.create(model="tiny", max_tokens=30, stop_sequences=[stop], **GREEDY,
+    msg = client.messages.create(model="tiny", max_tokens=30, stop_sequences=[stop], **no_eos,
                                  **CONVERSATION)
     assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
     assert msg.content[0].text == free[:free.index(stop)]
@@ -380,7 +381,7 @@ def test_64_concurrent_streams_each_equal_the_request_alone(server, engine):
 
 def test_disconnected_streams_free_their_slots(server, engine):
     before = engine.stats["finished_cancelled"]
-    body = {"model": "tiny", "max_tokens": 400, "temperature": 0, "stream": True,
+    body = {"model": "tiny", "max_tokens": 400, "temperature": 0, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "import json"}]}
 
     def open_and_leave() -> None:
@@ -443,7 +444,9 @@ def test_cli_server_limits_and_auth(run_dir):
         assert sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello).usage.output_tokens >= 1
 
         # k1 holds the only slot, k2 waits in the only queue place
-        long = dict(model="tiny", max_tokens=480, messages=hello, **GREEDY)
+        # long enough to still run while the next requests arrive, whatever the model says
+        long = dict(model="tiny", max_tokens=480, messages=hello,
+                    extra_body={"temperature": 0, "ignore_eos": True})
         with sdk["k1"].messages.stream(**long) as s1:
             next(iter(s1.text_stream))
             with sdk["k2"].messages.stream(**long) as s2:
