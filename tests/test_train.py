@@ -115,10 +115,12 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
                             env=env_for(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
-    stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143
-    saved = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 2 and f"after step {saved[0]}" in stdout
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    entries = sorted(p.name for p in (out / "checkpoints").iterdir())
+    saved = [int(n) for n in entries if n.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 2 and f"after step {saved[0]}" in stdout, (
+        f"checkpoints/: {entries}; stdout: {stdout[-2000:]}; stderr: {stderr[-3000:]}")
     r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=100", "--resume")
     assert r.returncode == 0, r.stderr
     assert losses(out) == losses(reference)

@@ -219,13 +219,16 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 # No periodic save in the middle of a non-finite streak: the last checkpoint
                 # stays a good one to return to.
                 periodic = (step + 1) % tc.checkpoint_every == 0 and bool(m["finite"])
-                if periodic or done or pre.signum is not None:
+                # read the signal flag once: a signal landing between the save decision and
+                # the stop would otherwise stop the run without the checkpoint it promised
+                stop = pre.signum is not None
+                if periodic or done or stop:
                     goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
-                                                    wait=done or pre.signum is not None)
+                                                    wait=done or stop)
                 record.update(goodput.fields())
                 writer.write(record)
                 bar.update(step + 1, record)
-                if pre.signum is not None:
+                if stop:
                     result.preempted = True
                     log(f"\nstopped by signal {pre.signum} after step {step + 1}; checkpoint saved")
                     break
