@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -134,13 +133,9 @@ def measure(name: str, cmd: list[str], port: int, args, tokenizer) -> list[dict]
 
 
 def med(rounds: list[dict], *path: str) -> float:
-    vals = []
-    for r in rounds:
-        v = r
-        for k in path:
-            v = v[k]
-        vals.append(v)
-    return statistics.median(vals)
+    from megamesh.serve.bench import median_of
+
+    return median_of(rounds, ".".join(path))
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ naming the offending field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
@@ -363,25 +362,12 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config_file(path: str | Path) -> ModelConfig:
     """Load a model config from a .json, .yaml or .yml file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
+    from megamesh.fileio import read_json_or_yaml
 
-            data = yaml.safe_load(text)
-        else:
-            raise ConfigError(f"config file {str(p)!r}: allowed suffixes are .json, .yaml, .yml")
-    except (json.JSONDecodeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"config file {str(p)!r} is not valid {p.suffix[1:].upper()}: {e}") from e
-    except Exception as e:  # yaml.YAMLError
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    p = Path(path)
+    if p.is_file() and p.suffix not in (".json", ".yaml", ".yml"):
+        raise ConfigError(f"config file {str(p)!r}: allowed suffixes are .json, .yaml, .yml")
+    data = read_json_or_yaml(p, "config file")
     return config_from_dict(data)
 
 

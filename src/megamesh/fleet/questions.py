@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 import math
 from typing import Any
 
@@ -53,7 +54,7 @@ def largest_model(s: Scenario, by: str, reference_model: str = "llama3.1-405b") 
             dt = p["t_h"] - prev["t_h"]
             free = prev["installed_chips"] - prev["serving_chips"] - prev["spare_chips"]
             headroom = (s.power_cap_mw - prev["power_mw"]) * 1e6 / (watts * (1 - s.idle_power_fraction))
-            chip_h += max(0.0, min(free, headroom + 0.0)) * dt
+            chip_h += max(0.0, min(free, headroom)) * dt
         prev = p
     ref = TrainingJob(name="reference", model=reference_model, tokens=1.0, chips=s.pod_chips)
     mfu = _planner_numbers("train", ref, s)["mfu"]
@@ -90,8 +91,6 @@ def serving_reserve(s: Scenario) -> dict[str, Any]:
     _, fleet = simulate(bare)
     months: dict[str, dict[str, float]] = {}
     start = parse_date(s.start, "start")
-    import datetime as dt
-
     end_h = s.hours(s.end, "end") + 24.0
     for p in fleet.series:
         if p["t_h"] >= end_h - 1e-9:
@@ -132,11 +131,7 @@ def _single_job(
         spare_fraction=spare_fraction,
         seed=seed,
         power_cap_mw=1e9,
-        end=str(
-            parse_date(s.start, "start").fromordinal(
-                parse_date(s.start, "start").toordinal() + int(work_days * 20) + 30
-            )
-        ),
+        end=str(parse_date(s.start, "start") + dt.timedelta(days=int(work_days * 20) + 30)),
         jobs=[
             TrainingJob(
                 name="job", model=model, tokens=1.0, chips=chips, checkpoint_interval_min=interval_min

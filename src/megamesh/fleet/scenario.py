@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,19 +284,9 @@ def from_dict(data: dict[str, Any]) -> Scenario:
 
 
 def load(path: str | Path) -> Scenario:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--scenario {str(p)!r} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    from megamesh.fileio import read_json_or_yaml
 
-            data = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 -- any parse error is the user's file
-        raise ConfigError(f"--scenario {str(p)!r} does not parse: {e}") from None
+    data = read_json_or_yaml(path, "--scenario")
     return from_dict(data if data is not None else {})
 
 

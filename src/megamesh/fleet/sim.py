@@ -100,7 +100,7 @@ class Serving:
     demanded: float = 0.0
     shortfall_h: float = 0.0
 
-    def demand_per_s(self, t: float, scenario: Scenario) -> float:
+    def demand_per_s(self, t: float) -> float:
         if t < self.start_h:
             return 0.0
         months = (t - self.start_h) / (24 * 30.4375)
@@ -120,7 +120,6 @@ class Fleet:
         self.rng = random.Random(scenario.seed)
         self.cubes_per_pod = scenario.pod_chips // CUBE_CHIPS
         self.pod_used: list[int] = []
-        self.pod_powered_since: list[float] = []
         self.spares = 0  # cubes held free as hot spares
         self.in_repair = 0  # cubes out of service (their spare took their place)
         self.free_total = 0
@@ -291,7 +290,7 @@ class Fleet:
             self.integrals["allocated_chip_h"] += self.used_total * CUBE_CHIPS * dt
             self.integrals["energy_mwh"] += p * dt
             for sv in self.serving:
-                demand = sv.demand_per_s(self.t, self.s)
+                demand = sv.demand_per_s(self.t)
                 cap = sv.chips * sv.tokens_per_s_per_chip * sv.availability
                 sv.demanded += demand * dt * 3600
                 sv.served += min(demand, cap) * dt * 3600
@@ -410,7 +409,7 @@ class Fleet:
     def resize_serving(self) -> None:
         for sv in self.serving:
             # provision for the demand at the next re-sizing (demand grows in between)
-            demand = sv.demand_per_s(self.t + self.sample_every_h, self.s)
+            demand = sv.demand_per_s(self.t + self.sample_every_h)
             per_replica = sv.chips_per_replica * sv.tokens_per_s_per_chip * sv.availability
             replicas = math.ceil(demand / per_replica) if demand > 0 else 0
             want = math.ceil(replicas * sv.chips_per_replica / CUBE_CHIPS)
@@ -476,7 +475,6 @@ class Fleet:
             if kind == "pods":
                 for _ in range(payload):
                     self.pod_used.append(0)
-                    self.pod_powered_since.append(t)
                     self.free_total += self.cubes_per_pod
                 target = int(self.s.spare_fraction * len(self.pod_used) * self.cubes_per_pod)
                 self.spares = max(0, target - self.in_repair)
@@ -527,7 +525,7 @@ class Fleet:
                         self._set_state(job, "restarting")
             if self.check:
                 self.check_invariants()
-        self.advance(max(self.t, min(horizon, self.t)))
+        self.advance(max(self.t, horizon))  # integrate up to the horizon
         return self.summary()
 
     def _fail(self, job: Job) -> None:
@@ -563,7 +561,7 @@ class Fleet:
                 "power_mw": p,
                 "spare_chips": self.spares * CUBE_CHIPS,
                 "goodput": self._goodput_so_far(),
-                "serving_demand_tok_s": sum(s.demand_per_s(self.t, self.s) for s in self.serving),
+                "serving_demand_tok_s": sum(s.demand_per_s(self.t) for s in self.serving),
                 "serving_capacity_tok_s": sum(
                     s.chips * s.tokens_per_s_per_chip * s.availability for s in self.serving
                 ),
@@ -604,8 +602,6 @@ class Fleet:
         for j in self.jobs.values():
             wall_end = j.finish if j.finish is not None else self.t
             wall = (wall_end - j.first_start) if j.first_start is not None else 0.0
-            if j.state in ("running",):
-                pass
             jobs.append(
                 {
                     "name": j.name,

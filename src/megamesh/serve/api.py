@@ -203,6 +203,27 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
+@dataclass
+class _Stream:
+    """One request's engine events for a streamed response, with what the metrics need:
+    the time of the first text and the tokens generated so far."""
+
+    queue: asyncio.Queue
+    t_first: float | None = None
+    n_out: int = 0
+
+    async def events(self):
+        """Engine events up to and including the last (done) one."""
+        while True:
+            ev = await self.queue.get()
+            self.n_out = ev.output_tokens
+            if ev.text and self.t_first is None:
+                self.t_first = time.perf_counter()
+            yield ev
+            if ev.done:
+                return
+
+
 def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     model = engine.model
@@ -364,7 +385,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                 "usage": {"input_tokens": usage_in, "output_tokens": ev.output_tokens}})
 
         async def events():
-            t_first, n_out = None, 0
+            st = _Stream(queue)
             try:
                 yield _sse("message_start", {"type": "message_start", "message": {
                     "id": msg_id, "type": "message", "role": "assistant", "model": model.name,
@@ -373,16 +394,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                 yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
                                                    "content_block": {"type": "text", "text": ""}})
                 yield _sse("ping", {"type": "ping"})
-                while True:
-                    ev = await queue.get()
-                    n_out = ev.output_tokens
+                async for ev in st.events():
                     if ev.text:
-                        if t_first is None:
-                            t_first = time.perf_counter()
                         yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                            "delta": {"type": "text_delta", "text": ev.text}})
-                    if ev.done:
-                        break
                 if ev.stop_reason in ("error", "cancelled"):
                     yield _sse("error", {"type": "error", "error": {
                         "type": "api_error", "message": f"generation failed: {ev.error or ev.stop_reason}"}})
@@ -391,11 +406,11 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                 yield _sse("message_delta", {"type": "message_delta",
                                              "delta": {"stop_reason": ev.stop_reason,
                                                        "stop_sequence": ev.stop_sequence},
-                                             "usage": {"input_tokens": usage_in, "output_tokens": n_out}})
+                                             "usage": {"input_tokens": usage_in, "output_tokens": st.n_out}})
                 yield _sse("message_stop", {"type": "message_stop"})
             finally:
                 engine.cancel(handle)  # a no-op when done; frees the slot when the client left
-                finished(key, t0, t_first, n_out)
+                finished(key, t0, st.t_first, st.n_out)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache", "connection": "close"})
@@ -490,18 +505,12 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
             return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
 
         async def events():
-            t_first, n_out = None, 0
+            st = _Stream(queue)
             try:
                 yield chunk({"role": "assistant", "content": ""}, None)
-                while True:
-                    ev = await queue.get()
-                    n_out = ev.output_tokens
+                async for ev in st.events():
                     if ev.text:
-                        if t_first is None:
-                            t_first = time.perf_counter()
                         yield chunk({"content": ev.text}, None)
-                    if ev.done:
-                        break
                 if ev.stop_reason in ("error", "cancelled"):
                     err = {"error": {"type": "api_error", "message": f"generation failed: {ev.error}"}}
                     yield f"data: {json.dumps(err)}\n\n".encode()
@@ -509,12 +518,12 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
                 yield chunk({}, finish[ev.stop_reason])
                 if include_usage:
                     body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": model.name, "choices": [], "usage": usage(n_out)}
+                            "model": model.name, "choices": [], "usage": usage(st.n_out)}
                     yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
                 yield b"data: [DONE]\n\n"
             finally:
                 engine.cancel(handle)
-                finished(key, t0, t_first, n_out)
+                finished(key, t0, st.t_first, st.n_out)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-cache"})
