@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.config import ModelConfig
-from megamesh.model.axes import constrain
+from megamesh.model.axes import constrain, matmul_inputs
 
 _NEG = -1e30  # large negative score for masked keys (finite: no NaN from inf - inf)
 
@@ -84,7 +84,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         prod = qg[:, 0, None].astype(jnp.float32) * k[:, :, :, None, :].astype(jnp.float32)
         scores = jnp.moveaxis(jnp.sum(prod, axis=-1), 1, -1)[:, :, :, None, :]  # (B,K,G,1,S)
     else:
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bskd->bkgts", *matmul_inputs(qg, k),
+                            preferred_element_type=jnp.float32)
     scores = scores * (Dh**-0.5)
     scores = jnp.where(mask, scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -93,5 +94,5 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
         pv = probs[:, :, :, 0, :, None].astype(jnp.float32) * vt
         out = jnp.sum(pv, axis=3).astype(v.dtype)[:, None]  # (B,1,K,G,Dh)
     else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = jnp.einsum("bkgts,bskd->btkgd", *matmul_inputs(probs, v)).astype(v.dtype)
     return constrain(out.reshape(B, T, H, Dh), ("batch", "seq", "heads", "head_dim"))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from megamesh.config import ModelConfig
 from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
-from megamesh.model.axes import compute_weight, constrain
+from megamesh.model.axes import compute_weight, constrain, matmul_inputs
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
 
@@ -102,10 +102,12 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> j
     dtype). Measured on XLA:CPU (bench/, BENCHMARKS.md): the weight gradient of a dot with
     several contracting dims (batch and sequence) runs ~2x slower than the same 2-D GEMM,
     and a bf16 dot that outputs bf16 ~2x slower than one that outputs f32. On TPU the
-    reshapes are free and the MXU accumulates in f32 anyway.
+    reshapes are free and the MXU accumulates in f32 anyway. Operands go through
+    `matmul_inputs` (f32 kernels on XLA:CPU, same values).
     """
     lead, K = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
-    y = jnp.dot(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype), preferred_element_type=jnp.float32)
+    a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
+    y = jnp.dot(a, b, preferred_element_type=jnp.float32)
     return y.reshape(*lead, *w.shape[n_in:]).astype(out_dtype or x.dtype)
 
 

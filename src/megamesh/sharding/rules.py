@@ -15,7 +15,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
-from megamesh.model.axes import using_constrainer
+from megamesh.model.axes import using_constrainer, using_f32_matmuls
 from megamesh.model.specs import cache_axes, param_specs
 from megamesh.model.transformer import unflatten
 from megamesh.sharding.logical import (  # noqa: F401  (re-exported)
@@ -67,7 +67,8 @@ def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedShardi
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
-    """While tracing inside this block, the model's `constrain` calls become sharding constraints."""
+    """While tracing inside this block, the model's `constrain` calls become sharding
+    constraints, and on a CPU mesh its matmuls run as f32 kernels (`using_f32_matmuls`)."""
     sizes = mesh_sizes(mesh)
 
     # Weights are used in their compute layout: the parameter layout without fsdp
@@ -78,5 +79,5 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         spec = logical_to_spec(axes, x.shape, compute_sizes if weight else sizes, rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    with using_constrainer(constrainer):
+    with using_constrainer(constrainer), using_f32_matmuls(mesh.devices.flat[0].platform == "cpu"):
         yield
