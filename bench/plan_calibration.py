@@ -4,7 +4,9 @@ For each row: the model, chips, sequence length and global batch of the publishe
 (where the batch is not published, the MaxText benchmark recipe's per-device batch,
 named in `assumed`), searched with `--kernels fused` (the published TPU runs use
 MaxText's splash attention and megablox; Llama 3 used fused kernels too) and, for the
-MaxText rows, `--offload` (their recipes offload activations and optimizer state to host). Prints a
+MaxText rows, `--offload` (their recipes offload activations and optimizer state to host)
+and, for the Llama 3 rows on H100, `--pipeline` (Llama 3 trained with 16 pipeline
+stages). Prints a
 markdown table for BENCHMARKS.md; exits 1 if a row is off by more than 5 MFU points.
 
     python bench/plan_calibration.py
@@ -55,8 +57,10 @@ def main() -> int:
         cfg = model(name)
         target = parse_target(tgt)
         w = Workload(cfg, seq, batch, kernels="fused")
-        # MaxText's recipes (C1-C7) offload activations/optimizer state to host memory
-        res = search(w, target, offload=tgt.startswith("v5p") or tgt.startswith("v6e"))
+        # MaxText's recipes (C1-C7) offload activations/optimizer state to host memory;
+        # Llama 3 (C9, C10) trained with pipeline stages (TP8 x PP16 x DP)
+        res = search(w, target, offload=tgt.startswith("v5p") or tgt.startswith("v6e"),
+                     pipeline=name == "llama3.1-405b" and tgt.startswith("h100"))
         fits = bool(res.ranked)
         best = res.ranked[0] if fits else min(
             (e for e in res.rejected), key=lambda e: e.step_time_s, default=None)

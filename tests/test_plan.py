@@ -149,6 +149,8 @@ def test_serving_plan(capsys):
     (["--model", "llama3.1-405b", "--target", "tpu7x:4", "--seq", "8192", "--batch", "8"],
      "does not fit"),
     (["--target", "tpu7x:1000000", "--batch", "1000"], "cannot be split"),
+    (["--model", "llama3.1-405b", "--target", "tpu7x:73728", "--batch", "2048"],
+     "use a multiple of 144 sequences, e.g. 2,016"),
     (["--target", "nope:4"], "unknown chip"),
     (["--precision", "fp4"], "--precision"),
     (["--deadline", "soon"], "--deadline"),
@@ -185,3 +187,56 @@ def test_host_offload_is_opt_in_and_saves_hbm():
     with_offload = search(w, t, offload=True)
     assert any(e.layout.remat == "offload" for e in with_offload.ranked)
     assert with_offload.ranked[0].step_time_s <= plain.ranked[0].step_time_s
+
+
+def test_pipeline_is_opt_in_and_modelled():
+    """Pipeline stages (planner only): the busiest stage holds its share of the layers, the
+    bubble is (P - 1) / (V M) of the busy time, and Llama 3's 405B run on 16,384 H100s
+    (TP x PP over DCN, published MFU 41%) is predicted within 5 points."""
+    from megamesh.plan.cost import estimate
+    from megamesh.plan.memory import sharded_params
+    from megamesh.plan.target import Target
+
+    cfg = preset("llama3.1-405b")  # 126 layers
+    w = Workload(cfg, 8192, 2048, kernels="fused")
+    t = parse_target("h100:16384")
+    plain = search(w, t)
+    assert all(e.layout.stages == 1 for e in plain.ranked)
+    piped = search(w, t, pipeline=True)
+    best = piped.ranked[0]
+    assert best.layout.stages > 1 and best.breakdown["bubble"] > 0
+    assert abs(best.mfu - 0.41) <= 0.05
+    assert best.step_time_s < plain.ranked[0].step_time_s
+
+    sizes = {"fsdp": 128, "tensor": 8}
+    sub = Target(t.chip, t.n_slices // 16, t.slice_chips, t.topology)
+    lay = Layout(sizes, remat="full", microbatches=32, stages=16, virtual=2,
+                 placement=place(sizes, sub))
+    assert lay.devices == t.devices and lay.stage_layers(126) == 8  # 2 chunks of ceil(126/32)
+    assert lay.bubble == pytest.approx(15 / 64)
+    whole, _ = sharded_params(w, Layout(sizes))
+    stage, _ = sharded_params(w, lay)
+    assert whole / 16 < stage < whole / 16 * 1.2  # a 16th of the layers + embedding and head
+    e = estimate(w, t, lay)
+    busy = e.step_time_s - e.breakdown["bubble"]
+    assert e.breakdown["bubble"] == pytest.approx((busy - e.breakdown["ici"] - e.breakdown["dcn"]
+                                                   - e.breakdown["host"]) * 15 / 64, rel=1e-6)
+    more = estimate(w, t, Layout(sizes, remat="full", microbatches=64, stages=16, virtual=2,
+                                 placement=place(sizes, sub)))
+    assert more.breakdown["bubble"] < e.breakdown["bubble"]
+
+
+def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsys):
+    argv = ["plan", "--model", "llama3.1-405b", "--target", "tpu7x:73728", "--seq", "8192",
+            "--batch", "4608", "--pipeline", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    if plan["best"]["pipeline_stages"] == 1:  # force one for the refusal checks
+        plan["best"].update(pipeline_stages=2, layout_text="pipeline=2," + plan["best"]["layout_text"])
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    assert main(["compile", "--plan", str(path)]) == 2
+    assert "pipeline" in capsys.readouterr().err
+    assert main(["launch", "--plan", str(path), "--out", str(tmp_path / "k8s")]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline" in err and "Traceback" not in err

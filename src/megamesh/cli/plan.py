@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offload", action="store_true",
                    help="also consider host offload of activations and optimizer state (modelled "
                    "for planning; megamesh's own train step cannot offload yet)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also consider pipeline stages across DCN (interleaved 1F1B; modelled for "
+                   "planning; megamesh's own train step has no pipeline stages yet)")
     p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
     p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.max_microbatches is not None and args.max_microbatches < 1:
         raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
     res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches,
-                 offload=args.offload)
+                 offload=args.offload, pipeline=args.pipeline)
     if not res.ranked:
         smallest = res.rejected[0] if res.rejected else None
         need = f"; the smallest needs {smallest.memory.total / 2**30:.1f} GiB per device " \
@@ -155,6 +158,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def _verify(cfg, target, w, best) -> int:
     if not target.is_tpu:
         raise ConfigError("--verify compiles for TPUs only; this target is a GPU")
+    if best.layout.stages > 1:
+        raise ConfigError(f"--verify cannot compile {best.layout.text()}: megamesh's train step has "
+                          "no pipeline stages yet; plan without --pipeline to verify")
     from megamesh.cli.compile_cmd import compile_and_compare
 
     print(f"\nverifying {best.layout.text()} by compiling the train step for "

@@ -213,6 +213,11 @@ def manifests(
     topology = "x".join(map(str, target.topology))
     n_procs = hosts * target.n_slices
     layout = plan["best"]["layout_text"]
+    if plan["best"].get("pipeline_stages", 1) > 1:
+        raise ConfigError(
+            f"the plan's layout {layout} has pipeline stages, which megamesh's train step does "
+            "not run yet; plan without --pipeline to launch"
+        )
     coordinator = f"{name}-slice-0-0.{name}"
     train = [
         "megamesh",

@@ -48,8 +48,15 @@ __doc__ += f"""
 - MOE_IMBALANCE = {MOE_IMBALANCE}: expert matmuls take this much longer than their FLOPs
   say, because the step waits for the busiest expert (routing is never perfectly even).
 Approximate by nature: a torus axis is assumed to get the share of the chip's links its
-size spans (log n / log slice size, at least one torus dimension); pipeline parallelism is
-not modelled because megamesh's step has none.
+size spans (log n / log slice size, at least one torus dimension).
+
+Pipeline parallelism (planner only; megamesh's step has no stages yet) follows the
+interleaved 1F1B schedule of Megatron-LM (Narayanan et al., SC'21): P stages across DCN,
+V chunks per stage, M microbatches; the busiest stage paces the step (layers round up per
+chunk), the bubble adds (P - 1) / (V M) of the busy time, activations and their
+gradients cross each chunk boundary point to point (asynchronous, hidden like the other
+async collectives), and FSDP gathers a stage's weights once per step and keeps them for
+all microbatches (as Llama 3 did: no re-shard after forward).
 """
 
 
@@ -76,7 +83,9 @@ class Estimate:
 
     def to_json(self, target: Target) -> dict:
         return {
-            "layout": {a: n for a, n in self.layout.sizes.items() if n > 1} or {"data": 1},
+            "layout": ({"pipeline": self.layout.stages} if self.layout.stages > 1 else {})
+            | ({a: n for a, n in self.layout.sizes.items() if n > 1} or {"data": 1}),
+            "pipeline_stages": self.layout.stages, "virtual_stages": self.layout.virtual,
             "layout_text": self.layout.text(), "remat": self.layout.remat,
             "microbatches": self.layout.microbatches,
             "offload_optimizer": self.layout.offload_optimizer,
@@ -172,8 +181,10 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     tok_dev = tok_mb * mb
 
     hw_per_token, _, expert_per_token = hardware_flops_per_token(w, layout.remat)
-    # tensor/expert/sequence devices share tokens; each does its share of the work
-    flops_dev = hw_per_token * w.tokens / n_dev
+    # tensor/expert/sequence devices share tokens; each does its share of the work (the
+    # busiest pipeline stage paces the step)
+    imbalance = layout.stage_imbalance(c.n_layers)
+    flops_dev = hw_per_token * w.tokens / n_dev * imbalance
     paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev
     t_flops = paced / (peak_dev * MXU_EFFICIENCY)
     passes = 4 if layout.remat == "full" else 3
@@ -186,7 +197,8 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     per_tok_layer = ELEMENTWISE_TRAFFIC * 2 * (12 * D + 3 * F + 2 * HK)
     if w.kernels == "xla":
         per_tok_layer += c.n_heads / t * w.seq * 12  # scores f32 out/in, probs bf16 out/in
-    elem = tok_dev * per_tok_layer * c.n_layers * (passes + 1)
+    stage_layers = layout.stage_layers(c.n_layers) if layout.stages > 1 else c.n_layers
+    elem = tok_dev * per_tok_layer * stage_layers * (passes + 1)
     elem += tok_dev * c.vocab_size / t * 4 * 6 + held * 28
     t_elem = elem / hbm_bw
     t_local = t_mm + t_elem
@@ -200,22 +212,29 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         net[kind + "_ici"] += times * ici
         net[kind + "_dcn"] += times * dcn
 
-    if layout.size("fsdp") > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
+    if layout.size("fsdp") > 1 and layout.stages > 1:  # stage weights gathered once, kept
+        add("fsdp", "async", "fsdp", gathered * 2, 1)
+        add("fsdp", "async", "fsdp", gathered * 4, 1)
+    elif layout.size("fsdp") > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
         add("fsdp", "async", "fsdp", gathered * 2 * 2, mb)
         add("fsdp", "async", "fsdp", gathered * 4, mb)
+    if layout.stages > 1:  # activations forward, their gradients back, at every chunk edge
+        p2p = 2 * layout.virtual * mb * tok_mb * D * 2 / t
+        comm["pipeline_p2p"] = p2p / (chip.dcn_bw / chip.devices_per_chip * DCN_EFFICIENCY)
+        net["async_dcn"] += comm["pipeline_p2p"]
     grad = held * 4
     for ax in ("data", "sequence", "dcn"):  # parameters replicated over these: all-reduce
         if layout.size(ax) > 1:
             add(ax + "_grads", "async", ax, grad, 2)
     if t > 1:
         n_ar = 6 if layout.remat == "full" else 4
-        add("tensor", "sync", "tensor", tok_mb * D * 2, mb * c.n_layers * n_ar * 2)
+        add("tensor", "sync", "tensor", tok_mb * D * 2, mb * stage_layers * n_ar * 2)
     if s > 1:
         kv = tok_mb * s * 2 * c.n_kv_heads * Dh / min(t, c.n_kv_heads) * 2
-        add("sequence_kv", "sync", "sequence", kv, mb * c.n_layers * 3)
+        add("sequence_kv", "sync", "sequence", kv, mb * stage_layers * 3)
     if e > 1 and c.moe:
         m = c.moe
-        n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
+        n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe) * stage_layers / c.n_layers
         vol = tok_mb * m.top_k * (m.capacity_factor or 1.0) * D * 2
         hops = max(1.0, layout.ici("expert") ** (1 / 3) / 2) if target.is_tpu else 1.0
         add("expert", "sync", "expert", vol, mb * n_moe * (6 if layout.remat == "full" else 4) * hops)
@@ -238,12 +257,13 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         comm["host_optimizer"] = held * 16 / chip.host_bw * chip.devices_per_chip
         host += comm["host_optimizer"]
     sync += host
-    step = t_local + exposed_ici + exposed_dcn + sync
+    bubble = t_local * layout.bubble if layout.stages > 1 else 0.0
+    step = t_local + bubble + exposed_ici + exposed_dcn + sync
     model_flops = flops_per_token(c, w.seq, "train") * w.tokens
     mfu = model_flops / (step * n_dev * peak_dev)
     breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem,
                  "ici": exposed_ici + net["sync_ici"], "dcn": exposed_dcn + net["sync_dcn"],
-                 "host": host}
+                 "host": host, "bubble": bubble}
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
                     hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,

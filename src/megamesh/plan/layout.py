@@ -55,9 +55,32 @@ class Layout:
     microbatches: int = 1
     offload_optimizer: bool = False  # AdamW moments live in host memory (planner only)
     placement: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+    # Pipeline parallelism (planner only: megamesh's step has no pipeline stages yet).
+    # `stages` groups of devices, outside every mesh axis and across DCN, each holding
+    # the layers of `virtual` non-adjacent chunks (interleaved 1F1B schedule); the
+    # `microbatches` then flow through the stages. `sizes` is the mesh of one stage.
+    stages: int = 1
+    virtual: int = 1
 
     def size(self, axis: str) -> int:
         return self.sizes.get(axis, 1)
+
+    @property
+    def devices(self) -> int:
+        return math.prod(self.sizes.values()) * self.stages
+
+    def stage_layers(self, n_layers: int) -> int:
+        """Layers on the busiest stage: each of its `virtual` chunks rounds up."""
+        return -(-n_layers // (self.stages * self.virtual)) * self.virtual
+
+    def stage_imbalance(self, n_layers: int) -> float:
+        """Busiest stage's layers over an even split (1.0 without pipeline)."""
+        return self.stage_layers(n_layers) * self.stages / n_layers if self.stages > 1 else 1.0
+
+    @property
+    def bubble(self) -> float:
+        """Idle share of a 1F1B (interleaved) pipeline: (P - 1) / (V * M) of the busy time."""
+        return (self.stages - 1) / (self.virtual * self.microbatches)
 
     @property
     def batch_ways(self) -> int:
@@ -71,8 +94,12 @@ class Layout:
         return self.placement.get(axis, (self.size(axis), 1))[1]
 
     def text(self) -> str:
-        return ",".join(f"{a}={self.sizes[a]}" for a in MESH_AXES if self.sizes.get(a, 1) > 1) \
-            or "data=1"
+        """`pipeline=P,` (planner only; `xV` when interleaved) then the mesh axes."""
+        mesh = ",".join(f"{a}={self.sizes[a]}" for a in MESH_AXES if self.sizes.get(a, 1) > 1)
+        if self.stages > 1:
+            pipe = f"pipeline={self.stages}" + (f"x{self.virtual}" if self.virtual > 1 else "")
+            return pipe + ("," + mesh if mesh else "")
+        return mesh or "data=1"
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:

@@ -52,9 +52,13 @@ def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp",
 
     With `tpu`, each held shard is counted as TPU memory lays it out: the minor two
     dimensions padded to (8, 128) tiles (visible as `T(8,128)` in XLA:TPU's layouts); a
-    (1, 128) slice of a kv-head weight occupies 8x its size.
+    (1, 128) slice of a kv-head weight occupies 8x its size. With pipeline stages, the
+    busiest stage's share of the layers plus the embedding and head (which sit on the
+    first and last stage; both counted, conservatively).
     """
-    return _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat, tpu)
+    hl, gl, ho, go = _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat, tpu)
+    frac = layout.stage_layers(w.cfg.n_layers) / w.cfg.n_layers if layout.stages > 1 else 1.0
+    return hl * frac + ho, gl * frac + go
 
 
 def _tiled(shape: list[int]) -> int:
@@ -74,10 +78,12 @@ def _tiled(shape: list[int]) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str,
-                    tpu: bool) -> tuple[float, float]:
+                    tpu: bool) -> tuple[float, float, float, float]:
+    """(held, gathered) of the layer stacks' parameters, then of the others."""
     rules = strategy(strat)
     sizes = dict(sizes_items)
-    held = gathered = 0.0
+    stacks = tuple(st.name + "/" for st in layer_stacks(cfg))
+    out = [0.0, 0.0, 0.0, 0.0]
     for s in _specs(cfg):
         dims = resolve(s.axes, s.shape, sizes, rules)
         shard = list(s.shape)
@@ -87,9 +93,10 @@ def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str,
                 shard[i] //= sizes[m]
                 if m != "fsdp":
                     gways *= sizes[m]
-        held += _tiled(shard) if tpu else math.prod(shard)
-        gathered += s.size / gways
-    return held, gathered
+        i = 0 if s.name.startswith(stacks) else 2
+        out[i] += _tiled(shard) if tpu else math.prod(shard)
+        out[i + 1] += s.size / gways
+    return out[0], out[1], out[2], out[3]
 
 
 @functools.lru_cache(maxsize=64)
@@ -150,8 +157,13 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     acts = 0.0
     widest_layer = 0.0
     for st in layer_stacks(c):
-        # offloaded activations stay in HBM only while in flight (two layers' worth)
-        n_saved = min(2, st.n_layers) if layout.remat == "offload" else st.n_layers
+        # offloaded activations stay in HBM only while in flight (two layers' worth); a
+        # pipeline stage keeps its layers' activations of up to `stages` microbatches in
+        # flight (1F1B)
+        n_layers = st.n_layers
+        if layout.stages > 1:
+            n_layers = layout.stage_layers(st.n_layers) * min(layout.microbatches, layout.stages)
+        n_saved = min(2, n_layers) if layout.remat == "offload" else n_layers
         acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
         per_layer = sum(s.size for n, s in specs.items() if n.startswith(st.name + "/")) / st.n_layers
         if st.moe and c.moe:
@@ -162,6 +174,11 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     k = COEF
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2)
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
+    if layout.stages > 1 and layout.size("fsdp") > 1:
+        # with pipeline stages the stage's weights are gathered once per step and kept
+        # (bf16, embedding and head included) for all microbatches, as Llama 3's training
+        # did (no re-shard after forward), plus one layer's gathered gradient in flight
+        weights_gathered = gathered * 2 + widest_layer * k["layer_weights"]
     recompute = max(layer_activation_bytes(w, layout, "none", st.moe) for st in layer_stacks(c))
     logits = tok * c.vocab_size / t * k["logits"]
     working = tok * recompute * k["recompute"] + logits
@@ -177,7 +194,8 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
     the KV cache of `batch` slots of `max_len` tokens, and the step's logits."""
     from megamesh.model.specs import kv_cache_bytes_per_token
 
-    held = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)[0]
+    hl, _, ho, _ = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)
+    held = hl + ho
     slots = batch / (layout.size("dcn") * layout.size("data") * layout.size("fsdp"))
     t = layout.size("tensor")
     kv_ways = t if cfg.n_kv_heads % t == 0 else 1

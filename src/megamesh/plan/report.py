@@ -52,8 +52,10 @@ def plot(ranked: list[Estimate], path: str, title: str) -> None:
     top = ranked[:8]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     bottom = [0.0] * len(top)
-    for key in ("compute", "hbm", "ici", "dcn"):
-        vals = [e.breakdown[key] for e in top]
+    for key in ("compute", "hbm", "ici", "dcn", "host", "bubble"):
+        vals = [e.breakdown.get(key, 0.0) for e in top]
+        if not any(vals):
+            continue
         ax.bar(range(len(top)), vals, bottom=bottom, label=key)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_xticks(range(len(top)), [f"{e.layout.text()}\n{e.layout.remat}" for e in top],

@@ -60,58 +60,95 @@ def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
     """The fewest batch-parallel ways in a slice (the rest tensor/sequence/expert parallel)."""
     import dataclasses
 
-    probe = dataclasses.replace(w, batch=1 << 62)  # any split divides it
+    probe = dataclasses.replace(w, batch=target.devices)  # every split of the devices divides it
     return min((s["data"] * s["fsdp"] * s["expert"] // max(1, s["dcn"] // target.n_slices)
                 for s in _candidate_sizes(probe, target, max_tensor)), default=1) or 1
 
 
+def _pipelines(w: Workload, target: Target, pipeline: bool):
+    """(stages, target of one stage): no pipeline, then P stages over DCN, each whole slices."""
+    yield 1, target
+    if not pipeline:
+        return
+    for p in _divisors(target.n_slices):
+        if 1 < p <= w.cfg.n_layers:
+            yield p, Target(target.chip, target.n_slices // p, target.slice_chips, target.topology)
+
+
+def _pipeline_options(w: Workload, stages: int, per_replica_seqs: int):
+    """(virtual chunks, microbatches): interleaving factors that leave every chunk a
+    layer, and microbatch counts that are multiples of the stage count (interleaved 1F1B
+    needs it) dividing the sequences of one data-parallel replica."""
+    for v in (1, 2, 4, 8):
+        if stages * v > w.cfg.n_layers:
+            break
+        m = stages
+        while m <= per_replica_seqs:
+            if per_replica_seqs % m == 0:
+                yield v, m
+            m *= 2
+
+
 def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
            fixed: dict[str, int] | None = None, max_tensor: int = 64,
-           max_microbatches: int | None = None, offload: bool = False) -> SearchResult:
+           max_microbatches: int | None = None, offload: bool = False,
+           pipeline: bool = False) -> SearchResult:
     """Rank layouts. `offload` also considers host offload of activations and optimizer
-    state (modelled for planning; megamesh's own step cannot offload yet)."""
+    state, `pipeline` pipeline stages across DCN (both modelled for planning; megamesh's
+    own step cannot offload and has no pipeline stages yet)."""
     if offload:
         remats = tuple(remats) + OFFLOAD_REMATS
     ranked: list[Estimate] = []
     rejected: list[Estimate] = []
     n = 0
     any_divisible = False
-    candidates = [fixed] if fixed else _candidate_sizes(w, target, max_tensor)
-    for sizes in candidates:
-        any_divisible = True
-        sizes = {a: v for a, v in sizes.items() if v > 1}
-        try:
-            placement = place(sizes, target)
-        except ConfigError:
-            if fixed:
-                raise
-            continue
-        per_dev_seqs = w.batch // max(1, Layout(sizes).batch_ways)
-        best_fail = None
-        for remat in remats:
-            # the fewest microbatches that fit (more only add weight gathers)
-            mb, opt_off = 1, False
-            while True:
-                lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
-                             offload_optimizer=opt_off)
-                mem = estimate_memory(w, lay, tpu=target.is_tpu)
-                n += 1
-                if mem.total <= target.chip.device_hbm_bytes:
-                    break
-                if offload and not opt_off:
-                    opt_off = True
+    for stages, sub in _pipelines(w, target, pipeline and not fixed):
+        candidates = [fixed] if fixed else _candidate_sizes(w, sub, max_tensor)
+        for sizes in candidates:
+            any_divisible = True
+            sizes = {a: v for a, v in sizes.items() if v > 1}
+            try:
+                placement = place(sizes, sub)
+            except ConfigError:
+                if fixed:
+                    raise
+                continue
+            per_dev_seqs = w.batch // max(1, Layout(sizes).batch_ways)
+            best_fail = None
+            for remat in remats:
+                if stages > 1:
+                    found, tried = _best_pipelined(w, target, sizes, placement, remat, stages,
+                                                   per_dev_seqs, max_microbatches, offload)
+                    n += tried
+                    for est in found:
+                        if est.fits:
+                            ranked.append(est)
+                        elif best_fail is None or est.memory.total < best_fail.memory.total:
+                            best_fail = est
                     continue
-                if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) \
-                        or mb * 2 > (max_microbatches or mb * 2):
-                    break
-                mb, opt_off = mb * 2, False
-            est = estimate(w, target, lay, mem)
-            if est.fits:
-                ranked.append(est)
-            elif best_fail is None or est.memory.total < best_fail.memory.total:
-                best_fail = est
-        if best_fail is not None:
-            rejected.append(best_fail)
+                # the fewest microbatches that fit (more only add weight gathers)
+                mb, opt_off = 1, False
+                while True:
+                    lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
+                                 offload_optimizer=opt_off)
+                    mem = estimate_memory(w, lay, tpu=target.is_tpu)
+                    n += 1
+                    if mem.total <= target.chip.device_hbm_bytes:
+                        break
+                    if offload and not opt_off:
+                        opt_off = True
+                        continue
+                    if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) \
+                            or mb * 2 > (max_microbatches or mb * 2):
+                        break
+                    mb, opt_off = mb * 2, False
+                est = estimate(w, target, lay, mem)
+                if est.fits:
+                    ranked.append(est)
+                elif best_fail is None or est.memory.total < best_fail.memory.total:
+                    best_fail = est
+            if best_fail is not None:
+                rejected.append(best_fail)
     if not any_divisible:
         unit = target.n_slices * _min_batch_ways(w, target, max_tensor)
         raise ConfigError(f"batch {w.batch} sequences cannot be split over {target.describe()}: "
@@ -120,3 +157,27 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
     ranked.sort(key=lambda e: e.step_time_s)
     rejected.sort(key=lambda e: e.memory.total)
     return SearchResult(ranked, rejected, n)
+
+
+def _best_pipelined(w: Workload, target: Target, sizes: dict[str, int], placement: dict,
+                    remat: str, stages: int, per_replica_seqs: int, max_microbatches: int | None,
+                    offload: bool) -> tuple[list[Estimate], int]:
+    """For each interleaving factor, the fastest microbatch count that fits (or, if none
+    fits, the smallest in memory). More microbatches shrink the bubble and the
+    activations in flight but stream the stage's weights once more each."""
+    out: list[Estimate] = []
+    tried = 0
+    by_v: dict[int, list[Estimate]] = {}
+    for v, m in _pipeline_options(w, stages, per_replica_seqs):
+        if max_microbatches and m > max_microbatches:
+            continue
+        for opt_off in ((False, True) if offload else (False,)):
+            lay = Layout(sizes, remat=remat, microbatches=m, placement=placement,
+                         offload_optimizer=opt_off, stages=stages, virtual=v)
+            tried += 1
+            by_v.setdefault(v, []).append(estimate(w, target, lay))
+    for ests in by_v.values():
+        fit = [e for e in ests if e.fits]
+        out.append(min(fit, key=lambda e: e.step_time_s) if fit
+                   else min(ests, key=lambda e: e.memory.total))
+    return out, tried
