@@ -210,14 +210,20 @@ def test_two_processes_equal_one(tmp_path, corpus):
     assert r.returncode == 0, r.stderr
 
     multi = tmp_path / "multi"
+
+    def start(port, *extra):
+        procs = []
+        for pid in range(2):
+            env = env_for(2)
+            env.update(MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES="2",
+                       MEGAMESH_PROCESS_ID=str(pid))
+            procs.append(subprocess.Popen(train_cmd(multi, corpus, "--mesh", "data=2,fsdp=2", *extra),
+                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        return procs
+
     port = 20000 + os.getpid() % 20000
-    procs = []
-    for pid in range(2):
-        env = env_for(2)
-        env.update(MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES="2",
-                   MEGAMESH_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen(train_cmd(multi, corpus, "--steps", "4", "--mesh", "data=2,fsdp=2"),
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = start(port, "--steps", "4")
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
@@ -226,6 +232,17 @@ def test_two_processes_equal_one(tmp_path, corpus):
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-6, abs=0)
+
+    # Preemption of one host: SIGTERM to process 1 only. Both processes agree to stop after
+    # the same step, save one checkpoint together and exit 143 (none hangs in a collective).
+    procs = start(port + 1, "--steps", "400", "--resume", "--train.checkpoint_every=1000")
+    wait_for_step(multi, 6, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
+    saved = sorted(int(n.name) for n in (multi / "checkpoints").iterdir() if n.name.isdigit())
+    assert saved[0] == 4 and len(saved) == 2 and saved[1] > 6
+    assert f"stopped by a signal to another process after step {saved[1]}" in outs[0][0]
 
 
 def test_train_starts_from_a_hugging_face_directory(tmp_path, corpus):

@@ -111,6 +111,15 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is set on any process (a tiny all-gather; local when single-process)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
 def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
     """A global array from the full batch every process holds (each keeps its own shards)."""
     return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
@@ -220,8 +229,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 # stays a good one to return to.
                 periodic = (step + 1) % tc.checkpoint_every == 0 and bool(m["finite"])
                 # read the signal flag once: a signal landing between the save decision and
-                # the stop would otherwise stop the run without the checkpoint it promised
-                stop = pre.signum is not None
+                # the stop would otherwise stop the run without the checkpoint it promised.
+                # Every process must stop at the same step (a host preempted alone would
+                # leave the others waiting in the next collective): they agree each step.
+                stop = _any_process(pre.signum is not None)
                 if periodic or done or stop:
                     goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
                                                     wait=done or stop)
@@ -230,7 +241,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 bar.update(step + 1, record)
                 if stop:
                     result.preempted = True
-                    log(f"\nstopped by signal {pre.signum} after step {step + 1}; checkpoint saved")
+                    why = f"signal {pre.signum}" if pre.signum is not None else "a signal to another process"
+                    log(f"\nstopped by {why} after step {step + 1}; checkpoint saved")
                     break
     finally:
         bar.close()
