@@ -31,7 +31,10 @@ ROWS = [
     ("C1", "llama2-70b", "v5p:512", 4096, 512 * 4, 0.654, "assumed: 4 per chip"),
     ("C2", "llama3.1-8b", "v6e:256", 8192, 256 * 4, 0.4546, "MaxText recipe llama3_1_8b_8192: 4 per chip"),
     ("C3", "llama3.1-70b", "v6e:256", 8192, 256 * 2, 0.5033, "MaxText recipe llama3-70b-8192: 2 per chip"),
-    ("C4", "llama3.1-405b", "v6e:256", 8192, 256 * 1, 0.3855, "MaxText recipe llama3_1_405b: 1 per chip"),
+    # calibration.md lists v6e x 256; MaxText's recipe for this row
+    # (llama3_1_405b_8192_fsdp_dcn) is ici_fsdp 64 x ici_tensor 4 x dcn_fsdp 2: two slices
+    ("C4", "llama3.1-405b", "v6e:512", 8192, 512 * 1, 0.3855,
+     "MaxText recipe llama3_1_405b_8192_fsdp_dcn: 1 per chip on 2 x v6e-256 (dcn_fsdp 2)"),
     ("C5", "llama2-70b", "v6e:256", 4096, 256 * 2, 0.438, "MaxText recipe llama2_70b_4096_sc: 2 per chip"),
     ("C6", "mixtral-8x7b", "v5p:256", 4096, 256 * 8, 0.5256, "assumed: 8 per chip"),
     ("C7", "mixtral-8x7b", "v6e:256", 4096, 256 * 8, 0.3523, "assumed: 8 per chip"),

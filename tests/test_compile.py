@@ -85,6 +85,30 @@ def test_compile_saves_the_executable_and_never_overwrites(tmp_path):
     assert exe.read_bytes() == before
 
 
+def test_fsdp_spans_slices_over_dcn():
+    """fsdp=16 on two 8-device slices: the fsdp axis itself crosses DCN (MaxText's
+    dcn_fsdp_parallelism), so each device holds 1/16 of the state, as the plan says."""
+    from megamesh.config import preset
+    from megamesh.plan.layout import Layout, Workload, place
+    from megamesh.plan.memory import estimate_memory
+    from megamesh.plan.target import Target, parse_target
+
+    out = compile_json("--model", "tiny", "--target", "tpu7x:2x2x1", "--slices", "2", "--mesh",
+                       "fsdp=16", "--seq", "256", "--batch", "16", "--remat", "full")
+    assert out["fits"] and out["devices"] == 16
+    batch_bytes = 16 * 257 * 4 / 16
+    state = out["plan"]["hbm_parts_bytes"]["state"]
+    assert out["hbm_per_device_bytes"]["argument"] == pytest.approx(state + batch_bytes, rel=0.01)
+    one = parse_target("tpu7x:2x2x1")
+    two = Target(one.chip, 2, one.slice_chips, one.topology)
+    w = Workload(preset("tiny"), 256, 16)
+    spans = place({"fsdp": 16}, two)
+    assert spans["fsdp"] == (8, 2)  # 8 ways within a slice x 2 across
+    data_over_dcn = estimate_memory(w, Layout({"dcn": 2, "fsdp": 8},
+                                              placement=place({"dcn": 2, "fsdp": 8}, two)), tpu=True)
+    assert state < 0.6 * data_over_dcn.state
+
+
 def test_compile_tensor_parallel_on_v5p_flops_and_state():
     out = compile_json("--model", "tiny", "--target", "v5p:2x2x1", "--mesh", "fsdp=2,tensor=2",
                        "--seq", "512", "--batch", "8", "--remat", "none")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.plan.target import Target
-from megamesh.sharding.logical import MESH_AXES
+from megamesh.sharding.logical import MESH_AXES, split_over_slices
 
 PRECISIONS = ("bf16", "fp8")
 # "xla": what megamesh's own step lowers to today (attention materializes the full T x T
@@ -103,26 +103,17 @@ class Layout:
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:
-    """Split each axis into (ICI part, DCN part).
-
-    Devices are laid out with the last mesh axis (expert) fastest, as in `make_mesh`, so
-    inner axes fill a slice first and the outer ones spill across slices. On TPUs the
-    spill must be exactly the `dcn` axis (multi-slice meshes put only dcn across slices);
-    on GPUs any data-like axis may span NVLink domains over the scale-out network.
+    """Split each axis into (ICI part, DCN part), exactly as `make_mesh` lays devices out
+    (`sharding.logical.split_over_slices`): inner axes fill a slice first and the outer
+    ones spill across slices. On TPUs only dcn, data and fsdp may span slices (FSDP over
+    DCN is MaxText's dcn_fsdp_parallelism); on GPUs any data-like axis may span NVLink
+    domains over the scale-out network.
     """
     if math.prod(sizes.values()) != target.devices:
         raise ConfigError(f"layout uses {math.prod(sizes.values()):,} devices; the target has "
                           f"{target.devices:,}")
-    room = target.slice_devices
-    out: dict[str, tuple[int, int]] = {}
-    for axis in reversed(MESH_AXES):
-        n = sizes.get(axis, 1)
-        ici = math.gcd(n, room)
-        if ici * (n // ici) != n or (n // ici > 1 and room // ici > 1):
-            raise ConfigError(f"axis {axis}={n} cannot be placed on slices of "
-                              f"{target.slice_devices} devices")
-        out[axis] = (ici, n // ici)
-        room //= ici
-    if target.is_tpu and any(out[a][1] > 1 for a in MESH_AXES if a != "dcn"):
-        raise ConfigError("on TPUs only the dcn axis may span slices")
+    ici, dcn = split_over_slices([sizes.get(a, 1) for a in MESH_AXES], target.slice_devices)
+    out = {a: (i, d) for a, i, d in zip(MESH_AXES, ici, dcn)}
+    if target.is_tpu and any(out[a][1] > 1 for a in MESH_AXES if a not in ("dcn", "data", "fsdp")):
+        raise ConfigError("on TPUs only the dcn, data and fsdp axes may span slices")
     return out

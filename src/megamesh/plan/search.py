@@ -32,9 +32,8 @@ def _candidate_sizes(w: Workload, target: Target, max_tensor: int = 64):
                and (c.d_ff % d == 0)]
     experts = [d for d in _divisors(ici) if c.moe and c.moe.n_experts % d == 0] if c.moe else [1]
     seqs = [d for d in _divisors(ici) if d <= 64 and w.seq % d == 0 and d * 512 <= w.seq] or [1]
-    dcn_splits = [(n_sl, 1)]  # (dcn data-parallel ways, fsdp ways across slices)
-    if not target.is_tpu and n_sl > 1:
-        dcn_splits = [(n_sl // f, f) for f in _divisors(n_sl)]
+    # (dcn data-parallel ways, fsdp ways across slices)
+    dcn_splits = [(n_sl // f, f) for f in _divisors(n_sl)] if n_sl > 1 else [(1, 1)]
     for t in tensors:
         for e in experts:
             if ici % (t * e):

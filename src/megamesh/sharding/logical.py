@@ -16,6 +16,7 @@ The mesh axes: dcn (across slices/pods), data, fsdp, sequence, tensor, expert.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from megamesh.errors import ConfigError
@@ -134,3 +135,25 @@ def parse_layout(layout: str | dict[str, int]) -> dict[str, int]:
 
 def format_layout(sizes: dict[str, int]) -> str:
     return ",".join(f"{a}={sizes[a]}" for a in MESH_AXES if sizes.get(a, 1) > 1) or "data=1"
+
+
+def split_over_slices(shape: Sequence[int], slice_devices: int) -> tuple[list[int], list[int]]:
+    """(ICI part, DCN part) of each axis of a mesh `shape` on slices of `slice_devices`.
+
+    The inner axes fill a slice first (the last axis fastest); an outer axis spills across
+    slices only once the slice is full, so e.g. `dcn=2,fsdp=256` on two 256-device
+    slices puts dcn across them, and `fsdp=512` puts the fsdp axis itself across them
+    (FSDP over DCN, as MaxText's dcn_fsdp_parallelism).
+    """
+    room = slice_devices
+    ici, dcn = [1] * len(shape), [1] * len(shape)
+    for i in reversed(range(len(shape))):
+        n = shape[i]
+        ici[i] = math.gcd(n, room)
+        dcn[i] = n // ici[i]
+        room //= ici[i]
+        if dcn[i] > 1 and room > 1:
+            raise ConfigError(f"layout {format_layout(dict(zip(MESH_AXES, shape)))} cannot be split "
+                              f"into slices of {slice_devices} devices: axis {MESH_AXES[i]}={n} "
+                              f"spills across slices before a slice is full")
+    return ici, dcn

@@ -15,14 +15,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from megamesh.errors import ConfigError
-from megamesh.sharding.logical import MESH_AXES, format_layout, parse_layout  # noqa: F401
+from megamesh.sharding.logical import MESH_AXES, format_layout, parse_layout, split_over_slices  # noqa: F401
 
 
 def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
     """A Mesh over `devices` (default: all of jax's devices) with every axis of MESH_AXES.
 
     Default layout: all devices on fsdp. On TPU devices the device order follows the
-    physical torus (jax's mesh_utils); `dcn` splits across slices.
+    physical torus (jax's mesh_utils); the outer axes (`dcn`, then `data`, `fsdp`) split
+    across slices (`split_over_slices`).
     """
     import jax
 
@@ -43,13 +44,8 @@ def _device_array(shape: tuple[int, ...], devs: list[Any]) -> np.ndarray:
     from jax.experimental import mesh_utils
 
     n_slices = len({getattr(d, "slice_index", 0) for d in devs})
-    dcn = shape[0]
     if n_slices > 1:
-        if dcn % n_slices:
-            raise ConfigError(f"layout dcn={dcn} is not allowed on {n_slices} slices: dcn must be "
-                              f"a multiple of {n_slices}")
-        ici_shape = (dcn // n_slices,) + shape[1:]
-        dcn_shape = (n_slices,) + (1,) * (len(shape) - 1)
-        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devs,
+        ici, dcn = split_over_slices(shape, len(devs) // n_slices)
+        return mesh_utils.create_hybrid_device_mesh(tuple(ici), tuple(dcn), devs,
                                                     allow_split_physical_axes=True)
     return mesh_utils.create_device_mesh(shape, devs, allow_split_physical_axes=True)
