@@ -28,11 +28,12 @@ def why(ranked: list[Estimate]) -> str:
 
 
 def table(ranked: list[Estimate], top: int) -> str:
-    head = (f"{'#':>2}  {'layout':<40} {'remat':<13} {'mb':>3} {'step':>10} {'MFU':>6} "
+    width = max([40] + [len(e.layout.text()) for e in ranked[:top]])
+    head = (f"{'#':>2}  {'layout':<{width}} {'remat':<13} {'mb':>3} {'step':>10} {'MFU':>6} "
             f"{'tok/s/chip':>11} {'HBM/dev':>10} {'bottleneck':<10}")
     lines = [head, "-" * len(head)]
     for i, e in enumerate(ranked[:top], 1):
-        lines.append(f"{i:>2}  {e.layout.text():<40} {e.layout.remat:<13} {e.layout.microbatches:>3} "
+        lines.append(f"{i:>2}  {e.layout.text():<{width}} {e.layout.remat:<13} {e.layout.microbatches:>3} "
                      f"{_fmt_s(e.step_time_s):>10} {e.mfu:>6.1%} {e.tokens_per_s_per_chip:>11,.0f} "
                      f"{e.memory.total / GiB:>6.1f} GiB {e.bottleneck:<10}")
     return "\n".join(lines)
