@@ -300,7 +300,8 @@ def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_fi
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["MEGAMESH_NUM_PROCESSES"] == "4096" and env["MEGASCALE_NUM_SLICES"] == "2"
     assert env["MEGAMESH_COORDINATOR"] == "llama70b-slice-0-0.llama70b:8476"
-    assert "--mesh dcn=2" in pod["containers"][0]["command"][2]
+    plan = json.loads(plan_file.read_text())
+    assert f"--mesh {plan['best']['layout_text']} " in pod["containers"][0]["command"][2]
     # a broken manifest is caught by the schema
     bad = json.loads(json.dumps(js))
     bad["spec"]["failurePolicy"]["restartStrategy"] = "Sometimes"

@@ -96,8 +96,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.remat not in REMATS:
             raise ConfigError(f"--remat {args.remat!r} is not allowed: one of {', '.join(REMATS)}")
         remats = (args.remat,)
+    if args.max_microbatches is not None and args.max_microbatches < 1:
+        raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
     if args.deadline:
-        found = questions.fewest_chips_for_deadline(w, target, tokens, parse_duration(args.deadline))
+        found = questions.fewest_chips_for_deadline(
+            w, target, tokens, parse_duration(args.deadline), remats=remats,
+            max_microbatches=args.max_microbatches, offload=args.offload, pipeline=args.pipeline)
         if found is None:
             raise ConfigError(f"no {target.chip.name} count up to 2,000,000 chips trains "
                               f"{tokens:.3g} tokens of {cfg.name} within {args.deadline} at batch {batch}")
@@ -107,8 +111,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from megamesh.sharding.logical import parse_layout
 
         fixed = parse_layout(args.mesh)
-    if args.max_microbatches is not None and args.max_microbatches < 1:
-        raise ConfigError(f"--max-microbatches {args.max_microbatches} is not allowed: must be >= 1")
     res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches,
                  offload=args.offload, pipeline=args.pipeline)
     if not res.ranked:

@@ -72,6 +72,7 @@ class Estimate:
     comm: dict[str, float] = field(default_factory=dict)  # seconds of each collective, unhidden
     flops_per_device: float = 0.0  # hardware FLOPs per device per step (matmuls)
     model_flops_per_step: float = 0.0
+    dcn_traffic_s: float = 0.0  # seconds of DCN transfers per step, hidden or not
 
     @property
     def fits(self) -> bool:
@@ -267,4 +268,5 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
                     hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,
-                    flops_per_device=flops_dev, model_flops_per_step=model_flops)
+                    flops_per_device=flops_dev, model_flops_per_step=model_flops,
+                    dcn_traffic_s=net["async_dcn"] + net["sync_dcn"])

@@ -4,6 +4,7 @@ power and cost; fewest chips for a deadline; serving capacity per replica and fl
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.model.specs import (
@@ -49,8 +50,10 @@ def training_answer(w: Workload, target: Target, best: Estimate, tokens: float) 
 
 
 def fewest_chips_for_deadline(w: Workload, target: Target, tokens: float, deadline_s: float,
-                              max_chips: int = 2_000_000) -> tuple[Target, Estimate] | None:
-    """The smallest chip count (whole cubes inside a pod, whole pods beyond) that meets it."""
+                              max_chips: int = 2_000_000,
+                              **search_options: Any) -> tuple[Target, Estimate] | None:
+    """The smallest chip count (whole cubes inside a pod, whole pods beyond) that meets it;
+    `search_options` (remats, offload, pipeline, ...) go to every search."""
     c = target.chip
     unit = 64 if c.ici_topology == "torus3d" else (c.pod_chips if c.ici_topology == "torus2d" else 8)
     counts = sorted({n for n in [unit * 2**k for k in range(40)] if n <= c.pod_chips} |
@@ -59,7 +62,7 @@ def fewest_chips_for_deadline(w: Workload, target: Target, tokens: float, deadli
     def time_at(n: int) -> tuple[float, Target, Estimate | None]:
         try:
             tgt = from_chip_count(c, n)
-            res = search(w, tgt)
+            res = search(w, tgt, **search_options)
         except ConfigError:
             return math.inf, target, None
         if not res.ranked:

@@ -64,6 +64,13 @@ def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
                 for s in _candidate_sizes(probe, target, max_tensor)), default=1) or 1
 
 
+def _rank(e: Estimate) -> tuple[float, float]:
+    """Fastest first; step times equal to 3 significant digits (closer than the model can
+    tell apart) go to the layout that moves less over DCN (e.g. data parallelism across
+    pods before FSDP across pods, when both hide their traffic)."""
+    return float(f"{e.step_time_s:.3g}"), e.dcn_traffic_s
+
+
 def _pipelines(w: Workload, target: Target, pipeline: bool):
     """(stages, target of one stage): no pipeline, then P stages over DCN, each whole slices."""
     yield 1, target
@@ -153,7 +160,7 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
         raise ConfigError(f"batch {w.batch} sequences cannot be split over {target.describe()}: "
                           f"no layout's batch-parallel ways divide it; use a multiple of {unit:,} "
                           f"sequences, e.g. {max(1, round(w.batch / unit)) * unit:,}")
-    ranked.sort(key=lambda e: e.step_time_s)
+    ranked.sort(key=_rank)
     rejected.sort(key=lambda e: e.memory.total)
     return SearchResult(ranked, rejected, n)
 
