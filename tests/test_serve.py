@@ -152,6 +152,29 @@ def test_engine_seeded_sampling_is_reproducible(engine):
     assert a != run_engine(engine, prompt, Sampling(max_tokens=16, temperature=1.0, seed=8))[0].out_ids
 
 
+def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
+    """12 requests of different lengths at once (slots 16: decode batches 8 and 16). As the
+    short ones finish, the long ones move down to the low rows and decode drops to 8 rows;
+    every request's tokens equal its tokens when run alone."""
+    assert engine.batch_buckets == [8, 16]
+    tok = engine.model.tokenizer
+    prompts = [tok.encode(f"def f{i}(x):").ids for i in range(12)]
+    lengths = [4 + 3 * i for i in range(12)]  # the low slots finish first
+    alone = [run_engine(engine, p, Sampling(max_tokens=n, temperature=0, ignore_eos=True))[0].out_ids
+             for p, n in zip(prompts, lengths)]
+    moves, steps = engine.stats["slot_moves"], engine.stats["decode_steps_8"]
+    done, reqs = threading.Semaphore(0), []
+    for p, n in zip(prompts, lengths):
+        reqs.append(engine.submit(p, Sampling(max_tokens=n, temperature=0, ignore_eos=True),
+                                  lambda ev: done.release() if ev.done else None))
+    for _ in reqs:
+        assert done.acquire(timeout=120)
+    assert [r.out_ids for r in reqs] == alone
+    assert engine.stats["slot_moves"] > moves  # long requests moved into freed low rows
+    assert engine.stats["decode_steps_8"] > steps  # and decode ran 8 rows, not 16
+    assert engine.active == 0 and sorted(engine._free) == list(range(16))
+
+
 def test_engine_refuses_what_does_not_fit(engine):
     from megamesh.serve.engine import TooLong
 

@@ -53,8 +53,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     m = engine.model
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots x {engine.max_len} tokens "
           f"(KV cache {engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
-          f"prefill buckets {engine.buckets} and {len(engine.decode_buckets)} decode buckets "
-          f"(every {engine.decode_buckets[0]} tokens) ...", flush=True)
+          f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
+          f"(attention every {engine.decode_buckets[0]} tokens x batches {engine.batch_buckets}) ...",
+          flush=True)
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_concurrent_per_key=args.max_concurrent_per_key)

@@ -140,8 +140,9 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D).
 
     kv: None (training), or (k cache, v cache, layer index) with the stack's whole caches
-    (L, B, S, K, Dh); this layer's new keys and values are written in place and its
-    queries attend to the first `attend_len` cache slots (default: all S).
+    (L, R, S, K, Dh), R >= B rows of which the batch is the first B; this layer's new keys
+    and values are written in place and its queries attend to the first `attend_len`
+    cache slots (default: all S).
     """
     cd = x.dtype
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
@@ -158,8 +159,9 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
         start = positions[:, 0]
         kc, vc = write_cache(kc, k, layer, start), write_cache(vc, v, layer, start)
         S = kc.shape[2] if attend_len is None else attend_len
-        k_l = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)[:, :S]
-        v_l = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)[:, :S]
+        B = x.shape[0]  # the batch may be the cache's first B rows (serving: the busy slots)
+        k_l = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)[:B, :S]
+        v_l = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)[:B, :S]
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (x.shape[0], S))
         out = attend(q, k_l.astype(cd), v_l.astype(cd), positions, k_pos)
         kv = (kc, vc, layer)

@@ -55,6 +55,7 @@ class DecodeStep:
     max_len: int
     dtype: str
     attend_len: int | None = None
+    cache_rows: int | None = None  # default: batch
 
     def abstract_args(self, cfg: ModelConfig) -> tuple:
         """ShapeDtypeStructs of every argument (for AOT compile)."""
@@ -62,7 +63,7 @@ class DecodeStep:
                             for n, s in param_specs(cfg).items()})
         params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                               params, self.param_shardings)
-        cache = jax.eval_shape(lambda: init_cache(cfg, self.batch, self.max_len))
+        cache = jax.eval_shape(lambda: init_cache(cfg, self.cache_rows or self.batch, self.max_len))
         cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              cache, self.cache_shardings)
         slot = lambda dt: jax.ShapeDtypeStruct((self.batch,), dt, sharding=self.slot_sharding)
@@ -71,10 +72,15 @@ class DecodeStep:
 
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
-                      dtype: str = "bfloat16", attend_len: int | None = None) -> DecodeStep:
+                      dtype: str = "bfloat16", attend_len: int | None = None,
+                      cache_rows: int | None = None) -> DecodeStep:
+    """One decode step for `batch` rows. With `cache_rows` > batch, the cache has that many
+    rows and the step runs its first `batch` (the busy slots; the cache's batch dim must
+    not be sharded then)."""
     rules = strategy("serve")
     p_shard = param_shardings(cfg, mesh, rules)
-    c_shard = cache_shardings(jax.eval_shape(lambda: init_cache(cfg, batch, max_len)), mesh, rules)
+    rows = cache_rows or batch
+    c_shard = cache_shardings(jax.eval_shape(lambda: init_cache(cfg, rows, max_len)), mesh, rules)
     slot = NamedSharding(mesh, PartitionSpec(*data_sharding(mesh, rules, (batch, 1)).spec[:1]))
 
     def step(params, cache, tokens, positions, seeds, temperature, top_k, top_p):
@@ -88,7 +94,8 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, slot, slot, slot, slot),
                  out_shardings=(slot, None, c_shard), donate_argnums=1)
     return DecodeStep(fn=fn, param_shardings=p_shard, cache_shardings=c_shard, slot_sharding=slot,
-                      mesh=mesh, batch=batch, max_len=max_len, dtype=dtype, attend_len=attend_len)
+                      mesh=mesh, batch=batch, max_len=max_len, dtype=dtype, attend_len=attend_len,
+                      cache_rows=rows)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int) -> Any:
@@ -112,3 +119,17 @@ def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int) -> Any:
 
     return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.cache_shardings) + (rep,) * 7,
                    out_shardings=(rep, ds.cache_shardings), donate_argnums=1)
+
+
+def build_move_row(ds: DecodeStep) -> Any:
+    """Jitted (cache, src (), dst ()) -> cache with row src copied to row dst (in place)."""
+    rep = NamedSharding(ds.mesh, PartitionSpec())
+
+    def move(cache, src, dst):
+        def one(c):
+            row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=1)
+        return jax.tree.map(one, cache)
+
+    return jax.jit(move, in_shardings=(ds.cache_shardings, rep, rep), out_shardings=ds.cache_shardings,
+                   donate_argnums=0)
