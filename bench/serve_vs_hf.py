@@ -83,8 +83,12 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
             raise RuntimeError(f"server exited: {proc.stdout.read() if proc.stdout else ''}")
         try:
             if httpx.get(url + "/v1/models", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
+                # megamesh compiles its smaller decode batches after start-up: measure the
+                # server once it is done (servers without /health are ready when up)
+                h = httpx.get(url + "/health", timeout=1)
+                if h.status_code != 200 or not h.json().get("compiling", False):
+                    return
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{url} did not come up")

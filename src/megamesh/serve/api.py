@@ -447,7 +447,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     async def health() -> Response:
         return JSONResponse({"status": "ok", "model": model.name, "slots": engine.slots,
                              "active_slots": engine.active, "queue_depth": engine.waiting,
-                             "max_len": engine.max_len})
+                             "max_len": engine.max_len,
+                             # smaller decode batches still compiling in the background
+                             "compiling": not engine.compiled_all.is_set()})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -147,6 +147,10 @@ class Engine:
         any_step = self.decode[(slots, self.max_len)]
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
         self.move_row = build_move_row(any_step)
+        # compiled decode variants by (batch, attention length): the full-batch ones at
+        # warm-up, the smaller batches in the background after start-up
+        self._exec: dict[tuple[int, int], Any] = {}
+        self.compiled_all = threading.Event()
         self.params = model.params
         self.cache = jax.device_put(init_cache(cfg, slots, self.max_len, jnp.dtype(dtype)),
                                     any_step.cache_shardings)
@@ -163,11 +167,20 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def start(self) -> float:
-        """Compile and run every bucket once (warm-up), then start the loop; returns seconds."""
+        """Compile and run every prefill bucket and full-batch decode bucket once (warm-up),
+        then start the loop; the smaller decode batches compile in the background (they
+        are used once ready: `compiled_all` is set then). Returns the warm-up seconds."""
         t0 = time.perf_counter()
         self._warm_up()
         self._thread = threading.Thread(target=self._loop, name="megamesh-engine", daemon=True)
         self._thread.start()
+        small = [k for k in self.decode if k[0] < self.slots]
+        if small:
+            abstract = self._abstract_args()
+            threading.Thread(target=self._compile_small, args=(small, abstract),
+                             name="megamesh-compile", daemon=True).start()
+        else:
+            self.compiled_all.set()
         return time.perf_counter() - t0
 
     def stop(self) -> None:
@@ -223,13 +236,38 @@ class Engine:
             _, self.cache = self.prefill[b](self.params, self.cache, jnp.zeros((1, b), jnp.int32),
                                             jnp.int32(1), jnp.int32(0), jnp.uint32(0), jnp.float32(0),
                                             jnp.int32(0), jnp.float32(1))
-        for (b, _), step in self.decode.items():
-            zeros = jnp.zeros((b,), jnp.int32)
+        b = self.slots
+        zeros = jnp.zeros((b,), jnp.int32)
+        for a in self.decode_buckets:
+            step = self.decode[(b, a)]
             out = step.fn(self.params, self.cache, zeros, zeros, jnp.zeros((b,), jnp.uint32),
                           jnp.zeros((b,), jnp.float32), zeros, jnp.ones((b,), jnp.float32))
             self.cache = out[2]
+            self._exec[(b, a)] = step.fn
         self.cache = self.move_row(self.cache, np.int32(0), np.int32(0))
         jax.block_until_ready(self.cache)
+
+    def _abstract_args(self) -> tuple[Any, Any]:
+        like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return jax.tree.map(like, self.params), jax.tree.map(like, self.cache)
+
+    def _compile_small(self, keys: list[tuple[int, int]], abstract: tuple[Any, Any]) -> None:
+        params, cache = abstract
+        t0 = time.perf_counter()
+        try:
+            for b, a in sorted(keys, key=lambda k: (k[1], k[0])):  # short attention first
+                step = self.decode[(b, a)]
+                slot = lambda dt, b=b, step=step: jax.ShapeDtypeStruct((b,), dt,
+                                                                       sharding=step.slot_sharding)
+                self._exec[(b, a)] = step.fn.lower(
+                    params, cache, slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32),
+                    slot(jnp.float32), slot(jnp.int32), slot(jnp.float32)).compile()
+            self.log(f"compiled {len(keys)} smaller decode batches in the background in "
+                     f"{time.perf_counter() - t0:.1f}s")
+        except Exception as e:  # noqa: BLE001 -- the full-batch steps still serve
+            self.log(f"background compile of small decode batches failed: {type(e).__name__}: {e}")
+        finally:
+            self.compiled_all.set()
 
     def _loop(self) -> None:
         while True:
@@ -313,17 +351,17 @@ class Engine:
         if len(self.batch_buckets) > 1:
             self._compact()
         hi = max(self._active) + 1
-        B = next(b for b in self.batch_buckets if b >= hi)
+        positions_max = max(r.pos for r in self._active.values())
+        a = next(x for x in self.decode_buckets if x >= positions_max + 1)
+        B = next(b for b in self.batch_buckets if b >= hi and (b, a) in self._exec)
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
         seeds = np.zeros(B, np.uint32)
         temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
         for slot, r in self._active.items():
             tokens[slot], positions[slot], seeds[slot] = r.last, r.pos, r.seed
             temp[slot], top_k[slot], top_p[slot] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
-        need = int(positions.max()) + 1
-        a = next(x for x in self.decode_buckets if x >= need)
-        nxt, _, self.cache = self.decode[(B, a)].fn(self.params, self.cache, tokens, positions,
-                                                    seeds, temp, top_k, top_p)
+        nxt, _, self.cache = self._exec[(B, a)](self.params, self.cache, tokens, positions,
+                                                seeds, temp, top_k, top_p)
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
