@@ -517,3 +517,21 @@ def test_serve_bad_arguments_are_clear_errors(tmp_path):
     r = subprocess.run(MEGAMESH + ["serve", "--model", str(tmp_path), "--slots", "0"], env=_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--slots 0 is not allowed" in r.stderr
+
+
+def test_bench_client_measures_the_server(server, engine):
+    """`megamesh bench serve`'s client against the running server: every request completes,
+    exact output lengths (ignore_eos), vLLM-style metrics, goodput against SLOs."""
+    from megamesh.serve.bench import BenchConfig, format_summary, run_bench
+
+    assert engine.compiled_all.wait(300)
+    cfg = BenchConfig(url=server.url, num_prompts=8, input_len=16, output_len=8, max_concurrency=4,
+                      goodput={"ttft": 60_000.0}, warmups=1)
+    s = run_bench(cfg, engine.model.tokenizer)
+    assert s["completed"] == 8 and s["failed"] == 0
+    assert s["total_output_tokens"] == 8 * 8
+    assert s["output_throughput"] > 0 and s["ttft_ms"]["p50"] > 0
+    assert s["goodput"] == pytest.approx(s["request_throughput"])  # all within a 60 s TTFT
+    text = format_summary(s)
+    assert "successful requests:" in text and "goodput (req/s meeting SLOs):" in text
+    assert s["input_lengths_exact"]  # prompts of exactly 16 tokens with the server's tokenizer

@@ -157,6 +157,20 @@ def _intervals(cfg: BenchConfig, n: int) -> list[float]:
     return rng.gamma(shape=cfg.burstiness, scale=theta, size=n).tolist()
 
 
+async def _wait_compiled(client: httpx.AsyncClient, url: str, timeout: float = 600.0) -> None:
+    """A megamesh server compiles its smaller decode batches after start-up and says so in
+    /health (`compiling`); measure once it is done. Other servers: no wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = await client.get(url + "/health")
+            if r.status_code != 200 or not r.json().get("compiling", False):
+                return
+        except (httpx.HTTPError, ValueError):
+            return
+        await asyncio.sleep(0.5)
+
+
 async def _run(cfg: BenchConfig, prompts: list[tuple[str, int, int]]) -> tuple[list[RequestResult], float]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -166,6 +180,7 @@ async def _run(cfg: BenchConfig, prompts: list[tuple[str, int, int]]) -> tuple[l
                                  headers={"x-api-key": cfg.api_key, "authorization": f"Bearer {cfg.api_key}"})
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
+        await _wait_compiled(client, cfg.url)
         for text, _, _ in prompts[:cfg.warmups]:  # warm-up: not measured
             await _one(client, cfg, model, text, 4)
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
