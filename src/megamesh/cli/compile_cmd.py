@@ -65,10 +65,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             best = plan["best"]
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--plan {args.plan}: not a `megamesh plan --json` file ({e})") from None
-        if best.get("pipeline_stages", 1) > 1:
-            raise ConfigError(f"--plan {args.plan}: its layout {best['layout_text']} has pipeline "
-                              "stages, which megamesh's train step does not run yet; plan without "
-                              "--pipeline to compile")
+        from megamesh.plan.layout import refuse_pipeline
+
+        refuse_pipeline(best.get("pipeline_stages", 1),
+                        f"--plan {args.plan}: its layout {best['layout_text']}", "compile")
         mesh = mesh or best["layout_text"]
         remat = remat or best["remat"]
         mb = best.get("microbatches", mb)

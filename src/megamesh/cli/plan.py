@@ -160,9 +160,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def _verify(cfg, target, w, best) -> int:
     if not target.is_tpu:
         raise ConfigError("--verify compiles for TPUs only; this target is a GPU")
-    if best.layout.stages > 1:
-        raise ConfigError(f"--verify cannot compile {best.layout.text()}: megamesh's train step has "
-                          "no pipeline stages yet; plan without --pipeline to verify")
+    from megamesh.plan.layout import refuse_pipeline
+
+    refuse_pipeline(best.layout.stages, f"the best layout {best.layout.text()}", "verify")
     from megamesh.cli.compile_cmd import compile_and_compare
 
     print(f"\nverifying {best.layout.text()} by compiling the train step for "

@@ -194,6 +194,7 @@ def manifests(
     namespace: str = "default",
     volume_claim: str | None = None,
 ) -> dict[str, Any]:
+    from megamesh.plan.layout import refuse_pipeline
     from megamesh.plan.target import parse_target
 
     if not _NAME.match(name):
@@ -213,11 +214,7 @@ def manifests(
     topology = "x".join(map(str, target.topology))
     n_procs = hosts * target.n_slices
     layout = plan["best"]["layout_text"]
-    if plan["best"].get("pipeline_stages", 1) > 1:
-        raise ConfigError(
-            f"the plan's layout {layout} has pipeline stages, which megamesh's train step does "
-            "not run yet; plan without --pipeline to launch"
-        )
+    refuse_pipeline(plan["best"].get("pipeline_stages", 1), f"the plan's layout {layout}", "launch")
     coordinator = f"{name}-slice-0-0.{name}"
     train = [
         "megamesh",

@@ -162,7 +162,7 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
         B = x.shape[0]  # the batch may be the cache's first B rows (serving: the busy slots)
         k_l = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)[:B, :S]
         v_l = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)[:B, :S]
-        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (x.shape[0], S))
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         out = attend(q, k_l.astype(cd), v_l.astype(cd), positions, k_pos)
         kv = (kc, vc, layer)
     x = x + dense(out, p["attn"]["wo"], n_in=2)

@@ -198,7 +198,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     per_tok_layer = ELEMENTWISE_TRAFFIC * 2 * (12 * D + 3 * F + 2 * HK)
     if w.kernels == "xla":
         per_tok_layer += c.n_heads / t * w.seq * 12  # scores f32 out/in, probs bf16 out/in
-    stage_layers = layout.stage_layers(c.n_layers) if layout.stages > 1 else c.n_layers
+    stage_layers = layout.stage_layers(c.n_layers)
     elem = tok_dev * per_tok_layer * stage_layers * (passes + 1)
     elem += tok_dev * c.vocab_size / t * 4 * 6 + held * 28
     t_elem = elem / hbm_bw
@@ -258,7 +258,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         comm["host_optimizer"] = held * 16 / chip.host_bw * chip.devices_per_chip
         host += comm["host_optimizer"]
     sync += host
-    bubble = t_local * layout.bubble if layout.stages > 1 else 0.0
+    bubble = t_local * layout.bubble
     step = t_local + bubble + exposed_ici + exposed_dcn + sync
     model_flops = flops_per_token(c, w.seq, "train") * w.tokens
     mfu = model_flops / (step * n_dev * peak_dev)

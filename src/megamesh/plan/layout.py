@@ -70,16 +70,18 @@ class Layout:
         return math.prod(self.sizes.values()) * self.stages
 
     def stage_layers(self, n_layers: int) -> int:
-        """Layers on the busiest stage: each of its `virtual` chunks rounds up."""
+        """Layers on the busiest stage: each of its `virtual` chunks rounds up (all of
+        them without pipeline)."""
         return -(-n_layers // (self.stages * self.virtual)) * self.virtual
 
     def stage_imbalance(self, n_layers: int) -> float:
         """Busiest stage's layers over an even split (1.0 without pipeline)."""
-        return self.stage_layers(n_layers) * self.stages / n_layers if self.stages > 1 else 1.0
+        return self.stage_layers(n_layers) * self.stages / n_layers
 
     @property
     def bubble(self) -> float:
-        """Idle share of a 1F1B (interleaved) pipeline: (P - 1) / (V * M) of the busy time."""
+        """Idle share of a 1F1B (interleaved) pipeline: (P - 1) / (V * M) of the busy time
+        (0 without pipeline)."""
         return (self.stages - 1) / (self.virtual * self.microbatches)
 
     @property
@@ -100,6 +102,14 @@ class Layout:
             pipe = f"pipeline={self.stages}" + (f"x{self.virtual}" if self.virtual > 1 else "")
             return pipe + ("," + mesh if mesh else "")
         return mesh or "data=1"
+
+
+def refuse_pipeline(stages: int, what: str, doing: str) -> None:
+    """Pipeline stages are planned, not run: megamesh's train step has none, so a pipelined
+    layout cannot be compiled, verified or launched."""
+    if stages > 1:
+        raise ConfigError(f"{what} has pipeline stages, which megamesh's train step does not "
+                          f"run yet; plan without --pipeline to {doing}")
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:

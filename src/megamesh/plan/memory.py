@@ -57,7 +57,7 @@ def sharded_params(w: Workload, layout: Layout, strat: str = "fsdp",
     first and last stage; both counted, conservatively).
     """
     hl, gl, ho, go = _sharded_params(w.cfg, tuple(sorted(layout.sizes.items())), strat, tpu)
-    frac = layout.stage_layers(w.cfg.n_layers) / w.cfg.n_layers if layout.stages > 1 else 1.0
+    frac = layout.stage_layers(w.cfg.n_layers) / w.cfg.n_layers
     return hl * frac + ho, gl * frac + go
 
 
@@ -160,9 +160,7 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
         # offloaded activations stay in HBM only while in flight (two layers' worth); a
         # pipeline stage keeps its layers' activations of up to `stages` microbatches in
         # flight (1F1B)
-        n_layers = st.n_layers
-        if layout.stages > 1:
-            n_layers = layout.stage_layers(st.n_layers) * min(layout.microbatches, layout.stages)
+        n_layers = layout.stage_layers(st.n_layers) * min(layout.microbatches, layout.stages)
         n_saved = min(2, n_layers) if layout.remat == "offload" else n_layers
         acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
         per_layer = sum(s.size for n, s in specs.items() if n.startswith(st.name + "/")) / st.n_layers

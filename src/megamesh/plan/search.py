@@ -125,34 +125,15 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
                 if stages > 1:
                     found, tried = _best_pipelined(w, target, sizes, placement, remat, stages,
                                                    per_dev_seqs, max_microbatches, offload)
-                    n += tried
-                    for est in found:
-                        if est.fits:
-                            ranked.append(est)
-                        elif best_fail is None or est.memory.total < best_fail.memory.total:
-                            best_fail = est
-                    continue
-                # the fewest microbatches that fit (more only add weight gathers)
-                mb, opt_off = 1, False
-                while True:
-                    lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
-                                 offload_optimizer=opt_off)
-                    mem = estimate_memory(w, lay, tpu=target.is_tpu)
-                    n += 1
-                    if mem.total <= target.chip.device_hbm_bytes:
-                        break
-                    if offload and not opt_off:
-                        opt_off = True
-                        continue
-                    if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) \
-                            or mb * 2 > (max_microbatches or mb * 2):
-                        break
-                    mb, opt_off = mb * 2, False
-                est = estimate(w, target, lay, mem)
-                if est.fits:
-                    ranked.append(est)
-                elif best_fail is None or est.memory.total < best_fail.memory.total:
-                    best_fail = est
+                else:
+                    found, tried = _fewest_microbatches(w, target, sizes, placement, remat,
+                                                        per_dev_seqs, max_microbatches, offload)
+                n += tried
+                for est in found:
+                    if est.fits:
+                        ranked.append(est)
+                    elif best_fail is None or est.memory.total < best_fail.memory.total:
+                        best_fail = est
             if best_fail is not None:
                 rejected.append(best_fail)
     if not any_divisible:
@@ -163,6 +144,28 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
     ranked.sort(key=_rank)
     rejected.sort(key=lambda e: e.memory.total)
     return SearchResult(ranked, rejected, n)
+
+
+def _fewest_microbatches(w: Workload, target: Target, sizes: dict[str, int], placement: dict,
+                         remat: str, per_dev_seqs: int, max_microbatches: int | None,
+                         offload: bool) -> tuple[list[Estimate], int]:
+    """The fewest microbatches that fit (more only add weight gathers), offloading the
+    optimizer first when `offload`; the last one tried if none fits."""
+    mb, opt_off, tried = 1, False, 0
+    while True:
+        lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
+                     offload_optimizer=opt_off)
+        mem = estimate_memory(w, lay, tpu=target.is_tpu)
+        tried += 1
+        if mem.total <= target.chip.device_hbm_bytes:
+            break
+        if offload and not opt_off:
+            opt_off = True
+            continue
+        if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) or mb * 2 > (max_microbatches or mb * 2):
+            break
+        mb, opt_off = mb * 2, False
+    return [estimate(w, target, lay, mem)], tried
 
 
 def _best_pipelined(w: Workload, target: Target, sizes: dict[str, int], placement: dict,
