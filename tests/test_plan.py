@@ -245,3 +245,40 @@ def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsy
     assert main(["launch", "--plan", str(path), "--out", str(tmp_path / "k8s")]) == 2
     err = capsys.readouterr().err
     assert "pipeline" in err and "Traceback" not in err
+
+
+def test_microbatch_count_is_any_divisor_of_the_per_device_batch():
+    """5 sequences per device that do not fit at once run as 5 microbatches (the search
+    used to try only powers of two and had to give up the layout)."""
+    w = Workload(preset("llama3.1-70b"), 8192, 1280, kernels="fused")
+    best = search(w, parse_target("v6e:256"), offload=True).ranked[0]
+    assert best.layout.text() == "fsdp=256" and best.layout.microbatches == 5
+
+
+def test_offload_policy_saves_the_layer_input_and_attention_projections():
+    """--offload models MaxText's recipe policy: input, q, k, v and out-projection output to
+    host; attention and the MLP's gate/up recomputed."""
+    from megamesh.plan.cost import hardware_flops_per_token
+    from megamesh.plan.memory import layer_activation_bytes
+
+    cfg = preset("llama3.1-70b")
+    w = Workload(cfg, 8192, 256, kernels="fused")
+    lay = Layout({"fsdp": 256})
+    D, Dh = cfg.d_model, cfg.resolved_head_dim
+    assert layer_activation_bytes(w, lay, "offload", False) == 2 * (
+        2 * D + (cfg.n_heads + 2 * cfg.n_kv_heads) * Dh)
+    plain, att, _ = hardware_flops_per_token(w, "dots")
+    gate_up = cfg.n_layers * 2 * (2 * D * cfg.d_ff)  # two D x F matmuls per layer
+    assert hardware_flops_per_token(w, "offload")[0] == pytest.approx(plain + att + gate_up)
+
+
+def test_published_rows_within_five_points():
+    """bench/plan_calibration.py: every row of calibration.md within 5 MFU points."""
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
+    try:
+        import plan_calibration
+    finally:
+        sys.path.pop(0)
+    assert plan_calibration.main() == 0

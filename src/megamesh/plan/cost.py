@@ -32,7 +32,7 @@ from megamesh.plan.memory import (
 )
 from megamesh.plan.target import Target
 
-MXU_EFFICIENCY = 0.72  # share of peak FLOP/s that large bf16 matmuls sustain
+MXU_EFFICIENCY = 0.68  # share of peak FLOP/s that large bf16 matmuls sustain
 ICI_EFFICIENCY = 0.75  # share of ICI/NVLink link bandwidth collectives achieve
 DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
 OVERLAP = 0.9  # share of local step time under which async collectives can hide
@@ -162,9 +162,15 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     # dots_no_batch saves only matmuls without batch dims: attention, dispatch and the
     # per-expert einsums (batch dim: expert) are recomputed.
     nb = att + (expert + dispatch if dispatch else 0.0)
+    # offload (MaxText's recipe policy) saves the layer input and the attention
+    # projections; attention, the MLP's gate and up projections (dense or per expert) and
+    # the dispatch into experts run again
+    gate_up = sum(2.0 * s.size for n, s in specs.items() if n.endswith(("w_gate", "w_up"))
+                  and s.active_fraction == 1)
+    off = att + gate_up + expert * 2 / 3 + dispatch / 2
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
-                 "dots_no_batch": nb, "offload": nb}[remat]
-    expert_train = expert * (4 if remat in ("full", "dots_no_batch", "offload") else 3)
+                 "dots_no_batch": nb, "offload": off}[remat]
+    expert_train = expert * {"full": 4, "dots_no_batch": 4, "offload": 3 + 2 / 3}.get(remat, 3)
     return 3 * fwd + recompute, att, expert_train
 
 

@@ -19,8 +19,11 @@ PRECISIONS = ("bf16", "fp8")
 # Pallas kernels (splash attention, megablox) do; used for the published calibration rows.
 KERNELS = ("xla", "fused")
 REMATS = ("none", "dots_no_batch", "dots", "full")
-# Host offload (planner only: megamesh's step cannot offload yet). "offload" keeps what
-# dots_no_batch saves, in host memory (MaxText's `*_proj: offload` remat policies).
+# Host offload (planner only: megamesh's step cannot offload yet). "offload" is the policy
+# of MaxText's published v6e recipes (remat_policy=custom with decoder_layer_input,
+# query_proj, key_proj, value_proj and out_proj set to offload; everything else remat):
+# each layer's input and its attention projections go to host memory, the MLP (gate, up)
+# and attention are recomputed in the backward pass.
 OFFLOAD_REMATS = ("offload",)
 
 

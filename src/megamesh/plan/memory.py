@@ -133,8 +133,10 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     Dr = D / t if D % t == 0 else D
     if remat == "full":
         return 2 * Dr
+    if remat == "offload":  # to host: layer input, q, k, v and the out-projection output
+        return 2 * (Dr + H * Dh + 2 * K * Dh + Dr)
     dots_nb = 2 * (Dr + H * Dh + 2 * K * Dh + Dr + 2 * F + Dr)  # projections and MLP matmuls
-    if remat in ("dots_no_batch", "offload"):
+    if remat == "dots_no_batch":
         return dots_nb + 2 * Dr
     if remat == "dots":
         # the f32 score matrix is a dot output too, but XLA:TPU does not keep it (measured

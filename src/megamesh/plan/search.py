@@ -3,6 +3,7 @@ and microbatch count; drop what does not fit in HBM; rank by step time."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megamesh.errors import ConfigError
@@ -146,25 +147,28 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
     return SearchResult(ranked, rejected, n)
 
 
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
 def _fewest_microbatches(w: Workload, target: Target, sizes: dict[str, int], placement: dict,
                          remat: str, per_dev_seqs: int, max_microbatches: int | None,
                          offload: bool) -> tuple[list[Estimate], int]:
     """The fewest microbatches that fit (more only add weight gathers), offloading the
     optimizer first when `offload`; the last one tried if none fits."""
-    mb, opt_off, tried = 1, False, 0
-    while True:
-        lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
-                     offload_optimizer=opt_off)
-        mem = estimate_memory(w, lay, tpu=target.is_tpu)
-        tried += 1
-        if mem.total <= target.chip.device_hbm_bytes:
-            break
-        if offload and not opt_off:
-            opt_off = True
-            continue
-        if mb * 2 > per_dev_seqs or per_dev_seqs % (mb * 2) or mb * 2 > (max_microbatches or mb * 2):
-            break
-        mb, opt_off = mb * 2, False
+    # any divisor of the per-device sequences (5 per device: 1 or 5 microbatches)
+    counts = [m for m in _divisors(max(1, per_dev_seqs))
+              if max_microbatches is None or m <= max_microbatches] or [1]
+    tried = 0
+    for mb in counts:
+        for opt_off in ((False, True) if offload else (False,)):
+            lay = Layout(sizes, remat=remat, microbatches=mb, placement=placement,
+                         offload_optimizer=opt_off)
+            mem = estimate_memory(w, lay, tpu=target.is_tpu)
+            tried += 1
+            if mem.total <= target.chip.device_hbm_bytes:
+                return [estimate(w, target, lay, mem)], tried
     return [estimate(w, target, lay, mem)], tried
 
 
