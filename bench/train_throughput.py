@@ -34,6 +34,9 @@ SETTINGS = {"1dev": (1, "fsdp=1"), "8dev-fsdp8": (8, "fsdp=8")}
 
 def worker(devices: int, layout: str, steps: int, compute_dtype: str, remat: str) -> None:
     """Runs in a fresh process (device count is fixed at jax start-up); prints one JSON line."""
+    from megamesh.platform import keep_freed_host_memory
+
+    keep_freed_host_memory()  # as `megamesh train` does before jax starts
     import jax
     import numpy as np
 
@@ -88,9 +91,13 @@ def maxtext_cmd(python: str, devices: int, steps: int) -> list[str]:
 STEP_RE = re.compile(r"completed step: (\d+), seconds: ([0-9.]+)")
 
 
-def run_maxtext(python: str, devices: int, steps: int) -> dict:
+# megamesh.platform.keep_freed_host_memory's glibc settings, from outside the process
+SAME_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
+def run_maxtext(python: str, devices: int, steps: int, same_malloc: bool = False) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
+               JAX_PLATFORMS="cpu", **(SAME_MALLOC if same_malloc else {}))
     r = subprocess.run(maxtext_cmd(python, devices, steps), capture_output=True, text=True, env=env)
     log = r.stdout + r.stderr
     times = [float(s) for step, s in STEP_RE.findall(log) if int(step) >= 2]
@@ -109,19 +116,28 @@ def main() -> None:
     ap.add_argument("--remat", default="full", help="megamesh remat policy (MaxText's default is full)")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--maxtext-same-malloc", action="store_true",
+                    help="also run MaxText with megamesh's glibc settings (environment variables)")
     args = ap.parse_args()
     results: dict = {}
     for name in args.settings:
         devices, layout = SETTINGS[name]
-        ours, theirs = [], []
+        ours, theirs, same = [], [], []
         for _ in range(args.runs):
             ours.append(run_megamesh(devices, layout, args.steps, args.dtype, args.remat)["tokens_per_s"])
             if args.maxtext_python:
                 theirs.append(run_maxtext(args.maxtext_python, devices, args.steps)["tokens_per_s"])
+                if args.maxtext_same_malloc:
+                    same.append(run_maxtext(args.maxtext_python, devices, args.steps,
+                                            same_malloc=True)["tokens_per_s"])
         row = {"megamesh_tokens_per_s": statistics.median(ours), "megamesh_runs": ours}
         if theirs:
             row.update(maxtext_tokens_per_s=statistics.median(theirs), maxtext_runs=theirs,
                        ratio=statistics.median(ours) / statistics.median(theirs))
+        if same:
+            row.update(maxtext_same_malloc_tokens_per_s=statistics.median(same),
+                       maxtext_same_malloc_runs=same,
+                       ratio_vs_same_malloc=statistics.median(ours) / statistics.median(same))
         results[name] = row
         print(name, json.dumps(row), flush=True)
     if args.json:

@@ -51,9 +51,11 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, tc = build_configs(args, extra)
     from megamesh.model.source import load_weights
+    from megamesh.platform import keep_freed_host_memory
     from megamesh.train.distributed import initialize_from_env
     from megamesh.train.loop import train
 
+    keep_freed_host_memory()  # before jax starts its threads
     initialize_from_env()
     result = train(cfg, tc, args.out, data_paths=args.data, layout=args.mesh, resume=args.resume,
                    progress=False if args.no_progress else None,
