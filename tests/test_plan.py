@@ -247,6 +247,21 @@ def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsy
     assert "pipeline" in err and "Traceback" not in err
 
 
+def test_offload_plans_are_refused_where_the_step_cannot_offload(tmp_path, capsys):
+    argv = ["plan", "--model", "llama3.1-70b", "--target", "v6e:256", "--seq", "8192",
+            "--batch", "256", "--kernels", "fused", "--offload", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["best"]["remat"] == "offload"
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    assert main(["compile", "--plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "offloads activations to host memory" in err and "without --offload" in err
+    assert main(["plan", *argv[1:-1], "--verify"]) == 2
+    assert "without --offload to verify" in capsys.readouterr().err
+
+
 def test_microbatch_count_is_any_divisor_of_the_per_device_batch():
     """5 sequences per device that do not fit at once run as 5 microbatches (the search
     used to try only powers of two and had to give up the layout)."""

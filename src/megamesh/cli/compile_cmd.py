@@ -65,10 +65,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             best = plan["best"]
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"--plan {args.plan}: not a `megamesh plan --json` file ({e})") from None
-        from megamesh.plan.layout import refuse_pipeline
+        from megamesh.plan.layout import refuse_planner_only
 
-        refuse_pipeline(best.get("pipeline_stages", 1),
-                        f"--plan {args.plan}: its layout {best['layout_text']}", "compile")
+        refuse_planner_only(f"--plan {args.plan}: its layout {best['layout_text']}", "compile",
+                            stages=best.get("pipeline_stages", 1), remat=best.get("remat", "full"),
+                            offload_optimizer=best.get("offload_optimizer", False))
         mesh = mesh or best["layout_text"]
         remat = remat or best["remat"]
         mb = best.get("microbatches", mb)

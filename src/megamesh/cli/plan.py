@@ -160,9 +160,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def _verify(cfg, target, w, best) -> int:
     if not target.is_tpu:
         raise ConfigError("--verify compiles for TPUs only; this target is a GPU")
-    from megamesh.plan.layout import refuse_pipeline
+    from megamesh.plan.layout import refuse_planner_only
 
-    refuse_pipeline(best.layout.stages, f"the best layout {best.layout.text()}", "verify")
+    refuse_planner_only(f"the best layout {best.layout.text()}", "verify",
+                        stages=best.layout.stages, remat=best.layout.remat,
+                        offload_optimizer=best.layout.offload_optimizer)
     from megamesh.cli.compile_cmd import compile_and_compare
 
     print(f"\nverifying {best.layout.text()} by compiling the train step for "

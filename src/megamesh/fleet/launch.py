@@ -194,7 +194,7 @@ def manifests(
     namespace: str = "default",
     volume_claim: str | None = None,
 ) -> dict[str, Any]:
-    from megamesh.plan.layout import refuse_pipeline
+    from megamesh.plan.layout import refuse_planner_only
     from megamesh.plan.target import parse_target
 
     if not _NAME.match(name):
@@ -214,7 +214,10 @@ def manifests(
     topology = "x".join(map(str, target.topology))
     n_procs = hosts * target.n_slices
     layout = plan["best"]["layout_text"]
-    refuse_pipeline(plan["best"].get("pipeline_stages", 1), f"the plan's layout {layout}", "launch")
+    best = plan["best"]
+    refuse_planner_only(f"the plan's layout {layout}", "launch", stages=best.get("pipeline_stages", 1),
+                        remat=best.get("remat", "full"),
+                        offload_optimizer=best.get("offload_optimizer", False))
     coordinator = f"{name}-slice-0-0.{name}"
     train = [
         "megamesh",

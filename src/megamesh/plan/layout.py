@@ -107,12 +107,17 @@ class Layout:
         return mesh or "data=1"
 
 
-def refuse_pipeline(stages: int, what: str, doing: str) -> None:
-    """Pipeline stages are planned, not run: megamesh's train step has none, so a pipelined
-    layout cannot be compiled, verified or launched."""
+def refuse_planner_only(what: str, doing: str, *, stages: int = 1, remat: str = "full",
+                        offload_optimizer: bool = False) -> None:
+    """Pipeline stages and host offload are planned, not run: megamesh's train step has
+    neither, so such a layout cannot be compiled, verified or launched."""
     if stages > 1:
         raise ConfigError(f"{what} has pipeline stages, which megamesh's train step does not "
                           f"run yet; plan without --pipeline to {doing}")
+    if remat in OFFLOAD_REMATS or offload_optimizer:
+        raise ConfigError(f"{what} offloads {'activations' if remat in OFFLOAD_REMATS else 'optimizer state'}"
+                          f" to host memory, which megamesh's train step does not do yet; plan "
+                          f"without --offload to {doing}")
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:
