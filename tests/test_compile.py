@@ -71,6 +71,25 @@ def test_plan_memory_within_10_percent_of_xla(model, target, mesh, seq, batch, r
     assert out["fits"] and out["plan"]["fits"]
 
 
+def test_offload_remat_puts_the_named_activations_in_host_memory():
+    """Remat "offload" (MaxText's recipe policy) compiles for Ironwood: each layer's input
+    and q, k, v and out-projection outputs of every token live in pinned host memory,
+    exactly, and the plan's FLOPs (attention, gate and up recomputed) are XLA's. (HBM: with
+    default XLA flags the TPU scheduler keeps device copies of more in-flight layers than
+    the plan assumes; BENCHMARKS.md.)"""
+    out = compile_json("--model", "tiny", "--target", "tpu7x:2x2x1", "--mesh", "fsdp=8",
+                       "--seq", "256", "--batch", "8", "--remat", "offload")
+    from megamesh.config import preset
+    from megamesh.model.specs import DTYPE_BYTES
+
+    c = preset("tiny")  # float32 compute
+    per_token_layer = DTYPE_BYTES[c.compute_dtype] * (
+        2 * c.d_model + (c.n_heads + 2 * c.n_kv_heads) * c.resolved_head_dim)
+    tokens = 8 * 256 // 8
+    assert out["hbm_per_device_bytes"]["host_temp"] == c.n_layers * tokens * per_token_layer
+    assert abs(out["plan"]["relative_error"]["flops"]) <= 0.02
+
+
 def test_compile_saves_the_executable_and_never_overwrites(tmp_path):
     exe = tmp_path / "step.exe"
     args = ["--model", "tiny", "--model.n_layers=1", "--target", "tpu7x:2x2x1", "--mesh",

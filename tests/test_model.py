@@ -59,11 +59,11 @@ def test_remat_policies_give_the_same_gradient():
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     params = init_params(base, jax.random.key(0))
     grads = {}
-    for policy in ("none", "dots", "dots_no_batch", "full"):
+    for policy in ("none", "dots", "dots_no_batch", "full", "offload"):
         cfg = base.replace(remat=policy)
         loss = lambda p, cfg=cfg: jnp.mean(forward(p, tokens, positions, cfg=cfg)[0] ** 2)
         grads[policy] = jax.jit(jax.grad(loss))(params)
-    for policy in ("dots", "dots_no_batch", "full"):
+    for policy in ("dots", "dots_no_batch", "full", "offload"):
         for a, b in zip(jax.tree.leaves(grads[policy]), jax.tree.leaves(grads["none"])):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 

@@ -48,7 +48,8 @@ def test_bad_targets(bad):
 @pytest.mark.parametrize("name,remat,cf", [
     ("tiny", "none", None), ("tiny", "full", None), ("tiny", "dots", None),
     ("tiny", "dots_no_batch", None), ("tiny-moe", "none", 1.25), ("tiny-moe", "full", None),
-    ("tiny-moe", "dots_no_batch", 1.25),
+    ("tiny-moe", "dots_no_batch", 1.25), ("tiny", "offload", None), ("tiny-moe", "offload", 1.25),
+    ("tiny-moe", "offload", None),
 ])
 def test_hardware_flops_match_the_train_steps_jaxpr(name, remat, cf):
     """The planner's FLOPs per token equal the matmul FLOPs of the real loss gradient (2%)."""
@@ -247,19 +248,20 @@ def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsy
     assert "pipeline" in err and "Traceback" not in err
 
 
-def test_offload_plans_are_refused_where_the_step_cannot_offload(tmp_path, capsys):
+def test_optimizer_offload_plans_are_refused_where_the_step_cannot_do_it(tmp_path, capsys):
     argv = ["plan", "--model", "llama3.1-70b", "--target", "v6e:256", "--seq", "8192",
             "--batch", "256", "--kernels", "fused", "--offload", "--json"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["best"]["remat"] == "offload"
+    assert plan["best"]["remat"] == "offload"  # activation offload: megamesh's step runs it
+    plan["best"]["offload_optimizer"] = True  # optimizer state on host: planner only
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     assert main(["compile", "--plan", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "offloads activations to host memory" in err and "without --offload" in err
-    assert main(["plan", *argv[1:-1], "--verify"]) == 2
-    assert "without --offload to verify" in capsys.readouterr().err
+    assert "optimizer state in host memory" in err and "without --offload" in err
+    assert main(["launch", "--plan", str(path), "--out", str(tmp_path / "k8s")]) == 2
+    assert "optimizer state in host memory" in capsys.readouterr().err
 
 
 def test_microbatch_count_is_any_divisor_of_the_per_device_batch():

@@ -17,7 +17,7 @@ from typing import Any
 from megamesh.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full")
+REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full", "offload")
 
 
 @dataclass(frozen=True, kw_only=True)

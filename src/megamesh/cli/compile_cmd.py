@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--microbatches", type=int, default=1)
-    p.add_argument("--remat", help="none, dots_no_batch, dots, full (default: the plan's or full)")
+    p.add_argument("--remat", help="none, dots_no_batch, dots, full, offload (default: the plan's or full)")
     p.add_argument("--save", help="write the serialized executable to this new file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from megamesh.plan.layout import refuse_planner_only
 
         refuse_planner_only(f"--plan {args.plan}: its layout {best['layout_text']}", "compile",
-                            stages=best.get("pipeline_stages", 1), remat=best.get("remat", "full"),
+                            stages=best.get("pipeline_stages", 1),
                             offload_optimizer=best.get("offload_optimizer", False))
         mesh = mesh or best["layout_text"]
         remat = remat or best["remat"]
@@ -173,6 +173,8 @@ def _print_verdict(r: Any, target: Any) -> None:
         print(f"does not fit: needs {r.hbm['total'] / GiB:.1f} GiB, has {cap:.1f} GiB per device")
     else:
         print(f"fits: {r.hbm['total'] / GiB:.2f} GiB of {cap:.0f} GiB per device")
+    if r.hbm.get("host_temp"):
+        print(f"host memory (offloaded activations): {r.hbm['host_temp'] / GiB:.2f} GiB per device")
 
 
 def _print_collectives_and_times(r: Any) -> None:

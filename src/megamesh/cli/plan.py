@@ -36,8 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-microbatches", type=int,
                    help="cap on gradient-accumulation microbatches (default: as many as help fit)")
     p.add_argument("--offload", action="store_true",
-                   help="also consider host offload of activations and optimizer state (modelled "
-                   "for planning; megamesh's own train step cannot offload yet)")
+                   help="also consider host offload of activations (remat offload, which "
+                   "megamesh's step runs) and of optimizer state (planning only)")
     p.add_argument("--pipeline", action="store_true",
                    help="also consider pipeline stages across DCN (interleaved 1F1B; modelled for "
                    "planning; megamesh's own train step has no pipeline stages yet)")
@@ -163,7 +163,7 @@ def _verify(cfg, target, w, best) -> int:
     from megamesh.plan.layout import refuse_planner_only
 
     refuse_planner_only(f"the best layout {best.layout.text()}", "verify",
-                        stages=best.layout.stages, remat=best.layout.remat,
+                        stages=best.layout.stages,
                         offload_optimizer=best.layout.offload_optimizer)
     from megamesh.cli.compile_cmd import compile_and_compare
 

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, help="sequence length in tokens")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--accum", type=int, help="gradient-accumulation microbatches per step")
-    p.add_argument("--remat", help="remat policy: none, dots, dots_no_batch, full")
+    p.add_argument("--remat", help="remat policy: none, dots, dots_no_batch, full, offload "
+                   "(layer inputs and attention projections to host memory)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
     p.set_defaults(run=run)

@@ -150,6 +150,9 @@ def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save:
            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
            "code": m.generated_code_size_in_bytes}
     hbm["total"] = hbm["argument"] + hbm["output"] - hbm["alias"] + hbm["temp"] + hbm["code"]
+    # host memory (pinned) the step's buffers use, e.g. activations under remat "offload";
+    # not HBM, so not in the total
+    hbm["host_temp"] = float(getattr(m, "host_temp_size_in_bytes", 0) or 0)
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
     if save:

@@ -216,7 +216,6 @@ def manifests(
     layout = plan["best"]["layout_text"]
     best = plan["best"]
     refuse_planner_only(f"the plan's layout {layout}", "launch", stages=best.get("pipeline_stages", 1),
-                        remat=best.get("remat", "full"),
                         offload_optimizer=best.get("offload_optimizer", False))
     coordinator = f"{name}-slice-0-0.{name}"
     train = [

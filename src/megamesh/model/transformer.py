@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from megamesh.config import ModelConfig
 from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
@@ -31,10 +32,16 @@ from megamesh.model.specs import layer_stacks, param_specs
 Params = dict[str, Any]
 Cache = dict[str, dict[str, jax.Array]]
 
+# Saved to host memory under remat "offload" (MaxText's names and its v6e recipes' policy):
+# each layer's input and its attention projections; attention and the MLP are recomputed.
+OFFLOADED = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")
 REMAT = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -145,10 +152,11 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     cache slots (default: all S).
     """
     cd = x.dtype
+    x = checkpoint_name(x, "decoder_layer_input")  # names only matter to remat "offload"
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-    q = dense(h, p["attn"]["wq"])  # (B,T,H,Dh)
-    k = dense(h, p["attn"]["wk"])  # (B,T,K,Dh)
-    v = dense(h, p["attn"]["wv"])
+    q = checkpoint_name(dense(h, p["attn"]["wq"]), "query_proj")  # (B,T,H,Dh)
+    k = checkpoint_name(dense(h, p["attn"]["wk"]), "key_proj")  # (B,T,K,Dh)
+    v = checkpoint_name(dense(h, p["attn"]["wv"]), "value_proj")
     q = constrain(apply_rope(q, *rope), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, *rope), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
@@ -165,7 +173,7 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
         out = attend(q, k_l.astype(cd), v_l.astype(cd), positions, k_pos)
         kv = (kc, vc, layer)
-    x = x + dense(out, p["attn"]["wo"], n_in=2)
+    x = x + checkpoint_name(dense(out, p["attn"]["wo"], n_in=2), "out_proj")
     x = constrain(x, ("batch", "seq", "embed"))
 
     h = rms_norm(x, p["mlp_norm"], cfg.norm_eps)

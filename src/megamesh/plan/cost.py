@@ -163,14 +163,15 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     # per-expert einsums (batch dim: expert) are recomputed.
     nb = att + (expert + dispatch if dispatch else 0.0)
     # offload (MaxText's recipe policy) saves the layer input and the attention
-    # projections; attention, the MLP's gate and up projections (dense or per expert) and
-    # the dispatch into experts run again
+    # projections: attention and a dense MLP's gate and up projections run again; in MoE
+    # layers every expert matmul does (the combine's gradient needs the experts' outputs)
+    # and the dispatch into experts
     gate_up = sum(2.0 * s.size for n, s in specs.items() if n.endswith(("w_gate", "w_up"))
                   and s.active_fraction == 1)
-    off = att + gate_up + expert * 2 / 3 + dispatch / 2
+    off = att + gate_up + expert + dispatch / 2
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
                  "dots_no_batch": nb, "offload": off}[remat]
-    expert_train = expert * {"full": 4, "dots_no_batch": 4, "offload": 3 + 2 / 3}.get(remat, 3)
+    expert_train = expert * (4 if remat in ("full", "dots_no_batch", "offload") else 3)
     return 3 * fwd + recompute, att, expert_train
 
 

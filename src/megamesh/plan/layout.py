@@ -19,11 +19,12 @@ PRECISIONS = ("bf16", "fp8")
 # Pallas kernels (splash attention, megablox) do; used for the published calibration rows.
 KERNELS = ("xla", "fused")
 REMATS = ("none", "dots_no_batch", "dots", "full")
-# Host offload (planner only: megamesh's step cannot offload yet). "offload" is the policy
-# of MaxText's published v6e recipes (remat_policy=custom with decoder_layer_input,
-# query_proj, key_proj, value_proj and out_proj set to offload; everything else remat):
-# each layer's input and its attention projections go to host memory, the MLP (gate, up)
-# and attention are recomputed in the backward pass.
+# Host offload. Remat "offload" is the policy of MaxText's published v6e recipes
+# (remat_policy=custom with decoder_layer_input, query_proj, key_proj, value_proj and
+# out_proj set to offload; everything else remat), and megamesh's step runs it
+# (`megamesh.model.transformer.OFFLOADED`): each layer's input and its attention
+# projections go to pinned host memory, attention and the MLP are recomputed in the
+# backward pass. Offloading the optimizer state is planner only.
 OFFLOAD_REMATS = ("offload",)
 
 
@@ -107,17 +108,17 @@ class Layout:
         return mesh or "data=1"
 
 
-def refuse_planner_only(what: str, doing: str, *, stages: int = 1, remat: str = "full",
+def refuse_planner_only(what: str, doing: str, *, stages: int = 1,
                         offload_optimizer: bool = False) -> None:
-    """Pipeline stages and host offload are planned, not run: megamesh's train step has
-    neither, so such a layout cannot be compiled, verified or launched."""
+    """Pipeline stages and optimizer-state offload are planned, not run: megamesh's train
+    step has neither, so such a layout cannot be compiled, verified or launched (activation
+    offload, remat "offload", is real)."""
     if stages > 1:
         raise ConfigError(f"{what} has pipeline stages, which megamesh's train step does not "
                           f"run yet; plan without --pipeline to {doing}")
-    if remat in OFFLOAD_REMATS or offload_optimizer:
-        raise ConfigError(f"{what} offloads {'activations' if remat in OFFLOAD_REMATS else 'optimizer state'}"
-                          f" to host memory, which megamesh's train step does not do yet; plan "
-                          f"without --offload to {doing}")
+    if offload_optimizer:
+        raise ConfigError(f"{what} keeps optimizer state in host memory, which megamesh's "
+                          f"train step does not do yet; plan without --offload to {doing}")
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:

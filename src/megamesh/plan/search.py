@@ -100,9 +100,9 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
            fixed: dict[str, int] | None = None, max_tensor: int = 64,
            max_microbatches: int | None = None, offload: bool = False,
            pipeline: bool = False) -> SearchResult:
-    """Rank layouts. `offload` also considers host offload of activations and optimizer
-    state, `pipeline` pipeline stages across DCN (both modelled for planning; megamesh's
-    own step cannot offload and has no pipeline stages yet)."""
+    """Rank layouts. `offload` also considers host offload of activations (remat
+    "offload", which megamesh's step runs) and of optimizer state, `pipeline` pipeline
+    stages across DCN (optimizer offload and pipelines are modelled for planning only)."""
     if offload:
         remats = tuple(remats) + OFFLOAD_REMATS
     ranked: list[Estimate] = []
