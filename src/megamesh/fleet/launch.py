@@ -213,8 +213,8 @@ def manifests(
     hosts = max(1, target.slice_chips // per_host)
     topology = "x".join(map(str, target.topology))
     n_procs = hosts * target.n_slices
-    layout = plan["best"]["layout_text"]
     best = plan["best"]
+    layout = best["layout_text"]
     refuse_planner_only(f"the plan's layout {layout}", "launch", stages=best.get("pipeline_stages", 1),
                         offload_optimizer=best.get("offload_optimizer", False))
     coordinator = f"{name}-slice-0-0.{name}"

@@ -133,9 +133,11 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     Dr = D / t if D % t == 0 else D
     if remat == "full":
         return 2 * Dr
-    if remat == "offload":  # to host: layer input, q, k, v and the out-projection output
-        return 2 * (Dr + H * Dh + 2 * K * Dh + Dr)
-    dots_nb = 2 * (Dr + H * Dh + 2 * K * Dh + Dr + 2 * F + Dr)  # projections and MLP matmuls
+    # layer input, q, k, v and the out-projection output: what remat "offload" sends to host
+    attn = 2 * (Dr + H * Dh + 2 * K * Dh + Dr)
+    if remat == "offload":
+        return attn
+    dots_nb = attn + 2 * (2 * F + Dr)  # the attention projections and the MLP matmuls
     if remat == "dots_no_batch":
         return dots_nb + 2 * Dr
     if remat == "dots":

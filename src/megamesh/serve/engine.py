@@ -257,11 +257,7 @@ class Engine:
         try:
             for b, a in sorted(keys, key=lambda k: (k[1], k[0])):  # short attention first
                 step = self.decode[(b, a)]
-                slot = lambda dt, b=b, step=step: jax.ShapeDtypeStruct((b,), dt,
-                                                                       sharding=step.slot_sharding)
-                self._exec[(b, a)] = step.fn.lower(
-                    params, cache, slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32),
-                    slot(jnp.float32), slot(jnp.int32), slot(jnp.float32)).compile()
+                self._exec[(b, a)] = step.fn.lower(params, cache, *step.slot_args()).compile()
             self.log(f"compiled {len(keys)} smaller decode batches in the background in "
                      f"{time.perf_counter() - t0:.1f}s")
         except Exception as e:  # noqa: BLE001 -- the full-batch steps still serve

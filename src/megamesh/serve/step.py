@@ -66,8 +66,13 @@ class DecodeStep:
         cache = jax.eval_shape(lambda: init_cache(cfg, self.cache_rows or self.batch, self.max_len))
         cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                              cache, self.cache_shardings)
+        return (params, cache, *self.slot_args())
+
+    def slot_args(self) -> tuple:
+        """ShapeDtypeStructs of the per-slot arguments: tokens, positions, seeds,
+        temperature, top_k, top_p."""
         slot = lambda dt: jax.ShapeDtypeStruct((self.batch,), dt, sharding=self.slot_sharding)
-        return (params, cache, slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32), slot(jnp.float32),
+        return (slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32), slot(jnp.float32),
                 slot(jnp.int32), slot(jnp.float32))
 
 
