@@ -16,6 +16,8 @@ from megamesh.sharding.rules import (
     param_partition_specs,
     param_shardings,
     strategy,
+    train_rules,
+    vocab_parallel,
 )
 
 DENSE = {"d_model": "64", "n_heads": "8", "n_kv_heads": "4", "d_ff": "128", "vocab_size": "256"}
@@ -28,6 +30,13 @@ CASES = [  # (model, overrides, layout, strategy)
     ("tiny", DENSE, "data=2,tensor=4", "serve"),
     ("tiny", DENSE, "data=8", "dp"),
 ]
+VOCAB_CASES = [("tiny", DENSE, "fsdp=8", "fsdp+vocab"), ("tiny", DENSE, "fsdp=2,tensor=4", "fsdp+vocab")]
+
+
+def rules_for(strat):
+    """A strategy by name; "fsdp+vocab" is fsdp made vocab-parallel (`train_rules`' choice
+    for small batches)."""
+    return vocab_parallel(strategy("fsdp")) if strat == "fsdp+vocab" else strategy(strat)
 
 
 def loss_fn(cfg):
@@ -48,7 +57,7 @@ def run_both(cfg, layout, strat):
     fwd = lambda p, t, q: forward(p, t, q, cfg=cfg)[0]
     ref = jax.jit(fwd)(params, tokens, positions), jax.jit(jax.grad(loss))(params, tokens, positions)
 
-    mesh, rules = make_mesh(layout), strategy(strat)
+    mesh, rules = make_mesh(layout), rules_for(strat)
     ps, ds = param_shardings(cfg, mesh, rules), data_sharding(mesh, rules, tokens.shape)
 
     def sharded(f):
@@ -70,6 +79,15 @@ def max_rel(a, b):
 @pytest.mark.parametrize("n_layers, tol", [(1, 1e-5), (4, 1e-4)], ids=["per-layer", "whole-model"])
 @pytest.mark.parametrize("name, over, layout, strat", CASES, ids=[f"{c[0]}-{c[2]}-{c[3]}" for c in CASES])
 def test_sharded_equals_unsharded(name, over, layout, strat, n_layers, tol):
+    check_sharded_equals_unsharded(name, over, layout, strat, n_layers, tol)
+
+
+@pytest.mark.parametrize("name, over, layout, strat", VOCAB_CASES, ids=[c[2] for c in VOCAB_CASES])
+def test_vocab_parallel_equals_unsharded(name, over, layout, strat):
+    check_sharded_equals_unsharded(name, over, layout, strat, n_layers=2, tol=1e-4)
+
+
+def check_sharded_equals_unsharded(name, over, layout, strat, n_layers, tol):
     cfg = apply_overrides(preset(name), {**over, "n_layers": str(n_layers)})
     (ref_logits, ref_grads), (logits, grads), ps = run_both(cfg, layout, strat)
     assert max_rel(logits, ref_logits) < tol
@@ -83,7 +101,7 @@ def test_sharded_equals_unsharded(name, over, layout, strat, n_layers, tol):
 
 def specs_for(name, over, layout, strat):
     cfg = apply_overrides(preset(name), over)
-    return param_partition_specs(cfg, make_mesh(layout), strategy(strat))
+    return param_partition_specs(cfg, make_mesh(layout), rules_for(strat))
 
 
 def test_expected_partition_specs_fsdp_tensor():
@@ -109,6 +127,28 @@ def test_expected_partition_specs_data_and_expert():
     assert m["layers"]["moe"]["router"] == P(None, ("fsdp", "tensor"), None)
     serve = specs_for("tiny", DENSE, "data=2,tensor=4", "serve")
     assert serve["layers"]["attn"]["wq"] == P(None, None, "tensor", None)
+
+
+def test_vocab_parallel_tables_split_on_vocab_and_only_for_small_batches():
+    s = specs_for("tiny", DENSE, "fsdp=8", "fsdp+vocab")
+    assert s["embed"] == P("fsdp", None) and s["lm_head"] == P(None, "fsdp")
+    assert s["layers"]["mlp"]["w_gate"] == P(None, "fsdp", None)  # layers stay ZeRO-3
+    s = specs_for("tiny", DENSE, "fsdp=2,tensor=4", "fsdp+vocab")
+    assert s["embed"] == P(("tensor", "fsdp"), None) and s["lm_head"] == P(None, ("tensor", "fsdp"))
+
+    def choice(sizes, vocab=32000, batch=32, micro=1, seq=256, name="fsdp"):
+        rules = train_rules(name, sizes, vocab=vocab, global_batch=batch, microbatches=micro,
+                            seq_len=seq)
+        return "vocab" if rules == vocab_parallel(strategy(name)) else \
+            "plain" if rules == strategy(name) else rules
+    # the fsdp group's microbatch: 32 x 256 = 8,192 tokens < 32,000: split the tables
+    assert choice({"fsdp": 8}) == "vocab"
+    assert choice({"fsdp": 8}, batch=128) == "plain"  # 32,768 tokens: gather the tables
+    assert choice({"fsdp": 8}, batch=128, micro=4) == "vocab"  # per microbatch: 8,192
+    assert choice({"data": 4, "fsdp": 2}, batch=128) == "vocab"  # group: 2 x 16 x 256
+    assert choice({"fsdp": 1}) == "plain"  # nothing is gathered
+    assert choice({"fsdp": 8}, vocab=32001) == "plain"  # 8 does not split the vocab
+    assert choice({"data": 8}, name="dp") == "plain"
 
 
 def test_rules_resolution_order_and_divisibility():
@@ -149,3 +189,31 @@ def test_compile_only_tpu_devices_build_a_mesh():
     cfg = apply_overrides(preset("tiny"), DENSE)
     specs = param_partition_specs(cfg, mesh, strategy("fsdp"))
     assert specs["layers"]["attn"]["wq"] == P(None, "fsdp", "tensor", None)
+
+
+def table_gathers(batch):
+    """The rules the train step picked, and its compiled all-gathers of a whole table."""
+    import re
+
+    from megamesh.train.config import TrainConfig
+    from megamesh.train.step import build_train_step
+
+    cfg = apply_overrides(preset("tiny"), {**DENSE, "n_layers": "1"})
+    tc = TrainConfig(steps=10, global_batch=batch, seq_len=16, warmup_steps=1)
+    ts = build_train_step(cfg, tc, make_mesh("fsdp=8"))
+    state = ts.abstract_state()
+    tokens = jax.ShapeDtypeStruct((batch, 17), jnp.int32, sharding=ts.batch_sharding)
+    hlo = ts.fn.lower(state, tokens).compile().as_text()
+    shapes = re.findall(r"= \w+\[([\d,]+)\][^=]* all-gather\(", hlo)
+    table = {f"{cfg.vocab_size},{cfg.d_model}", f"{cfg.d_model},{cfg.vocab_size}"}
+    return ts.rules, sum(s in table for s in shapes), len(shapes)
+
+
+def test_small_batch_train_step_never_gathers_the_tables():
+    # 8 x 16 = 128 tokens < vocab 256: the tables stay split, activations move instead
+    rules, tables, gathers = table_gathers(8)
+    assert rules == vocab_parallel(strategy("fsdp"))
+    assert gathers > 0 and tables == 0
+    # 64 x 16 = 1,024 tokens: plain ZeRO-3, embedding and head gathered whole
+    rules, tables, _ = table_gathers(64)
+    assert rules == strategy("fsdp") and tables >= 2

@@ -67,6 +67,51 @@ def strategy(name: str) -> Rules:
     return STRATEGIES[name]
 
 
+def vocab_parallel(rules: Rules) -> Rules:
+    """`rules` with the vocab dimension also split over fsdp, claimed before any other.
+
+    Plain FSDP stores the embedding table and the output head (vocab x d_model each) split
+    on d_model and all-gathers them whole for every microbatch, and their gradients come
+    back as large. Split on vocab instead, and left split for compute
+    (`weight_compute_rules`), the tables never move: every device looks up and scores the
+    whole fsdp group's microbatch against its own slice of the vocabulary, so what crosses
+    devices is the microbatch's activations (tokens x d_model: gathered for the head,
+    reduced after the lookup) and the softmax's per-token max and sum. That is less
+    traffic when the group's microbatch has fewer tokens than the vocabulary
+    (`train_rules` decides): small batches, never at pod scale, where a microbatch holds
+    millions of tokens.
+    """
+    vocab = tuple(dict(rules).get("vocab", ()))
+    if "fsdp" not in vocab:
+        vocab += ("fsdp",)
+    return (("vocab", vocab),) + tuple(r for r in rules if r[0] != "vocab")
+
+
+def weight_compute_rules(rules: Rules) -> Rules:
+    """The rules for a weight in its compute layout: fsdp dropped (the weight is gathered
+    whole for its matmul: ZeRO-3), except on vocab, which keeps it under `vocab_parallel`."""
+    return tuple((name, tuple(m for m in axes if m != "fsdp" or name == "vocab"))
+                 for name, axes in rules)
+
+
+def train_rules(name: str, sizes: dict[str, int], *, vocab: int, global_batch: int,
+                microbatches: int, seq_len: int) -> Rules:
+    """The rules the train step uses: strategy `name`, made `vocab_parallel` when the
+    tables would otherwise be gathered over fsdp and the fsdp group's microbatch has fewer
+    tokens than the vocabulary (activations then move fewer bytes than the tables)."""
+    rules = strategy(name)
+    fsdp = sizes.get("fsdp", 1)
+    if fsdp == 1 or "fsdp" not in dict(rules).get("embed", ()):
+        return rules
+    per_micro = global_batch // microbatches
+    shards = math.prod(sizes[m] for m in resolve(("batch",), (per_micro,), sizes, rules)[0])
+    group_tokens = per_micro // shards * fsdp * seq_len
+    split = vocab_parallel(rules)
+    if group_tokens >= vocab or "fsdp" not in resolve(("vocab",), (vocab,), sizes, split)[0]:
+        return rules
+    return split
+
+
 def resolve(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, int],
             rules: Rules) -> list[tuple[str, ...]]:
     """The mesh axes sharding each dimension (empty tuple: replicated)."""

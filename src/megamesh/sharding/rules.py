@@ -25,6 +25,9 @@ from megamesh.sharding.logical import (  # noqa: F401  (re-exported)
     Rules,
     resolve,
     strategy,
+    train_rules,
+    vocab_parallel,
+    weight_compute_rules,
 )
 
 
@@ -72,11 +75,12 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
     sizes = mesh_sizes(mesh)
 
     # Weights are used in their compute layout: the parameter layout without fsdp
-    # (ZeRO-3: gathered for the matmul, never stored gathered).
-    compute_sizes = {**sizes, "fsdp": 1}
+    # (ZeRO-3: gathered for the matmul, never stored gathered), except a vocab dimension
+    # split over fsdp by `vocab_parallel`, which stays split.
+    weight_rules = weight_compute_rules(rules)
 
     def constrainer(x: jax.Array, axes: tuple[str | None, ...], weight: bool) -> jax.Array:
-        spec = logical_to_spec(axes, x.shape, compute_sizes if weight else sizes, rules)
+        spec = logical_to_spec(axes, x.shape, sizes, weight_rules if weight else rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     with using_constrainer(constrainer), using_f32_matmuls(mesh.devices.flat[0].platform == "cpu"):

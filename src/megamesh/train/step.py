@@ -19,7 +19,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
 from megamesh.model.transformer import forward, init_params
-from megamesh.sharding.rules import activation_sharding, data_sharding, param_shardings, strategy
+from megamesh.sharding.rules import (
+    Rules,
+    activation_sharding,
+    data_sharding,
+    mesh_sizes,
+    param_shardings,
+    train_rules,
+)
 from megamesh.train.config import TrainConfig
 from megamesh.train.optim import lr_schedule, make_optimizer
 
@@ -49,6 +56,7 @@ class TrainStep:
     batch_sharding: NamedSharding
     mesh: Mesh
     schedule: optax.Schedule
+    rules: Rules  # the sharding rules the step was built with (`step_rules`)
 
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs (with shardings) of the state: for restore and AOT compile."""
@@ -65,8 +73,15 @@ def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: An
         opt_state_shape, is_leaf=lambda node: jax.tree.structure(node) == params_def)
 
 
+def step_rules(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> Rules:
+    """The strategy's rules, vocab-parallel where that moves fewer bytes (`train_rules`)."""
+    return train_rules(tc.strategy, mesh_sizes(mesh), vocab=cfg.vocab_size,
+                       global_batch=tc.global_batch, microbatches=tc.microbatches,
+                       seq_len=tc.seq_len)
+
+
 def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep:
-    rules = strategy(tc.strategy)
+    rules = step_rules(cfg, tc, mesh)
     opt = make_optimizer(cfg, tc)
     schedule = lr_schedule(tc)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -130,15 +145,14 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
                  out_shardings=(state_shardings, replicated), donate_argnums=0)
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
-                     batch_sharding=batch_sharding, mesh=mesh, schedule=schedule)
+                     batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
     """Jitted validation loss (mean nll) of one (B, T+1) batch, on the train step's shardings."""
-    rules = strategy(tc.strategy)
 
     def ev(params: Any, batch: jax.Array) -> jax.Array:
-        with activation_sharding(ts.mesh, rules):
+        with activation_sharding(ts.mesh, ts.rules):
             return loss_fn(params, batch, cfg)[1]["nll"]
 
     return jax.jit(ev, in_shardings=(ts.state_shardings["params"], ts.batch_sharding))
