@@ -12,6 +12,13 @@ sharding code (`sharding.rules`) use exactly the same rules. Resolution, per arr
   replicated over it), so any model runs on any mesh.
 
 The mesh axes: dcn (across slices/pods), data, fsdp, sequence, tensor, expert.
+
+The train step's rules are its strategy's, except that under fsdp with a small
+microbatch the embedding table and output head are split on vocab rather than gathered
+(`train_rules`, `vocab_parallel`). The planner's memory model is unaffected (a table's
+share per device is 1/fsdp either way); its communication model still counts the tables
+as FSDP gathers, an overestimate only for such small microbatches, which pod-scale plans
+do not have.
 """
 
 from __future__ import annotations
