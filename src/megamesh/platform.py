@@ -12,6 +12,7 @@ import glob
 import importlib.util
 import os
 import platform
+import re
 import sys
 
 
@@ -40,8 +41,16 @@ def keep_freed_host_memory() -> bool:
     compiles dozens of decode variants) and the rest do not. Call before jax starts its
     threads; MEGAMESH_KEEP_HOST_MEMORY=0 turns it off. Returns whether it was applied
     (glibc on Linux only).
+
+    Not applied when XLA_FLAGS splits the host into several CPU devices: their threads
+    then contend for the one arena's lock, which costs more than the faults (8 fake
+    devices, bench model, 2026-11-26: one arena 7.4-8.7 s per step, glibc's defaults
+    6.5 s, two arenas 6.3-6.5 s, single runs on a noisy host).
     """
     if os.environ.get("MEGAMESH_KEEP_HOST_MEMORY", "1") == "0":
+        return False
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if forced and int(forced.group(1)) > 1:
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
