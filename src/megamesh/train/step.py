@@ -56,7 +56,7 @@ class TrainStep:
     batch_sharding: NamedSharding
     mesh: Mesh
     schedule: optax.Schedule
-    rules: Rules  # the sharding rules the step was built with (`step_rules`)
+    rules: Rules  # the sharding rules the step was built with (`train_rules`)
 
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs (with shardings) of the state: for restore and AOT compile."""
@@ -73,15 +73,11 @@ def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: An
         opt_state_shape, is_leaf=lambda node: jax.tree.structure(node) == params_def)
 
 
-def step_rules(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> Rules:
-    """The strategy's rules, vocab-parallel where that moves fewer bytes (`train_rules`)."""
-    return train_rules(tc.strategy, mesh_sizes(mesh), vocab=cfg.vocab_size,
-                       global_batch=tc.global_batch, microbatches=tc.microbatches,
-                       seq_len=tc.seq_len)
-
-
 def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep:
-    rules = step_rules(cfg, tc, mesh)
+    # the strategy's rules, vocab-parallel where that moves fewer bytes
+    rules = train_rules(tc.strategy, mesh_sizes(mesh), vocab=cfg.vocab_size,
+                        global_batch=tc.global_batch, microbatches=tc.microbatches,
+                        seq_len=tc.seq_len)
     opt = make_optimizer(cfg, tc)
     schedule = lr_schedule(tc)
     replicated = NamedSharding(mesh, PartitionSpec())
