@@ -185,9 +185,16 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     return x, kv, aux
 
 
+def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
+    """The output head (D, V) in compute dtype and compute layout (the embedding's
+    transpose when tied)."""
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return compute_weight(head, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype))
+
+
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
             *, cfg: ModelConfig, with_aux: bool = False, attend_len: int | None = None,
-            logits_at: jax.Array | None = None) -> Any:
+            logits_at: jax.Array | None = None, hidden: bool = False) -> Any:
     """Logits (B, T, V) in float32 and the updated cache (None when training).
 
     With a cache: `attend_len` (static) limits attention to the first attend_len cache
@@ -195,6 +202,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     `logits_at` (B,) computes the logits only at that token index of each row, (B, 1, V)
     (a prefill needs just its last prompt token's). With `with_aux=True` also returns the
     MoE load-balancing loss (mean over MoE layers; 0 for dense models) as a third value.
+    With `hidden=True` the first value is the final normed hidden state (B, T, D) in
+    compute dtype instead of the logits (for a loss that applies `head_weight` itself).
     """
     cd = jnp.dtype(cfg.compute_dtype)
     specs = param_specs(cfg)
@@ -244,10 +253,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)  # (B,1,D)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    head = compute_weight(head, ("embed", "vocab"), cd)
-    logits = dense(x, head, out_dtype=jnp.float32)
-    logits = constrain(logits, ("batch", "seq", "vocab"))
+    if hidden:
+        logits = constrain(x, ("batch", "seq", "embed"))
+    else:
+        logits = dense(x, head_weight(params, cfg), out_dtype=jnp.float32)
+        logits = constrain(logits, ("batch", "seq", "vocab"))
     if with_aux:
         return logits, new_cache, aux_total / max(n_moe, 1)
     return logits, new_cache
