@@ -57,17 +57,21 @@ def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig,
 LOSS_CHUNK_BYTES = 16 * 2**20
 
 
-def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules: Rules) -> int:
+def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules: Rules, *,
+                cpu: bool) -> int:
     """How many slices of the sequence the train step's cross-entropy takes at a time.
 
-    1 (the plain loss) unless the head is split on vocab over fsdp (`train_rules` chose
-    vocab-parallel: small microbatches), where the chunked, fused loss measured faster
-    (`model.loss`); then the fewest slices that bring one device's logits per slice under
-    LOSS_CHUNK_BYTES. Elsewhere it measured no faster (1 CPU device) and the planner's
-    memory model is fitted to the plain loss (pod-scale plans never go vocab-parallel).
+    1 (the plain loss) unless the devices are CPUs and the head is split on vocab over
+    fsdp (`train_rules` chose vocab-parallel: small microbatches), where the chunked,
+    fused loss measured faster (`model.loss`); then the fewest slices that bring one
+    device's logits per slice under LOSS_CHUNK_BYTES. It measured no faster on 1 CPU
+    device; on TPU it is unmeasured, and the planner's memory model (checked against
+    XLA:TPU's allocation by `megamesh compile`) is fitted to the plain loss, so TPU steps
+    keep the plain loss.
     """
     V, D, T = cfg.vocab_size, cfg.d_model, tc.seq_len
-    if "fsdp" not in resolve(("embed", "vocab"), (D, V), sizes, weight_compute_rules(rules))[1]:
+    if not cpu or "fsdp" not in resolve(("embed", "vocab"), (D, V), sizes,
+                                        weight_compute_rules(rules))[1]:
         return 1
     per_micro = tc.global_batch // tc.microbatches
     dims = resolve(("batch", "seq", "vocab"), (per_micro, T, V), sizes, rules)
@@ -132,7 +136,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     batch_shape = (tc.global_batch, tc.seq_len + 1)
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
-    chunks = loss_chunks(cfg, tc, mesh_sizes(mesh), rules)
+    chunks = loss_chunks(cfg, tc, mesh_sizes(mesh), rules, cpu=mesh.devices.flat[0].platform == "cpu")
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
@@ -156,7 +160,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
         if tc.nan_steps:  # fault injection (tests of the guard)
             poisoned = jnp.isin(state["step"], jnp.asarray(tc.nan_steps))
             grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
