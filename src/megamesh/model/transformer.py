@@ -254,10 +254,10 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)  # (B,1,D)
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
     if hidden:
-        logits = constrain(x, ("batch", "seq", "embed"))
+        out = constrain(x, ("batch", "seq", "embed"))
     else:
-        logits = dense(x, head_weight(params, cfg), out_dtype=jnp.float32)
-        logits = constrain(logits, ("batch", "seq", "vocab"))
+        out = constrain(dense(x, head_weight(params, cfg), out_dtype=jnp.float32),
+                        ("batch", "seq", "vocab"))
     if with_aux:
-        return logits, new_cache, aux_total / max(n_moe, 1)
-    return logits, new_cache
+        return out, new_cache, aux_total / max(n_moe, 1)
+    return out, new_cache

@@ -43,6 +43,11 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
+def is_cpu_mesh(mesh: Mesh) -> bool:
+    """Whether the mesh's devices are XLA:CPU devices (CPU-specific kernel choices)."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def param_partition_specs(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """PartitionSpec of every parameter, as a tree shaped like the parameters."""
     sizes = mesh_sizes(mesh)
@@ -83,5 +88,5 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         spec = logical_to_spec(axes, x.shape, sizes, weight_rules if weight else rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    with using_constrainer(constrainer), using_f32_matmuls(mesh.devices.flat[0].platform == "cpu"):
+    with using_constrainer(constrainer), using_f32_matmuls(is_cpu_mesh(mesh)):
         yield

@@ -26,6 +26,7 @@ from megamesh.sharding.rules import (
     Rules,
     activation_sharding,
     data_sharding,
+    is_cpu_mesh,
     mesh_sizes,
     param_shardings,
     resolve,
@@ -113,7 +114,8 @@ def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: An
 
 def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep:
     # the strategy's rules, vocab-parallel where that moves fewer bytes
-    rules = train_rules(tc.strategy, mesh_sizes(mesh), vocab=cfg.vocab_size,
+    sizes = mesh_sizes(mesh)
+    rules = train_rules(tc.strategy, sizes, vocab=cfg.vocab_size,
                         global_batch=tc.global_batch, microbatches=tc.microbatches,
                         seq_len=tc.seq_len)
     opt = make_optimizer(cfg, tc)
@@ -136,7 +138,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     batch_shape = (tc.global_batch, tc.seq_len + 1)
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
-    chunks = loss_chunks(cfg, tc, mesh_sizes(mesh), rules, cpu=mesh.devices.flat[0].platform == "cpu")
+    chunks = loss_chunks(cfg, tc, sizes, rules, cpu=is_cpu_mesh(mesh))
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
