@@ -23,9 +23,10 @@ def inputs(dtype=jnp.float32):
     return x, w, t
 
 
-def loss_and_grads(chunks, x, w, t):
-    loss = jax.jit(lambda x, w: cross_entropy(x, w, t, chunks))(x, w)
-    grads = jax.jit(jax.grad(lambda x, w: 3.0 * cross_entropy(x, w, t, chunks), argnums=(0, 1)))(x, w)
+def loss_and_grads(chunks, x, w, t, fused=None):
+    loss = jax.jit(lambda x, w: cross_entropy(x, w, t, chunks, fused))(x, w)
+    grads = jax.jit(jax.grad(lambda x, w: 3.0 * cross_entropy(x, w, t, chunks, fused),
+                             argnums=(0, 1)))(x, w)
     return loss, grads
 
 
@@ -35,8 +36,8 @@ def test_chunked_equals_plain_on_one_device():
     # the definition, independently of megamesh's plain path
     logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", x, w))
     np.testing.assert_allclose(ref_loss, -jnp.mean(jnp.take_along_axis(logp, t[..., None], -1)), rtol=1e-6)
-    for chunks in (2, 4, 16):
-        loss, (dx, dw) = loss_and_grads(chunks, x, w, t)
+    for chunks in (1, 2, 4, 16):
+        loss, (dx, dw) = loss_and_grads(chunks, x, w, t, fused=True)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
         # the cotangent (3.0) scales the gradients the fused pass stored
         np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-7)
@@ -50,6 +51,20 @@ def test_chunked_gradients_keep_input_dtypes():
     _, (ref_dx, ref_dw) = loss_and_grads(1, x, w, t)
     np.testing.assert_allclose(np.float32(dx), np.float32(ref_dx), rtol=2e-2, atol=1e-4)
     np.testing.assert_allclose(np.float32(dw), np.float32(ref_dw), rtol=2e-2, atol=1e-4)
+
+
+def test_fused_loss_with_native_bf16_matmuls():
+    """The accelerators' mode (bf16 operands for both gradient GEMMs), run here on CPU:
+    within bf16 rounding of the f32 reference, gradients in the inputs' dtypes."""
+    from megamesh.model.backend import Kernels, using_kernels
+
+    x, w, t = inputs(jnp.bfloat16)
+    _, (ref_dx, ref_dw) = loss_and_grads(1, x.astype(jnp.float32), w.astype(jnp.float32), t)
+    with using_kernels(Kernels(attention="blockwise", moe="grouped", matmul="native")):
+        loss, (dx, dw) = loss_and_grads(4, x, w, t, fused=True)
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.float32(dx), ref_dx, rtol=3e-2, atol=2e-4)
+    np.testing.assert_allclose(np.float32(dw), ref_dw, rtol=3e-2, atol=2e-4)
 
 
 @pytest.mark.parametrize("chunks", [0, 3, 32])
@@ -90,27 +105,29 @@ BENCH = ModelConfig(name="bench", d_model=256, n_layers=4, n_heads=4, n_kv_heads
                     d_ff=1024, vocab_size=32000, max_seq_len=256)
 
 
-@pytest.mark.parametrize("layout, batch, chunks", [
-    ("fsdp=8", 32, 8),  # vocab-parallel: 8,192 tokens x 4,000 vocab x 4 B = 128 MiB of logits
-    ("fsdp=8", 8, 2),  # 32 MiB
-    ("fsdp=8", 512, 1),  # 131k tokens > vocab: plain ZeRO-3, plain loss
-    ("data=8", 32, 1),  # no fsdp: the head is whole on every device, plain loss
+@pytest.mark.parametrize("layout, batch, chunks, tpu_chunks", [
+    ("fsdp=8", 32, 8, 1),  # vocab-parallel: 8,192 tokens x 4,000 vocab x 4 B = 128 MiB of logits
+    ("fsdp=8", 8, 2, 1),  # 32 MiB
+    ("fsdp=8", 512, 128, 8),  # 131k tokens > vocab: plain ZeRO-3, 64 x 256 x 32000 x 4 B = 2 GiB
+    ("data=8", 32, 8, 1),  # no fsdp: the head is whole on every device, 128 MiB
+    ("fsdp=2,sequence=4", 16, 4, 1),  # 16 x 64 x 16000 x 4 B = 64 MiB; slices stay split 4 ways
 ])
-def test_loss_chunks_only_for_a_vocab_parallel_head_on_cpu(layout, batch, chunks):
+def test_loss_chunks_bound_the_logits_per_slice(layout, batch, chunks, tpu_chunks):
     from megamesh.sharding.logical import parse_layout, train_rules
     from megamesh.train.step import loss_chunks
 
     sizes = parse_layout(layout)
     tc = TrainConfig(steps=100, global_batch=batch, seq_len=256)
     rules = train_rules("fsdp", sizes, vocab=32000, global_batch=batch, microbatches=1, seq_len=256)
-    assert loss_chunks(BENCH, tc, sizes, rules, cpu=True) == chunks
-    # TPU steps keep the plain loss (the planner's memory model is fitted to it)
-    assert loss_chunks(BENCH, tc, sizes, rules, cpu=False) == 1
+    assert loss_chunks(BENCH, tc, sizes, rules, platform="cpu") == chunks
+    # accelerators take 256 MiB slices (fewer passes over the head and its gradient)
+    assert loss_chunks(BENCH, tc, sizes, rules, platform="tpu") == tpu_chunks
 
 
-def test_train_step_with_a_chunked_loss_matches_the_plain_one(monkeypatch):
+def test_train_step_with_a_chunked_loss_matches_the_unchunked_one(monkeypatch):
     """The real step, vocab-parallel on 8 devices, forced to chunk its loss: same losses
-    and parameters over a few steps as with the plain loss."""
+    and parameters over a few steps as with one slice (the fused loss equals the plain
+    one: the tests above)."""
     import megamesh.train.step as step_mod
     from megamesh.train.loop import global_array
 
@@ -120,7 +137,7 @@ def test_train_step_with_a_chunked_loss_matches_the_plain_one(monkeypatch):
     batches = np.random.default_rng(0).integers(0, 256, (2, 8, 17), dtype=np.int32)
 
     def train(chunk_bytes):
-        monkeypatch.setattr(step_mod, "LOSS_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(step_mod, "LOSS_CHUNK_BYTES", {"cpu": chunk_bytes})
         ts = step_mod.build_train_step(cfg, tc, make_mesh("fsdp=8"))
         state, losses = ts.init(jax.random.key(0)), []
         for b in batches:

@@ -41,6 +41,7 @@ class CompileReport:
     compile_s: float
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    hlo_text: str = field(default="", repr=False)  # the optimized HLO (not in the JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {"target": self.target, "layout": self.layout, "step": self.step,
@@ -101,8 +102,10 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
     state = ts.abstract_state()
     batch = jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len + 1), jnp.int32,
                                  sharding=ts.batch_sharding)
-    return _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train",
-                    save, collectives, dot_flops)
+    report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train",
+                      save, collectives, dot_flops)
+    report.extra["kernels"] = ts.kernels.describe()
+    return report
 
 
 def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: int,
@@ -159,10 +162,11 @@ def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save:
         from megamesh.fileio import write_new_file
 
         write_new_file(save, _serialize(compiled))
+    text = compiled.as_text()
     return CompileReport(target.topology_name, layout, step, n, hbm["total"] <= cap, cap, hbm,
                          flops, flops_once, float(ca.get("flops", 0.0)),
-                         float(ca.get("bytes accessed", 0.0)), collectives(compiled.as_text()),
-                         lower_s, compile_s)
+                         float(ca.get("bytes accessed", 0.0)), collectives(text),
+                         lower_s, compile_s, hlo_text=text)
 
 
 def _parse_oom(msg: str) -> tuple[float, float] | None:

@@ -2,8 +2,14 @@
 
 XLA's own cost analysis counts the body of a while loop once, so for a step whose layers
 are a `scan` it undercounts by the layer count. The exact count comes from the jaxpr
-(every dot_general, times the trip counts of the scans around it); with trip counts
-ignored the same walk reproduces XLA's convention, which checks one against the other.
+(every dot_general and ragged_dot, times the trip counts of the scans around it); with
+trip counts ignored the same walk reproduces XLA's convention, which checks one against
+the other. A Pallas kernel (splash attention) is opaque to XLA's cost analysis, so the
+XLA-convention walk leaves it out; the exact walk counts its body's dots once per block
+of its grid that runs: for a square causal grid (query blocks x key blocks, the last two
+grid dimensions) the blocks on and below the diagonal, nb (nb + 1) / 2 of nb^2, which
+splash computes (it skips the blocks above; the diagonal ones run whole). A `shard_map`
+body (the per-device kernels) counts once per device of its mesh.
 
 Collectives are read from the optimized per-device HLO: kind, count (times the trip
 count of the while loops they sit in, read from the loop condition's bound) and bytes.
@@ -20,13 +26,15 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 
 
 def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
-    """FLOPs of all dot_generals in a (closed) jaxpr, 2 per multiply-add."""
+    """FLOPs of all dot_generals (and ragged_dots, Pallas kernels' dots) in a (closed)
+    jaxpr, 2 per multiply-add."""
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
     total = 0.0
     j = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
     for eqn in j.eqns:
-        if eqn.primitive.name == "dot_general":
+        name = eqn.primitive.name
+        if name == "dot_general":
             (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
             lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
             contract = math.prod(lhs[d] for d in lc)
@@ -35,12 +43,34 @@ def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
             free_r = math.prod(rhs) // (contract * batch)
             total += 2.0 * batch * free_l * free_r * contract
             continue
-        mult = eqn.params.get("length", 1) if eqn.primitive.name == "scan" and trip_counts else 1
+        if name in ("ragged_dot", "ragged_dot_general"):  # (m, k) x (groups, k, n)
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            total += 2.0 * math.prod(lhs) * rhs[-1]
+            continue
+        if name == "pallas_call":
+            if trip_counts:
+                total += _pallas_flops(eqn)
+            continue
+        mult = eqn.params.get("length", 1) if name == "scan" and trip_counts else 1
+        if name == "shard_map":  # the body's shapes are one device's: it runs on every device
+            mult = eqn.params["mesh"].size
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 if isinstance(sub, (ClosedJaxpr, Jaxpr)):
                     total += mult * dot_flops(sub, trip_counts=trip_counts)
     return total
+
+
+def _pallas_flops(eqn: Any) -> float:
+    """A Pallas kernel's dots: its body's, times the grid blocks that run (a square causal
+    grid runs the diagonal and below)."""
+    body = eqn.params["jaxpr"]
+    grid = tuple(int(g) for g in eqn.params["grid_mapping"].grid)
+    blocks = math.prod(grid)
+    if len(grid) >= 3 and grid[-1] == grid[-2]:
+        nb = grid[-1]
+        blocks = blocks // (nb * nb) * nb * (nb + 1) // 2
+    return blocks * dot_flops(body)
 
 
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")

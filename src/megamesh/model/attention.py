@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.config import ModelConfig
-from megamesh.model.axes import constrain, matmul_inputs
+from megamesh.model.axes import constrain
+from megamesh.model.backend import matmul_inputs
 
 _NEG = -1e30  # large negative score for masked keys (finite: no NaN from inf - inf)
 

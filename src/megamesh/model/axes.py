@@ -8,13 +8,6 @@ whole weight; the gradient flows back as a reduce-scatter). By default both only
 the function that turns those names into sharding constraints on a mesh: the model
 never sees the mesh.
 
-Matmuls take their operands through `matmul_inputs`, which widens bf16 operands to f32
-when the trace is for XLA:CPU (`using_f32_matmuls`, set by `activation_sharding` from the
-mesh's platform). The values are unchanged (a bf16 number is exactly an f32 one) and
-the products accumulate in f32 either way, so the arithmetic is a bf16 matmul's; only
-the kernel differs. Measured on this project's 2-core CPU (BENCHMARKS.md): XLA:CPU's f32
-GEMMs run at ~274 GFLOP/s and its bf16 ones at ~160, and the train step of the bench
-model runs ~12% faster.
 """
 
 from __future__ import annotations
@@ -30,8 +23,6 @@ Constrainer = Callable[[Any, tuple[str | None, ...], bool], Any]
 _CONSTRAINER: contextvars.ContextVar[Constrainer | None] = contextvars.ContextVar(
     "megamesh_constrainer", default=None
 )
-_F32_MATMULS: contextvars.ContextVar[bool] = contextvars.ContextVar("megamesh_f32_matmuls",
-                                                                    default=False)
 
 
 def constrain(x: Any, axes: tuple[str | None, ...]) -> Any:
@@ -59,21 +50,3 @@ def using_constrainer(fn: Constrainer | None) -> Iterator[None]:
         yield
     finally:
         _CONSTRAINER.reset(token)
-
-
-def matmul_inputs(*xs: Any) -> tuple[Any, ...]:
-    """Matmul operands as the backend multiplies them fastest, with the same values: bf16
-    ones widened to f32 under `using_f32_matmuls`, untouched otherwise."""
-    if not _F32_MATMULS.get():
-        return xs
-    return tuple(x.astype("float32") if x.dtype == "bfloat16" else x for x in xs)
-
-
-@contextlib.contextmanager
-def using_f32_matmuls(enabled: bool) -> Iterator[None]:
-    """While tracing inside this block, `matmul_inputs` widens bf16 operands to f32."""
-    token = _F32_MATMULS.set(enabled)
-    try:
-        yield
-    finally:
-        _F32_MATMULS.reset(token)

@@ -1,14 +1,20 @@
-"""Mixture-of-experts MLP: softmax router, top-k, capacity-based einsum dispatch.
+"""Mixture-of-experts MLP: softmax router, top-k, then grouped matmuls or einsum dispatch.
 
 Glossary: B batch (one routing group per row), T tokens per row, D model, F expert ffw,
-E experts, k top-k, C capacity (slots per expert per row).
+E experts, k top-k, C capacity (slots per expert per row), M = B*T*k routed copies.
 
-All token-to-expert movement happens in `dispatch_compute_combine`, so a grouped-matmul
-kernel (megablox / ragged_dot) can replace this einsum form in one place. The einsum
-form is GShard's: one-hot dispatch and combine tensors (B, T, E, C). Sharding the E axis
-over the mesh's `expert` axis makes XLA insert the all-to-alls. With
-`capacity_factor=None` the capacity is T (dropless: no routed token is ever dropped),
-which costs memory O(B * T^2 * E); set a capacity factor for long sequences.
+All token-to-expert movement happens in `dispatch_compute_combine`, which runs the
+backend's MoE kernel (`model.backend`):
+- `grouped` (TPU, GPU): each device sorts its own tokens' k copies by expert and runs
+  the experts' SwiGLU as three `jax.lax.ragged_dot` grouped matmuls over the sorted rows,
+  then un-sorts and mixes. Memory O(M x F); dropless costs no padding. With a capacity
+  factor the copies past an expert's capacity get weight 0 (the same tokens the einsum
+  form drops; they are computed and discarded).
+- `einsum` (CPU, and meshes that split experts over `expert` or `tensor`): GShard's
+  one-hot dispatch and combine tensors (B, T, E, C); sharding E over the mesh's `expert`
+  axis makes XLA insert the all-to-alls. Dropless (`capacity_factor=None`) means C = T,
+  memory O(B * T^2 * E): for long sequences set a capacity factor or use `grouped`.
+Both are tested equal (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 
 from megamesh.config import MoEConfig
 from megamesh.model.axes import constrain
+from megamesh.model.backend import active, matmul_inputs, run_per_device
 
 
 def capacity(moe: MoEConfig, tokens_per_group: int) -> int:
@@ -51,20 +58,63 @@ def load_balancing_loss(probs: jax.Array, experts: jax.Array, n_experts: int) ->
     return n_experts * jnp.sum(share * mean_prob)
 
 
+def _slots(experts: jax.Array, E: int) -> jax.Array:
+    """Slot of each choice in its expert's buffer within its row (B,T,k); first choices
+    of all tokens come first."""
+    B, T, k = experts.shape
+    onehot = jax.nn.one_hot(experts, E, dtype=jnp.int32)  # (B,T,k,E)
+    by_choice = onehot.transpose(0, 2, 1, 3).reshape(B, k * T, E)
+    slot = (jnp.cumsum(by_choice, axis=1) - 1) * by_choice
+    return jnp.sum(slot.reshape(B, k, T, E).transpose(0, 2, 1, 3), axis=-1)
+
+
 def dispatch_compute_combine(h: jax.Array, weights: jax.Array, experts: jax.Array,
                              p: dict[str, jax.Array], moe: MoEConfig) -> jax.Array:
     """Send each token to its top-k experts, run their SwiGLU, and mix back. (B,T,D) -> (B,T,D)."""
+    if active()[0].moe == "einsum":
+        return einsum_moe(h, weights, experts, p, moe)
+    T = h.shape[1]
+    if moe.capacity_factor is not None:  # drop what the einsum form drops
+        weights = weights * (_slots(experts, moe.n_experts) < capacity(moe, T))
+    cd = h.dtype
+    w = [p[n].astype(cd) for n in ("w_gate", "w_up", "w_down")]
+    tok = ("batch", "seq", None)
+    return run_per_device(grouped_moe, (h, weights.astype(cd), experts, *w),
+                          (tok, tok, tok) + ((None, None, None),) * 3, tok)
+
+
+def grouped_moe(h: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: jax.Array,
+                w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """The experts' SwiGLU as grouped matmuls over one device's tokens, sorted by expert.
+    h (B,T,D), weights and experts (B,T,k), w_gate/w_up (E,D,F), w_down (E,F,D)."""
     B, T, D = h.shape
-    E, k = moe.n_experts, moe.top_k
+    k, E = experts.shape[-1], w_gate.shape[0]
+    flat = experts.reshape(-1)  # (M,)
+    order = jnp.argsort(flat, stable=True)  # copies grouped by expert
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    x = h.reshape(B * T, D)[order // k]  # (M, D)
+
+    def gmm(a: jax.Array, b: jax.Array) -> jax.Array:
+        a2, b2 = matmul_inputs(a, b)
+        return jax.lax.ragged_dot(a2, b2, sizes).astype(h.dtype)
+
+    act = jax.nn.silu(gmm(x, w_gate)) * gmm(x, w_up)  # (M, F)
+    y = gmm(act, w_down)  # (M, D)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = y[inverse].reshape(B, T, k, D)  # back in token order
+    return jnp.einsum("btkd,btk->btd", y, weights.astype(y.dtype))
+
+
+def einsum_moe(h: jax.Array, weights: jax.Array, experts: jax.Array,
+               p: dict[str, jax.Array], moe: MoEConfig) -> jax.Array:
+    """GShard's one-hot dispatch and combine (the reference form)."""
+    B, T, D = h.shape
+    E = moe.n_experts
     C = capacity(moe, T)
-    onehot = jax.nn.one_hot(experts, E, dtype=jnp.int32)  # (B,T,k,E)
-    # Slot of each choice in its expert's buffer; first choices of all tokens come first.
-    by_choice = onehot.transpose(0, 2, 1, 3).reshape(B, k * T, E)
-    slot = (jnp.cumsum(by_choice, axis=1) - 1) * by_choice
-    slot = jnp.sum(slot.reshape(B, k, T, E).transpose(0, 2, 1, 3), axis=-1)  # (B,T,k)
+    onehot = jax.nn.one_hot(experts, E, dtype=h.dtype)  # (B,T,k,E)
+    slot = _slots(experts, E)
     kept = (slot < C).astype(h.dtype)
     slot_onehot = jax.nn.one_hot(slot, C, dtype=h.dtype)  # (B,T,k,C); slot >= C -> zeros
-    onehot = onehot.astype(h.dtype)
     dispatch = jnp.einsum("btk,btke,btkc->btec", kept, onehot, slot_onehot)
     combine = jnp.einsum("btk,btke,btkc->btec", weights.astype(h.dtype) * kept, onehot, slot_onehot)
 

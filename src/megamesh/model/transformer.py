@@ -2,7 +2,8 @@
 
     forward(params, tokens, positions, cache=None, *, cfg) -> (logits, cache)
 
-- training: cache=None; tokens (B, T) attend causally by position.
+- training: cache=None; tokens (B, T) attend causally by index (`kernels.causal_attention`,
+  the platform's kernel); positions give RoPE angles.
 - prefill / decode: pass a cache from `init_cache`; the T new tokens of each row are
   written at their positions and attend to everything cached at positions <= their own.
 
@@ -16,6 +17,7 @@ logical axes (`constrain`), and sharding rules are applied from outside.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,7 +27,9 @@ from jax.ad_checkpoint import checkpoint_name
 
 from megamesh.config import ModelConfig
 from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
-from megamesh.model.axes import compute_weight, constrain, matmul_inputs
+from megamesh.model.axes import compute_weight, constrain
+from megamesh.model.backend import matmul_inputs, native_matmuls
+from megamesh.model.kernels import causal_attention
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
 
@@ -105,23 +109,48 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
     """x (..., *in) @ w (*in, *out), contracting the last n_in dims of x with the first of w.
 
-    Written as one 2-D matmul accumulating in float32, cast to `out_dtype` (default: x's
-    dtype). Measured on XLA:CPU (bench/, BENCHMARKS.md): the weight gradient of a dot with
-    several contracting dims (batch and sequence) runs ~2x slower than the same 2-D GEMM,
-    and a bf16 dot that outputs bf16 ~2x slower than one that outputs f32. On TPU the
-    reshapes are free and the MXU accumulates in f32 anyway. Operands go through
-    `matmul_inputs` (f32 kernels on XLA:CPU, same values).
+    Written as one 2-D matmul with output `out_dtype` (default: x's dtype), accumulated
+    in float32. How depends on the backend's matmul mode (`model.backend`): `native`
+    (TPU, GPU) asks the unit for the output dtype directly, so a bf16 layer's cotangent
+    and both of its backward GEMMs stay bf16 (the MXU / tensor cores accumulate in f32
+    anyway); `f32` (XLA:CPU) multiplies f32 copies of the operands and casts: measured
+    there (BENCHMARKS.md), the weight gradient of a dot with several contracting dims runs
+    ~2x slower than the same 2-D GEMM, and a bf16 dot ~2x slower than an f32 one.
     """
     lead, K = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
-    y = jnp.dot(a, b, preferred_element_type=jnp.float32)
-    return y.reshape(*lead, *w.shape[n_in:]).astype(out_dtype or x.dtype)
+    out = jnp.dtype(out_dtype or x.dtype)
+    y = jnp.dot(a, b, preferred_element_type=out if native_matmuls() else jnp.float32)
+    return y.reshape(*lead, *w.shape[n_in:]).astype(out)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, output in x's dtype. x (..., D), w (D,).
+
+    Its gradient saves only the input (in its own dtype, bf16 in training) and one f32
+    rsqrt per token; autodiff of the f32 formula saved up to four f32 copies of x (on an
+    H200, 16 GiB of a 120 GiB step at 512 x 64 tokens; issue 14)."""
+    return _rms_norm_fwd(x, w, eps)[0]
+
+
+def _rms_norm_fwd(x: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, Any]:
     xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+    r = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * r * w.astype(jnp.float32)).astype(x.dtype), (x, w, r)
+
+
+def _rms_norm_bwd(eps: float, res: Any, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w, r = res
+    n = x.astype(jnp.float32) * r  # the normalized input
+    g = g.astype(jnp.float32)
+    dw = jnp.sum(g * n, axis=tuple(range(x.ndim - 1)))
+    gn = g * w.astype(jnp.float32)
+    dx = r * (gn - n * jnp.mean(gn * n, axis=-1, keepdims=True))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 def swiglu(h: jax.Array, p: Params) -> jax.Array:
@@ -160,8 +189,8 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     q = constrain(apply_rope(q, *rope), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, *rope), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-    if kv is None:
-        out = attend(q, k, v, positions, positions)
+    if kv is None:  # training: causal by token index (positions only rotate q and k)
+        out = causal_attention(q, k, v)
     else:
         kc, vc, layer = kv
         start = positions[:, 0]

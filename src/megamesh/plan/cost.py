@@ -130,6 +130,16 @@ def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) ->
     return sum(gather_parts(target, layout, axis, full_bytes))
 
 
+def causal_block_fraction(seq: int) -> float:
+    """Share of the full T x T score matrix a causal flash kernel computes: splash's
+    tiles (`model.kernels.splash_block`: 512, or the sequence rounded up to 128 if
+    shorter) on and below the diagonal, nb (nb + 1) / 2 tiles of the padded sequence's
+    nb^2. 0.53 at 8k tokens, 1 for one tile."""
+    blk = min(512, -(-seq // 128) * 128)
+    nb = -(-seq // blk)
+    return nb * (nb + 1) / 2 * blk * blk / (seq * seq)
+
+
 def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, float]:
     """(train-step FLOPs per token the kernels execute, of which attention scores, of
     which routed-expert matmuls).
@@ -143,7 +153,7 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     expert = sum(2.0 * s.size * s.active_fraction for s in specs.values() if s.active_fraction < 1)
     att = 4.0 * w.seq * c.n_heads * c.resolved_head_dim * c.n_layers  # full score matrix
     if w.kernels == "fused":
-        att /= 2  # flash kernels skip the masked half
+        att *= causal_block_fraction(w.seq)  # flash kernels skip the blocks above the diagonal
     dispatch = 0.0  # GShard one-hot dispatch + combine einsums, 2 * slots * D each
     if c.moe and w.kernels == "xla":
         m = c.moe
@@ -172,6 +182,12 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
                  "dots_no_batch": nb, "offload": off}[remat]
     expert_train = expert * (4 if remat in ("full", "dots_no_batch", "offload") else 3)
+    # splash's backward (separate dq and dkv kernels, MaxText's default) recomputes the
+    # scores and their gradient's product in both kernels: 7 block matmuls against
+    # autodiff's 4, i.e. 3.5x the forward's attention instead of 2x (checked against the
+    # kernel bodies in the compiled step's jaxpr, compile.hlo.dot_flops)
+    if w.kernels == "fused":
+        recompute += 1.5 * att
     return 3 * fwd + recompute, att, expert_train
 
 

@@ -13,11 +13,13 @@ from megamesh.plan.target import Target
 from megamesh.sharding.logical import MESH_AXES, split_over_slices
 
 PRECISIONS = ("bf16", "fp8")
-# "xla": what megamesh's own step lowers to today (attention materializes the full T x T
-# score matrix; MoE uses GShard one-hot dispatch einsums with capacity padding).
-# "fused": flash attention that skips masked blocks and grouped-matmul MoE, as MaxText's
-# Pallas kernels (splash attention, megablox) do; used for the published calibration rows.
-KERNELS = ("xla", "fused")
+# "fused": megamesh's step on TPU and GPU (`model.backend` defaults): flash attention that
+# skips masked blocks (splash, cuDNN) and grouped-matmul MoE (ragged_dot), as MaxText's
+# Pallas kernels (splash attention, megablox) do; also the published calibration rows.
+# "xla": the reference kernels (`--kernels attention=reference,moe=einsum` in train and
+# compile): attention materializes the full T x T score matrix; MoE uses GShard one-hot
+# dispatch einsums with capacity padding.
+KERNELS = ("fused", "xla")
 REMATS = ("none", "dots_no_batch", "dots", "full")
 # Host offload. Remat "offload" is the policy of MaxText's published v6e recipes
 # (remat_policy=custom with decoder_layer_input, query_proj, key_proj, value_proj and
@@ -34,7 +36,7 @@ class Workload:
     seq: int
     batch: int  # global batch, sequences per optimizer step
     precision: str = "bf16"
-    kernels: str = "xla"
+    kernels: str = "fused"
 
     def __post_init__(self) -> None:
         if self.seq < 1:

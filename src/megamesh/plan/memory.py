@@ -17,6 +17,7 @@ from megamesh.config import ModelConfig
 from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy
+from megamesh.train.config import LOSS_CHUNK_BYTES
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
 # Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's cases
@@ -25,7 +26,7 @@ ADAM_BYTES = 8  # two fp32 moments per parameter
 # the bf16 embedding and head, 6 bytes per logit (f32 logits and part of their
 # gradient), half a layer's un-rematerialized working set, saved activations x1.5 and the
 # fp32 gradient twice (the scan's stacked gradient and the update's input).
-COEF = {"layer_weights": 2.0, "tables": 2.0, "logits": 6.0, "recompute": 0.5,
+COEF = {"layer_weights": 2.0, "tables": 2.0, "logits": 1.5, "recompute": 0.5,
         "activations": 1.5, "grads": 2.0}
 
 
@@ -124,7 +125,9 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     if moe:
         m = c.moe
         assert m is not None
-        F = m.d_ff_expert * m.top_k * (m.capacity_factor or m.n_experts / m.top_k) / t
+        # grouped MoE ("fused") computes each token's k copies; einsum pads to capacity
+        pad = 1.0 if w.kernels == "fused" else (m.capacity_factor or m.n_experts / m.top_k)
+        F = m.d_ff_expert * m.top_k * pad / t
         F += m.n_shared_experts * m.d_ff_expert / t
     else:
         F = c.d_ff / t
@@ -182,7 +185,10 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
         # did (no re-shard after forward), plus one layer's gathered gradient in flight
         weights_gathered = gathered * 2 + widest_layer * k["layer_weights"]
     recompute = max(layer_activation_bytes(w, layout, "none", st.moe) for st in layer_stacks(c))
-    logits = tok * c.vocab_size / t * k["logits"]
+    # the fused cross-entropy holds one slice of f32 logits (and its softmax and gradient)
+    # at a time, at most LOSS_CHUNK_BYTES, plus the head's f32 gradient accumulator
+    logits_f32 = tok * c.vocab_size / t * 4
+    logits = min(logits_f32, LOSS_CHUNK_BYTES["tpu"]) * k["logits"] + c.vocab_size * c.d_model / t * 4
     working = tok * recompute * k["recompute"] + logits
     acts *= k["activations"]
     grads *= k["grads"]

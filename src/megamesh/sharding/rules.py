@@ -15,7 +15,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
-from megamesh.model.axes import using_constrainer, using_f32_matmuls
+from megamesh.model.axes import using_constrainer
+from megamesh.model.backend import Kernels, PerDevice, choose_kernels, using_kernels
 from megamesh.model.specs import cache_axes, param_specs
 from megamesh.model.transformer import unflatten
 from megamesh.sharding.logical import (  # noqa: F401  (re-exported)
@@ -43,11 +44,6 @@ def mesh_sizes(mesh: Mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.devices.shape))
 
 
-def is_cpu_mesh(mesh: Mesh) -> bool:
-    """Whether the mesh's devices are XLA:CPU devices (CPU-specific kernel choices)."""
-    return mesh.devices.flat[0].platform == "cpu"
-
-
 def param_partition_specs(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict[str, Any]:
     """PartitionSpec of every parameter, as a tree shaped like the parameters."""
     sizes = mesh_sizes(mesh)
@@ -73,10 +69,48 @@ def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedShardi
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh_sizes(mesh), rules))
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform of the mesh's devices ("tpu", "gpu", "cpu")."""
+    p = mesh.devices.flat[0].platform
+    return "gpu" if p in ("cuda", "rocm") else p
+
+
+def mesh_kernels(mesh: Mesh, overrides: str = "auto") -> Kernels:
+    """The kernels a step on this mesh uses (`model.backend.choose_kernels`)."""
+    return choose_kernels(mesh_platform(mesh), overrides, mesh_sizes(mesh))
+
+
+def per_device_runner(mesh: Mesh, rules: Rules) -> PerDevice:
+    """Runs a kernel XLA cannot partition (Pallas, cuDNN, a sort) on each device's shard:
+    `shard_map` with in/out specs from the arrays' logical axes under `rules`. Logical
+    names in `tie` (query and kv heads) split over the mesh only if they resolve to the
+    same mesh axes; otherwise those dimensions stay whole on every device."""
+    sizes = mesh_sizes(mesh)
+
+    def run(fn: Any, args: Sequence[Any], axes: Sequence[tuple[str | None, ...]],
+            out_axes: tuple[str | None, ...], tie: tuple[str, ...]) -> Any:
+        out_shape = jax.eval_shape(fn, *args).shape
+        arrays = [(a, x.shape) for a, x in zip(axes, args)] + [(out_axes, out_shape)]
+        dims = [list(resolve(a, shape, sizes, rules)) for a, shape in arrays]
+        tied = {tuple(d[i]) for (a, _), d in zip(arrays, dims) for i, n in enumerate(a) if n in tie}
+        if len(tied) > 1:
+            for (a, _), d in zip(arrays, dims):
+                for i, n in enumerate(a):
+                    if n in tie:
+                        d[i] = ()
+        specs = [PartitionSpec(*(None if not m else m[0] if len(m) == 1 else tuple(m) for m in d))
+                 for d in dims]
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[:-1]), out_specs=specs[-1],
+                             check_vma=False)(*args)
+
+    return run
+
+
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
+def activation_sharding(mesh: Mesh, rules: Rules, kernels: Kernels | None = None) -> Iterator[None]:
     """While tracing inside this block, the model's `constrain` calls become sharding
-    constraints, and on a CPU mesh its matmuls run as f32 kernels (`using_f32_matmuls`)."""
+    constraints, and its kernels are `kernels` (default: the mesh platform's,
+    `mesh_kernels`), the per-device ones run under shard_map over the mesh."""
     sizes = mesh_sizes(mesh)
 
     # Weights are used in their compute layout: the parameter layout without fsdp
@@ -88,5 +122,6 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         spec = logical_to_spec(axes, x.shape, sizes, weight_rules if weight else rules)
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    with using_constrainer(constrainer), using_f32_matmuls(is_cpu_mesh(mesh)):
+    kernels = kernels or mesh_kernels(mesh)
+    with using_constrainer(constrainer), using_kernels(kernels, per_device_runner(mesh, rules)):
         yield

@@ -20,20 +20,21 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
+from megamesh.model.backend import Kernels
 from megamesh.model.loss import cross_entropy
 from megamesh.model.transformer import forward, head_weight, init_params
 from megamesh.sharding.rules import (
     Rules,
     activation_sharding,
     data_sharding,
-    is_cpu_mesh,
+    mesh_kernels,
+    mesh_platform,
     mesh_sizes,
     param_shardings,
     resolve,
     train_rules,
-    weight_compute_rules,
 )
-from megamesh.train.config import TrainConfig
+from megamesh.train.config import LOSS_CHUNK_BYTES, TrainConfig
 from megamesh.train.optim import lr_schedule, make_optimizer
 
 State = dict[str, Any]
@@ -42,46 +43,34 @@ State = dict[str, Any]
 def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig,
             loss_chunks: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (+ MoE aux loss) of a (B, T+1) token batch; the
-    cross-entropy over `loss_chunks` slices of the sequence (`model.loss`)."""
+    fused cross-entropy over `loss_chunks` slices of the sequence (`model.loss`)."""
     tokens, targets = batch[:, :-1], batch[:, 1:]
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     hidden, _, aux = forward(params, tokens, positions, cfg=cfg, with_aux=True, hidden=True)
-    nll = cross_entropy(hidden, head_weight(params, cfg), targets, loss_chunks)
+    nll = cross_entropy(hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
     return nll + coef * aux, {"nll": nll, "aux": aux}
 
 
-# Per-device f32 logits per slice of the chunked cross-entropy: slices this size stay in
-# the CPU's caches between the head's matmul, the softmax and the gradient's two matmuls
-# (bench model, 8 devices: 8 and 16 MiB slices measured alike, 32 MiB slower).
-LOSS_CHUNK_BYTES = 16 * 2**20
-
-
 def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules: Rules, *,
-                cpu: bool) -> int:
-    """How many slices of the sequence the train step's cross-entropy takes at a time.
-
-    1 (the plain loss) unless the devices are CPUs and the head is split on vocab over
-    fsdp (`train_rules` chose vocab-parallel: small microbatches), where the chunked,
-    fused loss measured faster (`model.loss`); then the fewest slices that bring one
-    device's logits per slice under LOSS_CHUNK_BYTES. It measured no faster on 1 CPU
-    device; on TPU it is unmeasured, and the planner's memory model (checked against
-    XLA:TPU's allocation by `megamesh compile`) is fitted to the plain loss, so TPU steps
-    keep the plain loss.
-    """
-    V, D, T = cfg.vocab_size, cfg.d_model, tc.seq_len
-    if not cpu or "fsdp" not in resolve(("embed", "vocab"), (D, V), sizes,
-                                        weight_compute_rules(rules))[1]:
-        return 1
+                platform: str) -> int:
+    """How many slices of the sequence the train step's fused cross-entropy takes at a
+    time: the fewest that bring one device's f32 logits per slice under
+    LOSS_CHUNK_BYTES[platform] (and keep each slice split evenly over `sequence`)."""
+    V, T = cfg.vocab_size, tc.seq_len
     per_micro = tc.global_batch // tc.microbatches
     dims = resolve(("batch", "seq", "vocab"), (per_micro, T, V), sizes, rules)
     b_shards, t_shards, v_shards = (math.prod(sizes[m] for m in d) for d in dims)
     logits_bytes = per_micro / b_shards * T / t_shards * V / v_shards * 4
+    limit = LOSS_CHUNK_BYTES[platform]
+    best = 1
     for n in range(1, T + 1):
-        if T % n == 0 and (T // n) % t_shards == 0 and logits_bytes / n <= LOSS_CHUNK_BYTES:
-            return n
-    return 1
+        if T % n == 0 and (T // n) % t_shards == 0:
+            best = n
+            if logits_bytes / n <= limit:
+                return n
+    return best
 
 
 @dataclass(frozen=True)
@@ -95,6 +84,7 @@ class TrainStep:
     mesh: Mesh
     schedule: optax.Schedule
     rules: Rules  # the sharding rules the step was built with (`train_rules`)
+    kernels: Kernels  # the attention / MoE / matmul implementations (`model.backend`)
     loss_chunks: int = 1  # slices of the sequence the cross-entropy takes at a time
 
     def abstract_state(self) -> Any:
@@ -138,12 +128,13 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     batch_shape = (tc.global_batch, tc.seq_len + 1)
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
-    chunks = loss_chunks(cfg, tc, sizes, rules, cpu=is_cpu_mesh(mesh))
+    chunks = loss_chunks(cfg, tc, sizes, rules, platform=mesh_platform(mesh))
+    kernels = mesh_kernels(mesh, tc.kernels)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
-        with activation_sharding(mesh, rules):
+        with activation_sharding(mesh, rules, kernels):
             if tc.microbatches == 1:
                 (loss, parts), grads = grad_fn(params, batch, cfg)
             else:
@@ -183,14 +174,14 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
                      batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules,
-                     loss_chunks=chunks)
+                     kernels=kernels, loss_chunks=chunks)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
     """Jitted validation loss (mean nll) of one (B, T+1) batch, on the train step's shardings."""
 
     def ev(params: Any, batch: jax.Array) -> jax.Array:
-        with activation_sharding(ts.mesh, ts.rules):
+        with activation_sharding(ts.mesh, ts.rules, ts.kernels):
             return loss_fn(params, batch, cfg, ts.loss_chunks)[1]["nll"]
 
     return jax.jit(ev, in_shardings=(ts.state_shardings["params"], ts.batch_sharding))

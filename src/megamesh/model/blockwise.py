@@ -1,0 +1,129 @@
+"""Blockwise causal attention in plain JAX: online softmax over key blocks, custom VJP.
+
+The portable implementation behind `model.kernels` (XLA:CPU, and any backend without a
+fused kernel). Memory grows as T x block, not T x T: the forward pass walks the keys in
+blocks of `block` with a running max and sum per query (the flash-attention recurrence)
+and keeps only the output and each query's log-sum-exp; the backward pass walks the same
+blocks again, recomputing each block's probabilities from the log-sum-exp, so no score
+matrix is ever held whole (plain autodiff of the loop would save every block's scores,
+T x T in all). Fully masked key blocks are computed and masked, not skipped: a CPU path
+keeps the loop static. A sequence no longer than one block runs the plain reference
+formula (`attention.attend`), so short-sequence steps are unchanged.
+
+Glossary: B batch, T tokens, H query heads, K kv heads, G = H / K, Dh head dim,
+n key blocks of `block` keys (the last one padded; padded keys are masked).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from megamesh.model.attention import attend
+from megamesh.model.backend import matmul_inputs
+
+_NEG = -1e30  # finite: a fully masked block gives exp(-1e30 - m) = 0, never NaN
+
+DEFAULT_BLOCK = 512
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, *matmul_inputs(a, b), preferred_element_type=jnp.float32)
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """(B, S, K, Dh) -> (n, B, block, K, Dh), zero-padded to n * block keys."""
+    B, S = x.shape[:2]
+    n = -(-S // block)
+    x = jnp.pad(x, ((0, 0), (0, n * block - S), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(B, n, block, *x.shape[2:]), 1, 0)
+
+
+def _mask(j: jax.Array, T: int, block: int) -> jax.Array:
+    """(T, block): key j*block + c is visible to query t when its index <= t."""
+    keys = j * block + jnp.arange(block)
+    return keys[None, :] <= jnp.arange(T)[:, None]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    return _forward(q, k, v, block)[0]
+
+
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+    """(out (B,T,K,G,Dh) in v's dtype, lse (B,K,G,T) f32) for grouped q (B,T,K,G,Dh)."""
+    B, T, K, G, Dh = q.shape
+    scale = Dh**-0.5
+
+    def body(carry: Any, blk: Any) -> Any:
+        m, den, acc = carry
+        j, kb, vb = blk
+        s = _einsum("btkgd,bskd->bkgts", q, kb) * scale  # (B,K,G,T,block)
+        s = jnp.where(_mask(j, T, block), s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        den = den * corr + jnp.sum(p, axis=-1)
+        pv = _einsum("bkgts,bskd->btkgd", p.astype(v.dtype), vb)
+        acc = acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
+        return (m_new, den, acc), None
+
+    kb, vb = _blocks(k, block), _blocks(v, block)
+    init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
+            jnp.zeros((B, T, K, G, Dh), jnp.float32))
+    (m, den, acc), _ = jax.lax.scan(body, init, (jnp.arange(kb.shape[0]), kb, vb))
+    out = (acc / jnp.moveaxis(den, 3, 1)[..., None]).astype(v.dtype)
+    return out, m + jnp.log(den)
+
+
+def _fwd(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, Any]:
+    out, lse = _forward(q, k, v, block)
+    return out, (q, k, v, out, lse)
+
+
+def _bwd(block: int, res: Any, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    q, k, v, out, lse = res
+    B, T, K, G, Dh = q.shape
+    S = k.shape[1]
+    scale = Dh**-0.5
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (B,T,K,G)
+    delta = jnp.moveaxis(delta, 1, 3)  # (B,K,G,T)
+
+    def body(dq: jax.Array, blk: Any) -> Any:
+        j, kb, vb = blk
+        s = _einsum("btkgd,bskd->bkgts", q, kb) * scale
+        p = jnp.where(_mask(j, T, block), jnp.exp(s - lse[..., None]), 0.0)  # (B,K,G,T,block)
+        dv = _einsum("bkgts,btkgd->bskd", p.astype(do.dtype), do)
+        dp = _einsum("btkgd,bskd->bkgts", do, vb)
+        ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
+        dq = dq + _einsum("bkgts,bskd->btkgd", ds, kb)
+        dk = _einsum("bkgts,btkgd->bskd", ds, q)
+        return dq, (dk, dv)
+
+    kb, vb = _blocks(k, block), _blocks(v, block)
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
+                                (jnp.arange(kb.shape[0]), kb, vb))
+
+    def unblock(x: jax.Array) -> jax.Array:  # (n, B, block, K, Dh) -> (B, S, K, Dh)
+        return jnp.moveaxis(x, 0, 1).reshape(B, -1, K, Dh)[:, :S]
+
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+
+
+_flash.defvjp(_fwd, _bwd)
+
+
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        block: int = DEFAULT_BLOCK) -> jax.Array:
+    """Causal self-attention (query t sees keys 0..t). q (B, T, H, Dh); k, v (B, T, K, Dh)
+    -> (B, T, H, Dh). Memory O(T * block) per head in both passes."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    if T <= block:
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return attend(q, k, v, pos, pos)
+    out = _flash(q.reshape(B, T, K, H // K, Dh), k, v, block)
+    return out.reshape(B, T, H, Dh)

@@ -1,0 +1,127 @@
+"""Attention behind one entry point, `causal_attention(q, k, v)`, and its implementations.
+
+Which one runs is the `Kernels` value installed by the backend (`model.backend`: chosen
+per platform in one place, overridable with `--kernels`). The whole registry:
+
+| kernel    | implementations                                                          |
+|-----------|--------------------------------------------------------------------------|
+| attention | `reference` (the T x T formula, `attention.attend`)                       |
+|           | `blockwise` (plain JAX online softmax, memory T x block: `model.blockwise`)|
+|           | `splash` (Pallas TPU splash attention; interpreted off TPU, for tests)     |
+|           | `cudnn` (cuDNN flash attention via `jax.nn.dot_product_attention`)         |
+|           | `pallas_gpu` (Pallas GPU flash attention; interpreted off GPU, for tests)  |
+| moe       | `einsum` (GShard one-hot dispatch/combine; XLA inserts expert all-to-alls) |
+|           | `grouped` (tokens sorted by expert, `jax.lax.ragged_dot`; dropless in      |
+|           | O(tokens x k) memory)                                                    |
+| matmul    | `f32` (bf16 operands widened to f32 kernels: XLA:CPU's fast GEMMs)        |
+|           | `native` (bf16 operands and outputs, f32 accumulation in the unit: every  |
+|           | backward GEMM stays bf16)                                                 |
+
+Platform defaults (`backend.PLATFORM_DEFAULTS`): TPU splash + grouped + native, GPU
+cudnn + grouped + native, CPU blockwise + einsum + f32. The per-device kernels (splash,
+cudnn, pallas_gpu; grouped MoE in `model.moe`) are not partitioned by XLA: the sharding
+layer supplies a runner that calls them under `shard_map` over the mesh; without one (a
+single device, or no mesh) they are called directly. Every implementation is tested
+against `attention.attend` (tests/test_kernels.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from megamesh.model.backend import active, run_per_device
+from megamesh.model.blockwise import DEFAULT_BLOCK, blockwise_attention
+
+# --------------------------------------------------------------------------- attention
+
+# Per-device attention sees whole sequences (None): splash cannot split the key sequence,
+# and cuDNN's causal mask assumes query i is token i. Heads split over tensor only when
+# query and kv heads split alike (`tie`), else the group keeps them whole.
+_Q = ("batch", None, "heads", "head_dim")
+_KV = ("batch", None, "kv_heads", "head_dim")
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal self-attention by token index: q (B, T, H, Dh), k and v (B, T, K, Dh) ->
+    (B, T, H, Dh), with the installed implementation."""
+    kern = active()[0]
+    name = kern.attention
+    if name == "reference":
+        return blockwise_attention(q, k, v, block=q.shape[1])
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, block=DEFAULT_BLOCK)
+    if name == "splash":
+        fn = functools.partial(splash_attention, interpret=kern.platform != "tpu")
+    elif name == "pallas_gpu":
+        fn = functools.partial(pallas_gpu_attention, interpret=kern.platform != "gpu")
+    else:
+        fn = cudnn_attention
+    return run_per_device(fn, (q, k, v), (_Q, _KV, _KV), _Q, ("heads", "kv_heads"))
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def splash_block(T: int) -> int:
+    """Splash tile size: 512 (MaxText's default sa_block_*), or the padded sequence if shorter."""
+    return min(512, _round_up(T, 128))
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                     interpret: bool = False) -> jax.Array:
+    """Pallas TPU splash attention (causal, GQA) on one device's (b, T, h, Dh) shard.
+
+    The sequence is padded at the end to a whole number of tiles: padded keys come after
+    every real query, so the causal mask hides them; padded queries are dropped. Off TPU
+    the kernel runs in Pallas' interpreter (tests on CPU)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, T, h, Dh = q.shape
+    blk = splash_block(T)
+    Tp = _round_up(T, blk)
+    mask = sm.MultiHeadMask(tuple(sm.CausalMask((Tp, Tp)) for _ in range(h)))
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
+                          block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
+                          block_kv_dq=blk)
+    kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                interpret=interpret)
+
+    def heads_first(x: jax.Array) -> jax.Array:  # (b, T, n, Dh) -> (b, n, Tp, Dh)
+        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+
+    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(Dh**-0.5, q.dtype)), heads_first(k),
+                           heads_first(v))
+    return jnp.swapaxes(out[:, :, :T], 1, 2)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN's fused flash attention (causal, GQA natively); falls back to the Pallas GPU
+    kernel for shapes cuDNN refuses (head dim not a multiple of 8 or over 128, f32)."""
+    Dh = q.shape[-1]
+    if Dh % 8 or Dh > 128 or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return pallas_gpu_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         interpret: bool = False) -> jax.Array:
+    """Pallas' GPU flash attention (Triton) on one device's shard; kv heads repeated to the
+    query heads (the kernel has no GQA). Interpreted off GPU (tests on CPU)."""
+    from jax.experimental.pallas.ops.gpu import attention as pa
+
+    H, K, Dh = q.shape[2], k.shape[2], q.shape[3]
+    k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+    T = q.shape[1]
+    blk = 64 if T >= 64 else 16
+    Tp = _round_up(T, blk)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    sizes = pa.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_q_dq=blk, block_kv_dq=blk)
+    out = pa.mha(pad(q), pad(k), pad(v), None, sm_scale=Dh**-0.5, causal=True,
+                 block_sizes=sizes, interpret=interpret)
+    return out[:, :T]
