@@ -17,7 +17,9 @@ from typing import Any
 from megamesh.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "dots", "dots_no_batch", "full", "offload")
+# "auto": the train step picks the fastest of none, dots, dots_no_batch, full that the
+# planner's memory model says fits the device (`train.step.resolve_remat`)
+REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "full", "offload")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +93,7 @@ class ModelConfig:
     max_seq_len: int = 4096
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    remat: str = "none"
+    remat: str = "auto"
     # Published parameter counts (total, active) with their source; checked by tests.
     published_params: tuple[float, float] | None = None
     published_source: str = ""

@@ -31,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--remat", help="none, dots_no_batch, dots, full, offload (default: the plan's or full)")
+    p.add_argument("--kernels", default="auto",
+                   help="kernel overrides, e.g. attention=reference,moe=einsum (default: the "
+                   "TPU's: splash attention, grouped MoE, native bf16 matmuls)")
     p.add_argument("--save", help="write the serialized executable to this new file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
@@ -57,6 +60,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"--slices {args.slices} is not allowed: must be >= 1")
         target = Target(target.chip, args.slices * target.n_slices, target.slice_chips,
                         target.topology)
+    from megamesh.model.backend import choose_kernels, planner_kernels
+
+    kernels = choose_kernels("tpu", args.kernels)  # checked before minutes of compiling
     mesh, remat, mb, seq, batch = args.mesh, args.remat, args.microbatches, args.seq, args.batch
     if args.plan:
         try:
@@ -83,7 +89,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         from megamesh.plan.layout import Workload
         from megamesh.plan.search import search
 
-        res = search(Workload(cfg, seq, batch), target,
+        res = search(Workload(cfg, seq, batch, kernels=planner_kernels(kernels)), target,
                      remats=(remat,) if remat else ("none", "dots_no_batch", "dots", "full"))
         if not res.ranked:
             raise ConfigError(f"the planner finds no layout of {cfg.name} that fits "
@@ -92,24 +98,31 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         mesh, remat, mb = est.layout.text(), est.layout.remat, est.layout.microbatches
     remat = remat or "full"
     return compile_and_compare(cfg.replace(remat=remat), target, mesh, seq, batch, mb,
-                               as_json=args.json, save=args.save, estimate_=est)
+                               as_json=args.json, save=args.save, estimate_=est,
+                               kernels=args.kernels)
 
 
 def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, mb: int, *,
-                        as_json: bool, save: str | None, estimate_: Any = None) -> int:
+                        as_json: bool, save: str | None, estimate_: Any = None,
+                        kernels: str = "auto") -> int:
     from megamesh.compile.aot import compile_train
     from megamesh.plan.cost import estimate
     from megamesh.plan.layout import Layout, Workload, place
     from megamesh.sharding.mesh import parse_layout
     from megamesh.train.config import TrainConfig
 
+    from megamesh.model.backend import choose_kernels, planner_kernels
+
     sizes = parse_layout(mesh)
-    tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1)
+    tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1,
+                     kernels=kernels)
+    chosen = choose_kernels("tpu", kernels, sizes)
     if estimate_ is None:
         lay = Layout(sizes, remat=cfg.remat, microbatches=mb, placement=place(sizes, target))
-        estimate_ = estimate(Workload(cfg, seq, batch), target, lay)
+        estimate_ = estimate(Workload(cfg, seq, batch, kernels=planner_kernels(chosen)), target, lay)
     print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {mb} microbatches, remat "
-          f"{cfg.remat}) for {target.describe()} with {mesh} ...", file=sys.stderr)
+          f"{cfg.remat}, kernels {chosen.describe()}) for {target.describe()} with {mesh} ...",
+          file=sys.stderr)
     r = compile_train(cfg, tc, target, mesh, save=save)
     pred = {"hbm_per_device_bytes": estimate_.memory.total, "flops": estimate_.flops_per_device}
     got = {"hbm_per_device_bytes": r.hbm["total"], "flops": r.flops}
@@ -123,6 +136,7 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
     else:
         _print_verdict(r, target)
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.hbm.items() if k != "total")
+        print(f"  kernels: {r.extra.get('kernels', '')}")
         print(f"  HBM per device (GiB): {parts}")
         print(f"  matmul FLOPs per device: {r.flops:.4g} (XLA cost analysis, loop bodies once: "
               f"{r.xla_flops:.4g}; our count in that convention: {r.flops_xla_convention:.4g})")

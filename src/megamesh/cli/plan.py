@@ -25,11 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--precision", default="bf16", help="bf16 or fp8 (matmul peak)")
-    p.add_argument("--kernels", default="fused",
-                   help="fused (default; megamesh's step on TPU and GPU: splash / cuDNN flash "
-                   "attention, grouped-matmul MoE, chunked loss) or xla (the reference kernels, "
-                   "`train --kernels attention=reference,moe=einsum`: full T x T attention "
-                   "scores, one-hot einsum MoE)")
+    p.add_argument("--kernels", default="megamesh",
+                   help="megamesh (default; its step on TPU and GPU: splash / cuDNN flash "
+                   "attention, grouped-matmul MoE, chunked loss; attention not split over the "
+                   "sequence axis), fused (the same with context-parallel attention, as "
+                   "MaxText's Pallas kernels) or xla (the reference kernels, `train --kernels "
+                   "attention=reference,moe=einsum`: full T x T scores, one-hot einsum MoE)")
     p.add_argument("--tokens", type=float, help="tokens to train on (default: 20 per parameter)")
     p.add_argument("--deadline", help="instead of the target's chip count: the fewest chips that "
                    "train --tokens within this time (e.g. 30d, 12h)")

@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accum", type=int, help="gradient-accumulation microbatches per step")
     p.add_argument("--remat", help="remat policy: none, dots, dots_no_batch, full, offload "
                    "(layer inputs and attention projections to host memory)")
+    p.add_argument("--kernels", help="kernel overrides, e.g. attention=blockwise,moe=einsum "
+                   "(default: the platform's; see model/backend.py)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
     p.set_defaults(run=run)
@@ -41,7 +43,7 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
     cfg = model_config(args.model, model_over)
     train_over = dict(over["train"])
     for flag, key in (("steps", "steps"), ("batch", "global_batch"), ("seq", "seq_len"), ("lr", "lr"),
-                      ("accum", "microbatches")):
+                      ("accum", "microbatches"), ("kernels", "kernels")):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
     if "steps" in train_over and "warmup_steps" not in train_over:

@@ -98,13 +98,14 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
 
     devs = topology_devices(target)
     mesh = make_mesh(layout, devs)
-    ts = build_train_step(cfg, tc, mesh)
+    ts = build_train_step(cfg, tc, mesh, hbm_bytes=target.chip.device_hbm_bytes)
     state = ts.abstract_state()
     batch = jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len + 1), jnp.int32,
                                  sharding=ts.batch_sharding)
     report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train",
                       save, collectives, dot_flops)
     report.extra["kernels"] = ts.kernels.describe()
+    report.extra["remat"] = ts.remat
     return report
 
 

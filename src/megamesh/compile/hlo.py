@@ -43,9 +43,12 @@ def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
             free_r = math.prod(rhs) // (contract * batch)
             total += 2.0 * batch * free_l * free_r * contract
             continue
-        if name in ("ragged_dot", "ragged_dot_general"):  # (m, k) x (groups, k, n)
+        if name == "ragged_dot_general":  # each lhs element meets rhs's free dims once
+            dn = eqn.params["ragged_dot_dimension_numbers"]
+            (_, rc), (_, rb) = dn.dot_dimension_numbers
             lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-            total += 2.0 * math.prod(lhs) * rhs[-1]
+            skip = set(rc) | set(rb) | set(dn.rhs_group_dimensions)
+            total += 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in skip)
             continue
         if name == "pallas_call":
             if trip_counts:

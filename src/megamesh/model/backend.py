@@ -97,6 +97,15 @@ def choose_kernels(platform: str, overrides: str = "auto",
     return k
 
 
+def planner_kernels(k: Kernels) -> str:
+    """The planner's name for these kernels (`plan.layout.KERNELS`): "megamesh" when
+    attention is a flash kernel that skips masked blocks, "xla" when it computes the whole
+    T x T score matrix (reference, and blockwise, which masks blocks instead of skipping
+    them). Approximate for mixed choices: the planner models the MoE kernel with the
+    attention's (grouped with megamesh, einsum with xla)."""
+    return "megamesh" if k.attention in ("splash", "cudnn", "pallas_gpu") else "xla"
+
+
 # (fn, args, logical axes of each arg, logical axes of the output, tied axis names) -> out
 PerDevice = Callable[[Callable[..., Any], Sequence[Any], Sequence[tuple[str | None, ...]],
                       tuple[str | None, ...], tuple[str, ...]], Any]

@@ -258,7 +258,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
                 x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe)
                 return x, aux
 
-            if cfg.remat != "none":
+            if cfg.remat not in ("none", "auto"):  # "auto" is resolved by the train step
                 body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
             x, aux = jax.lax.scan(body, x, params[stack.name])
         else:

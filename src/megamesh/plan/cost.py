@@ -152,7 +152,7 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     dense = sum(2.0 * s.size for s in specs.values() if s.matmul and s.active_fraction == 1)
     expert = sum(2.0 * s.size * s.active_fraction for s in specs.values() if s.active_fraction < 1)
     att = 4.0 * w.seq * c.n_heads * c.resolved_head_dim * c.n_layers  # full score matrix
-    if w.kernels == "fused":
+    if w.flash:
         att *= causal_block_fraction(w.seq)  # flash kernels skip the blocks above the diagonal
     dispatch = 0.0  # GShard one-hot dispatch + combine einsums, 2 * slots * D each
     if c.moe and w.kernels == "xla":
@@ -179,14 +179,18 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     gate_up = sum(2.0 * s.size for n, s in specs.items() if n.endswith(("w_gate", "w_up"))
                   and s.active_fraction == 1)
     off = att + gate_up + expert + dispatch / 2
-    recompute = {"full": fwd - head - down - dispatch / 2, "dots": 0.0, "none": 0.0,
-                 "dots_no_batch": nb, "offload": off}[remat]
-    expert_train = expert * (4 if remat in ("full", "dots_no_batch", "offload") else 3)
+    # the flash kernels (a Pallas call) and grouped matmuls (ragged_dot) are no dots to
+    # the dots policies: never saved, so recomputed under both
+    kernel_ops = att + expert if w.flash else 0.0
+    recompute = {"full": fwd - head - down - dispatch / 2, "dots": kernel_ops, "none": 0.0,
+                 "dots_no_batch": kernel_ops or nb, "offload": off}[remat]
+    redo_experts = ("full", "dots_no_batch", "offload") + (("dots",) if w.flash else ())
+    expert_train = expert * (4 if remat in redo_experts else 3)
     # splash's backward (separate dq and dkv kernels, MaxText's default) recomputes the
     # scores and their gradient's product in both kernels: 7 block matmuls against
     # autodiff's 4, i.e. 3.5x the forward's attention instead of 2x (checked against the
     # kernel bodies in the compiled step's jaxpr, compile.hlo.dot_flops)
-    if w.kernels == "fused":
+    if w.flash:
         recompute += 1.5 * att
     return 3 * fwd + recompute, att, expert_train
 
@@ -204,7 +208,14 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     tok_mb = tokens_per_microbatch(w, layout)
     tok_dev = tok_mb * mb
 
-    hw_per_token, _, expert_per_token = hardware_flops_per_token(w, layout.remat)
+    hw_per_token, att, expert_per_token = hardware_flops_per_token(w, layout.remat)
+    if s > 1 and w.kernels == "megamesh":
+        # megamesh's per-device flash kernels see whole sequences: each device of a
+        # sequence group gathers the group's queries, keys and values and computes the
+        # whole attention (no ring / offset-mask context parallelism yet), so the
+        # attention work is repeated `sequence` times
+        passes_att = 3 + 1.5 + (1 if layout.remat in ("full", "dots_no_batch", "offload") else 0)
+        hw_per_token += (s - 1) * att * passes_att
     # tensor/expert/sequence devices share tokens; each does its share of the work (the
     # busiest pipeline stage paces the step)
     imbalance = layout.stage_imbalance(c.n_layers)

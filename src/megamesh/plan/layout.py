@@ -13,13 +13,17 @@ from megamesh.plan.target import Target
 from megamesh.sharding.logical import MESH_AXES, split_over_slices
 
 PRECISIONS = ("bf16", "fp8")
-# "fused": megamesh's step on TPU and GPU (`model.backend` defaults): flash attention that
-# skips masked blocks (splash, cuDNN) and grouped-matmul MoE (ragged_dot), as MaxText's
-# Pallas kernels (splash attention, megablox) do; also the published calibration rows.
+# "megamesh": megamesh's own step on TPU and GPU (`model.backend` defaults): flash
+# attention that skips the blocks above the causal diagonal (splash, cuDNN), grouped-matmul
+# MoE (ragged_dot) and the chunked loss; a sequence-parallel group gathers whole sequences
+# for attention (no ring attention yet), so each of its devices repeats the attention work.
+# "fused": the same kernels with context parallelism that splits attention over the
+# sequence axis, as MaxText's Pallas kernels (splash attention, megablox) and Llama 3's
+# runs do: the published calibration rows.
 # "xla": the reference kernels (`--kernels attention=reference,moe=einsum` in train and
 # compile): attention materializes the full T x T score matrix; MoE uses GShard one-hot
 # dispatch einsums with capacity padding.
-KERNELS = ("fused", "xla")
+KERNELS = ("megamesh", "fused", "xla")
 REMATS = ("none", "dots_no_batch", "dots", "full")
 # Host offload. Remat "offload" is the policy of MaxText's published v6e recipes
 # (remat_policy=custom with decoder_layer_input, query_proj, key_proj, value_proj and
@@ -36,7 +40,7 @@ class Workload:
     seq: int
     batch: int  # global batch, sequences per optimizer step
     precision: str = "bf16"
-    kernels: str = "fused"
+    kernels: str = "megamesh"
 
     def __post_init__(self) -> None:
         if self.seq < 1:
@@ -48,6 +52,11 @@ class Workload:
                               f"{', '.join(PRECISIONS)}")
         if self.kernels not in KERNELS:
             raise ConfigError(f"--kernels {self.kernels!r} is not allowed: one of {', '.join(KERNELS)}")
+
+    @property
+    def flash(self) -> bool:
+        """Flash attention (no T x T scores) and grouped-matmul MoE."""
+        return self.kernels != "xla"
 
     @property
     def tokens(self) -> int:

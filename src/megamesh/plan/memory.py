@@ -16,18 +16,23 @@ from dataclasses import dataclass
 from megamesh.config import ModelConfig
 from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
 from megamesh.plan.layout import Layout, Workload
-from megamesh.sharding.logical import resolve, strategy
+from megamesh.sharding.logical import resolve, strategy, train_rules
 from megamesh.train.config import LOSS_CHUNK_BYTES
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
-# Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's cases
-# (10 of its 17 cases within 10%, fitted on those cases; the misses are listed in
-# BENCHMARKS.md). Read as: ~2 bytes per gathered layer weight (bf16, one layer in flight),
-# the bf16 embedding and head, 6 bytes per logit (f32 logits and part of their
-# gradient), half a layer's un-rematerialized working set, saved activations x1.5 and the
-# fp32 gradient twice (the scan's stacked gradient and the update's input).
-COEF = {"layer_weights": 2.0, "tables": 2.0, "logits": 1.5, "recompute": 0.5,
-        "activations": 1.5, "grads": 2.0}
+# Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's
+# cases for the step with the TPU's kernels (splash attention, grouped MoE, native bf16
+# matmuls, fused chunked loss), among the fits that also keep every calibration row
+# within 5 MFU points (bench/plan_calibration.py: memory decides which layouts fit): 8 of
+# its 10 compiled cases within 10%, the misses overestimates (+24%, +30%: v6e:2x2 with
+# tensor=2 or data=2; BENCHMARKS.md "Plan vs compile"). The fit puts no separate weight on
+# the gathered bf16 layer weights and tables (XLA overlaps them with the working set that
+# `recompute` counts whole), one slice of f32 logits x1.5 (its softmax and gradient) plus
+# the head's f32 gradient accumulator, a layer's un-rematerialized working set, saved
+# activations x1 and the fp32 gradient twice (the scan's stacked gradient and the update's
+# input). Approximate: refit when the step changes.
+COEF = {"layer_weights": 0.0, "tables": 0.0, "logits": 1.5, "recompute": 1.0,
+        "activations": 1.0, "grads": 2.0}
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,13 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     if moe:
         m = c.moe
         assert m is not None
-        # grouped MoE ("fused") computes each token's k copies; einsum pads to capacity
-        pad = 1.0 if w.kernels == "fused" else (m.capacity_factor or m.n_experts / m.top_k)
+        # grouped MoE (flash kernels) computes each token's k copies; einsum pads to capacity
+        pad = 1.0 if w.flash else (m.capacity_factor or m.n_experts / m.top_k)
         F = m.d_ff_expert * m.top_k * pad / t
         F += m.n_shared_experts * m.d_ff_expert / t
     else:
         F = c.d_ff / t
-    scores = 0 if w.kernels == "fused" else H * Tk * 4  # f32 score row per query head
+    scores = 0 if w.flash else H * Tk * 4  # f32 score row per query head
     # the residual stream between matmuls is split over tensor too (embed -> tensor)
     Dr = D / t if D % t == 0 else D
     if remat == "full":
@@ -177,7 +182,12 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # Coefficients fitted to XLA:TPU's allocation for this step (bench/plan_vs_compile.py,
     # BENCHMARKS.md "Plan vs compile"); approximate, XLA's choices vary with the layout.
     k = COEF
-    table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2)
+    # under fsdp with a small microbatch the step keeps the tables split on vocab
+    # (`sharding.logical.train_rules`): never gathered, and so is the head's gradient
+    vp = train_rules(strat, layout.sizes, vocab=c.vocab_size, global_batch=w.batch,
+                     microbatches=layout.microbatches, seq_len=w.seq) != strategy(strat)
+    split = layout.size("fsdp") if vp else 1
+    table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) / split
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
     if layout.stages > 1 and layout.size("fsdp") > 1:
         # with pipeline stages the stage's weights are gathered once per step and kept
@@ -188,7 +198,8 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # the fused cross-entropy holds one slice of f32 logits (and its softmax and gradient)
     # at a time, at most LOSS_CHUNK_BYTES, plus the head's f32 gradient accumulator
     logits_f32 = tok * c.vocab_size / t * 4
-    logits = min(logits_f32, LOSS_CHUNK_BYTES["tpu"]) * k["logits"] + c.vocab_size * c.d_model / t * 4
+    logits = (min(logits_f32, LOSS_CHUNK_BYTES["tpu"]) * k["logits"]
+              + c.vocab_size * c.d_model / t / split * 4)
     working = tok * recompute * k["recompute"] + logits
     acts *= k["activations"]
     grads *= k["grads"]

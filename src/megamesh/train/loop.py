@@ -187,7 +187,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     tokens_per_step = tc.global_batch * tc.seq_len
     log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {mesh.devices.size} "
         f"{mesh.devices.flat[0].platform} devices, mesh {layout_str}, "
-        f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}; MFU vs {peak_src}")
+        f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}, remat {ts.remat}; "
+        f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}")
 
     result = TrainResult(final_step=start, out=out)
     bar = Progress(total=tc.steps, start=start, enabled=is_main, rich=progress, every=tc.log_every)

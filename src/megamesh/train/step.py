@@ -73,6 +73,45 @@ def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules:
     return best
 
 
+# Fastest first: each saves less for the backward pass and recomputes more.
+AUTO_REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")
+AUTO_REMAT_HEADROOM = 0.85  # the memory model is approximate (±10% vs XLA:TPU, BENCHMARKS.md)
+
+
+def device_memory_bytes(device: Any) -> float:
+    """Memory one device can allocate: the accelerator's limit (memory_stats), or for
+    CPU devices the host's RAM shared by the process's devices."""
+    import os
+
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"])
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / max(1, len(jax.local_devices()))
+
+
+def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernels,
+                  capacity: float | None = None) -> str:
+    """cfg.remat, or for "auto" the fastest policy of AUTO_REMAT_ORDER whose planned memory
+    per device (`plan.memory.estimate_memory`, this mesh and kernels) is within
+    AUTO_REMAT_HEADROOM of `capacity` (default: the devices' own); "full" if none is."""
+    if cfg.remat != "auto":
+        return cfg.remat
+    from megamesh.model.backend import planner_kernels
+    from megamesh.plan.layout import Layout, Workload
+    from megamesh.plan.memory import estimate_memory
+
+    platform = mesh_platform(mesh)
+    cap = capacity if capacity is not None else device_memory_bytes(mesh.devices.flat[0])
+    w = Workload(cfg, tc.seq_len, tc.global_batch, kernels=planner_kernels(kernels))
+    sizes = {k: v for k, v in mesh_sizes(mesh).items() if v > 1}
+    for policy in AUTO_REMAT_ORDER:
+        lay = Layout(sizes, remat=policy, microbatches=tc.microbatches)
+        if estimate_memory(w, lay, tc.strategy, tpu=platform == "tpu").total <= AUTO_REMAT_HEADROOM * cap:
+            return policy
+    return "full"
+
+
 @dataclass(frozen=True)
 class TrainStep:
     """The jitted step and everything needed to feed it."""
@@ -84,6 +123,7 @@ class TrainStep:
     mesh: Mesh
     schedule: optax.Schedule
     rules: Rules  # the sharding rules the step was built with (`train_rules`)
+    remat: str  # the remat policy the step runs ("auto" resolved)
     kernels: Kernels  # the attention / MoE / matmul implementations (`model.backend`)
     loss_chunks: int = 1  # slices of the sequence the cross-entropy takes at a time
 
@@ -102,7 +142,12 @@ def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: An
         opt_state_shape, is_leaf=lambda node: jax.tree.structure(node) == params_def)
 
 
-def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep:
+def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
+                     hbm_bytes: float | None = None) -> TrainStep:
+    """The train step on `mesh`. `hbm_bytes`: per-device memory for remat "auto" (default:
+    the devices' own; `megamesh compile` passes the target chip's)."""
+    kernels = mesh_kernels(mesh, tc.kernels)
+    cfg = cfg.replace(remat=resolve_remat(cfg, tc, mesh, kernels, hbm_bytes))
     # the strategy's rules, vocab-parallel where that moves fewer bytes
     sizes = mesh_sizes(mesh)
     rules = train_rules(tc.strategy, sizes, vocab=cfg.vocab_size,
@@ -129,7 +174,6 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
     chunks = loss_chunks(cfg, tc, sizes, rules, platform=mesh_platform(mesh))
-    kernels = mesh_kernels(mesh, tc.kernels)
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
@@ -174,7 +218,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh) -> TrainStep
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
                      batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules,
-                     kernels=kernels, loss_chunks=chunks)
+                     remat=cfg.remat, kernels=kernels, loss_chunks=chunks)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
