@@ -106,12 +106,11 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
                         as_json: bool, save: str | None, estimate_: Any = None,
                         kernels: str = "auto") -> int:
     from megamesh.compile.aot import compile_train
+    from megamesh.model.backend import choose_kernels, planner_kernels
     from megamesh.plan.cost import estimate
     from megamesh.plan.layout import Layout, Workload, place
     from megamesh.sharding.mesh import parse_layout
     from megamesh.train.config import TrainConfig
-
-    from megamesh.model.backend import choose_kernels, planner_kernels
 
     sizes = parse_layout(mesh)
     tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1,

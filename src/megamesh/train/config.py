@@ -8,7 +8,6 @@ from typing import Any
 
 from megamesh.errors import ConfigError
 
-
 # Per-device f32 logits per slice of the train step's fused cross-entropy
 # (`train.step.loss_chunks`; here so the planner, which never imports jax, reads it too).
 # CPU: slices this size stay in the caches between the head's matmul, the softmax and the
