@@ -6,8 +6,8 @@ are a `scan` it undercounts by the layer count. The exact count comes from the j
 trip counts ignored the same walk reproduces XLA's convention, which checks one against
 the other. A Pallas kernel (splash attention) is opaque to XLA's cost analysis, so the
 XLA-convention walk leaves it out; the exact walk counts its body's dots once per block
-of its grid that runs: for a square causal grid (query blocks x key blocks, the last two
-grid dimensions) the blocks on and below the diagonal, nb (nb + 1) / 2 of nb^2, which
+of its grid that runs: for a square causal grid (query blocks x key blocks, two
+grid dimensions of equal size) the blocks on and below the diagonal, nb (nb + 1) / 2 of nb^2, which
 splash computes (it skips the blocks above; the diagonal ones run whole). A `shard_map`
 body (the per-device kernels) counts once per device of its mesh.
 
@@ -70,8 +70,11 @@ def _pallas_flops(eqn: Any) -> float:
     body = eqn.params["jaxpr"]
     grid = tuple(int(g) for g in eqn.params["grid_mapping"].grid)
     blocks = math.prod(grid)
-    if len(grid) >= 3 and grid[-1] == grid[-2]:
-        nb = grid[-1]
+    # splash's grids: forward and dq (heads, q blocks, kv blocks), dkv (kv blocks, heads,
+    # q blocks): the block count of the sequence is the size that appears twice
+    twice = [g for g in set(grid) if grid.count(g) >= 2]
+    if len(grid) >= 3 and len(twice) == 1:
+        nb = twice[0]
         blocks = blocks // (nb * nb) * nb * (nb + 1) // 2
     return blocks * dot_flops(body)
 
