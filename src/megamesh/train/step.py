@@ -102,7 +102,8 @@ def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernel
     from megamesh.plan.memory import estimate_memory
 
     platform = mesh_platform(mesh)
-    cap = capacity if capacity is not None else device_memory_bytes(mesh.devices.flat[0])
+    # a device of this process: asking another host's device for its memory can block
+    cap = capacity if capacity is not None else device_memory_bytes(mesh.local_devices[0])
     w = Workload(cfg, tc.seq_len, tc.global_batch, kernels=planner_kernels(kernels))
     sizes = {k: v for k, v in mesh_sizes(mesh).items() if v > 1}
     for policy in AUTO_REMAT_ORDER:
