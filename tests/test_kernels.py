@@ -147,8 +147,11 @@ def test_grouped_moe_equals_einsum(capacity_factor):
 
     results = {}
     for name in ("einsum", "grouped"):
+        fn = lambda h, p: mlp(h, p)  # a new function: jax caches traces by function  # noqa: E731
         with using_kernels(Kernels(attention="reference", moe=name, matmul="f32")):
-            results[name] = jax.jit(jax.value_and_grad(mlp, argnums=(0, 1)))(h, p)
+            results[name] = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(h, p)
+            text = str(jax.make_jaxpr(lambda h, p: mlp(h, p))(h, p))
+        assert ("ragged_dot" in text) == (name == "grouped")
     (v1, g1), (v2, g2) = results["einsum"], results["grouped"]
     np.testing.assert_allclose(v2, v1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(g1)):
@@ -253,3 +256,80 @@ def test_tpu_train_step_at_8k_tokens_holds_no_square_buffer():
     square = re.compile(r"\[[0-9,]*8192,8192[0-9,]*\]")
     assert not square.search(hlo("auto"))
     assert square.search(hlo("attention=reference"))
+
+
+# --------------------------------------------------------------------------- precision and remat
+
+
+def test_embedding_gradient_is_summed_in_float32():
+    """A token seen 572 times: its row's gradient is the f32 sum of the bf16 cotangents
+    (exactly), where autodiff through the bf16 cast rounded the running sum (~9% off)."""
+    from megamesh.model.transformer import embed_lookup
+
+    w = jax.random.normal(jax.random.key(0), (64, 8), jnp.float32)
+    tok = jnp.zeros((4, 1000), jnp.int32).at[:, ::7].set(3)
+    g = (jax.random.normal(jax.random.key(1), (4, 1000, 8)) * 1e-3).astype(jnp.bfloat16)
+    loss = lambda w: jnp.sum(embed_lookup(w, tok, ("vocab", "embed"), jnp.bfloat16).astype(
+        jnp.float32) * g.astype(jnp.float32))
+    want = jnp.zeros_like(w).at[tok].add(g.astype(jnp.float32))
+    got = jax.jit(jax.grad(loss))(w)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    bf16_sum = jax.grad(lambda w: jnp.sum(jnp.take(w.astype(jnp.bfloat16), tok, axis=0).astype(
+        jnp.float32) * g.astype(jnp.float32)))(w)
+    assert float(jnp.max(jnp.abs(bf16_sum - want))) > 100 * float(jnp.max(jnp.abs(got - want)) + 1e-9)
+
+
+def test_native_matmuls_keep_bf16_cotangents():
+    """On accelerators (`native`) a bf16 layer's backward GEMMs take bf16 operands: no
+    f32 x bf16 dot in the gradient's jaxpr; the CPU's `f32` mode widens them all."""
+    from megamesh.model.transformer import dense
+
+    x = jnp.ones((4, 16, 32), jnp.bfloat16)
+    w = jnp.ones((32, 64), jnp.bfloat16)
+
+    def dot_operand_dtypes(mode):
+        # a new function per mode: jax caches traces by function, not by kernel context
+        grad = jax.grad(lambda x, w: jnp.sum(dense(dense(x, w), w.T).astype(jnp.float32)),
+                        argnums=(0, 1))
+        with using_kernels(Kernels(attention="blockwise", moe="einsum", matmul=mode)):
+            jaxpr = jax.make_jaxpr(grad)(x, w)
+        return {tuple(str(v.aval.dtype) for v in e.invars) for e in jaxpr.jaxpr.eqns
+                if e.primitive.name == "dot_general"}
+
+    assert dot_operand_dtypes("native") == {("bfloat16", "bfloat16")}
+    assert dot_operand_dtypes("f32") == {("float32", "float32")}
+
+
+def test_remat_auto_picks_the_fastest_policy_that_fits():
+    from megamesh.train.config import TrainConfig
+    from megamesh.train.step import resolve_remat
+
+    cfg = apply_overrides(preset("tiny"), {"remat": "auto"})
+    tc = TrainConfig(steps=10, global_batch=8, seq_len=256, warmup_steps=1)
+    mesh = make_mesh("fsdp=8")
+    kern = choose_kernels("cpu")
+    assert resolve_remat(cfg, tc, mesh, kern, capacity=64 * 2**30) == "none"
+    picks = [resolve_remat(cfg, tc, mesh, kern, capacity=c * 2**20) for c in (400, 250, 150, 1)]
+    order = ("none", "dots", "dots_no_batch", "full")
+    assert [order.index(p) for p in picks] == sorted(order.index(p) for p in picks)
+    assert picks[-1] == "full" and len(set(picks)) >= 2
+    assert resolve_remat(cfg.replace(remat="dots"), tc, mesh, kern) == "dots"  # explicit wins
+
+
+def test_bf16_first_adam_moment_option():
+    from megamesh.train.config import TrainConfig
+    from megamesh.train.optim import make_optimizer
+
+    from megamesh.model.transformer import init_params
+
+    cfg = apply_overrides(preset("tiny"), {"n_layers": "1", "vocab_size": "300"})
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    shape = params["embed"].shape
+    for dtype in ("float32", "bfloat16"):
+        tc = TrainConfig(adam_mu_dtype=dtype)
+        state = jax.eval_shape(make_optimizer(cfg, tc).init, params)
+        moments = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == shape]
+        assert [str(m.dtype) for m in moments] == [dtype, "float32"]  # mu, nu
+    with pytest.raises(ConfigError, match="adam_mu_dtype='float16' is not allowed: one of float32, bfloat16"):
+        TrainConfig(adam_mu_dtype="float16")

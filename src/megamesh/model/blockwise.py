@@ -48,11 +48,6 @@ def _mask(j: jax.Array, T: int, block: int) -> jax.Array:
     return keys[None, :] <= jnp.arange(T)[:, None]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-    return _forward(q, k, v, block)[0]
-
-
 def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
     """(out (B,T,K,G,Dh) in v's dtype, lse (B,K,G,T) f32) for grouped q (B,T,K,G,Dh)."""
     B, T, K, G, Dh = q.shape
@@ -113,7 +108,15 @@ def _bwd(block: int, res: Any, do: jax.Array) -> tuple[jax.Array, jax.Array, jax
     return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
 
 
-_flash.defvjp(_fwd, _bwd)
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    # made per call: the matmul mode (`backend.matmul_inputs`) is read while tracing, and
+    # jax caches a custom VJP's trace by function
+    @partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+        return _forward(q, k, v, block)[0]
+
+    flash.defvjp(_fwd, _bwd)
+    return flash(q, k, v, block)
 
 
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -214,6 +214,32 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     return x, kv, aux
 
 
+def embed_lookup(w: jax.Array, tokens: jax.Array, axes: tuple[str, ...], dtype: Any) -> jax.Array:
+    """Rows `tokens` of the table w (V, D), in compute dtype and compute layout.
+
+    Its gradient is summed in float32 (a scatter-add of the rows' cotangents into an f32
+    table): autodiff through the cast would sum every occurrence of a token in the
+    compute dtype, and in bf16 a frequent token's many small contributions round away.
+    (The custom VJP is made per call: its body reads the sharding context, and jax
+    caches a custom VJP's trace by function.)"""
+
+    @jax.custom_vjp
+    def lookup(w: jax.Array, tokens: jax.Array) -> jax.Array:
+        return jnp.take(compute_weight(w, axes, dtype), tokens, axis=0)
+
+    def fwd(w: jax.Array, tokens: jax.Array) -> Any:
+        # w itself is kept only for its shape and dtype (a parameter: alive anyway)
+        return lookup(w, tokens), (tokens, w)
+
+    def bwd(res: Any, g: jax.Array) -> tuple[Any, None]:
+        tokens, w = res
+        grad = compute_weight(jnp.zeros(w.shape, jnp.float32), axes, jnp.float32)
+        return grad.at[tokens].add(g.astype(jnp.float32)).astype(w.dtype), None
+
+    lookup.defvjp(fwd, bwd)
+    return lookup(w, tokens)
+
+
 def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     """The output head (D, V) in compute dtype and compute layout (the embedding's
     transpose when tied)."""
@@ -236,8 +262,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     """
     cd = jnp.dtype(cfg.compute_dtype)
     specs = param_specs(cfg)
-    table = compute_weight(params["embed"], specs["embed"].axes, cd)
-    x = jnp.take(table, tokens, axis=0)  # (B,T,D)
+    x = embed_lookup(params["embed"], tokens, specs["embed"].axes, cd)  # (B,T,D)
     x = constrain(x, ("batch", "seq", "embed"))
     rope = rope_tables(positions, cfg)
     new_cache: Cache | None = None if cache is None else {}

@@ -32,6 +32,9 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float = 1.0
+    # AdamW's first moment: float32, or bfloat16 to save 2 bytes per parameter (the second
+    # moment stays float32: its small values would underflow bf16's precision)
+    adam_mu_dtype: str = "float32"
     seed: int = 0
     strategy: str = "fsdp"
     # attention / MoE / matmul implementations: "auto" (the platform's, `model.backend`)
@@ -56,6 +59,9 @@ class TrainConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"train.{f}={v!r} is not allowed: must be a positive integer")
+        if self.adam_mu_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"train.adam_mu_dtype={self.adam_mu_dtype!r} is not allowed: one of "
+                              "float32, bfloat16")
         if self.global_batch % self.microbatches:
             raise ConfigError(f"train.global_batch={self.global_batch} is not allowed: must be "
                               f"divisible by train.microbatches={self.microbatches}")

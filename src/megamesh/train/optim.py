@@ -25,5 +25,5 @@ def make_optimizer(cfg: ModelConfig, tc: TrainConfig) -> optax.GradientTransform
     return optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
         optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
-                    mask=weight_decay_mask(cfg)),
+                    mask=weight_decay_mask(cfg), mu_dtype=tc.adam_mu_dtype),
     )
