@@ -28,6 +28,7 @@ against `attention.attend` (tests/test_kernels.py).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,27 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         fn = functools.partial(pallas_gpu_attention, interpret=kern.platform != "gpu")
     else:
         fn = cudnn_attention
+    k, v = _kv_for_head_split(q, k, v)
     return run_per_device(fn, (q, k, v), (_Q, _KV, _KV), _Q, ("heads", "kv_heads"))
+
+
+def _kv_for_head_split(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """KV heads repeated so that they split over the mesh as the query heads do: with 64
+    query and 8 kv heads over tensor=16, 16 kv heads (each twice) give every device 4
+    query heads and their one kv head. Without it the per-device kernel would keep all
+    heads on every device of the tensor group (16x the attention work)."""
+    runner = active()[1]
+    ways = getattr(runner, "ways", None)
+    H, K = q.shape[2], k.shape[2]
+    if ways is None:
+        return k, v
+    t = ways("heads", H)
+    if t <= 1 or ways("kv_heads", K) == t:
+        return k, v
+    r = t // math.gcd(K, t)
+    if H % (K * r):
+        return k, v
+    return jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
 
 
 def _round_up(n: int, m: int) -> int:

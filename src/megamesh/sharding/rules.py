@@ -8,6 +8,7 @@ sharding constraints on activations.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -103,6 +104,11 @@ def per_device_runner(mesh: Mesh, rules: Rules) -> PerDevice:
         return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[:-1]), out_specs=specs[-1],
                              check_vma=False)(*args)
 
+    def ways(name: str, size: int) -> int:
+        """How many ways a dimension of this logical name and size is split."""
+        return math.prod(sizes[m] for m in resolve((name,), (size,), sizes, rules)[0])
+
+    run.ways = ways  # type: ignore[attr-defined]
     return run
 
 
