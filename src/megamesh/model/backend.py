@@ -106,7 +106,8 @@ def planner_kernels(k: Kernels) -> str:
     return "megamesh" if k.attention in ("splash", "cudnn", "pallas_gpu") else "xla"
 
 
-# (fn, args, logical axes of each arg, logical axes of the output, tied axis names) -> out
+# (fn, args, logical axes of each arg, logical axes of the output (shaped like the first
+# arg), tied axis names) -> out
 PerDevice = Callable[[Callable[..., Any], Sequence[Any], Sequence[tuple[str | None, ...]],
                       tuple[str | None, ...], tuple[str, ...]], Any]
 

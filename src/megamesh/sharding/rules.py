@@ -83,14 +83,15 @@ def mesh_kernels(mesh: Mesh, overrides: str = "auto") -> Kernels:
 
 def per_device_runner(mesh: Mesh, rules: Rules) -> PerDevice:
     """Runs a kernel XLA cannot partition (Pallas, cuDNN, a sort) on each device's shard:
-    `shard_map` with in/out specs from the arrays' logical axes under `rules`. Logical
-    names in `tie` (query and kv heads) split over the mesh only if they resolve to the
-    same mesh axes; otherwise those dimensions stay whole on every device."""
+    `shard_map` with in/out specs from the arrays' logical axes under `rules`; the output
+    is shaped like the first argument. Logical names in `tie` (query and kv heads) split
+    over the mesh only if they resolve to the same mesh axes; otherwise those dimensions
+    stay whole on every device."""
     sizes = mesh_sizes(mesh)
 
     def run(fn: Any, args: Sequence[Any], axes: Sequence[tuple[str | None, ...]],
             out_axes: tuple[str | None, ...], tie: tuple[str, ...]) -> Any:
-        out_shape = jax.eval_shape(fn, *args).shape
+        out_shape = args[0].shape
         arrays = [(a, x.shape) for a, x in zip(axes, args)] + [(out_axes, out_shape)]
         dims = [list(resolve(a, shape, sizes, rules)) for a, shape in arrays]
         tied = {tuple(d[i]) for (a, _), d in zip(arrays, dims) for i, n in enumerate(a) if n in tie}
