@@ -94,14 +94,16 @@ def test_blockwise_memory_grows_with_the_block_not_the_square():
     assert whole > 2 * square and small < whole / 3
 
 
-@pytest.mark.parametrize("layout,H,K,local_heads", [
-    ("fsdp=2,sequence=2,tensor=2", 4, 2, (2, 1)),  # sequence gathered, heads split
-    ("fsdp=2,tensor=4", 8, 2, (2, 1)),  # 2 kv heads over 4 devices: repeated to 4
+@pytest.mark.parametrize("layout,H,K,local_heads,local_tokens", [
+    ("fsdp=2,sequence=2,tensor=2", 4, 2, (2, 1), 128),  # context parallel, heads split
+    ("fsdp=2,sequence=4", 4, 4, (4, 4), 64),  # 4 offsets: one switch branch per device
+    ("fsdp=2,tensor=4", 8, 2, (2, 1), 256),  # 2 kv heads over 4 devices: repeated to 4
 ])
-def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads):
+def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, local_tokens):
     """Splash (interpreted) under shard_map: the gradients of the sharded run equal the
-    single-device ones, and each device holds its share of the query and kv heads."""
-    q, k, v, do = qkv(H, K, 128, B=2, dtype=jnp.float32)
+    single-device ones; each device holds its share of the query and kv heads and, over
+    a sequence axis, of the queries (keys and values gathered, causal mask offset)."""
+    q, k, v, do = qkv(H, K, 256, B=2, dtype=jnp.float32)
     kern = Kernels(attention="splash", moe="einsum", matmul="f32", platform="cpu")
 
     def loss(q, k, v):
@@ -130,6 +132,7 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads):
                 if e.primitive.name == "shard_map").params["jaxpr"]
     # the body's last three inputs are q, k, v (splash's mask tables come first)
     assert tuple(x.aval.shape[2] for x in body.invars[-3:-1]) == local_heads
+    assert body.invars[-3].aval.shape[1] == local_tokens
 
 
 # --------------------------------------------------------------------------- MoE
@@ -328,10 +331,9 @@ def test_remat_auto_picks_the_fastest_policy_that_fits():
 
 
 def test_bf16_first_adam_moment_option():
+    from megamesh.model.transformer import init_params
     from megamesh.train.config import TrainConfig
     from megamesh.train.optim import make_optimizer
-
-    from megamesh.model.transformer import init_params
 
     cfg = apply_overrides(preset("tiny"), {"n_layers": "1", "vocab_size": "300"})
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))

@@ -6,10 +6,10 @@ are a `scan` it undercounts by the layer count. The exact count comes from the j
 trip counts ignored the same walk reproduces XLA's convention, which checks one against
 the other. A Pallas kernel (splash attention) is opaque to XLA's cost analysis, so the
 XLA-convention walk leaves it out; the exact walk counts its body's dots once per block
-of its grid that runs: for a square causal grid (query blocks x key blocks, two
-grid dimensions of equal size) the blocks on and below the diagonal, nb (nb + 1) / 2 of nb^2, which
-splash computes (it skips the blocks above; the diagonal ones run whole). A `shard_map`
-body (the per-device kernels) counts once per device of its mesh.
+of its grid that runs: for splash the blocks on and below the causal diagonal, nb (nb +
+1) / 2 of nb^2 (it skips the blocks above; the diagonal ones run whole). A `shard_map`
+body (the per-device kernels) counts once per device of its mesh, a `cond` (switch) as
+the mean of its branches (splash's context-parallel offsets: one branch per device).
 
 Collectives are read from the optimized per-device HLO: kind, count (times the trip
 count of the while loops they sit in, read from the loop condition's bound) and bytes.
@@ -25,9 +25,11 @@ from typing import Any
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 
 
-def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
+def dot_flops(jaxpr: Any, *, trip_counts: bool = True, in_kernel: bool = False) -> float:
     """FLOPs of all dot_generals (and ragged_dots, Pallas kernels' dots) in a (closed)
-    jaxpr, 2 per multiply-add."""
+    jaxpr, 2 per multiply-add. A cond counts as the mean of its branches (a switch on
+    the device's position runs a different branch per device), inside a kernel body
+    (`in_kernel`) as its largest (`pl.when` skipping a block: the block runs)."""
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
     total = 0.0
@@ -54,29 +56,46 @@ def dot_flops(jaxpr: Any, *, trip_counts: bool = True) -> float:
             if trip_counts:
                 total += _pallas_flops(eqn)
             continue
+        if name == "cond":
+            counts = [dot_flops(b, trip_counts=trip_counts, in_kernel=in_kernel)
+                      for b in eqn.params["branches"]]
+            total += max(counts) if in_kernel else sum(counts) / len(counts)
+            continue
         mult = eqn.params.get("length", 1) if name == "scan" and trip_counts else 1
         if name == "shard_map":  # the body's shapes are one device's: it runs on every device
             mult = eqn.params["mesh"].size
         for v in eqn.params.values():
             for sub in (v if isinstance(v, (tuple, list)) else (v,)):
                 if isinstance(sub, (ClosedJaxpr, Jaxpr)):
-                    total += mult * dot_flops(sub, trip_counts=trip_counts)
+                    total += mult * dot_flops(sub, trip_counts=trip_counts, in_kernel=in_kernel)
     return total
 
 
 def _pallas_flops(eqn: Any) -> float:
-    """A Pallas kernel's dots: its body's, times the grid blocks that run (a square causal
-    grid runs the diagonal and below)."""
+    """A Pallas kernel's dots: its body's, times the grid blocks that run.
+
+    Splash's forward and dq grids are (heads, q blocks, kv blocks), trimmed to the kv
+    blocks a causal mask can reach: with nq query blocks ending at key block nk, the
+    blocks on and below the diagonal, nq (nk - nq) + nq (nq + 1) / 2 (nq (nq + 1) / 2 when
+    queries and keys are the same tokens). The dkv grid (kv blocks, heads, q blocks) is
+    not trimmed and does not show the queries' offset: counted as the mean over a
+    context-parallel group's offsets, nq (nk + 1) / 2, which a switch over those
+    offsets (`cond`, averaged) makes exact."""
     body = eqn.params["jaxpr"]
     grid = tuple(int(g) for g in eqn.params["grid_mapping"].grid)
-    blocks = math.prod(grid)
-    # splash's grids: forward and dq (heads, q blocks, kv blocks), dkv (kv blocks, heads,
-    # q blocks): the block count of the sequence is the size that appears twice
-    twice = [g for g in set(grid) if grid.count(g) >= 2]
-    if len(grid) >= 3 and len(twice) == 1:
-        nb = twice[0]
-        blocks = blocks // (nb * nb) * nb * (nb + 1) // 2
-    return blocks * dot_flops(body)
+    name = str(eqn.params.get("name") or "")
+    blocks = float(math.prod(grid))
+    if name.startswith("splash") and len(grid) >= 3:
+        lead = math.prod(grid[:-3])  # a vmapped batch adds leading grid dimensions
+        if "dkv" in name:
+            nk, heads, nq = grid[-3:]
+            if nk % nq == 0:
+                blocks = lead * heads * nq * (nk + 1) / 2
+        else:
+            heads, nq, nk = grid[-3:]
+            if nk >= nq:
+                blocks = lead * heads * (nq * (nk - nq) + nq * (nq + 1) / 2)
+    return blocks * dot_flops(body, in_kernel=True)
 
 
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")

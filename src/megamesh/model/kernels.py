@@ -38,11 +38,22 @@ from megamesh.model.blockwise import DEFAULT_BLOCK, blockwise_attention
 
 # --------------------------------------------------------------------------- attention
 
-# Per-device attention sees whole sequences (None): splash cannot split the key sequence,
-# and cuDNN's causal mask assumes query i is token i. Heads split over tensor only when
-# query and kv heads split alike (`tie`), else the group keeps them whole.
+# The GPU kernels see whole sequences (None): their causal mask assumes query i is token i.
+# Splash splits the queries over the sequence axis (context parallel, below). Heads split
+# over tensor only when query and kv heads split alike (`tie`; kv heads are repeated to
+# make them), else the group keeps them whole.
 _Q = ("batch", None, "heads", "head_dim")
 _KV = ("batch", None, "kv_heads", "head_dim")
+# splash splits the queries over the sequence axis too (context parallelism)
+_QS = ("batch", "seq", "heads", "head_dim")
+_KVS = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def _split_axes(name: str, size: int) -> tuple[str, ...]:
+    """The mesh axes a dimension of this logical name and size splits over (none without
+    a runner)."""
+    axes_of = getattr(active()[1], "axes_of", None)
+    return tuple(axes_of(name, size)) if axes_of else ()
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -54,13 +65,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         return blockwise_attention(q, k, v, block=q.shape[1])
     if name == "blockwise":
         return blockwise_attention(q, k, v, block=DEFAULT_BLOCK)
+    k, v = _kv_for_head_split(q, k, v)
     if name == "splash":
-        fn = functools.partial(splash_attention, interpret=kern.platform != "tpu")
+        interpret = kern.platform != "tpu"
+        seq_axes = _split_axes("seq", q.shape[1])
+        if seq_axes:  # context parallel: local queries, keys and values gathered
+            fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret)
+            return run_per_device(fn, (q, k, v), (_QS, _KVS, _KVS), _QS, ("heads", "kv_heads"))
+        fn = functools.partial(splash_attention, interpret=interpret)
     elif name == "pallas_gpu":
         fn = functools.partial(pallas_gpu_attention, interpret=kern.platform != "gpu")
     else:
         fn = cudnn_attention
-    k, v = _kv_for_head_split(q, k, v)
     return run_per_device(fn, (q, k, v), (_Q, _KV, _KV), _Q, ("heads", "kv_heads"))
 
 
@@ -92,32 +108,51 @@ def splash_block(T: int) -> int:
     return min(512, _round_up(T, 128))
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                     interpret: bool = False) -> jax.Array:
-    """Pallas TPU splash attention (causal, GQA) on one device's (b, T, h, Dh) shard.
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
+                     q_offset: int = 0) -> jax.Array:
+    """Pallas TPU splash attention (causal, GQA) on one device's shard: q (b, Tq, h, Dh)
+    whose first query is token `q_offset`, k and v (b, Tk, K, Dh) from token 0.
 
-    The sequence is padded at the end to a whole number of tiles: padded keys come after
-    every real query, so the causal mask hides them; padded queries are dropped. Off TPU
-    the kernel runs in Pallas' interpreter (tests on CPU)."""
+    Both sequences are padded at the end to whole tiles: padded keys come after every
+    real query, so the causal mask hides them; padded queries are dropped. Off TPU the
+    kernel runs in Pallas' interpreter (tests on CPU)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    b, T, h, Dh = q.shape
-    blk = splash_block(T)
-    Tp = _round_up(T, blk)
-    mask = sm.MultiHeadMask(tuple(sm.CausalMask((Tp, Tp)) for _ in range(h)))
+    b, Tq, h, Dh = q.shape
+    Tk = k.shape[1]
+    blk = splash_block(Tq)  # one tile size for queries and keys: whole tiles on the diagonal
+    Tqp, Tkp = _round_up(Tq, blk), _round_up(Tk, blk)
+    mask = sm.MultiHeadMask(tuple(sm.CausalMask((Tqp, Tkp), offset=q_offset) for _ in range(h)))
     sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                           block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk,
                           block_kv_dq=blk)
     kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
                                 interpret=interpret)
 
-    def heads_first(x: jax.Array) -> jax.Array:  # (b, T, n, Dh) -> (b, n, Tp, Dh)
-        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+    def heads_first(x: jax.Array, n: int) -> jax.Array:  # (b, T, h, Dh) -> (b, h, n, Dh)
+        return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n - x.shape[1]), (0, 0)))
 
-    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(Dh**-0.5, q.dtype)), heads_first(k),
-                           heads_first(v))
-    return jnp.swapaxes(out[:, :, :T], 1, 2)
+    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(Dh**-0.5, q.dtype), Tqp),
+                           heads_first(k, Tkp), heads_first(v, Tkp))
+    return jnp.swapaxes(out[:, :, :Tq], 1, 2)
+
+
+def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                            axes: tuple[str, ...], interpret: bool = False) -> jax.Array:
+    """Splash over a sequence split across mesh `axes` (inside shard_map): this device's
+    queries against the whole sequence's keys and values (all-gathered; their gradients
+    flow back as a reduce-scatter), with the causal mask offset by the device's position.
+    Splash's masks are static, so there is one kernel per position, picked by
+    `lax.switch` on the device's index. The devices' shares of the causal work differ
+    (the last one does (2n - 1) / n^2 of it, not 1 / n), which the planner charges."""
+    Tl = q.shape[1]
+    k = jax.lax.all_gather(k, axes, axis=1, tiled=True)
+    v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
+    n = k.shape[1] // Tl
+    branches = [functools.partial(splash_attention, interpret=interpret, q_offset=i * Tl)
+                for i in range(n)]
+    return jax.lax.switch(jax.lax.axis_index(axes), branches, q, k, v)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

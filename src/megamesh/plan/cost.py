@@ -209,18 +209,25 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     tok_dev = tok_mb * mb
 
     hw_per_token, att, expert_per_token = hardware_flops_per_token(w, layout.remat)
+    # attention's hardware FLOPs per token: forward, splash's 3.5x backward, and the
+    # forward again where remat recomputes it
+    att_hw = att * (1 + 3.5 + (1 if layout.remat in ("full", "dots_no_batch", "offload") else 0))
+    cp_pacing = 0.0
     if s > 1 and w.kernels == "megamesh":
-        # megamesh's per-device flash kernels see whole sequences: each device of a
-        # sequence group gathers the group's queries, keys and values and computes the
-        # whole attention (no ring / offset-mask context parallelism yet), so the
-        # attention work is repeated `sequence` times
-        passes_att = 3 + 1.5 + (1 if layout.remat in ("full", "dots_no_batch", "offload") else 0)
-        hw_per_token += (s - 1) * att * passes_att
+        if target.is_tpu:
+            # splash context parallelism (model.kernels.splash_context_parallel): keys
+            # and values gathered, each device's queries offset by its position; the
+            # causal work is not balanced: the last device does (2s - 1) / s^2 of it
+            cp_pacing = att_hw * w.tokens / n_dev * ((2 * s - 1) / s - 1)
+        else:
+            # the GPU kernels see whole sequences: each device of a sequence group
+            # gathers queries, keys and values and repeats the whole attention
+            hw_per_token += (s - 1) * att_hw
     # tensor/expert/sequence devices share tokens; each does its share of the work (the
     # busiest pipeline stage paces the step)
     imbalance = layout.stage_imbalance(c.n_layers)
     flops_dev = hw_per_token * w.tokens / n_dev * imbalance
-    paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev
+    paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev + cp_pacing
     t_flops = paced / (peak_dev * MXU_EFFICIENCY)
     passes = 4 if layout.remat == "full" else 3
     t_weights = gathered * 2 * passes * mb / hbm_bw

@@ -15,8 +15,9 @@ from megamesh.sharding.logical import MESH_AXES, split_over_slices
 PRECISIONS = ("bf16", "fp8")
 # "megamesh": megamesh's own step on TPU and GPU (`model.backend` defaults): flash
 # attention that skips the blocks above the causal diagonal (splash, cuDNN), grouped-matmul
-# MoE (ragged_dot) and the chunked loss; a sequence-parallel group gathers whole sequences
-# for attention (no ring attention yet), so each of its devices repeats the attention work.
+# MoE (ragged_dot) and the chunked loss. Over a `sequence` axis, TPU splash runs context
+# parallel (gathered keys and values, offset causal masks; unbalanced: the last device
+# does (2s - 1) / s^2 of the attention), GPU kernels repeat the whole attention per device.
 # "fused": the same kernels with context parallelism that splits attention over the
 # sequence axis, as MaxText's Pallas kernels (splash attention, megablox) and Llama 3's
 # runs do: the published calibration rows.

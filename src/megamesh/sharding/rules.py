@@ -109,7 +109,12 @@ def per_device_runner(mesh: Mesh, rules: Rules) -> PerDevice:
         """How many ways a dimension of this logical name and size is split."""
         return math.prod(sizes[m] for m in resolve((name,), (size,), sizes, rules)[0])
 
+    def axes_of(name: str, size: int) -> tuple[str, ...]:
+        """The mesh axes a dimension of this logical name and size splits over."""
+        return tuple(m for m in resolve((name,), (size,), sizes, rules)[0] if sizes[m] > 1)
+
     run.ways = ways  # type: ignore[attr-defined]
+    run.axes_of = axes_of  # type: ignore[attr-defined]
     return run
 
 
