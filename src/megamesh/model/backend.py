@@ -1,7 +1,7 @@
 """The backend: which kernel implementations a run uses, chosen per platform in one place.
 
 `choose_kernels(platform, overrides, mesh_sizes)` picks a `Kernels` value (TPU: splash
-attention, grouped MoE, native bf16 matmuls; GPU: cuDNN attention, grouped MoE, native
+attention, grouped MoE, native bf16 matmuls; GPU: cuDNN attention, einsum MoE, native
 matmuls; CPU: blockwise attention, einsum MoE, f32 matmul kernels). The sharding layer
 installs it for the duration of a trace (`using_kernels`, from
 `sharding.rules.activation_sharding`) together with a `PerDevice` runner that calls the
@@ -56,7 +56,10 @@ class Kernels:
 
 PLATFORM_DEFAULTS = {
     "tpu": Kernels(attention="splash", moe="grouped", matmul="native", platform="tpu"),
-    "gpu": Kernels(attention="cudnn", moe="grouped", matmul="native", platform="gpu"),
+    # GPU MoE stays einsum: XLA:GPU (jaxlib 0.10) lowers ragged_dot to a dense dot over
+    # every expert (E x the work and memory; public reports: github.com/marin-community/
+    # marin issues 7012 and 5394); cuDNN grouped GEMMs for it are landing in XLA
+    "gpu": Kernels(attention="cudnn", moe="einsum", matmul="native", platform="gpu"),
     "cpu": Kernels(attention="blockwise", moe="einsum", matmul="f32", platform="cpu"),
 }
 

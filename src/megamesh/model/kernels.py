@@ -18,7 +18,7 @@ per platform in one place, overridable with `--kernels`). The whole registry:
 |           | backward GEMM stays bf16)                                                 |
 
 Platform defaults (`backend.PLATFORM_DEFAULTS`): TPU splash + grouped + native, GPU
-cudnn + grouped + native, CPU blockwise + einsum + f32. The per-device kernels (splash,
+cudnn + einsum + native, CPU blockwise + einsum + f32. The per-device kernels (splash,
 cudnn, pallas_gpu; grouped MoE in `model.moe`) are not partitioned by XLA: the sharding
 layer supplies a runner that calls them under `shard_map` over the mesh; without one (a
 single device, or no mesh) they are called directly. Every implementation is tested

@@ -5,12 +5,13 @@ E experts, k top-k, C capacity (slots per expert per row), M = B*T*k routed copi
 
 All token-to-expert movement happens in `dispatch_compute_combine`, which runs the
 backend's MoE kernel (`model.backend`):
-- `grouped` (TPU, GPU): each device sorts its own tokens' k copies by expert and runs
+- `grouped` (TPU): each device sorts its own tokens' k copies by expert and runs
   the experts' SwiGLU as three `jax.lax.ragged_dot` grouped matmuls over the sorted rows,
   then un-sorts and mixes. Memory O(M x F); dropless costs no padding. With a capacity
   factor the copies past an expert's capacity get weight 0 (the same tokens the einsum
   form drops; they are computed and discarded).
-- `einsum` (CPU, and meshes that split experts over `expert` or `tensor`): GShard's
+- `einsum` (CPU and GPU, where XLA lowers ragged_dot densely over every expert, and
+  meshes that split experts over `expert` or `tensor`): GShard's
   one-hot dispatch and combine tensors (B, T, E, C); sharding E over the mesh's `expert`
   axis makes XLA insert the all-to-alls. Dropless (`capacity_factor=None`) means C = T,
   memory O(B * T^2 * E): for long sequences set a capacity factor or use `grouped`.
