@@ -155,8 +155,10 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     # none: every intermediate the backward pass reads
     # H * Tk * 2 (bf16 probabilities) is counted for flash kernels too, which hold none:
     # the present fit (COEF) leans on it, and dropping it alone moves the calibration rows
-    # past 5 points; it makes long contexts over-predicted (70B at 128k tokens: plan 78
-    # GiB vs XLA 27 GiB per device, BENCHMARKS.md). Refit with long-context cases.
+    # past 5 points; it makes long contexts over-predicted (2-6x at 16k-64k tokens, +51%
+    # for 70B at 128k with context parallelism; BENCHMARKS.md). Without it and with this
+    # fit the same cases come out 22-52% under: a refit with long-context cases (and a
+    # term for the keys and values context parallelism gathers) is open.
     return dots_nb + 4 * Dr * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
 
 
