@@ -42,10 +42,14 @@ def test_inspect_json_counts():
         (["inspect", "--model", "tiny", "--model.n_layer=3"], "unknown override key 'n_layer'"),
         (["inspect", "--model", "tiny", "--model.n_heads=7"], "n_heads=7 is not allowed"),
         (["inspect", "--model", "tiny", "--bogus"], "unrecognized argument '--bogus'"),
+        # checked before any data is prepared (no run directory is made)
+        (["train", "--out", "{tmp}/k", "--kernels", "matmul=fp8"], "matmul='fp8' is not allowed"),
+        (["train", "--out", "{tmp}/k", "--kernels", "moe=sorted"], "moe='sorted' is not allowed"),
     ],
 )
-def test_user_mistakes_get_one_clear_line(args, message):
-    r = megamesh(*args)
+def test_user_mistakes_get_one_clear_line(args, message, tmp_path):
+    r = megamesh(*(a.format(tmp=tmp_path) for a in args))
+    assert not (tmp_path / "k").exists()
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr

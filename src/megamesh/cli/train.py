@@ -60,6 +60,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     keep_freed_host_memory()  # before jax starts its threads
     initialize_from_env()
+    import jax
+
+    from megamesh.model.backend import choose_kernels
+
+    choose_kernels(jax.default_backend(), tc.kernels)  # a bad --kernels fails before data prep
     result = train(cfg, tc, args.out, data_paths=args.data, layout=args.mesh, resume=args.resume,
                    progress=False if args.no_progress else None,
                    initial_params=load_weights(args.model))
