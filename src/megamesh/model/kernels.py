@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from megamesh.model.backend import active, run_per_device
 from megamesh.model.blockwise import DEFAULT_BLOCK, blockwise_attention
+from megamesh.model.specs import splash_block
 
 # --------------------------------------------------------------------------- attention
 
@@ -101,11 +102,6 @@ def _kv_for_head_split(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Ar
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def splash_block(T: int) -> int:
-    """Splash tile size: 512 (MaxText's default sa_block_*), or the padded sequence if shorter."""
-    return min(512, _round_up(T, 128))
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,

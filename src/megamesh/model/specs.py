@@ -183,3 +183,10 @@ def param_bytes(cfg: ModelConfig, dtype: str | None = None) -> int:
 def cache_axes() -> tuple[str, ...]:
     """Logical axes of one stacked K or V cache array (L, B, S, K, Dh)."""
     return ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def splash_block(seq: int) -> int:
+    """Splash attention's tile size for a sequence (`model.kernels`, and the planner's
+    FLOP count): 512 (MaxText's default sa_block_*), or the sequence rounded up to 128
+    if shorter."""
+    return min(512, -(-seq // 128) * 128)

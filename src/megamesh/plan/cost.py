@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from megamesh.model.specs import flops_per_token, layer_stacks
+from megamesh.model.specs import flops_per_token, layer_stacks, splash_block
 from megamesh.plan.layout import Layout, Workload
 from megamesh.plan.memory import (
     Memory,
@@ -130,14 +130,27 @@ def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) ->
     return sum(gather_parts(target, layout, axis, full_bytes))
 
 
+# splash's backward (separate dq and dkv kernels, MaxText's default) recomputes the
+# scores and their gradient's product in both kernels: 7 block matmuls against autodiff's
+# 4, i.e. 3.5x the forward's attention instead of 2x (checked against the kernel bodies in
+# the compiled step's jaxpr, compile.hlo.dot_flops)
+SPLASH_BACKWARD = 3.5
+
+
 def causal_block_fraction(seq: int) -> float:
     """Share of the full T x T score matrix a causal flash kernel computes: splash's
-    tiles (`model.kernels.splash_block`: 512, or the sequence rounded up to 128 if
-    shorter) on and below the diagonal, nb (nb + 1) / 2 tiles of the padded sequence's
-    nb^2. 0.53 at 8k tokens, 1 for one tile."""
-    blk = min(512, -(-seq // 128) * 128)
+    tiles (`model.specs.splash_block`) on and below the diagonal, nb (nb + 1) / 2 tiles of
+    the padded sequence's nb^2. 0.53 at 8k tokens, 1 for one tile."""
+    blk = splash_block(seq)
     nb = -(-seq // blk)
     return nb * (nb + 1) / 2 * blk * blk / (seq * seq)
+
+
+def recomputes_attention(w: Workload, remat: str) -> bool:
+    """Whether the backward pass runs attention and the expert matmuls forward again:
+    under full, dots_no_batch (they have batch dimensions) and offload remat, and under
+    dots too for the flash kernels (a Pallas call and ragged_dots are no dots to it)."""
+    return remat in ("full", "dots_no_batch", "offload") or (remat == "dots" and w.flash)
 
 
 def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, float]:
@@ -184,14 +197,9 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     kernel_ops = att + expert if w.flash else 0.0
     recompute = {"full": fwd - head - down - dispatch / 2, "dots": kernel_ops, "none": 0.0,
                  "dots_no_batch": kernel_ops or nb, "offload": off}[remat]
-    redo_experts = ("full", "dots_no_batch", "offload") + (("dots",) if w.flash else ())
-    expert_train = expert * (4 if remat in redo_experts else 3)
-    # splash's backward (separate dq and dkv kernels, MaxText's default) recomputes the
-    # scores and their gradient's product in both kernels: 7 block matmuls against
-    # autodiff's 4, i.e. 3.5x the forward's attention instead of 2x (checked against the
-    # kernel bodies in the compiled step's jaxpr, compile.hlo.dot_flops)
+    expert_train = expert * (4 if recomputes_attention(w, remat) else 3)
     if w.flash:
-        recompute += 1.5 * att
+        recompute += (SPLASH_BACKWARD - 2) * att
     return 3 * fwd + recompute, att, expert_train
 
 
@@ -209,9 +217,9 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     tok_dev = tok_mb * mb
 
     hw_per_token, att, expert_per_token = hardware_flops_per_token(w, layout.remat)
-    # attention's hardware FLOPs per token: forward, splash's 3.5x backward, and the
-    # forward again where remat recomputes it
-    att_hw = att * (1 + 3.5 + (1 if layout.remat in ("full", "dots_no_batch", "offload") else 0))
+    # attention's hardware FLOPs per token: forward, splash's backward, and the forward
+    # again where remat recomputes it
+    att_hw = att * (1 + SPLASH_BACKWARD + recomputes_attention(w, layout.remat))
     cp_pacing = 0.0
     if s > 1 and w.kernels == "megamesh":
         if target.is_tpu:

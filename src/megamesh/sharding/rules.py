@@ -105,13 +105,13 @@ def per_device_runner(mesh: Mesh, rules: Rules) -> PerDevice:
         return jax.shard_map(fn, mesh=mesh, in_specs=tuple(specs[:-1]), out_specs=specs[-1],
                              check_vma=False)(*args)
 
-    def ways(name: str, size: int) -> int:
-        """How many ways a dimension of this logical name and size is split."""
-        return math.prod(sizes[m] for m in resolve((name,), (size,), sizes, rules)[0])
-
     def axes_of(name: str, size: int) -> tuple[str, ...]:
         """The mesh axes a dimension of this logical name and size splits over."""
-        return tuple(m for m in resolve((name,), (size,), sizes, rules)[0] if sizes[m] > 1)
+        return tuple(resolve((name,), (size,), sizes, rules)[0])
+
+    def ways(name: str, size: int) -> int:
+        """How many ways a dimension of this logical name and size is split."""
+        return math.prod(sizes[m] for m in axes_of(name, size))
 
     run.ways = ways  # type: ignore[attr-defined]
     run.axes_of = axes_of  # type: ignore[attr-defined]
