@@ -162,6 +162,17 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
     return dots_nb + 4 * Dr * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
 
 
+@functools.lru_cache(maxsize=4096)
+def _vocab_split(strat: str, sizes_items: tuple, vocab: int, batch: int, microbatches: int,
+                 seq: int) -> int:
+    """How many ways the step splits the tables on vocab over fsdp (1: not vocab-parallel);
+    memoized (the search asks for thousands of layouts)."""
+    sizes = dict(sizes_items)
+    vp = train_rules(strat, sizes, vocab=vocab, global_batch=batch, microbatches=microbatches,
+                     seq_len=seq) != strategy(strat)
+    return sizes.get("fsdp", 1) if vp else 1
+
+
 def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool = False) -> Memory:
     c = w.cfg
     held, gathered = sharded_params(w, layout, strat, tpu)
@@ -190,9 +201,8 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     k = COEF
     # under fsdp with a small microbatch the step keeps the tables split on vocab
     # (`sharding.logical.train_rules`): never gathered, and so is the head's gradient
-    vp = train_rules(strat, layout.sizes, vocab=c.vocab_size, global_batch=w.batch,
-                     microbatches=layout.microbatches, seq_len=w.seq) != strategy(strat)
-    split = layout.size("fsdp") if vp else 1
+    split = _vocab_split(strat, tuple(sorted(layout.sizes.items())), c.vocab_size, w.batch,
+                         layout.microbatches, w.seq)
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) / split
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
     if layout.stages > 1 and layout.size("fsdp") > 1:
