@@ -64,7 +64,8 @@ def main() -> None:
     print(f"python {sys.version.split()[0]}")
     from megamesh.fleet import sim
 
-    sim._CACHE.clear()
+    sim._train_numbers.cache_clear()
+    sim._serve_numbers.cache_clear()
     t0 = time.perf_counter()
     simulate(default_scenario())
     cold = time.perf_counter() - t0

@@ -54,12 +54,12 @@ def run_megamesh(model: dict, seq: int, batch: int, steps: int) -> dict:
 
     from megamesh.config import ModelConfig
     from megamesh.sharding.mesh import make_mesh
-    from megamesh.train.config import TrainConfig
+    from megamesh.train.config import ScheduleConfig, TrainConfig
     from megamesh.train.loop import global_array
     from megamesh.train.step import build_train_step
 
     cfg = ModelConfig(name="bench", **model, max_seq_len=seq)
-    tc = TrainConfig(steps=1000, global_batch=batch, seq_len=seq, warmup_steps=10)
+    tc = TrainConfig(steps=1000, global_batch=batch, seq_len=seq, schedule=ScheduleConfig(warmup_steps=10))
     ts = build_train_step(cfg, tc, make_mesh("fsdp=1", jax.devices()[:1]))
     state = ts.init(jax.random.key(0))
     rng = np.random.default_rng(0)

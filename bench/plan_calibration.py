@@ -1,14 +1,14 @@
-"""Planner MFU vs the published rows of ../shared/reference/calibration.md.
+"""Planner MFU vs published training runs (the rows below; sources in docs/sources.md).
 
 For each row: the model, chips, sequence length and global batch of the published run
-(where calibration.md gives no batch, the per-chip batch of the run behind the number,
+(where the published row gives no batch, the per-chip batch of the run behind the number,
 named in `batch source`), searched with `--kernels fused` (the published TPU runs use
 MaxText's splash attention and megablox; Llama 3 used fused kernels too) and, for the
 MaxText rows, `--offload` (their recipes offload activations and optimizer state to host)
 and, for the Llama 3 rows on H100, `--pipeline` (Llama 3 trained with 16 pipeline
 stages).
 
-MFU conventions. calibration.md counts causal attention once (MaxText since PR #1988,
+MFU conventions. The calibration table (docs/sources.md) counts causal attention once (MaxText since PR #1988,
 2025-07), but the MaxText numbers in its table are older and count the full T x T score
 matrix: the recipes' own logs divide to 6N + full attention per token (Llama 3.1 8B
 417.4 TFLOP/s / 7,207 tokens/s = 57.9 GFLOP = 6N 45.0 + 12.9; 70B 462.3 / 960.2 = 481.4 =
@@ -16,7 +16,7 @@ matrix: the recipes' own logs divide to 6N + full attention per token (Llama 3.1
 older results predate the change; PaLM's paper (appendix B) counts full attention too.
 So the prediction is compared in the convention of the published number: predicted
 tokens/s/chip x that convention's FLOPs per token / peak. Llama 3's paper does not state
-its count; those rows use calibration.md's. Where a row publishes tokens/s/chip, both
+its count; those rows use the table's. Where a row publishes tokens/s/chip, both
 are printed (tokens/s is convention-free).
 
 Prints a markdown table for BENCHMARKS.md; exits 1 if a row is off by more than 5 MFU
@@ -50,7 +50,7 @@ ROWS = [
      f"{RECIPES}/Llama3.1-8B-MaxText/v6e-256"),
     ("C3", "llama3.1-70b", "v6e:256", 8192, 256 * 5, 0.5033, 960, "full",
      f"recipe log (960.2 tokens/s, total_weights 10,485,760): 5 per chip; {RECIPES}/Llama3.1-70B-MaxText"),
-    # calibration.md lists v6e x 256; MaxText's recipe for this row
+    # the published table lists v6e x 256; MaxText's recipe for this row
     # (llama3_1_405b_8192_fsdp_dcn) is ici_fsdp 64 x ici_tensor 4 x dcn_fsdp 2: two slices
     ("C4", "llama3.1-405b", "v6e:512", 8192, 512 * 1, 0.3855, 123, "full",
      "MaxText recipe llama3_1_405b_8192_fsdp_dcn: 1 per chip on 2 x v6e-256 (dcn_fsdp 2)"),

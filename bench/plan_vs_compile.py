@@ -17,8 +17,9 @@ from megamesh.config import preset
 from megamesh.plan.cost import estimate
 from megamesh.plan.layout import Layout, Workload, place
 from megamesh.plan.target import parse_target
+from megamesh.runspec import RunSpec
 from megamesh.sharding.mesh import parse_layout
-from megamesh.train.config import TrainConfig
+from megamesh.train.config import ScheduleConfig, TrainConfig
 
 GiB = 2**30
 SMALL = dict(d_model=1024, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=3584, vocab_size=32000)
@@ -58,14 +59,15 @@ def main() -> int:
     for name, over, tgt, lay, seq, batch, remat, mb, is_quick in CASES:
         if quick and not is_quick:
             continue
-        cfg = preset(name).replace(**over, remat=remat)
+        cfg = preset(name).replace(**over)
         target = parse_target(tgt)
         sizes = parse_layout(lay)
         est = estimate(Workload(cfg, seq, batch), target,
                        Layout(sizes, remat=remat, microbatches=mb, placement=place(sizes, target)))
-        tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1)
+        tc = TrainConfig(global_batch=batch, seq_len=seq, steps=2, schedule=ScheduleConfig(warmup_steps=1),
+                         run=RunSpec(layout=lay, remat=remat, microbatches=mb))
         t0 = time.perf_counter()
-        r = compile_train(cfg, tc, target, lay)
+        r = compile_train(cfg, tc, target)
         wall = time.perf_counter() - t0
         got = r.hbm["total"]
         extra = {k: v for k, v in over.items() if SMALL.get(k) != v}

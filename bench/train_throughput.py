@@ -41,13 +41,15 @@ def worker(devices: int, layout: str, steps: int, compute_dtype: str, remat: str
     import numpy as np
 
     from megamesh.config import ModelConfig
+    from megamesh.runspec import RunSpec
     from megamesh.sharding.mesh import make_mesh
-    from megamesh.train.config import TrainConfig
+    from megamesh.train.config import ScheduleConfig, TrainConfig
     from megamesh.train.loop import global_array
     from megamesh.train.step import build_train_step
 
-    cfg = ModelConfig(name="bench", **MODEL, max_seq_len=SEQ, compute_dtype=compute_dtype, remat=remat)
-    tc = TrainConfig(steps=1000, global_batch=PER_DEVICE_BATCH * devices, seq_len=SEQ, warmup_steps=10)
+    cfg = ModelConfig(name="bench", **MODEL, max_seq_len=SEQ, compute_dtype=compute_dtype)
+    tc = TrainConfig(steps=1000, global_batch=PER_DEVICE_BATCH * devices, seq_len=SEQ,
+                     schedule=ScheduleConfig(warmup_steps=10), run=RunSpec(layout=layout, remat=remat))
     ts = build_train_step(cfg, tc, make_mesh(layout))
     state = ts.init(jax.random.key(0))
     rng = np.random.default_rng(0)

@@ -1,8 +1,165 @@
-"""Test set-up: 8 fake CPU devices, configured before anything imports jax."""
+"""Test set-up and shared fixtures.
 
+- 8 fake CPU devices, configured before anything imports jax.
+- `corpus`: the small fixed training corpus shipped in tests/data/corpus (generated once
+  by tests/data/make_corpus.py), the same on every machine and Python version.
+- `cli`: the one way tests run `megamesh` as a real subprocess.
+- `cli_server`: `megamesh serve --port 0` as a subprocess: the server binds its own free
+  port and prints it, so no port is released between choosing and listening.
+- `nan_at_steps`: fault injection for the train step's non-finite guard, from outside the
+  product (no flag or branch in the jitted step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
 import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+CORPUS = Path(__file__).parent / "data" / "corpus"
+MEGAMESH = [sys.executable, "-m", "megamesh.cli"]
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    return CORPUS
+
+
+def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, devices: int = 8, timeout: float = 300, cwd: str | Path | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`megamesh ARGS` in a subprocess on `devices` fake CPU devices."""
+    return subprocess.run([*MEGAMESH, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, env=env or cli_env(devices))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`megamesh ARGS` through `megamesh.cli.main` in this process (no start-up of a new
+    Python and jax): exit code, stdout and stderr as a subprocess would give them."""
+    import contextlib
+    import io
+
+    from megamesh.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["megamesh", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def held_port():
+    """A free port for a server a subprocess starts (e.g. jax.distributed's coordinator),
+    held until the test ends: bound here with SO_REUSEPORT, which gRPC servers also set, so
+    the subprocess can bind it while no other program can take it in between."""
+    import socket
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
+
+
+@dataclasses.dataclass
+class CliServer:
+    proc: subprocess.Popen
+    url: str
+    log: list[str]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_cli_server(*args: str, devices: int = 1, timeout: float = 240) -> CliServer:
+    """`megamesh serve --port 0 ARGS`; returns once it prints its address (after warm-up)."""
+    proc = subprocess.Popen([*MEGAMESH, "serve", "--port", "0", *map(str, args)], env=cli_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            raise AssertionError("megamesh serve exited:\n" + "".join(log))
+        log.append(line)
+        m = re.search(r"serving on (http://\S+)", line)
+        if m:
+            return CliServer(proc, m.group(1), log)
+    proc.kill()
+    raise AssertionError("megamesh serve did not come up:\n" + "".join(log))
+
+
+@pytest.fixture
+def cli_server():
+    """Start `megamesh serve` subprocesses (stopped at the end of the test)."""
+    started: list[CliServer] = []
+
+    def start(*args: str, **kw) -> CliServer:
+        started.append(start_cli_server(*args, **kw))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def nan_at_steps(monkeypatch):
+    """`nan_at_steps(2, 5)`: in-process `megamesh train` runs take a NaN loss (and so NaN
+    gradients) at those 0-based steps. The loop then runs, at those steps, the same train
+    step built around a poisoned loss: the real guard sees a real non-finite step."""
+    import jax.numpy as jnp
+
+    import megamesh.train.loop as loop_mod
+    import megamesh.train.step as step_mod
+
+    def install(*steps: int) -> None:
+        real_build, real_loss = step_mod.build_train_step, step_mod.loss_fn
+
+        def poisoned_loss(*a, **k):
+            loss, parts = real_loss(*a, **k)
+            return loss * jnp.nan, parts
+
+        def build(cfg, tc, mesh, **kw):
+            good = real_build(cfg, tc, mesh, **kw)
+            with monkeypatch.context() as m:
+                m.setattr(step_mod, "loss_fn", poisoned_loss)
+                bad = real_build(cfg, tc, mesh, **kw)
+
+            def fn(state, batch):
+                return (bad if int(state["step"]) in steps else good).fn(state, batch)
+
+            return dataclasses.replace(good, fn=fn)
+
+        monkeypatch.setattr(loop_mod, "build_train_step", build)
+
+    return install

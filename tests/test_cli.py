@@ -1,21 +1,19 @@
-"""The `megamesh` command as a user runs it: real subprocesses, exit codes, one-line errors."""
+"""The `megamesh` command as a user runs it: exit codes, one-line errors. The quickstart and
+one error run as real subprocesses (what a user's shell sees, start-up included); the
+other checks call the same `main()` in this process."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-
-def megamesh(*args, cwd=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "megamesh.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+from conftest import cli_env, run_cli
+from megamesh.cli import main
 
 
 def test_quickstart_runs_trains_and_samples(tmp_path):
-    r = megamesh("quickstart", "--batch", "2", "--seq", "32", "--steps", "3", "--out", str(tmp_path / "qs"))
+    env = {k: v for k, v in cli_env().items() if k != "XLA_FLAGS"}  # one CPU device, as a user has
+    r = run_cli("quickstart", "--batch", "2", "--seq", "32", "--steps", "3", "--out", tmp_path / "qs",
+                env=env)
     assert r.returncode == 0, r.stderr
     assert "llama3.1-405b" in r.stdout and "405.85B" in r.stdout
     assert "forward: logits (2, 32, 8192)" in r.stdout
@@ -28,10 +26,9 @@ def test_quickstart_runs_trains_and_samples(tmp_path):
     assert "server stopped" in r.stdout
 
 
-def test_inspect_json_counts():
-    r = megamesh("inspect", "--model", "llama3.1-8b", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+def test_inspect_json_counts(capsys):
+    assert main(["inspect", "--model", "llama3.1-8b", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["params_total"] == 8_030_261_248
 
 
@@ -47,10 +44,18 @@ def test_inspect_json_counts():
         (["train", "--out", "{tmp}/k", "--kernels", "moe=sorted"], "moe='sorted' is not allowed"),
     ],
 )
-def test_user_mistakes_get_one_clear_line(args, message, tmp_path):
-    r = megamesh(*(a.format(tmp=tmp_path) for a in args))
+def test_user_mistakes_get_one_clear_line(args, message, tmp_path, capsys):
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
     assert not (tmp_path / "k").exists()
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_mistake_in_a_real_shell_is_one_line_and_exit_2():
+    """As a subprocess: nothing else (start-up warnings, tracebacks) reaches stderr."""
+    r = run_cli("train", "--out", "/nonexistent/never", "--kernels", "attention=flash", devices=1)
     assert r.returncode == 2
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.strip().splitlines() == [
+        "megamesh train: error: --kernels attention='flash' is not allowed: one of reference, "
+        "blockwise, splash, cudnn, pallas_gpu"]

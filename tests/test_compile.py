@@ -5,18 +5,17 @@ marked slow."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+
+from conftest import run_main
 
 GiB = 2**30
 
 
 def compile_json(*argv: str, rc: int = 0) -> dict:
-    r = subprocess.run([sys.executable, "-m", "megamesh.cli", "compile", *argv, "--json"],
-                       capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    """`megamesh compile ARGV --json` (in this process: compiling needs no fresh jax)."""
+    r = run_main("compile", *argv, "--json")
     assert r.returncode == rc, r.stderr[-3000:]
     return json.loads(r.stdout)
 
@@ -101,9 +100,7 @@ def test_compile_saves_the_executable_and_never_overwrites(tmp_path):
     compile_json(*args)
     assert exe.stat().st_size > 1000
     before = exe.read_bytes()
-    r = subprocess.run([sys.executable, "-m", "megamesh.cli", "compile", *args],
-                       capture_output=True, text=True, timeout=600,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    r = run_main("compile", *args)
     assert r.returncode == 2 and "already exists" in r.stderr
     assert exe.read_bytes() == before
 
@@ -143,9 +140,7 @@ def test_compile_tensor_parallel_on_v5p_flops_and_state():
 def test_compile_bad_input_is_a_clear_error():
     for argv, needle in [(["--target", "h100:8"], "TPU"), (["--mesh", "fsdp=3"], "devices"),
                          (["--step", "prefill"], "--step")]:
-        r = subprocess.run([sys.executable, "-m", "megamesh.cli", "compile", "--model", "tiny",
-                            *argv], capture_output=True, text=True, timeout=300,
-                           env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+        r = run_main("compile", "--model", "tiny", *argv)
         assert r.returncode == 2, r.stderr[-2000:]
         assert needle in r.stderr and "Traceback" not in r.stderr
 
@@ -160,10 +155,8 @@ def test_layout_that_cannot_fit_is_reported_by_both():
 
 
 def test_plan_verify_compiles_the_best_layout():
-    r = subprocess.run([sys.executable, "-m", "megamesh.cli", "plan", "--model", "tiny",
-                        "--target", "tpu7x:4", "--seq", "256", "--batch", "8", "--verify"],
-                       capture_output=True, text=True, timeout=900,
-                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    r = run_main("plan", "--model", "tiny", "--target", "tpu7x:4", "--seq", "256", "--batch", "8",
+                 "--verify")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "plan vs compile:" in r.stdout and "fits:" in r.stdout
 

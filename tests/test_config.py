@@ -42,7 +42,6 @@ BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff
         (dict(n_kv_heads=3), "n_kv_heads"),  # does not divide n_heads
         (dict(moe=dict(n_experts=4, top_k=5, d_ff_expert=8)), "moe.top_k"),
         (dict(compute_dtype="float64"), "compute_dtype"),
-        (dict(remat="sometimes"), "remat"),
         (dict(d_model=0), "d_model"),
     ],
 )

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_main
 from megamesh.errors import ConfigError
 from megamesh.fleet import questions
 from megamesh.fleet.scenario import (
@@ -26,10 +24,7 @@ from megamesh.fleet.theory import daly_goodput, daly_interval, young_interval
 
 
 def megamesh(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "megamesh.cli", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    return run_main(*args)
 
 
 # ----------------------------------------------------------------------------- theory
@@ -165,7 +160,7 @@ def test_serving_preempts_training_and_priorities_hold():
 @pytest.mark.parametrize(
     "patch, message",
     [
-        ({"failures": {"chip_per_hour": -1}}, "failures.chip_per_hour: -1 is not allowed"),
+        ({"failures": {"chip_per_hour": -1}}, "failures.chip_per_hour=-1.0 is not allowed"),
         (
             {"jobs": [{"name": "x", "model": "gpt-9", "tokens": 1e12, "chips": 64}]},
             "jobs[0].model: unknown model",
@@ -178,12 +173,13 @@ def test_serving_preempts_training_and_priorities_hold():
             {"jobs": [{"name": "x", "model": "llama3.1-8b", "tokens": 1e12, "chips": 100}]},
             "jobs[0].chips: 100",
         ),
-        ({"jobs": [{"name": "x", "model": "llama3.1-8b", "chips": 64}]}, "jobs[0].tokens: required"),
-        ({"power_cap_mw": 0}, "power_cap_mw: 0 is not allowed"),
+        ({"jobs": [{"name": "x", "model": "llama3.1-8b", "chips": 64}]}, 
+         "jobs[0] is missing required keys: tokens"),
+        ({"power_cap_mw": 0}, "power_cap_mw=0.0 is not allowed"),
         ({"pue": 0.9}, "pue: 0.9 is not allowed"),
         ({"arrivals": [{"month": "2026-13", "pods": 1}]}, "arrivals[0].month"),
         ({"serving": [{"model": "llama3.1-70b", "tokens_per_day": -5}]}, "serving[0].tokens_per_day"),
-        ({"colour": "blue"}, "colour: unknown field"),
+        ({"colour": "blue"}, "unknown config key 'colour'"),
     ],
 )
 def test_bad_scenarios_name_the_field(patch, message):
@@ -197,7 +193,7 @@ def test_cli_rejects_a_bad_scenario_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("arrivals: [{month: '2026-01', pods: 1}]\nfailures: {host_per_hour: -2}\n")
     r = megamesh("fleet", "simulate", "--scenario", str(f))
-    assert r.returncode == 2 and "failures.host_per_hour: -2 is not allowed" in r.stderr
+    assert r.returncode == 2 and "failures.host_per_hour=-2.0 is not allowed" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -233,17 +229,6 @@ def test_cli_simulate_json_and_plot(tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     r = megamesh("fleet", "simulate", "--scenario", str(f), "--plot", str(png))
     assert r.returncode == 2 and "exists" in r.stderr  # never overwrites
-
-
-def test_fleet_never_imports_jax():
-    code = (
-        "import sys; from megamesh.fleet.sim import simulate; from megamesh.fleet import questions, launch; "
-        "from megamesh.fleet.scenario import default_scenario; import dataclasses; "
-        "simulate(dataclasses.replace(default_scenario(), end='2026-02-01')); "
-        "assert 'jax' not in sys.modules, 'jax imported'"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
 
 
 # ----------------------------------------------------------------------------- launch
@@ -318,6 +303,6 @@ def test_launch_bad_input(tmp_path, plan_file):
     assert r.returncode == 2 and "does not exist" in r.stderr
     (tmp_path / "serve.json").write_text('{"model": "x", "serve": {}}')
     r = megamesh("launch", "--plan", str(tmp_path / "serve.json"))
-    assert r.returncode == 2 and "lacks 'target_spec'" in r.stderr
+    assert r.returncode == 2 and "not a `megamesh plan --json` file of a training plan" in r.stderr
     r = megamesh("launch", "--plan", str(plan_file), "--name", "Bad_Name")
     assert r.returncode == 2 and "--name 'Bad_Name' is not allowed" in r.stderr

@@ -206,7 +206,7 @@ def test_grouped_moe_sharded_equals_unsharded():
     kern = Kernels(attention="blockwise", moe="grouped", matmul="f32")
 
     def loss(p):
-        return jnp.mean(forward(p, tokens, pos, cfg=cfg)[0] ** 2)
+        return jnp.mean(forward(p, tokens, pos, cfg=cfg).logits ** 2)
 
     with using_kernels(kern):
         want = jax.grad(loss)(params)
@@ -255,7 +255,8 @@ def test_tpu_train_step_at_8k_tokens_holds_no_square_buffer():
 
     from megamesh.compile.aot import compile_train
     from megamesh.plan.target import parse_target
-    from megamesh.train.config import TrainConfig
+    from megamesh.runspec import RunSpec
+    from megamesh.train.config import ScheduleConfig, TrainConfig
 
     cfg = apply_overrides(preset("llama3.1-8b"), {"n_layers": "1", "d_model": "512",
                                                    "n_heads": "4", "n_kv_heads": "2",
@@ -263,8 +264,9 @@ def test_tpu_train_step_at_8k_tokens_holds_no_square_buffer():
                                                    "max_seq_len": "8192"})
 
     def hlo(kernels):
-        tc = TrainConfig(steps=10, global_batch=8, seq_len=8192, warmup_steps=1, kernels=kernels)
-        return compile_train(cfg, tc, parse_target("tpu7x:2x2x1"), "fsdp=8").hlo_text
+        tc = TrainConfig(steps=10, global_batch=8, seq_len=8192, schedule=ScheduleConfig(warmup_steps=1),
+                         run=RunSpec(layout="fsdp=8", kernels=kernels))
+        return compile_train(cfg, tc, parse_target("tpu7x:2x2x1")).hlo_text
 
     square = re.compile(r"\[[0-9,]*8192,8192[0-9,]*\]")
     assert not square.search(hlo("auto"))
@@ -315,11 +317,13 @@ def test_native_matmuls_keep_bf16_cotangents():
 
 
 def test_remat_auto_picks_the_fastest_policy_that_fits():
-    from megamesh.train.config import TrainConfig
+    from megamesh.runspec import RunSpec
+    from megamesh.train.config import ScheduleConfig, TrainConfig
     from megamesh.train.step import resolve_remat
 
-    cfg = apply_overrides(preset("tiny"), {"remat": "auto"})
-    tc = TrainConfig(steps=10, global_batch=8, seq_len=256, warmup_steps=1)
+    cfg = preset("tiny")
+    tc = TrainConfig(steps=10, global_batch=8, seq_len=256, schedule=ScheduleConfig(warmup_steps=1))
+    assert tc.run.remat == "auto"
     mesh = make_mesh("fsdp=8")
     kern = choose_kernels("cpu")
     assert resolve_remat(cfg, tc, mesh, kern, capacity=64 * 2**30) == "none"
@@ -327,21 +331,22 @@ def test_remat_auto_picks_the_fastest_policy_that_fits():
     order = ("none", "dots", "dots_no_batch", "full")
     assert [order.index(p) for p in picks] == sorted(order.index(p) for p in picks)
     assert picks[-1] == "full" and len(set(picks)) >= 2
-    assert resolve_remat(cfg.replace(remat="dots"), tc, mesh, kern) == "dots"  # explicit wins
+    explicit = tc.replace(run=RunSpec(remat="dots"))
+    assert resolve_remat(cfg, explicit, mesh, kern) == "dots"  # explicit wins
 
 
 def test_bf16_first_adam_moment_option():
     from megamesh.model.transformer import init_params
-    from megamesh.train.config import TrainConfig
+    from megamesh.train.config import OptimizerConfig, TrainConfig
     from megamesh.train.optim import make_optimizer
 
     cfg = apply_overrides(preset("tiny"), {"n_layers": "1", "vocab_size": "300"})
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     shape = params["embed"].shape
     for dtype in ("float32", "bfloat16"):
-        tc = TrainConfig(adam_mu_dtype=dtype)
+        tc = TrainConfig(optimizer=OptimizerConfig(mu_dtype=dtype))
         state = jax.eval_shape(make_optimizer(cfg, tc).init, params)
         moments = [x for x in jax.tree.leaves(state) if getattr(x, "shape", None) == shape]
         assert [str(m.dtype) for m in moments] == [dtype, "float32"]  # mu, nu
-    with pytest.raises(ConfigError, match="adam_mu_dtype='float16' is not allowed: one of float32, bfloat16"):
-        TrainConfig(adam_mu_dtype="float16")
+    with pytest.raises(ConfigError, match="mu_dtype='float16' is not allowed: must be one of float32"):
+        OptimizerConfig(mu_dtype="float16")

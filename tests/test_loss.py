@@ -10,7 +10,7 @@ from megamesh.config import ModelConfig, apply_overrides, preset
 from megamesh.model.loss import cross_entropy
 from megamesh.sharding.mesh import make_mesh
 from megamesh.sharding.rules import activation_sharding, logical_to_spec, mesh_sizes, strategy, vocab_parallel
-from megamesh.train.config import TrainConfig
+from megamesh.train.config import ScheduleConfig, TrainConfig
 
 B, T, D, V = 4, 16, 32, 64
 
@@ -133,7 +133,7 @@ def test_train_step_with_a_chunked_loss_matches_the_unchunked_one(monkeypatch):
 
     cfg = apply_overrides(preset("tiny"), {"d_model": "64", "n_heads": "8", "n_kv_heads": "4",
                                            "d_ff": "128", "vocab_size": "256", "n_layers": "1"})
-    tc = TrainConfig(steps=10, global_batch=8, seq_len=16, warmup_steps=1)
+    tc = TrainConfig(steps=10, global_batch=8, seq_len=16, schedule=ScheduleConfig(warmup_steps=1))
     batches = np.random.default_rng(0).integers(0, 256, (2, 8, 17), dtype=np.int32)
 
     def train(chunk_bytes):

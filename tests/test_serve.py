@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,28 +20,19 @@ import jax
 import openai
 import pytest
 
-from megamesh.serve.engine import Engine, Sampling
+from megamesh.serve.engine import Engine, SamplingParams
 from megamesh.serve.text import END, Detokenizer, StopMatcher, render_chat
 
 SMALL = ["--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.d_ff=256", "--model.vocab_size=1024", "--model.max_seq_len=512"]
-MEGAMESH = [sys.executable, "-m", "megamesh.cli"]
-
-
-def _env(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, corpus, cli) -> Path:
     out = tmp_path_factory.mktemp("serve") / "run"
-    data = Path(json.__file__).parent  # the json package's source: a small real corpus
-    subprocess.run(MEGAMESH + ["train", "--model", "tiny", *SMALL, "--data", str(data), "--steps", "4",
-                               "--batch", "4", "--seq", "128", "--out", str(out), "--no-progress"],
-                   check=True, env=_env(), capture_output=True, timeout=300)
+    r = cli("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch", "4",
+            "--seq", "128", "--out", out, "--no-progress", devices=1)
+    assert r.returncode == 0, r.stderr
     return out
 
 
@@ -74,7 +62,7 @@ def client(server):
     return anthropic.Anthropic(base_url=server.url, api_key="test", max_retries=0)
 
 
-def run_engine(eng: Engine, prompt: list[int], sampling: Sampling):
+def run_engine(eng: Engine, prompt: list[int], sampling: SamplingParams):
     done, events = threading.Event(), []
 
     def emit(ev):
@@ -114,7 +102,7 @@ def test_stop_matcher_holds_back_partial_stops():
 
 
 def test_detokenizer_streams_multibyte_text_whole(run_dir):
-    from megamesh.train.data import load_tokenizer
+    from megamesh.runs import load_tokenizer
 
     tok = load_tokenizer(run_dir / "tokenizer.json")
     text = "déjà vu: 世界 ✓ naïve"
@@ -139,17 +127,17 @@ def test_engine_greedy_equals_model_generate(engine):
     tok = engine.model.tokenizer
     for text in ("def load(path):", "import json\n\nclass Encoder", "x"):
         prompt = tok.encode(text).ids
-        _, out, last = run_engine(engine, prompt, Sampling(max_tokens=24, temperature=0))
+        _, out, last = run_engine(engine, prompt, SamplingParams(max_tokens=24, temperature=0))
         assert out == reference_greedy(engine, prompt, 24)
         assert last.stop_reason in ("max_tokens", "end_turn")
 
 
 def test_engine_seeded_sampling_is_reproducible(engine):
     prompt = engine.model.tokenizer.encode("for key in").ids
-    s = Sampling(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7)
+    s = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=7)
     a = run_engine(engine, prompt, s)[0].out_ids
     assert a == run_engine(engine, prompt, s)[0].out_ids
-    assert a != run_engine(engine, prompt, Sampling(max_tokens=16, temperature=1.0, seed=8))[0].out_ids
+    assert a != run_engine(engine, prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=8))[0].out_ids
 
 
 def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
@@ -161,12 +149,12 @@ def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
     tok = engine.model.tokenizer
     prompts = [tok.encode(f"def f{i}(x):").ids for i in range(12)]
     lengths = [4 + 3 * i for i in range(12)]  # the low slots finish first
-    alone = [run_engine(engine, p, Sampling(max_tokens=n, temperature=0, ignore_eos=True))[0].out_ids
+    alone = [run_engine(engine, p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))[0].out_ids
              for p, n in zip(prompts, lengths)]
     moves, steps = engine.stats["slot_moves"], engine.stats["decode_steps_8"]
     done, reqs = threading.Semaphore(0), []
     for p, n in zip(prompts, lengths):
-        reqs.append(engine.submit(p, Sampling(max_tokens=n, temperature=0, ignore_eos=True),
+        reqs.append(engine.submit(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
                                   lambda ev: done.release() if ev.done else None))
     for _ in reqs:
         assert done.acquire(timeout=120)
@@ -180,7 +168,7 @@ def test_engine_refuses_what_does_not_fit(engine):
     from megamesh.serve.engine import TooLong
 
     with pytest.raises(TooLong, match="exceeds this server's context of 512"):
-        engine.submit([1] * 500, Sampling(max_tokens=20), lambda ev: None)
+        engine.submit([1] * 500, SamplingParams(max_tokens=20), lambda ev: None)
 
 
 def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
@@ -194,8 +182,8 @@ def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
         tok = engine.model.tokenizer
         for text in ("def load(path):", "class JSONDecodeError"):
             prompt = tok.encode(text).ids
-            one = run_engine(engine, prompt, Sampling(max_tokens=20, temperature=0))[0].out_ids
-            eight = run_engine(sharded, prompt, Sampling(max_tokens=20, temperature=0))[0].out_ids
+            one = run_engine(engine, prompt, SamplingParams(max_tokens=20, temperature=0))[0].out_ids
+            eight = run_engine(sharded, prompt, SamplingParams(max_tokens=20, temperature=0))[0].out_ids
             assert one == eight
     finally:
         sharded.stop()
@@ -222,7 +210,7 @@ def test_hugging_face_directory_serves_the_same_tokens(run_dir, engine, tmp_path
     other.start()
     try:
         prompt = m.tokenizer.encode("def dump(obj):").ids
-        greedy = Sampling(max_tokens=12, temperature=0, ignore_eos=True)  # the export has no eos id
+        greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)  # the export has no eos id
         a = run_engine(engine, prompt, greedy)[0].out_ids
         b = run_engine(other, prompt, greedy)[0].out_ids
         assert a == b
@@ -406,7 +394,9 @@ def test_64_concurrent_streams_each_equal_the_request_alone(server, engine):
 def test_disconnected_streams_free_their_slots(server, engine):
     before = engine.stats["finished_cancelled"]
     tokens_before = engine.stats["output_tokens"]
-    body = {"model": "tiny", "max_tokens": 480, "temperature": 0, "stream": True, "ignore_eos": True,
+    # long enough to still be running when the client leaves; with the prompt within max_len 512
+    n = 470
+    body = {"model": "tiny", "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "import json"}]}
 
     def open_and_leave() -> None:
@@ -425,98 +415,68 @@ def test_disconnected_streams_free_their_slots(server, engine):
     # so on a loaded machine a client thread may leave only after its request is done:
     # most must be cancelled, and far fewer tokens made than 12 full requests
     assert engine.stats["finished_cancelled"] - before >= 9
-    assert engine.stats["output_tokens"] - tokens_before < 12 * 480 / 2
+    assert engine.stats["output_tokens"] - tokens_before < 12 * n / 2
 
 
-def _start_cli_server(run_dir: Path, port: int, *extra: str) -> subprocess.Popen:
-    proc = subprocess.Popen(MEGAMESH + ["serve", "--model", str(run_dir), "--port", str(port),
-                                        "--max-len", "512", "--dtype", "float32", *extra],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("megamesh serve did not come up")
+def test_cli_server_limits_and_auth(run_dir, cli_server):
+    server = cli_server("--model", run_dir, "--max-len", "512", "--dtype", "float32", "--slots", "1",
+                        "--max-queue", "1", "--max-concurrent-per-key", "1", "--max-body-mb", "0.01",
+                        "--api-key", "k1", "--api-key", "k2", "--api-key", "k3")
+    url, proc = server.url, server.proc
+    sdk = {k: anthropic.Anthropic(base_url=url, api_key=k, max_retries=0) for k in ("k1", "k2", "k3")}
+    hello = [{"role": "user", "content": "hello"}]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+            model="tiny", max_tokens=3, messages=hello)
+    r = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 3, "messages": hello})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.ContentTooLargeError):
+        sdk["k1"].messages.create(model="tiny", max_tokens=3,
+                                  messages=[{"role": "user", "content": "x" * 20_000}])
+    assert sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello).usage.output_tokens >= 1
+
+    # k1 holds the only slot, k2 waits in the only queue place
+    # long enough to still run while the next requests arrive, whatever the model says
+    long = dict(model="tiny", max_tokens=480, messages=hello,
+                extra_body={"temperature": 0, "ignore_eos": True})
+
+    def queued(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if httpx.get(url + "/health").json()["queue_depth"] >= 1:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # the test model decodes 480 tokens in about a second: on a loaded machine k1 may
+    # finish before k2 reaches the queue, so the scenario is retried (bounded)
+    for _ in range(3):
+        with sdk["k1"].messages.stream(**long) as s1:
+            next(iter(s1.text_stream))
+            with sdk["k2"].messages.stream(**long) as s2:
+                if not queued(10):
+                    continue
+                with pytest.raises(anthropic.OverloadedError) as e:
+                    sdk["k3"].messages.create(model="tiny", max_tokens=3, messages=hello)
+                assert e.value.response.headers["retry-after"] == "1"
+                with pytest.raises(anthropic.RateLimitError):
+                    sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello)
+                s2.close()
+            s1.close()
+        break
+    else:
+        raise AssertionError("k2 never waited in the queue behind k1 in 3 tries")
+    assert proc.poll() is None  # none of that stopped the server
 
 
-def _free_port() -> int:
-    import socket
+def test_serve_bad_arguments_are_clear_errors(tmp_path, capsys):
+    from megamesh.cli import main
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_cli_server_limits_and_auth(run_dir):
-    port = _free_port()
-    proc = _start_cli_server(run_dir, port, "--slots", "1", "--max-queue", "1",
-                             "--max-concurrent-per-key", "1", "--max-body-mb", "0.01",
-                             "--api-key", "k1", "--api-key", "k2", "--api-key", "k3")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        sdk = {k: anthropic.Anthropic(base_url=url, api_key=k, max_retries=0) for k in ("k1", "k2", "k3")}
-        hello = [{"role": "user", "content": "hello"}]
-        with pytest.raises(anthropic.AuthenticationError):
-            anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
-                model="tiny", max_tokens=3, messages=hello)
-        r = httpx.post(url + "/v1/messages", json={"model": "tiny", "max_tokens": 3, "messages": hello})
-        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-        with pytest.raises(anthropic.ContentTooLargeError):
-            sdk["k1"].messages.create(model="tiny", max_tokens=3,
-                                      messages=[{"role": "user", "content": "x" * 20_000}])
-        assert sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello).usage.output_tokens >= 1
-
-        # k1 holds the only slot, k2 waits in the only queue place
-        # long enough to still run while the next requests arrive, whatever the model says
-        long = dict(model="tiny", max_tokens=480, messages=hello,
-                    extra_body={"temperature": 0, "ignore_eos": True})
-
-        def queued(seconds: float) -> bool:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                if httpx.get(url + "/health").json()["queue_depth"] >= 1:
-                    return True
-                time.sleep(0.02)
-            return False
-
-        # the test model decodes 480 tokens in about a second: on a loaded machine k1 may
-        # finish before k2 reaches the queue, so the scenario is retried (bounded)
-        for _ in range(3):
-            with sdk["k1"].messages.stream(**long) as s1:
-                next(iter(s1.text_stream))
-                with sdk["k2"].messages.stream(**long) as s2:
-                    if not queued(10):
-                        continue
-                    with pytest.raises(anthropic.OverloadedError) as e:
-                        sdk["k3"].messages.create(model="tiny", max_tokens=3, messages=hello)
-                    assert e.value.response.headers["retry-after"] == "1"
-                    with pytest.raises(anthropic.RateLimitError):
-                        sdk["k1"].messages.create(model="tiny", max_tokens=3, messages=hello)
-                    s2.close()
-                s1.close()
-            break
-        else:
-            raise AssertionError("k2 never waited in the queue behind k1 in 3 tries")
-        assert proc.poll() is None  # none of that stopped the server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
-def test_serve_bad_arguments_are_clear_errors(tmp_path):
-    r = subprocess.run(MEGAMESH + ["serve", "--model", str(tmp_path / "nothing")], env=_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "is not a directory" in r.stderr
-    r = subprocess.run(MEGAMESH + ["serve", "--model", str(tmp_path), "--slots", "0"], env=_env(),
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "--slots 0 is not allowed" in r.stderr
+    assert main(["serve", "--model", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "is not a directory" in err
+    assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
+    assert "--slots 0 is not allowed" in capsys.readouterr().err
 
 
 def test_bench_client_measures_the_server(server, engine):

@@ -8,7 +8,7 @@ import pytest
 
 from megamesh.config import preset
 from megamesh.model.transformer import forward, init_cache, init_params
-from megamesh.serve.step import build_decode_step
+from megamesh.serve.step import SlotSampling, build_decode_step
 from megamesh.sharding.mesh import make_mesh
 
 
@@ -18,13 +18,12 @@ def test_decode_step_matches_forward(layout, n_dev):
     params = init_params(cfg, jax.random.key(0))
     B, T = 4, 8
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
-    full, _ = forward(params, toks, jnp.broadcast_to(jnp.arange(T), (B, T)), cfg=cfg)
+    full = forward(params, toks, jnp.broadcast_to(jnp.arange(T), (B, T)), cfg=cfg).logits
     ds = build_decode_step(cfg, make_mesh(layout, jax.devices()[:n_dev]), B, 16, dtype="float32")
     p = jax.device_put(params, ds.param_shardings)
     cache = jax.device_put(init_cache(cfg, B, 16, jnp.float32), ds.cache_shardings)
-    greedy = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32), jnp.ones((B,)))
+    greedy = SlotSampling.rows([], B)
     for t in range(T):
-        nxt, logits, cache = ds.fn(p, cache, toks[:, t], jnp.full((B,), t, jnp.int32),
-                                   jnp.zeros((B,), jnp.uint32), *greedy)
+        nxt, logits, cache = ds.fn(p, cache, toks[:, t], jnp.full((B,), t, jnp.int32), greedy)
     assert jnp.allclose(logits, full[:, -1], atol=1e-4)
     assert (nxt == jnp.argmax(full[:, -1], axis=-1)).all()

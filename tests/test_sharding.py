@@ -41,7 +41,7 @@ def rules_for(strat):
 
 def loss_fn(cfg):
     def loss(params, tokens, positions):
-        logits, _, aux = forward(params, tokens, positions, cfg=cfg, with_aux=True)
+        logits, _, _, aux = forward(params, tokens, positions, cfg=cfg)
         logp = jax.nn.log_softmax(logits)
         target = jnp.roll(tokens, -1, axis=1)
         nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)
@@ -54,7 +54,7 @@ def run_both(cfg, layout, strat):
     tokens = jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(32), (8, 32))
     loss = loss_fn(cfg)
-    fwd = lambda p, t, q: forward(p, t, q, cfg=cfg)[0]
+    fwd = lambda p, t, q: forward(p, t, q, cfg=cfg).logits
     ref = jax.jit(fwd)(params, tokens, positions), jax.jit(jax.grad(loss))(params, tokens, positions)
 
     mesh, rules = make_mesh(layout), rules_for(strat)
@@ -203,11 +203,11 @@ def table_gathers(batch):
     """The rules the train step picked, and its compiled all-gathers of a whole table."""
     import re
 
-    from megamesh.train.config import TrainConfig
+    from megamesh.train.config import ScheduleConfig, TrainConfig
     from megamesh.train.step import build_train_step
 
     cfg = apply_overrides(preset("tiny"), {**DENSE, "n_layers": "1"})
-    tc = TrainConfig(steps=10, global_batch=batch, seq_len=16, warmup_steps=1)
+    tc = TrainConfig(steps=10, global_batch=batch, seq_len=16, schedule=ScheduleConfig(warmup_steps=1))
     ts = build_train_step(cfg, tc, make_mesh("fsdp=8"))
     state = ts.abstract_state()
     tokens = jax.ShapeDtypeStruct((batch, 17), jnp.int32, sharding=ts.batch_sharding)

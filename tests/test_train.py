@@ -6,43 +6,31 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import MEGAMESH, cli_env, run_cli
+from megamesh.cli import main
+from megamesh.train.loop import TrainingDiverged
+
 SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--model.d_ff=128", "--model.vocab_size=512", "--train.tokenizer_vocab=512",
+         "--model.d_ff=128", "--model.vocab_size=512", "--train.data.tokenizer_vocab=512",
          "--batch", "8", "--seq", "32", "--no-progress", "--train.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A small slice of the standard library's source: quick to tokenize."""
-    d = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for f in sorted(stdlib.glob("*.py"))[:40]:
-        shutil.copy(f, d / f.name)
-    return d
-
-
-def env_for(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+def train_args(out, corpus, *extra):
+    return ["train", "--out", str(out), "--data", str(corpus), *SMALL, *extra]
 
 
 def train_cmd(out, corpus, *extra):
-    return [sys.executable, "-m", "megamesh.cli", "train", "--out", str(out), "--data", str(corpus),
-            *SMALL, *extra]
+    return [*MEGAMESH, *train_args(out, corpus, *extra)]
 
 
 def run_train(out, corpus, *extra, devices=8, timeout=240):
-    return subprocess.run(train_cmd(out, corpus, *extra), capture_output=True, text=True,
-                          env=env_for(devices), timeout=timeout)
+    return run_cli(*train_args(out, corpus, *extra), devices=devices, timeout=timeout)
 
 
 def losses(out):
@@ -72,7 +60,7 @@ def wait_for_step(out, step, proc, timeout=120):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3")
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=3")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -95,14 +83,14 @@ def test_run_writes_metrics_tensorboard_tokenizer_and_checkpoints(reference):
 
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, reference):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint_every=3"),
-                            env=env_for(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=3"),
+                            env=cli_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_step(out, 7, proc)
     finally:
         proc.kill()
         proc.wait()
-    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume")
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=3", "--resume")
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
     assert losses(out) == losses(reference)  # exact float equality, step for step
@@ -111,8 +99,8 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, refere
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint_every=100"),
-                            env=env_for(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=100"),
+                            env=cli_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(out, 2, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -121,16 +109,16 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
     saved = [int(n) for n in entries if n.isdigit()]
     assert len(saved) == 1 and saved[0] >= 2 and f"after step {saved[0]}" in stdout, (
         f"checkpoints/: {entries}; stdout: {stdout[-2000:]}; stderr: {stderr[-3000:]}")
-    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=100", "--resume")
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=100", "--resume")
     assert r.returncode == 0, r.stderr
     assert losses(out) == losses(reference)
 
 
 def test_resume_onto_a_different_mesh_and_device_count(tmp_path, corpus, reference):
     out = tmp_path / "run"
-    r = run_train(out, corpus, "--steps", "6", "--train.checkpoint_every=3", "--mesh", "fsdp=8")
+    r = run_train(out, corpus, "--steps", "6", "--train.checkpoint.every=3", "--mesh", "fsdp=8")
     assert r.returncode == 0, r.stderr
-    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume",
+    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=3", "--resume",
                   "--mesh", "data=2,tensor=2", devices=4)
     assert r.returncode == 0, r.stderr
     assert "onto mesh data=2,tensor=2" in r.stdout
@@ -142,7 +130,7 @@ def test_resume_onto_a_different_mesh_and_device_count(tmp_path, corpus, referen
     for p in (same_mesh / "checkpoints").iterdir():
         if p.name.isdigit() and int(p.name) > 6:
             shutil.rmtree(p)
-    r = run_train(same_mesh, corpus, "--steps", "12", "--train.checkpoint_every=3", "--resume",
+    r = run_train(same_mesh, corpus, "--steps", "12", "--train.checkpoint.every=3", "--resume",
                   "--mesh", "fsdp=8")
     assert r.returncode == 0, r.stderr
     again = losses(same_mesh)
@@ -151,22 +139,23 @@ def test_resume_onto_a_different_mesh_and_device_count(tmp_path, corpus, referen
     assert set(ref) == set(got)
 
 
-def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus):
+def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_at_steps, capsys):
+    """In process (the guard's fault is injected by a fixture, not a product flag)."""
     out = tmp_path / "skip"
-    r = run_train(out, corpus, "--steps", "6", "--train.fault_nan_steps=2")
-    assert r.returncode == 0, r.stderr
+    nan_at_steps(2)
+    assert main(train_args(out, corpus, "--steps", "6")) == 0
     recs = records(out)
     assert [x["finite"] for x in recs] == [True, True, False, True, True, True]
 
     out = tmp_path / "stop"
-    r = run_train(out, corpus, "--steps", "12", "--train.checkpoint_every=2",
-                  "--train.fault_nan_steps=4,5,6", "--train.max_bad_steps=3")
-    assert r.returncode == 3
-    assert "3 consecutive steps had a non-finite loss" in r.stderr
-    assert "Traceback" not in r.stderr
+    nan_at_steps(4, 5, 6)
+    assert main(train_args(out, corpus, "--steps", "12", "--train.checkpoint.every=2",
+                           "--train.max_bad_steps=3")) == TrainingDiverged.exit_code == 3
+    err = capsys.readouterr().err
+    assert "3 consecutive steps had a non-finite loss" in err and "Traceback" not in err
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == 4  # the last good one (steps 5-7 were bad), intact and restorable
-    r = run_train(out, corpus, "--steps", "8", "--train.checkpoint_every=2", "--resume")
+    r = run_train(out, corpus, "--steps", "8", "--train.checkpoint.every=2", "--resume")
     assert r.returncode == 0, r.stderr
 
 
@@ -177,7 +166,9 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus):
         (["--mesh", "data=3"], "uses 3 devices but there are 8"),
         (["--batch", "6"], "not divisible by the data-parallel size 8"),
         (["--seq", "99999"], "longer than model tiny allows"),
-        (["--train.learning_rate=1"], "unknown override key 'learning_rate'"),
+        (["--train.learning_rate=1"], "unknown override key 'train.learning_rate'"),
+        (["--train.lr=1e-3"], "did you mean train.optimizer.lr?"),
+        (["--train.optimizer.eps=-1"], "train.optimizer.eps=-1.0 is not allowed: must be > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, corpus, args, message):
@@ -203,7 +194,7 @@ def test_empty_data_and_existing_run_and_other_model(tmp_path, corpus, reference
     assert (reference / "metrics.jsonl").read_bytes() == before  # nothing overwritten
 
 
-def test_two_processes_equal_one(tmp_path, corpus):
+def test_two_processes_equal_one(tmp_path, corpus, held_port):
     """2 processes x 2 CPU devices over gloo == 1 process x 4 devices, same global layout."""
     single = tmp_path / "single"
     r = run_train(single, corpus, "--steps", "4", "--mesh", "data=2,fsdp=2", devices=4)
@@ -214,7 +205,7 @@ def test_two_processes_equal_one(tmp_path, corpus):
     def start(port, *extra):
         procs = []
         for pid in range(2):
-            env = env_for(2)
+            env = cli_env(2)
             env.update(MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES="2",
                        MEGAMESH_PROCESS_ID=str(pid))
             procs.append(subprocess.Popen(train_cmd(multi, corpus, "--mesh", "data=2,fsdp=2", *extra),
@@ -222,8 +213,7 @@ def test_two_processes_equal_one(tmp_path, corpus):
                                           text=True))
         return procs
 
-    port = 20000 + os.getpid() % 20000
-    procs = start(port, "--steps", "4")
+    procs = start(held_port, "--steps", "4")
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, e) in zip(procs, outs):
         assert p.returncode == 0, e[-3000:]
@@ -235,7 +225,7 @@ def test_two_processes_equal_one(tmp_path, corpus):
 
     # Preemption of one host: SIGTERM to process 1 only. Both processes agree to stop after
     # the same step, save one checkpoint together and exit 143 (none hangs in a collective).
-    procs = start(port + 1, "--steps", "400", "--resume", "--train.checkpoint_every=1000")
+    procs = start(held_port, "--steps", "400", "--resume", "--train.checkpoint.every=1000")
     wait_for_step(multi, 6, procs[0])
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=120) for p in procs]
@@ -254,10 +244,9 @@ def test_train_starts_from_a_hugging_face_directory(tmp_path, corpus):
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "megamesh.cli", "train", "--out", str(out), "--data", str(corpus),
-           "--model", str(tmp_path / "hf"), "--train.tokenizer_vocab=512", "--batch", "8", "--seq", "32",
-           "--steps", "2", "--no-progress"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env_for(8), timeout=240)
+    r = run_cli("train", "--out", out, "--data", corpus, "--model", tmp_path / "hf",
+                "--train.data.tokenizer_vocab=512", "--batch", "8", "--seq", "32", "--steps", "2",
+                "--no-progress", timeout=240)
     assert r.returncode == 0, r.stderr
     assert "initialized from the model directory's weights" in r.stdout
     # HF's init (std 0.02) gives near-uniform logits: loss ~ ln(512) = 6.24, unlike megamesh's init

@@ -7,19 +7,18 @@ naming the offending field and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from megamesh.errors import ConfigError
+from megamesh.fileio import read_json_or_yaml
+from megamesh.settings import apply_overrides, build, dotted, require, to_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
-# "auto": the train step picks the fastest of none, dots, dots_no_batch, full that the
-# planner's memory model says fits the device (`train.step.resolve_remat`)
-REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "full", "offload")
+# Keys older megamesh versions wrote into a model config and that moved elsewhere: dropped
+# when a saved config is read (`remat` is a run setting now: `runspec.RunSpec.remat`).
+LEGACY_KEYS = ("remat",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,14 +31,14 @@ class RopeScaling:
     original_max_position: int = 8192
 
     def validate(self) -> None:
-        _require(self.factor >= 1.0, "rope_scaling.factor", self.factor, ">= 1")
-        _require(
+        require(self.factor >= 1.0, "rope_scaling.factor", self.factor, ">= 1")
+        require(
             0 < self.low_freq_factor < self.high_freq_factor,
             "rope_scaling.low_freq_factor",
             self.low_freq_factor,
             f"0 < low_freq_factor < high_freq_factor ({self.high_freq_factor})",
         )
-        _require(self.original_max_position > 0, "rope_scaling.original_max_position",
+        require(self.original_max_position > 0, "rope_scaling.original_max_position",
                  self.original_max_position, "> 0")
 
 
@@ -59,17 +58,17 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
 
     def validate(self, n_layers: int) -> None:
-        _require(self.n_experts >= 1, "moe.n_experts", self.n_experts, ">= 1")
-        _require(1 <= self.top_k <= self.n_experts, "moe.top_k", self.top_k,
+        require(self.n_experts >= 1, "moe.n_experts", self.n_experts, ">= 1")
+        require(1 <= self.top_k <= self.n_experts, "moe.top_k", self.top_k,
                  f"1 <= top_k <= n_experts ({self.n_experts})")
-        _require(self.d_ff_expert >= 1, "moe.d_ff_expert", self.d_ff_expert, ">= 1")
-        _require(self.n_shared_experts >= 0, "moe.n_shared_experts", self.n_shared_experts, ">= 0")
-        _require(0 <= self.n_dense_layers < n_layers, "moe.n_dense_layers", self.n_dense_layers,
+        require(self.d_ff_expert >= 1, "moe.d_ff_expert", self.d_ff_expert, ">= 1")
+        require(self.n_shared_experts >= 0, "moe.n_shared_experts", self.n_shared_experts, ">= 0")
+        require(0 <= self.n_dense_layers < n_layers, "moe.n_dense_layers", self.n_dense_layers,
                  f"0 <= n_dense_layers < n_layers ({n_layers})")
         if self.capacity_factor is not None:
-            _require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
+            require(self.capacity_factor > 0, "moe.capacity_factor", self.capacity_factor,
                      "> 0, or null for dropless")
-        _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, ">= 0")
+        require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", self.aux_loss_coef, ">= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +92,6 @@ class ModelConfig:
     max_seq_len: int = 4096
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    remat: str = "auto"
     # Published parameter counts (total, active) with their source; checked by tests.
     published_params: tuple[float, float] | None = None
     published_source: str = ""
@@ -117,21 +115,20 @@ class ModelConfig:
     def validate(self) -> None:
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             v = getattr(self, f)
-            _require(isinstance(v, int) and v >= 1, f, v, "a positive integer")
+            require(isinstance(v, int) and v >= 1, f, v, "a positive integer")
         if self.head_dim is None:
-            _require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
+            require(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
                      f"a divisor of d_model ({self.d_model}), or set head_dim explicitly")
         else:
-            _require(self.head_dim >= 2, "head_dim", self.head_dim, ">= 2")
-        _require(self.resolved_head_dim % 2 == 0, "head_dim", self.resolved_head_dim,
+            require(self.head_dim >= 2, "head_dim", self.head_dim, ">= 2")
+        require(self.resolved_head_dim % 2 == 0, "head_dim", self.resolved_head_dim,
                  "an even number (RoPE rotates pairs)")
-        _require(self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
+        require(self.n_kv_heads <= self.n_heads and self.n_heads % self.n_kv_heads == 0,
                  "n_kv_heads", self.n_kv_heads, f"a divisor of n_heads ({self.n_heads})")
-        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
-        _require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
-        _require(self.compute_dtype in DTYPES, "compute_dtype", self.compute_dtype, f"one of {DTYPES}")
-        _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"one of {REMAT_POLICIES}")
+        require(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "> 0")
+        require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"one of {DTYPES}")
+        require(self.compute_dtype in DTYPES, "compute_dtype", self.compute_dtype, f"one of {DTYPES}")
         if self.rope_scaling is not None:
             self.rope_scaling.validate()
         if self.moe is not None:
@@ -141,15 +138,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if d["published_params"] is not None:
-            d["published_params"] = list(d["published_params"])
-        return d
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is not allowed: must be {allowed}")
+        return to_dict(self)
 
 
 # --------------------------------------------------------------------------- presets
@@ -255,117 +244,21 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-# --------------------------------------------------------------------------- dicts, files, overrides
-
-_NESTED = {"moe": MoEConfig, "rope_scaling": RopeScaling}
+# --------------------------------------------------------------------------- dicts, files
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key {where + unknown[0]!r}: allowed keys are {', '.join(names)}"
-        )
-    hints = _hints(cls)
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], where + key)
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        missing = [n for n in names if n not in data and _is_required(cls, n)]
-        raise ConfigError(f"{where or 'config'} is missing required keys: {', '.join(missing)}") from e
-
-
-def _is_required(cls: type, name: str) -> bool:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _coerce(value: Any, typ: Any, name: str) -> Any:
-    """Check (and, for strings from the command line, convert) a value to a field's type."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        typ = args[0]
-        origin = typing.get_origin(typ)
-    if typ in (MoEConfig, RopeScaling):
-        if isinstance(value, typ):
-            return value
-        return _build(typ, value, name + ".")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}={value!r} is not allowed: must be a list")
-        return tuple(float(v) for v in value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ConfigError(f"{name}={value!r} is not allowed: must be true or false")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name}={value!r} is not allowed: must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value)
-            except ValueError:
-                f = math.nan
-            if f.is_integer():
-                return int(f)
-        raise ConfigError(f"{name}={value!r} is not allowed: must be an integer")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{name}={value!r} is not allowed: must be a number")
-    if typ is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}={value!r} is not allowed: must be a string")
-        return value
-    return value
-
-
-def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a mapping; `{"base": "tiny", ...}` starts from a preset."""
-    data = dict(data)
+def config_from_dict(data: dict[str, Any], *, saved: bool = False) -> ModelConfig:
+    """A ModelConfig from a mapping; `{"base": "tiny", ...}` starts from a preset.
+    `saved`: a config megamesh wrote (a checkpoint's), where LEGACY_KEYS are dropped."""
+    data = {k: v for k, v in data.items() if not (saved and k in LEGACY_KEYS)}
     base = data.pop("base", None)
     if base is not None:
-        return apply_overrides(preset(str(base)), _flatten(data))
-    return _build(ModelConfig, data, "")
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and k in _NESTED:
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
+        return apply_overrides(preset(str(base)), dotted(data, ModelConfig))
+    return build(ModelConfig, data)
 
 
 def load_config_file(path: str | Path) -> ModelConfig:
     """Load a model config from a .json, .yaml or .yml file."""
-    from megamesh.fileio import read_json_or_yaml
-
     p = Path(path)
     if p.is_file() and p.suffix not in (".json", ".yaml", ".yml"):
         raise ConfigError(f"config file {str(p)!r}: allowed suffixes are .json, .yaml, .yml")
@@ -373,67 +266,9 @@ def load_config_file(path: str | Path) -> ModelConfig:
     return config_from_dict(data)
 
 
-def _nested_class(typ: Any) -> type | None:
-    """The dataclass a field holds (through `X | None`), or None for plain fields."""
-    args = typing.get_args(typ) if typing.get_origin(typ) in (typing.Union, types.UnionType) else (typ,)
-    return next((a for a in args if dataclasses.is_dataclass(a)), None)
-
-
-def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Apply dotted-key overrides (`n_layers=4`, `moe.top_k=1`) to a frozen config dataclass.
-
-    Values from the command line are strings and are converted to each field's type; an
-    unknown key is an error listing the allowed ones.
-    """
-    cls = type(cfg)
-    hints = _hints(cls)
-    changes: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
-    for key, value in overrides.items():
-        head, _, rest = key.partition(".")
-        if head not in hints:
-            raise ConfigError(f"unknown override key {key!r}: allowed keys are {', '.join(hints)}")
-        if rest:
-            if _nested_class(hints[head]) is None:
-                raise ConfigError(f"unknown override key {key!r}: {head!r} has no sub-keys")
-            nested.setdefault(head, {})[rest] = value
-        else:
-            changes[head] = _coerce(value, hints[head], key)
-    for head, sub in nested.items():
-        current = changes.get(head, getattr(cfg, head))
-        if current is None:
-            raise ConfigError(f"cannot override {head}.* on a config without {head}; set {head} first")
-        sub_hints = _hints(type(current))
-        for k in sub:
-            if k.partition(".")[0] not in sub_hints:
-                raise ConfigError(f"unknown override key {head + '.' + k!r}: allowed keys are "
-                                  + ", ".join(f"{head}.{n}" for n in sub_hints))
-        changes[head] = apply_overrides(current, sub)
-    try:
-        return dataclasses.replace(cfg, **changes)
-    except TypeError as e:
-        raise ConfigError(str(e)) from e
-
-
-def parse_overrides(items: list[str], prefix: str = "") -> dict[str, str]:
-    """Parse `key=value` strings (optionally with a required `prefix.`) into a dict."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not allowed: must look like key=value")
-        key = key.lstrip("-")
-        if prefix:
-            if not key.startswith(prefix + "."):
-                raise ConfigError(f"override {item!r} must start with {prefix}.")
-            key = key[len(prefix) + 1:]
-        out[key] = value
-    return out
-
-
 __all__ = [
     "DTYPES",
-    "REMAT_POLICIES",
+    "LEGACY_KEYS",
     "MoEConfig",
     "ModelConfig",
     "PRESETS",
@@ -441,6 +276,5 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "load_config_file",
-    "parse_overrides",
     "preset",
 ]

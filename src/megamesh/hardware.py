@@ -1,7 +1,7 @@
 """Accelerator catalog: per-chip peak FLOP/s, HBM, interconnect, power and price, with sources.
 
-Pure Python (plan and fleet import it). Figures are per chip, dense (no sparsity), from
-../shared/reference/hardware.md, which names the source of every row:
+Pure Python (plan and fleet import it). Figures are per chip, dense (no sparsity); the
+source of every row (docs/sources.md):
 - TPUs: Google Cloud TPU docs (docs.cloud.google.com/tpu/docs/tpu7x, /v5p, /v6e, /v5e,
   cloud.google.com/tpu/docs/v4); per-link ICI and DCN from jax-ml/scaling-book `tpus.md`.
 - GPUs: jax-ml/scaling-book `gpus.md`; glennklockwood.com/garden/processors/h100.

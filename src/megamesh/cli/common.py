@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from megamesh.config import ModelConfig, parse_overrides
+from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
+from megamesh.settings import parse_overrides
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str | None = "tiny") -> None:

@@ -7,9 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+from megamesh.cli.common import split_overrides
+from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
+from megamesh.model.backend import choose_kernels, planner_kernels
+from megamesh.model.source import model_config
+from megamesh.plan.cost import estimate
+from megamesh.plan.layout import Layout, Workload, place
+from megamesh.plan.memory import decode_memory
+from megamesh.plan.search import search
+from megamesh.plan.target import Target, parse_target
+from megamesh.runspec import REMAT_POLICIES, SEARCHED_REMATS, RunSpec, read_plan
+from megamesh.sharding.logical import parse_layout
+from megamesh.train.config import ScheduleConfig, TrainConfig
 
 GiB = 2**30
 
@@ -30,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--microbatches", type=int, default=1)
-    p.add_argument("--remat", help="none, dots_no_batch, dots, full, offload (default: the plan's or full)")
+    p.add_argument("--remat", help=f"{', '.join(r for r in REMAT_POLICIES if r != 'auto')} (default: "
+                   "the plan's; with --mesh, full; else the planner's best)")
     p.add_argument("--kernels", default="auto",
                    help="kernel overrides, e.g. attention=reference,moe=einsum (default: the "
                    "TPU's: splash attention, grouped MoE, native bf16 matmuls)")
@@ -40,15 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from megamesh.cli.common import split_overrides
-    from megamesh.model.source import model_config
-    from megamesh.plan.target import Target, parse_target
-
     if args.step not in ("train", "decode"):
         raise ConfigError(f"--step {args.step!r} is not allowed: one of train, decode")
     if args.save:
-        from pathlib import Path
-
         if Path(args.save).exists():  # say so before minutes of compiling, not after
             raise ConfigError(f"{args.save} already exists: megamesh does not overwrite outputs; "
                               "choose another path or remove it")
@@ -60,69 +68,56 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"--slices {args.slices} is not allowed: must be >= 1")
         target = Target(target.chip, args.slices * target.n_slices, target.slice_chips,
                         target.topology)
-    from megamesh.model.backend import choose_kernels, planner_kernels
-
     kernels = choose_kernels("tpu", args.kernels)  # checked before minutes of compiling
-    mesh, remat, mb, seq, batch = args.mesh, args.remat, args.microbatches, args.seq, args.batch
+    spec = RunSpec(layout=args.mesh or "", remat=args.remat or "full", microbatches=args.microbatches,
+                   kernels=args.kernels)
+    seq, batch = args.seq, args.batch
     if args.plan:
-        try:
-            with open(args.plan) as f:
-                plan = json.load(f)
-            best = plan["best"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"--plan {args.plan}: not a `megamesh plan --json` file ({e})") from None
-        from megamesh.plan.layout import refuse_planner_only
-
-        refuse_planner_only(f"--plan {args.plan}: its layout {best['layout_text']}", "compile",
-                            stages=best.get("pipeline_stages", 1),
-                            offload_optimizer=best.get("offload_optimizer", False))
-        mesh = mesh or best["layout_text"]
-        remat = remat or best["remat"]
-        mb = best.get("microbatches", mb)
-        seq, batch = plan.get("seq", seq), batch or plan.get("batch")
+        plan = read_plan(args.plan)
+        plan.spec.check_runnable(f"--plan {args.plan}: its layout {plan.spec.layout}", "compile")
+        # the plan's run, with the flags given here on top
+        spec = plan.spec.replace(**{k: v for k, v in (("layout", args.mesh), ("remat", args.remat))
+                                    if v}, kernels=args.kernels if args.kernels != "auto"
+                                 else plan.spec.kernels)
+        seq, batch = plan.seq_len, batch or plan.global_batch
     batch = batch or target.chips
     if args.step == "decode":
-        return compile_decode_and_compare(cfg, target, mesh or f"tensor={target.slice_devices}",
+        return compile_decode_and_compare(cfg, target, spec.layout or f"tensor={target.slice_devices}",
                                           seq, batch, as_json=args.json, save=args.save)
     est = None
-    if not mesh:
-        from megamesh.plan.layout import Workload
-        from megamesh.plan.search import search
-
+    if not spec.layout:
         res = search(Workload(cfg, seq, batch, kernels=planner_kernels(kernels)), target,
-                     remats=(remat,) if remat else ("none", "dots_no_batch", "dots", "full"))
+                     remats=(args.remat,) if args.remat else SEARCHED_REMATS)
         if not res.ranked:
             raise ConfigError(f"the planner finds no layout of {cfg.name} that fits "
                               f"{target.describe()}; give --mesh to compile one anyway")
         est = res.ranked[0]
-        mesh, remat, mb = est.layout.text(), est.layout.remat, est.layout.microbatches
-    remat = remat or "full"
-    return compile_and_compare(cfg.replace(remat=remat), target, mesh, seq, batch, mb,
-                               as_json=args.json, save=args.save, estimate_=est,
-                               kernels=args.kernels)
+        spec = spec.replace(layout=est.layout.text(), remat=est.layout.remat,
+                            microbatches=est.layout.microbatches)
+    return compile_and_compare(cfg, target, spec, seq, batch, as_json=args.json, save=args.save,
+                               estimate_=est)
 
 
-def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, mb: int, *,
-                        as_json: bool, save: str | None, estimate_: Any = None,
-                        kernels: str = "auto") -> int:
-    from megamesh.compile.aot import compile_train
-    from megamesh.model.backend import choose_kernels, planner_kernels
-    from megamesh.plan.cost import estimate
-    from megamesh.plan.layout import Layout, Workload, place
-    from megamesh.sharding.mesh import parse_layout
-    from megamesh.train.config import TrainConfig
-
-    sizes = parse_layout(mesh)
-    tc = TrainConfig(global_batch=batch, seq_len=seq, microbatches=mb, steps=2, warmup_steps=1,
-                     kernels=kernels)
-    chosen = choose_kernels("tpu", kernels, sizes)
+def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: int, batch: int, *,
+                        as_json: bool, save: str | None, estimate_: Any = None) -> int:
+    """Compile the train step of `spec` for `target` and compare with the plan (exit 3
+    when it does not fit)."""
+    if spec.remat == "auto":
+        spec = spec.replace(remat="full")
+    sizes = parse_layout(spec.layout)
+    tc = TrainConfig(global_batch=batch, seq_len=seq, steps=2, run=spec,
+                     schedule=ScheduleConfig(warmup_steps=1))
+    chosen = choose_kernels("tpu", spec.kernels, sizes)
     if estimate_ is None:
-        lay = Layout(sizes, remat=cfg.remat, microbatches=mb, placement=place(sizes, target))
+        lay = Layout(sizes, remat=spec.remat, microbatches=spec.microbatches,
+                     placement=place(sizes, target))
         estimate_ = estimate(Workload(cfg, seq, batch, kernels=planner_kernels(chosen)), target, lay)
-    print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {mb} microbatches, remat "
-          f"{cfg.remat}, kernels {chosen.describe()}) for {target.describe()} with {mesh} ...",
-          file=sys.stderr)
-    r = compile_train(cfg, tc, target, mesh, save=save)
+    print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {spec.microbatches} "
+          f"microbatches, remat {spec.remat}, kernels {chosen.describe()}) for "
+          f"{target.describe()} with {spec.layout} ...", file=sys.stderr)
+    from megamesh.compile.aot import compile_train  # jax: only once a compile is asked for
+
+    r = compile_train(cfg, tc, target, save=save)
     pred = {"hbm_per_device_bytes": estimate_.memory.total, "flops": estimate_.flops_per_device}
     got = {"hbm_per_device_bytes": r.hbm["total"], "flops": r.flops}
     err = {k: (pred[k] / got[k] - 1) if got[k] else None for k in pred}
@@ -147,16 +142,13 @@ def compile_and_compare(cfg: Any, target: Any, mesh: str, seq: int, batch: int, 
 
 def compile_decode_and_compare(cfg: Any, target: Any, mesh: str, max_len: int, batch: int, *,
                                as_json: bool, save: str | None) -> int:
-    from megamesh.compile.aot import compile_decode
-    from megamesh.plan.layout import Layout, place
-    from megamesh.plan.memory import decode_memory
-    from megamesh.sharding.mesh import parse_layout
-
     sizes = parse_layout(mesh)
     lay = Layout(sizes, placement=place(sizes, target))
     mem = decode_memory(cfg, lay, batch, max_len, tpu=target.is_tpu)
     print(f"compiling {cfg.name} decode step ({batch} slots x {max_len} tokens, bf16 weights) "
           f"for {target.describe()} with {mesh} ...", file=sys.stderr)
+    from megamesh.compile.aot import compile_decode
+
     r = compile_decode(cfg, target, mesh, batch, max_len, save=save)
     err = mem.total / r.hbm["total"] - 1 if r.hbm.get("total") else None
     if as_json:

@@ -45,10 +45,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"--steps {args.steps} is not allowed: >= 1")
     import yaml
 
-    from megamesh.fleet.launch import load_plan, manifests
+    from megamesh.fleet.launch import manifests
+    from megamesh.runspec import read_plan
 
     m = manifests(
-        load_plan(args.plan),
+        read_plan(args.plan),
         name=args.name,
         image=args.image,
         out_dir=args.out_dir,

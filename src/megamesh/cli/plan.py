@@ -8,6 +8,7 @@ import json
 import re
 import sys
 
+from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*([\d.]+)\s*(s|m|h|d|w)?\s*$")
@@ -74,6 +75,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.plan.layout import REMATS, Workload
     from megamesh.plan.search import search
     from megamesh.plan.target import parse_target
+    from megamesh.runspec import plan_json
 
     over = split_overrides(extra, ("model", "chip"))
     cfg = model_config(args.model, over["model"])
@@ -126,11 +128,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           "sequence or a smaller batch per device")
     best = res.ranked[0]
     train = questions.training_answer(w, target, best, tokens)
+    spec = best.layout.run_spec(w)
+    target_spec = target.topology_name if target.n_slices == 1 else f"{target.chip.name}:{target.chips}"
+    run_entry = plan_json(args.model, target_spec, args.seq, batch, spec, best.mfu)
     if args.plot:
         report.plot(res.ranked, args.plot, f"{cfg.name} on {target.describe()}")
     if args.json:
-        out = {"model": cfg.name, "target": target.describe(), "target_spec": target.topology_name
-               if target.n_slices == 1 else f"{target.chip.name}:{target.chips}", "chips": target.chips,
+        out = {"model": cfg.name, "target": target.describe(), "target_spec": target_spec,
+               "chips": target.chips, "run": run_entry,
                "seq": args.seq, "batch": batch, "precision": args.precision,
                "kernels": args.kernels, "considered": res.considered,
                "best": best.to_json(target), "training": train,
@@ -153,6 +158,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if train["cost_usd"] is not None:
             print(f"; ${train['cost_usd']:,.0f} ({train['price_source']})", end="")
         print()
+        note = "; " + ", ".join(spec.planner_only()) + " are planner only" if spec.planner_only() else ""
+        print(f"run spec: {spec.layout or 'data=1'}, remat {spec.remat}, {spec.microbatches} "
+              f"microbatch(es), kernels {spec.kernels}{note}; `megamesh train` flags: "
+              + " ".join(spec.train_args()))
         print("estimates are approximate (analytic cost model; see BENCHMARKS.md for its "
               "calibration against published runs)")
     if args.verify:
@@ -163,15 +172,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def _verify(cfg, target, w, best) -> int:
     if not target.is_tpu:
         raise ConfigError("--verify compiles for TPUs only; this target is a GPU")
-    from megamesh.plan.layout import refuse_planner_only
-
-    refuse_planner_only(f"the best layout {best.layout.text()}", "verify",
-                        stages=best.layout.stages,
-                        offload_optimizer=best.layout.offload_optimizer)
-    from megamesh.cli.compile_cmd import compile_and_compare
-
+    spec = best.layout.run_spec(w)
+    spec.check_runnable(f"the best layout {best.layout.text()}", "verify")
     print(f"\nverifying {best.layout.text()} by compiling the train step for "
           f"{target.topology_name} x {target.n_slices} ...", file=sys.stderr)
-    return compile_and_compare(cfg.replace(remat=best.layout.remat), target, best.layout.text(),
-                               w.seq, w.batch, best.layout.microbatches, as_json=False, save=None,
+    return compile_and_compare(cfg, target, spec, w.seq, w.batch, as_json=False, save=None,
                                estimate_=best)

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    fwd = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg))
+    fwd = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg)[::2])  # (logits, cache)
 
     t0 = time.perf_counter()
     logits, _ = jax.block_until_ready(fwd(params, tokens, positions, None))
@@ -111,17 +111,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 def train_and_sample(cfg, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from megamesh.config import apply_overrides
     from megamesh.model.generate import generate
+    from megamesh.runs import EOS, load_tokenizer
+    from megamesh.settings import apply_overrides
     from megamesh.train.config import TrainConfig, default_warmup
-    from megamesh.train.data import EOS, load_tokenizer
     from megamesh.train.loop import train
 
     out = Path(args.out)
     tc = apply_overrides(TrainConfig(), {"steps": args.steps, "global_batch": 8, "seq_len": args.seq,
-                                         "warmup_steps": default_warmup(args.steps),
-                                         "checkpoint_every": max(1, args.steps // 4),
-                                         "eval_every": max(1, args.steps // 4)})
+                                         "schedule.warmup_steps": default_warmup(args.steps),
+                                         "checkpoint.every": max(1, args.steps // 4),
+                                         "eval.every": max(1, args.steps // 4)}, "train.")
     resume = (out / "checkpoints").exists()
     print(f"training {cfg.name} for {tc.steps} steps into {out}" + (" (resuming)" if resume else ""))
     result = train(cfg, tc, out, resume=resume)

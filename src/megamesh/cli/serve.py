@@ -14,7 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "Hugging Face directory on 127.0.0.1 by default.")
     p.add_argument("--model", required=True, help="training run directory or Hugging Face directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, "
+                   "printed in the 'serving on' line)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept only these keys (x-api-key or Authorization: Bearer); repeatable")
     p.add_argument("--name", help="model id clients send (default: the model's name)")
@@ -37,15 +38,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     for flag in ("slots", "max_queue", "max_concurrent_per_key"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
-    if not 0 < args.port < 65536:
-        raise ConfigError(f"--port {args.port} is not allowed: 1..65535")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not allowed: 0..65535 (0: any free port)")
     if args.max_body_mb <= 0:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
-    from megamesh.serve.server import build_engine, check_port_free
+    from megamesh.serve.server import bind, build_engine, serve
 
-    check_port_free(args.host, args.port)
-    import uvicorn
-
+    sock = bind(args.host, args.port)  # held while the engine compiles
+    port = sock.getsockname()[1]
     from megamesh.serve.api import Settings, create_app
 
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
@@ -60,10 +60,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_concurrent_per_key=args.max_concurrent_per_key)
     app = create_app(engine, settings)
-    print(f"serving on http://{args.host}:{args.port}  (POST /v1/messages, /v1/chat/completions; "
+    print(f"serving on http://{args.host}:{port}  (POST /v1/messages, /v1/chat/completions; "
           "GET /v1/models, /health, /metrics)", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+        serve(app, sock)
     finally:
         engine.stop()
     return 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megamesh.cli.common import add_model_args, split_overrides
-from megamesh.config import apply_overrides
+from megamesh.cli.common import split_overrides
 from megamesh.model.source import model_config
+from megamesh.runspec import read_plan
+from megamesh.settings import apply_overrides
 from megamesh.train.config import TrainConfig, default_warmup
 
 
@@ -15,7 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (default: tiny on the Python stdlib source)",
                        description="Train on this machine's devices. Override any training field "
                        "with --train.KEY=VALUE and any model field with --model.KEY=VALUE.")
-    add_model_args(p, default="tiny")
+    p.add_argument("--model", default=None,
+                   help="preset name, config file (.json/.yaml) or Hugging Face directory "
+                   "(default: the --plan's model, else tiny); override fields with --model.FIELD=VALUE")
+    p.add_argument("--plan", help="a `megamesh plan --json` file: run its model, sequence length, "
+                   "batch and run spec (layout, remat, microbatches, kernels); flags override it")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
     p.add_argument("--data", nargs="+", default=None,
                    help="text files or folders, .jsonl (text field), .parquet (text column); "
@@ -26,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, help="sequence length in tokens")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--accum", type=int, help="gradient-accumulation microbatches per step")
-    p.add_argument("--remat", help="remat policy: none, dots, dots_no_batch, full, offload "
-                   "(layer inputs and attention projections to host memory)")
+    p.add_argument("--remat", help="remat policy: auto (default: the fastest that fits), none, dots, "
+                   "dots_no_batch, full, offload (layer inputs and attention projections to host memory)")
     p.add_argument("--kernels", help="kernel overrides, e.g. attention=blockwise,moe=einsum "
                    "(default: the platform's; see model/backend.py)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
@@ -36,19 +41,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_configs(args: argparse.Namespace, extra: list[str]):
+    """(model config, train config): the --plan's run, then --train.* overrides, then flags."""
     over = split_overrides(extra, ("model", "train"))
-    model_over = dict(over["model"])
-    if args.remat:
-        model_over["remat"] = args.remat
-    cfg = model_config(args.model, model_over)
-    train_over = dict(over["train"])
-    for flag, key in (("steps", "steps"), ("batch", "global_batch"), ("seq", "seq_len"), ("lr", "lr"),
-                      ("accum", "microbatches"), ("kernels", "kernels")):
+    train_over: dict[str, object] = {}
+    model = args.model
+    if args.plan:
+        plan = read_plan(args.plan)
+        plan.spec.check_runnable(f"--plan {args.plan}", "train")
+        model = model or plan.model
+        train_over.update({"seq_len": plan.seq_len, "global_batch": plan.global_batch})
+        train_over.update({f"run.{k}": v for k, v in plan.spec.to_dict().items()})
+    args.model = model or "tiny"
+    cfg = model_config(args.model, over["model"])
+    train_over.update(over["train"])
+    for flag, key in (("steps", "steps"), ("batch", "global_batch"), ("seq", "seq_len"),
+                      ("lr", "optimizer.lr"), ("mesh", "run.layout"), ("remat", "run.remat"),
+                      ("accum", "run.microbatches"), ("kernels", "run.kernels")):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
-    if "steps" in train_over and "warmup_steps" not in train_over:
-        train_over["warmup_steps"] = default_warmup(int(train_over["steps"]))
-    return cfg, apply_overrides(TrainConfig(), train_over)
+    if "steps" in train_over and "schedule.warmup_steps" not in train_over:
+        train_over["schedule.warmup_steps"] = default_warmup(int(train_over["steps"]))
+    return cfg, apply_overrides(TrainConfig(), train_over, "train.")
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
@@ -64,8 +77,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     from megamesh.model.backend import choose_kernels
 
-    choose_kernels(jax.default_backend(), tc.kernels)  # a bad --kernels fails before data prep
-    result = train(cfg, tc, args.out, data_paths=args.data, layout=args.mesh, resume=args.resume,
+    choose_kernels(jax.default_backend(), tc.run.kernels)  # a bad --kernels fails before data prep
+    result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume,
                    progress=False if args.no_progress else None,
                    initial_params=load_weights(args.model))
     if result.preempted:

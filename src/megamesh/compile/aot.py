@@ -9,14 +9,25 @@ is lowered with abstract (`ShapeDtypeStruct`) arguments and compiled by XLA:TPU.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from megamesh.compile.hlo import collectives, dot_flops
 from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
+from megamesh.fileio import write_new_file
 from megamesh.plan.target import Target
+from megamesh.serve.step import build_decode_step
+from megamesh.sharding.mesh import format_layout, make_mesh
+from megamesh.sharding.rules import mesh_sizes
+from megamesh.train.step import build_train_step
 
 
 class DoesNotFit(MegameshError):
@@ -58,14 +69,9 @@ def topology_devices(target: Target) -> list[Any]:
     if not target.is_tpu:
         raise MegameshError(f"compile needs a TPU target; {target.chip.name} is not a TPU "
                             "(plan it with `megamesh plan` instead)")
-    import os
-
     # Compile-only use never touches a TPU: let several processes (parallel compiles, a
     # test beside a user's run) load libtpu instead of failing on its lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    import jax
-    from jax.experimental import topologies
-
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
                                             num_slices=target.n_slices)
@@ -76,7 +82,6 @@ def topology_devices(target: Target) -> list[Any]:
     if len(devs) != target.devices:
         raise MegameshError(f"libtpu made {len(devs)} devices for {target.topology_name} x "
                             f"{target.n_slices}, expected {target.devices}")
-    del jax
     return devs
 
 
@@ -85,25 +90,17 @@ _OOM = re.compile(r"(?:used|needs?|requires?)\D{0,40}?([\d.]+)\s*([KMGT])i?B?.{0
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
-def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
-                  *, save: str | None = None) -> CompileReport:
-    """Compile megamesh's train step for `target`; never raises for an out-of-HBM step."""
-    import jax
-    import jax.numpy as jnp
-
-    from megamesh.compile.hlo import collectives, dot_flops
-    from megamesh.sharding.mesh import format_layout, make_mesh
-    from megamesh.sharding.rules import mesh_sizes
-    from megamesh.train.step import build_train_step
-
+def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
+                  save: str | None = None) -> CompileReport:
+    """Compile megamesh's train step (the run spec `tc.run`: layout, remat, kernels) for
+    `target`; never raises for an out-of-HBM step."""
     devs = topology_devices(target)
-    mesh = make_mesh(layout, devs)
+    mesh = make_mesh(tc.run.layout or None, devs)
     ts = build_train_step(cfg, tc, mesh, hbm_bytes=target.chip.device_hbm_bytes)
     state = ts.abstract_state()
     batch = jax.ShapeDtypeStruct((tc.global_batch, tc.seq_len + 1), jnp.int32,
                                  sharding=ts.batch_sharding)
-    report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train",
-                      save, collectives, dot_flops)
+    report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train", save)
     report.extra["kernels"] = ts.kernels.describe()
     report.extra["remat"] = ts.remat
     return report
@@ -112,22 +109,15 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, layout: str | None,
 def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: int,
                    max_len: int, *, dtype: str = "bfloat16", save: str | None = None) -> CompileReport:
     """Compile the serving decode step (`serve.step.build_decode_step`) for `target`."""
-    from megamesh.compile.hlo import collectives, dot_flops
-    from megamesh.serve.step import build_decode_step
-    from megamesh.sharding.mesh import format_layout, make_mesh
-    from megamesh.sharding.rules import mesh_sizes
-
     devs = topology_devices(target)
     mesh = make_mesh(layout, devs)
     ds = build_decode_step(cfg, mesh, batch, max_len, dtype=dtype)
     return _compile(ds.fn, ds.abstract_args(cfg), target, format_layout(mesh_sizes(mesh)),
-                    "decode", save, collectives, dot_flops)
+                    "decode", save)
 
 
-def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save: str | None,
-             collectives: Any, dot_flops: Any) -> CompileReport:
-    import jax
-
+def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str,
+             save: str | None) -> CompileReport:
     n = target.devices
     cap = target.chip.device_hbm_bytes
     t0 = time.perf_counter()
@@ -160,8 +150,6 @@ def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str, save:
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
     if save:
-        from megamesh.fileio import write_new_file
-
         write_new_file(save, _serialize(compiled))
     text = compiled.as_text()
     return CompileReport(target.topology_name, layout, step, n, hbm["total"] <= cap, cap, hbm,

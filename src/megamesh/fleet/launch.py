@@ -19,13 +19,13 @@ Pure Python (no cluster needed).
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.hardware import CHIPS
+from megamesh.plan.target import parse_target
+from megamesh.runspec import PlanFile
 
 CHIPS_PER_HOST = {"tpu7x": 4, "v5p": 4, "v4": 4, "v6e": 4, "v5e": 4}
 GKE_ACCELERATOR = {
@@ -164,27 +164,8 @@ JOBSET_SCHEMA: dict[str, Any] = {
 }
 
 
-def load_plan(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"--plan {path!r} does not exist (write one with `megamesh plan ... --json > plan.json`)"
-        )
-    try:
-        plan = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--plan {path!r} is not JSON: {e}") from None
-    for key in ("model", "target_spec", "seq", "batch", "best"):
-        if key not in plan:
-            raise ConfigError(
-                f"--plan {path!r} lacks {key!r}: write it with `megamesh plan --json` "
-                "(a training plan, not --serve)"
-            )
-    return plan
-
-
 def manifests(
-    plan: dict[str, Any],
+    plan: PlanFile,
     *,
     name: str,
     image: str,
@@ -194,15 +175,12 @@ def manifests(
     namespace: str = "default",
     volume_claim: str | None = None,
 ) -> dict[str, Any]:
-    from megamesh.plan.layout import refuse_planner_only
-    from megamesh.plan.target import parse_target
-
     if not _NAME.match(name):
         raise ConfigError(
             f"--name {name!r} is not allowed: lowercase letters, digits and '-', starting "
             "with a letter, at most 40 characters (it prefixes pod hostnames)"
         )
-    target = parse_target(plan["target_spec"])
+    target = parse_target(plan.target)
     chip = target.chip.name
     if chip not in GKE_ACCELERATOR:
         raise ConfigError(
@@ -213,22 +191,20 @@ def manifests(
     hosts = max(1, target.slice_chips // per_host)
     topology = "x".join(map(str, target.topology))
     n_procs = hosts * target.n_slices
-    best = plan["best"]
-    layout = best["layout_text"]
-    refuse_planner_only(f"the plan's layout {layout}", "launch", stages=best.get("pipeline_stages", 1),
-                        offload_optimizer=best.get("offload_optimizer", False))
+    spec = plan.spec
+    layout = spec.layout or "data=1"
+    spec.check_runnable(f"the plan's layout {layout}", "launch")
     coordinator = f"{name}-slice-0-0.{name}"
     train = [
         "megamesh",
         "train",
         "--model",
-        plan["model"],
-        "--mesh",
-        layout,
+        plan.model,
+        *spec.train_args(),
         "--seq",
-        str(plan["seq"]),
+        str(plan.seq_len),
         "--batch",
-        str(plan["batch"]),
+        str(plan.global_batch),
         "--out",
         f"{out_dir.rstrip('/')}/{name}",
         "--no-progress",
@@ -236,8 +212,6 @@ def manifests(
     ]
     if steps:
         train += ["--steps", str(steps)]
-    if plan["best"].get("remat"):
-        train += ["--remat", plan["best"]["remat"]]
     script = (
         f"export MEGAMESH_PROCESS_ID=$(( MEGASCALE_SLICE_ID * {hosts} + JOB_COMPLETION_INDEX )); "
         f"exec {' '.join(train)}"
@@ -295,8 +269,8 @@ def manifests(
             "namespace": namespace,
             "labels": {"app.kubernetes.io/managed-by": "megamesh"},
             "annotations": {
-                "megamesh.dev/plan": f"{plan['model']} on {plan['target_spec']}, "
-                f"layout {layout}, predicted MFU {plan['best'].get('mfu', 0):.3f}"
+                "megamesh.dev/plan": f"{plan.model} on {plan.target}, "
+                f"layout {layout}, predicted MFU {plan.mfu:.3f}"
             },
         },
         "spec": {

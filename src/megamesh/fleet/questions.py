@@ -22,7 +22,7 @@ from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.fleet.scenario import CHIPS_PER_HOST, Scenario, TrainingJob, parse_date
-from megamesh.fleet.sim import _planner_numbers, simulate
+from megamesh.fleet.sim import planner_numbers, simulate
 from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
 
@@ -57,7 +57,7 @@ def largest_model(s: Scenario, by: str, reference_model: str = "llama3.1-405b") 
             chip_h += max(0.0, min(free, headroom)) * dt
         prev = p
     ref = TrainingJob(name="reference", model=reference_model, tokens=1.0, chips=s.pod_chips)
-    mfu = _planner_numbers("train", ref, s)["mfu"]
+    mfu = planner_numbers("train", ref, s)["mfu"]
     avg_chips = chip_h / t_by
     rate = _job_rate(s, int(avg_chips))
     mtbf = 1 / rate if rate > 0 else math.inf

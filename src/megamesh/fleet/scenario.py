@@ -8,14 +8,13 @@ is allowed. Pure Python.
 Time is in hours from `start` (a date); dates in the file are ISO (`2026-03-01`).
 
 Failure defaults reproduce Llama 3's 419 unexpected interruptions in 54 days on 16,384
-GPUs (arXiv 2407.21783 as summarized in ../shared/reference/hardware.md: 4.7e-4 per
+GPUs (arXiv 2407.21783; docs/sources.md: 4.7e-4 per
 GPU-day, 1.97e-5 per accelerator-hour). TPU failure rates are not published: the split
 between chip, host and pod failures is an assumption (parameters, marked unconfirmed).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,9 @@ from typing import Any
 
 from megamesh.config import PRESETS
 from megamesh.errors import ConfigError
+from megamesh.fileio import read_json_or_yaml
 from megamesh.hardware import CHIPS
+from megamesh.settings import build, require, to_dict
 
 LLAMA3_RATE_PER_CHIP_HOUR = 419 / (54 * 24 * 16384)  # 1.973e-5 unexpected interruptions
 CHIPS_PER_HOST = 4  # TPU v4/v5p/tpu7x hosts drive 4 chips
@@ -131,7 +132,7 @@ class Scenario:
         return sum(a.pods for a in self.arrivals)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
 
 def parse_date(text: str, where: str) -> dt.date:
@@ -151,50 +152,13 @@ def month_date(text: str, where: str) -> dt.date:
 # ---------------------------------------------------------------------- loading and checks
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown field; allowed: {', '.join(names)}")
-    kwargs = {}
-    for k, v in data.items():
-        sub = f"{where}.{k}" if where else k
-        if k == "arrivals":
-            kwargs[k] = [_build(Arrival, a, f"{sub}[{i}]") for i, a in enumerate(_list(v, sub))]
-        elif k == "jobs":
-            kwargs[k] = [_build(TrainingJob, j, f"{sub}[{i}]") for i, j in enumerate(_list(v, sub))]
-        elif k == "serving":
-            kwargs[k] = [_build(ServingDemand, s, f"{sub}[{i}]") for i, s in enumerate(_list(v, sub))]
-        elif k == "failures":
-            kwargs[k] = _build(Failures, v, sub)
-        else:
-            kwargs[k] = v
-    missing = [
-        f.name
-        for f in names.values()
-        if f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where + '.' if where else ''}{missing[0]}: required field is missing")
-    return cls(**kwargs)
-
-
-def _list(v: Any, where: str) -> list:
-    if not isinstance(v, list):
-        raise ConfigError(f"{where}: expected a list")
-    return v
-
-
 def _num(v: Any, where: str, *, lo: float | None = 0.0, strict: bool = False, integer: bool = False) -> None:
+    """A number check in the engine's words (`where=value is not allowed: must be ...`);
+    files are type-checked by `settings.build`, this also covers scenarios built in Python."""
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (not integer or float(v).is_integer())
-    if not ok:
-        raise ConfigError(f"{where}: {v!r} is not allowed: must be {'an integer' if integer else 'a number'}")
-    if lo is not None and (v < lo or (strict and v == lo)):
-        raise ConfigError(f"{where}: {v!r} is not allowed: must be {'>' if strict else '>='} {lo}")
+    require(ok, where, v, "an integer" if integer else "a number")
+    if lo is not None:
+        require(not (v < lo or (strict and v == lo)), where, v, f"{'>' if strict else '>='} {lo:g}")
 
 
 def validate(s: Scenario) -> Scenario:
@@ -280,12 +244,10 @@ def validate(s: Scenario) -> Scenario:
 
 
 def from_dict(data: dict[str, Any]) -> Scenario:
-    return validate(_build(Scenario, data, ""))
+    return validate(build(Scenario, data))
 
 
 def load(path: str | Path) -> Scenario:
-    from megamesh.fileio import read_json_or_yaml
-
     data = read_json_or_yaml(path, "--scenario")
     return from_dict(data if data is not None else {})
 

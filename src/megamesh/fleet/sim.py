@@ -34,6 +34,8 @@ Model (each simplification is a parameter or stated here):
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import heapq
 import math
 import random
@@ -41,9 +43,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from megamesh.config import preset
 from megamesh.errors import ConfigError
 from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
 from megamesh.fleet.theory import daly_interval
+from megamesh.plan.layout import Workload
+from megamesh.plan.questions import serving_answer
+from megamesh.plan.search import search
+from megamesh.plan.target import parse_target
 
 BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
 
@@ -132,7 +139,7 @@ class Fleet:
         self.t = 0.0
         self.jobs: dict[str, Job] = {}
         self.serving: list[Serving] = []
-        self.planner = planner or _planner_numbers
+        self.planner = planner or planner_numbers
         self.integrals = Counter()
         self.peak_power_mw = 0.0
         self.series: list[dict[str, float]] = []
@@ -464,65 +471,84 @@ class Fleet:
         job = self.jobs[name]
         return job if job.version == version else None
 
+    # ------------------------------------------------------------------ events
+    # One handler per event kind, (time, payload) -> None; `run` dispatches on the kind.
+
+    @property
+    def handlers(self) -> dict[str, Any]:
+        return {"pods": self._on_pods, "submit": self._on_submit, "tick": self._on_tick,
+                "restarted": self._on_restarted, "finish": self._on_finish,
+                "failure": self._on_failure, "repaired": self._on_repaired}
+
+    def _on_pods(self, t: float, n: int) -> None:
+        for _ in range(n):
+            self.pod_used.append(0)
+            self.free_total += self.cubes_per_pod
+        target = int(self.s.spare_fraction * len(self.pod_used) * self.cubes_per_pod)
+        self.spares = max(0, target - self.in_repair)
+        self.resize_serving()
+        self.schedule()
+
+    def _on_submit(self, t: float, name: str) -> None:
+        job = self.jobs[name]
+        job.state, job.t_state = "queued", t
+        self.n_queued += 1
+        self.schedule()
+
+    def _on_tick(self, t: float, _: Any) -> None:
+        self.resize_serving()
+        self.schedule()
+        self._sample()
+
+    def _on_restarted(self, t: float, payload: Any) -> None:
+        job = self._job_event(payload)
+        if job is not None:
+            job.badput["restart"] += t - job.t_state
+            self._set_state(job, "running")
+
+    def _on_finish(self, t: float, payload: Any) -> None:
+        job = self._job_event(payload)
+        if job is None:
+            return
+        remaining = job.work_h - job.done_h
+        k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
+        job.badput["checkpoint"] += k * job.save_h
+        job.done_h = job.work_h
+        job.productive_h += remaining
+        job.finish = t
+        self._release(job.alloc)
+        self.training_cubes -= job.cubes
+        job.alloc = []
+        job.state, job.version = "done", job.version + 1
+        self.schedule()
+
+    def _on_failure(self, t: float, payload: Any) -> None:
+        job = self._job_event(payload)
+        if job is not None:
+            self._fail(job)
+
+    def _on_repaired(self, t: float, payload: Any) -> None:
+        what, name, version = payload
+        if what == "spare":
+            self.in_repair -= 1
+            self.spares += 1
+            self.schedule()
+            return
+        job = self.jobs[name]
+        if job.version == version:
+            job.badput["repair_wait"] += t - job.t_state
+            self._set_state(job, "restarting")
+
     def run(self) -> dict[str, Any]:
         horizon = self.s.horizon_h
+        handlers = self.handlers
         while self.heap:
             t, _, kind, payload = heapq.heappop(self.heap)
             if t > horizon:
                 break
             self.advance(t)
             self.events += 1
-            if kind == "pods":
-                for _ in range(payload):
-                    self.pod_used.append(0)
-                    self.free_total += self.cubes_per_pod
-                target = int(self.s.spare_fraction * len(self.pod_used) * self.cubes_per_pod)
-                self.spares = max(0, target - self.in_repair)
-                self.resize_serving()
-                self.schedule()
-            elif kind == "submit":
-                job = self.jobs[payload]
-                job.state, job.t_state = "queued", t
-                self.n_queued += 1
-                self.schedule()
-            elif kind == "tick":
-                self.resize_serving()
-                self.schedule()
-                self._sample()
-            elif kind == "restarted":
-                job = self._job_event(payload)
-                if job is not None:
-                    job.badput["restart"] += t - job.t_state
-                    self._set_state(job, "running")
-            elif kind == "finish":
-                job = self._job_event(payload)
-                if job is not None:
-                    remaining = job.work_h - job.done_h
-                    k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
-                    job.badput["checkpoint"] += k * job.save_h
-                    job.done_h = job.work_h
-                    job.productive_h += remaining
-                    job.finish = t
-                    self._release(job.alloc)
-                    self.training_cubes -= job.cubes
-                    job.alloc = []
-                    job.state, job.version = "done", job.version + 1
-                    self.schedule()
-            elif kind == "failure":
-                job = self._job_event(payload)
-                if job is not None:
-                    self._fail(job)
-            elif kind == "repaired":
-                what, name, version = payload
-                if what == "spare":
-                    self.in_repair -= 1
-                    self.spares += 1
-                    self.schedule()
-                else:
-                    job = self.jobs[name]
-                    if job.version == version:
-                        job.badput["repair_wait"] += t - job.t_state
-                        self._set_state(job, "restarting")
+            handlers[kind](t, payload)
             if self.check:
                 self.check_invariants()
         self.advance(max(self.t, horizon))  # integrate up to the horizon
@@ -669,67 +695,50 @@ class Fleet:
 def _date(s: Scenario, t: float | None) -> str | None:
     if t is None:
         return None
-    import datetime as dt
-
     return (dt.datetime.combine(s.t_start, dt.time()) + dt.timedelta(hours=t)).strftime("%Y-%m-%dT%H:%M")
 
 
 # ---------------------------------------------------------------------- planner numbers
 
 
-_CACHE: dict[tuple, dict[str, float]] = {}
+@functools.lru_cache(maxsize=512)
+def _train_numbers(model: str, chips: int, seq: int, batch: int, chip: str) -> dict[str, float] | None:
+    """The planner's best layout for one training job (None: none fits). Cached: a
+    simulation asks for the same job at every (re)start; bounded across simulations."""
+    w = Workload(preset(model), seq=seq, batch=batch)
+    res = search(w, parse_target(f"{chip}:{chips}"))
+    if not res.ranked:
+        return None
+    best = res.ranked[0]
+    return {"tokens_per_h": w.tokens / best.step_time_s * 3600, "mfu": best.mfu,
+            "step_time_s": best.step_time_s}
 
 
-def _planner_numbers(kind: str, spec: Any, s: Scenario) -> dict[str, float]:
-    """Throughput of a training job or serving replica from megamesh's planner."""
-    from megamesh.config import preset
-    from megamesh.plan.layout import Workload
-    from megamesh.plan.questions import serving_answer
-    from megamesh.plan.search import search
-    from megamesh.plan.target import parse_target
+@functools.lru_cache(maxsize=512)
+def _serve_numbers(model: str, input_tokens: int, output_tokens: int, slo_tpot_ms: float | None,
+                   slo_ttft_ms: float | None, chip: str, pod_chips: int) -> dict[str, float]:
+    a = serving_answer(preset(model), parse_target(f"{chip}:{pod_chips}"), qps=1.0,
+                       input_tokens=input_tokens, output_tokens=output_tokens,
+                       slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms)
+    return {"tokens_per_s_per_chip": a["decode_tokens_per_s_per_chip"],
+            "chips_per_replica": a["chips_per_replica"]}
 
+
+def planner_numbers(kind: str, spec: Any, s: Scenario) -> dict[str, float]:
+    """Throughput of a training job ("train": tokens_per_h, mfu, step_time_s) or of a
+    serving replica ("serve": tokens_per_s_per_chip, chips_per_replica) from megamesh's
+    planner."""
     if kind == "train":
         batch = spec.batch or max(spec.chips // 8, 1)
-        key = ("train", spec.model, spec.chips, spec.seq, batch, s.chip)
-        if key not in _CACHE:
-            w = Workload(preset(spec.model), seq=spec.seq, batch=batch)
-            res = search(w, parse_target(f"{s.chip}:{spec.chips}"))
-            if not res.ranked:
-                raise ConfigError(
-                    f"job {spec.name!r}: {spec.model} does not fit {spec.chips:,} {s.chip} "
-                    f"chips at batch {batch} x {spec.seq} (megamesh plan finds no layout)"
-                )
-            best = res.ranked[0]
-            _CACHE[key] = {
-                "tokens_per_h": w.tokens / best.step_time_s * 3600,
-                "mfu": best.mfu,
-                "step_time_s": best.step_time_s,
-            }
-        return _CACHE[key]
-    key = (
-        "serve",
-        spec.model,
-        spec.input_tokens,
-        spec.output_tokens,
-        spec.slo_tpot_ms,
-        spec.slo_ttft_ms,
-        s.chip,
-    )
-    if key not in _CACHE:
-        a = serving_answer(
-            preset(spec.model),
-            parse_target(f"{s.chip}:{s.pod_chips}"),
-            qps=1.0,
-            input_tokens=spec.input_tokens,
-            output_tokens=spec.output_tokens,
-            slo_ttft_ms=spec.slo_ttft_ms,
-            slo_tpot_ms=spec.slo_tpot_ms,
-        )
-        _CACHE[key] = {
-            "tokens_per_s_per_chip": a["decode_tokens_per_s_per_chip"],
-            "chips_per_replica": a["chips_per_replica"],
-        }
-    return _CACHE[key]
+        got = _train_numbers(spec.model, spec.chips, spec.seq, batch, s.chip)
+        if got is None:
+            raise ConfigError(
+                f"job {spec.name!r}: {spec.model} does not fit {spec.chips:,} {s.chip} "
+                f"chips at batch {batch} x {spec.seq} (megamesh plan finds no layout)"
+            )
+        return got
+    return _serve_numbers(spec.model, spec.input_tokens, spec.output_tokens, spec.slo_tpot_ms,
+                          spec.slo_ttft_ms, s.chip, s.pod_chips)
 
 
 def simulate(scenario: Scenario, *, check: bool = False, planner: Any = None) -> tuple[dict[str, Any], Fleet]:

@@ -9,6 +9,9 @@ kernels XLA cannot partition (Pallas, cuDNN, the grouped MoE's sort) under `shar
 Layers never branch on the platform: they call `model.kernels.causal_attention`,
 `model.moe.dispatch_compute_combine` and `matmul_inputs`, which read the choice here.
 Implementations: `model.kernels` (attention), `model.moe` (MoE), `model.blockwise`.
+The platform's other tuning lives here too: the loss's slice size (LOSS_CHUNK_BYTES) and
+the serving engine's decode batch buckets (DECODE_BATCH_MULTIPLE). Pure Python at import
+(the planner reads the tables without jax).
 
 Matmul modes:
 - `f32`: bf16 operands widened to f32 (same values; products accumulate in f32 either
@@ -28,8 +31,6 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import jax
 
 from megamesh.errors import ConfigError
 
@@ -62,6 +63,22 @@ PLATFORM_DEFAULTS = {
     "gpu": Kernels(attention="cudnn", moe="einsum", matmul="native", platform="gpu"),
     "cpu": Kernels(attention="blockwise", moe="einsum", matmul="f32", platform="cpu"),
 }
+
+
+# Per-device f32 logits per slice of the train step's fused cross-entropy
+# (`train.step.loss_chunks`; the planner's memory model reads it too).
+# CPU: slices this size stay in the caches between the head's matmul, the softmax and the
+# gradient's two matmuls (bench model, 8 devices: 8 and 16 MiB slices measured alike,
+# 32 MiB slower). Accelerators: large enough that the per-slice re-read of the head and
+# of its f32 gradient accumulator (~0.1 ms each on HBM for a 2048 x 32000 head) stays a
+# few percent of the step, small enough that no (tokens, vocab) array is held whole.
+LOSS_CHUNK_BYTES = {"cpu": 16 * 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
+
+# The serving engine's decode batch buckets are multiples of this many rows. XLA:CPU's
+# logits for a row are then bit-identical whatever the bucket (checked: 4 rows vs 32
+# differ in the last bits), so a request's tokens never depend on the load; 8 is also the
+# row tile (sublanes) of TPU vregs. Not measured on GPUs or TPUs.
+DECODE_BATCH_MULTIPLE = {"cpu": 8, "gpu": 8, "tpu": 8}
 
 
 def choose_kernels(platform: str, overrides: str = "auto",
@@ -121,7 +138,11 @@ _ACTIVE: contextvars.ContextVar[tuple[Kernels, PerDevice | None] | None] = \
 def active() -> tuple[Kernels, PerDevice | None]:
     """The kernels installed for this trace, or the default backend's (no runner)."""
     got = _ACTIVE.get()
-    return got if got is not None else (choose_kernels(jax.default_backend()), None)
+    if got is not None:
+        return got
+    import jax  # only here: the rest of this module is pure Python, which the planner reads
+
+    return choose_kernels(jax.default_backend()), None
 
 
 @contextlib.contextmanager

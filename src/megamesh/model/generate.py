@@ -67,7 +67,7 @@ def generate(params: Any, cfg: ModelConfig, prompt: list[int], max_new_tokens: i
     if total > cfg.max_seq_len:
         raise ValueError(f"prompt {n} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_seq_len {cfg.max_seq_len}")
-    fwd = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg))
+    fwd = jax.jit(lambda p, t, q, c: forward(p, t, q, c, cfg=cfg)[::2])  # (logits, cache)
     samp = jax.jit(sample)
     cache = init_cache(cfg, 1, total)
     logits, cache = fwd(params, jnp.asarray([prompt], jnp.int32), jnp.arange(n, dtype=jnp.int32)[None], cache)

@@ -8,7 +8,7 @@ Layer weights are stacked along a leading "layers" axis so the forward pass can 
 them. A MoE model with `moe.n_dense_layers > 0` has two stacks: `dense_layers` (the
 first k, dense MLP) then `layers` (MoE MLP).
 
-FLOP convention (../shared/reference/calibration.md): model FLOPs per token =
+FLOP convention (MaxText's since its PR #1988; docs/sources.md): model FLOPs per token =
 2 * (active matmul parameters) forward, 6 * ... for a training step, plus attention,
 with causal attention counted once (half of the full T x T score matrix).
 """
@@ -147,7 +147,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int, *, causal: bool = 
     """Forward attention FLOPs (QK^T and AV) per token, averaged over a sequence of seq_len.
 
     Full attention is 4 * S * H * Dh per layer per token; causal attention counts half
-    the score matrix (the convention of calibration.md and MaxText).
+    the score matrix (the convention of MaxText and docs/sources.md).
     """
     full = 4.0 * seq_len * cfg.n_heads * cfg.resolved_head_dim * cfg.n_layers
     return full / 2 if causal else full

@@ -1,6 +1,6 @@
 """The decoder: one forward pass for training, prefill and decode.
 
-    forward(params, tokens, positions, cache=None, *, cfg) -> (logits, cache)
+    forward(params, tokens, positions, cache=None, *, cfg) -> Output(logits, hidden, cache, aux)
 
 - training: cache=None; tokens (B, T) attend causally by index (`kernels.causal_attention`,
   the platform's kernel); positions give RoPE angles.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ from megamesh.model.backend import matmul_inputs, native_matmuls
 from megamesh.model.kernels import causal_attention
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
+from megamesh.runspec import REMAT_POLICIES
 
 Params = dict[str, Any]
 Cache = dict[str, dict[str, jax.Array]]
@@ -39,6 +40,8 @@ Cache = dict[str, dict[str, jax.Array]]
 # Saved to host memory under remat "offload" (MaxText's names and its v6e recipes' policy):
 # each layer's input and its attention projections; attention and the MLP are recomputed.
 OFFLOADED = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")
+# each remat policy of `runspec.REMAT_POLICIES` ("auto" is resolved by the train step,
+# "none" saves everything): what a layer saves for the backward pass
 REMAT = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -47,6 +50,16 @@ REMAT = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED),
         offload_src="device", offload_dst="pinned_host"),
 }
+assert set(REMAT) | {"auto", "none"} == set(REMAT_POLICIES), "a remat policy without an implementation"
+
+
+class Output(NamedTuple):
+    """What `forward` returns (a pytree: None fields are empty)."""
+
+    logits: jax.Array | None  # (B, T, V) float32; (B, 1, V) with logits_at; None with logits=False
+    hidden: jax.Array  # the final normed hidden state (B, T, D) in compute dtype
+    cache: Cache | None  # the updated KV cache; None when training
+    aux: jax.Array  # MoE load-balancing loss (mean over MoE layers; 0 for dense models)
 
 
 # --------------------------------------------------------------------------- parameters
@@ -248,18 +261,19 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
-            *, cfg: ModelConfig, with_aux: bool = False, attend_len: int | None = None,
-            logits_at: jax.Array | None = None, hidden: bool = False) -> Any:
-    """Logits (B, T, V) in float32 and the updated cache (None when training).
+            *, cfg: ModelConfig, remat: str = "none", attend_len: int | None = None,
+            logits_at: jax.Array | None = None, logits: bool = True) -> Output:
+    """One pass of the decoder (`Output`: logits, hidden state, cache, MoE aux loss).
 
-    With a cache: `attend_len` (static) limits attention to the first attend_len cache
-    slots (a shape bucket: every position written or attended must be below it);
-    `logits_at` (B,) computes the logits only at that token index of each row, (B, 1, V)
-    (a prefill needs just its last prompt token's). With `with_aux=True` also returns the
-    MoE load-balancing loss (mean over MoE layers; 0 for dense models) as a third value.
-    With `hidden=True` the first value is the final normed hidden state (B, T, D) in
-    compute dtype instead of the logits (for a loss that applies `head_weight` itself).
+    Training: cache=None; `remat` (a resolved `runspec.REMAT_POLICIES` name) says what each
+    layer saves for the backward pass. With a cache: `attend_len` (static) limits attention
+    to the first attend_len cache slots (a shape bucket: every position written or attended
+    must be below it); `logits_at` (B,) computes the logits only at that token index of
+    each row, (B, 1, V) (a prefill needs just its last prompt token's). `logits=False`
+    skips the output head (a loss that applies `head_weight` itself reads `hidden`).
     """
+    if remat == "auto":
+        raise ValueError("remat 'auto' must be resolved before the forward pass (train.step.resolve_remat)")
     cd = jnp.dtype(cfg.compute_dtype)
     specs = param_specs(cfg)
     x = embed_lookup(params["embed"], tokens, specs["embed"].axes, cd)  # (B,T,D)
@@ -283,8 +297,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
                 x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe)
                 return x, aux
 
-            if cfg.remat not in ("none", "auto"):  # "auto" is resolved by the train step
-                body = jax.checkpoint(body, policy=REMAT[cfg.remat], prevent_cse=False)
+            if remat != "none":
+                body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
             x, aux = jax.lax.scan(body, x, params[stack.name])
         else:
             # the stack's cache rides in the loop carry and is updated in place
@@ -306,12 +320,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
 
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None].astype(jnp.int32), axis=1)  # (B,1,D)
-    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    if hidden:
-        out = constrain(x, ("batch", "seq", "embed"))
+    hidden = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    out = None
+    if not logits:  # the loss reads it: laid out like the residual stream
+        hidden = constrain(hidden, ("batch", "seq", "embed"))
     else:
-        out = constrain(dense(x, head_weight(params, cfg), out_dtype=jnp.float32),
+        out = constrain(dense(hidden, head_weight(params, cfg), out_dtype=jnp.float32),
                         ("batch", "seq", "vocab"))
-    if with_aux:
-        return out, new_cache, aux_total / max(n_moe, 1)
-    return out, new_cache
+    return Output(logits=out, hidden=hidden, cache=new_cache, aux=aux_total / max(n_moe, 1))

@@ -12,7 +12,26 @@ Per device, per step:
   sequence-parallel K/V all-gathers and expert all-to-alls sit on the critical path.
 
 Efficiency constants (the only fitted numbers; calibrated on the published rows of
-../shared/reference/calibration.md, see BENCHMARKS.md "Planner calibration"):
+bench/plan_calibration.py, sources in docs/sources.md; BENCHMARKS.md "Planner calibration"):
+
+- MXU_EFFICIENCY: share of peak FLOP/s that large bf16 matmuls sustain;
+- ICI_EFFICIENCY and DCN_EFFICIENCY: achieved share of link bandwidth;
+- OVERLAP: share of the local step time that async collectives can hide under;
+- ELEMENTWISE_TRAFFIC: HBM bytes moved by element-wise work (norms,
+  RoPE, residual adds, SwiGLU) as a multiple of one bf16 read and write of their operands
+  (f32 upcasts inside norms, the backward pass re-reading them);
+- MOE_IMBALANCE: expert matmuls take this much longer than their FLOPs
+  say, because the step waits for the busiest expert (routing is never perfectly even).
+Approximate by nature: a torus axis is assumed to get the share of the chip's links its
+size spans (log n / log slice size, at least one torus dimension).
+
+Pipeline parallelism (planner only; megamesh's step has no stages yet) follows the
+interleaved 1F1B schedule of Megatron-LM (Narayanan et al., SC'21): P stages across DCN,
+V chunks per stage, M microbatches; the busiest stage paces the step (layers round up per
+chunk), the bubble adds (P - 1) / (V M) of the busy time, activations and their
+gradients cross each chunk boundary point to point (asynchronous, hidden like the other
+async collectives), and FSDP gathers a stage's weights once per step and keeps them for
+all microbatches (as Llama 3 did: no re-shard after forward).
 """
 
 from __future__ import annotations
@@ -23,6 +42,7 @@ from dataclasses import dataclass, field
 from megamesh.model.specs import flops_per_token, layer_stacks, splash_block
 from megamesh.plan.layout import Layout, Workload
 from megamesh.plan.memory import (
+    ADAM_BYTES,
     Memory,
     estimate_memory,
     layer_activation_bytes,
@@ -38,26 +58,28 @@ DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
 OVERLAP = 0.9  # share of local step time under which async collectives can hide
 MOE_IMBALANCE = 1.25  # expert work runs at the pace of the busiest expert (top-k routing)
 ELEMENTWISE_TRAFFIC = 3.0  # HBM bytes of element-wise ops, x one bf16 read+write of operands
-__doc__ += f"""
-- MXU_EFFICIENCY = {MXU_EFFICIENCY}: share of peak FLOP/s that large bf16 matmuls sustain;
-- ICI_EFFICIENCY = {ICI_EFFICIENCY} and DCN_EFFICIENCY = {DCN_EFFICIENCY}: achieved share of link bandwidth;
-- OVERLAP = {OVERLAP}: share of the local step time that async collectives can hide under;
-- ELEMENTWISE_TRAFFIC = {ELEMENTWISE_TRAFFIC}: HBM bytes moved by element-wise work (norms,
-  RoPE, residual adds, SwiGLU) as a multiple of one bf16 read and write of their operands
-  (f32 upcasts inside norms, the backward pass re-reading them);
-- MOE_IMBALANCE = {MOE_IMBALANCE}: expert matmuls take this much longer than their FLOPs
-  say, because the step waits for the busiest expert (routing is never perfectly even).
-Approximate by nature: a torus axis is assumed to get the share of the chip's links its
-size spans (log n / log slice size, at least one torus dimension).
 
-Pipeline parallelism (planner only; megamesh's step has no stages yet) follows the
-interleaved 1F1B schedule of Megatron-LM (Narayanan et al., SC'21): P stages across DCN,
-V chunks per stage, M microbatches; the busiest stage paces the step (layers round up per
-chunk), the bubble adds (P - 1) / (V M) of the busy time, activations and their
-gradients cross each chunk boundary point to point (asynchronous, hidden like the other
-async collectives), and FSDP gathers a stage's weights once per step and keeps them for
-all microbatches (as Llama 3 did: no re-shard after forward).
-"""
+# Counts, not fitted (what the step does per parameter, per layer or per token):
+# AdamW's update reads f32 params, grads and both moments (4 x 4 B) and writes params and
+# moments (3 x 4 B): 28 bytes per parameter a device holds.
+OPTIMIZER_UPDATE_BYTES = 28
+# f32 logits cross HBM about 6 times per token, 4 bytes each: written by the head's
+# matmul, read and written by the softmax and its gradient, read by the backward GEMMs
+# (a count of the passes, not a measurement).
+LOGITS_F32_PASSES = 6
+# Tensor-parallel all-reduces per layer and pass (Megatron-LM, Shoeybi et al. 2019): one
+# after attention's output projection and one after the MLP in the forward pass, the
+# same two on the input gradients backward; full remat repeats the forward's.
+TP_ALL_REDUCES_PER_PASS = 2
+# Expert parallelism: one all-to-all to dispatch tokens to experts and one to combine
+# them, per MoE layer and pass (forward, backward, and the recomputed forward of full remat).
+EP_ALL_TO_ALLS_PER_PASS = 2
+
+
+def forward_passes(remat: str) -> int:
+    """Forward passes over each layer per step: 1, plus the recompute of full remat
+    (the other policies recompute element-wise work only, not matmuls or collectives)."""
+    return 2 if remat == "full" else 1
 
 
 @dataclass
@@ -102,7 +124,7 @@ class Estimate:
         }
 
 
-def _axis_bw(target: Target, n_ici: int) -> float:
+def axis_bandwidth(target: Target, n_ici: int) -> float:
     """Collective bandwidth (bytes/s egress per device) of an ICI axis of n_ici devices."""
     c = target.chip
     egress = c.ici_bw / 2 / c.devices_per_chip * ICI_EFFICIENCY
@@ -119,7 +141,7 @@ def gather_parts(target: Target, layout: Layout, axis: str, full_bytes: float) -
     ni, nd = layout.ici(axis), layout.dcn(axis)
     ici = dcn = 0.0
     if ni > 1:
-        ici = full_bytes * (ni - 1) / ni / _axis_bw(target, ni)
+        ici = full_bytes * (ni - 1) / ni / axis_bandwidth(target, ni)
     if nd > 1:
         c = target.chip
         dcn = full_bytes / ni * (nd - 1) / nd / (c.dcn_bw / c.devices_per_chip * DCN_EFFICIENCY)
@@ -237,7 +259,9 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     flops_dev = hw_per_token * w.tokens / n_dev * imbalance
     paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev + cp_pacing
     t_flops = paced / (peak_dev * MXU_EFFICIENCY)
-    passes = 4 if layout.remat == "full" else 3
+    # weight-streaming matmul passes per microbatch: forward, the backward's two GEMMs,
+    # and the recomputed forward of full remat
+    passes = 2 + forward_passes(layout.remat)
     t_weights = gathered * 2 * passes * mb / hbm_bw
     t_mm = max(t_flops, t_weights)
 
@@ -249,7 +273,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         per_tok_layer += c.n_heads / t * w.seq * 12  # scores f32 out/in, probs bf16 out/in
     stage_layers = layout.stage_layers(c.n_layers)
     elem = tok_dev * per_tok_layer * stage_layers * (passes + 1)
-    elem += tok_dev * c.vocab_size / t * 4 * 6 + held * 28
+    elem += tok_dev * c.vocab_size / t * 4 * LOGITS_F32_PASSES + held * OPTIMIZER_UPDATE_BYTES
     t_elem = elem / hbm_bw
     t_local = t_mm + t_elem
 
@@ -277,7 +301,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         if layout.size(ax) > 1:
             add(ax + "_grads", "async", ax, grad, 2)
     if t > 1:
-        n_ar = 6 if layout.remat == "full" else 4
+        n_ar = TP_ALL_REDUCES_PER_PASS * (forward_passes(layout.remat) + 1)  # + backward
         add("tensor", "sync", "tensor", tok_mb * D * 2, mb * stage_layers * n_ar * 2)
     if s > 1:
         kv = tok_mb * s * 2 * c.n_kv_heads * Dh / min(t, c.n_kv_heads) * 2
@@ -287,7 +311,8 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe) * stage_layers / c.n_layers
         vol = tok_mb * m.top_k * (m.capacity_factor or 1.0) * D * 2
         hops = max(1.0, layout.ici("expert") ** (1 / 3) / 2) if target.is_tpu else 1.0
-        add("expert", "sync", "expert", vol, mb * n_moe * (6 if layout.remat == "full" else 4) * hops)
+        n_a2a = EP_ALL_TO_ALLS_PER_PASS * (forward_passes(layout.remat) + 1)  # + backward
+        add("expert", "sync", "expert", vol, mb * n_moe * n_a2a * hops)
 
     # async collectives (XLA's latency-hiding scheduler) hide under local work; ICI and
     # DCN are separate networks and hide independently
@@ -304,7 +329,8 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         comm["host_activations"] = 2 * tok_dev * saved / chip.host_bw * chip.devices_per_chip
         host += max(0.0, comm["host_activations"] - hide)
     if layout.offload_optimizer:
-        comm["host_optimizer"] = held * 16 / chip.host_bw * chip.devices_per_chip
+        # both f32 moments in from host memory and back out: 2 x ADAM_BYTES per parameter
+        comm["host_optimizer"] = held * 2 * ADAM_BYTES / chip.host_bw * chip.devices_per_chip
         host += comm["host_optimizer"]
     sync += host
     bubble = t_local * layout.bubble

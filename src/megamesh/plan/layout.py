@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.plan.target import Target
-from megamesh.sharding.logical import MESH_AXES, split_over_slices
+from megamesh.runspec import PRECISIONS, SEARCHED_REMATS, RunSpec
+from megamesh.sharding.logical import MESH_AXES, batch_axes, split_over_slices
 
-PRECISIONS = ("bf16", "fp8")
 # "megamesh": megamesh's own step on TPU and GPU (`model.backend` defaults): flash
 # attention that skips the blocks above the causal diagonal (splash, cuDNN), grouped-matmul
 # MoE (ragged_dot) and the chunked loss. Over a `sequence` axis, TPU splash runs context
@@ -25,7 +25,10 @@ PRECISIONS = ("bf16", "fp8")
 # compile): attention materializes the full T x T score matrix; MoE uses GShard one-hot
 # dispatch einsums with capacity padding.
 KERNELS = ("megamesh", "fused", "xla")
-REMATS = ("none", "dots_no_batch", "dots", "full")
+# The run spec's kernels (`model.backend` overrides) for each planner kernel set: "fused"
+# runs megamesh's own kernels (its context-parallel pacing is MaxText's, see above).
+RUN_KERNELS = {"megamesh": "auto", "fused": "auto", "xla": "attention=reference,moe=einsum"}
+REMATS = SEARCHED_REMATS
 # Host offload. Remat "offload" is the policy of MaxText's published v6e recipes
 # (remat_policy=custom with decoder_layer_input, query_proj, key_proj, value_proj and
 # out_proj set to offload; everything else remat), and megamesh's step runs it
@@ -102,8 +105,17 @@ class Layout:
 
     @property
     def batch_ways(self) -> int:
-        """Ways the batch is split (dcn, data, fsdp and expert all carry batch)."""
-        return self.size("dcn") * self.size("data") * self.size("fsdp") * self.size("expert")
+        """Ways the batch is split (over the fsdp strategy's batch axes)."""
+        return math.prod(self.size(a) for a in batch_axes("fsdp"))
+
+    def run_spec(self, w: Workload) -> RunSpec:
+        """This layout as the run spec train, compile and launch consume."""
+        sizes = {a: n for a, n in self.sizes.items() if n > 1}
+        return RunSpec(layout=",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes),
+                       remat=self.remat, microbatches=self.microbatches,
+                       kernels=RUN_KERNELS[w.kernels], precision=w.precision,
+                       offload_optimizer=self.offload_optimizer, pipeline_stages=self.stages,
+                       pipeline_virtual=self.virtual)
 
     def ici(self, axis: str) -> int:
         return self.placement.get(axis, (self.size(axis), 1))[0]
@@ -118,19 +130,6 @@ class Layout:
             pipe = f"pipeline={self.stages}" + (f"x{self.virtual}" if self.virtual > 1 else "")
             return pipe + ("," + mesh if mesh else "")
         return mesh or "data=1"
-
-
-def refuse_planner_only(what: str, doing: str, *, stages: int = 1,
-                        offload_optimizer: bool = False) -> None:
-    """Pipeline stages and optimizer-state offload are planned, not run: megamesh's train
-    step has neither, so such a layout cannot be compiled, verified or launched (activation
-    offload, remat "offload", is real)."""
-    if stages > 1:
-        raise ConfigError(f"{what} has pipeline stages, which megamesh's train step does not "
-                          f"run yet; plan without --pipeline to {doing}")
-    if offload_optimizer:
-        raise ConfigError(f"{what} keeps optimizer state in host memory, which megamesh's "
-                          f"train step does not do yet; plan without --offload to {doing}")
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:

@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 
 from megamesh.config import ModelConfig
+from megamesh.model.backend import LOSS_CHUNK_BYTES
 from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy, train_rules
-from megamesh.train.config import LOSS_CHUNK_BYTES
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
 # Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's

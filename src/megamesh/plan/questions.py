@@ -14,7 +14,7 @@ from megamesh.model.specs import (
     param_bytes,
     param_count,
 )
-from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, _axis_bw
+from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, axis_bandwidth
 from megamesh.plan.layout import Workload
 from megamesh.plan.search import search
 from megamesh.plan.target import Target, from_chip_count
@@ -141,7 +141,7 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
                                   cfg.resolved_head_dim * cfg.n_layers)
             tp_comm = 0.0
             if t > 1:
-                bw = _axis_bw(target, t)
+                bw = axis_bandwidth(target, t)
                 tp_comm = cfg.n_layers * 2 * (2 * batch * cfg.d_model * 2 * (t - 1) / t / bw + 10e-6)
             tpot = max(bytes_step / (hbm_bw * t), flops_step / (peak * t)) + tp_comm
             prefill = (2 * n_active + 2 * input_tokens * cfg.n_heads * cfg.resolved_head_dim *

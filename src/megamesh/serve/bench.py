@@ -1,5 +1,5 @@
 """`megamesh bench serve`: load a running server and measure it the way vLLM's `bench serve`
-does (vllm/benchmarks/serve.py; ../shared/reference/messages-api.md):
+does (vllm/benchmarks/serve.py; the API as docs/serving.md describes):
 
 - arrivals: all at once (rate inf), or gaps drawn from a gamma distribution with shape
   `burstiness` and mean 1/rate (burstiness 1 = Poisson); `max_concurrency` caps requests

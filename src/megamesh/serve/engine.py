@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import secrets
 import threading
 import time
@@ -33,10 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.errors import MegameshError
+from megamesh.model.backend import DECODE_BATCH_MULTIPLE
 from megamesh.model.transformer import init_cache
 from megamesh.serve.load import ServedModel
-from megamesh.serve.step import build_decode_step, build_move_row, build_prefill_step
+from megamesh.serve.step import SlotSampling, build_decode_step, build_move_row, build_prefill_step
 from megamesh.serve.text import END, Detokenizer, StopMatcher
+from megamesh.sharding.logical import batch_axes
+from megamesh.sharding.rules import mesh_platform
 
 
 class QueueFull(MegameshError):
@@ -48,7 +52,9 @@ class TooLong(MegameshError, ValueError):
 
 
 @dataclass(frozen=True)
-class Sampling:
+class SamplingParams:
+    """What a request asks of generation (both APIs map onto this)."""
+
     max_tokens: int
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
@@ -72,7 +78,7 @@ class Event:
 class Request:
     id: int
     prompt: list[int]
-    sampling: Sampling
+    sampling: SamplingParams
     emit: Callable[[Event], None]
     seed: int
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
@@ -85,6 +91,12 @@ class Request:
     done: bool = False
     detok: Any = None
     stopper: Any = None
+
+    @property
+    def draws(self) -> tuple[int, float, int, float]:
+        """(seed, temperature, top_k, top_p): this request's row of `SlotSampling`."""
+        s = self.sampling
+        return self.seed, s.temperature, s.top_k, s.top_p
 
 
 def buckets(max_len: int, smallest: int = 64) -> list[int]:
@@ -106,17 +118,17 @@ def decode_buckets(max_len: int, n: int = 16, smallest: int = 64) -> list[int]:
 
 
 def batch_buckets(slots: int, mesh: Any) -> list[int]:
-    """Decode batch sizes: 8, 16, 32, ... below `slots`, then `slots`. Decode time grows
-    with the batch (measured, tiny, XLA:CPU, attention over 1024 slots: 75 ms at 32 rows,
-    16 ms at 8), so the engine runs the smallest bucket covering the busy slots (kept at
-    the low rows). Multiples of 8 only: XLA:CPU's logits for a row are then bit-identical
-    whatever the bucket (checked; 4 rows vs 32 differ in the last bits), so a request's
-    tokens never depend on the load. One bucket (all slots) when `slots` is not a multiple
-    of 8 or the cache's batch dim is sharded (data/fsdp/dcn > 1 in the serving mesh)."""
+    """Decode batch sizes: m, 2m, 4m, ... below `slots`, then `slots`, with m the backend's
+    DECODE_BATCH_MULTIPLE (8: a request's tokens then never depend on the load). Decode
+    time grows with the batch (measured, tiny, XLA:CPU, attention over 1024 slots: 75 ms
+    at 32 rows, 16 ms at 8), so the engine runs the smallest bucket covering the busy
+    slots (kept at the low rows). One bucket (all slots) when `slots` is not a multiple of
+    m or the cache's batch dim is sharded (a serving batch axis > 1 in the mesh)."""
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    if slots % 8 or sizes.get("data", 1) * sizes.get("fsdp", 1) * sizes.get("dcn", 1) > 1:
+    m = DECODE_BATCH_MULTIPLE[mesh_platform(mesh)]
+    if slots % m or math.prod(sizes.get(a, 1) for a in batch_axes("serve")) > 1:
         return [slots]
-    out, b = [], 8
+    out, b = [], m
     while b < slots:
         out.append(b)
         b *= 2
@@ -197,7 +209,7 @@ class Engine:
                           f"tokens: at most {max(self.max_len - n_prompt, 0)} new tokens fit after "
                           "this prompt")
 
-    def submit(self, prompt: list[int], sampling: Sampling, emit: Callable[[Event], None]) -> Request:
+    def submit(self, prompt: list[int], sampling: SamplingParams, emit: Callable[[Event], None]) -> Request:
         """Queue a request; tokens arrive through `emit`. Raises TooLong or QueueFull."""
         if not prompt:
             raise TooLong("the prompt is empty: at least one token is needed")
@@ -234,14 +246,12 @@ class Engine:
     def _warm_up(self) -> None:
         for b in self.buckets:
             _, self.cache = self.prefill[b](self.params, self.cache, jnp.zeros((1, b), jnp.int32),
-                                            jnp.int32(1), jnp.int32(0), jnp.uint32(0), jnp.float32(0),
-                                            jnp.int32(0), jnp.float32(1))
+                                            jnp.int32(1), jnp.int32(0), SlotSampling.one(0, 0.0, 0, 1.0))
         b = self.slots
         zeros = jnp.zeros((b,), jnp.int32)
         for a in self.decode_buckets:
             step = self.decode[(b, a)]
-            out = step.fn(self.params, self.cache, zeros, zeros, jnp.zeros((b,), jnp.uint32),
-                          jnp.zeros((b,), jnp.float32), zeros, jnp.ones((b,), jnp.float32))
+            out = step.fn(self.params, self.cache, zeros, zeros, SlotSampling.rows([], b))
             self.cache = out[2]
             self._exec[(b, a)] = step.fn
         self.cache = self.move_row(self.cache, np.int32(0), np.int32(0))
@@ -319,10 +329,8 @@ class Engine:
                                       () if req.sampling.ignore_eos else (END,))
             tokens = np.zeros((1, b), np.int32)
             tokens[0, :n] = req.prompt
-            s = req.sampling
-            tok, self.cache = self.prefill[b](
-                self.params, self.cache, tokens, np.int32(n), np.int32(req.slot), np.uint32(req.seed),
-                np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p))
+            tok, self.cache = self.prefill[b](self.params, self.cache, tokens, np.int32(n),
+                                              np.int32(req.slot), SlotSampling.one(*req.draws))
             req.pos = n
             self.stats["prompt_tokens"] += n
             self._accept(req, int(tok))
@@ -351,13 +359,11 @@ class Engine:
         a = next(x for x in self.decode_buckets if x >= positions_max + 1)
         B = next(b for b in self.batch_buckets if b >= hi and (b, a) in self._exec)
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
-        seeds = np.zeros(B, np.uint32)
-        temp, top_k, top_p = np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32)
+        rows = [(0, 0.0, 0, 1.0)] * B  # free rows: greedy, their tokens unused
         for slot, r in self._active.items():
-            tokens[slot], positions[slot], seeds[slot] = r.last, r.pos, r.seed
-            temp[slot], top_k[slot], top_p[slot] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+            tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
         nxt, _, self.cache = self._exec[(B, a)](self.params, self.cache, tokens, positions,
-                                                seeds, temp, top_k, top_p)
+                                                SlotSampling.rows(rows, B))
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1

@@ -21,6 +21,7 @@ from megamesh.errors import ConfigError
 from megamesh.model import hf
 from megamesh.model.specs import param_specs
 from megamesh.model.transformer import unflatten
+from megamesh.runs import EOS, Checkpointer, run_dir
 
 
 @dataclass
@@ -49,15 +50,6 @@ def _tokenizer(path: Path, what: str):
     return Tokenizer.from_file(str(path))
 
 
-def run_dir(spec: str) -> Path | None:
-    """The training run directory `spec` names (OUT or OUT/checkpoints), if it is one."""
-    p = Path(spec)
-    for cand in (p, p.parent):
-        if (cand / "checkpoints").is_dir() and (cand / "tokenizer.json").is_file():
-            return cand
-    return None
-
-
 def load_model(spec: str, shardings_for: Any, dtype: str, name: str | None = None) -> ServedModel:
     """`shardings_for(cfg)` gives the parameter shardings on the serving mesh."""
     out = run_dir(spec)
@@ -74,21 +66,17 @@ def load_model(spec: str, shardings_for: Any, dtype: str, name: str | None = Non
 
 
 def _load_run(out: Path, shardings_for: Any, dtype: str, name: str | None) -> ServedModel:
-    from megamesh.train.checkpoint import Checkpointer
-
     ckpt = Checkpointer(out / "checkpoints", keep=1_000_000, use_async=False)
     try:
         step = ckpt.latest_step()
         if step is None:
             raise ConfigError(f"{out / 'checkpoints'} holds no complete checkpoint yet")
         meta = ckpt.read_meta(step)
-        cfg = config_from_dict(meta["model"])
+        cfg = config_from_dict(meta["model"], saved=True)
         params = ckpt.restore_params(step, _abstract_params(cfg, shardings_for(cfg), dtype))
     finally:
         ckpt.close()
     tok = _tokenizer(out / "tokenizer.json", f"training run {out}")
-    from megamesh.train.data import EOS
-
     eos = tok.token_to_id(EOS)
     created = int((out / "checkpoints" / str(step)).stat().st_mtime)
     return ServedModel(cfg, params, tok, (eos,) if eos is not None else (), name or cfg.name,

@@ -10,31 +10,28 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import uvicorn
+
 from megamesh.errors import ConfigError
+from megamesh.serve.engine import Engine
+from megamesh.serve.load import load_model
+from megamesh.sharding.logical import parse_layout
+from megamesh.sharding.mesh import make_mesh
+from megamesh.sharding.rules import param_shardings, strategy
 
 
 def default_dtype() -> str:
     """bf16 weights on accelerators; f32 on CPU, where bf16 matmuls run slower (XLA:CPU)."""
-    import jax
-
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
-                 log: Any = print):
-    import jax
-
-    from megamesh.serve.engine import Engine
-    from megamesh.serve.load import load_model
-    from megamesh.sharding.mesh import make_mesh
-    from megamesh.sharding.rules import param_shardings, strategy
-
+                 log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype!r} is not allowed: float32 or bfloat16")
-    from megamesh.sharding.logical import parse_layout
-
     layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
     n = math.prod(layout.values())
     if n > len(jax.devices()):
@@ -44,16 +41,29 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype, log=log)
 
 
-def check_port_free(host: str, port: int) -> None:
-    if port == 0:
-        return
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port "
-                              "or --host") from None
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (0: any free port), held from start-up, before the
+    minutes of compiling, until uvicorn serves on it: nothing can take the port meanwhile
+    and a busy one fails at once with a clear error."""
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+        s.listen(2048)
+    except OSError as e:
+        s.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port "
+                          "or --host") from None
+    s.set_inheritable(True)
+    return s
+
+
+def serve(app: Any, sock: socket.socket) -> None:
+    """Run `app` on uvicorn in the foreground, on the socket from `bind`."""
+    host, port = sock.getsockname()[:2]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
 
 
 @dataclass
@@ -74,13 +84,12 @@ class Running:
 
 def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 60) -> Running:
     """Serve `app` from a background thread; returns once it accepts connections."""
-    import uvicorn
-
-    check_port_free(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=sock.getsockname()[1],
+                                           log_level="warning", timeout_graceful_shutdown=5))
     server.install_signal_handlers = lambda: None  # not the main thread
-    thread = threading.Thread(target=server.run, name="megamesh-http", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="megamesh-http",
+                              daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:

@@ -19,10 +19,11 @@ fold_in(key(seed), p), so sampling with a seed is reproducible whatever the batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
@@ -38,6 +39,38 @@ from megamesh.sharding.rules import (
 )
 
 
+class SlotSampling(NamedTuple):
+    """A step's sampling parameters, one entry per row (a pytree: one argument of the
+    jitted steps): the seed of the row's random draws, temperature (0 = greedy), top-k
+    (0 = off) and top-p. Scalars for a prefill (one request), (B,) arrays for decode."""
+
+    seed: Any  # uint32
+    temperature: Any  # float32
+    top_k: Any  # int32
+    top_p: Any  # float32
+
+    @staticmethod
+    def rows(rows: list[tuple[int, float, int, float]], batch: int) -> SlotSampling:
+        """(B,) numpy arrays from (seed, temperature, top_k, top_p) per row; rows past
+        the list are greedy (their tokens are not used)."""
+        out = SlotSampling(np.zeros(batch, np.uint32), np.zeros(batch, np.float32),
+                           np.zeros(batch, np.int32), np.ones(batch, np.float32))
+        for i, row in enumerate(rows):
+            for arr, v in zip(out, row):
+                arr[i] = v
+        return out
+
+    @staticmethod
+    def one(seed: int, temperature: float, top_k: int, top_p: float) -> SlotSampling:
+        return SlotSampling(np.uint32(seed), np.float32(temperature), np.int32(top_k),
+                            np.float32(top_p))
+
+    @staticmethod
+    def abstract(batch: int, sharding: Any) -> SlotSampling:
+        slot = lambda dt: jax.ShapeDtypeStruct((batch,), dt, sharding=sharding)
+        return SlotSampling(slot(jnp.uint32), slot(jnp.float32), slot(jnp.int32), slot(jnp.float32))
+
+
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
     """One key per row: fold_in(key(seed), position)."""
     return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
@@ -45,8 +78,8 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class DecodeStep:
-    fn: Any  # jitted (params, cache, tokens (B,), positions (B,), seeds (B,) u32, temperature,
-    #          top_k, top_p) -> (next tokens (B,), logits (B, V) f32, cache); donates the cache
+    fn: Any  # jitted (params, cache, tokens (B,), positions (B,), SlotSampling of (B,))
+    #          -> (next tokens (B,), logits (B, V) f32, cache); donates the cache
     param_shardings: Any
     cache_shardings: Any
     slot_sharding: NamedSharding
@@ -69,11 +102,9 @@ class DecodeStep:
         return (params, cache, *self.slot_args())
 
     def slot_args(self) -> tuple:
-        """ShapeDtypeStructs of the per-slot arguments: tokens, positions, seeds,
-        temperature, top_k, top_p."""
+        """ShapeDtypeStructs of the per-slot arguments: tokens, positions, sampling."""
         slot = lambda dt: jax.ShapeDtypeStruct((self.batch,), dt, sharding=self.slot_sharding)
-        return (slot(jnp.int32), slot(jnp.int32), slot(jnp.uint32), slot(jnp.float32),
-                slot(jnp.int32), slot(jnp.float32))
+        return (slot(jnp.int32), slot(jnp.int32), SlotSampling.abstract(self.batch, self.slot_sharding))
 
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
@@ -88,15 +119,17 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     c_shard = cache_shardings(jax.eval_shape(lambda: init_cache(cfg, rows, max_len)), mesh, rules)
     slot = NamedSharding(mesh, PartitionSpec(*data_sharding(mesh, rules, (batch, 1)).spec[:1]))
 
-    def step(params, cache, tokens, positions, seeds, temperature, top_k, top_p):
+    def step(params, cache, tokens, positions, sampling: SlotSampling):
         with activation_sharding(mesh, rules):
-            logits, cache = forward(params, tokens[:, None], positions[:, None], cache, cfg=cfg,
-                                    attend_len=attend_len)
+            out = forward(params, tokens[:, None], positions[:, None], cache, cfg=cfg,
+                          attend_len=attend_len)
+        logits, cache = out.logits, out.cache
         logits = logits[:, -1]  # (B, V) f32
-        keys = row_keys(seeds, positions + 1)
-        return sample(logits, keys, temperature, top_k, top_p), logits, cache
+        keys = row_keys(sampling.seed, positions + 1)
+        tok = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p)
+        return tok, logits, cache
 
-    fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, slot, slot, slot, slot),
+    fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, slot),
                  out_shardings=(slot, None, c_shard), donate_argnums=1)
     return DecodeStep(fn=fn, param_shardings=p_shard, cache_shardings=c_shard, slot_sharding=slot,
                       mesh=mesh, batch=batch, max_len=max_len, dtype=dtype, attend_len=attend_len,
@@ -104,25 +137,26 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int) -> Any:
-    """Jitted (params, cache, tokens (1, length), n (), slot (), seed (), temperature (),
-    top_k (), top_p ()) -> (first token (), cache): runs the first n tokens (the rest is
-    padding) of one request into cache row `slot` and draws the token at position n."""
+    """Jitted (params, cache, tokens (1, length), n (), slot (), SlotSampling of scalars)
+    -> (first token (), cache): runs the first n tokens (the rest is padding) of one
+    request into cache row `slot` and draws the token at position n."""
     rules = strategy("serve")
     rep = NamedSharding(ds.mesh, PartitionSpec())
 
-    def prefill(params, cache, tokens, n, slot, seed, temperature, top_k, top_p):
+    def prefill(params, cache, tokens, n, slot, sampling: SlotSampling):
         row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
         positions = jnp.arange(length, dtype=jnp.int32)[None]
         with activation_sharding(ds.mesh, rules):
-            logits, row = forward(params, tokens, positions, row, cfg=cfg, attend_len=length,
-                                  logits_at=(n - 1)[None])
+            out = forward(params, tokens, positions, row, cfg=cfg, attend_len=length,
+                          logits_at=(n - 1)[None])
+        logits, row = out.logits, out.cache
         cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1),
                              cache, row)
-        keys = row_keys(seed[None], n[None])
-        tok = sample(logits[:, 0], keys, temperature[None], top_k[None], top_p[None])
+        s = jax.tree.map(lambda x: x[None], sampling)
+        tok = sample(logits[:, 0], row_keys(s.seed, n[None]), s.temperature, s.top_k, s.top_p)
         return tok[0], cache
 
-    return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.cache_shardings) + (rep,) * 7,
+    return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.cache_shardings) + (rep,) * 4,
                    out_shardings=(rep, ds.cache_shardings), donate_argnums=1)
 
 

@@ -34,7 +34,9 @@ LOGICAL_AXES = ("expert", "batch", "seq", "cache_seq", "heads", "kv_heads", "mlp
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
-_BATCH = ("dcn", "data", "fsdp", "expert")
+# The mesh axes that carry the batch (the data-parallel axes) in training; serving keeps
+# `expert` for the experts alone. Read them with `batch_axes(strategy)`.
+BATCH_AXES = ("dcn", "data", "fsdp", "expert")
 
 STRATEGIES: dict[str, Rules] = {
     # ZeRO-3 style: parameters sharded over fsdp on their embed dim, tensor parallel on
@@ -43,7 +45,7 @@ STRATEGIES: dict[str, Rules] = {
     # batch left free), so saved activations are not replicated across a tensor group.
     "fsdp": (
         ("expert", ("expert",)),
-        ("batch", _BATCH),
+        ("batch", BATCH_AXES),
         ("seq", ("sequence",)),
         ("heads", ("tensor",)),
         ("kv_heads", ("tensor",)),
@@ -53,7 +55,7 @@ STRATEGIES: dict[str, Rules] = {
     ),
     # Pure data parallel: every parameter replicated, the batch split over all axes.
     "dp": (
-        ("batch", _BATCH + ("tensor",)),
+        ("batch", BATCH_AXES + ("tensor",)),
     ),
     # Serving: tensor and expert parallel weights (no fsdp gather per step); the batch
     # (decode slots) over data; the KV cache split by kv head.
@@ -72,6 +74,11 @@ def strategy(name: str) -> Rules:
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}: allowed are {', '.join(STRATEGIES)}")
     return STRATEGIES[name]
+
+
+def batch_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes strategy `name` splits the batch over."""
+    return dict(strategy(name))["batch"]
 
 
 def vocab_parallel(rules: Rules) -> Rules:

@@ -1,32 +1,39 @@
-"""Training configuration: one frozen dataclass, overridable as --train.KEY=VALUE."""
+"""Training configuration, one section per component (as torchtitan's job config reads):
+
+    TrainConfig            steps, batch, sequence, seed, logging, the non-finite guard
+      .run       RunSpec   mesh layout, strategy, remat, microbatches, kernels (`runspec`)
+      .optimizer           AdamW and gradient clipping
+      .schedule            learning-rate warmup and cosine decay
+      .checkpoint          how often, how many, async
+      .eval                validation cadence
+      .data                tokenizer and validation split
+
+Every field is a `--train.SECTION.KEY=VALUE` override (`--train.optimizer.lr=1e-3`,
+`--train.checkpoint.every=100`; top-level ones `--train.steps=500`), checked by the one
+config engine (`megamesh.settings`). Pure Python.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megamesh.errors import ConfigError
+from megamesh.runspec import RunSpec
+from megamesh.settings import require, to_dict
 
-# Per-device f32 logits per slice of the train step's fused cross-entropy
-# (`train.step.loss_chunks`; here so the planner, which never imports jax, reads it too).
-# CPU: slices this size stay in the caches between the head's matmul, the softmax and the
-# gradient's two matmuls (bench model, 8 devices: 8 and 16 MiB slices measured alike,
-# 32 MiB slower). Accelerators: large enough that the per-slice re-read of the head and
-# of its f32 gradient accumulator (~0.1 ms each on HBM for a 2048 x 32000 head) stays a
-# few percent of the step, small enough that no (tokens, vocab) array is held whole.
-LOSS_CHUNK_BYTES = {"cpu": 16 * 2**20, "gpu": 256 * 2**20, "tpu": 256 * 2**20}
+
+def _positive_ints(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for f in names:
+        v = getattr(obj, f)
+        require(isinstance(v, int) and v >= 1, prefix + f, v, "a positive integer")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    steps: int = 200
-    global_batch: int = 8  # sequences per optimizer step, over all devices
-    seq_len: int = 256
-    microbatches: int = 1  # gradient accumulation: global_batch is split into this many
-    lr: float = 3e-4
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at `steps`
+class OptimizerConfig:
+    """AdamW (optax) with decoupled weight decay and global-norm gradient clipping."""
+
+    lr: float = 3e-4  # peak learning rate
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -34,63 +41,100 @@ class TrainConfig:
     clip_norm: float = 1.0
     # AdamW's first moment: float32, or bfloat16 to save 2 bytes per parameter (the second
     # moment stays float32: its small values would underflow bf16's precision)
-    adam_mu_dtype: str = "float32"
-    seed: int = 0
-    strategy: str = "fsdp"
-    # attention / MoE / matmul implementations: "auto" (the platform's, `model.backend`)
-    # or overrides such as "attention=blockwise,moe=einsum"
-    kernels: str = "auto"
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 3
-    async_checkpointing: bool = True
-    eval_every: int = 50
-    eval_batches: int = 4
-    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
-    log_every: int = 10
-    val_fraction: float = 0.02
-    tokenizer_vocab: int = 8192  # BPE vocabulary trained on the corpus (<= the model's vocab)
-    # Fault injection for testing the non-finite guard: comma-separated steps (0-based)
-    # whose gradients are replaced by NaN.
-    fault_nan_steps: str = ""
+    mu_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for f in ("steps", "global_batch", "seq_len", "microbatches", "checkpoint_every",
-                  "keep_checkpoints", "eval_every", "max_bad_steps", "log_every", "tokenizer_vocab"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"train.{f}={v!r} is not allowed: must be a positive integer")
-        if self.adam_mu_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"train.adam_mu_dtype={self.adam_mu_dtype!r} is not allowed: one of "
-                              "float32, bfloat16")
-        if self.global_batch % self.microbatches:
+        require(0 < self.lr < 1, "train.optimizer.lr", self.lr, "in (0, 1)")
+        require(self.weight_decay >= 0, "train.optimizer.weight_decay", self.weight_decay, ">= 0")
+        for b in ("b1", "b2"):
+            require(0 <= getattr(self, b) < 1, f"train.optimizer.{b}", getattr(self, b), "in [0, 1)")
+        require(self.eps > 0, "train.optimizer.eps", self.eps, "> 0")
+        require(self.clip_norm > 0, "train.optimizer.clip_norm", self.clip_norm, "> 0")
+        require(self.mu_dtype in ("float32", "bfloat16"), "train.optimizer.mu_dtype", self.mu_dtype,
+                "one of float32, bfloat16")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """Linear warmup to the peak learning rate, then cosine decay to lr * min_lr_ratio at
+    the last step."""
+
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+                "train.schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "train.schedule.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints under OUT/checkpoints/<step>."""
+
+    every: int = 50  # steps between saves (and one at the end, and on SIGTERM)
+    keep: int = 3  # the newest this many are kept
+    async_save: bool = True  # write in the background while training continues
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "train.checkpoint.", ("every", "keep"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every: int = 50  # steps between validation losses (and one at the end)
+    batches: int = 4  # validation batches per evaluation
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "train.eval.", ("every", "batches"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    val_fraction: float = 0.02  # of the documents held out for validation
+    tokenizer_vocab: int = 8192  # BPE vocabulary trained on the corpus (<= the model's vocab)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.val_fraction < 0.5, "train.data.val_fraction", self.val_fraction, "in [0, 0.5)")
+        require(isinstance(self.tokenizer_vocab, int) and self.tokenizer_vocab >= 300,
+                "train.data.tokenizer_vocab", self.tokenizer_vocab, ">= 300 (256 bytes + merges)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 8  # sequences per optimizer step, over all devices
+    seq_len: int = 256
+    seed: int = 0
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    run: RunSpec = field(default_factory=RunSpec)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        _positive_ints(self, "train.", ("steps", "global_batch", "seq_len", "log_every", "max_bad_steps"))
+        if self.global_batch % self.run.microbatches:
             raise ConfigError(f"train.global_batch={self.global_batch} is not allowed: must be "
-                              f"divisible by train.microbatches={self.microbatches}")
-        if not 0 < self.lr < 1:
-            raise ConfigError(f"train.lr={self.lr} is not allowed: must be in (0, 1)")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"train.warmup_steps={self.warmup_steps} is not allowed: must be "
-                              f"in [0, steps={self.steps}]")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"train.min_lr_ratio={self.min_lr_ratio} is not allowed: must be in [0, 1]")
-        if not 0 <= self.val_fraction < 0.5:
-            raise ConfigError(f"train.val_fraction={self.val_fraction} is not allowed: must be in [0, 0.5)")
-        _ = self.nan_steps
-        if self.tokenizer_vocab < 300:
-            raise ConfigError(f"train.tokenizer_vocab={self.tokenizer_vocab} is not allowed: must "
-                              "be >= 300 (256 bytes + merges)")
+                              f"divisible by the microbatches ({self.run.microbatches})")
+        if self.schedule.warmup_steps > self.steps:
+            raise ConfigError(f"train.schedule.warmup_steps={self.schedule.warmup_steps} is not "
+                              f"allowed: must be in [0, steps={self.steps}]")
 
     @property
-    def nan_steps(self) -> tuple[int, ...]:
-        try:
-            return tuple(int(s) for s in self.fault_nan_steps.split(",") if s.strip())
-        except ValueError:
-            raise ConfigError(f"train.fault_nan_steps={self.fault_nan_steps!r} is not allowed: "
-                              "must be comma-separated integers") from None
+    def microbatches(self) -> int:
+        return self.run.microbatches
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
 
 def default_warmup(steps: int) -> int:
     """Warmup when only the step count is given: 10% of it, at most the default 20."""
-    return min(TrainConfig.warmup_steps, max(0, steps // 10))
+    return min(ScheduleConfig.warmup_steps, max(0, steps // 10))

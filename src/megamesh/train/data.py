@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megamesh.errors import ConfigError
+from megamesh.runs import EOS
 
-EOS = "<|endoftext|>"
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".parquet", ".c", ".h", ".html"}
 
 
@@ -95,8 +96,6 @@ def read_documents(paths: list[str] | None) -> tuple[list[str], str]:
 
 def train_tokenizer(docs: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2 style) trained on the documents, with EOS as token 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -104,12 +103,6 @@ def train_tokenizer(docs: list[str], vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer)
     return tok
-
-
-def load_tokenizer(path: str | Path):
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
 
 
 @dataclass

@@ -20,10 +20,11 @@ from megamesh import __version__
 from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
+from megamesh.model.transformer import unflatten
+from megamesh.runs import Checkpointer, check_same_model, load_tokenizer
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
-from megamesh.train.checkpoint import Checkpointer, check_same_model
 from megamesh.train.config import TrainConfig
 from megamesh.train.metrics import Goodput, MetricsWriter, lost_work_seconds, peak_flops
 from megamesh.train.progress import Progress
@@ -70,7 +71,7 @@ def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
         raise ConfigError(f"--seq {tc.seq_len} is longer than model {cfg.name} allows "
                           f"(max_seq_len={cfg.max_seq_len})")
     sizes = mesh_sizes(mesh)
-    batch_axes = dict(strategy(tc.strategy))["batch"]
+    batch_axes = dict(strategy(tc.run.strategy))["batch"]
     n = int(np.prod([sizes[a] for a in batch_axes]))
     micro = tc.global_batch // tc.microbatches
     if micro % n:
@@ -87,9 +88,9 @@ def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: Train
         if jax.process_index() == 0:
             t0 = time.perf_counter()
             docs, desc = data_lib.read_documents(paths)
-            vocab = min(tc.tokenizer_vocab, cfg.vocab_size)
+            vocab = min(tc.data.tokenizer_vocab, cfg.vocab_size)
             tok = data_lib.train_tokenizer(docs, vocab)
-            corpus = data_lib.build_corpus(docs, desc, tok, tc.val_fraction)
+            corpus = data_lib.build_corpus(docs, desc, tok, tc.data.val_fraction)
             tok.save(str(tok_path))
             corpus.save(data_dir)
             log(f"data: {desc}; BPE vocab {tok.get_vocab_size()}; {len(corpus.train):,} train + "
@@ -97,7 +98,7 @@ def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: Train
         _barrier("data")
     elif paths:
         data_lib.read_documents(paths)  # still validate the user's paths
-    tok = data_lib.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
                           f"{cfg.name}'s vocab_size={cfg.vocab_size}")
@@ -126,10 +127,11 @@ def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
-          layout: str | None = None, resume: bool = False, progress: bool | None = None,
+          resume: bool = False, progress: bool | None = None,
           initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
     """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
-    Face model) replaces the random initialization of a fresh run."""
+    Face model) replaces the random initialization of a fresh run. The mesh, remat,
+    microbatches and kernels come from the run spec `tc.run`."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -141,7 +143,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     if has_ckpt and not resume:
         raise ConfigError(f"--out {str(out)!r} already holds checkpoints: pass --resume to continue "
                           "that run, or choose a new --out (nothing was overwritten)")
-    mesh = make_mesh(layout)
+    mesh = make_mesh(tc.run.layout or None)
     layout_str = format_layout(mesh_sizes(mesh))
     check_request(cfg, tc, mesh)
     if is_main:
@@ -151,7 +153,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     corpus, _ = prepare_data(out, data_paths, cfg, tc, log)
     ts = build_train_step(cfg, tc, mesh)
     evaluate = build_eval_step(cfg, tc, ts)
-    ckpt = Checkpointer(ckpt_dir, keep=tc.keep_checkpoints, use_async=tc.async_checkpointing)
+    ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save)
     meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": corpus.fingerprint,
             "megamesh": __version__}
 
@@ -169,8 +171,6 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     else:
         state = ts.init(jax.random.key(tc.seed))
         if initial_params is not None:
-            from megamesh.model.transformer import unflatten
-
             shardings = ts.state_shardings["params"]
             params = unflatten({k: np.asarray(v, dtype=cfg.param_dtype) for k, v in initial_params.items()})
             state["params"] = jax.tree.map(global_array, params, shardings)
@@ -224,11 +224,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                         f"{step + 1}); stopped. The last good checkpoint "
                         f"(step {ckpt.latest_step()}) in {ckpt_dir} is intact")
                 done = step + 1 == tc.steps
-                if (step + 1) % tc.eval_every == 0 or done:
+                if (step + 1) % tc.eval.every == 0 or done:
                     record["val_loss"] = result.val_loss = _validate(evaluate, state, val_ds, tc, ts)
                 # No periodic save in the middle of a non-finite streak: the last checkpoint
                 # stays a good one to return to.
-                periodic = (step + 1) % tc.checkpoint_every == 0 and bool(m["finite"])
+                periodic = (step + 1) % tc.checkpoint.every == 0 and bool(m["finite"])
                 # read the signal flag once: a signal landing between the save decision and
                 # the stop would otherwise stop the run without the checkpoint it promised.
                 # Every process must stop at the same step (a host preempted alone would
@@ -262,6 +262,6 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
 
 def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) -> float:
     losses = [float(evaluate(state["params"], global_array(val_ds[i], ts.batch_sharding)))
-              for i in range(tc.eval_batches)]
+              for i in range(tc.eval.batches)]
     return float(np.mean(losses))
 

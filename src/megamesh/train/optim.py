@@ -11,9 +11,10 @@ from megamesh.train.config import TrainConfig
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    lr, sch = tc.optimizer.lr, tc.schedule
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+        init_value=0.0, peak_value=lr, warmup_steps=sch.warmup_steps,
+        decay_steps=max(tc.steps, sch.warmup_steps + 1), end_value=lr * sch.min_lr_ratio)
 
 
 def weight_decay_mask(cfg: ModelConfig) -> dict:
@@ -22,8 +23,9 @@ def weight_decay_mask(cfg: ModelConfig) -> dict:
 
 
 def make_optimizer(cfg: ModelConfig, tc: TrainConfig) -> optax.GradientTransformation:
+    o = tc.optimizer
     return optax.chain(
-        optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
-                    mask=weight_decay_mask(cfg), mu_dtype=tc.adam_mu_dtype),
+        optax.clip_by_global_norm(o.clip_norm),
+        optax.adamw(lr_schedule(tc), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=weight_decay_mask(cfg), mu_dtype=o.mu_dtype),
     )

@@ -20,9 +20,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
-from megamesh.model.backend import Kernels
+from megamesh.model.backend import LOSS_CHUNK_BYTES, Kernels, planner_kernels
 from megamesh.model.loss import cross_entropy
 from megamesh.model.transformer import forward, head_weight, init_params
+from megamesh.plan.layout import Layout, Workload
+from megamesh.plan.memory import estimate_memory
 from megamesh.sharding.rules import (
     Rules,
     activation_sharding,
@@ -34,23 +36,24 @@ from megamesh.sharding.rules import (
     resolve,
     train_rules,
 )
-from megamesh.train.config import LOSS_CHUNK_BYTES, TrainConfig
+from megamesh.train.config import TrainConfig
 from megamesh.train.optim import lr_schedule, make_optimizer
 
 State = dict[str, Any]
 
 
-def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig,
-            loss_chunks: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
+def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 1,
+            remat: str = "none") -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (+ MoE aux loss) of a (B, T+1) token batch; the
-    fused cross-entropy over `loss_chunks` slices of the sequence (`model.loss`)."""
+    fused cross-entropy over `loss_chunks` slices of the sequence (`model.loss`); `remat`:
+    what each layer saves for the backward pass (a resolved policy)."""
     tokens, targets = batch[:, :-1], batch[:, 1:]
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    hidden, _, aux = forward(params, tokens, positions, cfg=cfg, with_aux=True, hidden=True)
-    nll = cross_entropy(hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
+    out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False)
+    nll = cross_entropy(out.hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
-    return nll + coef * aux, {"nll": nll, "aux": aux}
+    return nll + coef * out.aux, {"nll": nll, "aux": out.aux}
 
 
 def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules: Rules, *,
@@ -92,15 +95,11 @@ def device_memory_bytes(device: Any) -> float:
 
 def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernels,
                   capacity: float | None = None) -> str:
-    """cfg.remat, or for "auto" the fastest policy of AUTO_REMAT_ORDER whose planned memory
-    per device (`plan.memory.estimate_memory`, this mesh and kernels) is within
-    AUTO_REMAT_HEADROOM of `capacity` (default: the devices' own); "full" if none is."""
-    if cfg.remat != "auto":
-        return cfg.remat
-    from megamesh.model.backend import planner_kernels
-    from megamesh.plan.layout import Layout, Workload
-    from megamesh.plan.memory import estimate_memory
-
+    """The run spec's remat, or for "auto" the fastest policy of AUTO_REMAT_ORDER whose
+    planned memory per device (`plan.memory.estimate_memory`, this mesh and kernels) is
+    within AUTO_REMAT_HEADROOM of `capacity` (default: the devices' own); "full" if none is."""
+    if tc.run.remat != "auto":
+        return tc.run.remat
     platform = mesh_platform(mesh)
     # a device of this process: asking another host's device for its memory can block
     cap = capacity if capacity is not None else device_memory_bytes(mesh.local_devices[0])
@@ -108,7 +107,7 @@ def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernel
     sizes = {k: v for k, v in mesh_sizes(mesh).items() if v > 1}
     for policy in AUTO_REMAT_ORDER:
         lay = Layout(sizes, remat=policy, microbatches=tc.microbatches)
-        if estimate_memory(w, lay, tc.strategy, tpu=platform == "tpu").total <= AUTO_REMAT_HEADROOM * cap:
+        if estimate_memory(w, lay, tc.run.strategy, tpu=platform == "tpu").total <= AUTO_REMAT_HEADROOM * cap:
             return policy
     return "full"
 
@@ -147,11 +146,11 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
                      hbm_bytes: float | None = None) -> TrainStep:
     """The train step on `mesh`. `hbm_bytes`: per-device memory for remat "auto" (default:
     the devices' own; `megamesh compile` passes the target chip's)."""
-    kernels = mesh_kernels(mesh, tc.kernels)
-    cfg = cfg.replace(remat=resolve_remat(cfg, tc, mesh, kernels, hbm_bytes))
+    kernels = mesh_kernels(mesh, tc.run.kernels)
+    remat = resolve_remat(cfg, tc, mesh, kernels, hbm_bytes)
     # the strategy's rules, vocab-parallel where that moves fewer bytes
     sizes = mesh_sizes(mesh)
-    rules = train_rules(tc.strategy, sizes, vocab=cfg.vocab_size,
+    rules = train_rules(tc.run.strategy, sizes, vocab=cfg.vocab_size,
                         global_batch=tc.global_batch, microbatches=tc.microbatches,
                         seq_len=tc.seq_len)
     opt = make_optimizer(cfg, tc)
@@ -175,7 +174,8 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
     chunks = loss_chunks(cfg, tc, sizes, rules, platform=mesh_platform(mesh))
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks, remat=remat),
+                                 has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
@@ -195,9 +195,6 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
                                                       params))
                 (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
                 loss, parts, grads = jax.tree.map(lambda x: x / tc.microbatches, (loss, parts, grads))
-        if tc.nan_steps:  # fault injection (tests of the guard)
-            poisoned = jnp.isin(state["step"], jnp.asarray(tc.nan_steps))
-            grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
@@ -219,7 +216,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
                      batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules,
-                     remat=cfg.remat, kernels=kernels, loss_chunks=chunks)
+                     remat=remat, kernels=kernels, loss_chunks=chunks)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:

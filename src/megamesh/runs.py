@@ -1,6 +1,12 @@
-"""Checkpoints with Orbax: async saves, keep-last-K, atomic commits, restore onto any mesh.
+"""A training run on disk, as `megamesh train` writes it and `megamesh serve` reads it.
 
-Layout: OUT/checkpoints/<step>/{state, meta}. `state` is the train state (params,
+    OUT/tokenizer.json          the BPE tokenizer (EOS separates documents)
+    OUT/data/                   the packed corpus (train.data)
+    OUT/checkpoints/<step>/     Orbax checkpoints: {state, meta}
+    OUT/metrics.jsonl, OUT/tensorboard/
+
+Checkpoints with Orbax: async saves, keep-last-K, atomic commits, restore onto any mesh.
+Layout of one: OUT/checkpoints/<step>/{state, meta}. `state` is the train state (params,
 optimizer state, counters) as sharded arrays; `meta` is JSON: the model and train
 configs, the data position (batches consumed) and the corpus fingerprint.
 
@@ -18,8 +24,28 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from tokenizers import Tokenizer
 
+from megamesh.config import LEGACY_KEYS
 from megamesh.errors import MegameshError
+
+EOS = "<|endoftext|>"  # the end-of-text token: separates documents, ends generation
+TOKENIZER = "tokenizer.json"
+CHECKPOINTS = "checkpoints"
+
+
+def load_tokenizer(path: str | Path):
+    """A run's tokenizer (`tokenizers.Tokenizer`)."""
+    return Tokenizer.from_file(str(path))
+
+
+def run_dir(spec: str | Path) -> Path | None:
+    """The training run directory `spec` names (OUT or OUT/checkpoints), if it is one."""
+    p = Path(spec)
+    for cand in (p, p.parent):
+        if (cand / CHECKPOINTS).is_dir() and (cand / TOKENIZER).is_file():
+            return cand
+    return None
 
 
 class CheckpointMismatch(MegameshError):
@@ -82,7 +108,9 @@ class Checkpointer:
 
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], where: str) -> None:
     """Refuse a checkpoint whose model differs in any shape-defining field."""
-    ignore = {"name", "description", "remat", "compute_dtype", "published_params", "published_source"}
+    # names and the compute dtype do not shape the weights; LEGACY_KEYS were run settings
+    ignore = {"name", "description", "compute_dtype", "published_params", "published_source",
+              *LEGACY_KEYS}
     diff = sorted(k for k in set(saved) | set(wanted)
                   if k not in ignore and saved.get(k) != wanted.get(k))
     if diff:

@@ -1,0 +1,316 @@
+"""The request core both protocol adapters (`serve.anthropic`, `serve.openai`) stand on.
+
+Everything about an HTTP request that is not its protocol's shape lives here, once:
+authentication (x-api-key or Authorization: Bearer), the body-size cap (413), JSON and
+schema validation (400 naming the field), the model check (404), admission into the
+engine with the per-key concurrency cap (429) and the engine's bounded queue (529 with
+retry-after), cancel-on-disconnect, Prometheus metrics and request ids.
+
+Every response carries a `request-id`; every error has the Anthropic shape
+{"type": "error", "error": {"type", "message"}, "request_id"} with its status (the OpenAI
+SDK reads the same `error.message`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from megamesh.serve.engine import Engine, Event, QueueFull, SamplingParams, TooLong
+from megamesh.serve.text import merge_turns, render_chat
+
+STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class Settings:
+    api_keys: frozenset[str] = frozenset()  # empty: no authentication
+    max_body_bytes: int = 32 * 1024 * 1024  # the Messages API's own cap
+    max_concurrent_per_key: int = 256
+    retry_after_s: int = 1
+
+
+class OpenSchema(BaseModel):
+    """Request schemas accept unknown fields (clients send many this server ignores)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
+    """The text of a message's content; any block other than text is refused (never dropped)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for i, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text":
+            raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
+                                "by this server (text only)")
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise ApiError(400, f"{where}.content.{i}.text: must be a string")
+        parts.append(text)
+    return "".join(parts)
+
+
+def error_response(request: Request, status: int, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    rid = request.scope.get("state", {}).get("request_id", "")
+    body = {"type": "error", "error": {"type": STATUS_TYPES.get(status, "api_error"), "message": message},
+            "request_id": rid}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse_json(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"))
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = PromCounter("megamesh_http_requests", "HTTP requests by route and status",
+                                    ["route", "status"], registry=r)
+        self.prompt_tokens = PromCounter("megamesh_prompt_tokens", "prompt tokens admitted", registry=r)
+        self.output_tokens = PromCounter("megamesh_output_tokens", "tokens generated", registry=r)
+        self.queue = Gauge("megamesh_queue_depth", "requests waiting for a slot", registry=r)
+        self.active = Gauge("megamesh_active_slots", "slots holding a request", registry=r)
+        self.slots = Gauge("megamesh_slots", "decode slots (KV cache rows)", registry=r)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+        self.ttft = Histogram("megamesh_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
+        self.tpot = Histogram("megamesh_time_per_output_token_seconds", "TPOT (after the first token)",
+                              buckets=buckets, registry=r)
+        self.e2e = Histogram("megamesh_request_latency_seconds", "end-to-end latency", buckets=buckets,
+                             registry=r)
+
+
+ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/completions",
+          "/health", "/metrics"}
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: a request-id on every response (errors and streams included), and the
+    request counter by route and status."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope.get("path", "")
+        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/")
+                                             else "other")
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"request-id", rid.encode())]
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One admitted request: its engine events and what the metrics need. Close it when
+    the response ends (`Core.finish`): that cancels it in the engine if still running."""
+
+    handle: Any
+    queue: asyncio.Queue
+    key: str
+    prompt_tokens: int
+    t0: float
+    t_first: float | None = None
+    n_out: int = 0
+    finished: bool = False
+
+    def note(self, ev: Event) -> Event:
+        self.n_out = ev.output_tokens
+        if (ev.text or ev.output_tokens) and self.t_first is None:
+            self.t_first = time.perf_counter()
+        return ev
+
+    async def events(self):
+        """Engine events up to and including the last (done) one."""
+        while True:
+            ev = self.note(await self.queue.get())
+            yield ev
+            if ev.done:
+                return
+
+
+class Core:
+    """The protocol-independent half of every route."""
+
+    def __init__(self, engine: Engine, settings: Settings):
+        self.engine, self.settings = engine, settings
+        self.model = engine.model
+        self.metrics = Metrics()
+        self.metrics.queue.set_function(lambda: engine.waiting)
+        self.metrics.active.set_function(lambda: engine.active)
+        self.metrics.slots.set(engine.slots)
+        self.in_flight: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ the request
+
+    def authorize(self, request: Request) -> str:
+        key = request.headers.get("x-api-key")
+        auth = request.headers.get("authorization", "")
+        if key is None and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        if self.settings.api_keys:
+            if not key:
+                raise ApiError(401, "missing API key: send it in the x-api-key header")
+            if key not in self.settings.api_keys:
+                raise ApiError(401, "invalid x-api-key")
+        return key or "anonymous"
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.settings.max_body_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > limit:
+            raise ApiError(413, f"request body of {int(cl):,} bytes exceeds the limit of {limit:,} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"request body is not valid JSON: {e}") from None
+
+    @staticmethod
+    def validate(schema: type[BaseModel], data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "body"
+            more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+            raise ApiError(400, f"{loc}: {err['msg']}{more}") from None
+
+    def check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise ApiError(404, f"model: {name!r} is not served here; this server serves "
+                                f"{self.model.name!r}")
+
+    async def parse(self, request: Request, schema: type[BaseModel]) -> tuple[str, Any]:
+        """The preamble of every model route: (API key, validated body for this model)."""
+        key = self.authorize(request)
+        req = self.validate(schema, await self.read_json(request))
+        self.check_model(req.model)
+        return key, req
+
+    def encode_chat(self, system: str | None, turns: list[tuple[str, str]]) -> list[int]:
+        """Token ids of a chat (consecutive same-role turns merged) in the model's template."""
+        text = render_chat(system, merge_turns(turns))
+        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+
+    # ------------------------------------------------------------------ generation
+
+    def start(self, prompt: list[int], sampling: SamplingParams, key: str) -> Generation:
+        """Admit into the engine; events arrive on the generation's asyncio queue."""
+        try:
+            self.engine.check(len(prompt), sampling.max_tokens)
+        except TooLong as e:
+            raise ApiError(400, str(e)) from None
+        s = self.settings
+        if self.in_flight[key] >= s.max_concurrent_per_key:
+            raise ApiError(429, f"too many concurrent requests for this API key (the limit is "
+                                f"{s.max_concurrent_per_key}); retry later",
+                           {"retry-after": str(s.retry_after_s)})
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        t0 = time.perf_counter()
+        try:
+            handle = self.engine.submit(prompt, sampling,
+                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        except QueueFull as e:
+            raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
+        self.in_flight[key] += 1
+        self.metrics.prompt_tokens.inc(len(prompt))
+        return Generation(handle, queue, key, len(prompt), t0)
+
+    def finish(self, gen: Generation) -> None:
+        """The response is over: cancel the request if still running (a no-op when done;
+        frees the slot when the client left) and record the metrics. Idempotent."""
+        if gen.finished:
+            return
+        gen.finished = True
+        self.engine.cancel(gen.handle)
+        self.in_flight[gen.key] -= 1
+        if self.in_flight[gen.key] <= 0:
+            del self.in_flight[gen.key]
+        t1 = time.perf_counter()
+        m = self.metrics
+        m.output_tokens.inc(gen.n_out)
+        m.e2e.observe(t1 - gen.t0)
+        if gen.t_first is not None:
+            m.ttft.observe(gen.t_first - gen.t0)
+            if gen.n_out > 1:
+                m.tpot.observe((t1 - gen.t_first) / (gen.n_out - 1))
+
+    async def complete(self, request: Request, gen: Generation) -> tuple[str, Event]:
+        """The whole text of a non-streamed answer, cancelling it if the client goes away;
+        a failed generation is a 500 (the engine's exception text stays in its log)."""
+        text: list[str] = []
+        try:
+            while True:
+                try:
+                    ev = gen.note(await asyncio.wait_for(gen.queue.get(), timeout=0.25))
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(400, "client disconnected") from None
+                    continue
+                text.append(ev.text)
+                if ev.done:
+                    break
+        finally:
+            self.finish(gen)
+        if ev.stop_reason in ("error", "cancelled"):
+            raise ApiError(500, f"generation failed: {ev.error or ev.stop_reason}")
+        return "".join(text), ev
+
+    def stream(self, gen: Generation, chunks: Any, headers: dict[str, str]) -> StreamingResponse:
+        """A server-sent-events response of `chunks` (an async generator of bytes reading
+        `gen.events()`); `finish` runs however the stream ends, the client leaving included."""
+
+        async def guarded():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                self.finish(gen)
+
+        return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)

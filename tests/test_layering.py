@@ -1,0 +1,34 @@
+"""The layers as DESIGN says: what must stay pure Python stays so (plan, fleet, configs,
+the run spec and the backend's tables import no jax), and the command-line entry point
+loads without jax until a command needs it."""
+
+import subprocess
+import sys
+
+JAX_FREE = (
+    "megamesh.settings", "megamesh.config", "megamesh.runspec", "megamesh.train.config",
+    "megamesh.model.specs", "megamesh.model.source", "megamesh.model.hf", "megamesh.model.backend",
+    "megamesh.plan.search", "megamesh.plan.questions", "megamesh.plan.report",
+    "megamesh.fleet.sim", "megamesh.fleet.questions", "megamesh.fleet.launch",
+    "megamesh.fleet.scenario", "megamesh.cli",
+)
+
+CODE = f"""
+import dataclasses, importlib, sys
+for name in {JAX_FREE!r}:
+    importlib.import_module(name)
+from megamesh.cli import main
+from megamesh.fleet.scenario import default_scenario
+from megamesh.fleet.sim import simulate
+assert main(["plan", "--model", "llama3.1-8b", "--target", "tpu7x:256", "--json"]) == 0
+assert main(["plan", "--target", "v5p:8", "--batch", "8", "--mesh", "fsdp=4,tensor=2", "--json"]) == 0
+simulate(dataclasses.replace(default_scenario(), end="2026-02-01"))
+bad = [m for m in sys.modules if m == "jax" or m.startswith("jax.")]
+assert not bad, bad
+"""
+
+
+def test_planner_fleet_and_configs_never_import_jax():
+    """One fresh interpreter (jax may already be loaded in this one)."""
+    r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
