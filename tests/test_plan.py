@@ -246,6 +246,8 @@ def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsy
     assert main(["launch", "--plan", str(path), "--out", str(tmp_path / "k8s")]) == 2
     err = capsys.readouterr().err
     assert "pipeline" in err and "Traceback" not in err
+    assert main(["train", "--plan", str(path), "--out", str(tmp_path / "run")]) == 2
+    assert "pipeline" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_optimizer_offload_plans_are_refused_where_the_step_cannot_do_it(tmp_path, capsys):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MEGAMESH, cli_env, run_cli
+from conftest import MEGAMESH, cli_env, run_cli, run_main
 from megamesh.cli import main
 from megamesh.train.loop import TrainingDiverged
 
@@ -159,6 +159,24 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_a
     assert r.returncode == 0, r.stderr
 
 
+def test_train_runs_the_run_spec_of_a_plan(tmp_path, corpus, capsys):
+    """plan --json -> train --plan: the plan's layout, remat, microbatches, sequence length
+    and batch are what the run uses (in process)."""
+    assert main(["plan", "--model", "tiny", "--target", "v5p:8", "--batch", "8", "--seq", "32",
+                 "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    run = json.loads(plan.read_text())["run"]
+    out = tmp_path / "run"
+    model = [a for a in SMALL if a.startswith("--model.")]
+    assert main(["train", "--plan", str(plan), "--out", str(out), "--data", str(corpus), "--steps", "2",
+                 "--no-progress", "--train.data.tokenizer_vocab=512", *model]) == 0
+    log = capsys.readouterr().out
+    spec = run["spec"]
+    assert f"mesh {spec['layout']}," in log and f"remat {spec['remat']};" in log
+    assert f"batch {run['global_batch']}x{run['seq_len']}" in log
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -173,7 +191,7 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_a
 )
 def test_bad_input_is_one_clear_line(tmp_path, corpus, args, message):
     out = tmp_path / "bad"
-    r = run_train(out, corpus, "--steps", "2", *args)
+    r = run_main(*train_args(out, corpus, "--steps", "2", *args))  # in process: no jax start-up
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -183,13 +201,13 @@ def test_empty_data_and_existing_run_and_other_model(tmp_path, corpus, reference
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.txt").write_text("  \n")
-    r = run_train(tmp_path / "e", empty, "--steps", "2")
+    r = run_main(*train_args(tmp_path / "e", empty, "--steps", "2"))
     assert r.returncode == 2 and "holds no text" in r.stderr
 
     before = (reference / "metrics.jsonl").read_bytes()
-    r = run_train(reference, corpus, "--steps", "2")
+    r = run_main(*train_args(reference, corpus, "--steps", "2"))
     assert r.returncode == 2 and "already holds checkpoints" in r.stderr
-    r = run_train(reference, corpus, "--steps", "14", "--resume", "--model.n_layers=3")
+    r = run_main(*train_args(reference, corpus, "--steps", "14", "--resume", "--model.n_layers=3"))
     assert r.returncode == 2 and "different model: n_layers=2 there, 3 asked for" in r.stderr
     assert (reference / "metrics.jsonl").read_bytes() == before  # nothing overwritten
 
