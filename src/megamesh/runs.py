@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
 from tokenizers import Tokenizer
 
 from megamesh.config import LEGACY_KEYS
@@ -54,8 +55,6 @@ class CheckpointMismatch(MegameshError):
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int, use_async: bool = True):
-        import orbax.checkpoint as ocp
-
         self._ocp = ocp
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(

@@ -1,4 +1,8 @@
-"""The `megamesh` command: one subcommand per verb; modules here only parse, build and run."""
+"""The `megamesh` command: one subcommand per verb; modules here only parse, build and run.
+
+Start-up stays fast for every verb: subcommand modules import pure-Python layers (plan,
+fleet, configs) at the top and the jax-side ones (train, serve, compile's lowering)
+inside `run()`, so `megamesh plan` and `megamesh fleet` never load jax."""
 
 from __future__ import annotations
 
@@ -6,12 +10,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from megamesh.cli import bench, compile_cmd, fleet, inspect_cmd, launch, plan, quickstart, serve, train
 from megamesh.errors import MegameshError
+from megamesh.platform import default_to_cpu_without_accelerator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megamesh.cli import bench, compile_cmd, fleet, inspect_cmd, launch, plan, quickstart, serve, train
-
     parser = argparse.ArgumentParser(
         prog="megamesh",
         description="Plan, compile, train and serve decoder-only LLMs from one CPU to a TPU fleet.",
@@ -30,8 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from megamesh.platform import default_to_cpu_without_accelerator
-
     default_to_cpu_without_accelerator()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

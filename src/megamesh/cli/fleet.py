@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import yaml
+
 from megamesh.errors import ConfigError
+from megamesh.fileio import write_new_file
+from megamesh.fleet import questions, report
+from megamesh.fleet.scenario import default_scenario, load, validate
+from megamesh.fleet.sim import simulate
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _scenario(args: argparse.Namespace):
-    from megamesh.fleet.scenario import default_scenario, load, validate
-
     s = load(args.scenario) if args.scenario else default_scenario()
     if args.seed is not None:
         s.seed = args.seed
@@ -60,19 +64,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
     cmd = args.fleet_cmd
     if cmd == "simulate" and args.write_default:
-        import yaml
-
-        from megamesh.fileio import write_new_file
-        from megamesh.fleet.scenario import default_scenario
-
         write_new_file(args.write_default, yaml.safe_dump(default_scenario().to_dict(), sort_keys=False))
         print(f"wrote {args.write_default}")
         return 0
     s = _scenario(args)
     if cmd == "simulate":
-        from megamesh.fleet import report
-        from megamesh.fleet.sim import simulate
-
         res, fleet = simulate(s, check=args.check)
         if args.plot:
             report.plot(fleet.series, res, args.plot)
@@ -80,8 +76,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.plot and not args.json:
             print(f"plot: {args.plot}")
         return 0
-    from megamesh.fleet import questions
-
     if cmd == "largest-model":
         r = questions.largest_model(s, args.by)
         text = (

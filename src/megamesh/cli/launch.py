@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from megamesh.errors import ConfigError
+from megamesh.fileio import write_new_file
+from megamesh.fleet.launch import manifests
+from megamesh.runspec import read_plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,11 +48,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"--max-restarts {args.max_restarts} is not allowed: >= 0")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps} is not allowed: >= 1")
-    import yaml
-
-    from megamesh.fleet.launch import manifests
-    from megamesh.runspec import read_plan
-
     m = manifests(
         read_plan(args.plan),
         name=args.name,
@@ -64,8 +64,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         f"({m['chips']:,} chips), {m['hosts_per_slice']} hosts per slice, {m['processes']} processes\n"
     )
     if args.out:
-        from megamesh.fileio import write_new_file
-
         write_new_file(args.out, header + text)
         print(f"wrote {args.out}: " + header[2:].strip())
     else:

@@ -8,8 +8,17 @@ import json
 import re
 import sys
 
+from megamesh.cli.common import split_overrides
 from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
+from megamesh.model.source import model_config
+from megamesh.model.specs import param_count
+from megamesh.plan import questions, report
+from megamesh.plan.layout import REMATS, Workload
+from megamesh.plan.search import search
+from megamesh.plan.target import parse_target
+from megamesh.runspec import plan_json
+from megamesh.sharding.logical import parse_layout
 
 _DURATION = re.compile(r"^\s*([\d.]+)\s*(s|m|h|d|w)?\s*$")
 
@@ -68,15 +77,6 @@ def parse_duration(text: str) -> float:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
-    from megamesh.cli.common import split_overrides
-    from megamesh.model.source import model_config
-    from megamesh.model.specs import param_count
-    from megamesh.plan import questions, report
-    from megamesh.plan.layout import REMATS, Workload
-    from megamesh.plan.search import search
-    from megamesh.plan.target import parse_target
-    from megamesh.runspec import plan_json
-
     over = split_overrides(extra, ("model", "chip"))
     cfg = model_config(args.model, over["model"])
     target = parse_target(args.target, {k: float(v) for k, v in over["chip"].items()})
@@ -113,8 +113,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         target, _ = found
     fixed = None
     if args.mesh:
-        from megamesh.sharding.logical import parse_layout
-
         fixed = parse_layout(args.mesh)
     res = search(w, target, remats=remats, fixed=fixed, max_microbatches=args.max_microbatches,
                  offload=args.offload, pipeline=args.pipeline)

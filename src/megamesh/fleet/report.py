@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
+
+from megamesh.fileio import write_new_file
 
 
 def _h(x: float) -> str:
@@ -49,14 +52,10 @@ def text(r: dict[str, Any]) -> str:
 
 
 def plot(series: list[dict[str, float]], r: dict[str, Any], path: str) -> None:
-    import io
-
-    import matplotlib
+    import matplotlib  # only for --plot: a heavy import the plain reports never need
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from megamesh.fileio import write_new_file
 
     days = [p["t_h"] / 24 for p in series]
     fig, ax = plt.subplots(4, 1, figsize=(10, 12), sharex=True)

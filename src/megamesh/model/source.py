@@ -6,6 +6,7 @@ fleet resolve configs through here without jax.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,6 @@ def _base_config(spec: str) -> ModelConfig:
     p = Path(spec)
     if p.is_dir():
         if hf.is_hf_dir(p):
-            import json
-
             return hf.config_from_hf(json.loads((p / "config.json").read_text()), name=p.name)
         raise ConfigError(f"--model {spec!r} is a directory but not a model: a Hugging Face "
                           "directory needs config.json and *.safetensors")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from megamesh.config import ModelConfig
 from megamesh.model.backend import LOSS_CHUNK_BYTES
-from megamesh.model.specs import DTYPE_BYTES, layer_stacks, param_specs
+from megamesh.model.specs import DTYPE_BYTES, kv_cache_bytes_per_token, layer_stacks, param_specs
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy, train_rules
 
@@ -227,7 +227,6 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
                   weight_bytes: int = 2, tpu: bool = False) -> Memory:
     """HBM per device of the serving decode step: weights (serving dtype, `serve` rules),
     the KV cache of `batch` slots of `max_len` tokens, and the step's logits."""
-    from megamesh.model.specs import kv_cache_bytes_per_token
 
     hl, _, ho, _ = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)
     held = hl + ho

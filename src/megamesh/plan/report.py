@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+
+from megamesh.fileio import write_new_file
 from megamesh.plan.cost import Estimate
 from megamesh.plan.target import Target
 
@@ -41,14 +44,10 @@ def table(ranked: list[Estimate], top: int) -> str:
 
 def plot(ranked: list[Estimate], path: str, title: str) -> None:
     """Stacked bars of the step-time breakdown of the top candidates."""
-    import io
-
-    import matplotlib
+    import matplotlib  # only for --plot: a heavy import the plain reports never need
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from megamesh.fileio import write_new_file
 
     top = ranked[:8]
     fig, ax = plt.subplots(figsize=(10, 4.5))

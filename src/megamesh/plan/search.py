@@ -3,6 +3,7 @@ and microbatch count; drop what does not fit in HBM; rank by step time."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,8 +59,6 @@ def _candidate_sizes(w: Workload, target: Target, max_tensor: int = 64):
 
 def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
     """The fewest batch-parallel ways in a slice (the rest tensor/sequence/expert parallel)."""
-    import dataclasses
-
     probe = dataclasses.replace(w, batch=target.devices)  # every split of the devices divides it
     return min((s["data"] * s["fsdp"] * s["expert"] // max(1, s["dcn"] // target.n_slices)
                 for s in _candidate_sizes(probe, target, max_tensor)), default=1) or 1

@@ -11,7 +11,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from megamesh.errors import ConfigError
@@ -25,8 +27,6 @@ def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any]
     physical torus (jax's mesh_utils); the outer axes (`dcn`, then `data`, `fsdp`) split
     across slices (`split_over_slices`).
     """
-    import jax
-
     devs = list(jax.devices() if devices is None else devices)
     sizes = {"fsdp": len(devs)} if layout is None else parse_layout(layout)
     n = math.prod(sizes.values())
@@ -41,8 +41,6 @@ def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any]
 def _device_array(shape: tuple[int, ...], devs: list[Any]) -> np.ndarray:
     if devs[0].platform != "tpu" or len(devs) == 1:
         return np.array(devs, dtype=object).reshape(shape)
-    from jax.experimental import mesh_utils
-
     n_slices = len({getattr(d, "slice_index", 0) for d in devs})
     if n_slices > 1:
         ici, dcn = split_over_slices(shape, len(devs) // n_slices)

@@ -20,6 +20,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import grain
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -165,8 +166,6 @@ class PackedSequences:
 
 def batch_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, *, name: str):
     """Grain MapDataset whose item s is the (global_batch, seq_len + 1) batch of step s."""
-    import grain
-
     source = PackedSequences(tokens, seq_len)
     if len(source) < 1:
         raise ConfigError(f"the {name} split has {len(tokens)} tokens, fewer than one sequence of "

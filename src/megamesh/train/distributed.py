@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from megamesh.errors import ConfigError
 
 
 def initialize_from_env() -> bool:
     """Join the job if the environment describes one; True when multi-process."""
-    import jax
-
     env = os.environ
     addr = env.get("MEGAMESH_COORDINATOR") or env.get("JAX_COORDINATOR_ADDRESS")
     n = env.get("MEGAMESH_NUM_PROCESSES") or env.get("JAX_NUM_PROCESSES")

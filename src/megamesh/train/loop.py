@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from megamesh import __version__
 from megamesh.config import ModelConfig
@@ -107,8 +108,6 @@ def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: Train
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -116,8 +115,6 @@ def _any_process(flag: bool) -> bool:
     """True if `flag` is set on any process (a tiny all-gather; local when single-process)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 

@@ -20,15 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+from tensorboardX import SummaryWriter
+
 from megamesh.hardware import chip_for_device_kind
 
 
 @functools.cache
 def measured_cpu_matmul_flops(n: int = 1024, reps: int = 5) -> float:
     """FLOP/s of the best of `reps` (n x n) @ (n x n) fp32 matmuls on the first device."""
-    import jax
-    import jax.numpy as jnp
-
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -104,8 +105,6 @@ class MetricsWriter:
         if not enabled:
             return
         self.file = open(out / "metrics.jsonl", "a", buffering=1)
-        from tensorboardX import SummaryWriter
-
         self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:

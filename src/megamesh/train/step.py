@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +85,6 @@ AUTO_REMAT_HEADROOM = 0.85  # the memory model is approximate (±10% vs XLA:TPU,
 def device_memory_bytes(device: Any) -> float:
     """Memory one device can allocate: the accelerator's limit (memory_stats), or for
     CPU devices the host's RAM shared by the process's devices."""
-    import os
-
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return float(stats["bytes_limit"])
