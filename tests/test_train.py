@@ -81,6 +81,108 @@ def test_run_writes_metrics_tensorboard_tokenizer_and_checkpoints(reference):
     assert steps == [6, 9, 12]  # keep-last-3
 
 
+def _largest_file(step_dir):
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(d):
+    f = _largest_file(d)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip_bytes(d):
+    f = _largest_file(d)
+    data = bytearray(f.read_bytes())
+    for i in range(16):
+        data[len(data) // 2 + i] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _garbage(d):
+    (d / "state" / "_METADATA").write_bytes(b"\x00garbage" * 100)
+
+
+CORRUPTIONS = {
+    "truncated": _truncate,
+    "meta deleted": lambda d: shutil.rmtree(d / "meta"),
+    "state/_METADATA deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "bytes flipped": _flip_bytes,
+    "garbage": _garbage,
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_a_corrupted_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, corpus, reference, how):
+    """Each corruption of the newest checkpoint: one line names it and why, and the run
+    resumes from the one before (in process)."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    CORRUPTIONS[how](out / "checkpoints" / "12")
+    r = run_main(*train_args(out, corpus, "--steps", "13", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [x for x in r.stderr.splitlines() if x.startswith("skipping checkpoint")]
+    assert len(skipped) == 1 and str(out / "checkpoints" / "12") in skipped[0], r.stderr
+    assert "resumed from step 9" in r.stdout and "Traceback" not in r.stderr
+    assert losses(out)[10] == losses(reference)[10]  # the same run, continued from step 9
+
+
+def test_no_good_checkpoint_is_one_line_and_a_failure(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for step in ("6", "9", "12"):
+        _truncate(out / "checkpoints" / step)
+    r = run_main(*train_args(out, corpus, "--steps", "13", "--resume"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4 and all(x.startswith("skipping checkpoint") for x in lines[:3])
+    assert lines[-1].startswith("megamesh train: error: no good checkpoint in")
+
+
+def test_unwritable_out_is_one_line_before_any_data_work(tmp_path, corpus):
+    if not Path("/sys").is_dir():
+        pytest.skip("needs /sys (a read-only file system even for root)")
+    r = run_main(*train_args("/sys/megamesh-out", corpus, "--steps", "2"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "megamesh train: error: --out '/sys/megamesh-out' cannot be written: Operation not permitted"]
+    assert "data:" not in r.stdout  # nothing tokenized
+
+
+LIMITED = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+sys.argv = ["megamesh", *sys.argv[1:]]
+runpy.run_module("megamesh.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ")
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, corpus, async_save):
+    """A file-size limit (as a full disk does) makes the save at step 6 fail: exit 1 with
+    one line naming the checkpoint and the OS error (a synchronous save within step 6,
+    an async one as soon as its background write fails); checkpoint 3 stays good."""
+    from megamesh.runs import verify
+
+    out = tmp_path / "run"
+    r = run_train(out, corpus, "--steps", "3", "--train.checkpoint.every=3")
+    assert r.returncode == 0, r.stderr
+    args = train_args(out, corpus, "--steps", "9", "--train.checkpoint.every=3", "--resume",
+                      f"--train.checkpoint.async_save={async_save}")
+    proc = subprocess.run([sys.executable, "-c", LIMITED, *args], env=cli_env(1),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"megamesh train: error: saving checkpoint {out / 'checkpoints' / '6'} "
+                               "failed: File too large")
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    if async_save == "false":
+        assert last == 5  # step 6 failed in its own save: not recorded as done
+    assert verify(out / "checkpoints" / "3") is None
+    assert (out / "orbax.log").exists()  # Orbax's own report of it, for whoever wants it
+
+
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, reference):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=3"),
@@ -146,6 +248,8 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_a
     assert main(train_args(out, corpus, "--steps", "6")) == 0
     recs = records(out)
     assert [x["finite"] for x in recs] == [True, True, False, True, True, True]
+    assert [x["skipped_steps"] for x in recs] == [0, 0, 1, 1, 1, 1]
+    assert "1 non-finite step(s) skipped" in capsys.readouterr().out
 
     out = tmp_path / "stop"
     nan_at_steps(4, 5, 6)
@@ -155,8 +259,38 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_a
     assert "3 consecutive steps had a non-finite loss" in err and "Traceback" not in err
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == 4  # the last good one (steps 5-7 were bad), intact and restorable
+    assert f"the last good checkpoint, {out / 'checkpoints' / '4'}, is intact" in err
     r = run_train(out, corpus, "--steps", "8", "--train.checkpoint.every=2", "--resume")
     assert r.returncode == 0, r.stderr
+
+
+def test_guard_also_rejects_a_non_finite_update():
+    """A finite loss and gradient whose update leaves a non-finite optimizer moment: the
+    step changes nothing and is counted, so the state (and every checkpoint) stays finite."""
+    import jax
+    import jax.numpy as jnp
+
+    from megamesh.config import preset
+    from megamesh.sharding.mesh import make_mesh
+    from megamesh.train.config import ScheduleConfig, TrainConfig
+    from megamesh.train.step import build_train_step
+
+    cfg = preset("tiny").replace(n_layers=1, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
+                                 vocab_size=512)
+    tc = TrainConfig(steps=4, global_batch=2, seq_len=16, schedule=ScheduleConfig(warmup_steps=1))
+    ts = build_train_step(cfg, tc, make_mesh("fsdp=1", jax.devices()[:1]))
+    state = ts.init(jax.random.key(0))
+    batch = jnp.zeros((2, 17), jnp.int32)
+    mu = state["opt_state"][1][0].mu  # clip, then AdamW's (ScaleByAdamState, ...)
+    bad_mu = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf), mu)
+    state["opt_state"] = (state["opt_state"][0],
+                          (state["opt_state"][1][0]._replace(mu=bad_mu), *state["opt_state"][1][1:]))
+    before = jax.tree.map(lambda x: x.copy(), state["params"])
+    state, m = ts.fn(state, batch)
+    assert bool(jnp.isfinite(m["loss"])) and bool(jnp.isfinite(m["grad_norm"]))
+    assert not bool(m["finite"]) and int(m["skipped"]) == 1
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(before)):
+        assert bool(jnp.all(a == b))
 
 
 def test_train_runs_the_run_spec_of_a_plan(tmp_path, corpus, capsys):

@@ -19,7 +19,15 @@ device count restores onto another (Orbax reshards).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
 import time
+import traceback
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -53,37 +61,257 @@ class CheckpointMismatch(MegameshError):
     """The checkpoint is of a different model than the one asked for."""
 
 
+class CheckpointError(MegameshError):
+    """A checkpoint cannot be written, or no checkpoint of a run can be read (one line)."""
+
+    exit_code = 1
+
+
+MANIFEST = "megamesh_manifest.json"  # in each step directory, written once Orbax committed it
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Record the size and CRC-32 of every file of a committed checkpoint (atomically)."""
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "files": files}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: Path, *, full: bool = True) -> str | None:
+    """Why the checkpoint in `step_dir` is not intact (None: it is): a file missing, added,
+    of another size or (with `full`) another CRC-32 than its manifest records."""
+    try:
+        files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return "no manifest (not verified after saving)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its manifest is unreadable ({type(e).__name__})"
+    for rel, (size, crc) in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} has {p.stat().st_size:,} bytes, {size:,} when saved"
+        if full and _crc32(p) != crc:
+            return f"{rel} does not match its checksum"
+    extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir))
+             not in files]
+    if extra:
+        return f"{extra[0]} was not part of it when saved"
+    return None
+
+
+class _ToFile(logging.Handler):
+    """Orbax's own error reports (tracebacks from its background threads) go to a file in
+    the run, not the terminal: megamesh prints one line; the details stay on disk."""
+
+    def __init__(self, path: Path):
+        super().__init__(logging.WARNING)
+        self.path = path
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(self.format(record) + "\n")
+        except OSError:
+            pass  # the disk this is about may be full: the one-line error still says why
+
+
+@contextlib.contextmanager
+def orbax_log_to(path: Path):
+    """Within the block, absl/Orbax warnings and errors go to `path` instead of stderr."""
+    logger = logging.getLogger("absl")
+    handler, propagate, hook = _ToFile(path), logger.propagate, sys.excepthook
+
+    def to_file(kind: Any, value: Any, tb: Any) -> None:  # errors tensorstore's threads print
+        handler.emit(logging.LogRecord("thread", logging.ERROR, "", 0, "".join(
+            traceback.format_exception(kind, value, tb)), None, None))
+
+    def unraisable(u: Any) -> None:
+        to_file(u.exc_type, u.exc_value, u.exc_traceback)
+
+    logger.addHandler(handler)
+    logger.propagate = False
+    sys.excepthook, unraisable_hook = to_file, sys.unraisablehook
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+def _one_line(e: BaseException) -> str:
+    """The cause of a storage error in a few words: the OS error and file when the message
+    (tensorstore's, through Orbax) names them, else its first line, shortened."""
+    text = str(e).strip()
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if code:
+        where = re.search(r'Failed (?:writing|reading|to open): "([^"]+)"', text)
+        return os.strerror(int(code.group(1))) + (f" ({where.group(1)})" if where else "")
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({e.filename})" if e.filename else e.strerror
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int, use_async: bool = True):
-        self._ocp = ocp
+    """Orbax checkpoints, each verified after it is committed and before it is restored.
+
+    Every committed step gets a manifest (size and CRC-32 of each file). Restoring walks
+    from the newest step down: a checkpoint that fails verification or cannot be read is
+    skipped with one line naming it and why (`log`), and the newest good one is used.
+    Rotation keeps the newest `keep` verified checkpoints and never deletes the newest
+    good one; a checkpoint is written only from a state the caller vouches for (the train
+    loop saves finite states only). Process 0 writes manifests and rotates.
+    """
+
+    def __init__(self, directory: str | Path, keep: int, use_async: bool = True,
+                 log: Any = print):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                 enable_async_checkpointing=use_async,
-                                                 create=True),
-        )
+        self.keep, self.log = keep, log
+        self._pending: list[int] = []  # saved, not yet verified
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(max_to_keep=None,  # rotation: _rotate
+                                                     enable_async_checkpointing=use_async,
+                                                     create=True),
+            )
+        except OSError as e:
+            raise CheckpointError(f"cannot write checkpoints to {self.directory}: "
+                                  f"{e.strerror or e}") from None
+
+    # ------------------------------------------------------------------ what is on disk
+
+    def all_steps(self) -> list[int]:
+        """Committed steps, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest committed step (verified or not)."""
+        steps = self.all_steps()
+        return steps[0] if steps else None
+
+    def latest_good_step(self) -> int | None:
+        """The newest step whose files match its manifest."""
+        return next((s for s in self.all_steps() if verify(self.step_dir(s)) is None), None)
+
+    def candidates(self):
+        """Steps to restore from, newest first: verified ones, and ones without a manifest
+        (saved by an older megamesh, or cut off between commit and verification: restored
+        if they read); a step failing verification is skipped with one line."""
+        for step in self.all_steps():
+            why = verify(self.step_dir(step))
+            if why is None or why.startswith("no manifest"):
+                yield step, why is None
+            else:
+                self.log(f"skipping checkpoint {self.step_dir(step)}: {why}")
+
+    def restore_newest(self, fn: Any) -> tuple[int, Any] | None:
+        """fn(step) on the newest checkpoint it succeeds on: (step, result); None when the
+        run has no checkpoint; CheckpointError (one line) when none of them can be read."""
+        for step, verified in self.candidates():
+            if not verified:
+                self.log(f"checkpoint {self.step_dir(step)} has no manifest (saved by an older "
+                         "megamesh, or stopped before verifying it): restoring it unverified")
+            try:
+                return step, fn(step)
+            except MegameshError:  # the user's mistake (another model, other data): say so
+                raise
+            except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: try the older one
+                self.log(f"skipping checkpoint {self.step_dir(step)}: cannot read it "
+                         f"({_one_line(e)})")
+        if self.all_steps():
+            raise CheckpointError(f"no good checkpoint in {self.directory}: all "
+                                  f"{len(self.all_steps())} failed verification or reading "
+                                  f"(see above); start a new --out, or remove the bad ones")
+        return None
+
+    # ------------------------------------------------------------------ saving
 
     def save(self, step: int, state: Any, meta: dict[str, Any], *, wait: bool = False) -> float:
-        """Start saving (async unless `wait`); returns the seconds the caller was blocked."""
+        """Start saving (async unless `wait`); returns the seconds the caller was blocked.
+        A failed write is a CheckpointError naming the directory and the cause."""
         t0 = time.perf_counter()
-        ocp = self._ocp
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        if wait:
-            self.manager.wait_until_finished()
+        if self._pending:  # a background save still running: its outcome first
+            self.wait()
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self._pending.append(step)
+            if wait:
+                self.manager.wait_until_finished()
+            self.poll()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- disk full, permissions, storage errors
+            raise CheckpointError(f"saving checkpoint {self.step_dir(step)} failed: "
+                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
         return time.perf_counter() - t0
 
+    def poll(self) -> None:
+        """Report a failed background save now (CheckpointError), and verify and rotate the
+        saves that have finished. Cheap when nothing finished; call once per step."""
+        if not self._pending or self.manager.is_saving_in_progress():
+            return
+        pending, self._pending = self._pending, []
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"saving checkpoint {self.step_dir(pending[-1])} failed: "
+                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
+        lost = [s for s in pending if not self.step_dir(s).is_dir()]
+        if lost:
+            raise CheckpointError(f"saving checkpoint {self.step_dir(lost[0])} failed: it was "
+                                  "never committed; the previous good checkpoint is intact")
+        if jax.process_index() == 0:
+            try:
+                for step in pending:
+                    write_manifest(self.step_dir(step))
+            except OSError as e:
+                raise CheckpointError(f"verifying checkpoint {self.step_dir(step)} failed: "
+                                      f"{e.strerror or e}") from None
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Keep the newest `keep` intact checkpoints (sizes checked against manifests); delete
+        older ones, never the newest good one."""
+        kept = 0
+        for step in self.all_steps():
+            if kept >= self.keep:
+                self.manager.delete(step)
+            elif verify(self.step_dir(step), full=False) is None:
+                kept += 1
+
+    # ------------------------------------------------------------------ reading
+
     def read_meta(self, step: int) -> dict[str, Any]:
-        ocp = self._ocp
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
-        ocp = self._ocp
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
@@ -91,7 +319,6 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: Any) -> Any:
         """Only the model parameters of a checkpoint (no optimizer state), cast to the
         dtypes and placed on the shardings of `abstract_params` (serving)."""
-        ocp = self._ocp
         restore_args = jax.tree.map(
             lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape),
             abstract_params)
@@ -100,9 +327,22 @@ class Checkpointer:
             partial_restore=True)))
         return out["state"]["params"]
 
+    def wait(self) -> None:
+        """Block until every save has finished, been verified and rotated."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step = self._pending[-1] if self._pending else "?"
+            self._pending = []
+            raise CheckpointError(f"saving checkpoint {self.directory / str(step)} failed: "
+                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
+        self.poll()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], where: str) -> None:

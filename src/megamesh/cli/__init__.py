@@ -42,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MegameshError as e:
         print(f"megamesh {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a file the command reads or writes: one line, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"megamesh {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"megamesh {args.command}: interrupted", file=sys.stderr)
         return 130

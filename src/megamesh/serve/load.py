@@ -67,15 +67,18 @@ def load_model(spec: str, shardings_for: Any, dtype: str, name: str | None = Non
 
 def _load_run(out: Path, shardings_for: Any, dtype: str, name: str | None) -> ServedModel:
     ckpt = Checkpointer(out / "checkpoints", keep=1_000_000, use_async=False)
+
+    def load(step: int) -> tuple[ModelConfig, Any]:
+        cfg = config_from_dict(ckpt.read_meta(step)["model"], saved=True)
+        return cfg, ckpt.restore_params(step, _abstract_params(cfg, shardings_for(cfg), dtype))
+
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise ConfigError(f"{out / 'checkpoints'} holds no complete checkpoint yet")
-        meta = ckpt.read_meta(step)
-        cfg = config_from_dict(meta["model"], saved=True)
-        params = ckpt.restore_params(step, _abstract_params(cfg, shardings_for(cfg), dtype))
+        got = ckpt.restore_newest(load)  # the newest checkpoint that verifies and reads
     finally:
-        ckpt.close()
+        ckpt.manager.close()
+    if got is None:
+        raise ConfigError(f"{out / 'checkpoints'} holds no complete checkpoint yet")
+    step, (cfg, params) = got
     tok = _tokenizer(out / "tokenizer.json", f"training run {out}")
     eos = tok.token_to_id(EOS)
     created = int((out / "checkpoints" / str(step)).stat().st_mtime)

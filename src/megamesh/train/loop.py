@@ -7,7 +7,9 @@ checkpoints needs --resume, and a resumed run must be the same model on the same
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
 from megamesh.model.transformer import unflatten
-from megamesh.runs import Checkpointer, check_same_model, load_tokenizer
+from megamesh.runs import Checkpointer, check_same_model, load_tokenizer, orbax_log_to
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
@@ -42,6 +44,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     val_loss: float | None = None
     preempted: bool = False
+    skipped: int = 0  # steps whose update was not applied (non-finite)
     out: Path = Path(".")
     params: Any = None  # the final parameters (sharded jax arrays)
 
@@ -106,6 +109,17 @@ def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: Train
     return data_lib.Corpus.load(data_dir), tok
 
 
+def _check_writable(out: Path) -> None:
+    """Make OUT and prove a file can be written in it; else one line naming it and why."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".megamesh-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {str(out)!r} cannot be written: {e.strerror or e}") from None
+
+
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -123,15 +137,27 @@ def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
     return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
 
 
-def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
-          resume: bool = False, progress: bool | None = None,
-          initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
+def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResult:
+    """Train `cfg` into OUT (`_train`'s keywords). Orbax's own warnings and error reports
+    go to OUT/orbax.log: an I/O failure is one line on the terminal, details on disk."""
+    with orbax_log_to(Path(out) / "orbax.log"):
+        return _train(cfg, tc, Path(out), **kw)
+
+
+def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
+           resume: bool = False, progress: bool | None = None,
+           initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
     """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
     Face model) replaces the random initialization of a fresh run. The mesh, remat,
     microbatches and kernels come from the run spec `tc.run`."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
+
+    def warn(message: str) -> None:  # a line about the run's own state (skipped checkpoints)
+        if is_main:
+            print(message, file=sys.stderr, flush=True)
+
     out = Path(out)
     ckpt_dir = out / "checkpoints"
     if out.exists() and not out.is_dir():
@@ -144,27 +170,33 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
     layout_str = format_layout(mesh_sizes(mesh))
     check_request(cfg, tc, mesh)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        _check_writable(out)  # before minutes of tokenizing, not after
     _barrier("out")
 
     corpus, _ = prepare_data(out, data_paths, cfg, tc, log)
     ts = build_train_step(cfg, tc, mesh)
     evaluate = build_eval_step(cfg, tc, ts)
-    ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save)
+    ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
+                        log=warn)
     meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": corpus.fingerprint,
             "megamesh": __version__}
 
-    start = 0
-    latest = ckpt.latest_step() if resume else None
-    if latest is not None:
-        saved = ckpt.read_meta(latest)
+    def restore(step: int) -> tuple[Any, dict[str, Any]]:
+        saved = ckpt.read_meta(step)
         check_same_model(saved["model"], cfg.to_dict(), str(ckpt_dir))
         if saved["corpus"] != corpus.fingerprint:
             raise ConfigError(f"checkpoint in {ckpt_dir} was trained on different data (corpus "
                               f"{saved['corpus']}, now {corpus.fingerprint})")
-        state, saved = ckpt.restore(latest, ts.abstract_state())
+        return ckpt.restore(step, ts.abstract_state())
+
+    start = 0
+    restored = ckpt.restore_newest(restore) if resume else None
+    if resume and restored is None:
+        log(f"--resume: {ckpt_dir} holds no checkpoint yet; starting from step 0")
+    if restored is not None:
+        step0, (state, saved) = restored
         start = int(saved["data_step"])
-        log(f"resumed from step {start} ({ckpt_dir / str(latest)}) onto mesh {layout_str}")
+        log(f"resumed from step {start} ({ckpt_dir / str(step0)}) onto mesh {layout_str}")
     else:
         state = ts.init(jax.random.key(tc.seed))
         if initial_params is not None:
@@ -199,6 +231,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 state, m = ts.fn(state, batch)
                 m = jax.device_get(m)
                 t2 = time.perf_counter()
+                ckpt.poll()  # a failed background save stops the run now, in one line
+                goodput.checkpoint += time.perf_counter() - t2
                 dt = t2 - t1
                 goodput.data += t1 - t0
                 if first:
@@ -208,18 +242,23 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
                 record = {"step": step + 1, "loss": float(m["loss"]), "nll": float(m["nll"]),
                           "aux_loss": float(m["aux"]), "lr": float(m["lr"]),
                           "grad_norm": float(m["grad_norm"]), "finite": bool(m["finite"]),
+                          "skipped_steps": int(m["skipped"]),
                           "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                           "mfu": flops_per_step / dt / peak, "compile_step": first}
                 first = False
                 result.losses[step + 1] = record["loss"]
                 result.final_step = step + 1
-                bad = int(state["bad_steps"]) if not m["finite"] else 0
+                result.skipped = int(m["skipped"])
+                bad = int(m["bad_steps"])
                 if bad >= tc.max_bad_steps:
                     writer.write({**record, **goodput.fields()})
+                    ckpt.wait()
+                    good = ckpt.latest_good_step()
+                    where = (f"the last good checkpoint, {ckpt_dir / str(good)}, is intact"
+                             if good is not None else f"no checkpoint was written to {ckpt_dir}")
                     raise TrainingDiverged(
-                        f"{bad} consecutive steps had a non-finite loss or gradient (last: step "
-                        f"{step + 1}); stopped. The last good checkpoint "
-                        f"(step {ckpt.latest_step()}) in {ckpt_dir} is intact")
+                        f"{bad} consecutive steps had a non-finite loss, gradient or update (last: "
+                        f"step {step + 1}); stopped ({result.skipped} skipped in all); {where}")
                 done = step + 1 == tc.steps
                 if (step + 1) % tc.eval.every == 0 or done:
                     record["val_loss"] = result.val_loss = _validate(evaluate, state, val_ds, tc, ts)
@@ -251,6 +290,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str]
         f = goodput.fields()
         log(f"done: step {result.final_step}, loss {result.losses.get(result.final_step, float('nan')):.4f}"
             + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+            + f"; {result.skipped} non-finite step(s) skipped"
             + f"; goodput {f['goodput']:.1%} (compile {f['badput_compile_s']:.1f}s, data "
             f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
             f"{f['badput_lost_s']:.1f}s); checkpoints in {ckpt_dir}")

@@ -4,7 +4,9 @@ State is a dict: params (param_dtype, fp32 master weights), opt_state, step, and
 guard counters. One call = one optimizer update over `global_batch` sequences, split
 into `microbatches` for gradient accumulation (a scan, so memory holds one microbatch
 of activations). A step whose loss or gradient is not finite leaves params and
-optimizer state untouched and is counted (`bad_steps` consecutive, `skipped` total).
+optimizer state untouched and is counted (`bad_steps` consecutive, `skipped` total); so
+does a step whose updated parameters or optimizer state hold a non-finite value. The
+state is therefore always finite, and so is every checkpoint written from it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 
     nll = cross_entropy(out.hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
     return nll + coef * out.aux, {"nll": nll, "aux": out.aux}
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every floating-point element of `tree` is finite (one boolean)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def loss_chunks(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int], rules: Rules, *,
@@ -195,9 +204,12 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
                 (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
                 loss, parts, grads = jax.tree.map(lambda x: x / tc.microbatches, (loss, parts, grads))
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = opt.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        # the update is kept only if everything it produces is finite: a finite gradient
+        # can still overflow a parameter or a moment (a corrupted batch, a huge step)
+        finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params)
+                  & all_finite(new_opt))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = {
             "params": keep(new_params, params),
@@ -207,7 +219,8 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
             "skipped": state["skipped"] + jnp.where(finite, 0, 1),
         }
         metrics = {"loss": loss, "nll": parts["nll"], "aux": parts["aux"], "grad_norm": grad_norm,
-                   "lr": schedule(state["step"]), "finite": finite}
+                   "lr": schedule(state["step"]), "finite": finite,
+                   "bad_steps": new_state["bad_steps"], "skipped": new_state["skipped"]}
         return new_state, metrics
 
     fn = jax.jit(step, in_shardings=(state_shardings, batch_sharding),
