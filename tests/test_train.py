@@ -183,6 +183,66 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, 
     assert (out / "orbax.log").exists()  # Orbax's own report of it, for whoever wants it
 
 
+def test_other_data_on_resume_is_refused_unless_asked_for(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in sorted(corpus.iterdir())[:6]:  # half the documents: another corpus
+        shutil.copy(f, other / f.name)
+    r = run_main(*train_args(out, other, "--steps", "13", "--resume"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--data is not the corpus this run was trained on" in r.stderr and "--new-data" in r.stderr
+    r = run_main(*train_args(out, corpus, "--steps", "13", "--resume"))  # the same data: fine
+    assert r.returncode == 0, r.stderr
+    r = run_main(*train_args(out, other, "--steps", "14", "--resume", "--new-data"))
+    assert r.returncode == 0, r.stderr
+    assert "replacing the corpus this run trained on so far" in r.stdout
+    assert "resumed from step 13" in r.stdout
+    meta = json.loads((out / "data" / "corpus.json").read_text())
+    assert len(meta["history"]) == 1 and str(corpus) in meta["history"][0]["description"]
+    assert str(other) in meta["description"]
+
+
+def test_a_failed_first_attempt_does_not_stick_to_out(tmp_path, corpus):
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(60):
+        (small / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    out = tmp_path / "run"
+    r = run_main(*train_args(out, small, "--steps", "2", "--seq", "256"))
+    assert r.returncode == 2 and "split has" in r.stderr and "fewer than one sequence" in r.stderr
+    assert not (out / "data").exists() and not (out / "tokenizer.json").exists()
+    r = run_main(*train_args(out, corpus, "--steps", "2"))  # corrected: works
+    assert r.returncode == 0, r.stderr
+
+
+def test_damaged_corpus_and_bad_documents_are_errors_not_training_data(tmp_path, corpus, reference):
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    data = bytearray((out / "data" / "train.npy").read_bytes())
+    for i in range(16):
+        data[-100 + i] ^= 0xFF
+    (out / "data" / "train.npy").write_bytes(bytes(data))
+    r = run_main(*train_args(out, corpus, "--steps", "13", "--resume"))
+    assert r.returncode == 2 and "train.npy does not match its checksum" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    r = run_main(*train_args(tmp_path / "j", docs, "--steps", "2"))
+    assert r.returncode == 2 and "a.jsonl:2: 'text' must be a string, not null" in r.stderr
+
+    from megamesh.train.data import read_documents
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(corpus, mixed)
+    (mixed / "blob.txt").write_bytes(bytes(range(256)) * 40)
+    texts, desc = read_documents([str(mixed)])
+    assert len(texts) == len(list(corpus.iterdir())) and "1 binary file(s) skipped" in desc
+
+
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, reference):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=3"),

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from megamesh.cli.common import split_overrides
+from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.runspec import read_plan
 from megamesh.settings import apply_overrides
@@ -36,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernels", help="kernel overrides, e.g. attention=blockwise,moe=einsum "
                    "(default: the platform's; see model/backend.py)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
+    p.add_argument("--new-data", action="store_true",
+                   help="with --resume and --data: continue on documents other than those the run "
+                   "trained on (packed with its tokenizer; recorded in OUT/data/corpus.json)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
     p.set_defaults(run=run)
 
@@ -78,7 +82,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.model.backend import choose_kernels
 
     choose_kernels(jax.default_backend(), tc.run.kernels)  # a bad --kernels fails before data prep
-    result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume,
+    if args.new_data and not (args.resume and args.data):
+        raise ConfigError("--new-data goes with --resume and --data (the documents to continue on)")
+    result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,
                    progress=False if args.no_progress else None,
                    initial_params=load_weights(args.model))
     if result.preempted:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sysconfig
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grain
@@ -58,14 +59,31 @@ def _expand(paths: list[str]) -> list[Path]:
     return files
 
 
+def is_binary(f: Path) -> bool:
+    """A file that is not text: a NUL byte in its first 8 KiB, or not UTF-8 there."""
+    with open(f, "rb") as fh:
+        head = fh.read(8192)
+    if b"\0" in head:
+        return True
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start < len(head) - 4  # a character cut at the 8 KiB boundary is fine
+    return False
+
+
 def read_documents(paths: list[str] | None) -> tuple[list[str], str]:
     """Documents from text, JSONL (`text` field) and Parquet (`text` column) files.
 
-    Returns (documents, description). None reads the embedded default corpus.
+    Returns (documents, description). None reads the embedded default corpus. Binary
+    files are skipped and counted in the description, never trained on.
     """
     files = default_corpus_files() if not paths else _expand(paths)
     docs: list[str] = []
+    binary = [f for f in files if f.suffix != ".parquet" and is_binary(f)]
     for f in files:
+        if f in binary:
+            continue
         if f.suffix == ".jsonl":
             for i, line in enumerate(f.read_text(errors="replace").splitlines()):
                 if not line.strip():
@@ -75,7 +93,10 @@ def read_documents(paths: list[str] | None) -> tuple[list[str], str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise ConfigError(f"{f}:{i + 1}: each JSONL line needs a string field "
                                       "'text'") from None
-                docs.append(str(text))
+                if not isinstance(text, str):
+                    raise ConfigError(f"{f}:{i + 1}: 'text' must be a string, not "
+                                      f"{json.dumps(text)[:40]}")
+                docs.append(text)
         elif f.suffix == ".parquet":
             try:
                 import pyarrow.parquet as pq
@@ -89,10 +110,20 @@ def read_documents(paths: list[str] | None) -> tuple[list[str], str]:
         else:
             docs.append(f.read_text(errors="replace"))
     docs = [d for d in docs if d.strip()]
+    skipped = f", {len(binary)} binary file(s) skipped (e.g. {binary[0]})" if binary else ""
     if not docs:
-        raise ConfigError(f"--data {' '.join(paths or [])!r} holds no text: every document is empty")
+        raise ConfigError(f"--data {' '.join(paths or [])!r} holds no text: every document is "
+                          f"empty{skipped}")
     what = "Python standard library source" if not paths else ", ".join(paths)
-    return docs, f"{what} ({len(files)} files, {len(docs)} documents)"
+    return docs, f"{what} ({len(files) - len(binary)} files, {len(docs)} documents{skipped})"
+
+
+def source_fingerprint(docs: list[str]) -> str:
+    """Identifies the documents themselves (not how they were tokenized)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    return h.hexdigest()[:16]
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -115,18 +146,62 @@ class Corpus:
     eos_id: int
     fingerprint: str  # identifies documents + tokenizer: a resumed run must see the same data
     description: str
+    source: str = ""  # identifies the documents alone (`source_fingerprint`)
+    history: list = field(default_factory=list)  # earlier corpora of this run (--new-data)
 
     def save(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "train.npy", self.train)
-        np.save(directory / "val.npy", self.val)
-        (directory / "corpus.json").write_text(json.dumps(
-            {"eos_id": self.eos_id, "fingerprint": self.fingerprint, "description": self.description}))
+        """Write atomically: a new directory beside it, renamed into place once complete
+        (a failure midway leaves the previous corpus, or none, never half of one)."""
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "train.npy", self.train)
+        np.save(tmp / "val.npy", self.val)
+        sums = {n: _crc32(tmp / n) for n in ("train.npy", "val.npy")}
+        (tmp / "corpus.json").write_text(json.dumps(
+            {"eos_id": self.eos_id, "fingerprint": self.fingerprint, "description": self.description,
+             "source": self.source, "history": self.history, "checksums": sums}))
+        old = directory.with_name(directory.name + ".old")
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def read_meta(directory: Path) -> dict:
+        return json.loads((directory / "corpus.json").read_text())
 
     @classmethod
-    def load(cls, directory: Path) -> Corpus:
-        meta = json.loads((directory / "corpus.json").read_text())
-        return cls(np.load(directory / "train.npy"), np.load(directory / "val.npy"), **meta)
+    def load(cls, directory: Path, vocab_size: int | None = None) -> Corpus:
+        """The packed corpus, checked: each array against its checksum and every token id
+        below the tokenizer's `vocab_size` (a damaged file is an error, never trained on)."""
+        meta = cls.read_meta(directory)
+        for name, crc in meta.pop("checksums", {}).items():
+            if _crc32(directory / name) != crc:
+                raise ConfigError(f"{directory / name} does not match its checksum: the packed "
+                                  "corpus is damaged; rebuild it (remove it, or train with "
+                                  "--data FILES --new-data)")
+        corpus = cls(np.load(directory / "train.npy"), np.load(directory / "val.npy"), **meta)
+        for name, arr in (("train.npy", corpus.train), ("val.npy", corpus.val)):
+            if vocab_size is not None and arr.size and not 0 <= int(arr.min()) <= int(arr.max()) < vocab_size:
+                raise ConfigError(f"{directory / name} holds token ids outside the tokenizer's "
+                                  f"{vocab_size}: the packed corpus is damaged; rebuild it")
+        return corpus
+
+
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def check_split(tokens: np.ndarray, seq_len: int, name: str) -> None:
+    if len(PackedSequences(tokens, seq_len)) < 1:
+        raise ConfigError(f"the {name} split has {len(tokens)} tokens, fewer than one sequence of "
+                          f"seq_len+1={seq_len + 1}: use more data or a shorter --seq")
 
 
 def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: float) -> Corpus:
@@ -147,7 +222,8 @@ def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: flo
     for d in docs:
         h.update(hashlib.sha256(d.encode()).digest())
     h.update(tokenizer.to_str().encode())
-    return Corpus(pack(False), pack(True), eos, h.hexdigest()[:16], description)
+    return Corpus(pack(False), pack(True), eos, h.hexdigest()[:16], description,
+                  source=source_fingerprint(docs))
 
 
 class PackedSequences:
@@ -166,9 +242,6 @@ class PackedSequences:
 
 def batch_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, *, name: str):
     """Grain MapDataset whose item s is the (global_batch, seq_len + 1) batch of step s."""
-    source = PackedSequences(tokens, seq_len)
-    if len(source) < 1:
-        raise ConfigError(f"the {name} split has {len(tokens)} tokens, fewer than one sequence of "
-                          f"seq_len+1={seq_len + 1}: use more data or a shorter --seq")
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
+    check_split(tokens, seq_len, name)
+    ds = grain.MapDataset.source(PackedSequences(tokens, seq_len)).shuffle(seed=seed).repeat()
     return ds.batch(global_batch, drop_remainder=True, batch_fn=np.stack)

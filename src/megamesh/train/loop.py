@@ -85,28 +85,58 @@ def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
 
 
 def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: TrainConfig,
-                 log: Any) -> tuple[data_lib.Corpus, Any]:
-    """Load OUT's tokenizer and packed corpus, or build them (process 0) on first use."""
+                 log: Any, *, trained: bool = False, new_data: bool = False
+                 ) -> tuple[data_lib.Corpus, Any]:
+    """OUT's tokenizer and packed corpus: built (process 0) on first use; afterwards fixed.
+
+    Once a checkpoint exists (`trained`), `--data` naming other documents is refused
+    unless `new_data`: then they are packed with the run's own tokenizer (the model's
+    embedding is tied to it) and the switch is recorded in the corpus's history. Before
+    any checkpoint (an earlier attempt failed), other `--data` simply rebuilds everything.
+    Nothing is saved until the corpus is complete and long enough for --seq."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
-    if not (data_dir / "corpus.json").exists():
-        if jax.process_index() == 0:
-            t0 = time.perf_counter()
+    exists = (data_dir / "corpus.json").exists() and tok_path.exists()
+    build = not exists
+    if exists and paths:
+        docs, desc = data_lib.read_documents(paths)
+        stored = data_lib.Corpus.read_meta(data_dir)
+        if data_lib.source_fingerprint(docs) != stored.get("source"):
+            if trained and not new_data:
+                raise ConfigError(
+                    f"--data is not the corpus this run was trained on ({stored['description']}, "
+                    f"packed in {data_dir}); pass --new-data to continue training on it "
+                    "deliberately (packed with the run's tokenizer, the switch recorded)")
+            build = True
+    if build and jax.process_index() == 0:
+        t0 = time.perf_counter()
+        if not exists or not paths:
             docs, desc = data_lib.read_documents(paths)
-            vocab = min(tc.data.tokenizer_vocab, cfg.vocab_size)
-            tok = data_lib.train_tokenizer(docs, vocab)
-            corpus = data_lib.build_corpus(docs, desc, tok, tc.data.val_fraction)
-            tok.save(str(tok_path))
-            corpus.save(data_dir)
-            log(f"data: {desc}; BPE vocab {tok.get_vocab_size()}; {len(corpus.train):,} train + "
-                f"{len(corpus.val):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
-        _barrier("data")
-    elif paths:
-        data_lib.read_documents(paths)  # still validate the user's paths
+        if exists and trained:  # --new-data: the run's tokenizer, the old corpus remembered
+            tok = load_tokenizer(tok_path)
+            old = data_lib.Corpus.read_meta(data_dir)
+            history = [*old.get("history", []), {
+                "description": old["description"], "fingerprint": old["fingerprint"],
+                "replaced": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        else:
+            tok = data_lib.train_tokenizer(docs, min(tc.data.tokenizer_vocab, cfg.vocab_size))
+            history = []
+        corpus = data_lib.build_corpus(docs, desc, tok, tc.data.val_fraction)
+        corpus.history = history
+        data_lib.check_split(corpus.train, tc.seq_len, "train")
+        data_lib.check_split(corpus.val, tc.seq_len, "validation")
+        tmp_tok = tok_path.with_name(tok_path.name + ".tmp")
+        tok.save(str(tmp_tok))
+        corpus.save(data_dir)
+        os.replace(tmp_tok, tok_path)
+        switched = " (replacing the corpus this run trained on so far)" if history else ""
+        log(f"data: {desc}{switched}; BPE vocab {tok.get_vocab_size()}; {len(corpus.train):,} "
+            f"train + {len(corpus.val):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
+    _barrier("data")
     tok = load_tokenizer(tok_path)
     if tok.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
                           f"{cfg.name}'s vocab_size={cfg.vocab_size}")
-    return data_lib.Corpus.load(data_dir), tok
+    return data_lib.Corpus.load(data_dir, tok.get_vocab_size()), tok
 
 
 def _check_writable(out: Path) -> None:
@@ -145,11 +175,12 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResul
 
 
 def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
-           resume: bool = False, progress: bool | None = None,
+           resume: bool = False, new_data: bool = False, progress: bool | None = None,
            initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
     """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
     Face model) replaces the random initialization of a fresh run. The mesh, remat,
-    microbatches and kernels come from the run spec `tc.run`."""
+    microbatches and kernels come from the run spec `tc.run`. `new_data`: continue a run
+    on documents other than those it was trained on (`prepare_data`)."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -173,7 +204,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
         _check_writable(out)  # before minutes of tokenizing, not after
     _barrier("out")
 
-    corpus, _ = prepare_data(out, data_paths, cfg, tc, log)
+    corpus, _ = prepare_data(out, data_paths, cfg, tc, log, trained=has_ckpt, new_data=new_data)
     ts = build_train_step(cfg, tc, mesh)
     evaluate = build_eval_step(cfg, tc, ts)
     ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
@@ -184,7 +215,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
     def restore(step: int) -> tuple[Any, dict[str, Any]]:
         saved = ckpt.read_meta(step)
         check_same_model(saved["model"], cfg.to_dict(), str(ckpt_dir))
-        if saved["corpus"] != corpus.fingerprint:
+        if saved["corpus"] != corpus.fingerprint and not new_data:
             raise ConfigError(f"checkpoint in {ckpt_dir} was trained on different data (corpus "
                               f"{saved['corpus']}, now {corpus.fingerprint})")
         return ckpt.restore(step, ts.abstract_state())
