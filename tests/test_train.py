@@ -126,6 +126,24 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, cor
     assert losses(out)[10] == losses(reference)[10]  # the same run, continued from step 9
 
 
+def test_rotation_never_deletes_the_newest_good_checkpoint(tmp_path, reference):
+    from megamesh.runs import Checkpointer
+
+    d = tmp_path / "checkpoints"
+    shutil.copytree(reference / "checkpoints", d)
+    for step in ("12", "9"):
+        _truncate(d / step)
+    ckpt = Checkpointer(d, keep=1, use_async=False, log=lambda m: None)
+    ckpt._rotate()  # the two newest are damaged: 6 is the newest good one, and stays
+    assert sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) == [6, 9, 12]
+    shutil.rmtree(d)
+    shutil.copytree(reference / "checkpoints", d)
+    ckpt = Checkpointer(d, keep=1, use_async=False, log=lambda m: None)
+    ckpt._rotate()  # all good: only the newest is kept
+    assert sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) == [12]
+    ckpt.close()
+
+
 def test_no_good_checkpoint_is_one_line_and_a_failure(tmp_path, corpus, reference):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
