@@ -165,6 +165,14 @@ def test_unwritable_out_is_one_line_before_any_data_work(tmp_path, corpus):
     assert "data:" not in r.stdout  # nothing tokenized
 
 
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("three") / "run"
+    r = run_main(*train_args(out, corpus, "--steps", "3", "--train.checkpoint.every=3"))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 LIMITED = """
 import resource, runpy, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
@@ -176,15 +184,15 @@ runpy.run_module("megamesh.cli", run_name="__main__")
 
 @pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE and SIGXFSZ")
 @pytest.mark.parametrize("async_save", ["true", "false"])
-def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, corpus, async_save):
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, corpus, three_steps,
+                                                                      async_save):
     """A file-size limit (as a full disk does) makes the save at step 6 fail: exit 1 with
     one line naming the checkpoint and the OS error (a synchronous save within step 6,
     an async one as soon as its background write fails); checkpoint 3 stays good."""
     from megamesh.runs import verify
 
     out = tmp_path / "run"
-    r = run_train(out, corpus, "--steps", "3", "--train.checkpoint.every=3")
-    assert r.returncode == 0, r.stderr
+    shutil.copytree(three_steps, out)
     args = train_args(out, corpus, "--steps", "9", "--train.checkpoint.every=3", "--resume",
                       f"--train.checkpoint.async_save={async_save}")
     proc = subprocess.run([sys.executable, "-c", LIMITED, *args], env=cli_env(1),

@@ -136,9 +136,12 @@ class _ToFile(logging.Handler):
 
 @contextlib.contextmanager
 def orbax_log_to(path: Path):
-    """Within the block, absl/Orbax warnings and errors go to `path` instead of stderr."""
-    logger = logging.getLogger("absl")
-    handler, propagate, hook = _ToFile(path), logger.propagate, sys.excepthook
+    """Within the block, Orbax's warnings and errors (its absl logging, asyncio's reports of
+    its failed writer tasks, exceptions its threads print) go to `path`, not stderr."""
+    # absl: Orbax's logging; asyncio: "Task exception was never retrieved" from its writers
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
+    handler, hook = _ToFile(path), sys.excepthook
+    propagate = [lg.propagate for lg in loggers]
 
     def to_file(kind: Any, value: Any, tb: Any) -> None:  # errors tensorstore's threads print
         handler.emit(logging.LogRecord("thread", logging.ERROR, "", 0, "".join(
@@ -147,16 +150,29 @@ def orbax_log_to(path: Path):
     def unraisable(u: Any) -> None:
         to_file(u.exc_type, u.exc_value, u.exc_traceback)
 
-    logger.addHandler(handler)
-    logger.propagate = False
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
     sys.excepthook, unraisable_hook = to_file, sys.unraisablehook
     sys.unraisablehook = unraisable
     try:
         yield
     finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
+        for lg, p in zip(loggers, propagate):
+            lg.removeHandler(handler)
+            lg.propagate = p
         sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+
+
+def log_orbax_to(path: Path) -> None:
+    """`orbax_log_to` for the rest of the process (the `megamesh train` command: Orbax's
+    failed writer tasks are reported when they are garbage-collected, up to exit)."""
+    cm = orbax_log_to(path)
+    cm.__enter__()
+    _FOR_LIFE.append(cm)  # referenced: a collected generator would run its `finally`
+
+
+_FOR_LIFE: list[Any] = []
 
 
 def _one_line(e: BaseException) -> str:

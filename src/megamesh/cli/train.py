@@ -82,6 +82,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.model.backend import choose_kernels
 
     choose_kernels(jax.default_backend(), tc.run.kernels)  # a bad --kernels fails before data prep
+    from pathlib import Path
+
+    from megamesh.runs import log_orbax_to
+
+    log_orbax_to(Path(args.out) / "orbax.log")  # Orbax's tracebacks to a file, up to exit
     if args.new_data and not (args.resume and args.data):
         raise ConfigError("--new-data goes with --resume and --data (the documents to continue on)")
     result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,
