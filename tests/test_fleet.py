@@ -306,3 +306,22 @@ def test_launch_bad_input(tmp_path, plan_file):
     assert r.returncode == 2 and "not a `megamesh plan --json` file of a training plan" in r.stderr
     r = megamesh("launch", "--plan", str(plan_file), "--name", "Bad_Name")
     assert r.returncode == 2 and "--name 'Bad_Name' is not allowed" in r.stderr
+
+
+def test_a_job_that_can_never_be_placed_says_so_instead_of_zero_goodput():
+    """1M chips leave no room once 2% of cubes are hot spares: 'not placed', never 0%."""
+    from megamesh.fleet import questions
+
+    s = default_scenario()
+    r = questions.sync_vs_replicas(s, 109, work_days=2)
+    sync = r["synchronous"]
+    assert sync["goodput_simulated"] is None
+    assert sync["not_placed"].startswith("not placed: needs 15,696 cubes, at most")
+    assert r["pod_replicas"]["goodput_simulated"] > 0 and r["pod_replicas"]["not_placed"] is None
+    grid = questions.checkpoint_and_spares(s, 1_000_000, work_days=2, spare_fractions=(0.01, 0.02),
+                                           interval_factors=(1.0,))["grid"]
+    by_spares = {g["spare_fraction"]: g for g in grid}
+    assert by_spares[0.01]["goodput"] is not None and by_spares[0.01]["not_placed"] is None
+    assert by_spares[0.02]["goodput"] is None and "not placed" in by_spares[0.02]["not_placed"]
+    text = megamesh("fleet", "sync-vs-replicas", "--pods", "109", "--days", "2").stdout
+    assert "simulated: not placed: needs" in text and "0.0% simulated" not in text

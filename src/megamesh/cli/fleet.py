@@ -106,13 +106,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             f"{'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} {'repair wait h':>14}",
         ]
         for g in r["grid"]:
-            lines.append(
-                f"{g['spare_fraction']:>7.1%} {g['interval_min']:>8.1f}m {g['interval_vs_daly']:>7.2f} "
-                f"{g['goodput']:>8.1%} {g['repair_wait_hours']:>14.0f}"
-            )
+            row = (f"{g['spare_fraction']:>7.1%} {g['interval_min']:>8.1f}m {g['interval_vs_daly']:>7.2f} ")
+            lines.append(row + (f"{g['goodput']:>8.1%} {g['repair_wait_hours']:>14.0f}"
+                                if g["goodput"] is not None else f"  {g['not_placed']}"))
         lines.append(
             f"best: spares {b['spare_fraction']:.1%}, checkpoint every {b['interval_min']:.1f} min "
-            f"-> goodput {b['goodput']:.1%}"
+            f"-> goodput {b['goodput']:.1%}" if b else "best: none (the job is never placed)"
         )
         text = "\n".join(lines)
     else:
@@ -122,10 +121,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         lines = [f"{args.pods} pods = {r['chips']:,} chips"]
         for k in ("synchronous", "pod_replicas"):
             v = r[k]
+            sim = (f"goodput {v['goodput_simulated']:.1%} simulated" if v["goodput_simulated"] is not None
+                   else f"simulated: {v['not_placed']}")
             lines.append(
                 f"{k:<13} {v['jobs']:>4} job(s) of {v['chips_per_job']:>9,} chips: MTBF "
                 f"{v['mtbf_min']:8.1f} min, checkpoint every {v['checkpoint_interval_min']:6.1f} min, "
-                f"goodput {v['goodput_simulated']:.1%} simulated ({v['goodput_closed_form']:.1%} closed form)"
+                f"{sim} ({v['goodput_closed_form']:.1%} closed form)"
             )
         lines.append(
             f"simulated: with the scenario's hot spares ({s.spare_fraction:.1%} of cubes, repair "

@@ -175,12 +175,14 @@ def checkpoint_and_spares(
                     "spare_fraction": frac,
                     "interval_min": tau * k * 60,
                     "interval_vs_daly": k,
-                    "goodput": j["goodput"],
+                    "goodput": j["goodput"],  # None: never placed (see not_placed)
+                    "not_placed": j["not_placed"],
                     "finished": j["finished"],
                     "repair_wait_hours": j["badput_hours"]["repair_wait"],
                 }
             )
-    best = max(rows, key=lambda r: r["goodput"])
+    placed = [r for r in rows if r["goodput"] is not None]
+    best = max(placed, key=lambda r: r["goodput"]) if placed else None
     return {
         "chips": chips,
         "mtbf_min": mtbf * 60,
@@ -208,7 +210,8 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
             "mtbf_min": mtbf * 60,
             "checkpoint_interval_min": tau * 60,
             "goodput_closed_form": daly_goodput(tau, delta, restart, mtbf),
-            "goodput_simulated": sim["goodput"],
+            "goodput_simulated": sim["goodput"],  # None: never placed
+            "not_placed": sim["not_placed"],
         }
     out["spare_fraction"] = s.spare_fraction
     out["note"] = (

@@ -40,6 +40,9 @@ def text(r: dict[str, Any]) -> str:
         finish = j["finish_time"] or "not finished"
         if j["deadline"] and j["met_deadline"] is not None:
             finish += " ok" if j["met_deadline"] else " LATE"
+        if j["not_placed"]:
+            lines.append(f"{j['name']:<18} {j['chips']:>9,} {j['not_placed']}")
+            continue
         lines.append(
             f"{j['name']:<18} {j['chips']:>9,} {j['goodput']:>8.1%} {j['progress']:>9.1%} {finish:>17} "
             f"{j['interruptions']:>10,} {j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "

@@ -82,10 +82,19 @@ class Job:
     preemptions: int = 0
     badput: Counter = field(default_factory=Counter)
     alloc: list[list[int]] = field(default_factory=list)  # [pod, cubes]
+    most_free: int = 0  # the most allocatable cubes seen while it could not be placed
 
     @property
     def cubes(self) -> int:
         return sum(c for _, c in self.alloc)
+
+    def not_placed(self) -> str | None:
+        """Why a job that never started did not ("needs N cubes, at most M free"); None
+        once it has run."""
+        if self.first_start is not None:
+            return None
+        return (f"not placed: needs {self.chips // CUBE_CHIPS:,} cubes, at most "
+                f"{self.most_free:,} were free at once (outside hot spares and repairs)")
 
     @property
     def rate(self) -> float:
@@ -403,6 +412,7 @@ class Fleet:
                     if alloc is not None:
                         break
                 if alloc is None:
+                    job.most_free = max(job.most_free, self._allocatable())
                     continue
                 for v in chosen:
                     self._preempt(v)
@@ -633,7 +643,9 @@ class Fleet:
                     "name": j.name,
                     "chips": j.chips,
                     "priority": j.priority,
-                    "goodput": j.productive_h / wall if wall > 0 else 0.0,
+                    # a job that never ran has no goodput: it says why it was not placed
+                    "goodput": j.productive_h / wall if wall > 0 else None,
+                    "not_placed": j.not_placed(),
                     "finish_time": _date(s, j.finish),
                     "finished": j.finish is not None,
                     "first_start": _date(s, j.first_start),
