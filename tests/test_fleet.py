@@ -325,3 +325,19 @@ def test_a_job_that_can_never_be_placed_says_so_instead_of_zero_goodput():
     assert by_spares[0.02]["goodput"] is None and "not placed" in by_spares[0.02]["not_placed"]
     text = megamesh("fleet", "sync-vs-replicas", "--pods", "109", "--days", "2").stdout
     assert "simulated: not placed: needs" in text and "0.0% simulated" not in text
+
+
+def test_stalled_jobs_draw_idle_power_and_the_swing_is_reported():
+    """Chips of a job waiting for a repair or restarting draw idle power (the books are
+    checked at every event); the swing when the frontier job stops is its chips' full
+    minus idle power: 663,552 chips x 1,199 W x (1 - 0.3) = 557 MW."""
+    s = dataclasses.replace(default_scenario(), end="2026-11-15")  # the frontier run starts in October
+    res, fleet = simulate(s, check=True)
+    frontier = next(j for j in res["jobs"] if j["name"] == "frontier-2t")
+    want = 72 * 9216 * s.watts_per_chip * (1 - s.idle_power_fraction) / 1e6
+    assert frontier["power_swing_mw"] == pytest.approx(want)
+    assert res["largest_power_swing_mw"] == pytest.approx(want)
+    stalled = fleet.stalled_cubes
+    assert fleet.power_mw(drawn=False) - fleet.power_mw() == pytest.approx(
+        stalled * 64 * s.watts_per_chip * (1 - s.idle_power_fraction) / 1e6)
+    assert "PUE 1.1 is applied on top" in res["power_basis"]

@@ -22,7 +22,9 @@ def text(r: dict[str, Any]) -> str:
         f"goodput {r['goodput']:.1%} (training {r['training_goodput']:.1%}), utilization "
         f"{r['utilization']:.1%} of installed chip-hours",
         f"energy {r['energy_gwh']:,.0f} GWh, average {r['average_power_mw']:,.0f} MW, peak "
-        f"{r['peak_power_mw']:,.0f} MW (cap {r['power_cap_mw']:,.0f} MW)",
+        f"{r['peak_power_mw']:,.0f} MW (cap {r['power_cap_mw']:,.0f} MW); the largest swing when "
+        f"one job stops computing: {r['largest_power_swing_mw']:,.0f} MW",
+        f"power: {r['power_basis']}",
         f"tokens trained {_h(r['tokens_trained'])}, served {_h(r['tokens_served'])} of "
         f"{_h(r['tokens_demanded'])} demanded (short of demand {r['serving_shortfall_hours']:.0f} h)",
         f"cost: energy ${_h(r['cost_usd']['energy'])}"

@@ -53,6 +53,7 @@ from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
 
 BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
+STALLED = ("waiting", "restarting")  # holding cubes without computing: idle power
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Job:
     badput: Counter = field(default_factory=Counter)
     alloc: list[list[int]] = field(default_factory=list)  # [pod, cubes]
     most_free: int = 0  # the most allocatable cubes seen while it could not be placed
+    stall_cubes: int = 0  # its cubes counted as stalled (held, waiting or restarting: idle power)
+    max_swing_mw: float = 0.0  # the largest power drop when it stopped running
 
     @property
     def cubes(self) -> int:
@@ -138,6 +141,8 @@ class Fleet:
         self.pod_used: list[int] = []
         self.spares = 0  # cubes held free as hot spares
         self.in_repair = 0  # cubes out of service (their spare took their place)
+        self.stalled_cubes = 0  # cubes of jobs waiting for a repair or restarting
+        self.max_swing_mw = 0.0  # the largest power drop when a running job stopped
         self.free_total = 0
         self.n_powered = 0
         self.used_total = 0
@@ -223,12 +228,24 @@ class Fleet:
 
     # ------------------------------------------------------------------ power and capacity
 
-    def power_mw(self, used: int | None = None, powered: int | None = None) -> float:
+    def power_mw(self, used: int | None = None, powered: int | None = None, *,
+                 drawn: bool = True) -> float:
+        """The site's power. `drawn`: what it draws now, with the cubes of stalled jobs
+        (waiting for a repair or restarting) at idle power; else the power if every
+        allocated cube computed (the cap is checked against that: a stalled job restarts)."""
         used = self.used_total if used is None else used
         powered = self.n_powered if powered is None else powered
         idle = powered * self.cubes_per_pod - used + self.spares + self.in_repair
         idle = max(idle, 0)
-        return self.s.watts_per_chip * CUBE_CHIPS * (used + self.s.idle_power_fraction * idle) / 1e6
+        stalled = min(self.stalled_cubes, used) if drawn else 0
+        return self.s.watts_per_chip * CUBE_CHIPS * (
+            used - stalled + self.s.idle_power_fraction * (idle + stalled)) / 1e6
+
+    def _track_stall(self, job: Job, state: str) -> None:
+        """Before `job` enters `state`: count its cubes as stalled (idle power) or not."""
+        new = job.cubes if state in STALLED else 0
+        self.stalled_cubes += new - job.stall_cubes
+        job.stall_cubes = new
 
     def _allocatable(self) -> int:
         return self.free_total - self.spares - self.in_repair
@@ -280,7 +297,7 @@ class Fleet:
             before, after = self.pod_used[p] > 0, self.pod_used[p] + d > 0
             powered += int(after) - int(before)
             used += d
-        return self.power_mw(used, powered)
+        return self.power_mw(used, powered, drawn=False)
 
     def try_allocate(self, slices: list[int], freed: list[list[int]] = ()) -> list[list[int]] | None:
         pod_used = list(self.pod_used)
@@ -320,6 +337,7 @@ class Fleet:
     # ------------------------------------------------------------------ jobs
 
     def _set_state(self, job: Job, state: str) -> None:
+        self._track_stall(job, state)
         job.state, job.t_state = state, self.t
         job.version += 1
         if state == "running":
@@ -361,6 +379,10 @@ class Fleet:
     def _leave(self, job: Job, graceful: bool) -> None:
         if job.state == "running":
             self._account_running(job, graceful)
+            # it stops computing (a failure, a preemption): its chips fall to idle power
+            swing = self.s.watts_per_chip * CUBE_CHIPS * job.cubes * (1 - self.s.idle_power_fraction) / 1e6
+            job.max_swing_mw = max(job.max_swing_mw, swing)
+            self.max_swing_mw = max(self.max_swing_mw, swing)
         elif job.state == "restarting":
             job.badput["restart"] += self.t - job.t_state
         elif job.state == "waiting":
@@ -501,6 +523,7 @@ class Fleet:
 
     def _on_submit(self, t: float, name: str) -> None:
         job = self.jobs[name]
+        self._track_stall(job, "queued")
         job.state, job.t_state = "queued", t
         self.n_queued += 1
         self.schedule()
@@ -529,6 +552,7 @@ class Fleet:
         self._release(job.alloc)
         self.training_cubes -= job.cubes
         job.alloc = []
+        self._track_stall(job, "done")
         job.state, job.version = "done", job.version + 1
         self.schedule()
 
@@ -571,6 +595,7 @@ class Fleet:
         pod_level = u >= job.rate_chip + job.rate_host
         self._leave(job, graceful=False)
         if pod_level:
+            self._track_stall(job, "waiting")
             job.state, job.t_state = "waiting", self.t
             job.version += 1
             self._push(self.t + f.pod_repair_hours, "repaired", ("job", job.name, job.version))
@@ -580,6 +605,7 @@ class Fleet:
             self._push(self.t + f.repair_hours, "repaired", ("spare", job.name, 0))
             self._set_state(job, "restarting")
         else:
+            self._track_stall(job, "waiting")
             job.state, job.t_state = "waiting", self.t
             job.version += 1
             self._push(self.t + f.repair_hours, "repaired", ("job", job.name, job.version))
@@ -626,8 +652,12 @@ class Fleet:
                 )
         if self.free_total != sum(self.cubes_per_pod - u for u in used):
             raise AssertionError("free cube count is off")
-        if self.power_mw() > self.s.power_cap_mw + 1e-6:
-            raise AssertionError(f"power {self.power_mw():.1f} MW above the cap {self.s.power_cap_mw} MW")
+        if self.power_mw(drawn=False) > self.s.power_cap_mw + 1e-6:
+            raise AssertionError(f"power {self.power_mw(drawn=False):.1f} MW above the cap "
+                                 f"{self.s.power_cap_mw} MW")
+        stalled = sum(j.cubes for j in self.jobs.values() if j.state in STALLED)
+        if stalled != self.stalled_cubes:
+            raise AssertionError(f"stalled cubes: {self.stalled_cubes} counted, {stalled} held")
 
     # ------------------------------------------------------------------ results
 
@@ -659,6 +689,9 @@ class Fleet:
                     "wall_hours": wall,
                     "badput_hours": {k: j.badput[k] for k in BADPUT},
                     "interruptions": j.interruptions,
+                    # the site's power drop when this job stops computing (failure,
+                    # preemption): its chips fall from full to idle power
+                    "power_swing_mw": j.max_swing_mw,
                     "preemptions": j.preemptions,
                     "mtbf_hours": j.mtbf_h,
                     "checkpoint_interval_min": j.tau_h * 60,
@@ -686,6 +719,9 @@ class Fleet:
             "energy_gwh": energy_mwh / 1e3,
             "average_power_mw": energy_mwh / self.t if self.t else 0.0,
             "peak_power_mw": self.peak_power_mw,
+            # the largest drop in the site's draw when one job stopped computing (a
+            # failure or preemption), as large jobs do every few minutes at this scale
+            "largest_power_swing_mw": self.max_swing_mw,
             "power_cap_mw": s.power_cap_mw,
             "tokens_trained": sum(j["tokens_trained"] for j in jobs),
             "tokens_served": sum(sv.served for sv in self.serving),
@@ -701,6 +737,12 @@ class Fleet:
             "jobs": jobs,
             "approximate": "failure rates, idle power and energy price are parameters, "
             "not measured TPU figures",
+            "power_basis": (
+                f"{s.watts_per_chip / s.pue:,.0f} W per chip is IT power (chip, host and network "
+                f"share; for tpu7x ~10 MW per 9,216-chip pod as reported from Google's Hot Chips "
+                f"2025 talk, which does not say it covers cooling), so PUE {s.pue:g} is applied on "
+                f"top: {s.watts_per_chip:,.0f} W per chip at the site; chips of jobs waiting for a "
+                f"repair or restarting draw idle power ({s.idle_power_fraction:.0%})"),
         }
 
 
