@@ -332,6 +332,32 @@ def test_typed_errors(client, server):
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
 
 
+def test_hostile_values_are_400s_that_touch_no_one_else(server, engine):
+    """issue 15's isolation cases that the request core now refuses at the edge: top_k past
+    int32 (it used to reach the engine and end every generation in flight), a lone UTF-16
+    surrogate, JSON nested ~1,000 deep. Each is a 400 naming the problem, with a request-id."""
+    url = server.url
+    before = engine.stats["step_errors"]
+    bodies = [
+        ({"model": "tiny", "max_tokens": 3, "top_k": 2**31, "messages": [{"role": "user", "content": "x"}]},
+         "top_k"),
+        ({"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "\ud800"}]},
+         "messages.0.content: the string holds a lone UTF-16 surrogate"),
+    ]
+    for body, needle in bodies:
+        r = httpx.post(url + "/v1/messages", content=json.dumps(body).encode(),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        assert r.headers["request-id"] == r.json()["request_id"]
+    deep = b'{"model": "tiny", "max_tokens": 3, "messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    r = httpx.post(url + "/v1/messages", content=deep, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nests deeper than 64 levels" in r.json()["error"]["message"]
+    chat = {"model": "tiny", "top_k": 2**40, "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(url + "/v1/chat/completions", json=chat)
+    assert r.status_code == 400 and "top_k" in r.json()["error"]["message"]
+    assert engine.stats["step_errors"] == before  # nothing reached the engine
+
+
 def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
     def broken(*a, **k):
         raise RuntimeError("injected device failure")

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from megamesh.serve.core import ApiError, Core, OpenSchema, sse_json, text_of
+from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, sse_json, text_of
 from megamesh.serve.engine import SamplingParams
 
 
@@ -28,7 +28,7 @@ class MessagesRequest(OpenSchema):
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stream: bool = False
     tools: list[Any] | None = None
     thinking: dict[str, Any] | None = None

@@ -30,6 +30,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from megamesh.serve.engine import Engine, Event, QueueFull, SamplingParams, TooLong
 from megamesh.serve.text import merge_turns, render_chat
 
+INT32_MAX = 2**31 - 1  # the engine's per-row sampling parameters are int32 on the device
+MAX_JSON_DEPTH = 64  # deeper request bodies are refused (a chat request nests ~5 levels)
+
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
@@ -72,6 +75,29 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
             raise ApiError(400, f"{where}.content.{i}.text: must be a string")
         parts.append(text)
     return "".join(parts)
+
+
+def check_json(data: Any) -> None:
+    """Refuse what JSON allows but no text model can take: nesting deeper than
+    MAX_JSON_DEPTH and strings holding a lone UTF-16 surrogate ("\\ud800"), which no
+    tokenizer can encode. 400 naming where."""
+    stack: list[tuple[Any, str, int]] = [(data, "body", 0)]
+    while stack:
+        x, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, f"{where}: the string holds a lone UTF-16 surrogate (not "
+                                    "valid Unicode text)") from None
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                stack.append((k, f"{where} key", depth + 1))
+                stack.append((v, f"{where}.{k}" if where != "body" else str(k), depth + 1))
+        elif isinstance(x, list):
+            stack.extend((v, f"{where}.{i}", depth + 1) for i, v in enumerate(x))
 
 
 def error_response(request: Request, status: int, message: str,
@@ -204,9 +230,13 @@ class Core:
             if len(body) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes")
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        check_json(data)
+        return data
 
     @staticmethod
     def validate(schema: type[BaseModel], data: Any) -> Any:

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from megamesh.serve.core import ApiError, Core, OpenSchema, sse_json, text_of
+from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, sse_json, text_of
 from megamesh.serve.engine import SamplingParams
 
 # the engine's stop reasons in OpenAI's words
@@ -30,9 +30,9 @@ class ChatRequest(OpenSchema):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
