@@ -70,7 +70,9 @@ class CheckpointError(MegameshError):
 MANIFEST = "megamesh_manifest.json"  # in each step directory, written once Orbax committed it
 
 
-def _crc32(path: Path) -> str:
+def file_crc32(path: Path) -> str:
+    """CRC-32 of a file's bytes as 8 hex digits (read in 4 MiB chunks): the checksum of
+    checkpoint manifests and of the packed corpus."""
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -84,7 +86,7 @@ def _files(step_dir: Path) -> list[Path]:
 
 def write_manifest(step_dir: Path) -> None:
     """Record the size and CRC-32 of every file of a committed checkpoint (atomically)."""
-    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc32(p)] for p in _files(step_dir)}
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, file_crc32(p)] for p in _files(step_dir)}
     tmp = step_dir / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"format": 1, "files": files}, f)
@@ -108,7 +110,7 @@ def verify(step_dir: Path, *, full: bool = True) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != size:
             return f"{rel} has {p.stat().st_size:,} bytes, {size:,} when saved"
-        if full and _crc32(p) != crc:
+        if full and file_crc32(p) != crc:
             return f"{rel} does not match its checksum"
     extra = [str(p.relative_to(step_dir)) for p in _files(step_dir) if str(p.relative_to(step_dir))
              not in files]

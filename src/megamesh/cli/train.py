@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megamesh.cli.common import split_overrides
 from megamesh.errors import ConfigError
@@ -82,8 +83,6 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.model.backend import choose_kernels
 
     choose_kernels(jax.default_backend(), tc.run.kernels)  # a bad --kernels fails before data prep
-    from pathlib import Path
-
     from megamesh.runs import log_orbax_to
 
     log_orbax_to(Path(args.out) / "orbax.log")  # Orbax's tracebacks to a file, up to exit

@@ -11,7 +11,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.plan.target import Target
 from megamesh.runspec import PRECISIONS, SEARCHED_REMATS, RunSpec
-from megamesh.sharding.logical import MESH_AXES, batch_axes, split_over_slices
+from megamesh.sharding.logical import MESH_AXES, batch_axes, format_layout, split_over_slices
 
 # "megamesh": megamesh's own step on TPU and GPU (`model.backend` defaults): flash
 # attention that skips the blocks above the causal diagonal (splash, cuDNN), grouped-matmul
@@ -110,8 +110,8 @@ class Layout:
 
     def run_spec(self, w: Workload) -> RunSpec:
         """This layout as the run spec train, compile and launch consume."""
-        sizes = {a: n for a, n in self.sizes.items() if n > 1}
-        return RunSpec(layout=",".join(f"{a}={sizes[a]}" for a in MESH_AXES if a in sizes),
+        mesh = any(n > 1 for n in self.sizes.values())
+        return RunSpec(layout=format_layout(self.sizes) if mesh else "",
                        remat=self.remat, microbatches=self.microbatches,
                        kernels=RUN_KERNELS[w.kernels], precision=w.precision,
                        offload_optimizer=self.offload_optimizer, pipeline_stages=self.stages,

@@ -26,7 +26,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megamesh.errors import ConfigError
-from megamesh.runs import EOS
+from megamesh.runs import EOS, file_crc32
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".parquet", ".c", ".h", ".html"}
 
@@ -157,7 +157,7 @@ class Corpus:
         tmp.mkdir(parents=True)
         np.save(tmp / "train.npy", self.train)
         np.save(tmp / "val.npy", self.val)
-        sums = {n: _crc32(tmp / n) for n in ("train.npy", "val.npy")}
+        sums = {n: file_crc32(tmp / n) for n in ("train.npy", "val.npy")}
         (tmp / "corpus.json").write_text(json.dumps(
             {"eos_id": self.eos_id, "fingerprint": self.fingerprint, "description": self.description,
              "source": self.source, "history": self.history, "checksums": sums}))
@@ -178,7 +178,7 @@ class Corpus:
         below the tokenizer's `vocab_size` (a damaged file is an error, never trained on)."""
         meta = cls.read_meta(directory)
         for name, crc in meta.pop("checksums", {}).items():
-            if _crc32(directory / name) != crc:
+            if file_crc32(directory / name) != crc:
                 raise ConfigError(f"{directory / name} does not match its checksum: the packed "
                                   "corpus is damaged; rebuild it (remove it, or train with "
                                   "--data FILES --new-data)")
@@ -188,14 +188,6 @@ class Corpus:
                 raise ConfigError(f"{directory / name} holds token ids outside the tokenizer's "
                                   f"{vocab_size}: the packed corpus is damaged; rebuild it")
         return corpus
-
-
-def _crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
 
 
 def check_split(tokens: np.ndarray, seq_len: int, name: str) -> None:
