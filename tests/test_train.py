@@ -527,3 +527,54 @@ def test_freed_host_memory_is_reused_not_faulted_in_every_step():
     pages = 64 * 1024 * 1024 // 4096
     assert counts["system"][1] > pages // 2  # the output's pages, faulted in on every run
     assert counts["keep"][1] < pages // 20
+
+
+def _start_processes(out, corpus, port, n, *extra, heartbeat=4):
+    """`megamesh train` as n localhost processes x 2 CPU devices (dcn=n: one replica each)."""
+    procs = []
+    for pid in range(n):
+        env = cli_env(2, MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES=str(n),
+                      MEGAMESH_PROCESS_ID=str(pid), MEGAMESH_HEARTBEAT_TIMEOUT=str(heartbeat))
+        procs.append(subprocess.Popen(train_cmd(out, corpus, "--mesh", f"dcn={n},fsdp=2", *extra),
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _finish(procs, timeout=300):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (_, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    return [o for o, _ in outs]
+
+
+def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, held_port):
+    """Multi-tier checkpoints (issue 17 point 2): 2 processes, each one data-parallel replica.
+    Process 1 is SIGKILLed mid-run and its RAM copy wiped (a replaced host); process 0 gives
+    up on it (heartbeat); both restart: process 0 restores from its own RAM, process 1 from
+    process 0's replica, at a step newer than the persistent checkpoint, and the losses equal
+    an uninterrupted run's bit for bit."""
+    args = ["--steps", "12", "--train.checkpoint.every=5"]
+    ref = tmp_path / "ref"
+    _finish(_start_processes(ref, corpus, held_port, 2, *args))
+
+    out, ram = tmp_path / "run", tmp_path / "ram"
+    tiered = [*args, "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={ram}"]
+    procs = _start_processes(out, corpus, held_port, 2, *tiered)
+    try:
+        wait_for_step(out, 7, procs[0])
+        procs[1].kill()
+    finally:
+        procs[1].wait()
+        procs[0].communicate(timeout=120)  # it gives up on its lost peer by itself
+    assert procs[0].returncode != 0
+    shutil.rmtree(ram / "process-1")
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [5]
+
+    stdout = _finish(_start_processes(out, corpus, held_port, 2, *tiered, "--resume"))
+    step = int(stdout[0].split("restored step ")[1].split()[0])
+    assert step > 5 and f"resumed from step {step}" in stdout[0]
+    assert "from the in-memory checkpoint (this host's RAM)" in stdout[0]
+    assert "process 1: restored" in stdout[1] and "a peer's replica" in stdout[1]
+    assert losses(out) == losses(ref)  # exact float equality, step for step
+    assert not (ram / "process-0").exists()  # a finished run frees its RAM

@@ -70,14 +70,20 @@ class ScheduleConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    """Orbax checkpoints under OUT/checkpoints/<step>."""
+    """Persistent Orbax checkpoints under OUT/checkpoints/<step>, and the in-memory tier
+    (`train.memory_tier`): a copy in host RAM every `ram_every` steps that a replaced
+    host fetches from a data-parallel peer."""
 
     every: int = 50  # steps between saves (and one at the end, and on SIGTERM)
     keep: int = 3  # the newest this many are kept
     async_save: bool = True  # write in the background while training continues
+    ram_every: int = 0  # steps between in-memory checkpoints (0: no in-memory tier)
+    ram_dir: str = ""  # RAM directory, process-<i> inside ("": /dev/shm/megamesh-<hash of OUT>)
 
     def __post_init__(self) -> None:
         _positive_ints(self, "train.checkpoint.", ("every", "keep"))
+        require(isinstance(self.ram_every, int) and self.ram_every >= 0,
+                "train.checkpoint.ram_every", self.ram_every, "an integer >= 0 (0: off)")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,6 +29,7 @@ from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
 from megamesh.train.config import TrainConfig
+from megamesh.train.memory_tier import MemoryTier, process_directory
 from megamesh.train.metrics import Goodput, MetricsWriter, lost_work_seconds, peak_flops
 from megamesh.train.progress import Progress
 from megamesh.train.step import build_eval_step, build_train_step
@@ -220,11 +221,22 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                               f"{saved['corpus']}, now {corpus.fingerprint})")
         return ckpt.restore(step, ts.abstract_state())
 
-    start = 0
-    restored = ckpt.restore_newest(restore) if resume else None
-    if resume and restored is None:
+    ram = None
+    if tc.checkpoint.ram_every:
+        ram = MemoryTier(process_directory(out, tc.checkpoint.ram_dir), mesh, ts.abstract_state(),
+                         every=tc.checkpoint.ram_every, fresh=not resume, log=warn)
+        log(f"in-memory checkpoints every {tc.checkpoint.ram_every} step(s) in {ram.directory}"
+            + (" (on disk, not under /dev/shm: slower than RAM)" if ram.on_disk else ""))
+
+    start, state = 0, None
+    if resume and ram is not None:
+        start, state = _restore_from_ram(ram, ckpt, log)
+    restored = ckpt.restore_newest(restore) if resume and state is None else None
+    if resume and state is None and restored is None:
         log(f"--resume: {ckpt_dir} holds no checkpoint yet; starting from step 0")
-    if restored is not None:
+    if state is not None:
+        log(f"resumed from step {start} onto mesh {layout_str}")
+    elif restored is not None:
         step0, (state, saved) = restored
         start = int(saved["data_step"])
         log(f"resumed from step {start} ({ckpt_dir / str(step0)}) onto mesh {layout_str}")
@@ -304,6 +316,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                 if periodic or done or stop:
                     goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
                                                     wait=done or stop)
+                elif ram is not None and (step + 1) % ram.every == 0 and bool(m["finite"]):
+                    goodput.checkpoint += ram.save(step + 1, state)
                 record.update(goodput.fields())
                 writer.write(record)
                 bar.update(step + 1, record)
@@ -316,6 +330,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
         bar.close()
         ckpt.close()
         writer.close()
+        if ram is not None:  # a finished run frees its RAM; a stopped one keeps it
+            ram.close(discard=result.final_step == tc.steps)
     result.params = state["params"]
     if is_main and not result.preempted:
         f = goodput.fields()
@@ -326,6 +342,32 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
             f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
             f"{f['badput_lost_s']:.1f}s); checkpoints in {ckpt_dir}")
     return result
+
+
+def _restore_from_ram(ram: MemoryTier, ckpt: Checkpointer, log: Any) -> tuple[int, Any]:
+    """(step, state) from the in-memory tier when it holds a step newer than the newest
+    persistent checkpoint; (0, None) otherwise. Own RAM first, else a peer's copy; if any
+    process cannot read its copy, all of them use the persistent checkpoint instead."""
+    step = ram.latest_step()
+    persistent = ckpt.latest_step()
+    if step is None or (persistent is not None and persistent >= step):
+        return 0, None
+    own = ram.holds(step)
+    t0 = time.perf_counter()
+    try:
+        state, failed = ram.restore(step), ""
+    except Exception as e:  # noqa: BLE001 -- any unreadable copy: the persistent tier
+        state, failed = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if jax.process_count() > 1:  # every process says where its shards came from
+        log = lambda m: print(f"process {jax.process_index()}: {m}", flush=True)  # noqa: E731
+    if _any_process(bool(failed)):
+        log(f"in-memory checkpoint of step {step} could not be read everywhere"
+            + (f" (here: {failed})" if failed else "") + "; using the persistent checkpoint")
+        return 0, None
+    log(f"restored step {step} from the in-memory checkpoint ("
+        + ("this host's RAM" if own else "a peer's replica: this host's RAM copy was gone")
+        + f") in {time.perf_counter() - t0:.2f}s")
+    return step, state
 
 
 def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) -> float:
