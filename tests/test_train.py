@@ -578,3 +578,48 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, h
     assert "process 1: restored" in stdout[1] and "a peer's replica" in stdout[1]
     assert losses(out) == losses(ref)  # exact float equality, step for step
     assert not (ram / "process-0").exists()  # a finished run frees its RAM
+
+
+def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
+    """Elastic training (issue 17 point 3): 4 hosts (dcn=4) -> one is SIGKILLed and no spare
+    is free: the 3 survivors restart at once from their in-memory checkpoints on dcn=3, the
+    same global batch in 2 microbatches -> the 4th returns: all 4 stop at a step boundary
+    (SIGTERM) and restart on dcn=4. Every step is trained once in the final curve, which
+    matches an uninterrupted run's within float reordering."""
+    args = ["--steps", "10", "--batch", "24", "--train.checkpoint.every=100", "--elastic",
+            "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={tmp_path / 'ram'}"]
+    ref = tmp_path / "ref"
+    r = run_train(ref, corpus, "--steps", "10", "--batch", "24", "--mesh", "dcn=4,fsdp=2")
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "run"
+    procs = _start_processes(out, corpus, held_port, 4, *args)
+    try:
+        wait_for_step(out, 3, procs[0])
+        procs[3].kill()
+    finally:
+        for p in procs:
+            p.communicate(timeout=120)
+    shutil.rmtree(tmp_path / "ram" / "process-3")  # its host is gone
+    killed_at = max(losses(out))
+
+    procs = _start_processes(out, corpus, held_port, 3, *args, "--resume")
+    try:
+        wait_for_step(out, 6, procs[0])
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [143] * 3, [e[-2000:] for _, e in outs]
+    shrunk = outs[0][0]
+    step = int(shrunk.split("restored step ")[1].split()[0])
+    assert killed_at - 1 <= step <= killed_at  # at most the step in flight is redone
+    assert "this host's RAM" in shrunk
+    assert "elastic: 6 data-parallel devices, so 2 microbatch(es) of 12 sequences" in shrunk
+
+    grown = _finish(_start_processes(out, corpus, held_port, 4, *args, "--resume"))
+    assert "elastic:" not in grown[0] and "on 8 cpu devices" in grown[0]
+    got, want = losses(out), losses(ref)
+    assert sorted(got) == list(range(1, 11))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), s

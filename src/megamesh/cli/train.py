@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-data", action="store_true",
                    help="with --resume and --data: continue on documents other than those the run "
                    "trained on (packed with its tokenizer; recorded in OUT/data/corpus.json)")
+    p.add_argument("--elastic", action="store_true",
+                   help="keep the global batch on any device count: a restart on fewer (or more) "
+                   "data-parallel groups takes more (or fewer) microbatches; see train.loop.fit_elastic")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
     p.set_defaults(run=run)
 
@@ -89,6 +92,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.new_data and not (args.resume and args.data):
         raise ConfigError("--new-data goes with --resume and --data (the documents to continue on)")
     result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,
+                   elastic=args.elastic,
                    progress=False if args.no_progress else None,
                    initial_params=load_weights(args.model))
     if result.preempted:

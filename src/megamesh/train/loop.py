@@ -7,11 +7,12 @@ checkpoints needs --resume, and a resumed run must be the same model on the same
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,12 @@ class _Preemption:
             signal.signal(s, h)
 
 
+def data_parallel_size(tc: TrainConfig, mesh: Any) -> int:
+    """Devices the batch is split over (the product of the strategy's batch axes)."""
+    sizes = mesh_sizes(mesh)
+    return int(np.prod([sizes[a] for a in dict(strategy(tc.run.strategy))["batch"]]))
+
+
 def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
     """Errors a user can fix before any work: sequence length, batch vs data axes."""
     if tc.seq_len > cfg.max_seq_len:
@@ -77,12 +84,44 @@ def check_request(cfg: ModelConfig, tc: TrainConfig, mesh: Any) -> None:
                           f"(max_seq_len={cfg.max_seq_len})")
     sizes = mesh_sizes(mesh)
     batch_axes = dict(strategy(tc.run.strategy))["batch"]
-    n = int(np.prod([sizes[a] for a in batch_axes]))
+    n = data_parallel_size(tc, mesh)
     micro = tc.global_batch // tc.microbatches
     if micro % n:
         raise ConfigError(
             f"--batch {tc.global_batch} (microbatch {micro}) is not divisible by the data-parallel "
             f"size {n} (mesh {format_layout(sizes)}, axes {'x'.join(batch_axes)}): use a multiple of {n}")
+
+
+ELASTIC = "elastic.json"  # in OUT: the per-device microbatch the run began with
+
+
+def fit_elastic(tc: TrainConfig, mesh: Any, out: Path, *, resume: bool, log: Any) -> TrainConfig:
+    """An elastic run keeps its global batch (so its data order and its math) on whatever
+    number of data-parallel groups a restart has: it takes the fewest microbatches that
+    split the batch evenly over the data-parallel devices with no more sequences per device
+    per microbatch than when the run began (OUT/elastic.json), i.e. more gradient
+    accumulation on fewer devices, less when they return."""
+    n, B = data_parallel_size(tc, mesh), tc.global_batch
+    path = out / ELASTIC
+    if resume and path.exists():
+        base = int(json.loads(path.read_text())["per_device_microbatch"])
+    else:
+        base = max(1, B // tc.microbatches // n)
+        if jax.process_index() == 0:
+            tmp = path.with_name(ELASTIC + ".tmp")
+            tmp.write_text(json.dumps({"per_device_microbatch": base, "global_batch": B}) + "\n")
+            os.replace(tmp, path)
+    fits = [m for m in range(tc.microbatches, B + 1)
+            if B % m == 0 and (B // m) % n == 0 and B // m // n <= base]
+    if not fits:
+        raise ConfigError(f"--elastic: the global batch {B} cannot be split evenly over {n} "
+                          f"data-parallel devices with at most {base} sequences per device per "
+                          "microbatch; use a global batch with more divisors (e.g. a multiple "
+                          f"of {n * base})")
+    if fits[0] != tc.microbatches:
+        log(f"elastic: {n} data-parallel devices, so {fits[0]} microbatch(es) of {B // fits[0]} "
+            f"sequences ({B // fits[0] // n} per device) keep the global batch at {B}")
+    return tc.replace(run=replace(tc.run, microbatches=fits[0]))
 
 
 def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: TrainConfig,
@@ -176,12 +215,14 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResul
 
 
 def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
-           resume: bool = False, new_data: bool = False, progress: bool | None = None,
-           initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
+           resume: bool = False, new_data: bool = False, elastic: bool = False,
+           progress: bool | None = None, initial_params: dict[str, Any] | None = None,
+           log: Any = print) -> TrainResult:
     """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
     Face model) replaces the random initialization of a fresh run. The mesh, remat,
     microbatches and kernels come from the run spec `tc.run`. `new_data`: continue a run
-    on documents other than those it was trained on (`prepare_data`)."""
+    on documents other than those it was trained on (`prepare_data`). `elastic`: fit the
+    microbatches to this restart's device count (`fit_elastic`)."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -200,6 +241,11 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                           "that run, or choose a new --out (nothing was overwritten)")
     mesh = make_mesh(tc.run.layout or None)
     layout_str = format_layout(mesh_sizes(mesh))
+    if elastic:  # its record of the first layout lives in OUT
+        if is_main:
+            _check_writable(out)
+        _barrier("elastic")
+        tc = fit_elastic(tc, mesh, out, resume=resume, log=log)
     check_request(cfg, tc, mesh)
     if is_main:
         _check_writable(out)  # before minutes of tokenizing, not after
