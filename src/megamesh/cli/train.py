@@ -10,7 +10,7 @@ from megamesh.cli.common import split_overrides
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.runspec import read_plan
-from megamesh.settings import apply_overrides
+from megamesh.settings import apply_overrides, parse_overrides
 from megamesh.train.config import TrainConfig, default_warmup
 
 
@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--elastic", action="store_true",
                    help="keep the global batch on any device count: a restart on fewer (or more) "
                    "data-parallel groups takes more (or fewer) microbatches; see train.loop.fit_elastic")
+    p.add_argument("--diloco", metavar="islands=N,inner_steps=H",
+                   help="decoupled training: this job is one of N islands that average their "
+                   "parameters every H steps (an outer Nesterov step; train.diloco.* for "
+                   "outer_lr, outer_momentum, quorum, wait_s); every island passes the same "
+                   "--out and its own --island")
+    p.add_argument("--island", type=int, help="with --diloco: which island this job is, 0..N-1")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even in a terminal")
     p.set_defaults(run=run)
 
@@ -67,6 +73,9 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
                       ("accum", "run.microbatches"), ("kernels", "run.kernels")):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
+    if args.diloco:
+        train_over.update({f"diloco.{k}": v for k, v in parse_overrides(
+            [x.strip() for x in args.diloco.split(",") if x.strip()]).items()})
     if "steps" in train_over and "schedule.warmup_steps" not in train_over:
         train_over["schedule.warmup_steps"] = default_warmup(int(train_over["steps"]))
     return cfg, apply_overrides(TrainConfig(), train_over, "train.")
@@ -92,7 +101,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.new_data and not (args.resume and args.data):
         raise ConfigError("--new-data goes with --resume and --data (the documents to continue on)")
     result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,
-                   elastic=args.elastic,
+                   elastic=args.elastic, island=args.island,
                    progress=False if args.no_progress else None,
                    initial_params=load_weights(args.model))
     if result.preempted:

@@ -7,6 +7,7 @@
       .checkpoint          how often, how many, async
       .eval                validation cadence
       .data                tokenizer and validation split
+      .diloco              decoupled islands: inner steps, outer Nesterov step, quorum
 
 Every field is a `--train.SECTION.KEY=VALUE` override (`--train.optimizer.lr=1e-3`,
 `--train.checkpoint.every=100`; top-level ones `--train.steps=500`), checked by the one
@@ -107,6 +108,38 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DilocoConfig:
+    """Decoupled training across islands (DiLoCo: Douillard et al., arXiv 2311.08105): each
+    island (a separate job: one slice or pod) takes `inner_steps` AdamW steps on its share
+    of the global batch, then the islands that reported average their parameters and take
+    an outer Nesterov step (`train.diloco`). `islands` 0: off."""
+
+    islands: int = 0
+    inner_steps: int = 50  # AdamW steps between outer steps (H)
+    outer_lr: float = 0.7  # the outer Nesterov SGD, as the DiLoCo paper's
+    outer_momentum: float = 0.9
+    quorum: int = 0  # islands an outer step needs (0: a majority)
+    wait_s: float = 600.0  # how long a sync waits for every island before going on with a quorum
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.islands, int) and self.islands >= 0, "train.diloco.islands",
+                self.islands, "an integer >= 0 (0: off)")
+        require(isinstance(self.inner_steps, int) and self.inner_steps >= 1,
+                "train.diloco.inner_steps", self.inner_steps, "a positive integer")
+        require(0 < self.outer_lr <= 2, "train.diloco.outer_lr", self.outer_lr, "in (0, 2]")
+        require(0 <= self.outer_momentum < 1, "train.diloco.outer_momentum", self.outer_momentum,
+                "in [0, 1)")
+        require(isinstance(self.quorum, int) and 0 <= self.quorum <= max(self.islands, 0),
+                "train.diloco.quorum", self.quorum, f"in [0, islands={self.islands}] (0: a majority)")
+        require(self.wait_s > 0, "train.diloco.wait_s", self.wait_s, "> 0 seconds")
+
+    @property
+    def needed(self) -> int:
+        """Reports an outer step needs."""
+        return self.quorum or self.islands // 2 + 1
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     steps: int = 200
     global_batch: int = 8  # sequences per optimizer step, over all devices
@@ -120,6 +153,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    diloco: DilocoConfig = field(default_factory=DilocoConfig)
 
     def __post_init__(self) -> None:
         _positive_ints(self, "train.", ("steps", "global_batch", "seq_len", "log_every", "max_bad_steps"))

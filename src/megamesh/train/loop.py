@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -30,6 +31,7 @@ from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
 from megamesh.train.config import TrainConfig
+from megamesh.train.diloco import Sync, dcn_bytes
 from megamesh.train.memory_tier import MemoryTier, process_directory
 from megamesh.train.metrics import Goodput, MetricsWriter, lost_work_seconds, peak_flops
 from megamesh.train.progress import Progress
@@ -216,13 +218,15 @@ def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResul
 
 def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
            resume: bool = False, new_data: bool = False, elastic: bool = False,
-           progress: bool | None = None, initial_params: dict[str, Any] | None = None,
-           log: Any = print) -> TrainResult:
+           island: int | None = None, progress: bool | None = None,
+           initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
     """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
     Face model) replaces the random initialization of a fresh run. The mesh, remat,
     microbatches and kernels come from the run spec `tc.run`. `new_data`: continue a run
     on documents other than those it was trained on (`prepare_data`). `elastic`: fit the
-    microbatches to this restart's device count (`fit_elastic`)."""
+    microbatches to this restart's device count (`fit_elastic`). `island`: with
+    `tc.diloco.islands`, which island of a DiLoCo run this job is (`train.diloco`): its run
+    is OUT/island-I, the islands' outer state OUT/sync."""
     is_main = jax.process_index() == 0
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731
@@ -232,6 +236,22 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
             print(message, file=sys.stderr, flush=True)
 
     out = Path(out)
+    dc, sync_root = tc.diloco, None
+    if dc.islands:
+        if island is None or not 0 <= island < dc.islands:
+            raise ConfigError(f"--island {island} is not allowed with --diloco islands={dc.islands}: "
+                              f"each island's job passes its own --island in [0, {dc.islands})")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
+        if tc.global_batch % (dc.islands * tc.microbatches):
+            raise ConfigError(f"--batch {tc.global_batch} is not allowed with {dc.islands} DiLoCo "
+                              f"islands: each takes an equal share, so it must be divisible by "
+                              f"{dc.islands} x {tc.microbatches} microbatch(es)")
+        sync_root, out = out / "sync", out / f"island-{island}"
+        global_batch = tc.global_batch
+        tc = tc.replace(global_batch=global_batch // dc.islands)  # this island's share
+    elif island is not None:
+        raise ConfigError("--island goes with --diloco islands=N,inner_steps=H")
     ckpt_dir = out / "checkpoints"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
@@ -294,10 +314,25 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
             state["params"] = jax.tree.map(global_array, params, shardings)
             log("initialized from the model directory's weights")
 
+    sync = outer = None
+    if sync_root is not None:
+        sync = Sync(sync_root, island, dc, ts.abstract_state()["params"], log=log)
+        start, state, outer = _join_islands(sync, start, state, log)
+        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
+        ours, dp = dcn_bytes(param_bytes, dc)
+        log(f"DiLoCo island {island} of {dc.islands}: {tc.global_batch} of every {global_batch} "
+            f"sequences; an outer step every {dc.inner_steps} steps (quorum {dc.needed}); across "
+            f"the DCN {ours / 1e6:,.1f} MB per step vs {dp / 1e6:,.1f} MB for data parallel")
+
     metrics_path = out / "metrics.jsonl"
     goodput = Goodput(lost_work_seconds(metrics_path, start) if is_main and start else 0.0)
     writer = MetricsWriter(out, enabled=is_main)
-    train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed, name="train")
+    if sync is None:
+        train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed,
+                                          name="train")
+    else:  # the island's rows of the global batch
+        train_ds = _IslandRows(data_lib.batch_dataset(corpus.train, tc.seq_len, global_batch,
+                                                      tc.seed, name="train"), island, tc.global_batch)
     val_ds = data_lib.batch_dataset(corpus.val, tc.seq_len, tc.global_batch, tc.seed + 1,
                                     name="validation")
     flops_per_step = specs.flops_per_token(cfg, tc.seq_len, "train") * tc.global_batch * tc.seq_len
@@ -320,6 +355,13 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                 state, m = ts.fn(state, batch)
                 m = jax.device_get(m)
                 t2 = time.perf_counter()
+                outer_round = None
+                if sync is not None and (step + 1) % dc.inner_steps == 0:
+                    outer_round = (step + 1) // dc.inner_steps
+                    outer, members, dt_sync = sync.outer_step(outer_round, state["params"], outer)
+                    state["params"] = _copy(outer["params"])
+                    goodput.sync += dt_sync
+                    t2 = time.perf_counter()
                 ckpt.poll()  # a failed background save stops the run now, in one line
                 goodput.checkpoint += time.perf_counter() - t2
                 dt = t2 - t1
@@ -334,6 +376,9 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                           "skipped_steps": int(m["skipped"]),
                           "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                           "mfu": flops_per_step / dt / peak, "compile_step": first}
+                if outer_round is not None:
+                    record.update(diloco_round=outer_round, islands_reported=len(members),
+                                  diloco_sync_s=dt_sync)
                 first = False
                 result.losses[step + 1] = record["loss"]
                 result.final_step = step + 1
@@ -376,6 +421,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
         bar.close()
         ckpt.close()
         writer.close()
+        if sync is not None:
+            sync.close()
         if ram is not None:  # a finished run frees its RAM; a stopped one keeps it
             ram.close(discard=result.final_step == tc.steps)
     result.params = state["params"]
@@ -388,6 +435,37 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
             f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
             f"{f['badput_lost_s']:.1f}s); checkpoints in {ckpt_dir}")
     return result
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # a new buffer: the step donates
+
+
+class _IslandRows:
+    """Island I's rows of each global batch (B/N of them)."""
+
+    def __init__(self, ds: Any, island: int, rows: int):
+        self.ds, self.lo, self.hi = ds, island * rows, (island + 1) * rows
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        return self.ds[step][self.lo:self.hi]
+
+
+def _join_islands(sync: Sync, start: int, state: Any, log: Any) -> tuple[int, Any, Any]:
+    """(start step, state, outer state) of an island starting or resuming: when the other
+    islands are rounds ahead, it adopts the newest outer state and skips to that round."""
+    H = sync.dc.inner_steps
+    newest, mine = sync.committed(), start // H
+    like = sync.initial_outer(state["params"])
+    if newest > mine:
+        outer = sync.load_outer(newest, like)
+        state["params"] = _copy(outer["params"])
+        state["step"] = jax.device_put(np.int32(newest * H), state["step"].sharding)
+        log(f"DiLoCo: the other islands are at round {newest}: joining there at step "
+            f"{newest * H} (this island's share of steps {start + 1}-{newest * H} is skipped)")
+        return newest * H, state, outer
+    if mine > 0:
+        return start, state, sync.load_outer(mine, like)
+    return start, state, {"params": _copy(state["params"]), "opt": like["opt"]}
 
 
 def _restore_from_ram(ram: MemoryTier, ckpt: Checkpointer, log: Any) -> tuple[int, Any]:

@@ -60,11 +60,13 @@ class Goodput:
     def __init__(self, lost_s: float = 0.0):
         self.start = time.perf_counter()
         self.productive = self.compile = self.data = self.checkpoint = 0.0
+        self.sync = 0.0  # DiLoCo outer steps: reporting, waiting for the quorum, averaging
         self.lost = lost_s
 
     def fields(self) -> dict[str, float]:
         wall = time.perf_counter() - self.start + self.lost
-        other = max(0.0, wall - self.productive - self.compile - self.data - self.checkpoint - self.lost)
+        other = max(0.0, wall - self.productive - self.compile - self.data - self.checkpoint
+                    - self.sync - self.lost)
         return {
             "goodput": self.productive / wall if wall > 0 else 0.0,
             "wall_s": wall,
@@ -72,6 +74,7 @@ class Goodput:
             "badput_data_s": self.data,
             "badput_checkpoint_s": self.checkpoint,
             "badput_lost_s": self.lost,
+            "badput_sync_s": self.sync,
             "badput_other_s": other,
         }
 
