@@ -29,6 +29,7 @@ from megamesh.settings import build, require, to_dict
 LLAMA3_RATE_PER_CHIP_HOUR = 419 / (54 * 24 * 16384)  # 1.973e-5 unexpected interruptions
 CHIPS_PER_HOST = 4  # TPU v4/v5p/tpu7x hosts drive 4 chips
 CUBE_CHIPS = 64  # 3-D torus slices are built from 4x4x4 cubes
+SPARE_MARGIN = 1.5  # default hot spares over their steady-state need (failures are bursty)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainingJob:
     seq: int = 8192
     batch: int | None = None  # sequences per step; default chips // 8
     checkpoint_interval_min: float | None = None  # default: Daly's optimum for this job
+    recovery: str | None = None  # one of RECOVERY_MODES; default: the scenario's recovery.mode
 
 
 @dataclass
@@ -79,6 +81,38 @@ class Failures:
     serving_restart_min: float = 2.0  # a serving replica back after a failure
 
 
+RECOVERY_MODES = ("plain", "multi_tier", "elastic", "diloco")
+
+
+@dataclass
+class Recovery:
+    """How training jobs survive failures, with megamesh train's own mechanisms:
+
+    plain       persistent Orbax checkpoints (failures.save_min, failures.restart_min)
+    multi_tier  + in-memory checkpoints (train.memory_tier): a save costs the state per
+                host x ram_save_s_per_gb; a restart costs reschedule_min + the state per
+                host restored from a peer replica (the slower of restore_s_per_gb and the
+                chip's DCN bandwidth). Needs data-parallel replicas across slices (the
+                planner's layout has dcn > 1); without them a job recovers as plain.
+    elastic     + with no replacement cube free, drop the failed slice and go on with the
+                same global batch on fewer slices (--elastic), regrow when it is repaired
+    diloco      each slice (pod) is an island (--diloco islands=N,inner_steps=H): a failure
+                stops one island, the others go on; outer steps cost the parameter
+                exchange; a restarted island loses its part of the current round
+
+    The per-GB times are measured by bench/recovery.py (BENCHMARKS.md; this repository's
+    2-core CPU, so slow for a TPU host with many cores: pessimistic); reschedule_min is an
+    assumption (no TPU figure is published)."""
+
+    mode: str = "elastic"  # for jobs without their own `recovery`
+    ram_save_s_per_gb: float = 0.18  # measured: bench/recovery.py, Orbax P2P save to /dev/shm
+    restore_s_per_gb: float = 1.5  # measured: own-RAM and peer restores, Orbax deserialization
+    reschedule_min: float = 1.0  # unconfirmed: processes restarted in place, compile cache warm
+    diloco_inner_steps: int = 500  # H, as the DiLoCo paper's default (arXiv 2311.08105)
+    diloco_wait_s: float = 60.0  # how long islands wait at a sync for a missing one
+    diloco_quorum: float = 0.5  # fraction of islands an outer step needs
+
+
 @dataclass
 class Scenario:
     name: str = "mission-2026"
@@ -92,7 +126,10 @@ class Scenario:
     idle_power_fraction: float = 0.3  # unconfirmed: an allocated-but-idle chip's share
     energy_price_per_mwh: float = 80.0  # unconfirmed: US industrial average order of magnitude
     price_per_chip_hour: float | None = None  # default: the catalog's (none public for tpu7x)
-    spare_fraction: float = 0.02  # of installed cubes held as hot spares
+    # of installed cubes held as hot spares; default (None): the steady-state need, cube
+    # failures per hour x repair hours (~3% at 24 h), x SPARE_MARGIN
+    spare_fraction: float | None = None
+    recovery: Recovery = field(default_factory=Recovery)
     jobs: list[TrainingJob] = field(default_factory=list)
     serving: list[ServingDemand] = field(default_factory=list)
     failures: Failures = field(default_factory=Failures)
@@ -123,6 +160,16 @@ class Scenario:
         if not w:
             raise ConfigError(f"chip {self.chip!r} has no all-in power in the catalog: set all_in_power_w")
         return w * self.pue
+
+    @property
+    def spares(self) -> float:
+        """The hot-spare fraction in effect: `spare_fraction`, else the steady-state need of
+        repairs (a cube's failure rate x repair hours) x SPARE_MARGIN."""
+        if self.spare_fraction is not None:
+            return self.spare_fraction
+        f = self.failures
+        cube_rate = CUBE_CHIPS * f.chip_per_hour + CUBE_CHIPS // CHIPS_PER_HOST * f.host_per_hour
+        return min(0.45, cube_rate * f.repair_hours * SPARE_MARGIN)
 
     @property
     def chip_price(self) -> float | None:
@@ -176,8 +223,14 @@ def validate(s: Scenario) -> Scenario:
         raise ConfigError(f"pue: {s.pue} is not allowed: must be >= 1")
     if not 0 <= s.idle_power_fraction <= 1:
         raise ConfigError(f"idle_power_fraction: {s.idle_power_fraction} is not allowed: 0..1")
-    if not 0 <= s.spare_fraction < 0.5:
+    if s.spare_fraction is not None and not 0 <= s.spare_fraction < 0.5:
         raise ConfigError(f"spare_fraction: {s.spare_fraction} is not allowed: 0 <= f < 0.5")
+    r = s.recovery
+    require(r.mode in RECOVERY_MODES, "recovery.mode", r.mode, f"one of {', '.join(RECOVERY_MODES)}")
+    for k in ("ram_save_s_per_gb", "restore_s_per_gb", "reschedule_min", "diloco_wait_s"):
+        _num(getattr(r, k), f"recovery.{k}")
+    _num(r.diloco_inner_steps, "recovery.diloco_inner_steps", lo=1, integer=True)
+    require(0 < r.diloco_quorum <= 1, "recovery.diloco_quorum", r.diloco_quorum, "in (0, 1]")
     for opt in ("all_in_power_w", "price_per_chip_hour"):
         if getattr(s, opt) is not None:
             _num(getattr(s, opt), opt, strict=True)
@@ -225,6 +278,12 @@ def validate(s: Scenario) -> Scenario:
             _num(j.checkpoint_interval_min, f"{w}.checkpoint_interval_min", strict=True)
         s.hours(j.start, f"{w}.start")
         s.hours(j.deadline, f"{w}.deadline")
+        if j.recovery is not None:
+            require(j.recovery in RECOVERY_MODES, f"{w}.recovery", j.recovery,
+                    f"one of {', '.join(RECOVERY_MODES)} (or leave it out: recovery.mode)")
+            if j.recovery == "diloco" and n < 2:
+                raise ConfigError(f"{w}.recovery: 'diloco' needs islands: a job of at least 2 "
+                                  f"slices (pods); {j.chips:,} chips is {n}")
     names = [j.name for j in s.jobs]
     if len(set(names)) != len(names):
         raise ConfigError("jobs: names must be unique")
@@ -292,6 +351,7 @@ def default_scenario() -> Scenario:
             priority=2,
             start="2026-07-01",
             deadline="2026-12-31",
+            recovery="diloco",  # 72 pod-sized islands: a failure stops one pod, not the run
         ),
     ]
     serving = [

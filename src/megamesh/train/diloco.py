@@ -21,9 +21,11 @@ its own checkpoint and, when the others are rounds ahead, adopts the newest oute
 and skips to that round (its share of the rounds it missed is not trained: the staleness
 a quorum trades for not waiting).
 
-What crosses the data-center network per round and island: its parameters out, the
-other members' in (N x params bytes / H per step), against data parallelism's gradient
-all-reduce of 2 (N-1)/N x params bytes every step (`dcn_bytes`).
+The average is a reduce-scatter and an all-gather through storage (`Sync.outer_step`):
+per round an island writes its parameters and its part of the mean and reads its part of
+every report and every other part: about 3 x the parameter bytes per H steps whatever N,
+against data parallelism's gradient all-reduce of 2 (N-1)/N x the parameter bytes every
+step (`dcn_bytes`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from megamesh.errors import MegameshError
+from megamesh.model.transformer import flatten, unflatten
 from megamesh.train.config import DilocoConfig
 
 MEMBERS = "members.json"
@@ -56,9 +59,12 @@ class QuorumLost(MegameshError):
 
 def dcn_bytes(param_bytes: float, dc: DilocoConfig) -> tuple[float, float]:
     """(DiLoCo, data parallel) bytes one island sends and receives across the DCN per
-    inner step: N param copies per H steps, vs a ring all-reduce of the gradient."""
+    inner step: per H steps its report out (P), its part of the N-1 other reports in
+    ((N-1)/N P), its mean part out (P/N) and the N-1 other parts in ((N-1)/N P), vs a
+    ring all-reduce of the gradient (2 (N-1)/N P) every step."""
     n = dc.islands
-    return n * param_bytes / dc.inner_steps, 2 * (n - 1) / n * param_bytes
+    per_round = param_bytes * (1 + 2 * (n - 1) / n + 1 / n)
+    return per_round / dc.inner_steps, 2 * (n - 1) / n * param_bytes
 
 
 def outer_optimizer(dc: DilocoConfig) -> optax.GradientTransformation:
@@ -80,17 +86,19 @@ class Sync:
         self.root, self.island, self.dc, self.log = Path(root), island, dc, log
         self.abstract_params = abstract_params
         self.opt = outer_optimizer(dc)
-        self.ckpt = ocp.StandardCheckpointer()
+        self.ckpt = ocp.StandardCheckpointer()  # the outer state
+        self.pytree = ocp.PyTreeCheckpointer()  # reports and mean parts: flat {name: array}
+        self.flat_abstract = flatten(abstract_params)
         self._add = jax.jit(lambda a, b: jax.tree.map(lambda x, y: x + y, a, b))
-        n = dc.islands
+        self._div = jax.jit(lambda a, n: jax.tree.map(lambda x: x / n, a))
 
-        def update(outer: Any, total: Any, count: jax.Array) -> Any:
-            delta = jax.tree.map(lambda o, s: o - s / count, outer["params"], total)
+        def update(outer: Any, mean: Any) -> Any:
+            delta = jax.tree.map(lambda o, m: o - m, outer["params"], mean)
             updates, opt_state = self.opt.update(delta, outer["opt"], outer["params"])
             return {"params": optax.apply_updates(outer["params"], updates), "opt": opt_state}
 
         self._update = jax.jit(update)
-        self.islands = n
+        self.islands = dc.islands
 
     # ------------------------------------------------------------------ on disk
 
@@ -154,27 +162,73 @@ class Sync:
                                  f"{self.dc.needed}; stopping (restart to rejoin)")
             time.sleep(0.1)
 
+    def _read(self, path: Path, names: list[str]) -> dict[str, Any]:
+        """These parameters (flat names) of a report or mean part, on this island's shardings."""
+        item = {n: self.flat_abstract[n] for n in names}
+        args = {n: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype, global_shape=a.shape)
+                for n, a in item.items()}
+        return self.pytree.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=args, partial_restore=True))
+
+    def _parts(self, members: list[int]) -> dict[int, list[str]]:
+        """Which member averages which parameters: whole arrays, largest first to the least
+        loaded member, so each averages about 1/len(members) of the bytes."""
+        load, parts = {m: 0 for m in members}, {m: [] for m in members}
+        sizes = {n: a.size * a.dtype.itemsize for n, a in self.flat_abstract.items()}
+        for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+            m = min(members, key=lambda k: (load[k], k))
+            parts[m].append(name)
+            load[m] += sizes[name]
+        return parts
+
+    def _mean_part(self, d: Path, members: list[int], names: list[str], own: dict[str, Any]) -> Any:
+        """The members' mean of these parameters (added in member order, then divided)."""
+        total = None
+        for i in members:
+            p = {n: own[n] for n in names} if i == self.island else self._read(d / f"island-{i}", names)
+            total = p if total is None else self._add(total, p)
+        return self._div(total, np.float32(len(members)))
+
     def outer_step(self, rnd: int, params: Any, outer: Any) -> tuple[Any, list[int], float]:
-        """Report `params` for round `rnd`, agree on the members, take the outer step.
-        Returns (new outer state, members, seconds spent)."""
+        """Report `params` for round `rnd`, agree on the members, average them, take the
+        outer step. Returns (new outer state, members, seconds spent).
+
+        The average is a reduce-scatter then an all-gather through storage: each member
+        averages its part of the parameters over every member's report (`_parts`) and
+        writes it as mean-<member>; each island then reads every part. An island reads
+        about 2x and writes about 1x the parameters per round, whatever the number of
+        islands. A part whose member stopped before writing it is computed by whoever
+        waited `wait_s` for it."""
         t0 = time.perf_counter()
         d = self.round_dir(rnd)
-        mine = d / f"island-{self.island}"
+        own = flatten(params)
         if jax.process_index() == 0:
             d.mkdir(parents=True, exist_ok=True)
-        if not mine.exists():
-            self.ckpt.save(mine, params)
-            self.ckpt.wait_until_finished()
+        if not (d / f"island-{self.island}").exists():
+            self.pytree.save(d / f"island-{self.island}", own)
         members, decided = self._members(rnd) if jax.process_index() == 0 else ([], False)
         members, decided = _one(np.asarray(members, np.int32)).tolist(), bool(_one(np.int32(decided)))
         if not members:
             raise QuorumLost(f"DiLoCo round {rnd}: no island reported")
-        total = None
-        for i in members:  # in island order: every island adds in the same order
-            p = params if i == self.island else self.ckpt.restore(d / f"island-{i}",
-                                                                  self.abstract_params)
-            total = p if total is None else self._add(total, p)
-        new = self._update(outer, total, np.float32(len(members)))
+        parts = self._parts(members)
+        mean: dict[str, Any] = {}
+        if self.island in members:
+            mine = self._mean_part(d, members, parts[self.island], own)
+            if not (d / f"mean-{self.island}").exists():
+                self.pytree.save(d / f"mean-{self.island}", mine)
+            mean.update(mine)
+        for m in members:
+            if m == self.island:
+                continue
+            path = d / f"mean-{m}"
+            deadline = time.monotonic() + self.dc.wait_s
+            while not _one(np.int32(path.is_dir())) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _one(np.int32(path.is_dir())):
+                mean.update(self._read(path, parts[m]))
+            else:  # its member stopped after reporting: average that part here
+                mean.update(self._mean_part(d, members, parts[m], own))
+        new = self._update(outer, unflatten(mean))
         if decided:
             self.ckpt.save(d / OUTER, new)
             self.ckpt.wait_until_finished()
@@ -185,3 +239,4 @@ class Sync:
 
     def close(self) -> None:
         self.ckpt.close()
+        self.pytree.close()
