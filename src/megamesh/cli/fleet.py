@@ -99,40 +99,45 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if args.chips < 1 or args.days <= 0:
             raise ConfigError("--chips must be >= 1 and --days > 0")
         r = questions.checkpoint_and_spares(s, args.chips, args.days)
-        b = r["best"]
         lines = [
-            f"job of {r['chips']:,} chips: MTBF {r['mtbf_min']:.1f} min; Daly interval "
+            f"job of {r['chips']:,} chips: MTBF {r['mtbf_min']:.1f} min; plain: Daly interval "
             f"{r['daly_interval_min']:.1f} min (closed-form goodput {r['daly_goodput']:.1%})",
-            f"{'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} {'repair wait h':>14}",
+            f"{'recovery':>10} {'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} {'repair wait h':>14}",
         ]
         for g in r["grid"]:
-            row = (f"{g['spare_fraction']:>7.1%} {g['interval_min']:>8.1f}m {g['interval_vs_daly']:>7.2f} ")
+            mode = g["recovery"] if g["recovery"] == g["recovery_used"] else f"{g['recovery']}*"
+            row = (f"{mode:>10} {g['spare_fraction']:>7.1%} {g['interval_min']:>8.1f}m "
+                   f"{g['interval_vs_daly']:>7.2f} ")
             lines.append(row + (f"{g['goodput']:>8.1%} {g['repair_wait_hours']:>14.0f}"
                                 if g["goodput"] is not None else f"  {g['not_placed']}"))
-        lines.append(
-            f"best: spares {b['spare_fraction']:.1%}, checkpoint every {b['interval_min']:.1f} min "
-            f"-> goodput {b['goodput']:.1%}" if b else "best: none (the job is never placed)"
-        )
+        for mode, b in r["best_by_recovery"].items():
+            lines.append(f"best {mode}: spares {b['spare_fraction']:.1%}, checkpoint every "
+                         f"{b['interval_min']:.1f} min -> goodput {b['goodput']:.1%}" if b
+                         else f"best {mode}: none (never placed, or not applicable)")
+        if any(g["recovery"] != g["recovery_used"] for g in r["grid"]):
+            lines.append("* no data-parallel replica across slices in the planner's layout: a lost "
+                         "host's shards exist nowhere else, so the job recovers as plain")
+        lines.append("interval: diloco rows give each island's own checkpoint interval")
         text = "\n".join(lines)
     else:
         if args.pods < 1 or args.days <= 0:
             raise ConfigError("--pods must be >= 1 and --days > 0")
         r = questions.sync_vs_replicas(s, args.pods, args.days)
-        lines = [f"{args.pods} pods = {r['chips']:,} chips"]
-        for k in ("synchronous", "pod_replicas"):
-            v = r[k]
-            sim = (f"goodput {v['goodput_simulated']:.1%} simulated" if v["goodput_simulated"] is not None
-                   else f"simulated: {v['not_placed']}")
-            lines.append(
-                f"{k:<13} {v['jobs']:>4} job(s) of {v['chips_per_job']:>9,} chips: MTBF "
-                f"{v['mtbf_min']:8.1f} min, checkpoint every {v['checkpoint_interval_min']:6.1f} min, "
-                f"{sim} ({v['goodput_closed_form']:.1%} closed form)"
-            )
-        lines.append(
-            f"simulated: with the scenario's hot spares ({s.spare_fraction:.1%} of cubes, repair "
-            f"{s.failures.repair_hours:g} h), so it includes waiting for repairs once spares run out; "
-            "closed form (Daly): a spare is always there"
-        )
+        lines = [f"{args.pods} pods = {r['chips']:,} chips, one job, by recovery mode "
+                 f"(simulated, hot spares {r['spare_fraction']:.1%} of cubes, repair "
+                 f"{s.failures.repair_hours:g} h):"]
+        for mode, v in r["modes"].items():
+            sim = (f"goodput {v['goodput_simulated']:.1%}" if v["goodput_simulated"] is not None
+                   else v["not_placed"])
+            extra = f" ({v['goodput_closed_form']:.1%} closed form, Daly)" if "goodput_closed_form" in v else ""
+            used = "" if v["recovery_used"] == mode else f" (recovers as {v['recovery_used']}: no replica)"
+            lines.append(f"  {mode:<11} MTBF {v['mtbf_min']:6.1f} min: {sim}{extra}{used}")
+        v = r["pod_replicas"]
+        sim = (f"goodput {v['goodput_simulated']:.1%}" if v["goodput_simulated"] is not None
+               else v["not_placed"])
+        lines.append(f"  {'pod replicas':<11} {v['jobs']} independent jobs of {v['chips_per_job']:,} "
+                     f"chips, MTBF {v['mtbf_min']:.1f} min: {sim} ({v['goodput_closed_form']:.1%} "
+                     "closed form)")
         lines.append(r["note"])
         text = "\n".join(lines)
     print(json.dumps(r, indent=2) if args.json else text)

@@ -7,9 +7,10 @@
   planner's MFU x Daly goodput.
 - serving_reserve: chips to hold back month by month for the serving demand curve.
 - checkpoint_and_spares: goodput of one job over a grid of checkpoint intervals and hot
-  spare fractions (simulated), and the best setting.
-- sync_vs_replicas: one synchronous job over N pods versus N independent pod-level
-  replicas (simulated and closed form).
+  spare fractions for each recovery mode (plain, multi_tier, elastic, diloco; simulated),
+  and the best setting of each.
+- sync_vs_replicas: one job over N pods under each recovery mode versus N independent
+  pod-level replicas (simulated; Daly's closed form for plain).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import math
 from typing import Any
 
 from megamesh.errors import ConfigError
-from megamesh.fleet.scenario import CHIPS_PER_HOST, Scenario, TrainingJob, parse_date
-from megamesh.fleet.sim import planner_numbers, simulate
+from megamesh.fleet.scenario import CHIPS_PER_HOST, RECOVERY_MODES, Scenario, TrainingJob, parse_date
+from megamesh.fleet.sim import Fleet, planner_numbers, simulate
 from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
 
@@ -121,8 +122,10 @@ def _single_job(
     spare_fraction: float,
     seed: int,
     model: str = "llama3.1-405b",
+    recovery: str = "plain",
 ) -> Scenario:
-    pods = math.ceil(chips / s.pod_chips) + 1
+    # enough pods for the job and its hot spares, and one more
+    pods = math.ceil(chips / s.pod_chips / (1 - spare_fraction)) + 1
     one = dataclasses.replace(
         s,
         name="single-job",
@@ -134,23 +137,28 @@ def _single_job(
         end=str(parse_date(s.start, "start") + dt.timedelta(days=int(work_days * 20) + 30)),
         jobs=[
             TrainingJob(
-                name="job", model=model, tokens=1.0, chips=chips, checkpoint_interval_min=interval_min
+                name="job", model=model, tokens=1.0, chips=chips, checkpoint_interval_min=interval_min,
+                recovery=recovery,
             )
         ],
     )
     return one
 
 
-def _run_single(
-    s: Scenario, chips: int, work_days: float, interval_min: float | None, spare_fraction: float, seed: int
-) -> dict[str, Any]:
-    one = _single_job(s, chips, work_days, interval_min, spare_fraction, seed)
+def _run_single(s: Scenario, chips: int, work_days: float, interval_factor: float,
+                spare_fraction: float, seed: int, recovery: str = "plain") -> dict[str, Any]:
+    """One job alone on enough pods: its report. `interval_factor` scales its checkpoint
+    interval (Daly's for its mode's save cost and MTBF)."""
+    one = _single_job(s, chips, work_days, None, spare_fraction, seed, recovery=recovery)
 
     def planner(kind: str, spec: Any, sc: Scenario) -> dict[str, float]:
-        return {"tokens_per_h": 1.0 / (work_days * 24), "mfu": 0.0}  # 1 "token" = the whole job
+        # the planner's memory, layout and step time; 1 "token" = the whole job's work
+        real = planner_numbers(kind, spec, sc)
+        return {**real, "tokens_per_h": spec.chips / chips / (work_days * 24)}
 
-    res, _ = simulate(one, planner=planner)
-    return res["jobs"][0]
+    fleet = Fleet(one, planner=planner)
+    fleet.jobs["job"].tau_h *= interval_factor
+    return fleet.run()["jobs"][0]
 
 
 def checkpoint_and_spares(
@@ -160,29 +168,40 @@ def checkpoint_and_spares(
     spare_fractions: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05),
     interval_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0),
     seed: int = 0,
+    recoveries: tuple[str, ...] = RECOVERY_MODES,
 ) -> dict[str, Any]:
+    """Goodput of one job over a grid of hot-spare fractions x checkpoint intervals (as
+    multiples of Daly's, for the mode's own save cost), for each recovery mode side by side
+    (DiLoCo islands checkpoint at their own Daly interval: one row per spare fraction)."""
     rate = _job_rate(s, chips)
     mtbf = 1 / rate if rate > 0 else math.inf
     f = s.failures
     delta, restart = f.save_min / 60, f.restart_min / 60
     tau = daly_interval(delta, mtbf)
     rows = []
-    for frac in spare_fractions:
-        for k in interval_factors:
-            j = _run_single(s, chips, work_days, tau * k * 60, frac, seed)
-            rows.append(
-                {
-                    "spare_fraction": frac,
-                    "interval_min": tau * k * 60,
-                    "interval_vs_daly": k,
-                    "goodput": j["goodput"],  # None: never placed (see not_placed)
-                    "not_placed": j["not_placed"],
-                    "finished": j["finished"],
-                    "repair_wait_hours": j["badput_hours"]["repair_wait"],
-                }
-            )
+    for mode in recoveries:
+        if mode == "diloco" and chips <= s.pod_chips:
+            continue  # islands need at least 2 slices
+        for frac in spare_fractions:
+            for k in (interval_factors if mode != "diloco" else (1.0,)):
+                j = _run_single(s, chips, work_days, k, frac, seed, mode)
+                rows.append(
+                    {
+                        "recovery": mode,
+                        "recovery_used": j["recovery"],  # multi_tier without replicas: plain
+                        "spare_fraction": frac,
+                        "interval_min": j["checkpoint_interval_min"],
+                        "interval_vs_daly": k,
+                        "goodput": j["goodput"],  # None: never placed (see not_placed)
+                        "not_placed": j["not_placed"],
+                        "finished": j["finished"],
+                        "repair_wait_hours": j["badput_hours"]["repair_wait"],
+                    }
+                )
     placed = [r for r in rows if r["goodput"] is not None]
     best = max(placed, key=lambda r: r["goodput"]) if placed else None
+    by_mode = {m: max((r for r in placed if r["recovery"] == m), key=lambda r: r["goodput"], default=None)
+               for m in recoveries}
     return {
         "chips": chips,
         "mtbf_min": mtbf * 60,
@@ -191,32 +210,53 @@ def checkpoint_and_spares(
         "work_days": work_days,
         "grid": rows,
         "best": best,
+        "best_by_recovery": by_mode,
     }
 
 
 def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int = 0) -> dict[str, Any]:
+    """One job over `pods` pods under each recovery mode, and `pods` independent pod-sized
+    replicas (plain), simulated with the scenario's spares; Daly's closed form for plain."""
     chips = pods * s.pod_chips
     f = s.failures
     delta, restart = f.save_min / 60, f.restart_min / 60
-    out: dict[str, Any] = {"pods": pods, "chips": chips}
-    for label, n_jobs, job_chips in (("synchronous", 1, chips), ("pod_replicas", pods, s.pod_chips)):
-        rate = _job_rate(s, job_chips)
+    out: dict[str, Any] = {"pods": pods, "chips": chips, "modes": {}}
+    for mode in RECOVERY_MODES:
+        if mode == "diloco" and pods < 2:
+            continue
+        rate = _job_rate(s, chips)
         mtbf = 1 / rate
-        tau = daly_interval(delta, mtbf)
-        sim = _run_single(s, job_chips, work_days, None, s.spare_fraction, seed)
-        out[label] = {
-            "jobs": n_jobs,
-            "chips_per_job": job_chips,
+        sim = _run_single(s, chips, work_days, 1.0, s.spares, seed, mode)
+        out["modes"][mode] = {
+            "jobs": 1,
+            "chips_per_job": chips,
             "mtbf_min": mtbf * 60,
-            "checkpoint_interval_min": tau * 60,
-            "goodput_closed_form": daly_goodput(tau, delta, restart, mtbf),
+            "recovery_used": sim["recovery"],
+            "checkpoint_interval_min": sim["checkpoint_interval_min"],
+            "recovery_times": sim["recovery_times"],
             "goodput_simulated": sim["goodput"],  # None: never placed
             "not_placed": sim["not_placed"],
         }
-    out["spare_fraction"] = s.spare_fraction
+    out["modes"]["plain"]["goodput_closed_form"] = daly_goodput(
+        daly_interval(delta, 1 / _job_rate(s, chips)), delta, restart, 1 / _job_rate(s, chips))
+    rate = _job_rate(s, s.pod_chips)
+    sim = _run_single(s, s.pod_chips, work_days, 1.0, s.spares, seed, "plain")
+    tau = daly_interval(delta, 1 / rate)
+    out["pod_replicas"] = {
+        "jobs": pods,
+        "chips_per_job": s.pod_chips,
+        "mtbf_min": 60 / rate,
+        "checkpoint_interval_min": tau * 60,
+        "goodput_closed_form": daly_goodput(tau, delta, restart, 1 / rate),
+        "goodput_simulated": sim["goodput"],
+        "not_placed": sim["not_placed"],
+    }
+    out["synchronous"] = out["modes"]["plain"]  # the plain synchronous job (earlier name)
+    out["spare_fraction"] = s.spares
     out["note"] = (
-        "pod replicas only lose their own pod's work on a failure, but need an algorithm "
-        "that tolerates independent replicas (e.g. local SGD / DiLoCo-style syncs); the "
-        "synchronous job is plain data parallelism"
+        "plain: persistent checkpoints; multi_tier: in-memory checkpoints restored from a "
+        "data-parallel peer; elastic: also goes on without a failed slice; diloco: one island "
+        "per pod, a failure stops one island (megamesh train --diloco); pod replicas are "
+        "independent jobs (no model averaging at all)"
     )
     return out

@@ -15,6 +15,11 @@ def _h(x: float) -> str:
     return f"{x:.0f}"
 
 
+_BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt", "degraded")
+_SHORT = {"checkpoint": "ckpt", "repair_wait": "repair", "degraded": "fewer slices/islands"}
+_SHORT = {k: _SHORT.get(k, k) for k in _BADPUT}
+
+
 def text(r: dict[str, Any]) -> str:
     lines = [
         f"fleet {r['scenario']}: {r['start']} .. {r['end']}, {r['pods_at_end']} pods = "
@@ -34,8 +39,9 @@ def text(r: dict[str, Any]) -> str:
             else " (chip-hours unpriced: no public tpu7x price; set price_per_chip_hour)"
         ),
         "",
-        f"{'job':<18} {'chips':>9} {'goodput':>8} {'progress':>9} {'finish':>17} {'interrupts':>10} "
-        f"{'MTBF':>8} {'ckpt':>7}  badput hours (ckpt/lost/restart/repair/queued/preempt)",
+        f"{'job':<18} {'chips':>9} {'recovery':>10} {'goodput':>8} {'progress':>9} {'finish':>17} "
+        f"{'interrupts':>10} {'MTBF':>8} {'ckpt':>7}  badput hours "
+        f"({'/'.join(_SHORT[k] for k in _BADPUT)})",
     ]
     for j in r["jobs"]:
         b = j["badput_hours"]
@@ -46,12 +52,16 @@ def text(r: dict[str, Any]) -> str:
             lines.append(f"{j['name']:<18} {j['chips']:>9,} {j['not_placed']}")
             continue
         lines.append(
-            f"{j['name']:<18} {j['chips']:>9,} {j['goodput']:>8.1%} {j['progress']:>9.1%} {finish:>17} "
-            f"{j['interruptions']:>10,} {j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
-            + "/".join(
-                f"{b[k]:.0f}" for k in ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
-            )
+            f"{j['name']:<18} {j['chips']:>9,} {j['recovery']:>10} {j['goodput']:>8.1%} "
+            f"{j['progress']:>9.1%} {finish:>17} {j['interruptions']:>10,} "
+            f"{j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
+            + "/".join(f"{b[k]:.0f}" for k in _BADPUT)
         )
+    times = [f"  {j['name']}: " + ", ".join(f"{k} {v:,.1f}" for k, v in j["recovery_times"].items())
+             for j in r["jobs"] if j.get("recovery_times")]
+    if times:
+        lines += ["", "recovery times (from bench/recovery.py's measured s/GB, the planner's state "
+                  "per host, the chip's DCN bandwidth; scenario.Recovery):", *times]
     lines.append(f"\napproximate: {r['approximate']}")
     return "\n".join(lines)
 

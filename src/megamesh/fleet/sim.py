@@ -34,6 +34,7 @@ Model (each simplification is a parameter or stated here):
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import heapq
@@ -47,13 +48,15 @@ from megamesh.config import preset
 from megamesh.errors import ConfigError
 from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
 from megamesh.fleet.theory import daly_interval
+from megamesh.hardware import CHIPS
 from megamesh.plan.layout import Workload
+from megamesh.plan.memory import ADAM_BYTES
 from megamesh.plan.questions import serving_answer
 from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
 
-BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt")
-STALLED = ("waiting", "restarting")  # holding cubes without computing: idle power
+BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt", "degraded")
+STALLED = ("waiting", "restarting", "quorum")  # holding cubes without computing: idle power
 
 
 @dataclass
@@ -86,6 +89,18 @@ class Job:
     most_free: int = 0  # the most allocatable cubes seen while it could not be placed
     stall_cubes: int = 0  # its cubes counted as stalled (held, waiting or restarting: idle power)
     max_swing_mw: float = 0.0  # the largest power drop when it stopped running
+    recovery: str = "plain"  # RECOVERY_MODES: how it survives a failure (scenario.Recovery)
+    slices: int = 1  # equal slices (one per pod at most); DiLoCo islands
+    speed: float = 1.0  # work per running hour: < 1 on fewer slices or islands
+    lost_slices: int = 0  # elastic: slices dropped, waiting for their repair
+    down: int = 0  # diloco: islands restarting or waiting for a repair
+    quorum: int = 1  # diloco: islands an outer step needs
+    sync_eff: float = 1.0  # diloco: compute / (compute + outer-step exchange) per round
+    island_restart_h: float = 0.0  # diloco: one island back from its own checkpoint
+    island_loss_h: float = 0.0  # diloco: work (job-hours) lost per island failure
+    regrow_h: float = 0.0  # elastic: restart onto fewer or more slices (own RAM restore)
+    replaced_restart_h: float = 0.0  # a restart after a failed cube was replaced
+    recovery_times: dict = field(default_factory=dict)  # the derived times, for the report
 
     @property
     def cubes(self) -> int:
@@ -177,33 +192,7 @@ class Fleet:
                 self._push(t, "pods", a.pods)
         f = s.failures
         for spec in s.jobs:
-            n = self.planner("train", spec, s)
-            hosts = math.ceil(spec.chips / CHIPS_PER_HOST)
-            pods = math.ceil(spec.chips / s.pod_chips)
-            rc, rh, rp = spec.chips * f.chip_per_hour, hosts * f.host_per_hour, pods * f.pod_per_hour
-            rate = rc + rh + rp
-            mtbf = 1 / rate if rate > 0 else math.inf
-            save_h, restart_h = f.save_min / 60, f.restart_min / 60
-            if spec.checkpoint_interval_min:
-                tau = spec.checkpoint_interval_min / 60
-            else:
-                tau = daly_interval(save_h, mtbf) if math.isfinite(mtbf) else 24.0
-            job = Job(
-                name=spec.name,
-                chips=spec.chips,
-                priority=spec.priority,
-                submit_h=s.hours(spec.start, "start"),
-                work_h=spec.tokens / n["tokens_per_h"],
-                tokens_per_h=n["tokens_per_h"],
-                tau_h=max(tau, 1e-6),
-                save_h=save_h,
-                restart_h=restart_h,
-                rate_chip=rc,
-                rate_host=rh,
-                rate_pod=rp,
-                mtbf_h=mtbf,
-                deadline_h=s.hours(spec.deadline, "deadline") if spec.deadline else None,
-            )
+            job = self._job(spec)
             self.jobs[job.name] = job
             self._push(job.submit_h, "submit", job.name)
         for i, d in enumerate(s.serving):
@@ -225,6 +214,87 @@ class Fleet:
         while t <= s.horizon_h:
             self._push(t, "tick")
             t += self.sample_every_h
+
+    def _job(self, spec: Any) -> Job:
+        """A training job with its recovery mechanism's times (scenario.Recovery)."""
+        s, f, rec = self.s, self.s.failures, self.s.recovery
+        mode = spec.recovery or rec.mode
+        slices = math.ceil(spec.chips / s.pod_chips)
+        hosts = math.ceil(spec.chips / CHIPS_PER_HOST)
+        rc, rh, rp = spec.chips * f.chip_per_hour, hosts * f.host_per_hour, slices * f.pod_per_hour
+        rate = rc + rh + rp
+        mtbf = 1 / rate if rate > 0 else math.inf
+        dcn_host = CHIPS[s.chip].dcn_bw * CHIPS_PER_HOST  # bytes/s a host moves across the DCN
+        peer_s_per_gb = max(rec.restore_s_per_gb, 1e9 / dcn_host)  # the slower of the two
+        if mode == "diloco":  # islands: one per slice, each its own job of chips / slices
+            island = dataclasses.replace(spec, chips=spec.chips // slices,
+                                         batch=max(1, (spec.batch or spec.chips // 8) // slices),
+                                         recovery="plain")
+            n = self.planner("train", island, s)
+            n = {**n, "tokens_per_h": n["tokens_per_h"] * slices}
+        else:
+            n = self.planner("train", spec, s)
+        host_gb = n.get("state_bytes_per_chip", 0.0) * CHIPS_PER_HOST / 1e9
+        replicas = n.get("replicas", 1)
+        if mode in ("multi_tier", "elastic") and replicas < 2:
+            mode = "plain"  # a lost host's shards exist nowhere else: persistent checkpoints
+        save_h, restart_h = f.save_min / 60, f.restart_min / 60
+        times: dict[str, float] = {}
+        if mode in ("multi_tier", "elastic"):
+            save_h = host_gb * rec.ram_save_s_per_gb / 3600
+            restart_h = rec.reschedule_min / 60 + host_gb * peer_s_per_gb / 3600
+            times = {"ram_save_s": save_h * 3600, "peer_restart_s": restart_h * 3600,
+                     "state_gb_per_host": host_gb}
+        if spec.checkpoint_interval_min:
+            tau = spec.checkpoint_interval_min / 60
+        else:
+            tau = daly_interval(save_h, mtbf) if math.isfinite(mtbf) else 24.0
+        job = Job(
+            name=spec.name,
+            chips=spec.chips,
+            priority=spec.priority,
+            submit_h=s.hours(spec.start, "start"),
+            work_h=spec.tokens / n["tokens_per_h"],
+            tokens_per_h=n["tokens_per_h"],
+            tau_h=max(tau, 1e-6),
+            save_h=save_h,
+            restart_h=restart_h,
+            rate_chip=rc,
+            rate_host=rh,
+            rate_pod=rp,
+            mtbf_h=mtbf,
+            deadline_h=s.hours(spec.deadline, "deadline") if spec.deadline else None,
+            recovery=mode,
+            slices=slices,
+        )
+        if mode == "elastic":
+            job.regrow_h = rec.reschedule_min / 60 + host_gb * rec.restore_s_per_gb / 3600
+            times["regrow_s"] = job.regrow_h * 3600
+        if mode == "diloco":
+            # each island checkpoints itself (plain, Daly's interval for its own MTBF); its
+            # outer steps exchange ~3x its parameters per host (train.diloco.dcn_bytes)
+            island_mtbf = mtbf * slices
+            island_tau = daly_interval(f.save_min / 60, island_mtbf)
+            params_gb = host_gb * 4 / (4 + ADAM_BYTES)  # f32 parameters of the state
+            round_h = rec.diloco_inner_steps * n["step_time_s"] / 3600
+            sync_h = (params_gb * (1 + 1 / slices) * rec.ram_save_s_per_gb
+                      + params_gb * 2 * (slices - 1) / slices * peer_s_per_gb) / 3600
+            job.sync_eff = round_h / (round_h + sync_h) * island_tau / (island_tau + f.save_min / 60)
+            job.island_restart_h = f.restart_min / 60
+            # lost per failure: the island's work since its last save (half an interval on
+            # average), plus the others' wait at the next outer step if it is still down then
+            wait_h = rec.diloco_wait_s / 3600 * min(1.0, job.island_restart_h / round_h)
+            job.island_loss_h = (island_tau / 2) / slices + wait_h * (slices - 1) / slices
+            job.quorum = max(1, math.ceil(rec.diloco_quorum * slices))
+            job.tau_h, job.save_h = 1e9, 0.0  # no job-wide checkpoint: the outer state is on disk
+            job.speed = job.sync_eff
+            times = {"outer_step_s": sync_h * 3600, "round_s": round_h * 3600,
+                     "island_checkpoint_interval_min": island_tau * 60,
+                     "island_restart_s": job.island_restart_h * 3600,
+                     "loss_per_failure_job_s": job.island_loss_h * 3600}
+        job.recovery_times = times
+        job.replaced_restart_h = job.restart_h
+        return job
 
     # ------------------------------------------------------------------ power and capacity
 
@@ -341,15 +411,16 @@ class Fleet:
         job.state, job.t_state = state, self.t
         job.version += 1
         if state == "running":
-            remaining = job.work_h - job.done_h
+            remaining = (job.work_h - job.done_h) / job.speed  # running hours still needed
             k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
             seg = job.tau_h + job.save_h
             finish = self.t + (k - 1) * seg + (remaining - (k - 1) * job.tau_h) + job.save_h
             self._push(finish, "finish", (job.name, job.version))
         if state == "restarting":
             self._push(self.t + job.restart_h, "restarted", (job.name, job.version))
-        if state in ("running", "restarting") and job.rate > 0:
-            self._push(self.t + self.rng.expovariate(job.rate), "failure", (job.name, job.version))
+        rate = job.rate * (job.slices - job.down) / job.slices  # islands down do not fail
+        if state in ("running", "restarting") and rate > 0:
+            self._push(self.t + self.rng.expovariate(rate), "failure", (job.name, job.version))
 
     def _account_running(self, job: Job, graceful: bool) -> None:
         """Leaving `running` at self.t: bank saved work, charge checkpoints and lost work."""
@@ -372,20 +443,25 @@ class Fleet:
             else:
                 job.badput["lost"] += job.tau_h
                 job.badput["checkpoint"] += r - job.tau_h
-        saved = min(saved, job.work_h - job.done_h)
-        job.done_h += saved
-        job.productive_h += saved
+        work = min(saved * job.speed, job.work_h - job.done_h)
+        job.badput["degraded"] += saved - work  # running on fewer slices or islands, syncing
+        job.done_h += work
+        job.productive_h += work
 
-    def _leave(self, job: Job, graceful: bool) -> None:
+    def _leave(self, job: Job, graceful: bool, stops: bool = True) -> None:
+        """`job` leaves its state at self.t: its time there is accounted. `stops`: it stops
+        computing (not so for a DiLoCo job whose other islands go on)."""
         if job.state == "running":
             self._account_running(job, graceful)
+            if not stops:
+                return
             # it stops computing (a failure, a preemption): its chips fall to idle power
             swing = self.s.watts_per_chip * CUBE_CHIPS * job.cubes * (1 - self.s.idle_power_fraction) / 1e6
             job.max_swing_mw = max(job.max_swing_mw, swing)
             self.max_swing_mw = max(self.max_swing_mw, swing)
         elif job.state == "restarting":
             job.badput["restart"] += self.t - job.t_state
-        elif job.state == "waiting":
+        elif job.state in ("waiting", "quorum"):
             job.badput["repair_wait"] += self.t - job.t_state
         elif job.state == "queued" and job.first_start is not None:
             job.badput["queued"] += self.t - job.t_state
@@ -510,13 +586,14 @@ class Fleet:
     def handlers(self) -> dict[str, Any]:
         return {"pods": self._on_pods, "submit": self._on_submit, "tick": self._on_tick,
                 "restarted": self._on_restarted, "finish": self._on_finish,
-                "failure": self._on_failure, "repaired": self._on_repaired}
+                "failure": self._on_failure, "repaired": self._on_repaired,
+                "island_back": self._on_island_back, "slice_back": self._on_slice_back}
 
     def _on_pods(self, t: float, n: int) -> None:
         for _ in range(n):
             self.pod_used.append(0)
             self.free_total += self.cubes_per_pod
-        target = int(self.s.spare_fraction * len(self.pod_used) * self.cubes_per_pod)
+        target = int(self.s.spares * len(self.pod_used) * self.cubes_per_pod)
         self.spares = max(0, target - self.in_repair)
         self.resize_serving()
         self.schedule()
@@ -537,15 +614,19 @@ class Fleet:
         job = self._job_event(payload)
         if job is not None:
             job.badput["restart"] += t - job.t_state
-            self._set_state(job, "running")
+            if job.recovery == "diloco":
+                self._run_islands(job)
+            else:
+                self._set_state(job, "running")
 
     def _on_finish(self, t: float, payload: Any) -> None:
         job = self._job_event(payload)
         if job is None:
             return
         remaining = job.work_h - job.done_h
-        k = max(1, math.ceil(remaining / job.tau_h - 1e-12))
+        k = max(1, math.ceil(remaining / job.speed / job.tau_h - 1e-12))
         job.badput["checkpoint"] += k * job.save_h
+        job.badput["degraded"] += remaining / job.speed - remaining
         job.done_h = job.work_h
         job.productive_h += remaining
         job.finish = t
@@ -563,9 +644,9 @@ class Fleet:
 
     def _on_repaired(self, t: float, payload: Any) -> None:
         what, name, version = payload
-        if what == "spare":
+        if what in ("spare", "free"):  # back as a hot spare, or to the free pool it came from
             self.in_repair -= 1
-            self.spares += 1
+            self.spares += what == "spare"
             self.schedule()
             return
         job = self.jobs[name]
@@ -588,27 +669,104 @@ class Fleet:
         self.advance(max(self.t, horizon))  # integrate up to the horizon
         return self.summary()
 
+    def _replacement(self, job: Job) -> bool:
+        """A cube to take a failed one's place at once: a hot spare, else a free cube, else
+        one of a lower-priority training job (preempted). The failed cube goes to repair
+        and comes back as a spare (or free). False: none, the job must do without it."""
+        f = self.s.failures
+        if self.spares > 0:
+            self.spares -= 1
+            self.in_repair += 1
+            self._push(self.t + f.repair_hours, "repaired", ("spare", job.name, 0))
+            return True
+        if self._allocatable() <= 0:
+            victims = sorted((v for v in self.jobs.values() if v.alloc and v.priority < job.priority
+                              and v is not job), key=lambda v: (v.priority, -v.submit_h))
+            if not victims:
+                return False
+            self._preempt(victims[0])
+        self.in_repair += 1  # a free cube stands in; the repaired one returns to the free pool
+        self._push(self.t + f.repair_hours, "repaired", ("free", job.name, 0))
+        return True
+
     def _fail(self, job: Job) -> None:
         f = self.s.failures
         job.interruptions += 1
         u = self.rng.random() * job.rate
         pod_level = u >= job.rate_chip + job.rate_host
+        if job.recovery == "diloco" and job.state == "running":
+            return self._island_fails(job, pod_level)
         self._leave(job, graceful=False)
-        if pod_level:
-            self._track_stall(job, "waiting")
-            job.state, job.t_state = "waiting", self.t
-            job.version += 1
-            self._push(self.t + f.pod_repair_hours, "repaired", ("job", job.name, job.version))
-        elif self.spares > 0:
-            self.spares -= 1
-            self.in_repair += 1
-            self._push(self.t + f.repair_hours, "repaired", ("spare", job.name, 0))
+        if not pod_level and self._replacement(job):
+            job.restart_h = job.replaced_restart_h
             self._set_state(job, "restarting")
-        else:
-            self._track_stall(job, "waiting")
-            job.state, job.t_state = "waiting", self.t
+            return
+        back = f.pod_repair_hours if pod_level else f.repair_hours
+        if job.recovery == "elastic" and job.slices - job.lost_slices > 1:
+            # go on without the failed slice (the same global batch on fewer slices); it
+            # rejoins when repaired: two short restarts instead of waiting for the repair
+            job.lost_slices += 1
+            job.speed = (job.slices - job.lost_slices) / job.slices
+            job.restart_h = job.regrow_h
+            self._push(self.t + back, "slice_back", job.name)
+            self._set_state(job, "restarting")
+            return
+        self._track_stall(job, "waiting")
+        job.state, job.t_state = "waiting", self.t
+        job.version += 1
+        self._push(self.t + back, "repaired", ("job", job.name, job.version))
+
+    def _island_fails(self, job: Job, pod_level: bool) -> None:
+        """DiLoCo: one island stops; the others keep training (at a lower speed, or wait
+        for a quorum); the island's unsaved work is lost; it rejoins after its restart
+        (and its repair, without a replacement cube)."""
+        f = self.s.failures
+        self._leave(job, graceful=True, stops=False)  # the others' work is kept
+        lost = min(job.island_loss_h, job.done_h)
+        job.done_h -= lost
+        job.productive_h -= lost
+        job.badput["lost"] += lost
+        island_swing = self.s.watts_per_chip * CUBE_CHIPS * job.cubes / job.slices * (
+            1 - self.s.idle_power_fraction) / 1e6
+        job.max_swing_mw = max(job.max_swing_mw, island_swing)
+        self.max_swing_mw = max(self.max_swing_mw, island_swing)
+        wait = 0.0 if not pod_level and self._replacement(job) else (
+            f.pod_repair_hours if pod_level else f.repair_hours)
+        job.down += 1
+        self._push(self.t + wait + job.island_restart_h, "island_back", job.name)
+        self._run_islands(job)
+
+    def _run_islands(self, job: Job) -> None:
+        up = job.slices - job.down
+        job.speed = job.sync_eff * up / job.slices
+        if up >= job.quorum:
+            self._set_state(job, "running")
+        else:  # too few islands for an outer step: the rest wait for the quorum
+            self._track_stall(job, "quorum")
+            job.state, job.t_state = "quorum", self.t
             job.version += 1
-            self._push(self.t + f.repair_hours, "repaired", ("job", job.name, job.version))
+
+    def _on_island_back(self, t: float, name: str) -> None:
+        job = self.jobs[name]
+        job.down -= 1
+        if job.state == "running":
+            self._leave(job, graceful=True, stops=False)
+            self._run_islands(job)
+        elif job.state == "quorum":
+            job.badput["repair_wait"] += t - job.t_state
+            self._run_islands(job)
+
+    def _on_slice_back(self, t: float, name: str) -> None:
+        """Elastic: a repaired slice rejoins (a restart onto more slices)."""
+        job = self.jobs[name]
+        job.lost_slices -= 1
+        job.speed = (job.slices - job.lost_slices) / job.slices
+        if job.state == "running":
+            # a planned stop: the job saves (to RAM and persistent storage, as on SIGTERM)
+            # and restarts on more slices from its RAM copies
+            self._leave(job, graceful=True)
+            job.restart_h = job.regrow_h + self.s.failures.save_min / 60
+            self._set_state(job, "restarting")
 
     def _sample(self) -> None:
         p = self.power_mw()
@@ -694,7 +852,10 @@ class Fleet:
                     "power_swing_mw": j.max_swing_mw,
                     "preemptions": j.preemptions,
                     "mtbf_hours": j.mtbf_h,
-                    "checkpoint_interval_min": j.tau_h * 60,
+                    "checkpoint_interval_min": j.recovery_times.get(
+                        "island_checkpoint_interval_min", j.tau_h * 60),
+                    "recovery": j.recovery,
+                    "recovery_times": j.recovery_times,
                     "work_hours_at_full_speed": j.work_h,
                 }
             )
@@ -765,7 +926,11 @@ def _train_numbers(model: str, chips: int, seq: int, batch: int, chip: str) -> d
         return None
     best = res.ranked[0]
     return {"tokens_per_h": w.tokens / best.step_time_s * 3600, "mfu": best.mfu,
-            "step_time_s": best.step_time_s}
+            "step_time_s": best.step_time_s,
+            # params + optimizer state per chip (what a checkpoint holds), and how many
+            # data-parallel replicas of it the layout keeps across slices (dcn)
+            "state_bytes_per_chip": best.memory.state,
+            "replicas": best.layout.sizes.get("dcn", 1)}
 
 
 @functools.lru_cache(maxsize=512)

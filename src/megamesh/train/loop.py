@@ -404,6 +404,8 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
                 # Every process must stop at the same step (a host preempted alone would
                 # leave the others waiting in the next collective): they agree each step.
                 stop = _any_process(pre.signum is not None)
+                if stop and ram is not None:  # the restart (elastic: onto another size) reads RAM
+                    goodput.checkpoint += ram.save(step + 1, state)
                 if periodic or done or stop:
                     goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
                                                     wait=done or stop)
@@ -469,13 +471,13 @@ def _join_islands(sync: Sync, start: int, state: Any, log: Any) -> tuple[int, An
 
 
 def _restore_from_ram(ram: MemoryTier, ckpt: Checkpointer, log: Any) -> tuple[int, Any]:
-    """(step, state) from the in-memory tier when it holds a step newer than the newest
+    """(step, state) from the in-memory tier when it holds a step no older than the newest
     persistent checkpoint; (0, None) otherwise. Own RAM first, else a peer's copy; if any
     process cannot read its copy, all of them use the persistent checkpoint instead."""
     step = ram.latest_step()
     persistent = ckpt.latest_step()
-    if step is None or (persistent is not None and persistent >= step):
-        return 0, None
+    if step is None or (persistent is not None and persistent > step):
+        return 0, None  # (at the same step, RAM: the faster read)
     own = ram.holds(step)
     t0 = time.perf_counter()
     try:
