@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import run_main
 from megamesh.cli import main
 from megamesh.config import MoEConfig, preset
 from megamesh.errors import ConfigError
@@ -320,3 +321,19 @@ def test_run_spec_round_trips_through_a_plan_file(tmp_path, capsys):
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="remat='sometimes' is not allowed"):
         read_plan(path)
+
+
+def test_plan_models_diloco_islands():
+    """`plan --diloco`: each island's own layout, the outer step's DCN bytes and time per
+    round (issue 17 point 4); a bad island count is one clear line."""
+    r = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:512", "--json",
+                 "--diloco", "islands=2,inner_steps=100")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    d = out["diloco"]
+    assert d["islands"] == 2 and d["island_chips"] == 256 and d["inner_steps"] == 100
+    # ~3 copies of an island host's f32 parameters per round, far less per step than DP's
+    assert d["dcn_bytes_per_step_per_host"] == pytest.approx(d["outer_step_bytes_per_host"] / 100)
+    assert 0 < d["outer_step_share"] < 0.05 and 0.5 < d["vs_synchronous"] < 1.5
+    r = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:512", "--diloco", "islands=3")
+    assert r.returncode == 2 and "--diloco islands=3 is not allowed" in r.stderr

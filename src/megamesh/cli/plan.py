@@ -18,6 +18,7 @@ from megamesh.plan.layout import REMATS, Workload
 from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
 from megamesh.runspec import plan_json
+from megamesh.settings import parse_overrides
 from megamesh.sharding.logical import parse_layout
 
 _DURATION = re.compile(r"^\s*([\d.]+)\s*(s|m|h|d|w)?\s*$")
@@ -54,6 +55,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pipeline", action="store_true",
                    help="also consider pipeline stages across DCN (interleaved 1F1B; modelled for "
                    "planning; megamesh's own train step has no pipeline stages yet)")
+    p.add_argument("--diloco", metavar="islands=N,inner_steps=H",
+                   help="also plan the run as N decoupled islands averaging every H steps "
+                   "(`megamesh train --diloco`): each island's layout, the outer step's DCN "
+                   "bytes and time, the throughput vs the synchronous run")
     p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
     p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
@@ -126,6 +131,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           "sequence or a smaller batch per device")
     best = res.ranked[0]
     train = questions.training_answer(w, target, best, tokens)
+    diloco = None
+    if args.diloco:
+        opts = parse_overrides([x.strip() for x in args.diloco.split(",") if x.strip()])
+        unknown = sorted(set(opts) - {"islands", "inner_steps"})
+        if unknown or "islands" not in opts:
+            raise ConfigError(f"--diloco {args.diloco!r} is not allowed: write islands=N[,inner_steps=H]")
+        try:
+            islands, inner = int(opts["islands"]), int(opts.get("inner_steps", 500))
+        except ValueError:
+            raise ConfigError(f"--diloco {args.diloco!r}: islands and inner_steps are integers") from None
+        diloco = questions.diloco_answer(w, target, best, islands, inner)
     spec = best.layout.run_spec(w)
     target_spec = target.topology_name if target.n_slices == 1 else f"{target.chip.name}:{target.chips}"
     run_entry = plan_json(args.model, target_spec, args.seq, batch, spec, best.mfu)
@@ -139,6 +155,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                "best": best.to_json(target), "training": train,
                "candidates": [e.to_json(target) for e in res.ranked[:max(args.top, 1)]],
                "why": report.why(res.ranked)}
+        if diloco:
+            out["diloco"] = diloco
         print(json.dumps(out, indent=2))
     else:
         print(report.header(target))
@@ -160,6 +178,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"run spec: {spec.layout or 'data=1'}, remat {spec.remat}, {spec.microbatches} "
               f"microbatch(es), kernels {spec.kernels}{note}; `megamesh train` flags: "
               + " ".join(spec.train_args()))
+        if diloco:
+            d = diloco
+            print(f"DiLoCo: {d['islands']} islands of {d['island_chips']:,} chips "
+                  f"({d['island_layout']}, step {d['island_step_time_s']:.2f} s, MFU "
+                  f"{d['island_mfu']:.1%}); an outer step every {d['inner_steps']} steps moves "
+                  f"{d['outer_step_bytes_per_host'] / 1e9:,.1f} GB per host over the DCN in "
+                  f"{d['outer_step_s']:.1f} s ({d['outer_step_share']:.1%} of a round): "
+                  f"{d['tokens_per_s']:,.0f} tokens/s, {d['vs_synchronous']:.2f}x the "
+                  f"synchronous run's; {d['note']}")
         print("estimates are approximate (analytic cost model; see BENCHMARKS.md for its "
               "calibration against published runs)")
     if args.verify:

@@ -179,3 +179,48 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     best["approximate"] = ("roofline estimate: decode bound by HBM bytes or FLOPs, perfect "
                            "continuous batching, no prefix caching")
     return best
+
+
+def diloco_answer(w: Workload, target: Target, sync_best: Estimate, islands: int,
+                  inner_steps: int) -> dict[str, Any]:
+    """The same training as `islands` decoupled islands (`megamesh train --diloco`): each
+    its own best layout on chips/islands at batch/islands; every `inner_steps` steps an
+    outer step exchanges ~3x an island host's parameters over the DCN (train.diloco:
+    reduce-scatter + all-gather through storage; no bytes cross between steps), against
+    data parallelism's gradient all-reduce every step. Quorum and staleness (what a failure
+    costs) are simulated by `megamesh fleet` (recovery: diloco)."""
+    if islands < 2 or target.chips % islands or w.batch % islands:
+        raise ConfigError(f"--diloco islands={islands} is not allowed: at least 2, dividing the "
+                          f"{target.chips:,} chips and the batch {w.batch:,}")
+    if inner_steps < 1:
+        raise ConfigError(f"--diloco inner_steps={inner_steps} is not allowed: must be >= 1")
+    island_target = from_chip_count(target.chip, target.chips // islands)
+    wi = Workload(w.cfg, w.seq, w.batch // islands, w.precision, w.kernels)
+    res = search(wi, island_target)
+    if not res.ranked:
+        raise ConfigError(f"{w.cfg.name} at batch {wi.batch} does not fit one island of "
+                          f"{island_target.chips:,} chips")
+    best = res.ranked[0]
+    host_chips = 4 if target.is_tpu else 8  # TPU VMs drive 4 chips; GPU nodes 8
+    params_host = best.memory.state * 4 / (4 + 8) * host_chips  # f32 params of params + Adam
+    per_round = params_host * (1 + 2 * (islands - 1) / islands + 1 / islands)
+    dcn_host = target.chip.dcn_bw * host_chips
+    sync_s = per_round / dcn_host
+    round_s = inner_steps * best.step_time_s
+    eff = round_s / (round_s + sync_s)
+    tokens_per_s = islands * wi.tokens / best.step_time_s * eff
+    return {
+        "islands": islands, "inner_steps": inner_steps,
+        "island_chips": island_target.chips, "island_layout": best.layout.text(),
+        "island_step_time_s": best.step_time_s, "island_mfu": best.mfu,
+        "outer_step_bytes_per_host": per_round, "outer_step_s": sync_s,
+        "outer_step_share": 1 - eff, "tokens_per_s": tokens_per_s,
+        "vs_synchronous": tokens_per_s / (w.tokens / sync_best.step_time_s),
+        "dcn_bytes_per_step_per_host": per_round / inner_steps,
+        "synchronous_dcn_s_per_step": sync_best.dcn_traffic_s,
+        "note": "the outer step's time assumes the chip's DCN bandwidth per host (published); "
+                "megamesh fleet uses bench/recovery.py's measured restore rate where slower. "
+                "An outer step needs a quorum (train.diloco.quorum, default a majority); an "
+                "island that misses it is left out of that round and rejoins at the next outer "
+                "state (its share of the missed rounds is not trained)",
+    }
