@@ -265,8 +265,26 @@ def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_fi
     out = tmp_path / "jobset.yaml"
     r = megamesh("launch", "--plan", str(plan_file), "--name", "llama70b", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    js = yaml.safe_load(out.read_text())
+    docs = list(yaml.safe_load_all(out.read_text()))
+    assert [d["kind"] for d in docs] == ["PriorityClass", "PriorityClass", "JobSet", "JobSet"]
+    for pc in docs[:2]:
+        kubernetes_validate.validate(pc, "1.34", strict=True)
+    js, spares = docs[2], docs[3]
     jsonschema.validate(js, JOBSET_SCHEMA)
+    jsonschema.validate(spares, JOBSET_SCHEMA)
+    kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "s"},
+                                  "spec": spares["spec"]["replicatedJobs"][0]["template"]["spec"]},
+                                 "1.34", strict=True)
+    # hot spares: one whole placeholder slice (4.5% of 2, rounded up) the training preempts
+    assert spares["spec"]["replicatedJobs"][0]["replicas"] == 1
+    spare_pod = spares["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert spare_pod["priorityClassName"] == "megamesh-spare" and docs[1]["value"] < 0
+    # failures: fatal exits fail the JobSet, disruptions restart it uncounted, crashes count
+    fp = js["spec"]["failurePolicy"]
+    assert [(x["name"], x["action"]) for x in fp["rules"]] == [
+        ("FatalExit", "FailJobSet"), ("Infrastructure", "RestartJobSetAndIgnoreMaxRestarts"),
+        ("Crash", "RestartJobSet")]
+    assert fp["maxRestarts"] > 10  # sized to the job's failures over the plan's time to train
     rj = js["spec"]["replicatedJobs"][0]
     assert rj["replicas"] == 2  # 16,384 chips = 2 slices of 8,192
     job = {
@@ -288,6 +306,8 @@ def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_fi
     assert env["MEGAMESH_COORDINATOR"] == "llama70b-slice-0-0.llama70b:8476"
     plan = json.loads(plan_file.read_text())
     assert f"--mesh {plan['best']['layout_text']} " in pod["containers"][0]["command"][2]
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3]
+    assert pod["priorityClassName"] == "megamesh-train"
     # a broken manifest is caught by the schema
     bad = json.loads(json.dumps(js))
     bad["spec"]["failurePolicy"]["restartStrategy"] = "Sometimes"
@@ -297,6 +317,36 @@ def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_fi
     bad["spec"]["parallelism"] = "many"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, "1.34", strict=True)
+
+
+def test_launch_restart_budget_and_diloco_islands_recreated_alone(tmp_path):
+    """maxRestarts follows the failure rate (a 663,552-chip job fails ~13 times an hour: a
+    fixed 10 lasts under an hour); with --diloco every slice is an island, its own jax job,
+    and only a failed island's Job is recreated."""
+    import yaml
+
+    from megamesh.fleet.launch import restart_budget
+
+    budget, rate = restart_budget(72 * 9216, 30, 9216)
+    assert 12 < rate < 14 and budget == pytest.approx(rate * 24 * 30 * 1.5 + 10, abs=1)
+    plan = tmp_path / "plan.json"
+    r = megamesh("plan", "--model", "llama3.1-8b", "--target", "tpu7x:16384", "--mesh",
+                 "dcn=2,data=16,fsdp=1024", "--batch", "32768", "--json")
+    assert r.returncode == 0, r.stderr
+    plan.write_text(r.stdout)
+    r = megamesh("launch", "--plan", str(plan), "--name", "isl", "--diloco", "100", "--days", "2")
+    assert r.returncode == 0, r.stderr
+    js = [d for d in yaml.safe_load_all(r.stdout.split("\n", 1)[1]) if d["kind"] == "JobSet"][0]
+    rj = js["spec"]["replicatedJobs"][0]
+    assert rj["name"] == "island" and rj["replicas"] == 2
+    actions = [x["action"] for x in js["spec"]["failurePolicy"]["rules"]]
+    assert actions == ["FailJobSet", "RestartJobAndIgnoreMaxRestarts", "RestartJob"]
+    command = rj["template"]["spec"]["template"]["spec"]["containers"][0]["command"][2]
+    assert "--mesh data=16,fsdp=1024 " in command and "--diloco islands=2,inner_steps=100 --island $ISLAND" in command
+    env = {e["name"]: e.get("value") for e in rj["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MEGAMESH_NUM_PROCESSES"] == "2048"  # one island: 8,192 chips on 2,048 hosts
+    r = megamesh("launch", "--plan", str(plan), "--diloco", "0")
+    assert r.returncode == 2 and "--diloco 0 is not allowed" in r.stderr
 
 
 def test_launch_bad_input(tmp_path, plan_file):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import yaml
 
@@ -34,8 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--steps", type=int, help="training steps (default: megamesh train's)")
     p.add_argument(
-        "--max-restarts", type=int, default=10, help="JobSet restarts before giving up (default 10)"
+        "--max-restarts", type=int,
+        help="JobSet restarts counted before giving up (default: the job's expected failures over "
+        "--days x 1.5 + 10; infrastructure disruptions are not counted)",
     )
+    p.add_argument("--days", type=float,
+                   help="expected run length for the restart budget (default: the plan's time to "
+                   "train, else 30)")
+    p.add_argument("--diloco", metavar="INNER_STEPS", type=int,
+                   help="run every slice as a DiLoCo island averaging every INNER_STEPS steps "
+                   "(megamesh train --diloco); a failed island is recreated alone")
+    p.add_argument("--spare-fraction", type=float,
+                   help="spare slices to hold, as a fraction of the job's (default: the fleet "
+                   "simulator's steady-state need, ~4.5%%; 0: none)")
     p.add_argument("--namespace", default="default")
     p.add_argument("--out", help="write the YAML to this new file (default: print it)")
     p.set_defaults(run=run)
@@ -44,24 +57,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    if args.max_restarts < 0:
+    if args.max_restarts is not None and args.max_restarts < 0:
         raise ConfigError(f"--max-restarts {args.max_restarts} is not allowed: >= 0")
+    if args.days is not None and args.days <= 0:
+        raise ConfigError(f"--days {args.days} is not allowed: > 0")
+    if args.diloco is not None and args.diloco < 1:
+        raise ConfigError(f"--diloco {args.diloco} is not allowed: inner steps >= 1")
+    if args.spare_fraction is not None and not 0 <= args.spare_fraction < 1:
+        raise ConfigError(f"--spare-fraction {args.spare_fraction} is not allowed: 0 <= f < 1")
+    plan = read_plan(args.plan)
+    days = args.days or _plan_days(args.plan) or 30.0
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps} is not allowed: >= 1")
     m = manifests(
-        read_plan(args.plan),
+        plan,
         name=args.name,
         image=args.image,
         out_dir=args.out_dir,
         steps=args.steps,
         max_restarts=args.max_restarts,
+        days=days,
         namespace=args.namespace,
         volume_claim=args.volume_claim,
+        diloco_inner_steps=args.diloco,
+        spare_fraction=args.spare_fraction,
     )
-    text = yaml.safe_dump(m["jobset"], sort_keys=False, width=120)
+    docs = [*m["priority_classes"], m["jobset"]] + ([m["spares"]] if m["spares"] else [])
+    text = yaml.safe_dump_all(docs, sort_keys=False, width=120)
+    what = (f"{m['islands']} DiLoCo islands" if m["islands"] else f"{m['slices']} slice(s)")
     header = (
-        f"# megamesh launch: {m['slices']} slice(s) of {m['topology']} {m['accelerator']} "
-        f"({m['chips']:,} chips), {m['hosts_per_slice']} hosts per slice, {m['processes']} processes\n"
+        f"# megamesh launch: {what} of {m['topology']} {m['accelerator']} "
+        f"({m['chips']:,} chips), {m['hosts_per_slice']} hosts per slice, {m['processes']} processes"
+        f" per jax job; restart budget {m['max_restarts']} ({m['failures_per_hour']:.2f} failures/h "
+        f"over {days:.1f} days); {m['spare_slices']} spare slice(s)\n"
     )
     if args.out:
         write_new_file(args.out, header + text)
@@ -69,3 +97,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(header + text, end="")
     return 0
+
+
+def _plan_days(path: str) -> float | None:
+    """The plan's predicted time to train, if it recorded one."""
+    try:
+        days = json.loads(Path(path).read_text()).get("training", {}).get("time_to_train_days")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(days) if isinstance(days, (int, float)) and days > 0 else None
