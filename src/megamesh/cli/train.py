@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     keep_freed_host_memory()  # before jax starts its threads
     initialize_from_env()
     import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # compiled steps persist in the run: a restart (a failure, a preemption, an elastic
+        # resize back to a size seen before) loads them instead of compiling again
+        jax.config.update("jax_compilation_cache_dir", str(Path(args.out).absolute() / "compile_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
     from megamesh.model.backend import choose_kernels
 
