@@ -432,45 +432,30 @@ def test_empty_data_and_existing_run_and_other_model(tmp_path, corpus, reference
     assert (reference / "metrics.jsonl").read_bytes() == before  # nothing overwritten
 
 
-def test_two_processes_equal_one(tmp_path, corpus, held_port):
-    """2 processes x 2 CPU devices over gloo == 1 process x 4 devices, same global layout."""
+def test_two_processes_equal_one(tmp_path, corpus, two_hosts, held_port):
+    """2 processes x 1 CPU device over gloo == 1 process x 2 devices, same global layout."""
     single = tmp_path / "single"
-    r = run_train(single, corpus, "--steps", "4", "--mesh", "data=2,fsdp=2", devices=4)
+    r = run_train(single, corpus, *TWO_HOSTS_ARGS, "--mesh", "dcn=2", devices=2)
     assert r.returncode == 0, r.stderr
-
-    multi = tmp_path / "multi"
-
-    def start(port, *extra):
-        procs = []
-        for pid in range(2):
-            env = cli_env(2)
-            env.update(MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES="2",
-                       MEGAMESH_PROCESS_ID=str(pid))
-            procs.append(subprocess.Popen(train_cmd(multi, corpus, "--mesh", "data=2,fsdp=2", *extra),
-                                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True))
-        return procs
-
-    procs = start(held_port, "--steps", "4")
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
-    assert "on 4 cpu devices" in outs[0][0]
-    a, b = losses(single), losses(multi)
+    assert "on 2 cpu devices" in (two_hosts / "stdout-0.txt").read_text()
+    a, b = losses(single), losses(two_hosts)
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-6, abs=0)
 
     # Preemption of one host: SIGTERM to process 1 only. Both processes agree to stop after
     # the same step, save one checkpoint together and exit 143 (none hangs in a collective).
-    procs = start(held_port, "--steps", "400", "--resume", "--train.checkpoint.every=1000")
-    wait_for_step(multi, 6, procs[0])
+    multi = tmp_path / "multi"
+    shutil.copytree(two_hosts, multi)
+    procs = _start_processes(multi, corpus, held_port, 2, "--steps", "400", "--resume",
+                             "--train.checkpoint.every=1000")
+    wait_for_step(multi, 14, procs[0])
     procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
     saved = sorted(int(n.name) for n in (multi / "checkpoints").iterdir() if n.name.isdigit())
-    assert saved[0] == 4 and len(saved) == 2 and saved[1] > 6
-    assert f"stopped by a signal to another process after step {saved[1]}" in outs[0][0]
+    assert saved[:2] == [10, 12] and len(saved) == 3 and saved[2] > 14
+    assert f"stopped by a signal to another process after step {saved[2]}" in outs[0][0]
 
 
 def test_train_starts_from_a_hugging_face_directory(tmp_path, corpus):
@@ -529,13 +514,14 @@ def test_freed_host_memory_is_reused_not_faulted_in_every_step():
     assert counts["keep"][1] < pages // 20
 
 
-def _start_processes(out, corpus, port, n, *extra, heartbeat=4):
-    """`megamesh train` as n localhost processes x 2 CPU devices (dcn=n: one replica each)."""
+def _start_processes(out, corpus, port, n, *extra, heartbeat=4, devices=1):
+    """`megamesh train` as n localhost processes x `devices` CPU devices (dcn=n: one
+    data-parallel replica each)."""
     procs = []
     for pid in range(n):
-        env = cli_env(2, MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES=str(n),
+        env = cli_env(devices, MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES=str(n),
                       MEGAMESH_PROCESS_ID=str(pid), MEGAMESH_HEARTBEAT_TIMEOUT=str(heartbeat))
-        procs.append(subprocess.Popen(train_cmd(out, corpus, "--mesh", f"dcn={n},fsdp=2", *extra),
+        procs.append(subprocess.Popen(train_cmd(out, corpus, "--mesh", f"dcn={n},fsdp={devices}", *extra),
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
@@ -548,16 +534,33 @@ def _finish(procs, timeout=300):
     return [o for o, _ in outs]
 
 
-def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, held_port):
-    """Multi-tier checkpoints (issue 17 point 2): 2 processes, each one data-parallel replica.
+TWO_HOSTS_ARGS = ("--steps", "12", "--train.checkpoint.every=5")
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory, corpus):
+    """An uninterrupted run as 2 localhost processes x 1 CPU device (dcn=2), 12 steps; each
+    process's stdout in stdout-<i>.txt."""
+    import socket
+
+    out = tmp_path_factory.mktemp("two-hosts") / "run"
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        stdout = _finish(_start_processes(out, corpus, s.getsockname()[1], 2, *TWO_HOSTS_ARGS))
+    for i, text in enumerate(stdout):
+        (out / f"stdout-{i}.txt").write_text(text)
+    return out
+
+
+def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, two_hosts, held_port):
+    """Multi-tier checkpoints (issue 17 point 2): 2 processes (one CPU device each), each one
+    data-parallel replica.
     Process 1 is SIGKILLed mid-run and its RAM copy wiped (a replaced host); process 0 gives
     up on it (heartbeat); both restart: process 0 restores from its own RAM, process 1 from
     process 0's replica, at a step newer than the persistent checkpoint, and the losses equal
     an uninterrupted run's bit for bit."""
-    args = ["--steps", "12", "--train.checkpoint.every=5"]
-    ref = tmp_path / "ref"
-    _finish(_start_processes(ref, corpus, held_port, 2, *args))
-
+    args, ref = list(TWO_HOSTS_ARGS), two_hosts
     out, ram = tmp_path / "run", tmp_path / "ram"
     tiered = [*args, "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={ram}"]
     procs = _start_processes(out, corpus, held_port, 2, *tiered)
@@ -581,15 +584,16 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, h
 
 
 def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
-    """Elastic training (issue 17 point 3): 4 hosts (dcn=4) -> one is SIGKILLed and no spare
-    is free: the 3 survivors restart at once from their in-memory checkpoints on dcn=3, the
-    same global batch in 2 microbatches -> the 4th returns: all 4 stop at a step boundary
-    (SIGTERM) and restart on dcn=4. Every step is trained once in the final curve, which
+    """Elastic training (issue 17 point 3): 4 hosts (dcn=4, one CPU device each) -> one is
+    SIGKILLed and no spare is free: the 3 survivors restart at once from their in-memory
+    checkpoints on dcn=3, the same global batch in 2 microbatches (no more sequences per
+    device than before) -> the 4th returns: all 4 stop at a step boundary (SIGTERM) and
+    restart on dcn=4. Every step is trained once in the final curve, which
     matches an uninterrupted run's within float reordering."""
     args = ["--steps", "10", "--batch", "24", "--train.checkpoint.every=100", "--elastic",
             "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={tmp_path / 'ram'}"]
     ref = tmp_path / "ref"
-    r = run_train(ref, corpus, "--steps", "10", "--batch", "24", "--mesh", "dcn=4,fsdp=2")
+    r = run_train(ref, corpus, "--steps", "10", "--batch", "24", "--mesh", "dcn=4", devices=4)
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "run"
@@ -615,10 +619,10 @@ def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
     step = int(shrunk.split("restored step ")[1].split()[0])
     assert killed_at - 1 <= step <= killed_at  # at most the step in flight is redone
     assert "this host's RAM" in shrunk
-    assert "elastic: 6 data-parallel devices, so 2 microbatch(es) of 12 sequences" in shrunk
+    assert "elastic: 3 data-parallel devices, so 2 microbatch(es) of 12 sequences" in shrunk
 
     grown = _finish(_start_processes(out, corpus, held_port, 4, *args, "--resume"))
-    assert "elastic:" not in grown[0] and "on 8 cpu devices" in grown[0]
+    assert "elastic:" not in grown[0] and "on 4 cpu devices" in grown[0]
     got, want = losses(out), losses(ref)
     assert sorted(got) == list(range(1, 11))
     for s in want:
@@ -626,9 +630,9 @@ def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
 
 
 def _islands(out, corpus, n, *extra, only=None):
-    """DiLoCo islands as separate `megamesh train` jobs (1 process x 2 CPU devices each)."""
+    """DiLoCo islands as separate `megamesh train` jobs (1 process x 1 CPU device each)."""
     return {i: subprocess.Popen(train_cmd(out, corpus, "--diloco", f"islands={n},inner_steps=4",
-                                          "--island", str(i), *extra), env=cli_env(2),
+                                          "--island", str(i), *extra), env=cli_env(1),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in (range(n) if only is None else only)}
 
@@ -666,7 +670,7 @@ def test_a_failed_island_does_not_stop_the_others(tmp_path, corpus):
     finally:
         procs[2].wait()
     outs = {i: procs[i].communicate(timeout=300) for i in (0, 1)}
-    assert procs[0].returncode == 0 and procs[1].returncode == 0, outs[0][1][-2000:]
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, [e[-2000:] for _, e in outs.values()]
     reported = {x["diloco_round"]: x["islands_reported"] for x in records(out / "island-0")
                 if "diloco_round" in x}
     assert reported[1] == 3 and reported[4] == 2  # round 1 with island 2, the last without

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from tokenizers import Tokenizer
 
 from megamesh.config import LEGACY_KEYS
@@ -206,7 +208,8 @@ class Checkpointer:
                  log: Any = print):
         self.directory = Path(directory).absolute()
         self.keep, self.log = keep, log
-        self._pending: list[int] = []  # saved, not yet verified
+        self._pending: list[int] = []  # saved, not yet rotated
+        self._manifested: set[int] = set()  # finished saves whose manifest is written
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -280,8 +283,9 @@ class Checkpointer:
                                                             meta=ocp.args.JsonSave(meta)), force=True)
             self._pending.append(step)
             if wait:
-                self.manager.wait_until_finished()
-            self.poll()
+                self.wait()
+            else:
+                self.poll()
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 -- disk full, permissions, storage errors
@@ -290,38 +294,53 @@ class Checkpointer:
         return time.perf_counter() - t0
 
     def poll(self) -> None:
-        """Report a failed background save now (CheckpointError), and verify and rotate the
-        saves that have finished. Cheap when nothing finished; call once per step."""
+        """Report a failed background save now (CheckpointError), and write the manifests
+        of saves that have finished. Cheap when nothing finished; call once per step. Local
+        to each process (no collective: processes may see a save finish at different
+        steps); rotation happens in `wait`, where every process is at the same point."""
         if not self._pending or self.manager.is_saving_in_progress():
             return
-        pending, self._pending = self._pending, []
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
+            pending, self._pending = self._pending, []
             raise CheckpointError(f"saving checkpoint {self.step_dir(pending[-1])} failed: "
                                   f"{_one_line(e)}; the previous good checkpoint is intact") from None
-        lost = [s for s in pending if not self.step_dir(s).is_dir()]
+        lost = [s for s in self._pending if not self.step_dir(s).is_dir()]
         if lost:
+            self._pending = []
             raise CheckpointError(f"saving checkpoint {self.step_dir(lost[0])} failed: it was "
                                   "never committed; the previous good checkpoint is intact")
-        if jax.process_index() == 0:
-            try:
-                for step in pending:
+        self._write_manifests()
+
+    def _write_manifests(self) -> None:
+        """Process 0 records the manifest of every finished save not yet recorded."""
+        if jax.process_index() != 0:
+            return
+        step = None
+        try:
+            for step in self._pending:
+                if step not in self._manifested:
                     write_manifest(self.step_dir(step))
-            except OSError as e:
-                raise CheckpointError(f"verifying checkpoint {self.step_dir(step)} failed: "
-                                      f"{e.strerror or e}") from None
-            self._rotate()
+                    self._manifested.add(step)
+        except OSError as e:
+            raise CheckpointError(f"verifying checkpoint {self.step_dir(step)} failed: "
+                                  f"{e.strerror or e}") from None
 
     def _rotate(self) -> None:
         """Keep the newest `keep` intact checkpoints (sizes checked against manifests); delete
-        older ones, never the newest good one."""
-        kept = 0
-        for step in self.all_steps():
-            if kept >= self.keep:
-                self.manager.delete(step)
-            elif verify(self.step_dir(step), full=False) is None:
-                kept += 1
+        older ones, never the newest good one. Process 0 decides; every process then deletes
+        the same steps in the same order (Orbax's delete is collective)."""
+        doomed: list[int] = []
+        if jax.process_index() == 0:
+            kept = 0
+            for step in self.all_steps():
+                if kept >= self.keep:
+                    doomed.append(step)
+                elif verify(self.step_dir(step), full=False) is None:
+                    kept += 1
+        for step in _agree(doomed):
+            self.manager.delete(step)
 
     # ------------------------------------------------------------------ reading
 
@@ -346,7 +365,8 @@ class Checkpointer:
         return out["state"]["params"]
 
     def wait(self) -> None:
-        """Block until every save has finished, been verified and rotated."""
+        """Block until every save has finished, been verified and rotated. Every process
+        calls it at the same point (after the same saves)."""
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
@@ -354,13 +374,27 @@ class Checkpointer:
             self._pending = []
             raise CheckpointError(f"saving checkpoint {self.directory / str(step)} failed: "
                                   f"{_one_line(e)}; the previous good checkpoint is intact") from None
-        self.poll()
+        if not self._pending:
+            return
+        self.poll()  # errors, manifests
+        self._pending = []
+        self._rotate()
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _agree(steps: list[int]) -> list[int]:
+    """Process 0's list of steps, on every process (a broadcast; local when single)."""
+    if jax.process_count() == 1:
+        return steps
+    padded = np.full(256, -1, np.int64)
+    padded[:len(steps)] = steps[:256]
+    got = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    return [int(x) for x in got if x >= 0]
 
 
 def check_same_model(saved: dict[str, Any], wanted: dict[str, Any], where: str) -> None:

@@ -19,11 +19,22 @@ Model (each simplification is a parameter or stated here):
   last completed save (a failure during a save loses that segment), then a restart of
   `restart` hours (failures can strike during restarts too: Daly's model). tau defaults
   to Daly's optimum for the job's MTBF.
-- Hot spares: `spare_fraction` of installed cubes is held free. A failed cube is swapped
-  for a spare at once (restart only) and returns as a spare after `repair_hours`; with no
-  spare left the job waits for its own repair. Spares are fungible across the fleet
-  (where a spare sits in the torus is not modelled). A pod-level failure waits for the
-  pod repair.
+- Hot spares: `Scenario.spares` of installed cubes is held free (default: the steady-state
+  repair need x 1.5). A failed cube is swapped at once (restart only) for a spare, else a
+  free cube, else a cube of a lower-priority training job (preempted); it returns after
+  `repair_hours`. With none, the job waits for its own repair. Spares are fungible across
+  the fleet (where a spare sits in the torus is not modelled). A pod-level failure waits
+  for the pod repair.
+- Recovery (`Scenario.recovery`, per job `recovery`): plain (persistent checkpoints),
+  multi_tier (in-memory saves and peer restores: times from bench/recovery.py's measured
+  s/GB x the planner's state per host, the DCN bandwidth where slower), elastic (also,
+  with no replacement, run at (slices - k)/slices speed until the repair, two short
+  restarts instead of the wait), diloco (one island per slice: a failure stops one
+  island for its restart, the others run at (up/slices) x the outer-step efficiency;
+  each failure loses half an island checkpoint interval of that island's work and the
+  others' wait at the next outer step; below the quorum the job waits). Approximations:
+  a DiLoCo island's and an elastic job's dropped slice's chips stay allocated at full
+  power; DiLoCo losses are charged at their expected value, not per island.
 - Priorities: higher-priority training may preempt lower (graceful: the preempted job
   saves, losing no work, and re-queues); serving demand preempts any training.
 - Serving: the chips the planner says are needed for the day's demand (tokens/day

@@ -13,7 +13,8 @@ and takes the outer step (Douillard et al., *DiLoCo*, arXiv 2311.08105):
 
 Which islands an outer step averages is decided once per round, by whichever island first
 sees every report, or, after `wait_s`, at least `quorum` (default a majority) of them: it
-creates OUT/sync/round-R/members.json (exclusively; the others read it). A failed or
+links OUT/sync/round-R/members.json into place (atomically, and only if no other island
+did first; the others read it). A failed or
 slow island therefore does not stop the rest: they go on without its report. The island
 that decided also writes the outer state (OUT/sync/round-R/outer); every island computes
 the same update from the same files, in the same order. A restarted island resumes from
@@ -144,13 +145,18 @@ class Sync:
             waited = time.monotonic() - t0
             if len(present) == self.islands or (waited >= self.dc.wait_s
                                                 and len(present) >= self.dc.needed):
+                # written whole under a name of its own, then linked into place: the link
+                # is atomic and fails if another island decided first (readers never see
+                # a members.json without its content)
+                tmp = d / f".{MEMBERS}.{self.island}.{os.getpid()}"
+                tmp.write_text(json.dumps({"islands": present, "decided_by": self.island,
+                                           "waited_s": round(waited, 3)}))
                 try:
-                    fd = os.open(d / MEMBERS, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                    os.link(tmp, d / MEMBERS)
                 except FileExistsError:
                     continue  # another island decided first: read its decision
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"islands": present, "decided_by": self.island,
-                               "waited_s": round(waited, 3)}, f)
+                finally:
+                    tmp.unlink()
                 return present, True
             if waited >= self.dc.wait_s and not warned:
                 self.log(f"DiLoCo round {rnd}: {len(present)} of {self.islands} islands reported "
