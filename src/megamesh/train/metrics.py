@@ -16,15 +16,33 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from tensorboardX import SummaryWriter
 
 from megamesh.hardware import chip_for_device_kind
+
+
+def _import_summary_writer() -> Any:
+    """tensorboardX's SummaryWriter, imported without torch: where torch is installed,
+    tensorboardX imports it (about a second of every `megamesh train` start) only to accept
+    torch tensors, which megamesh never logs. A torch already imported is left alone."""
+    hidden = "torch" not in sys.modules
+    if hidden:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hidden:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 
 @functools.cache
