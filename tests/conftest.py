@@ -27,6 +27,10 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# no persistent compilation cache in this process (in-process `megamesh train` runs would
+# otherwise point jax's at their run directory for every later test); subprocesses get
+# the session's (cli_env)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 MEGAMESH = [sys.executable, "-m", "megamesh.cli"]

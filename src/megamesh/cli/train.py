@@ -93,9 +93,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     initialize_from_env()
     import jax
 
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ and not jax.config.jax_compilation_cache_dir:
         # compiled steps persist in the run: a restart (a failure, a preemption, an elastic
-        # resize back to a size seen before) loads them instead of compiling again
+        # resize back to a size seen before) loads them instead of compiling again. A
+        # JAX_COMPILATION_CACHE_DIR in the environment (even empty: none) is left to jax.
         jax.config.update("jax_compilation_cache_dir", str(Path(args.out).absolute() / "compile_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
