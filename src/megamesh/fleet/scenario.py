@@ -91,11 +91,12 @@ class Recovery:
     plain       persistent Orbax checkpoints (failures.save_min, failures.restart_min)
     multi_tier  + in-memory checkpoints (train.memory_tier): a save costs the state per
                 host x ram_save_s_per_gb; a restart costs reschedule_min + the state per
-                host restored from a peer replica (the slower of restore_s_per_gb and the
-                chip's DCN bandwidth). Needs data-parallel replicas across slices (the
+                host restored from a peer replica (the slower of peer_restore_s_per_gb and
+                the chip's DCN bandwidth). Needs data-parallel replicas across slices (the
                 planner's layout has dcn > 1); without them a job recovers as plain.
     elastic     + with no replacement cube free, drop the failed slice and go on with the
                 same global batch on fewer slices (--elastic), regrow when it is repaired
+                (each resize: reschedule_min + the own-RAM restore, ram_restore_s_per_gb)
     diloco      each slice (pod) is an island (--diloco islands=N,inner_steps=H): a failure
                 stops one island, the others go on; outer steps cost the parameter
                 exchange; a restarted island loses its part of the current round
@@ -105,8 +106,9 @@ class Recovery:
     assumption (no TPU figure is published)."""
 
     mode: str = "elastic"  # for jobs without their own `recovery`
-    ram_save_s_per_gb: float = 0.18  # measured: bench/recovery.py, Orbax P2P save to /dev/shm
-    restore_s_per_gb: float = 1.5  # measured: own-RAM and peer restores, Orbax deserialization
+    ram_save_s_per_gb: float = 0.175  # measured: bench/recovery.py, Orbax P2P save to /dev/shm
+    peer_restore_s_per_gb: float = 2.04  # measured: bench/recovery.py, a peer's copy over TCP
+    ram_restore_s_per_gb: float = 2.34  # measured: bench/recovery.py, this host's own RAM copy
     reschedule_min: float = 1.0  # unconfirmed: processes restarted in place, compile cache warm
     diloco_inner_steps: int = 500  # H, as the DiLoCo paper's default (arXiv 2311.08105)
     diloco_wait_s: float = 60.0  # how long islands wait at a sync for a missing one
@@ -227,7 +229,8 @@ def validate(s: Scenario) -> Scenario:
         raise ConfigError(f"spare_fraction: {s.spare_fraction} is not allowed: 0 <= f < 0.5")
     r = s.recovery
     require(r.mode in RECOVERY_MODES, "recovery.mode", r.mode, f"one of {', '.join(RECOVERY_MODES)}")
-    for k in ("ram_save_s_per_gb", "restore_s_per_gb", "reschedule_min", "diloco_wait_s"):
+    for k in ("ram_save_s_per_gb", "peer_restore_s_per_gb", "ram_restore_s_per_gb", "reschedule_min",
+              "diloco_wait_s"):
         _num(getattr(r, k), f"recovery.{k}")
     _num(r.diloco_inner_steps, "recovery.diloco_inner_steps", lo=1, integer=True)
     require(0 < r.diloco_quorum <= 1, "recovery.diloco_quorum", r.diloco_quorum, "in (0, 1]")

@@ -236,7 +236,7 @@ class Fleet:
         rate = rc + rh + rp
         mtbf = 1 / rate if rate > 0 else math.inf
         dcn_host = CHIPS[s.chip].dcn_bw * CHIPS_PER_HOST  # bytes/s a host moves across the DCN
-        peer_s_per_gb = max(rec.restore_s_per_gb, 1e9 / dcn_host)  # the slower of the two
+        peer_s_per_gb = max(rec.peer_restore_s_per_gb, 1e9 / dcn_host)  # the slower of the two
         if mode == "diloco":  # islands: one per slice, each its own job of chips / slices
             island = dataclasses.replace(spec, chips=spec.chips // slices,
                                          batch=max(1, (spec.batch or spec.chips // 8) // slices),
@@ -279,7 +279,7 @@ class Fleet:
             slices=slices,
         )
         if mode == "elastic":
-            job.regrow_h = rec.reschedule_min / 60 + host_gb * rec.restore_s_per_gb / 3600
+            job.regrow_h = rec.reschedule_min / 60 + host_gb * rec.ram_restore_s_per_gb / 3600
             times["regrow_s"] = job.regrow_h * 3600
         if mode == "diloco":
             # each island checkpoints itself (plain, Daly's interval for its own MTBF); its
