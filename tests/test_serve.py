@@ -358,6 +358,50 @@ def test_hostile_values_are_400s_that_touch_no_one_else(server, engine):
     assert engine.stats["step_errors"] == before  # nothing reached the engine
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_tokenizing(server, engine):
+    """A prompt with more bytes than the context could hold at the tokenizer's longest token
+    is a 400 without being tokenized (a 30 MB prompt used to stall every stream for ~38 s
+    on the event loop); prompts are tokenized in a worker thread."""
+    core_limit = engine.max_len * max(len(engine.model.tokenizer.decode([i], skip_special_tokens=False)
+                                          .encode()) for i in range(engine.model.tokenizer.get_vocab_size()))
+    big = "def f(): pass\n" * (core_limit // 14 + 10)
+    body = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": big}]}
+    for route in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = httpx.post(server.url + route, json=body if "count" not in route else
+                       {k: v for k, v in body.items() if k != "max_tokens"})
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert f"more than the context of {engine.max_len:,} tokens" in msg and "bytes" in msg
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": big}]})
+    assert r.status_code == 400 and "more than the context" in r.json()["error"]["message"]
+
+
+def test_an_unhandled_error_is_a_500_with_request_id_and_counted(server, engine, monkeypatch):
+    """What no handler catches is still a 500 in the API's error shape, with its request-id
+    header, counted in megamesh_http_requests_total; the next request is served."""
+    def count():
+        text = httpx.get(server.url + "/metrics").text
+        line = [x for x in text.splitlines() if x.startswith("megamesh_http_requests_total{")
+                and 'route="/v1/messages"' in x and 'status="500"' in x]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = count()
+
+    def broken(*a, **k):
+        raise RuntimeError("injected bug with internal detail")
+
+    monkeypatch.setattr(engine, "check", broken)
+    body = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "x"}]}
+    r = httpx.post(server.url + "/v1/messages", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "api_error"
+    assert "internal detail" not in r.text  # internal exception text stays in the log
+    assert r.headers["request-id"] == r.json()["request_id"] and r.json()["request_id"]
+    assert count() == before + 1
+    monkeypatch.undo()
+    assert httpx.post(server.url + "/v1/messages", json=body).status_code == 200
+
+
 def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
     def broken(*a, **k):
         raise RuntimeError("injected device failure")
@@ -442,6 +486,32 @@ def test_disconnected_streams_free_their_slots(server, engine):
     # most must be cancelled, and far fewer tokens made than 12 full requests
     assert engine.stats["finished_cancelled"] - before >= 9
     assert engine.stats["output_tokens"] - tokens_before < 12 * n / 2
+
+
+def test_disconnected_non_streamed_requests_free_their_slots(server, engine):
+    """A non-streamed request whose client has gone is cancelled (the core checks for the
+    disconnect while it waits), not run to max_tokens (a 900-token one used to hold its
+    slot for 34 s)."""
+    before = engine.stats["finished_cancelled"]
+    tokens_before = engine.stats["output_tokens"]
+    n = 470
+    body = {"model": "tiny", "max_tokens": n, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "import json"}]}
+
+    def ask_and_leave() -> None:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
+            httpx.post(server.url + "/v1/messages", json=body, timeout=httpx.Timeout(5, read=0.15))
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda _: ask_and_leave(), range(6)))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.active or engine.waiting):
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.waiting == 0
+    # stopped, not run to max_tokens: the test model makes ~500 tokens a second per request,
+    # and the core looks at the connection every 0.25 s
+    assert engine.stats["finished_cancelled"] - before >= 4
+    assert engine.stats["output_tokens"] - tokens_before < 6 * n * 0.75
 
 
 def test_cli_server_limits_and_auth(run_dir, cli_server):

@@ -55,19 +55,19 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 def register(app: FastAPI, core: Core) -> None:
     name = core.model.name
 
-    def prompt_of(req: MessagesRequest | CountTokensRequest) -> list[int]:
+    async def prompt_of(req: MessagesRequest | CountTokensRequest) -> list[int]:
         if req.tools:
             raise ApiError(400, "tools: tool use is not supported by this server")
         system = text_of(req.system, "system") if isinstance(req.system, list) else req.system
         turns = [(m.role, text_of(m.content, f"messages.{i}")) for i, m in enumerate(req.messages)]
-        return core.encode_chat(system, turns)
+        return await core.encode_chat(system, turns)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
         if req.thinking and req.thinking.get("type") not in (None, "disabled"):
             raise ApiError(400, "thinking: extended thinking is not supported by this server")
-        gen = core.start(prompt_of(req), req.sampling(), key)
+        gen = core.start(await prompt_of(req), req.sampling(), key)
         msg_id = "msg_" + secrets.token_hex(12)
         usage_in = gen.prompt_tokens
 
@@ -107,4 +107,4 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         _, req = await core.parse(request, CountTokensRequest)
-        return JSONResponse({"input_tokens": len(prompt_of(req))})
+        return JSONResponse({"input_tokens": len(await prompt_of(req))})

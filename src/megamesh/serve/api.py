@@ -32,7 +32,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     core = Core(engine, settings or Settings())
     model = engine.model
     app = FastAPI(title="megamesh", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(RequestIdMiddleware, metrics=core.metrics)
+    app.add_middleware(RequestIdMiddleware, metrics=core.metrics, log=engine.log)
     app.state.engine = engine
 
     @app.exception_handler(ApiError)
@@ -46,10 +46,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
         msg = msg.get(e.status_code, str(e.detail))
         return error_response(request, e.status_code, msg)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception) -> JSONResponse:
-        engine.log(f"internal error on {request.url.path}: {type(e).__name__}: {e}")
-        return error_response(request, 500, "internal server error")
+    # anything else a route raises becomes a 500 in RequestIdMiddleware (with its request-id)
 
     # ------------------------------------------------------------------ models, health, metrics
 

@@ -100,6 +100,13 @@ def check_json(data: Any) -> None:
             stack.extend((v, f"{where}.{i}", depth + 1) for i, v in enumerate(x))
 
 
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes one token of `tokenizer` stands for (at least 1)."""
+    ids = range(tokenizer.get_vocab_size())
+    return max([1, *(len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+                     for i in ids)])
+
+
 def error_response(request: Request, status: int, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     rid = request.scope.get("state", {}).get("request_id", "")
@@ -139,10 +146,12 @@ ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/c
 
 class RequestIdMiddleware:
     """Pure ASGI: a request-id on every response (errors and streams included), and the
-    request counter by route and status."""
+    request counter by route and status. It is the app's outermost layer of its own, so an
+    exception nothing else handled becomes a 500 here, with its request-id and counted
+    (Starlette's own last-resort 500 is sent outside every middleware: neither)."""
 
-    def __init__(self, app: Any, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app: Any, metrics: Metrics, log: Any = print):
+        self.app, self.metrics, self.log = app, metrics, log
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -154,14 +163,29 @@ class RequestIdMiddleware:
         route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/")
                                              else "other")
 
+        started = False
+
         async def send_with_id(message: Any) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 message["headers"] = list(message["headers"]) + [(b"request-id", rid.encode())]
                 self.metrics.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as e:  # noqa: BLE001 -- what no handler caught: a 500 like any other
+            self.log(f"internal error on {path}: {type(e).__name__}: {e}")
+            if started:  # the response is under way: all that is left is to end it
+                return
+            body = json.dumps({"type": "error", "error": {"type": "api_error",
+                                                           "message": "internal server error"},
+                               "request_id": rid}).encode()
+            await send_with_id({"type": "http.response.start", "status": 500, "headers": [
+                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 @dataclass(eq=False)
@@ -204,6 +228,8 @@ class Core:
         self.metrics.active.set_function(lambda: engine.active)
         self.metrics.slots.set(engine.slots)
         self.in_flight: Counter[str] = Counter()
+        self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
+        self.max_prompt_bytes = engine.max_len * self.max_token_bytes
 
     # ------------------------------------------------------------------ the request
 
@@ -262,10 +288,20 @@ class Core:
         self.check_model(req.model)
         return key, req
 
-    def encode_chat(self, system: str | None, turns: list[tuple[str, str]]) -> list[int]:
-        """Token ids of a chat (consecutive same-role turns merged) in the model's template."""
+    async def encode_chat(self, system: str | None, turns: list[tuple[str, str]]) -> list[int]:
+        """Token ids of a chat (consecutive same-role turns merged) in the model's template.
+        A prompt with more bytes than the context could hold at the tokenizer's longest
+        token is refused before tokenizing (400); the tokenizer runs in a worker thread, so
+        a long prompt never stalls the event loop (every other stream, /health)."""
         text = render_chat(system, merge_turns(turns))
-        return self.model.tokenizer.encode(text, add_special_tokens=False).ids
+        n_bytes = len(text.encode("utf-8"))
+        if n_bytes > self.max_prompt_bytes:
+            least = -(-n_bytes // self.max_token_bytes)
+            raise ApiError(400, f"the prompt is {n_bytes:,} bytes: at least {least:,} tokens (no "
+                                f"token of this model is longer than {self.max_token_bytes} bytes), "
+                                f"more than the context of {self.engine.max_len:,} tokens")
+        enc = await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens=False)
+        return enc.ids
 
     # ------------------------------------------------------------------ generation
 
@@ -315,13 +351,19 @@ class Core:
         """The whole text of a non-streamed answer, cancelling it if the client goes away;
         a failed generation is a 500 (the engine's exception text stays in its log)."""
         text: list[str] = []
+        check_every = 0.25  # seconds between looks at the connection, tokens arriving or not
+        next_check = time.monotonic() + check_every
         try:
             while True:
                 try:
-                    ev = gen.note(await asyncio.wait_for(gen.queue.get(), timeout=0.25))
+                    ev = gen.note(await asyncio.wait_for(gen.queue.get(), timeout=check_every))
                 except TimeoutError:
+                    ev = None
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_every
                     if await request.is_disconnected():
-                        raise ApiError(400, "client disconnected") from None
+                        raise ApiError(400, "client disconnected")
+                if ev is None:
                     continue
                 text.append(ev.text)
                 if ev.done:

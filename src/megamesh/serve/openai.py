@@ -64,7 +64,7 @@ def register(app: FastAPI, core: Core) -> None:
                 system.append(text)
             else:
                 turns.append((m.role, text))
-        prompt = core.encode_chat("\n\n".join(system) or None, turns)
+        prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
         gen = core.start(prompt, req.sampling(max_tokens), key)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
