@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anthropic
 import httpx
@@ -400,6 +401,51 @@ def test_an_unhandled_error_is_a_500_with_request_id_and_counted(server, engine,
     assert count() == before + 1
     monkeypatch.undo()
     assert httpx.post(server.url + "/v1/messages", json=body).status_code == 200
+
+
+def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
+    """--input-tpm / --output-tpm: each API key has its own per-minute budgets (a bucket
+    refilled continuously); past it a 429 with retry-after; output counts max_tokens at
+    admission and gives back what was not generated; one key's use never limits another's;
+    a request larger than a whole minute's budget is a 400."""
+    from megamesh.serve.api import Settings, create_app
+    from megamesh.serve.server import start_in_thread
+
+    running = start_in_thread(create_app(engine, Settings(input_tokens_per_minute=60,
+                                                          output_tokens_per_minute=100)))
+    try:
+        url = running.url + "/v1/messages"
+        body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hello"}]}
+        n_in = httpx.post(running.url + "/v1/messages/count_tokens",
+                          json={"model": "tiny", "messages": body["messages"]}).json()["input_tokens"]
+        codes = [httpx.post(url, json=body, headers={"x-api-key": "a"}).status_code
+                 for _ in range(60 // n_in + 1)]
+        assert codes[:60 // n_in] == [200] * (60 // n_in) and codes[-1] == 429
+        r = httpx.post(url, json=body, headers={"x-api-key": "a"})
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert int(r.headers["retry-after"]) >= 1 and "tokens per minute" in r.json()["error"]["message"]
+        assert httpx.post(url, json=body, headers={"x-api-key": "b"}).status_code == 200
+        # output: 80 of 100 reserved and generated (ignore_eos), so the next 80 must wait
+        long = {**body, "max_tokens": 80, "ignore_eos": True, "temperature": 0}
+        assert httpx.post(url, json=long, headers={"x-api-key": "c"}).status_code == 200
+        assert httpx.post(url, json=long, headers={"x-api-key": "c"}).status_code == 429
+        r = httpx.post(url, json={**body, "max_tokens": 101}, headers={"x-api-key": "e"})
+        assert r.status_code == 400 and "exceed the 100 output tokens per minute" in r.text
+        assert "megamesh_rate_limited_total 3.0" in httpx.get(running.url + "/metrics").text
+    finally:
+        running.stop()
+    # what is reserved but not generated is given back when the answer ends
+    from megamesh.serve.core import Core, Generation
+
+    core = Core(engine, Settings(output_tokens_per_minute=100))
+    reserved = core._check_token_rates("k", 5, 90)
+    core.buckets["k"][1].take(reserved)
+    with pytest.raises(Exception, match="retry in"):
+        core._check_token_rates("k", 5, 90)
+    done = SimpleNamespace(done=True)  # an engine request that already ended
+    core.in_flight["k"] += 1
+    core.finish(Generation(done, None, "k", 5, time.perf_counter(), n_out=10, reserved=reserved))
+    assert core._check_token_rates("k", 5, 90) == 90  # 100 - 90 + 80 given back
 
 
 def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):

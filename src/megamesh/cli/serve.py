@@ -27,6 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent-per-key", type=int, default=256,
                    help="requests in flight per API key before 429 (default 256)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32 MB)")
+    p.add_argument("--input-tpm", type=int, default=0,
+                   help="input tokens per minute per API key before 429 (default 0: no limit)")
+    p.add_argument("--output-tpm", type=int, default=0,
+                   help="output tokens per minute per API key before 429, max_tokens reserved at "
+                   "admission and the unused part given back (default 0: no limit)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
     p.set_defaults(run=run)
@@ -40,6 +45,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if not 0 <= args.port < 65536:
         raise ConfigError(f"--port {args.port} is not allowed: 0..65535 (0: any free port)")
+    for flag in ("input_tpm", "output_tpm"):
+        if getattr(args, flag) < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: >= 0 "
+                              "(0: no limit)")
     if args.max_body_mb <= 0:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
     from megamesh.serve.server import bind, build_engine, serve
@@ -58,7 +67,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
           flush=True)
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
-                        max_concurrent_per_key=args.max_concurrent_per_key)
+                        max_concurrent_per_key=args.max_concurrent_per_key,
+                        input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm)
     app = create_app(engine, settings)
     print(f"serving on http://{args.host}:{port}  (POST /v1/messages, /v1/chat/completions; "
           "GET /v1/models, /health, /metrics)", flush=True)

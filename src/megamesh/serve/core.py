@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import secrets
 import time
 from collections import Counter
@@ -50,6 +51,32 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024  # the Messages API's own cap
     max_concurrent_per_key: int = 256
     retry_after_s: int = 1
+    input_tokens_per_minute: int = 0  # per API key (0: no limit)
+    output_tokens_per_minute: int = 0  # per API key (0: no limit); max_tokens is reserved
+
+
+class TokenBucket:
+    """Tokens per minute as the Messages API's rate limits count them: a bucket of `limit`
+    tokens refilled continuously at limit/60 per second."""
+
+    def __init__(self, limit: int, now: float):
+        self.limit, self.rate = limit, limit / 60.0
+        self.level, self.t = float(limit), now
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.limit, self.level + (now - self.t) * self.rate)
+        self.t = now
+
+    def wait_for(self, n: int, now: float) -> float:
+        """Seconds until `n` tokens are there (0: now)."""
+        self._refill(now)
+        return max(0.0, (n - self.level) / self.rate)
+
+    def take(self, n: int) -> None:
+        self.level -= n
+
+    def give(self, n: int) -> None:
+        self.level = min(self.limit, self.level + n)
 
 
 class OpenSchema(BaseModel):
@@ -136,6 +163,8 @@ class Metrics:
         self.ttft = Histogram("megamesh_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.tpot = Histogram("megamesh_time_per_output_token_seconds", "TPOT (after the first token)",
                               buckets=buckets, registry=r)
+        self.rate_limited = PromCounter("megamesh_rate_limited", "requests refused by a tokens-per-"
+                                        "minute limit", registry=r)
         self.e2e = Histogram("megamesh_request_latency_seconds", "end-to-end latency", buckets=buckets,
                              registry=r)
 
@@ -201,6 +230,7 @@ class Generation:
     t_first: float | None = None
     n_out: int = 0
     finished: bool = False
+    reserved: int = 0  # output tokens taken from the key's per-minute bucket at admission
 
     def note(self, ev: Event) -> Event:
         self.n_out = ev.output_tokens
@@ -228,6 +258,7 @@ class Core:
         self.metrics.active.set_function(lambda: engine.active)
         self.metrics.slots.set(engine.slots)
         self.in_flight: Counter[str] = Counter()
+        self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
         self.max_prompt_bytes = engine.max_len * self.max_token_bytes
 
@@ -316,6 +347,7 @@ class Core:
             raise ApiError(429, f"too many concurrent requests for this API key (the limit is "
                                 f"{s.max_concurrent_per_key}); retry later",
                            {"retry-after": str(s.retry_after_s)})
+        reserve = self._check_token_rates(key, len(prompt), sampling.max_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         t0 = time.perf_counter()
@@ -326,7 +358,40 @@ class Core:
             raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
         self.in_flight[key] += 1
         self.metrics.prompt_tokens.inc(len(prompt))
-        return Generation(handle, queue, key, len(prompt), t0)
+        buckets = self.buckets.get(key)
+        if buckets:
+            buckets[0].take(len(prompt))
+            buckets[1].take(reserve)
+        return Generation(handle, queue, key, len(prompt), t0, reserved=reserve)
+
+    def _check_token_rates(self, key: str, n_in: int, max_tokens: int) -> int:
+        """429 (with retry-after) when this key's input or output tokens per minute would
+        be exceeded; 400 when the request alone is larger than the limit. Returns the output
+        tokens to reserve (max_tokens; what is not generated is given back)."""
+        s = self.settings
+        if not (s.input_tokens_per_minute or s.output_tokens_per_minute):
+            return 0
+        now = time.monotonic()
+        if key not in self.buckets:
+            self.buckets[key] = (TokenBucket(s.input_tokens_per_minute or 2**62, now),
+                                 TokenBucket(s.output_tokens_per_minute or 2**62, now))
+        b_in, b_out = self.buckets[key]
+        for n, limit, what in ((n_in, s.input_tokens_per_minute, "input"),
+                               (max_tokens, s.output_tokens_per_minute, "output")):
+            if limit and n > limit:
+                raise ApiError(400, f"this request's {n:,} {what} tokens exceed the {limit:,} {what} "
+                                    "tokens per minute an API key may use here"
+                                    + ("; lower max_tokens" if what == "output" else ""))
+        wait = max(b_in.wait_for(n_in, now) if s.input_tokens_per_minute else 0.0,
+                   b_out.wait_for(max_tokens, now) if s.output_tokens_per_minute else 0.0)
+        if wait > 0:
+            self.metrics.rate_limited.inc()
+            raise ApiError(429, f"rate limit: this API key's tokens per minute are used up (input "
+                                f"{s.input_tokens_per_minute or 'unlimited'}, output "
+                                f"{s.output_tokens_per_minute or 'unlimited'}, output counted at "
+                                f"max_tokens until the answer is done); retry in {math.ceil(wait)} s",
+                           {"retry-after": str(math.ceil(wait))})
+        return max_tokens if s.output_tokens_per_minute else 0
 
     def finish(self, gen: Generation) -> None:
         """The response is over: cancel the request if still running (a no-op when done;
@@ -335,6 +400,8 @@ class Core:
             return
         gen.finished = True
         self.engine.cancel(gen.handle)
+        if gen.reserved and gen.key in self.buckets:  # output reserved but not generated
+            self.buckets[gen.key][1].give(max(0, gen.reserved - gen.n_out))
         self.in_flight[gen.key] -= 1
         if self.in_flight[gen.key] <= 0:
             del self.in_flight[gen.key]
