@@ -535,9 +535,9 @@ def test_disconnected_streams_free_their_slots(server, engine):
 
 
 def test_disconnected_non_streamed_requests_free_their_slots(server, engine):
-    """A non-streamed request whose client has gone is cancelled (the core checks for the
-    disconnect while it waits), not run to max_tokens (a 900-token one used to hold its
-    slot for 34 s)."""
+    """A non-streamed request whose client has gone is cancelled (the core looks at the
+    connection every 0.1 s while it waits, tokens arriving or not), not run to max_tokens
+    (a 900-token one used to hold its slot for 34 s)."""
     before = engine.stats["finished_cancelled"]
     tokens_before = engine.stats["output_tokens"]
     n = 470
@@ -546,18 +546,18 @@ def test_disconnected_non_streamed_requests_free_their_slots(server, engine):
 
     def ask_and_leave() -> None:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
-            httpx.post(server.url + "/v1/messages", json=body, timeout=httpx.Timeout(5, read=0.15))
+            httpx.post(server.url + "/v1/messages", json=body, timeout=httpx.Timeout(5, read=0.1))
 
-    with cf.ThreadPoolExecutor(6) as pool:
-        list(pool.map(lambda _: ask_and_leave(), range(6)))
+    with cf.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda _: ask_and_leave(), range(12)))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (engine.active or engine.waiting):
         time.sleep(0.05)
     assert engine.active == 0 and engine.waiting == 0
-    # stopped, not run to max_tokens: the test model makes ~500 tokens a second per request,
-    # and the core looks at the connection every 0.25 s
-    assert engine.stats["finished_cancelled"] - before >= 4
-    assert engine.stats["output_tokens"] - tokens_before < 6 * n * 0.75
+    # stopped, not run to max_tokens (12 requests decode together at a few hundred tokens
+    # a second each; a loaded machine can let a client leave late: most must be cancelled)
+    assert engine.stats["finished_cancelled"] - before >= 8
+    assert engine.stats["output_tokens"] - tokens_before < 12 * n * 0.8
 
 
 def test_cli_server_limits_and_auth(run_dir, cli_server):

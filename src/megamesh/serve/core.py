@@ -418,7 +418,7 @@ class Core:
         """The whole text of a non-streamed answer, cancelling it if the client goes away;
         a failed generation is a 500 (the engine's exception text stays in its log)."""
         text: list[str] = []
-        check_every = 0.25  # seconds between looks at the connection, tokens arriving or not
+        check_every = 0.1  # seconds between looks at the connection, tokens arriving or not
         next_check = time.monotonic() + check_every
         try:
             while True:
