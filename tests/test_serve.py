@@ -448,6 +448,45 @@ def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
     assert core._check_token_rates("k", 5, 90) == 90  # 100 - 90 + 80 given back
 
 
+@pytest.mark.parametrize("route,extra,needle", [
+    ("/v1/messages", {"frequency_penalty": 0.5}, "frequency_penalty: this field is not supported"),
+    ("/v1/messages", {"container": "x"}, "container: this field is not supported"),
+    ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking:"),
+    ("/v1/messages", {"tool_choice": {"type": "auto"}}, "tool_choice: tool use"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]},
+     "messages.0.content.0.cache_control: prompt caching is not supported"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]},
+     "content block type 'image' is not supported"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+     "messages.0.name: this field is not supported"),
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs: log probabilities"),
+    ("/v1/chat/completions", {"presence_penalty": 0.3}, "presence_penalty: penalties"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "structured output"),
+    ("/v1/chat/completions", {"logit_bias": {"50": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"functions": []}, "functions: this field is not supported"),
+])
+def test_unsupported_fields_are_refused_by_name(server, route, extra, needle):
+    """Issue 15 point 7: what the server does not implement is a 400 naming it, never
+    silently ignored; values that change nothing are accepted."""
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}], **extra}
+    r = httpx.post(server.url + route, json=body)
+    assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_fields_at_harmless_values_are_accepted(client, server):
+    ok = client.messages.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "x"}],
+                                metadata={"user_id": "u1"}, service_tier="auto",
+                                thinking={"type": "disabled"})
+    assert ok.usage.output_tokens >= 1
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    r = oa.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                   max_tokens=2, user="u1", logprobs=False, presence_penalty=0,
+                                   frequency_penalty=0, response_format={"type": "text"})
+    assert r.usage.completion_tokens >= 1
+
+
 def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
     def broken(*a, **k):
         raise RuntimeError("injected device failure")

@@ -30,8 +30,11 @@ class MessagesRequest(OpenSchema):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stream: bool = False
-    tools: list[Any] | None = None
-    thinking: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # refused unless empty: no tool use here
+    tool_choice: dict[str, Any] | None = None  # refused unless {"type": "none"}
+    thinking: dict[str, Any] | None = None  # refused unless disabled
+    metadata: dict[str, Any] | None = None  # accepted: an end-user id changes no output
+    service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says
 
     def sampling(self) -> SamplingParams:
@@ -46,6 +49,8 @@ class CountTokensRequest(OpenSchema):
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
     tools: list[Any] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -58,6 +63,10 @@ def register(app: FastAPI, core: Core) -> None:
     async def prompt_of(req: MessagesRequest | CountTokensRequest) -> list[int]:
         if req.tools:
             raise ApiError(400, "tools: tool use is not supported by this server")
+        if req.tool_choice and req.tool_choice.get("type") != "none":
+            raise ApiError(400, "tool_choice: tool use is not supported by this server")
+        if req.thinking and req.thinking.get("type") not in (None, "disabled"):
+            raise ApiError(400, "thinking: extended thinking is not supported by this server")
         system = text_of(req.system, "system") if isinstance(req.system, list) else req.system
         turns = [(m.role, text_of(m.content, f"messages.{i}")) for i, m in enumerate(req.messages)]
         return await core.encode_chat(system, turns)
@@ -65,8 +74,6 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
-        if req.thinking and req.thinking.get("type") not in (None, "disabled"):
-            raise ApiError(400, "thinking: extended thinking is not supported by this server")
         gen = core.start(await prompt_of(req), req.sampling(), key)
         msg_id = "msg_" + secrets.token_hex(12)
         usage_in = gen.prompt_tokens

@@ -80,9 +80,14 @@ class TokenBucket:
 
 
 class OpenSchema(BaseModel):
-    """Request schemas accept unknown fields (clients send many this server ignores)."""
+    """Request schemas: a field this server does not implement is refused (400 naming it),
+    never silently ignored; fields it accepts but cannot honour in every value are
+    declared and checked by the route."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
+
+
+UNSUPPORTED = "is not supported by this server (it would be ignored, so it is refused)"
 
 
 def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
@@ -97,6 +102,10 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
         if kind != "text":
             raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
                                 "by this server (text only)")
+        extra = sorted(set(block) - {"type", "text"})
+        if extra:
+            what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
+            raise ApiError(400, f"{where}.content.{i}.{extra[0]}: {what} {UNSUPPORTED}")
         text = block.get("text")
         if not isinstance(text, str):
             raise ApiError(400, f"{where}.content.{i}.text: must be a string")
@@ -305,7 +314,8 @@ class Core:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"]) or "body"
             more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-            raise ApiError(400, f"{loc}: {err['msg']}{more}") from None
+            msg = f"this field {UNSUPPORTED}" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ApiError(400, f"{loc}: {msg}{more}") from None
 
     def check_model(self, name: str) -> None:
         if name != self.model.name:

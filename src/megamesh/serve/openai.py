@@ -36,8 +36,35 @@ class ChatRequest(OpenSchema):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # refused unless empty: no tool use here
+    tool_choice: str | dict[str, Any] | None = None  # refused unless "none"
+    user: str | None = None  # accepted: an end-user id changes no output
+    # accepted only at the values that change nothing; anything else is refused
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False
+
+    def refuse_unsupported(self) -> None:
+        """400 for a declared field at a value this server would not honour."""
+        checks = [
+            ("logprobs", bool(self.logprobs), "log probabilities"),
+            ("top_logprobs", self.top_logprobs not in (None, 0), "log probabilities"),
+            ("presence_penalty", self.presence_penalty not in (None, 0), "penalties"),
+            ("frequency_penalty", self.frequency_penalty not in (None, 0), "penalties"),
+            ("logit_bias", bool(self.logit_bias), "logit bias"),
+            ("response_format", bool(self.response_format)
+             and self.response_format.get("type") != "text", "structured output"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool use"),
+            ("stream_options", bool(set(self.stream_options or {}) - {"include_usage"}),
+             "stream options other than include_usage"),
+        ]
+        for name, bad, what in checks:
+            if bad:
+                raise ApiError(400, f"{name}: {what} is not supported by this server")
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -57,6 +84,7 @@ def register(app: FastAPI, core: Core) -> None:
             raise ApiError(400, f"n: {req.n} is not supported (only n=1)")
         if req.tools:
             raise ApiError(400, "tools: tool use is not supported by this server")
+        req.refuse_unsupported()
         system, turns = [], []
         for i, m in enumerate(req.messages):
             text = text_of(m.content, f"messages.{i}")
