@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_main
 from megamesh.errors import ConfigError
-from megamesh.fleet import questions
+from megamesh.fleet import questions, report
 from megamesh.fleet.scenario import (
     Arrival,
     Failures,
@@ -19,7 +19,6 @@ from megamesh.fleet.scenario import (
     from_dict,
     validate,
 )
-from megamesh.fleet import report
 from megamesh.fleet.sim import simulate
 from megamesh.fleet.theory import daly_goodput, daly_interval, young_interval
 
@@ -342,8 +341,10 @@ def test_launch_restart_budget_and_diloco_islands_recreated_alone(tmp_path):
     actions = [x["action"] for x in js["spec"]["failurePolicy"]["rules"]]
     assert actions == ["FailJobSet", "RestartJobAndIgnoreMaxRestarts", "RestartJob"]
     command = rj["template"]["spec"]["template"]["spec"]["containers"][0]["command"][2]
-    assert "--mesh data=16,fsdp=1024 " in command and "--diloco islands=2,inner_steps=100 --island $ISLAND" in command
-    env = {e["name"]: e.get("value") for e in rj["template"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "--mesh data=16,fsdp=1024 " in command
+    assert "--diloco islands=2,inner_steps=100 --island $ISLAND" in command
+    container = rj["template"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MEGAMESH_NUM_PROCESSES"] == "2048"  # one island: 8,192 chips on 2,048 hosts
     r = megamesh("launch", "--plan", str(plan), "--diloco", "0")
     assert r.returncode == 2 and "--diloco 0 is not allowed" in r.stderr

@@ -102,7 +102,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         lines = [
             f"job of {r['chips']:,} chips: MTBF {r['mtbf_min']:.1f} min; plain: Daly interval "
             f"{r['daly_interval_min']:.1f} min (closed-form goodput {r['daly_goodput']:.1%})",
-            f"{'recovery':>10} {'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} {'repair wait h':>14}",
+            f"{'recovery':>10} {'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} "
+            f"{'repair wait h':>14}",
         ]
         for g in r["grid"]:
             mode = g["recovery"] if g["recovery"] == g["recovery_used"] else f"{g['recovery']}*"
@@ -127,18 +128,20 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                  f"(simulated, hot spares {r['spare_fraction']:.1%} of cubes, repair "
                  f"{s.failures.repair_hours:g} h):"]
         for mode, v in r["modes"].items():
-            sim = (f"goodput {v['goodput_simulated']:.1%}" if v["goodput_simulated"] is not None
-                   else v["not_placed"])
-            extra = f" ({v['goodput_closed_form']:.1%} closed form, Daly)" if "goodput_closed_form" in v else ""
+            extra = (f" ({v['goodput_closed_form']:.1%} closed form, Daly)"
+                     if "goodput_closed_form" in v else "")
             used = "" if v["recovery_used"] == mode else f" (recovers as {v['recovery_used']}: no replica)"
-            lines.append(f"  {mode:<11} MTBF {v['mtbf_min']:6.1f} min: {sim}{extra}{used}")
+            lines.append(f"  {mode:<11} MTBF {v['mtbf_min']:6.1f} min: {_simulated(v)}{extra}{used}")
         v = r["pod_replicas"]
-        sim = (f"goodput {v['goodput_simulated']:.1%}" if v["goodput_simulated"] is not None
-               else v["not_placed"])
         lines.append(f"  {'pod replicas':<11} {v['jobs']} independent jobs of {v['chips_per_job']:,} "
-                     f"chips, MTBF {v['mtbf_min']:.1f} min: {sim} ({v['goodput_closed_form']:.1%} "
-                     "closed form)")
+                     f"chips, MTBF {v['mtbf_min']:.1f} min: {_simulated(v)} "
+                     f"({v['goodput_closed_form']:.1%} closed form)")
         lines.append(r["note"])
         text = "\n".join(lines)
     print(json.dumps(r, indent=2) if args.json else text)
     return 0
+
+
+def _simulated(v: dict) -> str:
+    """A simulated goodput, or why the job was never placed."""
+    return f"goodput {v['goodput_simulated']:.1%}" if v["goodput_simulated"] is not None else v["not_placed"]

@@ -35,7 +35,7 @@ import re
 from typing import Any
 
 from megamesh.errors import ConfigError
-from megamesh.fleet.scenario import Failures, Scenario
+from megamesh.fleet.scenario import Failures
 from megamesh.hardware import CHIPS
 from megamesh.plan.target import parse_target
 from megamesh.runspec import PlanFile
@@ -183,9 +183,7 @@ def restart_budget(chips: int, days: float, pod_chips: int) -> tuple[int, float]
     at the fleet simulator's default rates (fleet.scenario.Failures: Llama 3's per-
     accelerator rate), x 1.5, + 10 for its own crashes. A fixed 10 is used up in under an
     hour by a 663,552-chip job (13 failures an hour)."""
-    f = Failures()
-    rate = (chips * f.chip_per_hour + math.ceil(chips / CHIPS_PER_HOST["tpu7x"]) * f.host_per_hour
-            + math.ceil(chips / pod_chips) * f.pod_per_hour)
+    rate = sum(Failures().job_rates(chips, pod_chips))
     return math.ceil(rate * 24 * days * 1.5) + 10, rate
 
 
@@ -382,7 +380,7 @@ def manifests(
         jobset["metadata"]["annotations"]["megamesh.dev/islands"] = (
             f"{islands} DiLoCo islands, an outer step every {diloco_inner_steps} steps; a failed "
             "island is recreated alone (JobSet >= v0.12 with the RestartJob feature gate)")
-    spare_fraction = Scenario().spares if spare_fraction is None else spare_fraction
+    spare_fraction = Failures().steady_spares() if spare_fraction is None else spare_fraction
     spare_slices = math.ceil(target.n_slices * spare_fraction) if spare_fraction > 0 else 0
     spares = _spares(name, namespace, spare_slices, hosts, node_selector, tolerations,
                      resources, exclusive) if spare_slices else None

@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from megamesh.errors import ConfigError
-from megamesh.fleet.scenario import CHIPS_PER_HOST, RECOVERY_MODES, Scenario, TrainingJob, parse_date
+from megamesh.fleet.scenario import RECOVERY_MODES, Scenario, TrainingJob, parse_date
 from megamesh.fleet.sim import Fleet, planner_numbers, simulate
 from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
@@ -31,12 +31,7 @@ TOKENS_PER_PARAM = 20.0  # Chinchilla compute-optimal (Hoffmann et al. 2022)
 
 
 def _job_rate(s: Scenario, chips: int) -> float:
-    f = s.failures
-    return (
-        chips * f.chip_per_hour
-        + math.ceil(chips / CHIPS_PER_HOST) * f.host_per_hour
-        + math.ceil(chips / s.pod_chips) * f.pod_per_hour
-    )
+    return sum(s.failures.job_rates(chips, s.pod_chips))
 
 
 def largest_model(s: Scenario, by: str, reference_model: str = "llama3.1-405b") -> dict[str, Any]:
@@ -221,11 +216,10 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
     f = s.failures
     delta, restart = f.save_min / 60, f.restart_min / 60
     out: dict[str, Any] = {"pods": pods, "chips": chips, "modes": {}}
+    mtbf = 1 / _job_rate(s, chips)
     for mode in RECOVERY_MODES:
         if mode == "diloco" and pods < 2:
             continue
-        rate = _job_rate(s, chips)
-        mtbf = 1 / rate
         sim = _run_single(s, chips, work_days, 1.0, s.spares, seed, mode)
         out["modes"][mode] = {
             "jobs": 1,
@@ -238,7 +232,7 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
             "not_placed": sim["not_placed"],
         }
     out["modes"]["plain"]["goodput_closed_form"] = daly_goodput(
-        daly_interval(delta, 1 / _job_rate(s, chips)), delta, restart, 1 / _job_rate(s, chips))
+        daly_interval(delta, mtbf), delta, restart, mtbf)
     rate = _job_rate(s, s.pod_chips)
     sim = _run_single(s, s.pod_chips, work_days, 1.0, s.spares, seed, "plain")
     tau = daly_interval(delta, 1 / rate)

@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from megamesh.fileio import write_new_file
+from megamesh.fleet.sim import BADPUT
 
 
 def _h(x: float) -> str:
@@ -15,9 +16,8 @@ def _h(x: float) -> str:
     return f"{x:.0f}"
 
 
-_BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt", "degraded")
 _SHORT = {"checkpoint": "ckpt", "repair_wait": "repair", "degraded": "fewer slices/islands"}
-_SHORT = {k: _SHORT.get(k, k) for k in _BADPUT}
+_SHORT = {k: _SHORT.get(k, k) for k in BADPUT}
 
 
 def text(r: dict[str, Any]) -> str:
@@ -41,7 +41,7 @@ def text(r: dict[str, Any]) -> str:
         "",
         f"{'job':<18} {'chips':>9} {'recovery':>10} {'goodput':>8} {'progress':>9} {'finish':>17} "
         f"{'interrupts':>10} {'MTBF':>8} {'ckpt':>7}  badput hours "
-        f"({'/'.join(_SHORT[k] for k in _BADPUT)})",
+        f"({'/'.join(_SHORT[k] for k in BADPUT)})",
     ]
     for j in r["jobs"]:
         b = j["badput_hours"]
@@ -55,7 +55,7 @@ def text(r: dict[str, Any]) -> str:
             f"{j['name']:<18} {j['chips']:>9,} {j['recovery']:>10} {j['goodput']:>8.1%} "
             f"{j['progress']:>9.1%} {finish:>17} {j['interruptions']:>10,} "
             f"{j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
-            + "/".join(f"{b[k]:.0f}" for k in _BADPUT)
+            + "/".join(f"{b[k]:.0f}" for k in BADPUT)
         )
     times = [f"  {j['name']}: " + ", ".join(f"{k} {v:,.1f}" for k, v in j["recovery_times"].items())
              for j in r["jobs"] if j.get("recovery_times")]

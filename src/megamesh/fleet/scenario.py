@@ -16,6 +16,7 @@ between chip, host and pod failures is an assumption (parameters, marked unconfi
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,17 @@ class Failures:
     save_min: float = 1.0  # unconfirmed: training blocked per checkpoint (async Orbax saves)
     restart_min: float = 5.0  # unconfirmed: reschedule + restore + recompile
     serving_restart_min: float = 2.0  # a serving replica back after a failure
+
+    def job_rates(self, chips: int, pod_chips: int) -> tuple[float, float, float]:
+        """Failures per hour of a job of `chips` from its chips, its hosts and its pods."""
+        return (chips * self.chip_per_hour, math.ceil(chips / CHIPS_PER_HOST) * self.host_per_hour,
+                math.ceil(chips / pod_chips) * self.pod_per_hour)
+
+    def steady_spares(self) -> float:
+        """The hot-spare fraction repairs need at steady state (a cube's failure rate x
+        repair hours) x SPARE_MARGIN, at most 45%."""
+        cube_rate = CUBE_CHIPS * self.chip_per_hour + CUBE_CHIPS // CHIPS_PER_HOST * self.host_per_hour
+        return min(0.45, cube_rate * self.repair_hours * SPARE_MARGIN)
 
 
 RECOVERY_MODES = ("plain", "multi_tier", "elastic", "diloco")
@@ -167,11 +179,7 @@ class Scenario:
     def spares(self) -> float:
         """The hot-spare fraction in effect: `spare_fraction`, else the steady-state need of
         repairs (a cube's failure rate x repair hours) x SPARE_MARGIN."""
-        if self.spare_fraction is not None:
-            return self.spare_fraction
-        f = self.failures
-        cube_rate = CUBE_CHIPS * f.chip_per_hour + CUBE_CHIPS // CHIPS_PER_HOST * f.host_per_hour
-        return min(0.45, cube_rate * f.repair_hours * SPARE_MARGIN)
+        return self.failures.steady_spares() if self.spare_fraction is None else self.spare_fraction
 
     @property
     def chip_price(self) -> float | None:

@@ -231,8 +231,7 @@ class Fleet:
         s, f, rec = self.s, self.s.failures, self.s.recovery
         mode = spec.recovery or rec.mode
         slices = math.ceil(spec.chips / s.pod_chips)
-        hosts = math.ceil(spec.chips / CHIPS_PER_HOST)
-        rc, rh, rp = spec.chips * f.chip_per_hour, hosts * f.host_per_hour, slices * f.pod_per_hour
+        rc, rh, rp = f.job_rates(spec.chips, s.pod_chips)
         rate = rc + rh + rp
         mtbf = 1 / rate if rate > 0 else math.inf
         dcn_host = CHIPS[s.chip].dcn_bw * CHIPS_PER_HOST  # bytes/s a host moves across the DCN
@@ -459,6 +458,13 @@ class Fleet:
         job.done_h += work
         job.productive_h += work
 
+    def _swing(self, job: Job, cubes: float) -> None:
+        """`cubes` of `job` stop computing: the site's draw drops by their full minus idle
+        power; the largest such drop is kept per job and fleet-wide."""
+        mw = self.s.watts_per_chip * CUBE_CHIPS * cubes * (1 - self.s.idle_power_fraction) / 1e6
+        job.max_swing_mw = max(job.max_swing_mw, mw)
+        self.max_swing_mw = max(self.max_swing_mw, mw)
+
     def _leave(self, job: Job, graceful: bool, stops: bool = True) -> None:
         """`job` leaves its state at self.t: its time there is accounted. `stops`: it stops
         computing (not so for a DiLoCo job whose other islands go on)."""
@@ -466,10 +472,7 @@ class Fleet:
             self._account_running(job, graceful)
             if not stops:
                 return
-            # it stops computing (a failure, a preemption): its chips fall to idle power
-            swing = self.s.watts_per_chip * CUBE_CHIPS * job.cubes * (1 - self.s.idle_power_fraction) / 1e6
-            job.max_swing_mw = max(job.max_swing_mw, swing)
-            self.max_swing_mw = max(self.max_swing_mw, swing)
+            self._swing(job, job.cubes)  # it stops computing (a failure, a preemption)
         elif job.state == "restarting":
             job.badput["restart"] += self.t - job.t_state
         elif job.state in ("waiting", "quorum"):
@@ -737,10 +740,7 @@ class Fleet:
         job.done_h -= lost
         job.productive_h -= lost
         job.badput["lost"] += lost
-        island_swing = self.s.watts_per_chip * CUBE_CHIPS * job.cubes / job.slices * (
-            1 - self.s.idle_power_fraction) / 1e6
-        job.max_swing_mw = max(job.max_swing_mw, island_swing)
-        self.max_swing_mw = max(self.max_swing_mw, island_swing)
+        self._swing(job, job.cubes / job.slices)  # one island stops computing
         wait = 0.0 if not pod_level and self._replacement(job) else (
             f.pod_repair_hours if pod_level else f.repair_hours)
         job.down += 1
