@@ -546,6 +546,16 @@ def test_64_concurrent_streams_each_equal_the_request_alone(server, engine):
         assert got == reference_greedy(engine, ids, 16)
 
 
+def _twelve_leave_and_wait(engine, leave) -> None:
+    """12 clients at once that each leave their request early; then the engine is idle."""
+    with cf.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda _: leave(), range(12)))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.active or engine.waiting):
+        time.sleep(0.05)
+    assert engine.active == 0 and engine.waiting == 0
+
+
 def test_disconnected_streams_free_their_slots(server, engine):
     before = engine.stats["finished_cancelled"]
     tokens_before = engine.stats["output_tokens"]
@@ -560,12 +570,7 @@ def test_disconnected_streams_free_their_slots(server, engine):
                 if "content_block_delta" in line:
                     break  # leave mid-stream: the connection closes here
 
-    with cf.ThreadPoolExecutor(12) as pool:
-        list(pool.map(lambda _: open_and_leave(), range(12)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (engine.active or engine.waiting):
-        time.sleep(0.05)
-    assert engine.active == 0 and engine.waiting == 0
+    _twelve_leave_and_wait(engine, open_and_leave)
     # stopped, not run to max_tokens. The test model decodes 480 tokens in about a second,
     # so on a loaded machine a client thread may leave only after its request is done:
     # most must be cancelled, and far fewer tokens made than 12 full requests
@@ -587,12 +592,7 @@ def test_disconnected_non_streamed_requests_free_their_slots(server, engine):
         with pytest.raises(httpx.ReadTimeout):  # the client gives up: its connection closes
             httpx.post(server.url + "/v1/messages", json=body, timeout=httpx.Timeout(5, read=0.1))
 
-    with cf.ThreadPoolExecutor(12) as pool:
-        list(pool.map(lambda _: ask_and_leave(), range(12)))
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (engine.active or engine.waiting):
-        time.sleep(0.05)
-    assert engine.active == 0 and engine.waiting == 0
+    _twelve_leave_and_wait(engine, ask_and_leave)
     # stopped, not run to max_tokens (12 requests decode together at a few hundred tokens
     # a second each; a loaded machine can let a client leave late: most must be cancelled)
     assert engine.stats["finished_cancelled"] - before >= 8

@@ -20,19 +20,24 @@ class AnthropicMessage(OpenSchema):
     content: str | list[dict[str, Any]]
 
 
-class MessagesRequest(OpenSchema):
+class CountTokensRequest(OpenSchema):
     model: str
-    max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None  # refused unless empty: no tool use here
+    tool_choice: dict[str, Any] | None = None  # refused unless {"type": "none"}
+    thinking: dict[str, Any] | None = None  # refused unless disabled
+
+
+class MessagesRequest(CountTokensRequest):
+    """What count_tokens takes, and how to generate."""
+
+    max_tokens: int = Field(ge=1)
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stream: bool = False
-    tools: list[Any] | None = None  # refused unless empty: no tool use here
-    tool_choice: dict[str, Any] | None = None  # refused unless {"type": "none"}
-    thinking: dict[str, Any] | None = None  # refused unless disabled
     metadata: dict[str, Any] | None = None  # accepted: an end-user id changes no output
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says
@@ -42,15 +47,6 @@ class MessagesRequest(OpenSchema):
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
                               stop=tuple(self.stop_sequences or ()), ignore_eos=self.ignore_eos)
-
-
-class CountTokensRequest(OpenSchema):
-    model: str
-    messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
-    tools: list[Any] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

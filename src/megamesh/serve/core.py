@@ -57,7 +57,7 @@ class Settings:
 
 class TokenBucket:
     """Tokens per minute as the Messages API's rate limits count them: a bucket of `limit`
-    tokens refilled continuously at limit/60 per second."""
+    tokens refilled continuously at limit/60 per second (`limit` 0: no limit)."""
 
     def __init__(self, limit: int, now: float):
         self.limit, self.rate = limit, limit / 60.0
@@ -69,6 +69,8 @@ class TokenBucket:
 
     def wait_for(self, n: int, now: float) -> float:
         """Seconds until `n` tokens are there (0: now)."""
+        if not self.limit:
+            return 0.0
         self._refill(now)
         return max(0.0, (n - self.level) / self.rate)
 
@@ -145,7 +147,13 @@ def longest_token_bytes(tokenizer: Any) -> int:
 
 def error_response(request: Request, status: int, message: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    rid = request.scope.get("state", {}).get("request_id", "")
+    return _error(request.scope, status, message, headers)
+
+
+def _error(scope: Any, status: int, message: str,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error shape of every API error, with the request's id."""
+    rid = scope.get("state", {}).get("request_id", "")
     body = {"type": "error", "error": {"type": STATUS_TYPES.get(status, "api_error"), "message": message},
             "request_id": rid}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -218,12 +226,7 @@ class RequestIdMiddleware:
             self.log(f"internal error on {path}: {type(e).__name__}: {e}")
             if started:  # the response is under way: all that is left is to end it
                 return
-            body = json.dumps({"type": "error", "error": {"type": "api_error",
-                                                           "message": "internal server error"},
-                               "request_id": rid}).encode()
-            await send_with_id({"type": "http.response.start", "status": 500, "headers": [
-                (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await _error(scope, 500, "internal server error")(scope, receive, send_with_id)
 
 
 @dataclass(eq=False)
@@ -383,8 +386,8 @@ class Core:
             return 0
         now = time.monotonic()
         if key not in self.buckets:
-            self.buckets[key] = (TokenBucket(s.input_tokens_per_minute or 2**62, now),
-                                 TokenBucket(s.output_tokens_per_minute or 2**62, now))
+            self.buckets[key] = (TokenBucket(s.input_tokens_per_minute, now),
+                                 TokenBucket(s.output_tokens_per_minute, now))
         b_in, b_out = self.buckets[key]
         for n, limit, what in ((n_in, s.input_tokens_per_minute, "input"),
                                (max_tokens, s.output_tokens_per_minute, "output")):
@@ -392,8 +395,7 @@ class Core:
                 raise ApiError(400, f"this request's {n:,} {what} tokens exceed the {limit:,} {what} "
                                     "tokens per minute an API key may use here"
                                     + ("; lower max_tokens" if what == "output" else ""))
-        wait = max(b_in.wait_for(n_in, now) if s.input_tokens_per_minute else 0.0,
-                   b_out.wait_for(max_tokens, now) if s.output_tokens_per_minute else 0.0)
+        wait = max(b_in.wait_for(n_in, now), b_out.wait_for(max_tokens, now))
         if wait > 0:
             self.metrics.rate_limited.inc()
             raise ApiError(429, f"rate limit: this API key's tokens per minute are used up (input "
