@@ -173,6 +173,7 @@ class Engine:
         self._ids = itertools.count()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._compiler: threading.Thread | None = None  # compiles small decode batches
         self.stats = collections.Counter()
         self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache))
 
@@ -189,8 +190,9 @@ class Engine:
         small = [k for k in self.decode if k[0] < self.slots]
         if small:
             abstract = self._abstract_args()
-            threading.Thread(target=self._compile_small, args=(small, abstract),
-                             name="megamesh-compile", daemon=True).start()
+            self._compiler = threading.Thread(target=self._compile_small, args=(small, abstract),
+                                              name="megamesh-compile", daemon=True)
+            self._compiler.start()
         else:
             self.compiled_all.set()
         return time.perf_counter() - t0
@@ -201,6 +203,10 @@ class Engine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        # a compile still running in the background when the process exits is killed inside
+        # XLA, which aborts the process: it stops after the executable in hand
+        if self._compiler is not None:
+            self._compiler.join(timeout=300)
 
     def check(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt + max_tokens > self.max_len:
@@ -266,6 +272,8 @@ class Engine:
         t0 = time.perf_counter()
         try:
             for b, a in sorted(keys, key=lambda k: (k[1], k[0])):  # short attention first
+                if self._stop:
+                    return
                 step = self.decode[(b, a)]
                 self._exec[(b, a)] = step.fn.lower(params, cache, *step.slot_args()).compile()
             self.log(f"compiled {len(keys)} smaller decode batches in the background in "
