@@ -179,7 +179,7 @@ def log_orbax_to(path: Path) -> None:
 _FOR_LIFE: list[Any] = []
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """The cause of a storage error in a few words: the OS error and file when the message
     (tensorstore's, through Orbax) names them, else its first line, shortened."""
     text = str(e).strip()
@@ -209,7 +209,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.keep, self.log = keep, log
         self._pending: list[int] = []  # saved, not yet rotated
-        self._manifested: set[int] = set()  # finished saves whose manifest is written
+        self._manifested: set[int] = set()  # the pending saves whose manifest is written
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
@@ -263,7 +263,7 @@ class Checkpointer:
                 raise
             except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: try the older one
                 self.log(f"skipping checkpoint {self.step_dir(step)}: cannot read it "
-                         f"({_one_line(e)})")
+                         f"({one_line(e)})")
         if self.all_steps():
             raise CheckpointError(f"no good checkpoint in {self.directory}: all "
                                   f"{len(self.all_steps())} failed verification or reading "
@@ -290,7 +290,7 @@ class Checkpointer:
             raise
         except Exception as e:  # noqa: BLE001 -- disk full, permissions, storage errors
             raise CheckpointError(f"saving checkpoint {self.step_dir(step)} failed: "
-                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
+                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
         return time.perf_counter() - t0
 
     def poll(self) -> None:
@@ -305,7 +305,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             pending, self._pending = self._pending, []
             raise CheckpointError(f"saving checkpoint {self.step_dir(pending[-1])} failed: "
-                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
+                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
         lost = [s for s in self._pending if not self.step_dir(s).is_dir()]
         if lost:
             self._pending = []
@@ -339,7 +339,7 @@ class Checkpointer:
                     doomed.append(step)
                 elif verify(self.step_dir(step), full=False) is None:
                     kept += 1
-        for step in _agree(doomed):
+        for step in from_process0(doomed):
             self.manager.delete(step)
 
     # ------------------------------------------------------------------ reading
@@ -373,11 +373,11 @@ class Checkpointer:
             step = self._pending[-1] if self._pending else "?"
             self._pending = []
             raise CheckpointError(f"saving checkpoint {self.directory / str(step)} failed: "
-                                  f"{_one_line(e)}; the previous good checkpoint is intact") from None
+                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
         if not self._pending:
             return
         self.poll()  # errors, manifests
-        self._pending = []
+        self._pending, self._manifested = [], set()
         self._rotate()
 
     def close(self) -> None:
@@ -387,12 +387,13 @@ class Checkpointer:
             self.manager.close()
 
 
-def _agree(steps: list[int]) -> list[int]:
-    """Process 0's list of steps, on every process (a broadcast; local when single)."""
+def from_process0(values: list[int]) -> list[int]:
+    """Process 0's list of (at most 256) non-negative integers on every process, whatever
+    the others hold (a broadcast of a fixed-size padded array; local when single)."""
     if jax.process_count() == 1:
-        return steps
+        return values
     padded = np.full(256, -1, np.int64)
-    padded[:len(steps)] = steps[:256]
+    padded[:len(values)] = values[:256]
     got = np.asarray(multihost_utils.broadcast_one_to_all(padded))
     return [int(x) for x in got if x >= 0]
 

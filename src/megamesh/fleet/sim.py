@@ -60,6 +60,7 @@ from megamesh.errors import ConfigError
 from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
 from megamesh.fleet.theory import daly_interval
 from megamesh.hardware import CHIPS
+from megamesh.plan.cost import diloco_round_bytes
 from megamesh.plan.layout import Workload
 from megamesh.plan.memory import ADAM_BYTES
 from megamesh.plan.questions import serving_answer
@@ -287,8 +288,8 @@ class Fleet:
             island_tau = daly_interval(f.save_min / 60, island_mtbf)
             params_gb = host_gb * 4 / (4 + ADAM_BYTES)  # f32 parameters of the state
             round_h = rec.diloco_inner_steps * n["step_time_s"] / 3600
-            sync_h = (params_gb * (1 + 1 / slices) * rec.ram_save_s_per_gb
-                      + params_gb * 2 * (slices - 1) / slices * peer_s_per_gb) / 3600
+            written, read = diloco_round_bytes(params_gb, slices)
+            sync_h = (written * rec.ram_save_s_per_gb + read * peer_s_per_gb) / 3600
             job.sync_eff = round_h / (round_h + sync_h) * island_tau / (island_tau + f.save_min / 60)
             job.island_restart_h = f.restart_min / 60
             # lost per failure: the island's work since its last save (half an interval on

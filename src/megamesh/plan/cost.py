@@ -76,6 +76,14 @@ TP_ALL_REDUCES_PER_PASS = 2
 EP_ALL_TO_ALLS_PER_PASS = 2
 
 
+def diloco_round_bytes(param_bytes: float, islands: int) -> tuple[float, float]:
+    """(written, read) bytes of one DiLoCo island per outer step (`train.diloco`: a
+    reduce-scatter and all-gather through storage): its parameters out (P) and its part of
+    the mean (P/N); its part of the N-1 other reports in and the N-1 other parts in
+    (2 (N-1)/N P)."""
+    return param_bytes * (1 + 1 / islands), param_bytes * 2 * (islands - 1) / islands
+
+
 def forward_passes(remat: str) -> int:
     """Forward passes over each layer per step: 1, plus the recompute of full remat
     (the other policies recompute element-wise work only, not matmuls or collectives)."""

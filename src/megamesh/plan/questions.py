@@ -14,8 +14,9 @@ from megamesh.model.specs import (
     param_bytes,
     param_count,
 )
-from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, axis_bandwidth
+from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, axis_bandwidth, diloco_round_bytes
 from megamesh.plan.layout import Workload
+from megamesh.plan.memory import ADAM_BYTES
 from megamesh.plan.search import search
 from megamesh.plan.target import Target, from_chip_count
 
@@ -202,8 +203,8 @@ def diloco_answer(w: Workload, target: Target, sync_best: Estimate, islands: int
                           f"{island_target.chips:,} chips")
     best = res.ranked[0]
     host_chips = 4 if target.is_tpu else 8  # TPU VMs drive 4 chips; GPU nodes 8
-    params_host = best.memory.state * 4 / (4 + 8) * host_chips  # f32 params of params + Adam
-    per_round = params_host * (1 + 2 * (islands - 1) / islands + 1 / islands)
+    params_host = best.memory.state * 4 / (4 + ADAM_BYTES) * host_chips  # f32 params of the state
+    per_round = sum(diloco_round_bytes(params_host, islands))
     dcn_host = target.chip.dcn_bw * host_chips
     sync_s = per_round / dcn_host
     round_s = inner_steps * best.step_time_s

@@ -46,6 +46,8 @@ from jax.experimental import multihost_utils
 
 from megamesh.errors import MegameshError
 from megamesh.model.transformer import flatten, unflatten
+from megamesh.plan.cost import diloco_round_bytes
+from megamesh.runs import from_process0
 from megamesh.train.config import DilocoConfig
 
 MEMBERS = "members.json"
@@ -60,12 +62,10 @@ class QuorumLost(MegameshError):
 
 def dcn_bytes(param_bytes: float, dc: DilocoConfig) -> tuple[float, float]:
     """(DiLoCo, data parallel) bytes one island sends and receives across the DCN per
-    inner step: per H steps its report out (P), its part of the N-1 other reports in
-    ((N-1)/N P), its mean part out (P/N) and the N-1 other parts in ((N-1)/N P), vs a
-    ring all-reduce of the gradient (2 (N-1)/N P) every step."""
+    inner step: one outer step's (`plan.cost.diloco_round_bytes`) per H steps, vs a ring
+    all-reduce of the gradient (2 (N-1)/N P) every step."""
     n = dc.islands
-    per_round = param_bytes * (1 + 2 * (n - 1) / n + 1 / n)
-    return per_round / dc.inner_steps, 2 * (n - 1) / n * param_bytes
+    return sum(diloco_round_bytes(param_bytes, n)) / dc.inner_steps, 2 * (n - 1) / n * param_bytes
 
 
 def outer_optimizer(dc: DilocoConfig) -> optax.GradientTransformation:
@@ -99,7 +99,6 @@ class Sync:
             return {"params": optax.apply_updates(outer["params"], updates), "opt": opt_state}
 
         self._update = jax.jit(update)
-        self.islands = dc.islands
 
     # ------------------------------------------------------------------ on disk
 
@@ -143,7 +142,7 @@ class Sync:
             present = sorted(int(p.name[7:]) for p in d.glob("island-*") if p.is_dir()
                              and p.name[7:].isdigit())
             waited = time.monotonic() - t0
-            if len(present) == self.islands or (waited >= self.dc.wait_s
+            if len(present) == self.dc.islands or (waited >= self.dc.wait_s
                                                 and len(present) >= self.dc.needed):
                 # written whole under a name of its own, then linked into place: the link
                 # is atomic and fails if another island decided first (readers never see
@@ -159,11 +158,11 @@ class Sync:
                     tmp.unlink()
                 return present, True
             if waited >= self.dc.wait_s and not warned:
-                self.log(f"DiLoCo round {rnd}: {len(present)} of {self.islands} islands reported "
+                self.log(f"DiLoCo round {rnd}: {len(present)} of {self.dc.islands} islands reported "
                          f"after {waited:.0f}s; waiting for {self.dc.needed} (the quorum)")
                 warned = True
             if waited >= 10 * self.dc.wait_s:
-                raise QuorumLost(f"DiLoCo round {rnd}: only {len(present)} of {self.islands} "
+                raise QuorumLost(f"DiLoCo round {rnd}: only {len(present)} of {self.dc.islands} "
                                  f"islands reported in {waited:.0f}s, fewer than the quorum "
                                  f"{self.dc.needed}; stopping (restart to rejoin)")
             time.sleep(0.1)
@@ -213,7 +212,7 @@ class Sync:
         if not (d / f"island-{self.island}").exists():
             self.pytree.save(d / f"island-{self.island}", own)
         members, decided = self._members(rnd) if jax.process_index() == 0 else ([], False)
-        members, decided = _one(np.asarray(members, np.int32)).tolist(), bool(_one(np.int32(decided)))
+        members, decided = from_process0(members), bool(_one(np.int32(decided)))
         if not members:
             raise QuorumLost(f"DiLoCo round {rnd}: no island reported")
         parts = self._parts(members)
@@ -228,7 +227,9 @@ class Sync:
                 continue
             path = d / f"mean-{m}"
             deadline = time.monotonic() + self.dc.wait_s
-            while not _one(np.int32(path.is_dir())) and time.monotonic() < deadline:
+            # process 0 decides when to stop waiting, so every process of the island runs
+            # the same number of broadcasts
+            while not _one(np.int32(path.is_dir() or time.monotonic() >= deadline)):
                 time.sleep(0.05)
             if _one(np.int32(path.is_dir())):
                 mean.update(self._read(path, parts[m]))

@@ -26,7 +26,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
 from megamesh.model.transformer import unflatten
-from megamesh.runs import Checkpointer, check_same_model, load_tokenizer, orbax_log_to
+from megamesh.runs import Checkpointer, check_same_model, load_tokenizer, one_line, orbax_log_to
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
@@ -290,7 +290,7 @@ def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str
     ram = None
     if tc.checkpoint.ram_every:
         ram = MemoryTier(process_directory(out, tc.checkpoint.ram_dir), mesh, ts.abstract_state(),
-                         every=tc.checkpoint.ram_every, fresh=not resume, log=warn)
+                         every=tc.checkpoint.ram_every, fresh=not resume)
         log(f"in-memory checkpoints every {tc.checkpoint.ram_every} step(s) in {ram.directory}"
             + (" (on disk, not under /dev/shm: slower than RAM)" if ram.on_disk else ""))
 
@@ -483,7 +483,7 @@ def _restore_from_ram(ram: MemoryTier, ckpt: Checkpointer, log: Any) -> tuple[in
     try:
         state, failed = ram.restore(step), ""
     except Exception as e:  # noqa: BLE001 -- any unreadable copy: the persistent tier
-        state, failed = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        state, failed = None, one_line(e)
     if jax.process_count() > 1:  # every process says where its shards came from
         log = lambda m: print(f"process {jax.process_index()}: {m}", flush=True)  # noqa: E731
     if _any_process(bool(failed)):

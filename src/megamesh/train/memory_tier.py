@@ -69,9 +69,9 @@ class MemoryTier:
     """Tiers 1 and 2 (module docstring) for one run; every process creates one."""
 
     def __init__(self, directory: str | Path, mesh: Any, abstract_state: Any, *, every: int,
-                 keep: int = 1, fresh: bool = False, log: Any = print):
+                 keep: int = 1, fresh: bool = False):
         self.directory = Path(directory).absolute()
-        self.every, self.log = every, log
+        self.every = every
         self.abstract_state = abstract_state
         if fresh and self.directory.exists():  # an earlier attempt at a run now started anew
             shutil.rmtree(self.directory, ignore_errors=True)
