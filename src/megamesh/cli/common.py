@@ -28,6 +28,12 @@ def split_overrides(extra: list[str], allowed_prefixes: tuple[str, ...]) -> dict
     return out
 
 
+def key_values(text: str) -> dict[str, str]:
+    """`islands=4,inner_steps=100` as {"islands": "4", "inner_steps": "100"} (a flag's
+    comma-separated settings; a part without `=` is an error)."""
+    return parse_overrides([x.strip() for x in text.split(",") if x.strip()])
+
+
 def resolve_model(args: argparse.Namespace, extra: list[str]) -> ModelConfig:
     overrides = split_overrides(extra, ("model",))["model"]
     return model_config(args.model, overrides)

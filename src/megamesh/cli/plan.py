@@ -8,7 +8,7 @@ import json
 import re
 import sys
 
-from megamesh.cli.common import split_overrides
+from megamesh.cli.common import key_values, split_overrides
 from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
@@ -18,7 +18,6 @@ from megamesh.plan.layout import REMATS, Workload
 from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
 from megamesh.runspec import plan_json
-from megamesh.settings import parse_overrides
 from megamesh.sharding.logical import parse_layout
 
 _DURATION = re.compile(r"^\s*([\d.]+)\s*(s|m|h|d|w)?\s*$")
@@ -133,7 +132,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     train = questions.training_answer(w, target, best, tokens)
     diloco = None
     if args.diloco:
-        opts = parse_overrides([x.strip() for x in args.diloco.split(",") if x.strip()])
+        opts = key_values(args.diloco)
         unknown = sorted(set(opts) - {"islands", "inner_steps"})
         if unknown or "islands" not in opts:
             raise ConfigError(f"--diloco {args.diloco!r} is not allowed: write islands=N[,inner_steps=H]")

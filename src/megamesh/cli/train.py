@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from megamesh.cli.common import split_overrides
+from megamesh.cli.common import key_values, split_overrides
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.runspec import read_plan
-from megamesh.settings import apply_overrides, parse_overrides
+from megamesh.settings import apply_overrides
 from megamesh.train.config import TrainConfig, default_warmup
 
 
@@ -75,8 +75,7 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
     if args.diloco:
-        train_over.update({f"diloco.{k}": v for k, v in parse_overrides(
-            [x.strip() for x in args.diloco.split(",") if x.strip()]).items()})
+        train_over.update({f"diloco.{k}": v for k, v in key_values(args.diloco).items()})
     if "steps" in train_over and "schedule.warmup_steps" not in train_over:
         train_over["schedule.warmup_steps"] = default_warmup(int(train_over["steps"]))
     return cfg, apply_overrides(TrainConfig(), train_over, "train.")
