@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -84,18 +85,24 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["megamesh", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture
-def held_port():
+@contextlib.contextmanager
+def hold_free_port():
     """A free port for a server a subprocess starts (e.g. jax.distributed's coordinator),
-    held until the test ends: bound here with SO_REUSEPORT, which gRPC servers also set, so
+    held while the block runs: bound here with SO_REUSEPORT, which gRPC servers also set, so
     the subprocess can bind it while no other program can take it in between."""
     import socket
 
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind(("127.0.0.1", 0))
-    yield s.getsockname()[1]
-    s.close()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def held_port():
+    """`hold_free_port` until the test ends."""
+    with hold_free_port() as port:
+        yield port
 
 
 @dataclasses.dataclass

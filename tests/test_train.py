@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MEGAMESH, cli_env, run_cli, run_main
+from conftest import MEGAMESH, cli_env, hold_free_port, run_cli, run_main
 from megamesh.cli import main
 from megamesh.train.loop import TrainingDiverged
 
@@ -541,13 +541,9 @@ TWO_HOSTS_ARGS = ("--steps", "12", "--train.checkpoint.every=5")
 def two_hosts(tmp_path_factory, corpus):
     """An uninterrupted run as 2 localhost processes x 1 CPU device (dcn=2), 12 steps; each
     process's stdout in stdout-<i>.txt."""
-    import socket
-
     out = tmp_path_factory.mktemp("two-hosts") / "run"
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", 0))
-        stdout = _finish(_start_processes(out, corpus, s.getsockname()[1], 2, *TWO_HOSTS_ARGS))
+    with hold_free_port() as port:
+        stdout = _finish(_start_processes(out, corpus, port, 2, *TWO_HOSTS_ARGS))
     for i, text in enumerate(stdout):
         (out / f"stdout-{i}.txt").write_text(text)
     return out
