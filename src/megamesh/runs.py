@@ -27,6 +27,7 @@ import re
 import sys
 import time
 import traceback
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,8 @@ class _ToFile(logging.Handler):
 @contextlib.contextmanager
 def orbax_log_to(path: Path):
     """Within the block, Orbax's warnings and errors (its absl logging, asyncio's reports of
-    its failed writer tasks, exceptions its threads print) go to `path`, not stderr."""
+    its failed writer tasks, exceptions its threads print, the RuntimeWarning for a writer
+    coroutine abandoned by a failed save) go to `path`, not stderr."""
     # absl: Orbax's logging; asyncio: "Task exception was never retrieved" from its writers
     loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
     handler, hook = _ToFile(path), sys.excepthook
@@ -154,11 +156,20 @@ def orbax_log_to(path: Path):
     def unraisable(u: Any) -> None:
         to_file(u.exc_type, u.exc_value, u.exc_traceback)
 
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:  # Orbax's abandoned writer coroutines, collected at exit
+        if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
+            handler.emit(logging.LogRecord("warnings", logging.WARNING, filename, lineno,
+                                           f"{category.__name__}: {message}", None, None))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
     for lg in loggers:
         lg.addHandler(handler)
         lg.propagate = False
     sys.excepthook, unraisable_hook = to_file, sys.unraisablehook
     sys.unraisablehook = unraisable
+    shown, warnings.showwarning = warnings.showwarning, show
     try:
         yield
     finally:
@@ -166,6 +177,7 @@ def orbax_log_to(path: Path):
             lg.removeHandler(handler)
             lg.propagate = p
         sys.excepthook, sys.unraisablehook = hook, unraisable_hook
+        warnings.showwarning = shown
 
 
 def log_orbax_to(path: Path) -> None:
@@ -173,6 +185,10 @@ def log_orbax_to(path: Path) -> None:
     failed writer tasks are reported when they are garbage-collected, up to exit)."""
     cm = orbax_log_to(path)
     cm.__enter__()
+    # ... and at exit, after module teardown has undone the above, the RuntimeWarning for a
+    # writer coroutine a failed save abandoned would be the second line of a one-line error
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited",
+                            category=RuntimeWarning)
     _FOR_LIFE.append(cm)  # referenced: a collected generator would run its `finally`
 
 
