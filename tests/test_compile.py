@@ -162,13 +162,17 @@ def test_plan_verify_compiles_the_best_layout():
 
 
 def test_compile_decode_step_for_serving():
-    out = compile_json("--step", "decode", "--model", "tiny", "--target", "tpu7x:2x2x1", "--mesh",
-                       "data=2,tensor=4", "--seq", "1024", "--batch", "32")
+    """The serving decode step over the paged KV cache, for tpu7x: attention is TPU's ragged
+    paged attention kernel (head dim 128), and the pages are updated in place."""
+    out = compile_json("--step", "decode", "--model", "tiny", "--model.head_dim=128", "--target",
+                       "tpu7x:2x2x1", "--mesh", "data=2,tensor=4", "--seq", "1024", "--batch", "32")
     assert out["fits"] and out["step"] == "decode"
-    parts = out["plan"]["hbm_parts_bytes"]
-    # arguments: bf16 weights (serve rules: tensor parallel) + this device's KV cache + slots
-    assert out["hbm_per_device_bytes"]["argument"] == pytest.approx(
-        parts["weights"] + parts["kv_cache"], rel=0.01)
+    assert out["paged_attention"].startswith("ragged")
+    parts, hbm = out["plan"]["hbm_parts_bytes"], out["hbm_per_device_bytes"]
+    # arguments: bf16 weights (serve rules: tensor parallel) + this device's KV pages + rows
+    assert hbm["argument"] == pytest.approx(parts["weights"] + parts["kv_cache"], rel=0.01)
+    assert hbm["alias"] == pytest.approx(parts["kv_cache"], rel=0.01)  # donated: in place
+    assert hbm["temp"] < 0.1 * parts["kv_cache"]  # no copy of the pages
     assert any(c["kind"] == "all-reduce" for c in out["collectives"])  # tensor parallel
 
 

@@ -1,7 +1,9 @@
 """Every kernel implementation equals the plain reference: attention (blockwise, Pallas
 splash and Pallas GPU in interpret mode) forward and gradients, grouped-matmul MoE vs the
-einsum form, sharded per-device runs vs unsharded ones; the platform choice and its
-errors; and the compiled TPU train step at 8k tokens holds no T x T buffer."""
+einsum form, attention over the paged KV cache vs a dense cache, sharded per-device runs
+vs unsharded ones; the platform choice and its errors; and the compiled TPU train step at
+8k tokens holds no T x T buffer. (TPU's ragged paged attention cannot be interpreted off
+a TPU: tests/test_compile.py compiles it for tpu7x.)"""
 
 import jax
 import jax.numpy as jnp
@@ -222,14 +224,52 @@ def test_grouped_moe_sharded_equals_unsharded():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 
 
+# --------------------------------------------------------------------------- paged KV cache
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_paged_attention_equals_a_dense_cache_bit_for_bit(T):
+    """Keys and values written through a page table (pages scattered over the pool, the
+    scratch page full of garbage), read back by `paged_attention` (xla): exactly the
+    dense-cache attention the engine ran before pages, `attend` over (B, S) rows."""
+    from megamesh.model.kernels import paged_attention
+    from megamesh.model.kvcache import write_kv
+
+    B, H, K, Dh, P, S, L = 3, 4, 2, 16, 4, 24, 2
+    per = S // P
+    rng = np.random.default_rng(0)
+    n_pages = 1 + B * per
+    table = jnp.asarray(1 + rng.permutation(B * per).reshape(B, per), jnp.int32)
+    pages = jnp.asarray(rng.normal(size=(L * n_pages, P, 2 * K, Dh)), jnp.float32)  # garbage
+    k_all, v_all = (jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32) for _ in range(2))
+    base = jnp.int32(n_pages)  # layer 1
+    start = jnp.asarray([0, 7, 12], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    pages = write_kv(pages, k_all, v_all, table, pos, base)  # every position of every row
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.float32)
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    A = 20  # an attention bucket: every row's last position is below it
+    got = paged_attention(q, pages, table, base, positions, A)
+    want = attend(q, k_all[:, :A], v_all[:, :A], positions, pos[:, :A])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # a row writing past the pages it owns (table entries 0) writes to its layer's scratch
+    # page, never to another row's page
+    before = pages
+    short = table.at[0, 2:].set(0)
+    pages = write_kv(pages, k_all[:1, 8:12], v_all[:1, 8:12], short[:1], pos[:1, 8:12] + 4, base)
+    changed = np.nonzero(np.any(np.asarray(pages != before), axis=(1, 2, 3)))[0]
+    assert set(changed.tolist()) <= {int(base)}  # only layer 1's scratch page
+
+
 # --------------------------------------------------------------------------- the choice
 
 
 def test_platform_defaults_and_overrides():
     assert choose_kernels("tpu") == Kernels(attention="splash", moe="grouped", matmul="native",
-                                            platform="tpu")
+                                            platform="tpu", paged="ragged")
     assert choose_kernels("cuda").attention == "cudnn"
-    assert choose_kernels("cpu").describe() == "attention=blockwise,moe=einsum,matmul=f32"
+    assert choose_kernels("cuda").paged == "xla"
+    assert choose_kernels("cpu").describe() == "attention=blockwise,moe=einsum,matmul=f32,paged=xla"
     assert choose_kernels("tpu", "attention=blockwise, moe=einsum").attention == "blockwise"
     # a mesh that splits experts keeps the einsum form (XLA's all-to-alls)
     assert choose_kernels("tpu", "auto", {"expert": 4}).moe == "einsum"
@@ -239,6 +279,8 @@ def test_platform_defaults_and_overrides():
     ("attention=flash", "attention='flash' is not allowed: one of reference, blockwise"),
     ("attn=splash", "'attn=splash' is not allowed: use KEY=NAME pairs"),
     ("attention=cudnn", "needs a GPU"),
+    ("paged=ragged", "paged=ragged needs a TPU"),
+    ("paged=vllm", "paged='vllm' is not allowed: one of xla, ragged"),
 ])
 def test_bad_kernel_overrides_are_clear_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

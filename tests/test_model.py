@@ -7,7 +7,8 @@ import pytest
 
 from megamesh.config import MoEConfig, apply_overrides, preset
 from megamesh.model import moe as moe_lib
-from megamesh.model.transformer import forward, init_cache, init_params
+from megamesh.model.kvcache import init_cache
+from megamesh.model.transformer import forward, init_params
 
 SMALL = {"n_layers": "2", "d_model": "64", "n_heads": "4", "n_kv_heads": "2", "d_ff": "128",
          "vocab_size": "256"}

@@ -165,6 +165,47 @@ def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
     assert engine.active == 0 and sorted(engine._free) == list(range(16))
 
 
+def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run_dir, engine):
+    """A request holds KV pages for the positions it has (not --max-len), and when the pool
+    runs out, the request admitted last is preempted and recomputed later: 8 requests that
+    need ~56 pages share 32 (one full-length sequence's worth), every request's tokens equal
+    its tokens when run alone, and every page comes back."""
+    from megamesh.serve.server import build_engine
+
+    small = build_engine(str(run_dir), mesh="tensor=1", slots=8, max_len=512, dtype="float32",
+                         kv_pages=32, log=lambda *_: None)
+    small.start()
+    try:
+        tok = engine.model.tokenizer
+        prompts = [tok.encode(f"def handler_{i}(request, *args, **kwargs):").ids for i in range(8)]
+        sampling = SamplingParams(max_tokens=90, temperature=0, ignore_eos=True)
+        held: list[int] = []
+        alone = [run_engine(small, p, sampling)[0].out_ids for p in prompts]
+        done, reqs = threading.Semaphore(0), []
+
+        def emit(ev):
+            held.append(small.pages_used)
+            if ev.done:
+                done.release()
+
+        seen: list[int] = []
+        one = threading.Event()
+        small.submit(prompts[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True),
+                     lambda ev: (seen.append(small.pages_used), ev.done and one.set()))
+        assert one.wait(120)
+        # pages for positions 0 .. n + 28 (the last token is never fed back), not max_len's 32
+        assert max(seen) == -(-(len(prompts[0]) + 29) // 16) < 32
+        for p in prompts:
+            reqs.append(small.submit(p, sampling, emit))
+        for _ in reqs:
+            assert done.acquire(timeout=300)
+        assert [r.out_ids for r in reqs] == alone
+        assert small.stats["preempted"] > 0 and max(held) <= 32
+        assert small.pages_used == 0 and small.active == 0
+    finally:
+        small.stop()
+
+
 def test_engine_refuses_what_does_not_fit(engine):
     from megamesh.serve.engine import TooLong
 

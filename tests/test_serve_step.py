@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from megamesh.config import preset
-from megamesh.model.transformer import forward, init_cache, init_params
+from megamesh.model.kvcache import contiguous_table, init_pages
+from megamesh.model.transformer import forward, init_params
 from megamesh.serve.step import SlotSampling, build_decode_step
 from megamesh.sharding.mesh import make_mesh
 
@@ -19,11 +20,13 @@ def test_decode_step_matches_forward(layout, n_dev):
     B, T = 4, 8
     toks = jax.random.randint(jax.random.key(1), (B, T), 0, cfg.vocab_size)
     full = forward(params, toks, jnp.broadcast_to(jnp.arange(T), (B, T)), cfg=cfg).logits
-    ds = build_decode_step(cfg, make_mesh(layout, jax.devices()[:n_dev]), B, 16, dtype="float32")
+    ds = build_decode_step(cfg, make_mesh(layout, jax.devices()[:n_dev]), B, 16, dtype="float32",
+                           page_size=4)
     p = jax.device_put(params, ds.param_shardings)
-    cache = jax.device_put(init_cache(cfg, B, 16, jnp.float32), ds.cache_shardings)
+    pages = jax.device_put(init_pages(cfg, ds.n_pages, ds.page_size, jnp.float32), ds.page_shardings)
+    table = contiguous_table(B, 16, ds.page_size)[:, ::-1].copy()  # pages in any order
     greedy = SlotSampling.rows([], B)
     for t in range(T):
-        nxt, logits, cache = ds.fn(p, cache, toks[:, t], jnp.full((B,), t, jnp.int32), greedy)
+        nxt, logits, pages = ds.fn(p, pages, table, toks[:, t], jnp.full((B,), t, jnp.int32), greedy)
     assert jnp.allclose(logits, full[:, -1], atol=1e-4)
     assert (nxt == jnp.argmax(full[:, -1], axis=-1)).all()

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     import jax.numpy as jnp
     import numpy as np
 
+    from megamesh.model.kvcache import init_cache
     from megamesh.model.source import load_weights
-    from megamesh.model.transformer import forward, init_cache, init_params, unflatten
+    from megamesh.model.transformer import forward, init_params, unflatten
 
     B, T = args.batch, min(args.seq, cfg.max_seq_len)
     print(f"running {cfg.name} ({_human(specs.param_count(cfg))} parameters) on "

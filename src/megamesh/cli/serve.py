@@ -20,7 +20,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="accept only these keys (x-api-key or Authorization: Bearer); repeatable")
     p.add_argument("--name", help="model id clients send (default: the model's name)")
     p.add_argument("--mesh", help="serving layout such as tensor=4 (default: all devices on tensor)")
-    p.add_argument("--slots", type=int, default=16, help="concurrent sequences (KV cache rows; default 16)")
+    p.add_argument("--slots", type=int, default=16,
+                   help="concurrent sequences (rows of the decode batch; default 16)")
+    p.add_argument("--kv-pages", type=int,
+                   help="KV cache pages to allocate (default: slots x max-len / page-size, the "
+                   "memory of a full-length sequence per slot); requests hold pages for the "
+                   "positions they have, so more slots fit in the same memory")
+    p.add_argument("--page-size", type=int, default=16,
+                   help="positions per KV page (a divisor of 64; default 16)")
     p.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: the model's)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before 529 overloaded (default 256)")
@@ -40,7 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    for flag in ("slots", "max_queue", "max_concurrent_per_key"):
+    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if not 0 <= args.port < 65536:
@@ -58,10 +65,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.serve.api import Settings, create_app
 
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
-                          max_queue=args.max_queue, dtype=args.dtype, name=args.name)
+                          max_queue=args.max_queue, dtype=args.dtype, name=args.name,
+                          page_size=args.page_size, kv_pages=args.kv_pages)
     m = engine.model
-    print(f"model {m.name!r} from {m.source}: {engine.slots} slots x {engine.max_len} tokens "
-          f"(KV cache {engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
+    print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
+          f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
+          f"{engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
           f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
           f"(attention every {engine.decode_buckets[0]} tokens x batches {engine.batch_buckets}) ...",
           flush=True)

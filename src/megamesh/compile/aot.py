@@ -112,8 +112,12 @@ def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: 
     devs = topology_devices(target)
     mesh = make_mesh(layout, devs)
     ds = build_decode_step(cfg, mesh, batch, max_len, dtype=dtype)
-    return _compile(ds.fn, ds.abstract_args(cfg), target, format_layout(mesh_sizes(mesh)),
-                    "decode", save)
+    args = ds.abstract_args(cfg)
+    report = _compile(ds.fn, args, target, format_layout(mesh_sizes(mesh)), "decode", save)
+    # which attention over the KV pages the step runs (`model.kernels.paged_attention`)
+    ragged = "ragged_paged_attention" in str(jax.make_jaxpr(ds.fn)(*args))
+    report.extra["paged_attention"] = "ragged (Pallas TPU kernel)" if ragged else "xla (gather)"
+    return report
 
 
 def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str,

@@ -1,12 +1,8 @@
-"""Attention: RoPE, the KV cache write, and grouped-query attention.
+"""Attention: RoPE and grouped-query attention (the plain formula every kernel is tested
+against; the KV cache's pages are in `model.kvcache`).
 
 Glossary: B batch, T query length, S key length, H query heads, K kv heads,
 G = H / K query heads per kv head, Dh head dim.
-
-Cache convention: slot j of a row's cache holds the key/value of position j, so a
-query at position p attends to slots 0..p. Tokens are written at `positions[:, 0]`
-onwards (a row's T new tokens have consecutive positions); the caller keeps
-positions + T <= S. Stale slots past p are masked, never read.
 """
 
 from __future__ import annotations
@@ -55,16 +51,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
     return out.astype(x.dtype)
-
-
-def write_cache(cache: jax.Array, new: jax.Array, layer: jax.Array, start: jax.Array) -> jax.Array:
-    """Write new (B, T, K, Dh) into layer `layer` of cache (L, B, S, K, Dh) at per-row slot
-    `start` (B,). One scatter of the new entries: inside the layer scan, where the cache is
-    a loop carry, XLA updates it in place instead of copying the whole cache every step."""
-    B, T = new.shape[:2]
-    rows = jnp.arange(B, dtype=start.dtype)[:, None]
-    slots = start[:, None] + jnp.arange(T, dtype=start.dtype)[None, :]
-    return cache.at[layer, rows, slots].set(new.astype(cache.dtype))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,

@@ -1,8 +1,9 @@
 """The backend: which kernel implementations a run uses, chosen per platform in one place.
 
 `choose_kernels(platform, overrides, mesh_sizes)` picks a `Kernels` value (TPU: splash
-attention, grouped MoE, native bf16 matmuls; GPU: cuDNN attention, einsum MoE, native
-matmuls; CPU: blockwise attention, einsum MoE, f32 matmul kernels). The sharding layer
+attention, grouped MoE, native bf16 matmuls, ragged paged attention for serving; GPU:
+cuDNN attention, einsum MoE, native matmuls, XLA's paged attention; CPU: blockwise
+attention, einsum MoE, f32 matmul kernels, XLA's paged attention). The sharding layer
 installs it for the duration of a trace (`using_kernels`, from
 `sharding.rules.activation_sharding`) together with a `PerDevice` runner that calls the
 kernels XLA cannot partition (Pallas, cuDNN, the grouped MoE's sort) under `shard_map`.
@@ -37,6 +38,7 @@ from megamesh.errors import ConfigError
 ATTENTION = ("reference", "blockwise", "splash", "cudnn", "pallas_gpu")
 MOE = ("einsum", "grouped")
 MATMUL = ("f32", "native")
+PAGED = ("xla", "ragged")
 # The grouped MoE kernel sorts a device's own tokens: it needs the experts' weights whole on
 # every device, which the expert and tensor mesh axes split (those layouts keep einsum).
 GROUPED_NEEDS_UNSPLIT = ("expert", "tensor")
@@ -50,13 +52,16 @@ class Kernels:
     moe: str
     matmul: str
     platform: str = "cpu"  # what the trace targets (Pallas kernels interpret off their own)
+    paged: str = "xla"  # attention over the paged KV cache (serving)
 
     def describe(self) -> str:
-        return f"attention={self.attention},moe={self.moe},matmul={self.matmul}"
+        return (f"attention={self.attention},moe={self.moe},matmul={self.matmul},"
+                f"paged={self.paged}")
 
 
 PLATFORM_DEFAULTS = {
-    "tpu": Kernels(attention="splash", moe="grouped", matmul="native", platform="tpu"),
+    "tpu": Kernels(attention="splash", moe="grouped", matmul="native", platform="tpu",
+                   paged="ragged"),
     # GPU MoE stays einsum: XLA:GPU (jaxlib 0.10) lowers ragged_dot to a dense dot over
     # every expert (E x the work and memory; public reports: github.com/marin-community/
     # marin issues 7012 and 5394); cuDNN grouped GEMMs for it are landing in XLA
@@ -94,13 +99,13 @@ def choose_kernels(platform: str, overrides: str = "auto",
     k = PLATFORM_DEFAULTS[plat]
     asked: dict[str, str] = {}
     if overrides and overrides != "auto":
-        allowed = {"attention": ATTENTION, "moe": MOE, "matmul": MATMUL}
+        allowed = {"attention": ATTENTION, "moe": MOE, "matmul": MATMUL, "paged": PAGED}
         for item in overrides.split(","):
             key, sep, value = item.partition("=")
             key, value = key.strip(), value.strip()
             if not sep or key not in allowed:
                 raise ConfigError(f"--kernels {overrides!r}: {item!r} is not allowed: use "
-                                  "KEY=NAME pairs with KEY one of attention, moe, matmul")
+                                  "KEY=NAME pairs with KEY one of attention, moe, matmul, paged")
             if value not in allowed[key]:
                 raise ConfigError(f"--kernels {key}={value!r} is not allowed: one of "
                                   f"{', '.join(allowed[key])}")
@@ -108,6 +113,9 @@ def choose_kernels(platform: str, overrides: str = "auto",
         k = dataclasses.replace(k, **asked)
     if k.attention == "cudnn" and plat != "gpu":
         raise ConfigError(f"--kernels attention=cudnn needs a GPU; this run's devices are {plat}")
+    if k.paged == "ragged" and plat != "tpu":
+        raise ConfigError(f"--kernels paged=ragged needs a TPU (Pallas' TPU kernel has no "
+                          f"interpreter for it); this run's devices are {plat}")
     split = [a for a in GROUPED_NEEDS_UNSPLIT if (mesh_sizes or {}).get(a, 1) > 1]
     if k.moe == "grouped" and split:
         if "moe" in asked:

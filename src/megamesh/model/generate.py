@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from megamesh.config import ModelConfig
-from megamesh.model.transformer import forward, init_cache
+from megamesh.model.kvcache import init_cache
+from megamesh.model.transformer import forward
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,

@@ -13,6 +13,9 @@ per platform in one place, overridable with `--kernels`). The whole registry:
 | moe       | `einsum` (GShard one-hot dispatch/combine; XLA inserts expert all-to-alls) |
 |           | `grouped` (tokens sorted by expert, `jax.lax.ragged_dot`; dropless in      |
 |           | O(tokens x k) memory)                                                    |
+| paged     | `xla` (the serving KV cache's pages gathered through the page table, then  |
+|           | `attention.attend`: plain JAX, on CPU and GPU)                           |
+|           | `ragged` (Pallas TPU ragged paged attention: reads the pages in place)     |
 | matmul    | `f32` (bf16 operands widened to f32 kernels: XLA:CPU's fast GEMMs)        |
 |           | `native` (bf16 operands and outputs, f32 accumulation in the unit: every  |
 |           | backward GEMM stays bf16)                                                 |
@@ -33,8 +36,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from megamesh.model.attention import attend
 from megamesh.model.backend import active, run_per_device
 from megamesh.model.blockwise import DEFAULT_BLOCK, blockwise_attention
+from megamesh.model.kvcache import gather_kv
 from megamesh.model.specs import splash_block
 
 # --------------------------------------------------------------------------- attention
@@ -177,3 +182,53 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     out = pa.mha(pad(q), pad(k), pad(v), None, sm_scale=Dh**-0.5, causal=True,
                  block_sizes=sizes, interpret=interpret)
     return out[:, :T]
+
+
+# --------------------------------------------------------------------------- paged attention
+
+
+def paged_attention(q: jax.Array, pages: jax.Array, table: jax.Array, base: jax.Array,
+                    positions: jax.Array, attend_len: int) -> jax.Array:
+    """Attention of new queries over a paged KV cache (`model.kvcache`), with the installed
+    implementation: q (B, T, H, Dh) at `positions` (B, T) (consecutive per row, new keys
+    already written), pages (L*N, P, 2K, Dh) of which this layer's are base..base+N-1,
+    table (B, pages_per_seq). Attends causally to positions [0, attend_len) (`xla`; a
+    static bucket) or to each row's own length (`ragged`, where `_ragged_fits`; else the
+    `xla` path). Returns (B, T, H, Dh)."""
+    if active()[0].paged == "ragged" and _ragged_fits(q, pages):
+        return run_per_device(ragged_paged_attention, (q, pages, base + table, positions),
+                              (_Q, (None, None, "kv_heads", "head_dim"), ("batch", None),
+                               ("batch", None)), _Q, ("heads", "kv_heads"))
+    k, v = gather_kv(pages, table, base, attend_len)
+    B, S = table.shape[0], k.shape[1]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
+    return attend(q, k.astype(q.dtype), v.astype(q.dtype), positions, k_pos)
+
+
+def _ragged_fits(q: jax.Array, pages: jax.Array) -> bool:
+    """Whether the TPU kernel takes these shapes: a head dim of whole 128-lane tiles, and
+    combined kv heads (2K) split over the mesh no further than the kv heads (K) are (a
+    device must hold each head's key and value both)."""
+    ways = getattr(active()[1], "ways", None)
+    K2 = pages.shape[2]
+    split_alike = ways is None or ways("kv_heads", K2) == ways("kv_heads", K2 // 2)
+    return q.shape[-1] % 128 == 0 and split_alike
+
+
+def ragged_paged_attention(q: jax.Array, pages: jax.Array, table: jax.Array,
+                           positions: jax.Array) -> jax.Array:
+    """Pallas TPU ragged paged attention on one device's shard: every row is a sequence
+    whose T queries are its last T positions (kv length = last position + 1); `table`
+    already holds this layer's page ids; the pages are in the kernel's layout. Block sizes
+    are given (the kernel's own lookup reads
+    jax.devices(), which is the CPU when compiling for a TPU from a host). TPU only: Pallas
+    cannot interpret this kernel (`backend.choose_kernels` refuses it elsewhere)."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention as rpa
+
+    B, T, H, Dh = q.shape
+    P, pps = pages.shape[1], table.shape[1]
+    out = rpa(q.reshape(B * T, H, Dh), pages, positions[:, -1] + 1, table,
+              jnp.arange(B + 1, dtype=jnp.int32) * T, jnp.array([B], jnp.int32),
+              sm_scale=Dh**-0.5, num_kv_pages_per_block=min(pps, max(1, 512 // P)),
+              num_queries_per_block=min(32, _round_up(B * T, 8)))
+    return out.reshape(B, T, H, Dh)

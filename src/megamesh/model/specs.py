@@ -180,9 +180,9 @@ def param_bytes(cfg: ModelConfig, dtype: str | None = None) -> int:
     return sum(s.size * DTYPE_BYTES[dtype or s.dtype] for s in param_specs(cfg).values())
 
 
-def cache_axes() -> tuple[str, ...]:
-    """Logical axes of one stacked K or V cache array (L, B, S, K, Dh)."""
-    return ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+# KV cache positions per page (`model.kvcache`; vLLM's default block size): divides every
+# attention bucket of the serving engine
+DEFAULT_PAGE = 16
 
 
 def splash_block(seq: int) -> int:

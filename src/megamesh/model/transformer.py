@@ -4,8 +4,9 @@
 
 - training: cache=None; tokens (B, T) attend causally by index (`kernels.causal_attention`,
   the platform's kernel); positions give RoPE angles.
-- prefill / decode: pass a cache from `init_cache`; the T new tokens of each row are
-  written at their positions and attend to everything cached at positions <= their own.
+- prefill / decode: pass a paged KV cache (`model.kvcache.KVCache`: pages and a page table
+  per row); the T new tokens of each row are written at their positions and attend to
+  everything cached at positions <= their own (`kernels.paged_attention`).
 
 Glossary: B batch, T tokens, S cache length, D d_model, F d_ff, H heads, K kv heads,
 Dh head dim, V vocab, L layers, E experts.
@@ -26,16 +27,16 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from megamesh.config import ModelConfig
-from megamesh.model.attention import apply_rope, attend, rope_tables, write_cache
+from megamesh.model.attention import apply_rope, rope_tables
 from megamesh.model.axes import compute_weight, constrain
 from megamesh.model.backend import matmul_inputs, native_matmuls
-from megamesh.model.kernels import causal_attention
+from megamesh.model.kernels import causal_attention, paged_attention
+from megamesh.model.kvcache import KVCache, write_kv
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
 from megamesh.runspec import REMAT_POLICIES
 
 Params = dict[str, Any]
-Cache = dict[str, dict[str, jax.Array]]
 
 # Saved to host memory under remat "offload" (MaxText's names and its v6e recipes' policy):
 # each layer's input and its attention projections; attention and the MLP are recomputed.
@@ -58,7 +59,7 @@ class Output(NamedTuple):
 
     logits: jax.Array | None  # (B, T, V) float32; (B, 1, V) with logits_at; None with logits=False
     hidden: jax.Array  # the final normed hidden state (B, T, D) in compute dtype
-    cache: Cache | None  # the updated KV cache; None when training
+    cache: KVCache | None  # the updated KV cache; None when training
     aux: jax.Array  # MoE load-balancing loss (mean over MoE layers; 0 for dense models)
 
 
@@ -103,17 +104,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + k] = v
     return out
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache: per stack, k and v of shape (L, B, S, K, Dh)."""
-    dtype = jnp.dtype(dtype or cfg.compute_dtype)
-    shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-    return {
-        s.name: {"k": jnp.zeros((s.n_layers, *shape), dtype),
-                 "v": jnp.zeros((s.n_layers, *shape), dtype)}
-        for s in layer_stacks(cfg)
-    }
 
 
 # --------------------------------------------------------------------------- forward
@@ -188,12 +178,11 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
           attend_len: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
     """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D).
 
-    kv: None (training), or (k cache, v cache, layer index) with the stack's whole caches
-    (L, R, S, K, Dh), R >= B rows of which the batch is the first B; this layer's new keys
-    and values are written in place and its queries attend to the first `attend_len`
-    cache slots (default: all S).
+    kv: None (training), or (pages, page table, base) with the stack's pages
+    (L*N, P, 2K, Dh), the batch's table (B, pages_per_seq) and this layer's first page
+    id (layer * N); the new keys and values are written in place and the queries attend
+    to positions below `attend_len` (default: the whole table).
     """
-    cd = x.dtype
     x = checkpoint_name(x, "decoder_layer_input")  # names only matter to remat "offload"
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = checkpoint_name(dense(h, p["attn"]["wq"]), "query_proj")  # (B,T,H,Dh)
@@ -205,16 +194,11 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     if kv is None:  # training: causal by token index (positions only rotate q and k)
         out = causal_attention(q, k, v)
     else:
-        kc, vc, layer = kv
-        start = positions[:, 0]
-        kc, vc = write_cache(kc, k, layer, start), write_cache(vc, v, layer, start)
-        S = kc.shape[2] if attend_len is None else attend_len
-        B = x.shape[0]  # the batch may be the cache's first B rows (serving: the busy slots)
-        k_l = jax.lax.dynamic_index_in_dim(kc, layer, 0, keepdims=False)[:B, :S]
-        v_l = jax.lax.dynamic_index_in_dim(vc, layer, 0, keepdims=False)[:B, :S]
-        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
-        out = attend(q, k_l.astype(cd), v_l.astype(cd), positions, k_pos)
-        kv = (kc, vc, layer)
+        pages, table, base = kv
+        pages = write_kv(pages, k, v, table, positions, base)
+        S = table.shape[1] * pages.shape[1] if attend_len is None else attend_len
+        out = paged_attention(q, pages, table, base, positions, S)
+        kv = (pages, table, base)
     x = x + checkpoint_name(dense(out, p["attn"]["wo"], n_in=2), "out_proj")
     x = constrain(x, ("batch", "seq", "embed"))
 
@@ -260,17 +244,17 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     return compute_weight(head, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype))
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cache | None = None,
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
             *, cfg: ModelConfig, remat: str = "none", attend_len: int | None = None,
             logits_at: jax.Array | None = None, logits: bool = True) -> Output:
     """One pass of the decoder (`Output`: logits, hidden state, cache, MoE aux loss).
 
     Training: cache=None; `remat` (a resolved `runspec.REMAT_POLICIES` name) says what each
     layer saves for the backward pass. With a cache: `attend_len` (static) limits attention
-    to the first attend_len cache slots (a shape bucket: every position written or attended
-    must be below it); `logits_at` (B,) computes the logits only at that token index of
-    each row, (B, 1, V) (a prefill needs just its last prompt token's). `logits=False`
-    skips the output head (a loss that applies `head_weight` itself reads `hidden`).
+    to positions below it (a shape bucket: every position attended must be below it);
+    `logits_at` (B,) computes the logits only at that token index of each row, (B, 1, V)
+    (a prefill needs just its last prompt token's). `logits=False` skips the output head
+    (a loss that applies `head_weight` itself reads `hidden`).
     """
     if remat == "auto":
         raise ValueError("remat 'auto' must be resolved before the forward pass (train.step.resolve_remat)")
@@ -279,7 +263,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     x = embed_lookup(params["embed"], tokens, specs["embed"].axes, cd)  # (B,T,D)
     x = constrain(x, ("batch", "seq", "embed"))
     rope = rope_tables(positions, cfg)
-    new_cache: Cache | None = None if cache is None else {}
+    new_pages: dict[str, jax.Array] = {}
     aux_total = jnp.zeros((), jnp.float32)
     n_moe = 0
     for stack in layer_stacks(cfg):
@@ -301,19 +285,21 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
                 body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
             x, aux = jax.lax.scan(body, x, params[stack.name])
         else:
-            # the stack's cache rides in the loop carry and is updated in place
-            def body(carry, layer, stack=stack):
-                x, kc, vc = carry
-                p, i = layer
-                x, (kc, vc, _), aux = block(x, weights(p), positions, rope, (kc, vc, i), cfg,
-                                            stack.moe, attend_len)
-                return (x, kc, vc), aux
+            # the stack's pages ride in the loop carry and are updated in place
+            n_pages = cache.pages[stack.name].shape[0] // stack.n_layers
 
-            c = cache[stack.name]
-            (x, kc, vc), aux = jax.lax.scan(
-                body, (x, c["k"], c["v"]),
+            def body(carry, layer, stack=stack, n_pages=n_pages):
+                x, pages = carry
+                p, i = layer
+                x, (pages, _, _), aux = block(x, weights(p), positions, rope,
+                                              (pages, cache.table, i * n_pages), cfg, stack.moe,
+                                              attend_len)
+                return (x, pages), aux
+
+            (x, pages), aux = jax.lax.scan(
+                body, (x, cache.pages[stack.name]),
                 (params[stack.name], jnp.arange(stack.n_layers, dtype=jnp.int32)))
-            new_cache[stack.name] = {"k": kc, "v": vc}
+            new_pages[stack.name] = pages
         if stack.moe:
             aux_total = aux_total + jnp.sum(aux)
             n_moe += stack.n_layers
@@ -327,4 +313,5 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: Cach
     else:
         out = constrain(dense(hidden, head_weight(params, cfg), out_dtype=jnp.float32),
                         ("batch", "seq", "vocab"))
+    new_cache = None if cache is None else KVCache(new_pages, cache.table)
     return Output(logits=out, hidden=hidden, cache=new_cache, aux=aux_total / max(n_moe, 1))

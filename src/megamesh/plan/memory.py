@@ -15,7 +15,13 @@ from dataclasses import dataclass
 
 from megamesh.config import ModelConfig
 from megamesh.model.backend import LOSS_CHUNK_BYTES
-from megamesh.model.specs import DTYPE_BYTES, kv_cache_bytes_per_token, layer_stacks, param_specs
+from megamesh.model.specs import (
+    DEFAULT_PAGE,
+    DTYPE_BYTES,
+    kv_cache_bytes_per_token,
+    layer_stacks,
+    param_specs,
+)
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy, train_rules
 
@@ -226,15 +232,21 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
 def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
                   weight_bytes: int = 2, tpu: bool = False) -> Memory:
     """HBM per device of the serving decode step: weights (serving dtype, `serve` rules),
-    the KV cache of `batch` slots of `max_len` tokens, and the step's logits."""
+    the KV cache's pages for `batch` rows of `max_len` tokens (pages split by kv head only:
+    any row may own any page, `model.kvcache`), and the step's logits."""
 
     hl, _, ho, _ = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)
     held = hl + ho
     slots = batch / (layout.size("dcn") * layout.size("data") * layout.size("fsdp"))
     t = layout.size("tensor")
     kv_ways = t if cfg.n_kv_heads % t == 0 else 1
-    cache = slots * max_len * kv_cache_bytes_per_token(cfg) / kv_ways
+    page = DEFAULT_PAGE
+    positions = (batch * -(-max_len // page) + 1) * page  # every row's pages and the scratch page
+    # pages in the serving dtype (the weights')
+    cache = positions * kv_cache_bytes_per_token(cfg, "float32") / 4 * weight_bytes / kv_ways
     logits = slots * cfg.vocab_size / t * 4 * 2
-    # the layer scan writes the updated cache as a new stacked buffer: one more cache copy
+    # the pages are donated and updated in place (compiled for tpu7x: the step's temporaries
+    # are a few MB beside them); XLA's gather path, taken on TPU for head dims that are not
+    # a multiple of 128, holds gathered keys and values on top (not modelled)
     return Memory(state=held * weight_bytes, grads=0.0, weights_gathered=0.0, activations=cache,
-                  working=cache + logits)
+                  working=logits)

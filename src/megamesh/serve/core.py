@@ -175,7 +175,12 @@ class Metrics:
         self.output_tokens = PromCounter("megamesh_output_tokens", "tokens generated", registry=r)
         self.queue = Gauge("megamesh_queue_depth", "requests waiting for a slot", registry=r)
         self.active = Gauge("megamesh_active_slots", "slots holding a request", registry=r)
-        self.slots = Gauge("megamesh_slots", "decode slots (KV cache rows)", registry=r)
+        self.slots = Gauge("megamesh_slots", "decode slots (rows of the decode batch)", registry=r)
+        self.kv_pages = Gauge("megamesh_kv_pages", "KV cache pages", registry=r)
+        self.kv_pages_used = Gauge("megamesh_kv_pages_used", "KV cache pages held by requests",
+                                   registry=r)
+        self.preempted = Gauge("megamesh_preempted", "requests preempted for KV pages so far "
+                               "(recomputed when readmitted)", registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("megamesh_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.tpot = Histogram("megamesh_time_per_output_token_seconds", "TPOT (after the first token)",
@@ -269,6 +274,9 @@ class Core:
         self.metrics.queue.set_function(lambda: engine.waiting)
         self.metrics.active.set_function(lambda: engine.active)
         self.metrics.slots.set(engine.slots)
+        self.metrics.kv_pages.set(engine.kv_pages)
+        self.metrics.kv_pages_used.set_function(lambda: engine.pages_used)
+        self.metrics.preempted.set_function(lambda: engine.stats["preempted"])
         self.in_flight: Counter[str] = Counter()
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)

@@ -5,10 +5,17 @@ admit waiting requests into free slots (a prefill each, which also draws their f
 token), then run one decode step for all slots and hand every active request its next
 token. Requests join and leave the running batch at every step.
 
-KV memory is a fixed set of slots (rows of one cache of shape (L, slots, max_len, K, Dh)):
-a request holds one slot from admission to its last token; admission control is the
-number of free slots plus a bounded waiting queue (past it, `QueueFull`). A request is
-refused up front when prompt + max_tokens exceeds the context (`max_len`).
+KV memory is paged (`model.kvcache`): a pool of fixed-size pages (`page_size` positions
+each) and a page table row per running request, so a request holds memory for the
+positions it has, not for `max_len`. A request holds one slot (a row of the decode batch)
+from admission to its last token, and pages as it grows: its prompt's at admission, one
+more each time its decode crosses a page boundary. Admission needs a free slot and free
+pages for the prompt; when a running request needs a page and none is free, the request
+admitted last is preempted (vLLM's recompute preemption): its pages are freed and it
+goes back to the front of the queue, to be prefilled again from its prompt and the
+tokens it has generated (its stream just pauses). A bounded waiting queue (past it,
+`QueueFull`); a request is refused up front when prompt + max_tokens exceeds the context
+(`max_len`).
 
 Shapes are bucketed so nothing compiles per request: prefill per prompt-length bucket and
 decode per attention-length bucket (powers of two up to max_len), all compiled and run
@@ -35,9 +42,9 @@ import numpy as np
 
 from megamesh.errors import MegameshError
 from megamesh.model.backend import DECODE_BATCH_MULTIPLE
-from megamesh.model.transformer import init_cache
+from megamesh.model.kvcache import DEFAULT_PAGE, SCRATCH, init_pages, pages_per_seq
 from megamesh.serve.load import ServedModel
-from megamesh.serve.step import SlotSampling, build_decode_step, build_move_row, build_prefill_step
+from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step
 from megamesh.serve.text import END, Detokenizer, StopMatcher
 from megamesh.sharding.logical import batch_axes
 from megamesh.sharding.rules import mesh_platform
@@ -83,6 +90,8 @@ class Request:
     seed: int
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     slot: int = -1
+    pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
+    admitted: int = -1  # admission order (the last admitted is preempted first)
     pos: int = 0  # position of `last` (the token the next decode step feeds)
     last: int = 0
     n_out: int = 0
@@ -138,7 +147,10 @@ def batch_buckets(slots: int, mesh: Any) -> list[int]:
 class Engine:
     def __init__(self, model: ServedModel, mesh: Any, *, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
+                 page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  log: Callable[[str], None] = print):
+        """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
+        max_len / page_size (the memory of a dense cache with a row per slot)."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -147,6 +159,17 @@ class Engine:
             raise MegameshError(f"--slots {slots} is not allowed: at least 1")
         if self.max_len < 2:
             raise MegameshError(f"--max-len {self.max_len} is not allowed: at least 2")
+        if page_size < 1 or 64 % page_size:
+            raise MegameshError(f"--page-size {page_size} is not allowed: a divisor of 64 "
+                                "(1, 2, 4, 8, 16, 32 or 64)")
+        self.page_size = page_size
+        self.pages_per_seq = pages_per_seq(self.max_len, page_size)
+        kv_pages = slots * self.pages_per_seq if kv_pages is None else kv_pages
+        if kv_pages < self.pages_per_seq:
+            raise MegameshError(f"--kv-pages {kv_pages} is not allowed: at least "
+                                f"{self.pages_per_seq} (one request of --max-len {self.max_len} "
+                                f"tokens in pages of {page_size})")
+        self.kv_pages = kv_pages
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
@@ -154,18 +177,20 @@ class Engine:
         self.decode_buckets = decode_buckets(self.max_len)
         self.batch_buckets = batch_buckets(slots, mesh)
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
-                                                 cache_rows=slots)
+                                                 n_pages=kv_pages + 1, page_size=page_size)
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
-        self.move_row = build_move_row(any_step)
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
         self.compiled_all = threading.Event()
         self.params = model.params
-        self.cache = jax.device_put(init_cache(cfg, slots, self.max_len, jnp.dtype(dtype)),
-                                    any_step.cache_shardings)
+        self.pages = jax.device_put(init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(dtype)),
+                                    any_step.page_shardings)
+        self.table = np.zeros((slots, self.pages_per_seq), np.int32)  # a row per slot
+        self._free_pages = list(range(kv_pages, SCRATCH, -1))  # pop() gives the lowest page
+        self._admissions = itertools.count()
         self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
         self._active: dict[int, Request] = {}
         self._waiting: collections.deque[Request] = collections.deque()
@@ -175,7 +200,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._compiler: threading.Thread | None = None  # compiles small decode batches
         self.stats = collections.Counter()
-        self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.cache))
+        self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.pages))
 
     # ------------------------------------------------------------------ public API
 
@@ -247,35 +272,41 @@ class Engine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def pages_used(self) -> int:
+        """KV pages held by requests (of `kv_pages`)."""
+        return self.kv_pages - len(self._free_pages)
+
     # ------------------------------------------------------------------ the loop
 
     def _warm_up(self) -> None:
+        """Every prefill and full-batch decode once, on the scratch page only."""
+        row = np.zeros((1, self.pages_per_seq), np.int32)
         for b in self.buckets:
-            _, self.cache = self.prefill[b](self.params, self.cache, jnp.zeros((1, b), jnp.int32),
-                                            jnp.int32(1), jnp.int32(0), SlotSampling.one(0, 0.0, 0, 1.0))
+            _, self.pages = self.prefill[b](self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
+                                            np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0))
         b = self.slots
         zeros = jnp.zeros((b,), jnp.int32)
         for a in self.decode_buckets:
             step = self.decode[(b, a)]
-            out = step.fn(self.params, self.cache, zeros, zeros, SlotSampling.rows([], b))
-            self.cache = out[2]
+            out = step.fn(self.params, self.pages, self.table, zeros, zeros, SlotSampling.rows([], b))
+            self.pages = out[2]
             self._exec[(b, a)] = step.fn
-        self.cache = self.move_row(self.cache, np.int32(0), np.int32(0))
-        jax.block_until_ready(self.cache)
+        jax.block_until_ready(self.pages)
 
     def _abstract_args(self) -> tuple[Any, Any]:
         like = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return jax.tree.map(like, self.params), jax.tree.map(like, self.cache)
+        return jax.tree.map(like, self.params), jax.tree.map(like, self.pages)
 
     def _compile_small(self, keys: list[tuple[int, int]], abstract: tuple[Any, Any]) -> None:
-        params, cache = abstract
+        params, pages = abstract
         t0 = time.perf_counter()
         try:
             for b, a in sorted(keys, key=lambda k: (k[1], k[0])):  # short attention first
                 if self._stop:
                     return
                 step = self.decode[(b, a)]
-                self._exec[(b, a)] = step.fn.lower(params, cache, *step.slot_args()).compile()
+                self._exec[(b, a)] = step.fn.lower(params, pages, *step.row_args()).compile()
             self.log(f"compiled {len(keys)} smaller decode batches in the background in "
                      f"{time.perf_counter() - t0:.1f}s")
         except Exception as e:  # noqa: BLE001 -- the full-batch steps still serve
@@ -316,42 +347,88 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _admit(self) -> None:
+        """Prefill waiting requests into free slots while their prompts' pages are free
+        (within one step's prefill token budget)."""
         budget = self.max_prefill_tokens
         while self._free and budget > 0:
             with self._cv:
                 if not self._waiting:
                     return
-                req = self._waiting.popleft()
+                req = self._waiting[0]
+                tokens = req.prompt + req.out_ids  # out_ids: a preempted request's so far
+                # pages for the prompt and the first decode's position: a request admitted
+                # is not preempted by its own next step
+                if not req.cancelled and len(tokens) // self.page_size >= len(self._free_pages):
+                    return  # wait for pages (a running request's end frees some)
+                self._waiting.popleft()
             if req.cancelled:
                 self.stats["cancelled"] += 1
-                req.done = True
-                req.emit(Event(done=True, stop_reason="cancelled"))
+                self._finish(req, "cancelled")
                 continue
-            n = len(req.prompt)
+            n = len(tokens)
             b = next(x for x in self.buckets if x >= n)
             budget -= b
             req.slot = self._free.pop()
+            req.admitted = next(self._admissions)
             self._active[req.slot] = req
-            req.detok = Detokenizer(self.model.tokenizer, req.prompt)
-            req.stopper = StopMatcher(list(req.sampling.stop),
-                                      () if req.sampling.ignore_eos else (END,))
-            tokens = np.zeros((1, b), np.int32)
-            tokens[0, :n] = req.prompt
-            tok, self.cache = self.prefill[b](self.params, self.cache, tokens, np.int32(n),
-                                              np.int32(req.slot), SlotSampling.one(*req.draws))
+            self._grow(req, n)
+            if req.detok is None:  # first admission (a preempted request keeps its state)
+                req.detok = Detokenizer(self.model.tokenizer, req.prompt)
+                req.stopper = StopMatcher(list(req.sampling.stop),
+                                          () if req.sampling.ignore_eos else (END,))
+            padded = np.zeros((1, b), np.int32)
+            padded[0, :n] = tokens
+            tok, self.pages = self.prefill[b](self.params, self.pages, self.table[req.slot:req.slot + 1],
+                                              padded, np.int32(0), np.int32(n),
+                                              SlotSampling.one(*req.draws))
             req.pos = n
             self.stats["prompt_tokens"] += n
             self._accept(req, int(tok))
 
+    def _grow(self, req: Request, pos: int) -> None:
+        """Give `req` the pages for positions up to `pos` (free pages must be there)."""
+        while len(req.pages) <= pos // self.page_size:
+            page = self._free_pages.pop()
+            self.table[req.slot, len(req.pages)] = page
+            req.pages.append(page)
+
+    def _make_room(self) -> None:
+        """Every running request gets the page its next decode writes to; while none is free,
+        the request admitted last is preempted (recompute: back to the queue's front)."""
+        for req in sorted(self._active.values(), key=lambda r: r.admitted):
+            if req.done or self._active.get(req.slot) is not req:
+                continue
+            while len(req.pages) <= req.pos // self.page_size and not self._free_pages:
+                self._preempt(max(self._active.values(), key=lambda r: r.admitted))
+            if self._active.get(req.slot) is req:
+                self._grow(req, req.pos)
+
+    def _preempt(self, req: Request) -> None:
+        self._release(req)
+        req.slot, req.pos = -1, 0
+        with self._cv:
+            self._waiting.appendleft(req)
+        self.stats["preempted"] += 1
+
+    def _release(self, req: Request) -> None:
+        """Free the slot and pages of a running request."""
+        if req.slot >= 0 and self._active.get(req.slot) is req:
+            del self._active[req.slot]
+            self._free.append(req.slot)
+            self._free.sort(reverse=True)
+            self.table[req.slot] = SCRATCH
+        self._free_pages.extend(reversed(req.pages))
+        req.pages = []
+
     def _compact(self) -> None:
         """Keep the busy slots at the low rows (decode runs the smallest batch bucket that
-        covers them): move the highest busy row into the lowest free one, once per hole."""
+        covers them): move the highest busy row's page table into the lowest free row."""
         while self._active and self._free:
             low, high = min(self._free), max(self._active)
             if low > high:
                 return
             req = self._active.pop(high)
-            self.cache = self.move_row(self.cache, np.int32(high), np.int32(low))
+            self.table[low], self.table[high] = self.table[high], SCRATCH
             self._free.remove(low)
             self._free.append(high)
             self._free.sort(reverse=True)
@@ -360,6 +437,9 @@ class Engine:
             self.stats["slot_moves"] += 1
 
     def _decode(self) -> None:
+        self._make_room()
+        if not self._active:
+            return
         if len(self.batch_buckets) > 1:
             self._compact()
         hi = max(self._active) + 1
@@ -370,8 +450,8 @@ class Engine:
         rows = [(0, 0.0, 0, 1.0)] * B  # free rows: greedy, their tokens unused
         for slot, r in self._active.items():
             tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
-        nxt, _, self.cache = self._exec[(B, a)](self.params, self.cache, tokens, positions,
-                                                SlotSampling.rows(rows, B))
+        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, self.table[:B], tokens,
+                                                positions, SlotSampling.rows(rows, B))
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
@@ -413,10 +493,7 @@ class Engine:
         if req.done:
             return
         req.done = True
-        if req.slot >= 0 and self._active.get(req.slot) is req:
-            del self._active[req.slot]
-            self._free.append(req.slot)
-            self._free.sort(reverse=True)
+        self._release(req)
         self.stats["finished_" + reason] += 1
         req.emit(Event(text=text, done=True, stop_reason=reason, stop_sequence=sequence,
                        output_tokens=req.n_out, error=error))

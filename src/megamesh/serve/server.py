@@ -14,6 +14,7 @@ import jax
 import uvicorn
 
 from megamesh.errors import ConfigError
+from megamesh.model.specs import DEFAULT_PAGE
 from megamesh.serve.engine import Engine
 from megamesh.serve.load import load_model
 from megamesh.sharding.logical import parse_layout
@@ -28,6 +29,7 @@ def default_dtype() -> str:
 
 def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
+                 page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
     if dtype not in ("float32", "bfloat16"):
@@ -38,7 +40,8 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
         raise ConfigError(f"--mesh {mesh} needs {n} devices; this host has {len(jax.devices())}")
     m = make_mesh(layout, jax.devices()[:n])
     model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
-    return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype, log=log)
+    return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
+                  page_size=page_size, kv_pages=kv_pages, log=log)
 
 
 def bind(host: str, port: int) -> socket.socket:

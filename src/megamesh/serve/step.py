@@ -1,16 +1,17 @@
-"""The serving steps: prefill one request into a cache slot, and decode one token for every
-slot of a fixed-size batch, both through the model's own KV-cached forward. The engine runs
-these objects; `megamesh compile --step decode` lowers the same decode step for a TPU.
+"""The serving steps: prefill one request into its KV pages, and decode one token for every
+row of a batch, both through the model's own forward over the paged KV cache
+(`model.kvcache`). The engine runs these objects; `megamesh compile --step decode` lowers
+the same decode step for a TPU.
 
 Weights are held in the serving dtype (bf16 by default) with the `serve` strategy: tensor
-and expert parallel, no FSDP gathers per token; the batch (decode slots) over data; the
-KV cache split by kv head. Per slot: a token, its position and sampling parameters.
+and expert parallel, no FSDP gathers per token; the batch (decode rows) over data; the
+KV pages split by kv head (every row may own any page, so pages are not split over the
+batch). Per row: a token, its position, its page table row and sampling parameters.
 
-Shape buckets: a step is compiled per attention length A (the cache slots it reads), so a
-batch of short sequences does not read the whole context; every position written or read
-must be below A. The decode batch is always all slots and a prefill always one request,
-so a request's numbers do not depend on what else is running (the engine's tokens for a
-request are the same alone or among 64 others).
+Shape buckets: a step is compiled per attention length A (the positions it reads), so a
+batch of short sequences does not read the whole context; every position read must be
+below A (TPU's ragged kernel reads each row's own length whatever A). A prefill is
+always one request, so a request's numbers do not depend on what else is running.
 
 Random draws: the token at position p of a request is drawn with key
 fold_in(key(seed), p), so sampling with a seed is reproducible whatever the batch.
@@ -28,12 +29,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
 from megamesh.model.generate import sample
+from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, init_pages, pages_per_seq
 from megamesh.model.specs import param_specs
-from megamesh.model.transformer import forward, init_cache, unflatten
+from megamesh.model.transformer import forward, unflatten
 from megamesh.sharding.rules import (
     activation_sharding,
-    cache_shardings,
     data_sharding,
+    page_shardings,
     param_shardings,
     strategy,
 )
@@ -78,17 +80,29 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
 
 @dataclass(frozen=True)
 class DecodeStep:
-    fn: Any  # jitted (params, cache, tokens (B,), positions (B,), SlotSampling of (B,))
-    #          -> (next tokens (B,), logits (B, V) f32, cache); donates the cache
+    fn: Any  # jitted (params, pages, table (B, pages_per_seq), tokens (B,), positions (B,),
+    #          SlotSampling of (B,)) -> (next tokens (B,), logits (B, V) f32, pages);
+    #          donates the pages
     param_shardings: Any
-    cache_shardings: Any
+    page_shardings: Any
     slot_sharding: NamedSharding
+    table_sharding: NamedSharding
     mesh: Mesh
     batch: int
     max_len: int
     dtype: str
+    n_pages: int  # per layer, the scratch page included
+    page_size: int
     attend_len: int | None = None
-    cache_rows: int | None = None  # default: batch
+
+    @property
+    def pages_per_seq(self) -> int:
+        return pages_per_seq(self.max_len, self.page_size)
+
+    def abstract_pages(self, cfg: ModelConfig) -> Any:
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size, self.dtype))
+        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                            pages, self.page_shardings)
 
     def abstract_args(self, cfg: ModelConfig) -> tuple:
         """ShapeDtypeStructs of every argument (for AOT compile)."""
@@ -96,79 +110,68 @@ class DecodeStep:
                             for n, s in param_specs(cfg).items()})
         params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                               params, self.param_shardings)
-        cache = jax.eval_shape(lambda: init_cache(cfg, self.cache_rows or self.batch, self.max_len))
-        cache = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                             cache, self.cache_shardings)
-        return (params, cache, *self.slot_args())
+        return (params, self.abstract_pages(cfg), *self.row_args())
 
-    def slot_args(self) -> tuple:
-        """ShapeDtypeStructs of the per-slot arguments: tokens, positions, sampling."""
+    def row_args(self) -> tuple:
+        """ShapeDtypeStructs of the per-row arguments: page table, tokens, positions,
+        sampling."""
         slot = lambda dt: jax.ShapeDtypeStruct((self.batch,), dt, sharding=self.slot_sharding)
-        return (slot(jnp.int32), slot(jnp.int32), SlotSampling.abstract(self.batch, self.slot_sharding))
+        table = jax.ShapeDtypeStruct((self.batch, self.pages_per_seq), jnp.int32,
+                                     sharding=self.table_sharding)
+        return (table, slot(jnp.int32), slot(jnp.int32),
+                SlotSampling.abstract(self.batch, self.slot_sharding))
 
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       dtype: str = "bfloat16", attend_len: int | None = None,
-                      cache_rows: int | None = None) -> DecodeStep:
-    """One decode step for `batch` rows. With `cache_rows` > batch, the cache has that many
-    rows and the step runs its first `batch` (the busy slots; the cache's batch dim must
-    not be sharded then)."""
+                      n_pages: int | None = None, page_size: int = DEFAULT_PAGE) -> DecodeStep:
+    """One decode step for `batch` rows over `n_pages` KV pages per layer (default: enough
+    for every row to reach max_len, and the scratch page)."""
     rules = strategy("serve")
     p_shard = param_shardings(cfg, mesh, rules)
-    rows = cache_rows or batch
-    c_shard = cache_shardings(jax.eval_shape(lambda: init_cache(cfg, rows, max_len)), mesh, rules)
-    slot = NamedSharding(mesh, PartitionSpec(*data_sharding(mesh, rules, (batch, 1)).spec[:1]))
+    n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
+    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, dtype)),
+                              mesh, rules)
+    row_spec = data_sharding(mesh, rules, (batch, 1)).spec[:1]
+    slot = NamedSharding(mesh, PartitionSpec(*row_spec))
+    table_sh = NamedSharding(mesh, PartitionSpec(*row_spec, None))
 
-    def step(params, cache, tokens, positions, sampling: SlotSampling):
+    def step(params, pages, table, tokens, positions, sampling: SlotSampling):
         with activation_sharding(mesh, rules):
-            out = forward(params, tokens[:, None], positions[:, None], cache, cfg=cfg,
-                          attend_len=attend_len)
-        logits, cache = out.logits, out.cache
-        logits = logits[:, -1]  # (B, V) f32
+            out = forward(params, tokens[:, None], positions[:, None], KVCache(pages, table),
+                          cfg=cfg, attend_len=attend_len)
+        logits = out.logits[:, -1]  # (B, V) f32
         keys = row_keys(sampling.seed, positions + 1)
         tok = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p)
-        return tok, logits, cache
+        return tok, logits, out.cache.pages
 
-    fn = jax.jit(step, in_shardings=(p_shard, c_shard, slot, slot, slot),
-                 out_shardings=(slot, None, c_shard), donate_argnums=1)
-    return DecodeStep(fn=fn, param_shardings=p_shard, cache_shardings=c_shard, slot_sharding=slot,
-                      mesh=mesh, batch=batch, max_len=max_len, dtype=dtype, attend_len=attend_len,
-                      cache_rows=rows)
+    fn = jax.jit(step, in_shardings=(p_shard, pg_shard, table_sh, slot, slot, slot),
+                 out_shardings=(slot, None, pg_shard), donate_argnums=1)
+    return DecodeStep(fn=fn, param_shardings=p_shard, page_shardings=pg_shard, slot_sharding=slot,
+                      table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
+                      dtype=dtype, n_pages=n_pages, page_size=page_size, attend_len=attend_len)
 
 
-def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int) -> Any:
-    """Jitted (params, cache, tokens (1, length), n (), slot (), SlotSampling of scalars)
-    -> (first token (), cache): runs the first n tokens (the rest is padding) of one
-    request into cache row `slot` and draws the token at position n."""
+def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
+                       attend_len: int | None = None) -> Any:
+    """Jitted (params, pages, table (1, pages_per_seq), tokens (1, length), start (), n (),
+    SlotSampling of scalars) -> (first token (), pages): runs the first n tokens (the rest
+    is padding) of one request at positions start.. into its pages, attending to positions
+    below `attend_len` (default: length; at least start + length), and draws the token at
+    position start + n."""
     rules = strategy("serve")
     rep = NamedSharding(ds.mesh, PartitionSpec())
+    attend_len = attend_len or length
 
-    def prefill(params, cache, tokens, n, slot, sampling: SlotSampling):
-        row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), cache)
-        positions = jnp.arange(length, dtype=jnp.int32)[None]
+    def prefill(params, pages, table, tokens, start, n, sampling: SlotSampling):
+        positions = start + jnp.arange(length, dtype=jnp.int32)[None]
         with activation_sharding(ds.mesh, rules):
-            out = forward(params, tokens, positions, row, cfg=cfg, attend_len=length,
-                          logits_at=(n - 1)[None])
-        logits, row = out.logits, out.cache
-        cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1),
-                             cache, row)
+            out = forward(params, tokens, positions, KVCache(pages, table), cfg=cfg,
+                          attend_len=attend_len, logits_at=(n - 1)[None])
         s = jax.tree.map(lambda x: x[None], sampling)
-        tok = sample(logits[:, 0], row_keys(s.seed, n[None]), s.temperature, s.top_k, s.top_p)
-        return tok[0], cache
+        tok = sample(out.logits[:, 0], row_keys(s.seed, (start + n)[None]), s.temperature,
+                     s.top_k, s.top_p)
+        return tok[0], out.cache.pages
 
-    return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.cache_shardings) + (rep,) * 4,
-                   out_shardings=(rep, ds.cache_shardings), donate_argnums=1)
-
-
-def build_move_row(ds: DecodeStep) -> Any:
-    """Jitted (cache, src (), dst ()) -> cache with row src copied to row dst (in place)."""
-    rep = NamedSharding(ds.mesh, PartitionSpec())
-
-    def move(cache, src, dst):
-        def one(c):
-            row = jax.lax.dynamic_slice_in_dim(c, src, 1, axis=1)
-            return jax.lax.dynamic_update_slice_in_dim(c, row, dst, axis=1)
-        return jax.tree.map(one, cache)
-
-    return jax.jit(move, in_shardings=(ds.cache_shardings, rep, rep), out_shardings=ds.cache_shardings,
-                   donate_argnums=0)
+    return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.page_shardings) + (rep,) * 5,
+                   out_shardings=(rep, ds.page_shardings), donate_argnums=1)

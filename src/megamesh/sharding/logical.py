@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from megamesh.errors import ConfigError
 
 MESH_AXES = ("dcn", "data", "fsdp", "sequence", "tensor", "expert")
-LOGICAL_AXES = ("expert", "batch", "seq", "cache_seq", "heads", "kv_heads", "mlp", "vocab",
+LOGICAL_AXES = ("expert", "batch", "seq", "heads", "kv_heads", "mlp", "vocab",
                 "embed", "head_dim", "layers", "norm", "router")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]

@@ -18,7 +18,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from megamesh.config import ModelConfig
 from megamesh.model.axes import using_constrainer
 from megamesh.model.backend import Kernels, PerDevice, choose_kernels, using_kernels
-from megamesh.model.specs import cache_axes, param_specs
+from megamesh.model.kvcache import kv_shape, page_axes
+from megamesh.model.specs import param_specs
 from megamesh.model.transformer import unflatten
 from megamesh.sharding.logical import (  # noqa: F401  (re-exported)
     LOGICAL_AXES,
@@ -57,11 +58,12 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: Rules) -> dict[str, Any
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_partition_specs(cfg, mesh, rules))
 
 
-def cache_shardings(cache: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, Any]:
-    """NamedSharding for a KV cache tree from `init_cache` (or its eval_shape)."""
+def page_shardings(pages: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str, Any]:
+    """NamedSharding for the KV cache's pages (`model.kvcache.init_pages`, or its eval_shape)."""
     sizes = mesh_sizes(mesh)
     return jax.tree.map(
-        lambda a: NamedSharding(mesh, logical_to_spec(cache_axes(), a.shape, sizes, rules)), cache)
+        lambda a: NamedSharding(mesh, logical_to_spec(page_axes(), kv_shape(a.shape), sizes, rules)),
+        pages)
 
 
 def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
