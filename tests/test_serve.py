@@ -476,7 +476,7 @@ def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
     finally:
         running.stop()
     # what is reserved but not generated is given back when the answer ends
-    from megamesh.serve.core import Core, Generation
+    from megamesh.serve.core import Core, Generation, Prompt
 
     core = Core(engine, Settings(output_tokens_per_minute=100))
     reserved = core._check_token_rates("k", 5, 90)
@@ -485,8 +485,63 @@ def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
         core._check_token_rates("k", 5, 90)
     done = SimpleNamespace(done=True)  # an engine request that already ended
     core.in_flight["k"] += 1
-    core.finish(Generation(done, None, "k", 5, time.perf_counter(), n_out=10, reserved=reserved))
+    core.finish(Generation(done, None, "k", Prompt([1] * 5), time.perf_counter(), n_out=10,
+                           reserved=reserved))
     assert core._check_token_rates("k", 5, 90) == 90  # 100 - 90 + 80 given back
+
+
+def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
+    """cache_control breakpoints over the engine's prefix cache, through the Anthropic SDK:
+    the first request writes its breakpoint prefix (cache_creation_input_tokens), the same
+    prefix again is read (cache_read_input_tokens) and its KV pages really are reused (the
+    engine's count); a prefix below the minimum is never cached; without breakpoints all is
+    input; streaming reports the same usage in message_start; the OpenAI route reports the
+    reused tokens as prompt_tokens_details.cached_tokens; counts add up to the prompt."""
+    from megamesh.serve.api import Settings, create_app
+    from megamesh.serve.server import start_in_thread
+
+    running = start_in_thread(create_app(engine, Settings(cache_min_tokens=64)))
+    try:
+        client = anthropic.Anthropic(base_url=running.url, api_key="t", max_retries=0)
+        doc = " ".join(f"clause {i}: the tenant's policy, item {i * 7}." for i in range(12))
+        system = [{"type": "text", "text": doc, "cache_control": {"type": "ephemeral"}}]
+
+        def ask(question, system=system, **kw):
+            return client.messages.create(model="tiny", max_tokens=3, system=system,
+                                          messages=[{"role": "user", "content": question}], **kw)
+
+        total = client.messages.count_tokens(model="tiny", system=system, messages=[
+            {"role": "user", "content": "first?"}]).input_tokens
+        hits = engine.stats["prefix_hit_tokens"]
+        first = ask("first?").usage
+        assert first.cache_read_input_tokens == 0 and first.cache_creation_input_tokens > 64
+        assert first.input_tokens + first.cache_creation_input_tokens == total
+        second = ask("second, a different question?").usage
+        assert second.cache_creation_input_tokens == 0
+        assert second.cache_read_input_tokens == first.cache_creation_input_tokens
+        reused = engine.stats["prefix_hit_tokens"] - hits
+        assert second.cache_read_input_tokens - 16 < reused  # the pages under the breakpoint
+        with client.messages.stream(model="tiny", max_tokens=3, system=system,
+                                    messages=[{"role": "user", "content": "third?"}]) as stream:
+            start = None
+            for event in stream:
+                if event.type == "message_start":
+                    start = event.message.usage
+            assert start.cache_read_input_tokens == first.cache_creation_input_tokens
+            assert stream.get_final_message().usage.cache_read_input_tokens == start.cache_read_input_tokens
+        plain = ask("first?", system=doc).usage  # no breakpoint: all input
+        assert plain.cache_read_input_tokens == plain.cache_creation_input_tokens == 0
+        assert plain.input_tokens == total
+        short = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+        for _ in range(2):  # below the minimum: never written, never read
+            u = ask("x", system=short).usage
+            assert u.cache_creation_input_tokens == u.cache_read_input_tokens == 0
+        oa = openai.OpenAI(base_url=running.url + "/v1", api_key="t", max_retries=0)
+        msgs = [{"role": "system", "content": doc}, {"role": "user", "content": "first?"}]
+        r = oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens >= first.cache_creation_input_tokens - 16
+    finally:
+        running.stop()
 
 
 @pytest.mark.parametrize("route,extra,needle", [
@@ -495,8 +550,14 @@ def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
     ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking:"),
     ("/v1/messages", {"tool_choice": {"type": "auto"}}, "tool_choice: tool use"),
     ("/v1/messages", {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]},
-     "messages.0.content.0.cache_control: prompt caching is not supported"),
+        {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "10m"}}]}]},
+     "messages.0.content.0.cache_control.ttl: '10m' is not allowed"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_control": {"type": "persistent"}}]}]},
+     "messages.0.content.0.cache_control: must be {\"type\": \"ephemeral\"}"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}] * 5}]},
+     "cache_control: at most 4 blocks may carry it; this request has 5"),
     ("/v1/messages", {"messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": ""}}]}]},
      "content block type 'image' is not supported"),
@@ -532,13 +593,15 @@ def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
     def broken(*a, **k):
         raise RuntimeError("injected device failure")
 
-    original = dict(engine.prefill)
-    engine.prefill.update({b: broken for b in engine.buckets})
+    original = dict(engine.prefill), dict(engine.prefill_after)  # (a cached prompt's is the second)
+    for steps in (engine.prefill, engine.prefill_after):
+        steps.update({b: broken for b in steps})
     try:
         with pytest.raises(anthropic.InternalServerError):
             client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     finally:
-        engine.prefill.update(original)
+        engine.prefill.update(original[0])
+        engine.prefill_after.update(original[1])
     assert client.messages.create(model="tiny", max_tokens=3,
                                   messages=[{"role": "user", "content": "x"}]).usage.output_tokens >= 1
 

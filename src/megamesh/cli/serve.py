@@ -28,6 +28,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "positions they have, so more slots fit in the same memory")
     p.add_argument("--page-size", type=int, default=16,
                    help="positions per KV page (a divisor of 64; default 16)")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="do not reuse the KV pages of prompt prefixes seen before")
+    p.add_argument("--cache-min-tokens", type=int, default=1024,
+                   help="the shortest prompt prefix a cache_control breakpoint writes to the "
+                   "prompt cache, as the Messages API reports it (default 1024)")
     p.add_argument("--max-len", type=int, help="context in tokens: prompt + output (default: the model's)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests waiting for a slot before 529 overloaded (default 256)")
@@ -47,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size"):
+    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size", "cache_min_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if not 0 <= args.port < 65536:
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
                           max_queue=args.max_queue, dtype=args.dtype, name=args.name,
-                          page_size=args.page_size, kv_pages=args.kv_pages)
+                          page_size=args.page_size, kv_pages=args.kv_pages,
+                          prefix_cache=args.prefix_cache)
     m = engine.model
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
@@ -77,7 +83,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_concurrent_per_key=args.max_concurrent_per_key,
-                        input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm)
+                        input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
+                        cache_min_tokens=args.cache_min_tokens)
     app = create_app(engine, settings)
     print(f"serving on http://{args.host}:{port}  (POST /v1/messages, /v1/chat/completions; "
           "GET /v1/models, /health, /metrics)", flush=True)

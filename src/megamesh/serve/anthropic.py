@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, sse_json, text_of
+from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, Prompt, sse_json, text_of
 from megamesh.serve.engine import SamplingParams
 
 
@@ -56,15 +56,16 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 def register(app: FastAPI, core: Core) -> None:
     name = core.model.name
 
-    async def prompt_of(req: MessagesRequest | CountTokensRequest) -> list[int]:
+    async def prompt_of(req: MessagesRequest | CountTokensRequest) -> Prompt:
         if req.tools:
             raise ApiError(400, "tools: tool use is not supported by this server")
         if req.tool_choice and req.tool_choice.get("type") != "none":
             raise ApiError(400, "tool_choice: tool use is not supported by this server")
         if req.thinking and req.thinking.get("type") not in (None, "disabled"):
             raise ApiError(400, "thinking: extended thinking is not supported by this server")
-        system = text_of(req.system, "system") if isinstance(req.system, list) else req.system
-        turns = [(m.role, text_of(m.content, f"messages.{i}")) for i, m in enumerate(req.messages)]
+        system = text_of(req.system, "system", caching=True) or None
+        turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True))
+                 for i, m in enumerate(req.messages)]
         return await core.encode_chat(system, turns)
 
     @app.post("/v1/messages")
@@ -72,7 +73,6 @@ def register(app: FastAPI, core: Core) -> None:
         key, req = await core.parse(request, MessagesRequest)
         gen = core.start(await prompt_of(req), req.sampling(), key)
         msg_id = "msg_" + secrets.token_hex(12)
-        usage_in = gen.prompt_tokens
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
@@ -80,13 +80,15 @@ def register(app: FastAPI, core: Core) -> None:
                 "id": msg_id, "type": "message", "role": "assistant", "model": name,
                 "content": [{"type": "text", "text": text}], "stop_reason": ev.stop_reason,
                 "stop_sequence": ev.stop_sequence,
-                "usage": {"input_tokens": usage_in, "output_tokens": ev.output_tokens}})
+                "usage": {**core.cache_usage(gen), "output_tokens": ev.output_tokens}})
 
         async def events():
+            await gen.admitted()  # the usage says what the engine found cached
+            usage_in = core.cache_usage(gen)
             yield _sse("message_start", {"type": "message_start", "message": {
                 "id": msg_id, "type": "message", "role": "assistant", "model": name,
                 "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": usage_in, "output_tokens": 0}}})
+                "usage": {**usage_in, "output_tokens": 0}}})
             yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
                                                "content_block": {"type": "text", "text": ""}})
             yield _sse("ping", {"type": "ping"})
@@ -102,7 +104,7 @@ def register(app: FastAPI, core: Core) -> None:
             yield _sse("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": ev.stop_reason,
                                                    "stop_sequence": ev.stop_sequence},
-                                         "usage": {"input_tokens": usage_in, "output_tokens": gen.n_out}})
+                                         "usage": {**usage_in, "output_tokens": gen.n_out}})
             yield _sse("message_stop", {"type": "message_stop"})
 
         return core.stream(gen, events(), {"cache-control": "no-cache", "connection": "close"})
@@ -110,4 +112,4 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         _, req = await core.parse(request, CountTokensRequest)
-        return JSONResponse({"input_tokens": len(await prompt_of(req))})
+        return JSONResponse({"input_tokens": len(await prompt_of(req))})  # cached or not

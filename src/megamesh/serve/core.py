@@ -14,6 +14,7 @@ SDK reads the same `error.message`).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import math
 import secrets
@@ -22,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -53,6 +55,7 @@ class Settings:
     retry_after_s: int = 1
     input_tokens_per_minute: int = 0  # per API key (0: no limit)
     output_tokens_per_minute: int = 0  # per API key (0: no limit); max_tokens is reserved
+    cache_min_tokens: int = 1024  # the shortest prefix prompt caching writes (Claude Sonnet's)
 
 
 class TokenBucket:
@@ -92,11 +95,22 @@ class OpenSchema(BaseModel):
 UNSUPPORTED = "is not supported by this server (it would be ignored, so it is refused)"
 
 
-def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
-    """The text of a message's content; any block other than text is refused (never dropped)."""
+# Marks a cache_control breakpoint in rendered text until the prompt is tokenized
+# (`Core.encode_chat` removes it and keeps its offset); client text holding it is refused.
+BREAKPOINT = "\x00megamesh-cache-breakpoint\x00"
+CACHE_TTL_S = {"5m": 300, "1h": 3600}  # the Messages API's two cache lifetimes
+MAX_BREAKPOINTS = 4  # the Messages API's limit per request
+
+
+def text_of(content: str | list[dict[str, Any]] | None, where: str, *, caching: bool = False) -> str:
+    """The text of a message's content; any block other than text is refused (never
+    dropped). With `caching`, a block's `cache_control` ({"type": "ephemeral"}, optional
+    "ttl" 5m or 1h) puts a breakpoint marker (`BREAKPOINT` + ttl) after its text."""
     if content is None:
         return ""
     if isinstance(content, str):
+        if BREAKPOINT in content:
+            raise ApiError(400, f"{where}.content: holds a sequence this server reserves")
         return content
     parts = []
     for i, block in enumerate(content):
@@ -104,15 +118,83 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
         if kind != "text":
             raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
                                 "by this server (text only)")
-        extra = sorted(set(block) - {"type", "text"})
+        extra = sorted(set(block) - {"type", "text"} - ({"cache_control"} if caching else set()))
         if extra:
             what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
             raise ApiError(400, f"{where}.content.{i}.{extra[0]}: {what} {UNSUPPORTED}")
         text = block.get("text")
         if not isinstance(text, str):
             raise ApiError(400, f"{where}.content.{i}.text: must be a string")
+        if BREAKPOINT in text:
+            raise ApiError(400, f"{where}.content.{i}.text: holds a sequence this server reserves")
         parts.append(text)
+        if block.get("cache_control") is not None:
+            parts.append(BREAKPOINT + _cache_ttl(block["cache_control"], f"{where}.content.{i}"))
     return "".join(parts)
+
+
+def _cache_ttl(cc: Any, where: str) -> str:
+    """The ttl of a valid cache_control value, else a 400 naming what is wrong."""
+    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+        raise ApiError(400, f"{where}.cache_control: must be {{\"type\": \"ephemeral\"}} "
+                            "(with an optional \"ttl\": \"5m\" or \"1h\")")
+    extra = sorted(set(cc) - {"type", "ttl"})
+    if extra:
+        raise ApiError(400, f"{where}.cache_control.{extra[0]}: this field {UNSUPPORTED}")
+    ttl = cc.get("ttl", "5m")
+    if ttl not in CACHE_TTL_S:
+        raise ApiError(400, f"{where}.cache_control.ttl: {ttl!r} is not allowed: \"5m\" or \"1h\"")
+    return ttl
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt and its cache breakpoints: (prefix length in tokens, ttl) in
+    order, each the tokens wholly before its marker in the rendered text."""
+
+    ids: list[int]
+    breakpoints: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class PromptCache:
+    """The Messages API's prompt caching, accounted over the engine's prefix cache: a
+    breakpoint's prefix is written when a request carrying it is served (if at least
+    `min_tokens` long) and lives `ttl` after its last use. A request reads the longest of
+    its breakpoint prefixes that is written, unexpired, and whose whole KV pages the engine
+    actually reused; from there to its last breakpoint is written (cache creation); the
+    rest is plain input. (The engine reuses pages of any shared prefix, breakpoint or not;
+    this is only what is reported, as the Messages API reports it.)"""
+
+    def __init__(self, min_tokens: int, page_size: int):
+        self.min_tokens, self.page_size = min_tokens, page_size
+        self.expiry: dict[bytes, float] = {}
+
+    @staticmethod
+    def _key(ids: list[int]) -> bytes:
+        return hashlib.blake2b(np.asarray(ids, np.int32).tobytes(), digest_size=16).digest()
+
+    def usage(self, prompt: Prompt, reused: int) -> dict[str, int]:
+        """input_tokens, cache_creation_input_tokens, cache_read_input_tokens of a request
+        whose first `reused` prompt tokens' KV came from the engine's cache; records what
+        it wrote."""
+        now = time.monotonic()
+        if len(self.expiry) > 100_000:
+            self.expiry = {k: t for k, t in self.expiry.items() if t > now}
+        marks = [(m, ttl) for m, ttl in prompt.breakpoints if m >= self.min_tokens]
+        keys = [self._key(prompt.ids[:m]) for m, _ in marks]
+        read = 0
+        for (m, _), key in zip(reversed(marks), reversed(keys)):
+            if self.expiry.get(key, 0.0) > now and m // self.page_size * self.page_size <= reused:
+                read = m
+                break
+        written = max(0, (marks[-1][0] if marks else 0) - read)
+        for (_, ttl), key in zip(marks, keys):
+            self.expiry[key] = max(self.expiry.get(key, 0.0), now + CACHE_TTL_S[ttl])
+        return {"input_tokens": len(prompt) - read - written,
+                "cache_creation_input_tokens": written, "cache_read_input_tokens": read}
 
 
 def check_json(data: Any) -> None:
@@ -242,14 +324,29 @@ class Generation:
     handle: Any
     queue: asyncio.Queue
     key: str
-    prompt_tokens: int
+    prompt: Prompt
     t0: float
     t_first: float | None = None
     n_out: int = 0
     finished: bool = False
     reserved: int = 0  # output tokens taken from the key's per-minute bucket at admission
+    cached_tokens: int | None = None  # prompt tokens whose KV the engine reused (once admitted)
+    pending: list[Event] = field(default_factory=list)  # read by `admitted`, not yet by `events`
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    async def admitted(self) -> list[Event]:
+        """Wait until the engine has admitted the request (it says how much of the prompt
+        it found cached) or ended it; returns the events read meanwhile."""
+        while self.cached_tokens is None and not (self.pending and self.pending[-1].done):
+            self.pending.append(self.note(await self.queue.get()))
+        return self.pending
 
     def note(self, ev: Event) -> Event:
+        if ev.cached_tokens is not None and self.cached_tokens is None:
+            self.cached_tokens = ev.cached_tokens
         self.n_out = ev.output_tokens
         if (ev.text or ev.output_tokens) and self.t_first is None:
             self.t_first = time.perf_counter()
@@ -258,7 +355,7 @@ class Generation:
     async def events(self):
         """Engine events up to and including the last (done) one."""
         while True:
-            ev = self.note(await self.queue.get())
+            ev = self.pending.pop(0) if self.pending else self.note(await self.queue.get())
             yield ev
             if ev.done:
                 return
@@ -281,6 +378,7 @@ class Core:
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
         self.max_prompt_bytes = engine.max_len * self.max_token_bytes
+        self.prompt_cache = PromptCache(settings.cache_min_tokens, engine.page_size)
 
     # ------------------------------------------------------------------ the request
 
@@ -340,12 +438,21 @@ class Core:
         self.check_model(req.model)
         return key, req
 
-    async def encode_chat(self, system: str | None, turns: list[tuple[str, str]]) -> list[int]:
-        """Token ids of a chat (consecutive same-role turns merged) in the model's template.
-        A prompt with more bytes than the context could hold at the tokenizer's longest
-        token is refused before tokenizing (400); the tokenizer runs in a worker thread, so
-        a long prompt never stalls the event loop (every other stream, /health)."""
-        text = render_chat(system, merge_turns(turns))
+    async def encode_chat(self, system: str | None, turns: list[tuple[str, str]]) -> Prompt:
+        """Token ids of a chat (consecutive same-role turns merged) in the model's template,
+        and its cache breakpoints (markers `text_of` left in the texts). A prompt with more
+        bytes than the context could hold at the tokenizer's longest token is refused
+        before tokenizing (400); the tokenizer runs in a worker thread, so a long prompt
+        never stalls the event loop (every other stream, /health)."""
+        pieces = render_chat(system, merge_turns(turns)).split(BREAKPOINT)
+        if len(pieces) - 1 > MAX_BREAKPOINTS:
+            raise ApiError(400, f"cache_control: at most {MAX_BREAKPOINTS} blocks may carry it; "
+                                f"this request has {len(pieces) - 1}")
+        text, marks = pieces[0], []
+        for piece in pieces[1:]:
+            ttl = next(t for t in CACHE_TTL_S if piece.startswith(t))
+            marks.append((len(text), ttl))
+            text += piece[len(ttl):]
         n_bytes = len(text.encode("utf-8"))
         if n_bytes > self.max_prompt_bytes:
             least = -(-n_bytes // self.max_token_bytes)
@@ -353,11 +460,12 @@ class Core:
                                 f"token of this model is longer than {self.max_token_bytes} bytes), "
                                 f"more than the context of {self.engine.max_len:,} tokens")
         enc = await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens=False)
-        return enc.ids
+        ends = [end for _, end in enc.offsets]  # a token is before a mark if it ends there
+        return Prompt(enc.ids, [(sum(1 for e in ends if e <= at), ttl) for at, ttl in marks])
 
     # ------------------------------------------------------------------ generation
 
-    def start(self, prompt: list[int], sampling: SamplingParams, key: str) -> Generation:
+    def start(self, prompt: Prompt, sampling: SamplingParams, key: str) -> Generation:
         """Admit into the engine; events arrive on the generation's asyncio queue."""
         try:
             self.engine.check(len(prompt), sampling.max_tokens)
@@ -373,7 +481,7 @@ class Core:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         t0 = time.perf_counter()
         try:
-            handle = self.engine.submit(prompt, sampling,
+            handle = self.engine.submit(prompt.ids, sampling,
                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         except QueueFull as e:
             raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
@@ -383,7 +491,7 @@ class Core:
         if buckets:
             buckets[0].take(len(prompt))
             buckets[1].take(reserve)
-        return Generation(handle, queue, key, len(prompt), t0, reserved=reserve)
+        return Generation(handle, queue, key, prompt, t0, reserved=reserve)
 
     def _check_token_rates(self, key: str, n_in: int, max_tokens: int) -> int:
         """429 (with retry-after) when this key's input or output tokens per minute would
@@ -412,6 +520,11 @@ class Core:
                                 f"max_tokens until the answer is done); retry in {math.ceil(wait)} s",
                            {"retry-after": str(math.ceil(wait))})
         return max_tokens if s.output_tokens_per_minute else 0
+
+    def cache_usage(self, gen: Generation) -> dict[str, int]:
+        """The Messages API's usage of the prompt (call once the engine admitted it, once per
+        request): input_tokens, cache_creation_input_tokens, cache_read_input_tokens."""
+        return self.prompt_cache.usage(gen.prompt, gen.cached_tokens or 0)
 
     def finish(self, gen: Generation) -> None:
         """The response is over: cancel the request if still running (a no-op when done;

@@ -17,6 +17,12 @@ tokens it has generated (its stream just pauses). A bounded waiting queue (past 
 `QueueFull`); a request is refused up front when prompt + max_tokens exceeds the context
 (`max_len`).
 
+Prefix caching: every full page of a prompt is registered under a hash of its tokens and
+of every token before it (a chain, as vLLM's); a request whose prompt begins with pages
+already registered reuses them (a reference count per page) and prefills only the rest.
+A page nobody references stays cached until its memory is needed (least recently used
+first). `Request.cached_tokens` says how many prompt tokens were read from the cache.
+
 Shapes are bucketed so nothing compiles per request: prefill per prompt-length bucket and
 decode per attention-length bucket (powers of two up to max_len), all compiled and run
 once at start-up (warm-up). Tokens reach the caller through `emit(Event)` as they are
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import itertools
 import math
 import secrets
@@ -79,6 +86,7 @@ class Event:
     stop_sequence: str | None = None
     output_tokens: int = 0  # generated so far (the end-of-sequence token is not counted)
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens read from the prefix cache (set once admitted)
 
 
 @dataclass(eq=False)
@@ -92,6 +100,8 @@ class Request:
     slot: int = -1
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
     admitted: int = -1  # admission order (the last admitted is preempted first)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # the prompt's full pages
+    cached_tokens: int | None = None  # prompt tokens read from the prefix cache (first admission)
     pos: int = 0  # position of `last` (the token the next decode step feeds)
     last: int = 0
     n_out: int = 0
@@ -148,7 +158,7 @@ class Engine:
     def __init__(self, model: ServedModel, mesh: Any, *, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
-                 log: Callable[[str], None] = print):
+                 prefix_cache: bool = True, log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
         max_len / page_size (the memory of a dense cache with a row per slot)."""
         cfg = model.cfg
@@ -170,6 +180,7 @@ class Engine:
                                 f"{self.pages_per_seq} (one request of --max-len {self.max_len} "
                                 f"tokens in pages of {page_size})")
         self.kv_pages = kv_pages
+        self.prefix_cache = prefix_cache
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
@@ -181,6 +192,9 @@ class Engine:
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
+        # the rest of a prompt after cached pages: attends to the whole context
+        self.prefill_after = {b: build_prefill_step(cfg, any_step, b, attend_len=self.max_len)
+                              for b in self.buckets if b < self.max_len}
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
@@ -190,6 +204,10 @@ class Engine:
                                     any_step.page_shardings)
         self.table = np.zeros((slots, self.pages_per_seq), np.int32)  # a row per slot
         self._free_pages = list(range(kv_pages, SCRATCH, -1))  # pop() gives the lowest page
+        self._refs = np.zeros(kv_pages + 1, np.int32)  # requests holding each page
+        self._hash_of: dict[int, bytes] = {}  # cached page -> its prefix hash
+        self._by_hash: dict[bytes, int] = {}
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # LRU
         self._admissions = itertools.count()
         self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
         self._active: dict[int, Request] = {}
@@ -247,6 +265,7 @@ class Engine:
         self.check(len(prompt), sampling.max_tokens)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF)
+        req.hashes = self.page_hashes(req.prompt)
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 self.stats["rejected_queue_full"] += 1
@@ -275,16 +294,32 @@ class Engine:
     @property
     def pages_used(self) -> int:
         """KV pages held by requests (of `kv_pages`)."""
-        return self.kv_pages - len(self._free_pages)
+        return self.kv_pages - len(self._free_pages) - len(self._evictable)
+
+    @property
+    def pages_cached(self) -> int:
+        """KV pages registered in the prefix cache (held by requests or not)."""
+        return len(self._hash_of)
+
+    def page_hashes(self, tokens: list[int]) -> list[bytes]:
+        """The prefix hash of each full page of `tokens`: page i's covers tokens
+        [0, (i + 1) * page_size)."""
+        out, h, P = [], b"", self.page_size
+        arr = np.asarray(tokens, np.int32)
+        for i in range(len(tokens) // P):
+            h = hashlib.blake2b(h + arr[i * P:(i + 1) * P].tobytes(), digest_size=16).digest()
+            out.append(h)
+        return out
 
     # ------------------------------------------------------------------ the loop
 
     def _warm_up(self) -> None:
         """Every prefill and full-batch decode once, on the scratch page only."""
         row = np.zeros((1, self.pages_per_seq), np.int32)
-        for b in self.buckets:
-            _, self.pages = self.prefill[b](self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
-                                            np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0))
+        for steps in (self.prefill, self.prefill_after):
+            for b, step in steps.items():
+                _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
+                                     np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0))
         b = self.slots
         zeros = jnp.zeros((b,), jnp.int32)
         for a in self.decode_buckets:
@@ -356,39 +391,83 @@ class Engine:
                     return
                 req = self._waiting[0]
                 tokens = req.prompt + req.out_ids  # out_ids: a preempted request's so far
+                hashes = req.hashes
+                hit = self._match(hashes, len(tokens))
                 # pages for the prompt and the first decode's position: a request admitted
                 # is not preempted by its own next step
-                if not req.cancelled and len(tokens) // self.page_size >= len(self._free_pages):
+                need = len(tokens) // self.page_size + 1 - len(hit)
+                spare = self._available() - sum(1 for p in hit if p in self._evictable)
+                if not req.cancelled and need > spare:
                     return  # wait for pages (a running request's end frees some)
                 self._waiting.popleft()
             if req.cancelled:
                 self.stats["cancelled"] += 1
                 self._finish(req, "cancelled")
                 continue
-            n = len(tokens)
-            b = next(x for x in self.buckets if x >= n)
+            n, start = len(tokens), len(hit) * self.page_size
+            b = next(x for x in self.buckets if x >= n - start)
             budget -= b
             req.slot = self._free.pop()
             req.admitted = next(self._admissions)
             self._active[req.slot] = req
+            for page in hit:  # shared with whoever else holds them
+                self._evictable.pop(page, None)
+                self._refs[page] += 1
+                self.table[req.slot, len(req.pages)] = page
+                req.pages.append(page)
             self._grow(req, n)
             if req.detok is None:  # first admission (a preempted request keeps its state)
                 req.detok = Detokenizer(self.model.tokenizer, req.prompt)
                 req.stopper = StopMatcher(list(req.sampling.stop),
                                           () if req.sampling.ignore_eos else (END,))
             padded = np.zeros((1, b), np.int32)
-            padded[0, :n] = tokens
-            tok, self.pages = self.prefill[b](self.params, self.pages, self.table[req.slot:req.slot + 1],
-                                              padded, np.int32(0), np.int32(n),
-                                              SlotSampling.one(*req.draws))
+            padded[0, :n - start] = tokens[start:]
+            step = self.prefill[b] if start == 0 else self.prefill_after[b]
+            tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1],
+                                   padded, np.int32(start), np.int32(n - start),
+                                   SlotSampling.one(*req.draws))
+            for i in range(len(hit), n // self.page_size if self.prefix_cache else 0):
+                if hashes[i] not in self._by_hash:  # its full pages, now computed
+                    self._by_hash[hashes[i]] = req.pages[i]
+                    self._hash_of[req.pages[i]] = hashes[i]
             req.pos = n
             self.stats["prompt_tokens"] += n
+            self.stats["prefix_hit_tokens"] += start
+            if req.cached_tokens is None:
+                req.cached_tokens = start
+                req.emit(Event(cached_tokens=start))
             self._accept(req, int(tok))
 
-    def _grow(self, req: Request, pos: int) -> None:
-        """Give `req` the pages for positions up to `pos` (free pages must be there)."""
-        while len(req.pages) <= pos // self.page_size:
+    def _match(self, hashes: list[bytes], n: int) -> list[int]:
+        """The cached pages that begin a sequence of n tokens with these page hashes (at
+        least its last token is left to compute: its logits draw the next token)."""
+        hit = []
+        for h in hashes[:(n - 1) // self.page_size] if self.prefix_cache else []:
+            page = self._by_hash.get(h)
+            if page is None:
+                break
+            hit.append(page)
+        return hit
+
+    def _available(self) -> int:
+        """Pages that can be handed out: free ones and cached ones nobody holds."""
+        return len(self._free_pages) + len(self._evictable)
+
+    def _take(self) -> int:
+        """A page for new contents: a free one, else the least recently used cached one."""
+        if self._free_pages:
             page = self._free_pages.pop()
+        else:
+            page, _ = self._evictable.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(page)]
+            self.stats["prefix_evictions"] += 1
+        self._refs[page] = 1
+        return page
+
+    def _grow(self, req: Request, pos: int) -> None:
+        """Give `req` the pages for positions up to `pos` (pages must be available)."""
+        while len(req.pages) <= pos // self.page_size:
+            page = self._take()
             self.table[req.slot, len(req.pages)] = page
             req.pages.append(page)
 
@@ -398,7 +477,7 @@ class Engine:
         for req in sorted(self._active.values(), key=lambda r: r.admitted):
             if req.done or self._active.get(req.slot) is not req:
                 continue
-            while len(req.pages) <= req.pos // self.page_size and not self._free_pages:
+            while len(req.pages) <= req.pos // self.page_size and not self._available():
                 self._preempt(max(self._active.values(), key=lambda r: r.admitted))
             if self._active.get(req.slot) is req:
                 self._grow(req, req.pos)
@@ -406,6 +485,7 @@ class Engine:
     def _preempt(self, req: Request) -> None:
         self._release(req)
         req.slot, req.pos = -1, 0
+        req.hashes = self.page_hashes(req.prompt + req.out_ids)  # what it will prefill
         with self._cv:
             self._waiting.appendleft(req)
         self.stats["preempted"] += 1
@@ -417,7 +497,13 @@ class Engine:
             self._free.append(req.slot)
             self._free.sort(reverse=True)
             self.table[req.slot] = SCRATCH
-        self._free_pages.extend(reversed(req.pages))
+        for page in reversed(req.pages):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                if page in self._hash_of:
+                    self._evictable[page] = None  # the most recently used end
+                else:
+                    self._free_pages.append(page)
         req.pages = []
 
     def _compact(self) -> None:

@@ -97,9 +97,11 @@ def register(app: FastAPI, core: Core) -> None:
         gen = core.start(prompt, req.sampling(max_tokens), key)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
-        def usage(n_out: int) -> dict[str, int]:
+        def usage(n_out: int) -> dict[str, Any]:
+            # OpenAI caches prompt prefixes automatically and reports what was reused
             return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
-                    "total_tokens": len(prompt) + n_out}
+                    "total_tokens": len(prompt) + n_out,
+                    "prompt_tokens_details": {"cached_tokens": gen.cached_tokens or 0}}
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
