@@ -482,7 +482,8 @@ class Core:
         t0 = time.perf_counter()
         try:
             handle = self.engine.submit(prompt.ids, sampling,
-                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                        tenant=key)
         except QueueFull as e:
             raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
         self.in_flight[key] += 1

@@ -23,6 +23,13 @@ already registered reuses them (a reference count per page) and prefills only th
 A page nobody references stays cached until its memory is needed (least recently used
 first). `Request.cached_tokens` says how many prompt tokens were read from the cache.
 
+Fairness across tenants (API keys): waiting requests queue per tenant, and the next one
+admitted is the head of the tenant with the fewest requests running (then the earliest
+arrival). When no slot is free and that tenant runs at least two fewer requests than the
+busiest tenant, the busiest tenant's last admitted request is preempted for it (the same
+recompute preemption as for pages): one key's burst cannot hold every slot while others
+wait.
+
 Shapes are bucketed so nothing compiles per request: prefill per prompt-length bucket and
 decode per attention-length bucket (powers of two up to max_len), all compiled and run
 once at start-up (warm-up). Tokens reach the caller through `emit(Event)` as they are
@@ -96,7 +103,10 @@ class Request:
     sampling: SamplingParams
     emit: Callable[[Event], None]
     seed: int
+    tenant: str = ""  # whose request (the API key): the unit of fair scheduling
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    submitted_step: int = 0  # the engine's step count at submission
+    first_token_step: int | None = None  # ... and when its first token was drawn
     slot: int = -1
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
     admitted: int = -1  # admission order (the last admitted is preempted first)
@@ -116,6 +126,37 @@ class Request:
         """(seed, temperature, top_k, top_p): this request's row of `SlotSampling`."""
         s = self.sampling
         return self.seed, s.temperature, s.top_k, s.top_p
+
+
+class FairQueue:
+    """Waiting requests: one FIFO per tenant. `peek(running)` is the head of the tenant
+    with the fewest requests running (ties: the earliest arrival)."""
+
+    def __init__(self) -> None:
+        self.queues: dict[str, collections.deque[Request]] = {}
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return (r for q in list(self.queues.values()) for r in list(q))
+
+    def append(self, req: Request, *, front: bool = False) -> None:
+        q = self.queues.setdefault(req.tenant, collections.deque())
+        q.appendleft(req) if front else q.append(req)
+        self.n += 1
+
+    def remove(self, req: Request) -> None:
+        q = self.queues[req.tenant]
+        q.remove(req)
+        self.n -= 1
+        if not q:
+            del self.queues[req.tenant]
+
+    def peek(self, running: collections.Counter) -> Request | None:
+        heads = [q[0] for q in self.queues.values()]
+        return min(heads, key=lambda r: (running[r.tenant], r.arrival), default=None)
 
 
 def buckets(max_len: int, smallest: int = 64) -> list[int]:
@@ -211,7 +252,9 @@ class Engine:
         self._admissions = itertools.count()
         self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
         self._active: dict[int, Request] = {}
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting = FairQueue()
+        self._running: collections.Counter[str] = collections.Counter()  # tenant -> running
+        self.steps = 0  # engine loop iterations so far
         self._cv = threading.Condition()
         self._ids = itertools.count()
         self._stop = False
@@ -258,13 +301,16 @@ class Engine:
                           f"tokens: at most {max(self.max_len - n_prompt, 0)} new tokens fit after "
                           "this prompt")
 
-    def submit(self, prompt: list[int], sampling: SamplingParams, emit: Callable[[Event], None]) -> Request:
-        """Queue a request; tokens arrive through `emit`. Raises TooLong or QueueFull."""
+    def submit(self, prompt: list[int], sampling: SamplingParams, emit: Callable[[Event], None],
+               tenant: str = "") -> Request:
+        """Queue a request of `tenant` (an API key); tokens arrive through `emit`. Raises
+        TooLong or QueueFull."""
         if not prompt:
             raise TooLong("the prompt is empty: at least one token is needed")
         self.check(len(prompt), sampling.max_tokens)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
-        req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF)
+        req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF, tenant,
+                      submitted_step=self.steps)
         req.hashes = self.page_hashes(req.prompt)
         with self._cv:
             if len(self._waiting) >= self.max_queue:
@@ -356,6 +402,7 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
+            self.steps += 1
             try:
                 self._reap()
                 self._admit()
@@ -385,11 +432,17 @@ class Engine:
         """Prefill waiting requests into free slots while their prompts' pages are free
         (within one step's prefill token budget)."""
         budget = self.max_prefill_tokens
-        while self._free and budget > 0:
+        while budget > 0:
             with self._cv:
-                if not self._waiting:
+                req = self._waiting.peek(self._running)
+                if req is None:
                     return
-                req = self._waiting[0]
+                if not self._free and not req.cancelled:
+                    victim = self._unfair(req.tenant)
+                    if victim is None:
+                        return  # every slot busy, fairly shared
+                    self._preempt(victim)
+                    self.stats["preempted_for_fairness"] += 1
                 tokens = req.prompt + req.out_ids  # out_ids: a preempted request's so far
                 hashes = req.hashes
                 hit = self._match(hashes, len(tokens))
@@ -399,7 +452,7 @@ class Engine:
                 spare = self._available() - sum(1 for p in hit if p in self._evictable)
                 if not req.cancelled and need > spare:
                     return  # wait for pages (a running request's end frees some)
-                self._waiting.popleft()
+                self._waiting.remove(req)
             if req.cancelled:
                 self.stats["cancelled"] += 1
                 self._finish(req, "cancelled")
@@ -410,6 +463,7 @@ class Engine:
             req.slot = self._free.pop()
             req.admitted = next(self._admissions)
             self._active[req.slot] = req
+            self._running[req.tenant] += 1
             for page in hit:  # shared with whoever else holds them
                 self._evictable.pop(page, None)
                 self._refs[page] += 1
@@ -482,18 +536,29 @@ class Engine:
             if self._active.get(req.slot) is req:
                 self._grow(req, req.pos)
 
+    def _unfair(self, tenant: str) -> Request | None:
+        """The request to preempt so that `tenant` gets a slot: the last admitted of the
+        busiest tenant, when that runs at least two more requests than `tenant`."""
+        busiest = max(self._running, key=lambda t: self._running[t], default=None)
+        if busiest is None or self._running[busiest] < self._running[tenant] + 2:
+            return None
+        return max((r for r in self._active.values() if r.tenant == busiest), key=lambda r: r.admitted)
+
     def _preempt(self, req: Request) -> None:
         self._release(req)
         req.slot, req.pos = -1, 0
         req.hashes = self.page_hashes(req.prompt + req.out_ids)  # what it will prefill
         with self._cv:
-            self._waiting.appendleft(req)
+            self._waiting.append(req, front=True)
         self.stats["preempted"] += 1
 
     def _release(self, req: Request) -> None:
         """Free the slot and pages of a running request."""
         if req.slot >= 0 and self._active.get(req.slot) is req:
             del self._active[req.slot]
+            self._running[req.tenant] -= 1
+            if not self._running[req.tenant]:
+                del self._running[req.tenant]
             self._free.append(req.slot)
             self._free.sort(reverse=True)
             self.table[req.slot] = SCRATCH
@@ -547,6 +612,8 @@ class Engine:
 
     def _accept(self, req: Request, tok: int) -> None:
         """A new token for `req`: stream its text, or finish the request."""
+        if req.first_token_step is None:
+            req.first_token_step = self.steps
         if req.cancelled:
             self.stats["cancelled"] += 1
             self._finish(req, "cancelled")
