@@ -247,6 +247,50 @@ def test_one_tenant_flooding_does_not_delay_another(engine):
             time.sleep(0.01)
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
+    """Chunked prefill: with 64 prompt tokens per step, a 420-token prompt arriving while 4
+    streams decode is prefilled over 7 steps, and every one of those steps still gives
+    each stream its next token (no step without decode: their TPOT does not jump while the
+    prompt goes in). The long prompt's tokens equal those of an unchunked prefill."""
+    tok = engine.model.tokenizer
+    long_prompt = (tok.encode("import os\n" * 140).ids * 2)[:420]
+    sampling = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    engine.prefix_cache = False  # (the second run would find the first's pages)
+    try:
+        alone = run_engine(engine, long_prompt, sampling)[0].out_ids
+    finally:
+        engine.prefix_cache = True
+    steps: dict[int, list[int]] = {}  # request id -> the engine steps that gave it a token
+    done = threading.Semaphore(0)
+    accept = engine._accept
+
+    def logged(req, tok):
+        steps.setdefault(req.id, []).append(engine.steps)
+        accept(req, tok)
+
+    engine._accept = logged
+    chunks = engine.stats["prefill_chunks"]
+    engine.max_prefill_tokens, engine.prefix_cache = 64, False
+    try:
+        runners = [engine.submit(tok.encode(f"def worker_{i}(queue):").ids,
+                                 SamplingParams(max_tokens=80, temperature=0, ignore_eos=True),
+                                 lambda ev: ev.done and done.release()) for i in range(4)]
+        while min(r.n_out for r in runners) < 5:
+            time.sleep(0.01)
+        req, _, _ = run_engine(engine, long_prompt, sampling)
+        first = req.first_token_step
+        for _ in runners:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.max_prefill_tokens, engine.prefix_cache = 2048, True
+        del engine._accept
+    assert engine.stats["prefill_chunks"] - chunks == 6  # 7 chunks: 6 before the last
+    assert req.out_ids == alone
+    prefilling = range(first - 6, first + 1)
+    for r in runners:  # a token at every step while the prompt was prefilled
+        assert all(s in steps[r.id] for s in prefilling), (list(prefilling), steps[r.id])
+
+
 def test_engine_refuses_what_does_not_fit(engine):
     from megamesh.serve.engine import TooLong
 

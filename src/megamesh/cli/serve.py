@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "positions they have, so more slots fit in the same memory")
     p.add_argument("--page-size", type=int, default=16,
                    help="positions per KV page (a divisor of 64; default 16)")
+    p.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prompt tokens prefilled per engine step (default 2048): a longer prompt is "
+                   "prefilled in chunks between the decode steps of the running requests")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV pages of prompt prefixes seen before")
     p.add_argument("--cache-min-tokens", type=int, default=1024,
@@ -52,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size", "cache_min_tokens"):
+    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size", "cache_min_tokens",
+                 "prefill_chunk"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if not 0 <= args.port < 65536:
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
                           max_queue=args.max_queue, dtype=args.dtype, name=args.name,
                           page_size=args.page_size, kv_pages=args.kv_pages,
-                          prefix_cache=args.prefix_cache)
+                          prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk)
     m = engine.model
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "

@@ -23,6 +23,11 @@ already registered reuses them (a reference count per page) and prefills only th
 A page nobody references stays cached until its memory is needed (least recently used
 first). `Request.cached_tokens` says how many prompt tokens were read from the cache.
 
+Chunked prefill: a step prefills at most `max_prefill_tokens` prompt tokens (continuing
+prompts first, then new admissions), so a long prompt is prefilled over several steps,
+each followed by a decode step for the running requests; rows whose prompt is still
+being prefilled sit out the decode (their table row reads as scratch).
+
 Fairness across tenants (API keys): waiting requests queue per tenant, and the next one
 admitted is the head of the tenant with the fewest requests running (then the earliest
 arrival). When no slot is free and that tenant runs at least two fewer requests than the
@@ -111,6 +116,9 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, in position order
     admitted: int = -1  # admission order (the last admitted is preempted first)
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # the prompt's full pages
+    feed: list[int] = dataclasses.field(default_factory=list)  # what its prefill computes
+    prefilled: int = 0  # ... of which this many positions are in its pages
+    reused: int = 0  # ... and this many were found in the prefix cache at admission
     cached_tokens: int | None = None  # prompt tokens read from the prefix cache (first admission)
     pos: int = 0  # position of `last` (the token the next decode step feeds)
     last: int = 0
@@ -235,7 +243,7 @@ class Engine:
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
         # the rest of a prompt after cached pages: attends to the whole context
         self.prefill_after = {b: build_prefill_step(cfg, any_step, b, attend_len=self.max_len)
-                              for b in self.buckets if b < self.max_len}
+                              for b in self.buckets}
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
@@ -253,6 +261,7 @@ class Engine:
         self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
         self._active: dict[int, Request] = {}
         self._waiting = FairQueue()
+        self._prefilling: list[Request] = []  # admitted, prompt not yet all prefilled
         self._running: collections.Counter[str] = collections.Counter()  # tenant -> running
         self.steps = 0  # engine loop iterations so far
         self._cv = threading.Condition()
@@ -429,9 +438,14 @@ class Engine:
             self._finish(req, "cancelled")
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots while their prompts' pages are free
-        (within one step's prefill token budget)."""
+        """Prefill, within one step's budget of `max_prefill_tokens`: first the next chunks
+        of prompts already being prefilled, then waiting requests admitted into free slots
+        (fairly, preempting for fairness) while their prompts' pages are free."""
         budget = self.max_prefill_tokens
+        for req in list(self._prefilling):
+            if budget <= 0:
+                return
+            budget -= self._prefill(req)
         while budget > 0:
             with self._cv:
                 req = self._waiting.peek(self._running)
@@ -444,8 +458,7 @@ class Engine:
                     self._preempt(victim)
                     self.stats["preempted_for_fairness"] += 1
                 tokens = req.prompt + req.out_ids  # out_ids: a preempted request's so far
-                hashes = req.hashes
-                hit = self._match(hashes, len(tokens))
+                hit = self._match(req.hashes, len(tokens))
                 # pages for the prompt and the first decode's position: a request admitted
                 # is not preempted by its own next step
                 need = len(tokens) // self.page_size + 1 - len(hit)
@@ -457,9 +470,6 @@ class Engine:
                 self.stats["cancelled"] += 1
                 self._finish(req, "cancelled")
                 continue
-            n, start = len(tokens), len(hit) * self.page_size
-            b = next(x for x in self.buckets if x >= n - start)
-            budget -= b
             req.slot = self._free.pop()
             req.admitted = next(self._admissions)
             self._active[req.slot] = req
@@ -469,28 +479,48 @@ class Engine:
                 self._refs[page] += 1
                 self.table[req.slot, len(req.pages)] = page
                 req.pages.append(page)
-            self._grow(req, n)
+            self._grow(req, len(tokens))
             if req.detok is None:  # first admission (a preempted request keeps its state)
                 req.detok = Detokenizer(self.model.tokenizer, req.prompt)
                 req.stopper = StopMatcher(list(req.sampling.stop),
                                           () if req.sampling.ignore_eos else (END,))
-            padded = np.zeros((1, b), np.int32)
-            padded[0, :n - start] = tokens[start:]
-            step = self.prefill[b] if start == 0 else self.prefill_after[b]
-            tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1],
-                                   padded, np.int32(start), np.int32(n - start),
-                                   SlotSampling.one(*req.draws))
-            for i in range(len(hit), n // self.page_size if self.prefix_cache else 0):
-                if hashes[i] not in self._by_hash:  # its full pages, now computed
-                    self._by_hash[hashes[i]] = req.pages[i]
-                    self._hash_of[req.pages[i]] = hashes[i]
-            req.pos = n
-            self.stats["prompt_tokens"] += n
-            self.stats["prefix_hit_tokens"] += start
+            req.feed = tokens
+            req.prefilled = req.reused = len(hit) * self.page_size
+            self.stats["prefix_hit_tokens"] += req.prefilled
             if req.cached_tokens is None:
-                req.cached_tokens = start
-                req.emit(Event(cached_tokens=start))
-            self._accept(req, int(tok))
+                req.cached_tokens = req.prefilled
+                req.emit(Event(cached_tokens=req.prefilled))
+            self._prefilling.append(req)
+            budget -= self._prefill(req)
+
+    def _prefill(self, req: Request) -> int:
+        """Prefill the next chunk of `req.feed` (at most `max_prefill_tokens`); after the
+        last one, register its full pages in the prefix cache and draw its first token.
+        Returns the chunk's length."""
+        tokens, start = req.feed, req.prefilled
+        n = min(len(tokens) - start, self.max_prefill_tokens)
+        b = next(x for x in self.buckets if x >= n)
+        padded = np.zeros((1, b), np.int32)
+        padded[0, :n] = tokens[start:start + n]
+        # a whole prompt at once attends within its bucket (as before pages); the rest of
+        # one (after cached pages or earlier chunks) attends to the whole context
+        step = self.prefill[b] if start == 0 else self.prefill_after[b]
+        tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
+                               np.int32(start), np.int32(n), SlotSampling.one(*req.draws))
+        req.prefilled += n
+        self.stats["prompt_tokens"] += n
+        if req.prefilled < len(tokens):
+            self.stats["prefill_chunks"] += 1
+            return n
+        self._prefilling.remove(req)
+        full = len(tokens) // self.page_size if self.prefix_cache else 0
+        for i in range(req.reused // self.page_size, full):
+            if req.hashes[i] not in self._by_hash:  # its full pages, now computed
+                self._by_hash[req.hashes[i]] = req.pages[i]
+                self._hash_of[req.pages[i]] = req.hashes[i]
+        req.pos = len(tokens)
+        self._accept(req, int(tok))
+        return n
 
     def _match(self, hashes: list[bytes], n: int) -> list[int]:
         """The cached pages that begin a sequence of n tokens with these page hashes (at
@@ -529,8 +559,8 @@ class Engine:
         """Every running request gets the page its next decode writes to; while none is free,
         the request admitted last is preempted (recompute: back to the queue's front)."""
         for req in sorted(self._active.values(), key=lambda r: r.admitted):
-            if req.done or self._active.get(req.slot) is not req:
-                continue
+            if req.done or self._active.get(req.slot) is not req or req in self._prefilling:
+                continue  # (a prompt being prefilled has its pages)
             while len(req.pages) <= req.pos // self.page_size and not self._available():
                 self._preempt(max(self._active.values(), key=lambda r: r.admitted))
             if self._active.get(req.slot) is req:
@@ -554,6 +584,8 @@ class Engine:
 
     def _release(self, req: Request) -> None:
         """Free the slot and pages of a running request."""
+        if req in self._prefilling:
+            self._prefilling.remove(req)
         if req.slot >= 0 and self._active.get(req.slot) is req:
             del self._active[req.slot]
             self._running[req.tenant] -= 1
@@ -588,25 +620,32 @@ class Engine:
             self.stats["slot_moves"] += 1
 
     def _decode(self) -> None:
+        """One token for every running request whose prompt is prefilled (rows of prompts
+        still being prefilled, and free rows, write to the scratch page only)."""
         self._make_room()
-        if not self._active:
-            return
         if len(self.batch_buckets) > 1:
             self._compact()
+        decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling}
+        if not decoding:
+            return
         hi = max(self._active) + 1
-        positions_max = max(r.pos for r in self._active.values())
+        positions_max = max(r.pos for r in decoding.values())
         a = next(x for x in self.decode_buckets if x >= positions_max + 1)
         B = next(b for b in self.batch_buckets if b >= hi and (b, a) in self._exec)
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        table = self.table[:B].copy()
         rows = [(0, 0.0, 0, 1.0)] * B  # free rows: greedy, their tokens unused
         for slot, r in self._active.items():
-            tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
-        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, self.table[:B], tokens,
+            if slot in decoding:
+                tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
+            else:
+                table[slot] = SCRATCH
+        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, tokens,
                                                 positions, SlotSampling.rows(rows, B))
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
-        for slot, r in list(self._active.items()):
+        for slot, r in decoding.items():
             r.pos += 1
             self._accept(r, int(nxt[slot]))
 
