@@ -122,7 +122,10 @@ class CliServer:
 
 
 def start_cli_server(*args: str, devices: int = 1, timeout: float = 240) -> CliServer:
-    """`megamesh serve --port 0 ARGS`; returns once it prints its address (after warm-up)."""
+    """`megamesh serve --port 0 ARGS`; returns once it prints its address (after warm-up).
+    Its Message Batches database is a new temporary file unless ARGS name one."""
+    if "--batch-db" not in args:
+        args = (*args, "--batch-db", str(Path(tempfile.mkdtemp(prefix="megamesh-batches-")) / "b.db"))
     proc = subprocess.Popen([*MEGAMESH, "serve", "--port", "0", *map(str, args)], env=cli_env(devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []

@@ -291,6 +291,29 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
         assert all(s in steps[r.id] for s in prefilling), (list(prefilling), steps[r.id])
 
 
+def test_background_work_yields_to_interactive_requests(engine):
+    """Batch requests (priority 1) fill every slot and queue; an interactive request is
+    admitted first and at once (a batch request is preempted for it), and the batch work
+    all finishes afterwards."""
+    tok = engine.model.tokenizer
+    done = threading.Semaphore(0)
+    batch = [engine.submit(tok.encode(f"batch item {i}").ids,
+                           SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+                           lambda ev: ev.done and done.release(), tenant="batch:k", priority=1)
+             for i in range(24)]
+    deadline = time.monotonic() + 60
+    while engine.active < 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.active == 16 and engine.waiting >= 6
+    req, _, _ = run_engine(engine, tok.encode("interactive").ids, SamplingParams(max_tokens=4),
+                           tenant="k")
+    assert req.first_token_step - req.submitted_step <= 2
+    assert any(not r.done for r in batch)  # it went ahead of queued batch work
+    for _ in batch:
+        assert done.acquire(timeout=120)
+    assert all(len(r.out_ids) == 60 for r in batch)
+
+
 def test_engine_refuses_what_does_not_fit(engine):
     from megamesh.serve.engine import TooLong
 
@@ -786,6 +809,79 @@ def test_disconnected_non_streamed_requests_free_their_slots(server, engine):
     # a second each; a loaded machine can let a client leave late: most must be cancelled)
     assert engine.stats["finished_cancelled"] - before >= 8
     assert engine.stats["output_tokens"] - tokens_before < 12 * n * 0.8
+
+
+def test_message_batches_survive_a_killed_server(run_dir, cli_server, tmp_path):
+    """Message Batches through the Anthropic SDK against `megamesh serve` on a SQLite file:
+    a batch of 12 (10 good, 2 invalid) is processed in the background; the server is
+    killed (SIGKILL) with part of it done, and restarted on the same file: the batch goes
+    on, ends, and its results hold every request once, those finished before the kill
+    unchanged; an invalid request is an `errored` result, not a failed batch; list,
+    cancel (results `canceled`), delete, and another key's batch is not found."""
+    import sqlite3
+
+    db = tmp_path / "batches.db"
+    args = ("--model", run_dir, "--max-len", "512", "--dtype", "float32", "--slots", "4",
+            "--batch-concurrency", "2", "--batch-db", db)
+    server = cli_server(*args)
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    good = [{"custom_id": f"q-{i}", "params": {
+        "model": "tiny", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+        "messages": [{"role": "user", "content": f"question {i}: def f{i}(x):"}]}} for i in range(10)]
+    bad = [{"custom_id": "no-tokens", "params": {"model": "tiny", "max_tokens": 0,
+                                                 "messages": [{"role": "user", "content": "x"}]}},
+           {"custom_id": "streamed", "params": {"model": "tiny", "max_tokens": 5, "stream": True,
+                                                "messages": [{"role": "user", "content": "x"}]}}]
+    batch = client.messages.batches.create(requests=good[:5] + bad + good[5:])
+    assert batch.processing_status == "in_progress" and batch.request_counts.processing == 12
+    deadline = time.monotonic() + 120
+    while client.messages.batches.retrieve(batch.id).request_counts.succeeded < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.proc.kill()  # mid-batch
+    server.proc.wait()
+    with sqlite3.connect(db) as con:
+        before = dict(con.execute("SELECT custom_id, result FROM requests WHERE state = 'succeeded'"))
+    assert 3 <= len(before) < 10
+
+    server = cli_server(*args)
+    client = anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0)
+    deadline = time.monotonic() + 180
+    while (b := client.messages.batches.retrieve(batch.id)).processing_status != "ended":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert b.request_counts.succeeded == 10 and b.request_counts.errored == 2 and b.ended_at
+    results = {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
+    assert sorted(results) == sorted(r["custom_id"] for r in good + bad)
+    for cid, res in results.items():
+        if cid in ("no-tokens", "streamed"):
+            assert res.type == "errored" and res.error.error.type == "invalid_request_error"
+        else:
+            assert res.type == "succeeded" and res.message.usage.output_tokens == 40
+            assert res.message.content[0].text
+    for cid, raw in before.items():  # written before the kill: the same message, not run again
+        msg = json.loads(raw)["message"]
+        assert (msg["id"], msg["content"][0]["text"]) == (results[cid].message.id,
+                                                          results[cid].message.content[0].text)
+    assert batch.id in [x.id for x in client.messages.batches.list()]
+
+    slow = client.messages.batches.create(requests=[{"custom_id": f"s-{i}", "params": {
+        "model": "tiny", "max_tokens": 300, "ignore_eos": True,
+        "messages": [{"role": "user", "content": f"long {i}"}]}} for i in range(8)])
+    assert client.messages.batches.cancel(slow.id).processing_status in ("canceling", "ended")
+    deadline = time.monotonic() + 120
+    while (c := client.messages.batches.retrieve(slow.id)).processing_status != "ended":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert c.request_counts.canceled >= 6 and c.cancel_initiated_at
+    assert {r.result.type for r in client.messages.batches.results(slow.id)} <= {"canceled", "succeeded"}
+
+    other = anthropic.Anthropic(base_url=server.url, api_key="someone-else", max_retries=0)
+    with pytest.raises(anthropic.NotFoundError):
+        other.messages.batches.retrieve(batch.id)
+    assert client.messages.batches.delete(batch.id).type == "message_batch_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.batches.retrieve(batch.id)
 
 
 def test_cli_server_limits_and_auth(run_dir, cli_server):

@@ -31,6 +31,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--range-ratio", type=float, default=0.0,
                    help="lengths uniform in [len*(1-r), len*(1+r)]")
     s.add_argument("--tokenizer", help="tokenizer.json for exact prompt lengths (a training run's)")
+    s.add_argument("--dataset", choices=("random", "enterprise"), default="random",
+                   help="random: prompts of --input-len; enterprise: --tenants tenants, each with its "
+                   "own API key and a --system-len-token system prompt (a cache_control breakpoint), "
+                   "user prompts of --input-min..--input-max tokens, outputs of "
+                   "--output-min..--output-max")
+    s.add_argument("--tenants", type=int, default=16)
+    s.add_argument("--system-len", type=int, default=2048)
+    s.add_argument("--input-min", type=int, default=200)
+    s.add_argument("--input-max", type=int, default=8000)
+    s.add_argument("--output-min", type=int, default=50)
+    s.add_argument("--output-max", type=int, default=500)
+    s.add_argument("--no-cache-control", dest="cache_control", action="store_false",
+                   help="enterprise: send system prompts without cache_control (servers without "
+                   "prompt caching)")
     s.add_argument("--goodput", nargs="+", default=[], metavar="SLO:MS",
                    help="SLOs such as ttft:500 tpot:50 e2el:5000")
     s.add_argument("--seed", type=int, default=0)
@@ -57,13 +71,18 @@ def _goodput(items: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    for flag in ("num_prompts", "input_len", "output_len"):
+    for flag in ("num_prompts", "input_len", "output_len", "tenants", "system_len", "input_min",
+                 "output_min"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if args.request_rate <= 0 or args.burstiness <= 0:
         raise ConfigError("--request-rate and --burstiness must be > 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ConfigError(f"--max-concurrency {args.max_concurrency} is not allowed: at least 1")
+    for lo, hi in (("input_min", "input_max"), ("output_min", "output_max")):
+        if getattr(args, hi) < getattr(args, lo):
+            raise ConfigError(f"--{hi.replace('_', '-')} {getattr(args, hi)} is not allowed: at least "
+                              f"--{lo.replace('_', '-')} ({getattr(args, lo)})")
     if not 0 <= args.range_ratio < 1:
         raise ConfigError(f"--range-ratio {args.range_ratio} is not allowed: 0 <= r < 1")
     import httpx
@@ -81,7 +100,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                       request_rate=args.request_rate, burstiness=args.burstiness,
                       max_concurrency=args.max_concurrency, input_len=args.input_len,
                       output_len=args.output_len, range_ratio=args.range_ratio, seed=args.seed,
-                      api_key=args.api_key, goodput=_goodput(args.goodput))
+                      api_key=args.api_key, goodput=_goodput(args.goodput), dataset=args.dataset,
+                      tenants=args.tenants, system_len=args.system_len, input_min=args.input_min,
+                      input_max=args.input_max, output_min=args.output_min,
+                      output_max=args.output_max, cache_control=args.cache_control)
     try:
         summary = run_bench(cfg, tok)
     except httpx.HTTPError as e:

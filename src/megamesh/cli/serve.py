@@ -4,6 +4,7 @@ the OpenAI chat-completions API."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from megamesh.errors import ConfigError
 
@@ -47,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-tpm", type=int, default=0,
                    help="output tokens per minute per API key before 429, max_tokens reserved at "
                    "admission and the unused part given back (default 0: no limit)")
+    p.add_argument("--batch-db", default="megamesh-batches.db",
+                   help="SQLite file of the Message Batches API: batches and results survive a "
+                   "restart (default megamesh-batches.db in the working directory)")
+    p.add_argument("--batch-concurrency", type=int, default=0,
+                   help="batch requests in the engine at once (default 0: --slots); they run at a "
+                   "lower priority than interactive requests")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
     p.set_defaults(run=run)
@@ -65,6 +72,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: >= 0 "
                               "(0: no limit)")
+    if args.batch_concurrency < 0:
+        raise ConfigError(f"--batch-concurrency {args.batch_concurrency} is not allowed: >= 0 "
+                          "(0: --slots)")
     if args.max_body_mb <= 0:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
     from megamesh.serve.server import bind, build_engine, serve
@@ -88,8 +98,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_concurrent_per_key=args.max_concurrent_per_key,
                         input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
-                        cache_min_tokens=args.cache_min_tokens)
+                        cache_min_tokens=args.cache_min_tokens, batch_db=args.batch_db,
+                        batch_concurrency=args.batch_concurrency)
     app = create_app(engine, settings)
+    print(f"Message Batches in {Path(args.batch_db).resolve()}", flush=True)
     print(f"serving on http://{args.host}:{port}  (POST /v1/messages, /v1/chat/completions; "
           "GET /v1/models, /health, /metrics)", flush=True)
     try:

@@ -11,8 +11,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, Prompt, sse_json, text_of
-from megamesh.serve.engine import SamplingParams
+from megamesh.serve.core import (
+    INT32_MAX,
+    ApiError,
+    Core,
+    Generation,
+    OpenSchema,
+    Prompt,
+    sse_json,
+    text_of,
+)
+from megamesh.serve.engine import Event, SamplingParams
 
 
 class AnthropicMessage(OpenSchema):
@@ -53,34 +62,40 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {sse_json(data)}\n\n".encode()
 
 
+async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Prompt:
+    """The prompt of a Messages request (400 for what is not supported)."""
+    if req.tools:
+        raise ApiError(400, "tools: tool use is not supported by this server")
+    if req.tool_choice and req.tool_choice.get("type") != "none":
+        raise ApiError(400, "tool_choice: tool use is not supported by this server")
+    if req.thinking and req.thinking.get("type") not in (None, "disabled"):
+        raise ApiError(400, "thinking: extended thinking is not supported by this server")
+    system = text_of(req.system, "system", caching=True) or None
+    turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True))
+             for i, m in enumerate(req.messages)]
+    return await core.encode_chat(system, turns)
+
+
+def message_object(core: Core, gen: Generation, text: str, ev: Event) -> dict[str, Any]:
+    """A whole (non-streamed) Messages API response for a finished generation."""
+    return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
+            "model": core.model.name, "content": [{"type": "text", "text": text}],
+            "stop_reason": ev.stop_reason, "stop_sequence": ev.stop_sequence,
+            "usage": {**core.cache_usage(gen), "output_tokens": ev.output_tokens}}
+
+
 def register(app: FastAPI, core: Core) -> None:
     name = core.model.name
-
-    async def prompt_of(req: MessagesRequest | CountTokensRequest) -> Prompt:
-        if req.tools:
-            raise ApiError(400, "tools: tool use is not supported by this server")
-        if req.tool_choice and req.tool_choice.get("type") != "none":
-            raise ApiError(400, "tool_choice: tool use is not supported by this server")
-        if req.thinking and req.thinking.get("type") not in (None, "disabled"):
-            raise ApiError(400, "thinking: extended thinking is not supported by this server")
-        system = text_of(req.system, "system", caching=True) or None
-        turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True))
-                 for i, m in enumerate(req.messages)]
-        return await core.encode_chat(system, turns)
 
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
-        gen = core.start(await prompt_of(req), req.sampling(), key)
+        gen = core.start(await prompt_of(core, req), req.sampling(), key)
         msg_id = "msg_" + secrets.token_hex(12)
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
-            return JSONResponse({
-                "id": msg_id, "type": "message", "role": "assistant", "model": name,
-                "content": [{"type": "text", "text": text}], "stop_reason": ev.stop_reason,
-                "stop_sequence": ev.stop_sequence,
-                "usage": {**core.cache_usage(gen), "output_tokens": ev.output_tokens}})
+            return JSONResponse(message_object(core, gen, text, ev))
 
         async def events():
             await gen.admitted()  # the usage says what the engine found cached
@@ -112,4 +127,4 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         _, req = await core.parse(request, CountTokensRequest)
-        return JSONResponse({"input_tokens": len(await prompt_of(req))})  # cached or not
+        return JSONResponse({"input_tokens": len(await prompt_of(core, req))})  # cached or not

@@ -1,7 +1,9 @@
 """HTTP: the Anthropic Messages API and the OpenAI chat-completions API over one engine.
 
 Routes: POST /v1/messages (plain and SSE streaming), POST /v1/messages/count_tokens
-(`serve.anthropic`), POST /v1/chat/completions (plain and streaming; `serve.openai`),
+(`serve.anthropic`), the Message Batches routes under /v1/messages/batches
+(`serve.batches`: SQLite, processed in the background at a lower priority),
+POST /v1/chat/completions (plain and streaming; `serve.openai`),
 GET /v1/models[/{id}], GET /health, GET /metrics (Prometheus; here). Both protocols stand
 on one request core (`serve.core`: auth, limits, validation, admission, metrics, request
 ids). What is supported: docs/serving.md.
@@ -21,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from megamesh.serve import anthropic, openai
+from megamesh.serve import anthropic, batches, openai
 from megamesh.serve.core import ApiError, Core, RequestIdMiddleware, Settings, error_response
 from megamesh.serve.engine import Engine
 
@@ -83,4 +85,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     anthropic.register(app, core)
     openai.register(app, core)
+    store = batches.BatchStore(core.settings.batch_db or ":memory:")
+    app.state.batches = batches.register(app, core, store, core.settings.batch_concurrency
+                                         or engine.slots)
     return app

@@ -17,6 +17,14 @@ does (vllm/benchmarks/serve.py; the API as docs/serving.md describes):
 Streams the Anthropic Messages API (`--api anthropic`, default) or OpenAI chat completions
 (`--api openai`), asking the server to ignore end-of-sequence (`ignore_eos`) so every
 request produces its full output length.
+
+`--dataset enterprise` (issue 15's mix): `tenants` tenants, each with its own system
+prompt of `system_len` tokens and its own API key; each request picks a tenant at random,
+its user prompt has a uniform [input_min, input_max] tokens and its output [output_min,
+output_max]; the system prompt carries a cache_control breakpoint (unless
+`cache_control` is off, for servers without prompt caching). Adds the prefix-cache hit
+rate (prompt tokens read from the cache, from the responses' usage) and, sampled from a
+megamesh server's /metrics during the run, the KV pages in use.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import numpy as np
 @dataclass
 class RequestResult:
     ok: bool
-    input_tokens: int = 0
+    input_tokens: int = 0  # all of the prompt, cached or not
+    cached_tokens: int = 0  # read from the prompt cache
     output_tokens: int = 0
     ttft: float = 0.0
     latency: float = 0.0
@@ -60,48 +69,82 @@ class BenchConfig:
     api_key: str = "bench"
     goodput: dict[str, float] = field(default_factory=dict)  # ms: ttft, tpot, e2el
     warmups: int = 2
+    dataset: str = "random"  # or "enterprise"
+    tenants: int = 16
+    system_len: int = 2048
+    input_min: int = 200
+    input_max: int = 8000
+    output_min: int = 50
+    output_max: int = 500
+    cache_control: bool = True
+
+
+@dataclass
+class BenchPrompt:
+    text: str  # the user message
+    n_in: int  # input tokens (exact with a tokenizer, else estimated)
+    n_out: int
+    system: str | None = None
+    key: str | None = None  # the API key (tenant) to send it with (default cfg.api_key)
 
 
 WORDS = ("the of and to in is for on that with as it data model value return list self import "
          "def class if else while try except json path file string number object array key").split()
 
 
-def make_prompts(cfg: BenchConfig, tokenizer: Any | None) -> list[tuple[str, int, int]]:
-    """(prompt text, input tokens (exact with a tokenizer, else estimated), output tokens)."""
+def _text(rng: np.random.Generator, n: int, tokenizer: Any | None) -> tuple[str, int]:
+    """Random text of n tokens (exactly, re-encoded, with a tokenizer; else ~n in words)."""
+    if tokenizer is None:
+        return " ".join(rng.choice(WORDS, size=max(1, int(n / 1.3)))), n
+    ids = rng.integers(1, tokenizer.get_vocab_size(), n).tolist()
+    ids = tokenizer.encode(tokenizer.decode(ids)).ids[:n]
+    text = tokenizer.decode(ids)
+    return text, len(tokenizer.encode(text).ids)
+
+
+def make_prompts(cfg: BenchConfig, tokenizer: Any | None) -> list[BenchPrompt]:
     rng = np.random.default_rng(cfg.seed)
+    if cfg.dataset == "enterprise":
+        # the tenants' system prompts are the same in every run (seed-independent)
+        sys_rng = np.random.default_rng(12345)
+        systems = [_text(sys_rng, cfg.system_len, tokenizer) for _ in range(cfg.tenants)]
+        out = []
+        for _ in range(cfg.num_prompts):
+            t = int(rng.integers(cfg.tenants))
+            text, n = _text(rng, int(rng.integers(cfg.input_min, cfg.input_max + 1)), tokenizer)
+            out.append(BenchPrompt(text, n + systems[t][1],
+                                   int(rng.integers(cfg.output_min, cfg.output_max + 1)),
+                                   systems[t][0], f"tenant-{t}"))
+        return out
     r = cfg.range_ratio
     lo_i, hi_i = max(1, int(cfg.input_len * (1 - r))), int(cfg.input_len * (1 + r))
     lo_o, hi_o = max(1, int(cfg.output_len * (1 - r))), int(cfg.output_len * (1 + r))
     out = []
     for _ in range(cfg.num_prompts):
         n_in, n_out = int(rng.integers(lo_i, hi_i + 1)), int(rng.integers(lo_o, hi_o + 1))
-        if tokenizer is not None:
-            vocab = tokenizer.get_vocab_size()
-            ids = rng.integers(1, vocab, n_in).tolist()
-            text = tokenizer.decode(ids)
-            ids = tokenizer.encode(text).ids[:n_in]
-            text = tokenizer.decode(ids)
-            out.append((text, len(tokenizer.encode(text).ids), n_out))
-        else:
-            words = rng.choice(WORDS, size=max(1, int(n_in / 1.3)))
-            out.append((" ".join(words), n_in, n_out))
+        out.append(BenchPrompt(*_text(rng, n_in, tokenizer), n_out))
     return out
 
 
-async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: str,
+async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, p: BenchPrompt,
                n_out: int) -> RequestResult:
     res = RequestResult(ok=False, start=time.perf_counter())
+    key = p.key or cfg.api_key
     if cfg.api == "anthropic":
         path = "/v1/messages"
         body = {"model": model, "max_tokens": n_out, "stream": True, "ignore_eos": True,
-                "temperature": 0.0, "messages": [{"role": "user", "content": prompt}]}
-        headers = {"x-api-key": cfg.api_key, "anthropic-version": "2023-06-01"}
+                "temperature": 0.0, "messages": [{"role": "user", "content": p.text}]}
+        if p.system is not None:
+            body["system"] = ([{"type": "text", "text": p.system, "cache_control": {"type": "ephemeral"}}]
+                              if cfg.cache_control else p.system)
+        headers = {"x-api-key": key, "anthropic-version": "2023-06-01"}
     else:
         path = "/v1/chat/completions"
+        system = [{"role": "system", "content": p.system}] if p.system is not None else []
         body = {"model": model, "max_tokens": n_out, "stream": True, "ignore_eos": True,
                 "temperature": 0.0, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": prompt}]}
-        headers = {"authorization": f"Bearer {cfg.api_key}"}
+                "messages": [*system, {"role": "user", "content": p.text}]}
+        headers = {"authorization": f"Bearer {key}"}
     t0 = res.start
     last = None
     try:
@@ -121,7 +164,10 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
                     if ev["type"] == "content_block_delta":
                         text = ev["delta"].get("text")
                     elif ev["type"] == "message_start":
-                        res.input_tokens = ev["message"]["usage"]["input_tokens"]
+                        u = ev["message"]["usage"]
+                        res.cached_tokens = u.get("cache_read_input_tokens") or 0
+                        res.input_tokens = (u["input_tokens"] + res.cached_tokens
+                                            + (u.get("cache_creation_input_tokens") or 0))
                     elif ev["type"] == "message_delta":
                         res.output_tokens = ev["usage"]["output_tokens"]
                     elif ev["type"] == "error":
@@ -130,6 +176,8 @@ async def _one(client: httpx.AsyncClient, cfg: BenchConfig, model: str, prompt: 
                 else:
                     if ev.get("usage"):
                         res.input_tokens = ev["usage"]["prompt_tokens"]
+                        details = ev["usage"].get("prompt_tokens_details") or {}
+                        res.cached_tokens = details.get("cached_tokens") or 0
                         res.output_tokens = ev["usage"]["completion_tokens"]
                     if ev.get("choices"):
                         text = ev["choices"][0]["delta"].get("content")
@@ -171,7 +219,24 @@ async def _wait_compiled(client: httpx.AsyncClient, url: str, timeout: float = 6
         await asyncio.sleep(0.5)
 
 
-async def _run(cfg: BenchConfig, prompts: list[tuple[str, int, int]]) -> tuple[list[RequestResult], float]:
+async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[tuple[float, float]],
+                      every: float = 0.5) -> None:
+    """(pages used, pages) from a megamesh server's /metrics every `every` s, until cancelled
+    (nothing from servers without them)."""
+    while True:
+        try:
+            text = (await client.get(url + "/metrics")).text
+            got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                   if line.startswith(("megamesh_kv_pages_used ", "megamesh_kv_pages "))}
+            if len(got) == 2:
+                out.append((got["megamesh_kv_pages_used"], got["megamesh_kv_pages"]))
+        except (httpx.HTTPError, ValueError, IndexError):
+            pass
+        await asyncio.sleep(every)
+
+
+async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float,
+                                                                      list[tuple[float, float]]]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         model = cfg.model
@@ -181,24 +246,28 @@ async def _run(cfg: BenchConfig, prompts: list[tuple[str, int, int]]) -> tuple[l
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         await _wait_compiled(client, cfg.url)
-        for text, _, _ in prompts[:cfg.warmups]:  # warm-up: not measured
-            await _one(client, cfg, model, text, 4)
+        for i in range(cfg.warmups):  # warm-up: not measured, and nothing to cache for later
+            await _one(client, cfg, model, BenchPrompt(f"warm-up {i}", 4, 4), 4)
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
 
-        async def limited(text: str, n_out: int) -> RequestResult:
+        async def limited(p: BenchPrompt) -> RequestResult:
             if sem is None:
-                return await _one(client, cfg, model, text, n_out)
+                return await _one(client, cfg, model, p, p.n_out)
             async with sem:
-                return await _one(client, cfg, model, text, n_out)
+                return await _one(client, cfg, model, p, p.n_out)
 
+        kv: list[tuple[float, float]] = []
+        sampler = asyncio.create_task(_kv_samples(client, cfg.url, kv))
         tasks = []
         t0 = time.perf_counter()
-        for (text, _, n_out), gap in zip(prompts, _intervals(cfg, len(prompts))):
+        for p, gap in zip(prompts, _intervals(cfg, len(prompts))):
             if gap:
                 await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(limited(text, n_out)))
+            tasks.append(asyncio.create_task(limited(p)))
         results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - t0
+        duration = time.perf_counter() - t0
+        sampler.cancel()
+        return list(results), duration, kv
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -209,10 +278,12 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99))}
 
 
-def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float) -> dict[str, Any]:
+def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
+              kv: list[tuple[float, float]] | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.input_tokens for r in ok)
+    used = [u / n for u, n in kv or [] if n]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     good = 0
     for r in ok:
@@ -235,13 +306,16 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float) -
         "tpot_ms": _stats(tpots),
         "itl_ms": _stats([x for r in ok for x in r.itl]),
         "e2el_ms": _stats([r.latency for r in ok]),
+        "prefix_cache_hit_rate": sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
+        "kv_pages_used": ({"mean": float(np.mean(used)), "max": float(np.max(used)),
+                           "pages": kv[-1][1]} if used else None),
     }
 
 
 def run_bench(cfg: BenchConfig, tokenizer: Any | None = None) -> dict[str, Any]:
     prompts = make_prompts(cfg, tokenizer)
-    results, duration = asyncio.run(_run(cfg, prompts))
-    summary = summarize(cfg, results, duration)
+    results, duration, kv = asyncio.run(_run(cfg, prompts))
+    summary = summarize(cfg, results, duration, kv)
     summary["input_lengths_exact"] = tokenizer is not None
     return summary
 
@@ -251,7 +325,7 @@ def format_summary(s: dict[str, Any]) -> str:
     rate = "inf (all at once)" if c["request_rate"] == float("inf") else f"{c['request_rate']}/s"
     lines = [
         f"{'=' * 16} serving benchmark {'=' * 16}",
-        f"server: {c['url']} ({c['api']} API); {c['num_prompts']} prompts, rate {rate}, "
+        f"server: {c['url']} ({c['api']} API); {c['num_prompts']} {c['dataset']} prompts, rate {rate}, "
         f"max concurrency {c['max_concurrency'] or 'unbounded'}",
         f"successful requests:          {s['completed']:>10}   failed: {s['failed']}",
         f"duration (s):                 {s['duration_s']:>10.2f}",
@@ -267,6 +341,12 @@ def format_summary(s: dict[str, Any]) -> str:
         st = s[key]
         lines.append(f"{name:<5} ms  mean {st['mean']:>9.1f}  p50 {st['p50']:>9.1f}  p90 {st['p90']:>9.1f}  "
                      f"p99 {st['p99']:>9.1f}")
+    lines.append(f"prefix cache hit rate:        {s['prefix_cache_hit_rate']:>10.1%}  (prompt tokens "
+                 "read from the cache, per the responses' usage)")
+    if s["kv_pages_used"]:
+        k = s["kv_pages_used"]
+        lines.append(f"KV pages in use:              {k['mean']:>10.1%}  mean, {k['max']:.1%} max of "
+                     f"{k['pages']:.0f} pages")
     for e in s["errors"]:
         lines.append(f"error: {e}")
     return "\n".join(lines)

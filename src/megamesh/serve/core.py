@@ -56,6 +56,8 @@ class Settings:
     input_tokens_per_minute: int = 0  # per API key (0: no limit)
     output_tokens_per_minute: int = 0  # per API key (0: no limit); max_tokens is reserved
     cache_min_tokens: int = 1024  # the shortest prefix prompt caching writes (Claude Sonnet's)
+    batch_db: str | None = None  # Message Batches' SQLite file (None: in memory, lost at exit)
+    batch_concurrency: int = 0  # batch requests in the engine at once (0: its slots)
 
 
 class TokenBucket:
@@ -274,7 +276,7 @@ class Metrics:
 
 
 ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/completions",
-          "/health", "/metrics"}
+          "/health", "/metrics", "/v1/messages/batches"}
 
 
 class RequestIdMiddleware:
@@ -293,8 +295,9 @@ class RequestIdMiddleware:
         rid = "req_" + secrets.token_hex(12)
         scope.setdefault("state", {})["request_id"] = rid
         path = scope.get("path", "")
-        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/")
-                                             else "other")
+        route = (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
+                 else "/v1/messages/batches/{id}" if path.startswith("/v1/messages/batches/")
+                 else "other")
 
         started = False
 
@@ -332,6 +335,7 @@ class Generation:
     reserved: int = 0  # output tokens taken from the key's per-minute bucket at admission
     cached_tokens: int | None = None  # prompt tokens whose KV the engine reused (once admitted)
     pending: list[Event] = field(default_factory=list)  # read by `admitted`, not yet by `events`
+    background: bool = False  # a Message Batches request (no interactive limits, metrics)
 
     @property
     def prompt_tokens(self) -> int:
@@ -465,20 +469,31 @@ class Core:
 
     # ------------------------------------------------------------------ generation
 
-    def start(self, prompt: Prompt, sampling: SamplingParams, key: str) -> Generation:
-        """Admit into the engine; events arrive on the generation's asyncio queue."""
+    def start(self, prompt: Prompt, sampling: SamplingParams, key: str, *,
+              background: bool = False) -> Generation:
+        """Admit into the engine; events arrive on the generation's asyncio queue.
+        `background` (Message Batches): at the engine's lower priority, as tenant
+        "batch:<key>", outside the key's interactive concurrency and token-rate limits."""
         try:
             self.engine.check(len(prompt), sampling.max_tokens)
         except TooLong as e:
             raise ApiError(400, str(e)) from None
         s = self.settings
+        if background:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Event] = asyncio.Queue()
+            handle = self.engine.submit(prompt.ids, sampling,
+                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                        tenant="batch:" + key, priority=1)
+            self.metrics.prompt_tokens.inc(len(prompt))
+            return Generation(handle, queue, key, prompt, time.perf_counter(), background=True)
         if self.in_flight[key] >= s.max_concurrent_per_key:
             raise ApiError(429, f"too many concurrent requests for this API key (the limit is "
                                 f"{s.max_concurrent_per_key}); retry later",
                            {"retry-after": str(s.retry_after_s)})
         reserve = self._check_token_rates(key, len(prompt), sampling.max_tokens)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        queue = asyncio.Queue()
         t0 = time.perf_counter()
         try:
             handle = self.engine.submit(prompt.ids, sampling,
@@ -534,14 +549,16 @@ class Core:
             return
         gen.finished = True
         self.engine.cancel(gen.handle)
+        m = self.metrics
+        m.output_tokens.inc(gen.n_out)
+        if gen.background:  # latency metrics are the interactive traffic's
+            return
         if gen.reserved and gen.key in self.buckets:  # output reserved but not generated
             self.buckets[gen.key][1].give(max(0, gen.reserved - gen.n_out))
         self.in_flight[gen.key] -= 1
         if self.in_flight[gen.key] <= 0:
             del self.in_flight[gen.key]
         t1 = time.perf_counter()
-        m = self.metrics
-        m.output_tokens.inc(gen.n_out)
         m.e2e.observe(t1 - gen.t0)
         if gen.t_first is not None:
             m.ttft.observe(gen.t_first - gen.t0)

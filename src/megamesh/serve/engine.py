@@ -109,6 +109,7 @@ class Request:
     emit: Callable[[Event], None]
     seed: int
     tenant: str = ""  # whose request (the API key): the unit of fair scheduling
+    priority: int = 0  # 0 interactive; 1 background (Message Batches): admitted after, preempted first
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     submitted_step: int = 0  # the engine's step count at submission
     first_token_step: int | None = None  # ... and when its first token was drawn
@@ -138,7 +139,8 @@ class Request:
 
 class FairQueue:
     """Waiting requests: one FIFO per tenant. `peek(running)` is the head of the tenant
-    with the fewest requests running (ties: the earliest arrival)."""
+    with the fewest requests running (ties: the earliest arrival), interactive requests
+    before background ones."""
 
     def __init__(self) -> None:
         self.queues: dict[str, collections.deque[Request]] = {}
@@ -164,7 +166,7 @@ class FairQueue:
 
     def peek(self, running: collections.Counter) -> Request | None:
         heads = [q[0] for q in self.queues.values()]
-        return min(heads, key=lambda r: (running[r.tenant], r.arrival), default=None)
+        return min(heads, key=lambda r: (r.priority, running[r.tenant], r.arrival), default=None)
 
 
 def buckets(max_len: int, smallest: int = 64) -> list[int]:
@@ -311,15 +313,16 @@ class Engine:
                           "this prompt")
 
     def submit(self, prompt: list[int], sampling: SamplingParams, emit: Callable[[Event], None],
-               tenant: str = "") -> Request:
-        """Queue a request of `tenant` (an API key); tokens arrive through `emit`. Raises
-        TooLong or QueueFull."""
+               tenant: str = "", priority: int = 0) -> Request:
+        """Queue a request of `tenant` (an API key; `priority` 1: background work, admitted
+        after interactive requests and preempted for them); tokens arrive through `emit`.
+        Raises TooLong or QueueFull."""
         if not prompt:
             raise TooLong("the prompt is empty: at least one token is needed")
         self.check(len(prompt), sampling.max_tokens)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF, tenant,
-                      submitted_step=self.steps)
+                      priority, submitted_step=self.steps)
         req.hashes = self.page_hashes(req.prompt)
         with self._cv:
             if len(self._waiting) >= self.max_queue:
@@ -452,7 +455,7 @@ class Engine:
                 if req is None:
                     return
                 if not self._free and not req.cancelled:
-                    victim = self._unfair(req.tenant)
+                    victim = self._unfair(req)
                     if victim is None:
                         return  # every slot busy, fairly shared
                     self._preempt(victim)
@@ -566,11 +569,17 @@ class Engine:
             if self._active.get(req.slot) is req:
                 self._grow(req, req.pos)
 
-    def _unfair(self, tenant: str) -> Request | None:
-        """The request to preempt so that `tenant` gets a slot: the last admitted of the
-        busiest tenant, when that runs at least two more requests than `tenant`."""
-        busiest = max(self._running, key=lambda t: self._running[t], default=None)
-        if busiest is None or self._running[busiest] < self._running[tenant] + 2:
+    def _unfair(self, req: Request) -> Request | None:
+        """The request to preempt so that `req` gets a slot: for an interactive request, the
+        last admitted background one if any runs; else the last admitted of the busiest
+        tenant, when that runs at least two more requests than `req`'s."""
+        background = [r for r in self._active.values() if r.priority > req.priority]
+        if background:
+            return max(background, key=lambda r: r.admitted)
+        peers = collections.Counter(r.tenant for r in self._active.values()
+                                    if r.priority == req.priority)
+        busiest = max(peers, key=lambda t: peers[t], default=None)
+        if busiest is None or peers[busiest] < peers[req.tenant] + 2:
             return None
         return max((r for r in self._active.values() if r.tenant == busiest), key=lambda r: r.admitted)
 

@@ -1,0 +1,150 @@
+"""Issue 15's enterprise mix at one KV memory budget: megamesh serve (paged KV, prefix
+cache, chunked prefill, fair scheduling) vs the dense-cache engine megamesh had before
+(a source tree of an older commit) vs Hugging Face static batching.
+
+  git worktree add /tmp/megamesh-dense 153d1ea   # the engine before paged KV
+  python bench/serve_enterprise.py --baseline-src /tmp/megamesh-dense/src [--rounds 2]
+
+1. The `tiny` preset with a context of --max-len (11,264: a 2k system prompt, an 8k
+   prompt, 500 output tokens and the chat template fit), trained for 2 steps (speed does
+   not depend on how well), and its Hugging Face export.
+2. The KV budget: --budget-seqs full-length sequences (default 4). The dense engine gets
+   that many slots (each holds max-len positions); megamesh gets the same memory as
+   pages (budget x max-len / 16) and --slots rows; HF static batching gets that batch.
+3. The mix (`megamesh bench serve --dataset enterprise`): 16 tenants with their own API
+   keys and 2,048-token system prompts, Poisson arrivals at --rate, user prompts of
+   200-8,000 tokens, outputs of 50-500 (ignore_eos), --num-prompts requests. megamesh is
+   sent the system prompts with a cache_control breakpoint; the others without (they
+   refuse or ignore it). Each server alone on the machine; medians over --rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_vs_hf import wait_up  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_run(run: Path, max_len: int) -> Path:
+    if not (run / "checkpoints").is_dir():
+        subprocess.run([sys.executable, "-m", "megamesh.cli", "train", "--model", "tiny",
+                        f"--model.max_seq_len={max_len}", "--steps", "2", "--batch", "8", "--seq",
+                        "256", "--out", str(run), "--no-progress"], check=True)
+    hf_dir = run / "hf"
+    if not (hf_dir / "model.safetensors").is_file():
+        from serve_vs_hf import ensure_hf
+
+        ensure_hf(run)
+    return hf_dir
+
+
+def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, tokenizer) -> list[dict]:
+    from megamesh.serve.bench import BenchConfig, run_bench
+
+    log = open(Path(args.logdir) / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
+    url = f"http://127.0.0.1:{port}"
+    rounds = []
+    try:
+        wait_up(url, proc, timeout=1800)
+        for i in range(args.rounds):
+            cfg = BenchConfig(url=url, dataset="enterprise", num_prompts=args.num_prompts,
+                              request_rate=args.rate, seed=i, warmups=1,
+                              cache_control=name == "megamesh", max_concurrency=None)
+            s = run_bench(cfg, tokenizer)
+            kv = s["kv_pages_used"]
+            kv_text = "-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max"
+            print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
+                  f"{s['ttft_ms']['p50']:.0f} p99 {s['ttft_ms']['p99']:.0f} ms, TPOT p50 "
+                  f"{s['tpot_ms']['p50']:.1f} p99 {s['tpot_ms']['p99']:.1f} ms, prefix hits "
+                  f"{s['prefix_cache_hit_rate']:.1%}, KV in use "
+                  f"{kv_text}, "
+                  f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
+            rounds.append(s)
+        return rounds
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main() -> None:
+    from tokenizers import Tokenizer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-tiny-11k"))
+    ap.add_argument("--max-len", type=int, default=11264)
+    ap.add_argument("--budget-seqs", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--baseline-src", help="src/ of a megamesh tree with the dense-cache engine")
+    ap.add_argument("--only", nargs="+", default=["megamesh", "dense", "hf-static"])
+    ap.add_argument("--logdir", default=str(ROOT / "runs" / "serve_enterprise-logs"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    Path(args.logdir).mkdir(parents=True, exist_ok=True)
+    run = Path(args.run)
+    hf_dir = ensure_run(run, args.max_len)
+    tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
+    pages = args.budget_seqs * args.max_len // 16
+    py = [sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--max-len",
+          str(args.max_len), "--max-concurrent-per-key", "1000", "--max-queue", "1000"]
+    servers = {
+        "megamesh": (py + ["--port", "8340", "--slots", str(args.slots), "--kv-pages", str(pages)],
+                     {}, 8340),
+        "dense": (py + ["--port", "8341", "--slots", str(args.budget_seqs)],
+                  {"PYTHONPATH": args.baseline_src or ""}, 8341),
+        "hf-static": ([sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir),
+                       "--port", "8342", "--mode", "static", "--batch", str(args.budget_seqs)], {}, 8342),
+    }
+    results = {}
+    for name in args.only:
+        if name == "dense" and not args.baseline_src:
+            print("  dense: skipped (no --baseline-src)")
+            continue
+        cmd, env, port = servers[name]
+        print(f"{name}: {' '.join(cmd[2:])}", flush=True)
+        results[name] = serve(name, cmd, env, port, args, tokenizer)
+
+    def med(name: str, path: str) -> float:
+        from megamesh.serve.bench import median_of
+
+        return median_of(results[name], path)
+
+    summary = {"args": vars(args), "rounds": results, "medians": {}}
+    for name in results:
+        summary["medians"][name] = {k: med(name, k) for k in (
+            "output_throughput", "ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "tpot_ms.p99",
+            "prefix_cache_hit_rate")}
+    if "megamesh" in results:
+        m = summary["medians"]["megamesh"]
+        for other in [n for n in results if n != "megamesh"]:
+            o = summary["medians"][other]
+            ratio = {"output_throughput": m["output_throughput"] / o["output_throughput"],
+                     "ttft_p50_lower_by": o["ttft_ms.p50"] / m["ttft_ms.p50"]}
+            summary[f"megamesh_vs_{other}"] = ratio
+            print(f"megamesh vs {other}: {ratio['output_throughput']:.2f}x output tok/s, TTFT p50 "
+                  f"{ratio['ttft_p50_lower_by']:.1f}x lower", flush=True)
+    print(json.dumps(summary["medians"], indent=1))
+    out = Path(args.out) if args.out else ROOT / "runs" / f"serve_enterprise-{int(time.time())}.json"
+    out.write_text(json.dumps(summary, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
