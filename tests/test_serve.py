@@ -652,11 +652,56 @@ def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
         running.stop()
 
 
+WEATHER = {"name": "weather", "input_schema": {"type": "object", "properties": {
+    "city": {"enum": ["Paris", "Oslo"]}, "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+    "required": ["city", "days"], "additionalProperties": False}}
+SEARCH = {"name": "search", "input_schema": {"type": "object", "properties": {
+    "q": {"type": "string", "maxLength": 8}}, "required": ["q"], "additionalProperties": False}}
+
+
+def test_tool_use_through_the_anthropic_sdk(client):
+    """Tools in the Messages API: with tool_choice any / tool the answer is a tool_use block
+    whose input is valid for the tool's input_schema (constrained decoding: this model is
+    random, sampled at temperature 1), stop_reason tool_use; streamed, input_json_delta
+    events rebuild the same kind of input; the call and its tool_result go back in the next
+    turn; auto may answer in text."""
+    import jsonschema
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris this week?"}]
+    for i in range(4):
+        m = client.messages.create(model="tiny", max_tokens=64, tools=[WEATHER, SEARCH], messages=msgs,
+                                   tool_choice={"type": "any"} if i % 2 else {"type": "tool", "name": "search"})
+        assert m.stop_reason == "tool_use", m.content
+        call = m.content[-1]
+        assert call.type == "tool_use" and call.id.startswith("toolu_")
+        tool = {"weather": WEATHER, "search": SEARCH}[call.name]
+        jsonschema.validate(call.input, tool["input_schema"])
+        assert i % 2 or call.name == "search"
+    with client.messages.stream(model="tiny", max_tokens=64, tools=[WEATHER], messages=msgs,
+                                tool_choice={"type": "any"}) as stream:
+        kinds = [e.delta.type for e in stream if e.type == "content_block_delta"]
+        final = stream.get_final_message()
+    assert "input_json_delta" in kinds and final.stop_reason == "tool_use"
+    jsonschema.validate(final.content[-1].input, WEATHER["input_schema"])
+    follow = client.messages.create(model="tiny", max_tokens=8, tools=[WEATHER], messages=[
+        *msgs, {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": call.name,
+                                                  "input": call.input}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                      "content": "sunny, 21 C"}]}], tool_choice={"type": "none"})
+    assert follow.content[0].type == "text" and follow.stop_reason in ("end_turn", "max_tokens")
+    auto = client.messages.create(model="tiny", max_tokens=16, tools=[WEATHER], messages=msgs)
+    assert auto.content and auto.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
 @pytest.mark.parametrize("route,extra,needle", [
     ("/v1/messages", {"frequency_penalty": 0.5}, "frequency_penalty: this field is not supported"),
     ("/v1/messages", {"container": "x"}, "container: this field is not supported"),
     ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking:"),
-    ("/v1/messages", {"tool_choice": {"type": "auto"}}, "tool_choice: tool use"),
+    ("/v1/messages", {"tool_choice": {"type": "any"}}, "tool_choice: 'any' needs tools"),
+    ("/v1/messages", {"tools": [{"name": "t", "input_schema": {"type": "string"}}]},
+     "tools.0.input_schema: must be a JSON schema of \"type\": \"object\""),
+    ("/v1/messages", {"tools": [{"name": "t", "input_schema": {"type": "object"}}],
+                      "tool_choice": {"type": "tool", "name": "u"}}, "tool_choice.name: 'u' is not one"),
     ("/v1/messages", {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "10m"}}]}]},
      "messages.0.content.0.cache_control.ttl: '10m' is not allowed"),

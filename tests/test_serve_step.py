@@ -25,7 +25,7 @@ def test_decode_step_matches_forward(layout, n_dev):
     p = jax.device_put(params, ds.param_shardings)
     pages = jax.device_put(init_pages(cfg, ds.n_pages, ds.page_size, jnp.float32), ds.page_shardings)
     table = contiguous_table(B, 16, ds.page_size)[:, ::-1].copy()  # pages in any order
-    greedy = SlotSampling.rows([], B)
+    greedy = SlotSampling.rows([], B, ds.words)
     for t in range(T):
         nxt, logits, pages = ds.fn(p, pages, table, toks[:, t], jnp.full((B,), t, jnp.int32), greedy)
     assert jnp.allclose(logits, full[:, -1], atol=1e-4)

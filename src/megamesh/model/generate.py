@@ -17,8 +17,12 @@ from megamesh.model.transformer import forward
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-           top_p: jax.Array) -> jax.Array:
+           top_p: jax.Array, allowed: jax.Array | None = None) -> jax.Array:
     """One token per row from logits (B, V); per-row temperature (0 = greedy), top_k (0 = off), top_p.
+
+    `allowed` (B, ceil(V / 32)) int32: a bitmask per row of the tokens it may draw (bit i
+    of word j: token 32 j + i; constrained decoding, `serve.engine`); all bits set leaves
+    a row as it was.
 
     `key` is one key for the whole batch, or a batch of keys (B,), one per row: a row's
     draw then depends only on its own key and logits, not on the other rows.
@@ -28,6 +32,10 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax
     all-greedy batches take an argmax, plain temperature sampling a categorical draw.
     """
     logits = logits.astype(jnp.float32)
+    if allowed is not None:
+        v = jnp.arange(logits.shape[-1])
+        ok = (jnp.take(allowed, v // 32, axis=-1) >> (v % 32)) & 1  # (B, V)
+        logits = jnp.where(ok.astype(bool), logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
 

@@ -4,6 +4,7 @@ streaming) and POST /v1/messages/count_tokens. Shapes as in the Messages API ref
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any, Literal
 
@@ -11,8 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
+from megamesh.serve import tools
 from megamesh.serve.core import (
     INT32_MAX,
+    UNSUPPORTED,
     ApiError,
     Core,
     Generation,
@@ -33,8 +36,8 @@ class CountTokensRequest(OpenSchema):
     model: str
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
-    tools: list[Any] | None = None  # refused unless empty: no tool use here
-    tool_choice: dict[str, Any] | None = None  # refused unless {"type": "none"}
+    tools: list[Any] | None = None  # [{name, description, input_schema}] (serve.tools)
+    tool_choice: dict[str, Any] | None = None  # {"type": auto | any | tool (+ name) | none}
     thinking: dict[str, Any] | None = None  # refused unless disabled
 
 
@@ -55,32 +58,69 @@ class MessagesRequest(CountTokensRequest):
         return SamplingParams(max_tokens=self.max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
-                              stop=tuple(self.stop_sequences or ()), ignore_eos=self.ignore_eos)
+                              stop=tuple(self.stop_sequences or ()), ignore_eos=self.ignore_eos,
+                              grammar=tool_setup(self)[1])
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {sse_json(data)}\n\n".encode()
 
 
+def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.Tool], str | None]:
+    """The request's tools and the grammar its tool_choice puts on the output."""
+    try:
+        found = tools.check_tools(req.tools or [])
+    except tools.ToolError as e:
+        raise ApiError(400, str(e)) from None
+    choice = dict(req.tool_choice or {"type": "auto"})
+    kind, name = choice.pop("type", None), choice.pop("name", None)
+    choice.pop("disable_parallel_tool_use", None)  # one call per response here anyway
+    if choice:
+        raise ApiError(400, f"tool_choice.{sorted(choice)[0]}: this field {UNSUPPORTED}")
+    if kind not in ("auto", "any", "tool", "none"):
+        raise ApiError(400, f"tool_choice.type: {kind!r} is not allowed: auto, any, tool or none")
+    if kind in ("any", "tool") and not found:
+        raise ApiError(400, f"tool_choice: {kind!r} needs tools")
+    if kind == "tool" and name not in {t.name for t in found}:
+        raise ApiError(400, f"tool_choice.name: {name!r} is not one of the tools")
+    return found, tools.grammar(found, kind, name if kind == "tool" else None)
+
+
 async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Prompt:
     """The prompt of a Messages request (400 for what is not supported)."""
-    if req.tools:
-        raise ApiError(400, "tools: tool use is not supported by this server")
-    if req.tool_choice and req.tool_choice.get("type") != "none":
-        raise ApiError(400, "tool_choice: tool use is not supported by this server")
     if req.thinking and req.thinking.get("type") not in (None, "disabled"):
         raise ApiError(400, "thinking: extended thinking is not supported by this server")
+    found, _ = tool_setup(req)
     system = text_of(req.system, "system", caching=True) or None
-    turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True))
+    if found:
+        system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
+    turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True, tool_blocks=True))
              for i, m in enumerate(req.messages)]
     return await core.encode_chat(system, turns)
 
 
+def content_of(text: str, stop_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A response's content blocks (text, and a tool_use block for a call) and its
+    stop_reason (tool_use for a whole call; a call cut off by max_tokens stays text)."""
+    prose, name, args = tools.parse(text)
+    if name is None:
+        return [{"type": "text", "text": text}], stop_reason
+    try:
+        tool_input = json.loads(args)
+    except json.JSONDecodeError:
+        return [{"type": "text", "text": text}], stop_reason  # cut off before it was whole
+    blocks = [{"type": "text", "text": prose}] if prose else []
+    blocks.append({"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": name,
+                   "input": tool_input})
+    return blocks, "tool_use" if stop_reason == "end_turn" else stop_reason
+
+
 def message_object(core: Core, gen: Generation, text: str, ev: Event) -> dict[str, Any]:
     """A whole (non-streamed) Messages API response for a finished generation."""
+    content, stop_reason = content_of(text, ev.stop_reason)
     return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
-            "model": core.model.name, "content": [{"type": "text", "text": text}],
-            "stop_reason": ev.stop_reason, "stop_sequence": ev.stop_sequence,
+            "model": core.model.name, "content": content,
+            "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
             "usage": {**core.cache_usage(gen), "output_tokens": ev.output_tokens}}
 
 
@@ -104,20 +144,49 @@ def register(app: FastAPI, core: Core) -> None:
                 "id": msg_id, "type": "message", "role": "assistant", "model": name,
                 "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {**usage_in, "output_tokens": 0}}})
-            yield _sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                               "content_block": {"type": "text", "text": ""}})
             yield _sse("ping", {"type": "ping"})
+            reader, index, block, called = tools.CallReader(), -1, None, False
+
+            def start(kind: str, **fields: Any):
+                nonlocal index, block
+                index, block = index + 1, kind
+                out = [_sse("content_block_stop", {"type": "content_block_stop", "index": index - 1})
+                       ] if index > 0 else []
+                return out + [_sse("content_block_start", {"type": "content_block_start",
+                                                           "index": index,
+                                                           "content_block": {"type": kind, **fields}})]
+
+            def delta(kind: str, s: str) -> bytes:
+                d = {"type": "text_delta", "text": s} if kind == "text" else \
+                    {"type": "input_json_delta", "partial_json": s}
+                return _sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                    "delta": d})
+
             async for ev in gen.events():
-                if ev.text:
-                    yield _sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                       "delta": {"type": "text_delta", "text": ev.text}})
+                for kind, s in reader.push(ev.text) + (reader.flush() if ev.done else []):
+                    if kind == "text":
+                        if block != "text":
+                            for chunk in start("text", text=""):
+                                yield chunk
+                        yield delta("text", s)
+                    elif kind == "name":
+                        called = True
+                        for chunk in start("tool_use", id="toolu_" + secrets.token_hex(12), name=s,
+                                           input={}):
+                            yield chunk
+                    else:
+                        yield delta("input", s)
             if ev.stop_reason in ("error", "cancelled"):
                 yield _sse("error", {"type": "error", "error": {
                     "type": "api_error", "message": f"generation failed: {ev.error or ev.stop_reason}"}})
                 return
-            yield _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+            if block is None:  # nothing was said: an empty text block, as before
+                for chunk in start("text", text=""):
+                    yield chunk
+            yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
+            stop = "tool_use" if called and ev.stop_reason == "end_turn" else ev.stop_reason
             yield _sse("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": ev.stop_reason,
+                                         "delta": {"stop_reason": stop,
                                                    "stop_sequence": ev.stop_sequence},
                                          "usage": {**usage_in, "output_tokens": gen.n_out}})
             yield _sse("message_stop", {"type": "message_stop"})

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from megamesh.serve.engine import Engine, Event, QueueFull, SamplingParams, TooLong
+from megamesh.serve.engine import BadGrammar, Engine, Event, QueueFull, SamplingParams, TooLong
 from megamesh.serve.text import merge_turns, render_chat
 
 INT32_MAX = 2**31 - 1  # the engine's per-row sampling parameters are int32 on the device
@@ -104,10 +104,13 @@ CACHE_TTL_S = {"5m": 300, "1h": 3600}  # the Messages API's two cache lifetimes
 MAX_BREAKPOINTS = 4  # the Messages API's limit per request
 
 
-def text_of(content: str | list[dict[str, Any]] | None, where: str, *, caching: bool = False) -> str:
+def text_of(content: str | list[dict[str, Any]] | None, where: str, *, caching: bool = False,
+            tool_blocks: bool = False) -> str:
     """The text of a message's content; any block other than text is refused (never
     dropped). With `caching`, a block's `cache_control` ({"type": "ephemeral"}, optional
-    "ttl" 5m or 1h) puts a breakpoint marker (`BREAKPOINT` + ttl) after its text."""
+    "ttl" 5m or 1h) puts a breakpoint marker (`BREAKPOINT` + ttl) after its text. With
+    `tool_blocks`, tool_use and tool_result blocks are rendered as `serve.tools` writes
+    them."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -117,6 +120,9 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str, *, caching: 
     parts = []
     for i, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
+        if tool_blocks and kind in ("tool_use", "tool_result"):
+            parts.append(_tool_block(block, f"{where}.content.{i}", caching))
+            continue
         if kind != "text":
             raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
                                 "by this server (text only)")
@@ -133,6 +139,28 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str, *, caching: 
         if block.get("cache_control") is not None:
             parts.append(BREAKPOINT + _cache_ttl(block["cache_control"], f"{where}.content.{i}"))
     return "".join(parts)
+
+
+def _tool_block(block: dict[str, Any], where: str, caching: bool) -> str:
+    """A tool_use block (an earlier call) or tool_result block as the chat template has it."""
+    from megamesh.serve import tools
+
+    allowed = {"tool_use": {"type", "id", "name", "input"},
+               "tool_result": {"type", "tool_use_id", "content", "is_error"}}[block["type"]]
+    extra = sorted(set(block) - allowed - ({"cache_control"} if caching else set()))
+    if extra:
+        raise ApiError(400, f"{where}.{extra[0]}: this field {UNSUPPORTED}")
+    mark = (BREAKPOINT + _cache_ttl(block["cache_control"], where)
+            if caching and block.get("cache_control") is not None else "")
+    if block["type"] == "tool_use":
+        if not isinstance(block.get("name"), str) or not isinstance(block.get("input"), dict):
+            raise ApiError(400, f"{where}: a tool_use block needs a name and an input object")
+        return tools.render_call(block["name"], block["input"]) + mark
+    if not isinstance(block.get("tool_use_id"), str):
+        raise ApiError(400, f"{where}.tool_use_id: must be a string")
+    body = block.get("content", "")
+    text = body if isinstance(body, str) else text_of(body, where)
+    return tools.render_result(text, bool(block.get("is_error"))) + mark
 
 
 def _cache_ttl(cc: Any, where: str) -> str:
@@ -482,9 +510,12 @@ class Core:
         if background:
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Event] = asyncio.Queue()
-            handle = self.engine.submit(prompt.ids, sampling,
-                                        lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                                        tenant="batch:" + key, priority=1)
+            try:
+                handle = self.engine.submit(prompt.ids, sampling,
+                                            lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+                                            tenant="batch:" + key, priority=1)
+            except BadGrammar as e:
+                raise ApiError(400, str(e)) from None
             self.metrics.prompt_tokens.inc(len(prompt))
             return Generation(handle, queue, key, prompt, time.perf_counter(), background=True)
         if self.in_flight[key] >= s.max_concurrent_per_key:
@@ -501,6 +532,8 @@ class Core:
                                         tenant=key)
         except QueueFull as e:
             raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
+        except BadGrammar as e:
+            raise ApiError(400, str(e)) from None
         self.in_flight[key] += 1
         self.metrics.prompt_tokens.inc(len(prompt))
         buckets = self.buckets.get(key)

@@ -63,7 +63,7 @@ from megamesh.errors import MegameshError
 from megamesh.model.backend import DECODE_BATCH_MULTIPLE
 from megamesh.model.kvcache import DEFAULT_PAGE, SCRATCH, init_pages, pages_per_seq
 from megamesh.serve.load import ServedModel
-from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step
+from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step, mask_words
 from megamesh.serve.text import END, Detokenizer, StopMatcher
 from megamesh.sharding.logical import batch_axes
 from megamesh.sharding.rules import mesh_platform
@@ -77,6 +77,10 @@ class TooLong(MegameshError, ValueError):
     """prompt + max_tokens does not fit the context (HTTP 400)."""
 
 
+class BadGrammar(MegameshError, ValueError):
+    """A request's grammar (constrained decoding) does not compile (HTTP 400)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """What a request asks of generation (both APIs map onto this)."""
@@ -88,6 +92,7 @@ class SamplingParams:
     seed: int | None = None  # None: a random one
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens (vLLM's extension)
+    grammar: str | None = None  # llguidance grammar the output must follow (tool calls, JSON)
 
 
 @dataclass
@@ -129,6 +134,7 @@ class Request:
     done: bool = False
     detok: Any = None
     stopper: Any = None
+    matcher: Any = None  # llguidance.LLMatcher of `sampling.grammar`: which tokens may come next
 
     @property
     def draws(self) -> tuple[int, float, int, float]:
@@ -273,6 +279,8 @@ class Engine:
         self._compiler: threading.Thread | None = None  # compiles small decode batches
         self.stats = collections.Counter()
         self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.pages))
+        self.words = mask_words(cfg.vocab_size)  # of a row's token bitmask
+        self._grammar_tokenizer: Any = None
 
     # ------------------------------------------------------------------ public API
 
@@ -323,6 +331,8 @@ class Engine:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF, tenant,
                       priority, submitted_step=self.steps)
+        if sampling.grammar is not None:
+            req.matcher = self.matcher(sampling.grammar)
         req.hashes = self.page_hashes(req.prompt)
         with self._cv:
             if len(self._waiting) >= self.max_queue:
@@ -348,6 +358,29 @@ class Engine:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def matcher(self, grammar: str) -> Any:
+        """An llguidance matcher of `grammar` over this model's vocabulary (BadGrammar if it
+        does not compile). llguidance: constrained decoding for tool inputs; compared with
+        outlines-core and xgrammar in bench/grammar_engines.py."""
+        import llguidance
+
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = llguidance.LLTokenizer(
+                self.model.tokenizer.to_str(), n_vocab=self.cfg.vocab_size,
+                eos_token=list(self.model.eos_ids) or None)
+        m = llguidance.LLMatcher(self._grammar_tokenizer, grammar, log_level=0)
+        if m.is_error():
+            raise BadGrammar(f"the output constraint does not compile: {m.get_error()}")
+        return m
+
+    def _mask(self, req: Request) -> np.ndarray:
+        """The bitmask of tokens `req`'s grammar allows next."""
+        import llguidance.numpy as lnp
+
+        out = np.zeros((1, self.words), np.int32)
+        lnp.fill_next_token_bitmask(req.matcher, out, 0)
+        return out[0]
 
     @property
     def pages_used(self) -> int:
@@ -377,12 +410,14 @@ class Engine:
         for steps in (self.prefill, self.prefill_after):
             for b, step in steps.items():
                 _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
-                                     np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0))
+                                     np.int32(0), np.int32(1),
+                                     SlotSampling.one(0, 0.0, 0, 1.0, self.words))
         b = self.slots
         zeros = jnp.zeros((b,), jnp.int32)
         for a in self.decode_buckets:
             step = self.decode[(b, a)]
-            out = step.fn(self.params, self.pages, self.table, zeros, zeros, SlotSampling.rows([], b))
+            out = step.fn(self.params, self.pages, self.table, zeros, zeros,
+                          SlotSampling.rows([], b, self.words))
             self.pages = out[2]
             self._exec[(b, a)] = step.fn
         jax.block_until_ready(self.pages)
@@ -502,6 +537,7 @@ class Engine:
         Returns the chunk's length."""
         tokens, start = req.feed, req.prefilled
         n = min(len(tokens) - start, self.max_prefill_tokens)
+        last = start + n == len(tokens) and req.matcher is not None  # it draws a token: masked
         b = next(x for x in self.buckets if x >= n)
         padded = np.zeros((1, b), np.int32)
         padded[0, :n] = tokens[start:start + n]
@@ -509,7 +545,8 @@ class Engine:
         # one (after cached pages or earlier chunks) attends to the whole context
         step = self.prefill[b] if start == 0 else self.prefill_after[b]
         tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
-                               np.int32(start), np.int32(n), SlotSampling.one(*req.draws))
+                               np.int32(start), np.int32(n),
+                               SlotSampling.one(*req.draws, self.words, last and self._mask(req)))
         req.prefilled += n
         self.stats["prompt_tokens"] += n
         if req.prefilled < len(tokens):
@@ -644,13 +681,16 @@ class Engine:
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
         table = self.table[:B].copy()
         rows = [(0, 0.0, 0, 1.0)] * B  # free rows: greedy, their tokens unused
+        masks = {}
         for slot, r in self._active.items():
             if slot in decoding:
                 tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
+                if r.matcher is not None:
+                    masks[slot] = self._mask(r)
             else:
                 table[slot] = SCRATCH
         nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, tokens,
-                                                positions, SlotSampling.rows(rows, B))
+                                                positions, SlotSampling.rows(rows, B, self.words, masks))
         nxt = np.asarray(nxt)
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
@@ -666,7 +706,10 @@ class Engine:
             self.stats["cancelled"] += 1
             self._finish(req, "cancelled")
             return
-        if tok in self.model.eos_ids and not req.sampling.ignore_eos:
+        constrained = req.matcher is not None
+        if constrained and tok not in self.model.eos_ids:
+            req.matcher.consume_token(tok)
+        if tok in self.model.eos_ids and (not req.sampling.ignore_eos or constrained):
             text, hit = req.stopper.push(req.detok.flush())
             if hit is not None:
                 self._finish(req, hit.reason, text=hit.text, sequence=hit.sequence)
@@ -680,6 +723,9 @@ class Engine:
         text, hit = req.stopper.push(req.detok.push(tok))
         if hit is not None:
             self._finish(req, hit.reason, text=hit.text, sequence=hit.sequence)
+        elif constrained and req.matcher.is_stopped():  # the grammar is complete
+            self._finish(req, "end_turn", text=text + req.stopper.push(req.detok.flush())[0]
+                         + req.stopper.flush())
         elif req.n_out >= req.sampling.max_tokens:
             more, hit = req.stopper.push(req.detok.flush())
             if hit is not None:

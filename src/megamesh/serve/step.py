@@ -41,36 +41,50 @@ from megamesh.sharding.rules import (
 )
 
 
+def mask_words(vocab: int) -> int:
+    """int32 words of a token bitmask over `vocab` tokens."""
+    return -(-vocab // 32)
+
+
 class SlotSampling(NamedTuple):
     """A step's sampling parameters, one entry per row (a pytree: one argument of the
     jitted steps): the seed of the row's random draws, temperature (0 = greedy), top-k
-    (0 = off) and top-p. Scalars for a prefill (one request), (B,) arrays for decode."""
+    (0 = off), top-p, and the bitmask of tokens the row may draw (`model.generate.sample`;
+    all bits set: any). Scalars (and one mask) for a prefill, (B,) arrays for decode."""
 
     seed: Any  # uint32
     temperature: Any  # float32
     top_k: Any  # int32
     top_p: Any  # float32
+    allowed: Any  # int32 (..., mask words)
 
     @staticmethod
-    def rows(rows: list[tuple[int, float, int, float]], batch: int) -> SlotSampling:
-        """(B,) numpy arrays from (seed, temperature, top_k, top_p) per row; rows past
-        the list are greedy (their tokens are not used)."""
+    def rows(rows: list[tuple[int, float, int, float]], batch: int, words: int,
+             masks: dict[int, np.ndarray] | None = None) -> SlotSampling:
+        """(B,) numpy arrays from (seed, temperature, top_k, top_p) per row, and the masks
+        of the constrained rows (row -> (words,) int32; others allow every token); rows
+        past the list are greedy (their tokens are not used)."""
         out = SlotSampling(np.zeros(batch, np.uint32), np.zeros(batch, np.float32),
-                           np.zeros(batch, np.int32), np.ones(batch, np.float32))
+                           np.zeros(batch, np.int32), np.ones(batch, np.float32),
+                           np.full((batch, words), -1, np.int32))
         for i, row in enumerate(rows):
             for arr, v in zip(out, row):
                 arr[i] = v
+        for i, m in (masks or {}).items():
+            out.allowed[i] = m
         return out
 
     @staticmethod
-    def one(seed: int, temperature: float, top_k: int, top_p: float) -> SlotSampling:
+    def one(seed: int, temperature: float, top_k: int, top_p: float, words: int,
+            mask: np.ndarray | None = None) -> SlotSampling:
         return SlotSampling(np.uint32(seed), np.float32(temperature), np.int32(top_k),
-                            np.float32(top_p))
+                            np.float32(top_p), np.full(words, -1, np.int32) if mask is None else mask)
 
     @staticmethod
-    def abstract(batch: int, sharding: Any) -> SlotSampling:
+    def abstract(batch: int, sharding: Any, words: int) -> SlotSampling:
         slot = lambda dt: jax.ShapeDtypeStruct((batch,), dt, sharding=sharding)
-        return SlotSampling(slot(jnp.uint32), slot(jnp.float32), slot(jnp.int32), slot(jnp.float32))
+        return SlotSampling(slot(jnp.uint32), slot(jnp.float32), slot(jnp.int32), slot(jnp.float32),
+                            jax.ShapeDtypeStruct((batch, words), jnp.int32, sharding=sharding))
 
 
 def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
@@ -93,6 +107,7 @@ class DecodeStep:
     dtype: str
     n_pages: int  # per layer, the scratch page included
     page_size: int
+    words: int  # of a row's token bitmask
     attend_len: int | None = None
 
     @property
@@ -119,7 +134,7 @@ class DecodeStep:
         table = jax.ShapeDtypeStruct((self.batch, self.pages_per_seq), jnp.int32,
                                      sharding=self.table_sharding)
         return (table, slot(jnp.int32), slot(jnp.int32),
-                SlotSampling.abstract(self.batch, self.slot_sharding))
+                SlotSampling.abstract(self.batch, self.slot_sharding, self.words))
 
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
@@ -142,14 +157,16 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                           cfg=cfg, attend_len=attend_len)
         logits = out.logits[:, -1]  # (B, V) f32
         keys = row_keys(sampling.seed, positions + 1)
-        tok = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p)
+        tok = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p,
+                     sampling.allowed)
         return tok, logits, out.cache.pages
 
     fn = jax.jit(step, in_shardings=(p_shard, pg_shard, table_sh, slot, slot, slot),
                  out_shardings=(slot, None, pg_shard), donate_argnums=1)
     return DecodeStep(fn=fn, param_shardings=p_shard, page_shardings=pg_shard, slot_sharding=slot,
                       table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
-                      dtype=dtype, n_pages=n_pages, page_size=page_size, attend_len=attend_len)
+                      dtype=dtype, n_pages=n_pages, page_size=page_size,
+                      words=mask_words(cfg.vocab_size), attend_len=attend_len)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
@@ -170,7 +187,7 @@ def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
                           attend_len=attend_len, logits_at=(n - 1)[None])
         s = jax.tree.map(lambda x: x[None], sampling)
         tok = sample(out.logits[:, 0], row_keys(s.seed, (start + n)[None]), s.temperature,
-                     s.top_k, s.top_p)
+                     s.top_k, s.top_p, s.allowed)
         return tok[0], out.cache.pages
 
     return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.page_shardings) + (rep,) * 5,

@@ -1,0 +1,144 @@
+"""Tool use and structured output, for both APIs: tools rendered into the chat template,
+the grammar that constrains the model's output (llguidance, `serve.engine`), and the
+reading of that output back into a tool call.
+
+The format megamesh's chat template uses (its own models are trained on nothing else;
+the grammar guarantees it whatever the model):
+
+    <tool_call>NAME
+    {the tool's input: JSON valid for its input_schema}
+
+A response is either such a call (its first characters are the trigger) or plain text
+(it cannot start with "<"); one call per response. tool_choice: auto (either), any (a
+call to any tool), tool (a call to that one), none (text; the tools stay in the prompt).
+Earlier turns render a call the same way and a tool's result as
+`<tool_result>...</tool_result>` in the user turn.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+TRIGGER = "<tool_call>"
+NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+class ToolError(ValueError):
+    """A tool definition or choice that cannot be used (HTTP 400; `where` names the field)."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    schema: dict[str, Any]  # the input's JSON schema
+
+
+def check_tools(raw: list[Any], where: str = "tools") -> list[Tool]:
+    out = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise ToolError(f"{where}.{i}", "must be an object")
+        name, schema = t.get("name"), t.get("input_schema")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ToolError(f"{where}.{i}.name", "1 to 64 letters, digits, _ or -")
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise ToolError(f"{where}.{i}.input_schema", 'must be a JSON schema of "type": "object"')
+        desc = t.get("description", "")
+        if not isinstance(desc, str):
+            raise ToolError(f"{where}.{i}.description", "must be a string")
+        out.append(Tool(name, desc, schema))
+    if len({t.name for t in out}) != len(out):
+        raise ToolError(where, "tool names must be unique")
+    return out
+
+
+def render_tools(tools: list[Tool]) -> str:
+    """The tools' part of the system prompt."""
+    lines = [f"Tools (to call one, answer {TRIGGER}NAME, a new line, its input as JSON):"]
+    for t in tools:
+        lines.append(json.dumps({"name": t.name, "description": t.description,
+                                 "input_schema": t.schema}, separators=(",", ":")))
+    return "\n".join(lines)
+
+
+def render_call(name: str, tool_input: Any) -> str:
+    return f"{TRIGGER}{name}\n{json.dumps(tool_input, separators=(',', ':'))}"
+
+
+def render_result(content: str, is_error: bool = False) -> str:
+    return f"<tool_result{' error' if is_error else ''}>{content}</tool_result>"
+
+
+def _compact(schema: dict[str, Any]) -> str:
+    """A schema for llguidance's %json, without free whitespace (one canonical spelling)."""
+    return json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+
+
+def grammar(tools: list[Tool], choice: str, name: str | None = None) -> str | None:
+    """The llguidance (Lark) grammar for a response under `choice` (auto, any, tool, none)."""
+    if not tools or choice == "none":
+        return None
+    chosen = [t for t in tools if name is None or t.name == name]
+    calls = " | ".join(f'"{t.name}\\n" input_{i}' for i, t in enumerate(chosen))
+    rules = "\n".join(f"input_{i}: %json {_compact(t.schema)}" for i, t in enumerate(chosen))
+    start = f'"{TRIGGER}" call' + (" | PROSE" if choice == "auto" else "")
+    return f"start: {start}\ncall: {calls}\n{rules}\nPROSE: /[^<](?s:.*)/\n"
+
+
+def json_grammar(schema: dict[str, Any]) -> str:
+    """The grammar of a response that is one JSON value valid for `schema`."""
+    return f"start: value\nvalue: %json {_compact(schema)}\n"
+
+
+class CallReader:
+    """Reads a response as it streams: `push(text)` returns its new pieces, ("text", s) for
+    prose and ("name", tool) then ("input", json fragment)... for a call."""
+
+    def __init__(self) -> None:
+        self.buf, self.mode = "", None  # mode: None (undecided), "text", "name", "input"
+
+    def push(self, text: str) -> list[tuple[str, str]]:
+        self.buf += text
+        out: list[tuple[str, str]] = []
+        if self.mode is None:
+            if TRIGGER.startswith(self.buf[:len(TRIGGER)]) and len(self.buf) < len(TRIGGER):
+                return out  # could still be the trigger
+            self.mode = "name" if self.buf.startswith(TRIGGER) else "text"
+            if self.mode == "name":
+                self.buf = self.buf[len(TRIGGER):]
+        if self.mode == "text":
+            out.append(("text", self.buf)) if self.buf else None
+            self.buf = ""
+        if self.mode == "name" and "\n" in self.buf:
+            name, self.buf = self.buf.split("\n", 1)
+            out.append(("name", name))
+            self.mode = "input"
+        if self.mode == "input" and self.buf:
+            out.append(("input", self.buf))
+            self.buf = ""
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        """What is left at the end (a response shorter than the trigger is text)."""
+        if self.mode is None:
+            self.mode = "text"
+            return [("text", self.buf)] if self.buf else []
+        return []
+
+
+def parse(text: str) -> tuple[str, str | None, str]:
+    """A whole response: (prose, tool name or None, the input's JSON text)."""
+    r = CallReader()
+    pieces = r.push(text) + r.flush()
+    prose = "".join(s for k, s in pieces if k == "text")
+    name = next((s for k, s in pieces if k == "name"), None)
+    if name is None and r.mode == "name":  # cut off before the name line ended
+        name = r.buf
+    return prose, name, "".join(s for k, s in pieces if k == "input")
