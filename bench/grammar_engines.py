@@ -199,9 +199,10 @@ def main() -> None:
         finished = [(t, ts) for t, ts, ok in walks if ok]
         per_mask = [x for _, ts in finished for x in ts]
         ok = sum(valid(decode(t)) for t, _ in finished)
+        mask_us = statistics.median(per_mask) * 1e6
         print(f"{name:14s} tokenizer setup {tok_s * 1e3:7.1f} ms, schema compile median "
-              f"{statistics.median(compile_s) * 1e3:8.2f} ms, mask median {statistics.median(per_mask) * 1e6:7.1f} "
-              f"us (p99 {np.percentile(per_mask, 99) * 1e6:7.1f}), walks finished {len(finished)}/{len(walks)}, "
+              f"{statistics.median(compile_s) * 1e3:8.2f} ms, mask median {mask_us:7.1f} us (p99 "
+              f"{np.percentile(per_mask, 99) * 1e6:7.1f}), walks finished {len(finished)}/{len(walks)}, "
               f"valid for the schema {ok}/{len(finished)}")
         if finished:
             print(f"{'':14s} e.g. {decode(finished[0][0])[:150]}")

@@ -669,8 +669,9 @@ def test_tool_use_through_the_anthropic_sdk(client):
 
     msgs = [{"role": "user", "content": "What is the weather in Paris this week?"}]
     for i in range(4):
+        choice = {"type": "any"} if i % 2 else {"type": "tool", "name": "search"}
         m = client.messages.create(model="tiny", max_tokens=64, tools=[WEATHER, SEARCH], messages=msgs,
-                                   tool_choice={"type": "any"} if i % 2 else {"type": "tool", "name": "search"})
+                                   tool_choice=choice)
         assert m.stop_reason == "tool_use", m.content
         call = m.content[-1]
         assert call.type == "tool_use" and call.id.startswith("toolu_")
@@ -691,6 +692,43 @@ def test_tool_use_through_the_anthropic_sdk(client):
     assert follow.content[0].type == "text" and follow.stop_reason in ("end_turn", "max_tokens")
     auto = client.messages.create(model="tiny", max_tokens=16, tools=[WEATHER], messages=msgs)
     assert auto.content and auto.stop_reason in ("end_turn", "max_tokens", "tool_use")
+
+
+def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
+    """OpenAI tools: tool_choice required / a named function gives a tool call whose
+    arguments are valid for its parameters (finish_reason tool_calls), also streamed; a
+    role "tool" result goes back in the next turn; response_format json_schema gives
+    content valid for the schema (constrained decoding over a random model)."""
+    import jsonschema
+
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    fns = [{"type": "function", "function": {"name": t["name"], "parameters": t["input_schema"]}}
+           for t in (WEATHER, SEARCH)]
+    msgs = [{"role": "user", "content": "weather in Oslo?"}]
+    r = oa.chat.completions.create(model="tiny", messages=msgs, tools=fns, tool_choice="required",
+                                   max_tokens=64)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+    params = {"weather": WEATHER, "search": SEARCH}[call.function.name]["input_schema"]
+    jsonschema.validate(json.loads(call.function.arguments), params)
+    chunks = list(oa.chat.completions.create(
+        model="tiny", messages=msgs, tools=fns, max_tokens=64, stream=True,
+        tool_choice={"type": "function", "function": {"name": "search"}}))
+    args = "".join(c.choices[0].delta.tool_calls[0].function.arguments or "" for c in chunks
+                   if c.choices and c.choices[0].delta.tool_calls)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(args), SEARCH["input_schema"])
+    follow = oa.chat.completions.create(model="tiny", max_tokens=4, tools=fns, messages=[
+        *msgs, r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "cold"}])
+    assert follow.choices[0].message.content is not None
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    out = oa.chat.completions.create(model="tiny", messages=msgs, max_tokens=32, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+    assert out.choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("route,extra,needle", [
@@ -718,7 +756,7 @@ def test_tool_use_through_the_anthropic_sdk(client):
      "messages.0.name: this field is not supported"),
     ("/v1/chat/completions", {"logprobs": True}, "logprobs: log probabilities"),
     ("/v1/chat/completions", {"presence_penalty": 0.3}, "presence_penalty: penalties"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "structured output"),
+    ("/v1/chat/completions", {"response_format": {"type": "grammar"}}, "this response format"),
     ("/v1/chat/completions", {"logit_bias": {"50": 5}}, "logit_bias"),
     ("/v1/chat/completions", {"functions": []}, "functions: this field is not supported"),
 ])

@@ -99,10 +99,12 @@ async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Pr
     return await core.encode_chat(system, turns)
 
 
-def content_of(text: str, stop_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """A response's content blocks (text, and a tool_use block for a call) and its
-    stop_reason (tool_use for a whole call; a call cut off by max_tokens stays text)."""
-    prose, name, args = tools.parse(text)
+def content_of(text: str, stop_reason: str | None,
+               calling: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """A response's content blocks (text, and a tool_use block for a call when tools may
+    be called) and its stop_reason (tool_use for a whole call; a call cut off by
+    max_tokens stays text)."""
+    prose, name, args = tools.parse(text) if calling else (text, None, "")
     if name is None:
         return [{"type": "text", "text": text}], stop_reason
     try:
@@ -115,9 +117,10 @@ def content_of(text: str, stop_reason: str | None) -> tuple[list[dict[str, Any]]
     return blocks, "tool_use" if stop_reason == "end_turn" else stop_reason
 
 
-def message_object(core: Core, gen: Generation, text: str, ev: Event) -> dict[str, Any]:
+def message_object(core: Core, gen: Generation, text: str, ev: Event,
+                   calling: bool) -> dict[str, Any]:
     """A whole (non-streamed) Messages API response for a finished generation."""
-    content, stop_reason = content_of(text, ev.stop_reason)
+    content, stop_reason = content_of(text, ev.stop_reason, calling)
     return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
             "model": core.model.name, "content": content,
             "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
@@ -132,10 +135,11 @@ def register(app: FastAPI, core: Core) -> None:
         key, req = await core.parse(request, MessagesRequest)
         gen = core.start(await prompt_of(core, req), req.sampling(), key)
         msg_id = "msg_" + secrets.token_hex(12)
+        calling = tool_setup(req)[1] is not None  # a tool may be called
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
-            return JSONResponse(message_object(core, gen, text, ev))
+            return JSONResponse(message_object(core, gen, text, ev, calling))
 
         async def events():
             await gen.admitted()  # the usage says what the engine found cached
@@ -144,7 +148,6 @@ def register(app: FastAPI, core: Core) -> None:
                 "id": msg_id, "type": "message", "role": "assistant", "model": name,
                 "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {**usage_in, "output_tokens": 0}}})
-            yield _sse("ping", {"type": "ping"})
             reader, index, block, called = tools.CallReader(), -1, None, False
 
             def start(kind: str, **fields: Any):
@@ -152,9 +155,9 @@ def register(app: FastAPI, core: Core) -> None:
                 index, block = index + 1, kind
                 out = [_sse("content_block_stop", {"type": "content_block_stop", "index": index - 1})
                        ] if index > 0 else []
-                return out + [_sse("content_block_start", {"type": "content_block_start",
-                                                           "index": index,
-                                                           "content_block": {"type": kind, **fields}})]
+                out.append(_sse("content_block_start", {"type": "content_block_start", "index": index,
+                                                        "content_block": {"type": kind, **fields}}))
+                return out + ([_sse("ping", {"type": "ping"})] if index == 0 else [])
 
             def delta(kind: str, s: str) -> bytes:
                 d = {"type": "text_delta", "text": s} if kind == "text" else \
@@ -163,7 +166,9 @@ def register(app: FastAPI, core: Core) -> None:
                                                     "delta": d})
 
             async for ev in gen.events():
-                for kind, s in reader.push(ev.text) + (reader.flush() if ev.done else []):
+                pieces = (reader.push(ev.text) + (reader.flush() if ev.done else [])) if calling \
+                    else [("text", ev.text)] if ev.text else []
+                for kind, s in pieces:
                     if kind == "text":
                         if block != "text":
                             for chunk in start("text", text=""):

@@ -243,8 +243,9 @@ class Worker:
             return "canceled", {"type": "canceled"}
         if ev.stop_reason == "error":
             raise ApiError(500, "generation failed")
+        calling = req.sampling().grammar is not None
         return "succeeded", {"type": "succeeded",
-                             "message": message_object(self.core, gen, "".join(text), ev)}
+                             "message": message_object(self.core, gen, "".join(text), ev, calling)}
 
 
 def register(app: FastAPI, core: Core, store: BatchStore, concurrency: int) -> Worker:

@@ -546,7 +546,8 @@ class Engine:
         step = self.prefill[b] if start == 0 else self.prefill_after[b]
         tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
                                np.int32(start), np.int32(n),
-                               SlotSampling.one(*req.draws, self.words, last and self._mask(req)))
+                               SlotSampling.one(*req.draws, self.words,
+                                                self._mask(req) if last else None))
         req.prefilled += n
         self.stats["prompt_tokens"] += n
         if req.prefilled < len(tokens):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any, Literal
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
+from megamesh.serve import tools
 from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, sse_json, text_of
 from megamesh.serve.engine import SamplingParams
 
@@ -19,8 +21,10 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 
 class OpenAIMessage(OpenSchema):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this is the result of
 
 
 class ChatRequest(OpenSchema):
@@ -36,8 +40,9 @@ class ChatRequest(OpenSchema):
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    tools: list[Any] | None = None  # refused unless empty: no tool use here
-    tool_choice: str | dict[str, Any] | None = None  # refused unless "none"
+    tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"function": {name}}
+    parallel_tool_calls: bool | None = None  # accepted: one call per response here anyway
     user: str | None = None  # accepted: an end-user id changes no output
     # accepted only at the values that change nothing; anything else is refused
     logprobs: bool | None = None
@@ -56,9 +61,8 @@ class ChatRequest(OpenSchema):
             ("presence_penalty", self.presence_penalty not in (None, 0), "penalties"),
             ("frequency_penalty", self.frequency_penalty not in (None, 0), "penalties"),
             ("logit_bias", bool(self.logit_bias), "logit bias"),
-            ("response_format", bool(self.response_format)
-             and self.response_format.get("type") != "text", "structured output"),
-            ("tool_choice", self.tool_choice not in (None, "none"), "tool use"),
+            ("response_format", bool(self.response_format) and self.response_format.get("type")
+             not in ("text", "json_object", "json_schema"), "this response format"),
             ("stream_options", bool(set(self.stream_options or {}) - {"include_usage"}),
              "stream options other than include_usage"),
         ]
@@ -66,12 +70,60 @@ class ChatRequest(OpenSchema):
             if bad:
                 raise ApiError(400, f"{name}: {what} is not supported by this server")
 
+    def tool_setup(self) -> tuple[list[tools.Tool], str | None]:
+        """The tools (as serve.tools has them) and the grammar on the output: from
+        tool_choice, or from response_format (json_object, json_schema)."""
+        raw = []
+        for i, t in enumerate(self.tools or []):
+            fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+            if not isinstance(fn, dict):
+                raise ApiError(400, f"tools.{i}: must be {{\"type\": \"function\", \"function\": "
+                                    "{name, description, parameters}}")
+            raw.append({"name": fn.get("name"), "description": fn.get("description", ""),
+                        "input_schema": fn.get("parameters", {"type": "object", "properties": {}})})
+        try:
+            found = tools.check_tools(raw)
+        except tools.ToolError as e:
+            raise ApiError(400, str(e).replace("input_schema", "function.parameters")) from None
+        choice, name = self.tool_choice or ("auto" if found else "none"), None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or name not in {t.name for t in found}:
+                raise ApiError(400, f"tool_choice: {choice!r} does not name one of the tools")
+            choice = "tool"
+        elif choice not in ("none", "auto", "required"):
+            raise ApiError(400, f"tool_choice: {choice!r} is not allowed: none, auto, required or "
+                                "a function")
+        if choice == "required" and not found:
+            raise ApiError(400, "tool_choice: 'required' needs tools")
+        fmt = self.response_format or {}
+        if fmt.get("type") in ("json_object", "json_schema"):
+            if found and choice != "none":
+                raise ApiError(400, "response_format: JSON output and tool calls cannot both be asked")
+            schema = {"type": "object"}
+            if fmt["type"] == "json_schema":
+                schema = (fmt.get("json_schema") or {}).get("schema")
+                if not isinstance(schema, dict):
+                    raise ApiError(400, "response_format.json_schema.schema: must be a JSON schema object")
+            return found, tools.json_grammar(schema)
+        kind = {"required": "any"}.get(choice, choice)
+        return found, tools.grammar(found, kind, name)
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(max_tokens=max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
-                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
+                              grammar=self.tool_setup()[1])
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def register(app: FastAPI, core: Core) -> None:
@@ -82,16 +134,34 @@ def register(app: FastAPI, core: Core) -> None:
         key, req = await core.parse(request, ChatRequest)
         if req.n != 1:
             raise ApiError(400, f"n: {req.n} is not supported (only n=1)")
-        if req.tools:
-            raise ApiError(400, "tools: tool use is not supported by this server")
         req.refuse_unsupported()
+        found, _ = req.tool_setup()
         system, turns = [], []
         for i, m in enumerate(req.messages):
+            if m.role != "assistant" and m.tool_calls:
+                raise ApiError(400, f"messages.{i}.tool_calls: only assistant messages make calls")
             text = text_of(m.content, f"messages.{i}")
+            for j, c in enumerate(m.tool_calls or []):
+                fn = c.get("function") if isinstance(c, dict) else None
+                try:
+                    args = json.loads(fn["arguments"]) if isinstance(fn, dict) else None
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    args = None
+                if not isinstance(args, dict) or not isinstance(fn.get("name"), str):
+                    raise ApiError(400, f"messages.{i}.tool_calls.{j}: a function call needs a name "
+                                        "and arguments that are a JSON object")
+                text += tools.render_call(fn["name"], args)
             if m.role in ("system", "developer"):
                 system.append(text)
+            elif m.role == "tool":
+                if not m.tool_call_id:
+                    raise ApiError(400, f"messages.{i}.tool_call_id: a tool message needs it")
+                turns.append(("user", tools.render_result(text)))
             else:
                 turns.append((m.role, text))
+        calling = bool(found) and req.tool_setup()[1] is not None and not req.response_format
+        if calling:
+            system.append(tools.render_tools(found))
         prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
         gen = core.start(prompt, req.sampling(max_tokens), key)
@@ -105,10 +175,18 @@ def register(app: FastAPI, core: Core) -> None:
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            reason = FINISH[ev.stop_reason]
+            prose, fn, args = tools.parse(text) if calling else (text, None, "")
+            if fn is not None and _is_json(args):
+                message = {"role": "assistant", "content": prose or None, "tool_calls": [
+                    {"id": "call_" + secrets.token_hex(12), "type": "function",
+                     "function": {"name": fn, "arguments": args}}]}
+                reason = "tool_calls" if ev.stop_reason == "end_turn" else reason
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": FINISH[ev.stop_reason], "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": reason,
+                             "logprobs": None}],
                 "usage": usage(ev.output_tokens)})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
@@ -120,14 +198,26 @@ def register(app: FastAPI, core: Core) -> None:
 
         async def events():
             yield chunk({"role": "assistant", "content": ""}, None)
+            reader, called = tools.CallReader(), False
             async for ev in gen.events():
-                if ev.text:
-                    yield chunk({"content": ev.text}, None)
+                pieces = (reader.push(ev.text) + (reader.flush() if ev.done else [])) if calling \
+                    else [("text", ev.text)] if ev.text else []
+                for kind, piece in pieces:
+                    if kind == "text":
+                        yield chunk({"content": piece}, None)
+                    elif kind == "name":
+                        called = True
+                        yield chunk({"tool_calls": [{"index": 0, "id": "call_" + secrets.token_hex(12),
+                                                     "type": "function",
+                                                     "function": {"name": piece, "arguments": ""}}]}, None)
+                    else:
+                        yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
             if ev.stop_reason in ("error", "cancelled"):
                 err = {"error": {"type": "api_error", "message": f"generation failed: {ev.error}"}}
                 yield f"data: {sse_json(err)}\n\n".encode()
                 return
-            yield chunk({}, FINISH[ev.stop_reason])
+            called_all = called and ev.stop_reason == "end_turn"
+            yield chunk({}, "tool_calls" if called_all else FINISH[ev.stop_reason])
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created,
                         "model": name, "choices": [], "usage": usage(gen.n_out)}
