@@ -249,9 +249,10 @@ class Engine:
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
-        # the rest of a prompt after cached pages: attends to the whole context
-        self.prefill_after = {b: build_prefill_step(cfg, any_step, b, attend_len=self.max_len)
-                              for b in self.buckets}
+        # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
+        # attention bucket): it attends to the positions before it too
+        self.prefill_after = {(b, a): build_prefill_step(cfg, any_step, b, attend_len=a)
+                              for a in self.buckets for b in self.buckets if b <= a}
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
@@ -407,11 +408,11 @@ class Engine:
     def _warm_up(self) -> None:
         """Every prefill and full-batch decode once, on the scratch page only."""
         row = np.zeros((1, self.pages_per_seq), np.int32)
-        for steps in (self.prefill, self.prefill_after):
-            for b, step in steps.items():
-                _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
-                                     np.int32(0), np.int32(1),
-                                     SlotSampling.one(0, 0.0, 0, 1.0, self.words))
+        steps = [(b, step) for b, step in self.prefill.items()]
+        steps += [(b, step) for (b, _), step in self.prefill_after.items()]
+        for b, step in steps:
+            _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
+                                 np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
         b = self.slots
         zeros = jnp.zeros((b,), jnp.int32)
         for a in self.decode_buckets:
@@ -543,7 +544,10 @@ class Engine:
         padded[0, :n] = tokens[start:start + n]
         # a whole prompt at once attends within its bucket (as before pages); the rest of
         # one (after cached pages or earlier chunks) attends to the whole context
-        step = self.prefill[b] if start == 0 else self.prefill_after[b]
+        if start == 0:
+            step = self.prefill[b]
+        else:  # attends to every position up to its last real token's
+            step = self.prefill_after[(b, next(x for x in self.buckets if x >= start + n))]
         tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
                                np.int32(start), np.int32(n),
                                SlotSampling.one(*req.draws, self.words,
