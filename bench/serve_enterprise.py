@@ -60,7 +60,10 @@ def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, token
         for i in range(args.rounds):
             cfg = BenchConfig(url=url, dataset="enterprise", num_prompts=args.num_prompts,
                               request_rate=args.rate, seed=i, warmups=1,
-                              cache_control=name == "megamesh", max_concurrency=None)
+                              cache_control=name == "megamesh", max_concurrency=None,
+                              system_len=args.system_len, input_min=args.input_min,
+                              input_max=args.input_max, output_min=args.output_min,
+                              output_max=args.output_max)
             s = run_bench(cfg, tokenizer)
             kv = s["kv_pages_used"]
             kv_text = "-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max"
@@ -85,12 +88,17 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-tiny-11k"))
+    ap.add_argument("--run", default=None, help="default: runs/bench-tiny-<max-len>")
     ap.add_argument("--max-len", type=int, default=11264)
     ap.add_argument("--budget-seqs", type=int, default=4)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--rate", type=float, default=1.0)
+    ap.add_argument("--system-len", type=int, default=2048)
+    ap.add_argument("--input-min", type=int, default=200)
+    ap.add_argument("--input-max", type=int, default=8000)
+    ap.add_argument("--output-min", type=int, default=50)
+    ap.add_argument("--output-max", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline-src", help="src/ of a megamesh tree with the dense-cache engine")
     ap.add_argument("--only", nargs="+", default=["megamesh", "dense", "hf-static"])
@@ -98,7 +106,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     Path(args.logdir).mkdir(parents=True, exist_ok=True)
-    run = Path(args.run)
+    run = Path(args.run or ROOT / "runs" / f"bench-tiny-{args.max_len}")
     hf_dir = ensure_run(run, args.max_len)
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
     pages = args.budget_seqs * args.max_len // 16
