@@ -289,6 +289,7 @@ def test_bad_kernel_overrides_are_clear_errors(overrides, match):
         choose_kernels("tpu", "moe=grouped", {"expert": 2})
 
 
+@pytest.mark.slow  # ~40 s of compiling; the default suite keeps test_compile's TPU steps
 def test_tpu_train_step_at_8k_tokens_holds_no_square_buffer():
     """The real train step compiled for Ironwood at seq 8192 (splash attention): no buffer
     in the optimized HLO has two dimensions of 8192 (a T x T score matrix); the same

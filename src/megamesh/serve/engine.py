@@ -242,6 +242,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
         self.buckets = buckets(self.max_len)
+        self.after_buckets = [a for a in self.buckets if a >= min(2048, self.max_len)]
         self.decode_buckets = decode_buckets(self.max_len)
         self.batch_buckets = batch_buckets(slots, mesh)
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
@@ -250,9 +251,11 @@ class Engine:
         any_step = self.decode[(slots, self.max_len)]
         self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
         # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
-        # attention bucket): it attends to the positions before it too
+        # attention bucket): it attends to the positions before it too. Attention buckets
+        # from 2048 up (fewer steps to compile: at an 11k context a short prompt after a
+        # cached prefix attends to 2k positions, not 11k)
         self.prefill_after = {(b, a): build_prefill_step(cfg, any_step, b, attend_len=a)
-                              for a in self.buckets for b in self.buckets if b <= a}
+                              for a in self.after_buckets for b in self.buckets if b <= a}
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
@@ -547,7 +550,7 @@ class Engine:
         if start == 0:
             step = self.prefill[b]
         else:  # attends to every position up to its last real token's
-            step = self.prefill_after[(b, next(x for x in self.buckets if x >= start + n))]
+            step = self.prefill_after[(b, next(x for x in self.after_buckets if x >= start + n))]
         tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
                                np.int32(start), np.int32(n),
                                SlotSampling.one(*req.draws, self.words,
