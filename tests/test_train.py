@@ -579,6 +579,7 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, t
     assert not (ram / "process-0").exists()  # a finished run frees its RAM
 
 
+@pytest.mark.slow  # ~65 s (4 processes, 3 restarts); the default suite keeps the RAM-tier restart
 def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
     """Elastic training (issue 17 point 3): 4 hosts (dcn=4, one CPU device each) -> one is
     SIGKILLed and no spare is free: the 3 survivors restart at once from their in-memory
