@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_vs_hf import wait_up  # noqa: E402
+from serve_vs_hf import stop, wait_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,11 +76,7 @@ def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, token
             rounds.append(s)
         return rounds
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=60)
         log.close()
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_vs_hf import ensure_run, wait_up  # noqa: E402
+from serve_vs_hf import ensure_run, stop, wait_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,11 +92,7 @@ def main() -> None:
                   f"{r['flood_outlasted_questions']}; failed {r['failed']}", flush=True)
             rounds.append(r)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     summary = {"median_ratio": statistics.median(r["ratio"] for r in rounds),
                "median_idle_ttft_ms": statistics.median(r["idle_ttft_ms_p50"] for r in rounds),
                "median_flooded_ttft_ms": statistics.median(r["flooded_ttft_ms_p50"] for r in rounds),

@@ -129,11 +129,16 @@ def measure(name: str, cmd: list[str], port: int, args, tokenizer) -> list[dict]
             rounds.append(s)
         return rounds
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate a server process; kill it if it is not gone within `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def med(rounds: list[dict], *path: str) -> float:

@@ -133,9 +133,10 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
-        gen = core.start(await prompt_of(core, req), req.sampling(), key)
+        sampling = req.sampling()
+        gen = core.start(await prompt_of(core, req), sampling, key)
         msg_id = "msg_" + secrets.token_hex(12)
-        calling = tool_setup(req)[1] is not None  # a tool may be called
+        calling = sampling.grammar is not None  # a tool may be called
 
         if not req.stream:
             text, ev = await core.complete(request, gen)

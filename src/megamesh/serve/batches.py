@@ -230,7 +230,8 @@ class Worker:
         if req.stream:
             raise ApiError(400, "params.stream: batch requests are not streamed")
         self.core.check_model(req.model)
-        gen = self.core.start(await prompt_of(self.core, req), req.sampling(), api_key,
+        sampling = req.sampling()
+        gen = self.core.start(await prompt_of(self.core, req), sampling, api_key,
                               background=True)
         self.in_flight[key] = gen
         text = []
@@ -243,7 +244,7 @@ class Worker:
             return "canceled", {"type": "canceled"}
         if ev.stop_reason == "error":
             raise ApiError(500, "generation failed")
-        calling = req.sampling().grammar is not None
+        calling = sampling.grammar is not None
         return "succeeded", {"type": "succeeded",
                              "message": message_object(self.core, gen, "".join(text), ev, calling)}
 

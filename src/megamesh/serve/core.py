@@ -507,35 +507,29 @@ class Core:
         except TooLong as e:
             raise ApiError(400, str(e)) from None
         s = self.settings
-        if background:
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Event] = asyncio.Queue()
-            try:
-                handle = self.engine.submit(prompt.ids, sampling,
-                                            lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                                            tenant="batch:" + key, priority=1)
-            except BadGrammar as e:
-                raise ApiError(400, str(e)) from None
-            self.metrics.prompt_tokens.inc(len(prompt))
-            return Generation(handle, queue, key, prompt, time.perf_counter(), background=True)
-        if self.in_flight[key] >= s.max_concurrent_per_key:
-            raise ApiError(429, f"too many concurrent requests for this API key (the limit is "
-                                f"{s.max_concurrent_per_key}); retry later",
-                           {"retry-after": str(s.retry_after_s)})
-        reserve = self._check_token_rates(key, len(prompt), sampling.max_tokens)
+        reserve = 0
+        if not background:
+            if self.in_flight[key] >= s.max_concurrent_per_key:
+                raise ApiError(429, f"too many concurrent requests for this API key (the limit is "
+                                    f"{s.max_concurrent_per_key}); retry later",
+                               {"retry-after": str(s.retry_after_s)})
+            reserve = self._check_token_rates(key, len(prompt), sampling.max_tokens)
         loop = asyncio.get_running_loop()
-        queue = asyncio.Queue()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
         t0 = time.perf_counter()
         try:
             handle = self.engine.submit(prompt.ids, sampling,
                                         lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
-                                        tenant=key)
+                                        tenant="batch:" + key if background else key,
+                                        priority=1 if background else 0)
         except QueueFull as e:
             raise ApiError(529, str(e), {"retry-after": str(s.retry_after_s)}) from None
         except BadGrammar as e:
             raise ApiError(400, str(e)) from None
-        self.in_flight[key] += 1
         self.metrics.prompt_tokens.inc(len(prompt))
+        if background:
+            return Generation(handle, queue, key, prompt, t0, background=True)
+        self.in_flight[key] += 1
         buckets = self.buckets.get(key)
         if buckets:
             buckets[0].take(len(prompt))

@@ -109,13 +109,14 @@ class ChatRequest(OpenSchema):
         kind = {"required": "any"}.get(choice, choice)
         return found, tools.grammar(found, kind, name)
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
+    def sampling(self, max_tokens: int, grammar: str | None) -> SamplingParams:
+        """`grammar`: `tool_setup`'s."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(max_tokens=max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              grammar=self.tool_setup()[1])
+                              grammar=grammar)
 
 
 def _is_json(text: str) -> bool:
@@ -135,7 +136,7 @@ def register(app: FastAPI, core: Core) -> None:
         if req.n != 1:
             raise ApiError(400, f"n: {req.n} is not supported (only n=1)")
         req.refuse_unsupported()
-        found, _ = req.tool_setup()
+        found, grammar = req.tool_setup()
         system, turns = [], []
         for i, m in enumerate(req.messages):
             if m.role != "assistant" and m.tool_calls:
@@ -159,12 +160,12 @@ def register(app: FastAPI, core: Core) -> None:
                 turns.append(("user", tools.render_result(text)))
             else:
                 turns.append((m.role, text))
-        calling = bool(found) and req.tool_setup()[1] is not None and not req.response_format
+        calling = bool(found) and grammar is not None and not req.response_format
         if calling:
             system.append(tools.render_tools(found))
         prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
-        gen = core.start(prompt, req.sampling(max_tokens), key)
+        gen = core.start(prompt, req.sampling(max_tokens, grammar), key)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
         def usage(n_out: int) -> dict[str, Any]:
