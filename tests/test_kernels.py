@@ -227,11 +227,14 @@ def test_grouped_moe_sharded_equals_unsharded():
 # --------------------------------------------------------------------------- paged KV cache
 
 
+@pytest.mark.parametrize("paged", ["gather", "xla"])
 @pytest.mark.parametrize("T", [1, 5])
-def test_paged_attention_equals_a_dense_cache_bit_for_bit(T):
+def test_paged_attention_equals_a_dense_cache(T, paged):
     """Keys and values written through a page table (pages scattered over the pool, the
-    scratch page full of garbage), read back by `paged_attention` (xla): exactly the
-    dense-cache attention the engine ran before pages, `attend` over (B, S) rows."""
+    scratch page full of garbage), read back by `paged_attention`: `gather` exactly the
+    dense-cache attention the engine ran before pages, `attend` over (B, S) rows; `xla`
+    (online softmax a block of pages at a time) the same within f32 rounding."""
+    from megamesh.model.backend import Kernels, using_kernels
     from megamesh.model.kernels import paged_attention
     from megamesh.model.kvcache import write_kv
 
@@ -249,9 +252,13 @@ def test_paged_attention_equals_a_dense_cache_bit_for_bit(T):
     q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.float32)
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
     A = 20  # an attention bucket: every row's last position is below it
-    got = paged_attention(q, pages, table, base, positions, A)
+    with using_kernels(Kernels("reference", "einsum", "f32", paged=paged)):
+        got = paged_attention(q, pages, table, base, positions, A)
     want = attend(q, k_all[:, :A], v_all[:, :A], positions, pos[:, :A])
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    if paged == "gather":
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    else:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     # a row writing past the pages it owns (table entries 0) writes to its layer's scratch
     # page, never to another row's page
     before = pages
@@ -259,6 +266,37 @@ def test_paged_attention_equals_a_dense_cache_bit_for_bit(T):
     pages = write_kv(pages, k_all[:1, 8:12], v_all[:1, 8:12], short[:1], pos[:1, 8:12] + 4, base)
     changed = np.nonzero(np.any(np.asarray(pages != before), axis=(1, 2, 3)))[0]
     assert set(changed.tolist()) <= {int(base)}  # only layer 1's scratch page
+
+
+@pytest.mark.parametrize("T", [1, 11])
+def test_paged_blockwise_walks_only_the_real_length(T):
+    """The `xla` paged kernel in small blocks (2 pages of 4 positions; queries 4 at a time):
+    rows of different lengths in one batch, a prefill chunk longer than a query block,
+    keys past every query in garbage pages that are never read into a result. Equal to
+    the plain formula over each row's keys; a row's result is the same bits alone as
+    beside longer rows (fully masked blocks leave its sums unchanged)."""
+    from megamesh.model.blockwise import paged_blockwise_attention
+    from megamesh.model.kvcache import write_kv
+
+    B, H, K, Dh, P, per = 3, 4, 2, 8, 4, 10
+    rng = np.random.default_rng(1)
+    n_pages = 1 + B * per
+    table = jnp.asarray(1 + rng.permutation(B * per).reshape(B, per), jnp.int32)
+    pages = jnp.asarray(rng.normal(size=(n_pages, P, 2 * K, Dh)) * 50, jnp.float32)
+    S = per * P
+    k_all, v_all = (jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32) for _ in range(2))
+    pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    pages = write_kv(pages, k_all, v_all, table, pos, jnp.int32(0))
+    ends = jnp.asarray([T + 2, 27, 39], jnp.int32)  # one past each row's last query
+    positions = ends[:, None] - T + jnp.arange(T, dtype=jnp.int32)[None]
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.float32)
+    run = jax.jit(lambda q, t, p: paged_blockwise_attention(q, pages, t, jnp.int32(0), p,
+                                                             block=8, q_block=4))
+    got = run(q, table, positions)
+    want = attend(q, k_all, v_all, positions, pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    alone = run(q[:1], table[:1], positions[:1])  # row 0 walks 1-2 blocks, not 5
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(got[:1]))
 
 
 # --------------------------------------------------------------------------- the choice
@@ -280,7 +318,7 @@ def test_platform_defaults_and_overrides():
     ("attn=splash", "'attn=splash' is not allowed: use KEY=NAME pairs"),
     ("attention=cudnn", "needs a GPU"),
     ("paged=ragged", "paged=ragged needs a TPU"),
-    ("paged=vllm", "paged='vllm' is not allowed: one of xla, ragged"),
+    ("paged=vllm", "paged='vllm' is not allowed: one of xla, gather, ragged"),
 ])
 def test_bad_kernel_overrides_are_clear_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -116,7 +116,8 @@ def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: 
     report = _compile(ds.fn, args, target, format_layout(mesh_sizes(mesh)), "decode", save)
     # which attention over the KV pages the step runs (`model.kernels.paged_attention`)
     ragged = "ragged_paged_attention" in str(jax.make_jaxpr(ds.fn)(*args))
-    report.extra["paged_attention"] = "ragged (Pallas TPU kernel)" if ragged else "xla (gather)"
+    report.extra["paged_attention"] = ("ragged (Pallas TPU kernel)" if ragged
+                                        else "xla (plain JAX, a block of pages at a time)")
     return report
 
 

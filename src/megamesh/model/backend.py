@@ -38,7 +38,7 @@ from megamesh.errors import ConfigError
 ATTENTION = ("reference", "blockwise", "splash", "cudnn", "pallas_gpu")
 MOE = ("einsum", "grouped")
 MATMUL = ("f32", "native")
-PAGED = ("xla", "ragged")
+PAGED = ("xla", "gather", "ragged")
 # The grouped MoE kernel sorts a device's own tokens: it needs the experts' weights whole on
 # every device, which the expert and tensor mesh axes split (those layouts keep einsum).
 GROUPED_NEEDS_UNSPLIT = ("expert", "tensor")

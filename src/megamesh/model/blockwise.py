@@ -130,3 +130,87 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         return attend(q, k, v, pos, pos)
     out = _flash(q.reshape(B, T, K, H // K, Dh), k, v, block)
     return out.reshape(B, T, H, Dh)
+
+
+# --------------------------------------------------------------------------- paged KV cache
+
+PAGED_BLOCK = 512  # keys per step of the walk over a paged KV cache (whole pages)
+PAGED_QUERY_BLOCK = 512  # queries per pass of a long prefill chunk
+
+
+def paged_blockwise_attention(q: jax.Array, pages: jax.Array, table: jax.Array, base: jax.Array,
+                              positions: jax.Array, block: int = PAGED_BLOCK,
+                              q_block: int = PAGED_QUERY_BLOCK) -> jax.Array:
+    """Causal attention of new queries over a paged KV cache (`model.kvcache` layout), in
+    plain JAX, reading the pages in place: q (B, T, H, Dh) at `positions` (B, T), pages
+    (L*N, P, 2K, Dh) of which this layer's start at `base`, table (B, pages_per_seq).
+
+    Online softmax over key blocks of `block` positions (whole pages, aligned to position
+    0): each step gathers one block of every row's pages, so no copy of a row's keys and
+    values is made, and the walk stops after the block holding the batch's last query
+    position (a loop bound read from `positions` at run time), so the work follows the
+    real lengths, not a shape bucket. Queries go in blocks of `q_block`, each walking only
+    the key blocks up to its own last position: a prefill chunk skips the keys after it.
+    A key block fully masked for a row (shorter rows in a decode batch) leaves that row's
+    running sums exactly unchanged; a query's result depends only on the key blocks up to
+    its position, not on how the prompt was chunked or which rows run beside it.
+    """
+    B, T, H, Dh = q.shape
+    P, K = pages.shape[1], pages.shape[2] // 2
+    G = H // K
+    per = max(1, block // P)  # pages per key block
+    blk = per * P
+    n_blocks = -(-table.shape[1] // per)
+    table = jnp.pad(table, ((0, 0), (0, n_blocks * per - table.shape[1])))  # scratch
+    scale = Dh**-0.5
+
+    def over_keys(qg: jax.Array, qpos: jax.Array) -> jax.Array:
+        """qg (B, t, K, G, Dh) at qpos (B, t) -> (B, t, K, G, Dh) f32."""
+        t = qg.shape[1]
+        hi = jnp.minimum(jnp.max(qpos) // blk + 1, n_blocks)
+        qf = qg.astype(jnp.float32)
+
+        def body(j: jax.Array, carry: Any) -> Any:
+            m, den, acc = carry
+            ids = jax.lax.dynamic_slice_in_dim(table, j * per, per, axis=1)  # (B, per)
+            kv = pages[base + ids].reshape(B, blk, K, 2, Dh)
+            kb, vb = kv[..., 0, :], kv[..., 1, :]  # (B, blk, K, Dh)
+            keys = j * blk + jnp.arange(blk, dtype=qpos.dtype)
+            mask = (keys[None, None, :] <= qpos[:, :, None])[:, None, None]  # (B,1,1,t,blk)
+            if t == 1:  # multiply-and-reduce: XLA fuses the gather into the reduction
+                prod = qf[:, 0, None] * kb[:, :, :, None, :].astype(jnp.float32)
+                s = jnp.moveaxis(jnp.sum(prod, axis=-1), 1, -1)[:, :, :, None, :]
+            else:
+                s = _einsum("btkgd,bskd->bkgts", qg, kb)
+            s = jnp.where(mask, s * scale, _NEG)  # (B,K,G,t,blk)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            den = den * corr + jnp.sum(p, axis=-1)
+            if t == 1:
+                vt = jnp.moveaxis(vb, 1, 2)[:, :, None].astype(jnp.float32)  # (B,K,1,blk,Dh)
+                pv = jnp.sum(p[:, :, :, 0, :, None] * vt, axis=3)[:, None]  # (B,1,K,G,Dh)
+            else:
+                pv = _einsum("bkgts,bskd->btkgd", p.astype(vb.dtype), vb)
+            acc = acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
+            return m_new, den, acc
+
+        init = (jnp.full((B, K, G, t), _NEG, jnp.float32), jnp.zeros((B, K, G, t), jnp.float32),
+                jnp.zeros((B, t, K, G, Dh), jnp.float32))
+        m, den, acc = jax.lax.fori_loop(0, hi, body, init)
+        return acc / jnp.moveaxis(den, 3, 1)[..., None]
+
+    qg = q.reshape(B, T, K, G, Dh)
+    if T <= q_block:
+        out = over_keys(qg, positions)
+    else:
+        nq = -(-T // q_block)
+        pad = nq * q_block - T
+        qg = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+        # padded queries continue the positions (their results are dropped)
+        qpos = jnp.concatenate([positions, positions[:, -1:] + 1 + jnp.arange(pad, dtype=positions.dtype)],
+                               axis=1)
+        split = lambda x: jnp.moveaxis(x.reshape(B, nq, q_block, *x.shape[2:]), 1, 0)
+        out = jax.lax.map(lambda a: over_keys(*a), (split(qg), split(qpos)))
+        out = jnp.moveaxis(out, 0, 1).reshape(B, nq * q_block, K, G, Dh)[:, :T]
+    return out.astype(q.dtype).reshape(B, T, H, Dh)

@@ -35,10 +35,12 @@ busiest tenant, the busiest tenant's last admitted request is preempted for it (
 recompute preemption as for pages): one key's burst cannot hold every slot while others
 wait.
 
-Shapes are bucketed so nothing compiles per request: prefill per prompt-length bucket and
-decode per attention-length bucket (powers of two up to max_len), all compiled and run
-once at start-up (warm-up). Tokens reach the caller through `emit(Event)` as they are
-produced, from the engine thread: the HTTP layer forwards them to its event loop.
+Shapes are bucketed so nothing compiles per request: prefill per chunk-length bucket
+(powers of two up to the chunk) and decode per batch bucket, all compiled and run once at
+start-up (warm-up). Attention over the pages walks each step's real length (`paged=xla`
+and `ragged`); only the reference `paged=gather` adds attention-length buckets. Tokens
+reach the caller through `emit(Event)` as they are produced, from the engine thread: the
+HTTP layer forwards them to its event loop.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from megamesh.serve.load import ServedModel
 from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step, mask_words
 from megamesh.serve.text import END, Detokenizer, StopMatcher
 from megamesh.sharding.logical import batch_axes
-from megamesh.sharding.rules import mesh_platform
+from megamesh.sharding.rules import mesh_kernels, mesh_platform
 
 
 class QueueFull(MegameshError):
@@ -241,21 +243,32 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
-        self.buckets = buckets(self.max_len)
-        self.after_buckets = [a for a in self.buckets if a >= min(2048, self.max_len)]
-        self.decode_buckets = decode_buckets(self.max_len)
+        # prefill lengths up to the one a full chunk uses (no longer chunk ever runs)
+        every = buckets(self.max_len)
+        self.buckets = every[:next((i + 1 for i, b in enumerate(every) if b >= max_prefill_tokens),
+                                   len(every))]
+        # only the reference kernel reads a static attention length
+        self.length_buckets = mesh_kernels(mesh).paged == "gather"
+        if self.length_buckets:
+            self.after_buckets = [a for a in every if a >= min(2048, self.max_len)]
+            self.decode_buckets = decode_buckets(self.max_len)
+        else:  # attention reads each batch's real length: one shape for every length
+            self.after_buckets = self.decode_buckets = [self.max_len]
         self.batch_buckets = batch_buckets(slots, mesh)
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
                                                  n_pages=kv_pages + 1, page_size=page_size)
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
-        self.prefill = {b: build_prefill_step(cfg, any_step, b) for b in self.buckets}
         # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
         # attention bucket): it attends to the positions before it too. Attention buckets
-        # from 2048 up (fewer steps to compile: at an 11k context a short prompt after a
-        # cached prefix attends to 2k positions, not 11k)
+        # (`gather` only) from 2048 up (fewer steps to compile: at an 11k context a short
+        # prompt after a cached prefix attends to 2k positions, not 11k)
         self.prefill_after = {(b, a): build_prefill_step(cfg, any_step, b, attend_len=a)
                               for a in self.after_buckets for b in self.buckets if b <= a}
+        # a whole prompt at once (`gather`: attending within its own bucket); the other
+        # kernels read the real length, so the same steps serve
+        self.prefill = {b: (build_prefill_step(cfg, any_step, b) if self.length_buckets
+                            else self.prefill_after[(b, self.max_len)]) for b in self.buckets}
         # compiled decode variants by (batch, attention length): the full-batch ones at
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
@@ -411,9 +424,9 @@ class Engine:
     def _warm_up(self) -> None:
         """Every prefill and full-batch decode once, on the scratch page only."""
         row = np.zeros((1, self.pages_per_seq), np.int32)
-        steps = [(b, step) for b, step in self.prefill.items()]
-        steps += [(b, step) for (b, _), step in self.prefill_after.items()]
-        for b, step in steps:
+        steps = {id(step): (b, step) for b, step in self.prefill.items()}
+        steps.update({id(step): (b, step) for (b, _), step in self.prefill_after.items()})
+        for b, step in steps.values():
             _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
                                  np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
         b = self.slots
