@@ -70,7 +70,10 @@ def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, token
             print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
                   f"{s['ttft_ms']['p50']:.0f} p99 {s['ttft_ms']['p99']:.0f} ms, TPOT p50 "
                   f"{s['tpot_ms']['p50']:.1f} p99 {s['tpot_ms']['p99']:.1f} ms, prefix hits "
-                  f"{s['prefix_cache_hit_rate']:.1%}, KV in use "
+                  f"{s['prefix_cache_hit_rate']:.1%} by usage"
+                  + ("" if s["engine_prefix_hit_rate"] is None else
+                     f", {s['engine_prefix_hit_rate']:.1%} in the engine")
+                  + ", KV in use "
                   f"{kv_text}, "
                   f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
             rounds.append(s)
@@ -125,16 +128,18 @@ def main() -> None:
         print(f"{name}: {' '.join(cmd[2:])}", flush=True)
         results[name] = serve(name, cmd, env, port, args, tokenizer)
 
-    def med(name: str, path: str) -> float:
+    def med(name: str, path: str) -> float | None:
         from megamesh.serve.bench import median_of
 
+        if any(r[path] is None for r in results[name] if "." not in path):
+            return None
         return median_of(results[name], path)
 
     summary = {"args": vars(args), "rounds": results, "medians": {}}
     for name in results:
         summary["medians"][name] = {k: med(name, k) for k in (
             "output_throughput", "ttft_ms.p50", "ttft_ms.p99", "tpot_ms.p50", "tpot_ms.p99",
-            "prefix_cache_hit_rate")}
+            "prefix_cache_hit_rate", "engine_prefix_hit_rate")}
     if "megamesh" in results:
         m = summary["medians"]["megamesh"]
         for other in [n for n in results if n != "megamesh"]:

@@ -1044,3 +1044,13 @@ def test_bench_client_measures_the_server(server, engine):
     text = format_summary(s)
     assert "successful requests:" in text and "goodput (req/s meeting SLOs):" in text
     assert s["input_lengths_exact"]  # prompts of exactly 16 tokens with the server's tokenizer
+    # the enterprise mix: tenants' system prompts reused from the prefix cache, counted by
+    # the engine (these prompts are below --cache-min-tokens: usage reports no cache read)
+    cfg = BenchConfig(url=server.url, dataset="enterprise", tenants=2, system_len=64, input_min=8,
+                      input_max=16, output_min=2, output_max=4, num_prompts=6, max_concurrency=1,
+                      warmups=0)
+    s = run_bench(cfg, engine.model.tokenizer)
+    assert s["completed"] == 6 and s["prefix_cache_hit_rate"] == 0
+    assert s["engine_prefix_hit_rate"] > 0.3  # 4+ of 6 requests reuse their tenant's 64 tokens
+    assert s["kv_pages_used"]["pages"] > 0  # the gauges were read (a fast run may show 0 in use)
+    assert "engine prefix hit rate:" in format_summary(s)

@@ -219,24 +219,32 @@ async def _wait_compiled(client: httpx.AsyncClient, url: str, timeout: float = 6
         await asyncio.sleep(0.5)
 
 
-async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[tuple[float, float]],
+METRICS = ("megamesh_kv_pages_used", "megamesh_kv_pages", "megamesh_prefix_cache_hit_tokens")
+
+
+async def _scrape(client: httpx.AsyncClient, url: str) -> dict[str, float] | None:
+    """megamesh's KV gauges from /metrics (None from servers without them)."""
+    try:
+        text = (await client.get(url + "/metrics")).text
+        got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+               if line.split(" ", 1)[0] in METRICS}
+    except (httpx.HTTPError, ValueError, IndexError):
+        return None
+    return got if len(got) == len(METRICS) else None
+
+
+async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[dict[str, float]],
                       every: float = 0.5) -> None:
-    """(pages used, pages) from a megamesh server's /metrics every `every` s, until cancelled
-    (nothing from servers without them)."""
+    """megamesh's KV gauges every `every` s, until cancelled."""
     while True:
-        try:
-            text = (await client.get(url + "/metrics")).text
-            got = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-                   if line.startswith(("megamesh_kv_pages_used ", "megamesh_kv_pages "))}
-            if len(got) == 2:
-                out.append((got["megamesh_kv_pages_used"], got["megamesh_kv_pages"]))
-        except (httpx.HTTPError, ValueError, IndexError):
-            pass
+        got = await _scrape(client, url)
+        if got:
+            out.append(got)
         await asyncio.sleep(every)
 
 
 async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float,
-                                                                      list[tuple[float, float]]]:
+                                                                      list[dict[str, float]]]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         model = cfg.model
@@ -256,7 +264,8 @@ async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[Reque
             async with sem:
                 return await _one(client, cfg, model, p, p.n_out)
 
-        kv: list[tuple[float, float]] = []
+        kv: list[dict[str, float]] = []
+        first = await _scrape(client, cfg.url)
         sampler = asyncio.create_task(_kv_samples(client, cfg.url, kv))
         tasks = []
         t0 = time.perf_counter()
@@ -267,6 +276,10 @@ async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[Reque
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         sampler.cancel()
+        last = await _scrape(client, cfg.url)
+        if first and last:  # the run's prefix hits, from the engine's counter
+            kv.append({**last, "hit_tokens_in_run": last["megamesh_prefix_cache_hit_tokens"]
+                       - first["megamesh_prefix_cache_hit_tokens"]})
         return list(results), duration, kv
 
 
@@ -279,11 +292,14 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
-              kv: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+              kv: list[dict[str, float]] | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.input_tokens for r in ok)
-    used = [u / n for u, n in kv or [] if n]
+    kv = kv or []
+    used = [k["megamesh_kv_pages_used"] / k["megamesh_kv_pages"] for k in kv
+            if k["megamesh_kv_pages"] and "hit_tokens_in_run" not in k]  # during the run
+    hits = kv[-1].get("hit_tokens_in_run") if kv else None
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     good = 0
     for r in ok:
@@ -307,8 +323,11 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
         "itl_ms": _stats([x for r in ok for x in r.itl]),
         "e2el_ms": _stats([r.latency for r in ok]),
         "prefix_cache_hit_rate": sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
+        # every prompt token the engine read from cached pages (whatever cache_control
+        # said; re-admissions after preemption included), per prompt token sent
+        "engine_prefix_hit_rate": hits / in_tokens if hits is not None and in_tokens else None,
         "kv_pages_used": ({"mean": float(np.mean(used)), "max": float(np.max(used)),
-                           "pages": kv[-1][1]} if used else None),
+                           "pages": kv[-1]["megamesh_kv_pages"]} if used else None),
     }
 
 
@@ -343,6 +362,9 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"p99 {st['p99']:>9.1f}")
     lines.append(f"prefix cache hit rate:        {s['prefix_cache_hit_rate']:>10.1%}  (prompt tokens "
                  "read from the cache, per the responses' usage)")
+    if s.get("engine_prefix_hit_rate") is not None:
+        lines.append(f"engine prefix hit rate:       {s['engine_prefix_hit_rate']:>10.1%}  (prompt "
+                     "tokens the engine read from cached pages, any prefix)")
     if s["kv_pages_used"]:
         k = s["kv_pages_used"]
         lines.append(f"KV pages in use:              {k['mean']:>10.1%}  mean, {k['max']:.1%} max of "

@@ -293,6 +293,8 @@ class Metrics:
                                    registry=r)
         self.preempted = Gauge("megamesh_preempted", "requests preempted for KV pages so far "
                                "(recomputed when readmitted)", registry=r)
+        self.prefix_hits = Gauge("megamesh_prefix_cache_hit_tokens", "prompt tokens read from "
+                                 "cached KV pages instead of prefilled, so far", registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("megamesh_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.tpot = Histogram("megamesh_time_per_output_token_seconds", "TPOT (after the first token)",
@@ -406,6 +408,7 @@ class Core:
         self.metrics.kv_pages.set(engine.kv_pages)
         self.metrics.kv_pages_used.set_function(lambda: engine.pages_used)
         self.metrics.preempted.set_function(lambda: engine.stats["preempted"])
+        self.metrics.prefix_hits.set_function(lambda: engine.stats["prefix_hit_tokens"])
         self.in_flight: Counter[str] = Counter()
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
