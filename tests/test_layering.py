@@ -4,6 +4,7 @@ loads without jax until a command needs it."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 JAX_FREE = (
     "megamesh.settings", "megamesh.config", "megamesh.runspec", "megamesh.train.config",
@@ -32,3 +33,13 @@ def test_planner_fleet_and_configs_never_import_jax():
     """One fresh interpreter (jax may already be loaded in this one)."""
     r = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_the_train_step_and_gpu_benchmark_import_without_grain():
+    """Grain is the training data pipeline's, imported where a dataset is built: the train
+    step, the serving engine and bench/gpu_train.py load on a machine without it (the GPU
+    image has jax, torch and orbax, not grain)."""
+    code = ("import sys; sys.modules['grain'] = None; sys.path.insert(0, 'bench'); "
+            "import megamesh.train.loop, megamesh.train.step, megamesh.serve.engine, gpu_train")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)

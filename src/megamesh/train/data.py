@@ -21,7 +21,6 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grain
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -234,6 +233,8 @@ class PackedSequences:
 
 def batch_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, *, name: str):
     """Grain MapDataset whose item s is the (global_batch, seq_len + 1) batch of step s."""
+    import grain  # here: the step and benchmarks import this module on machines without it
+
     check_split(tokens, seq_len, name)
     ds = grain.MapDataset.source(PackedSequences(tokens, seq_len)).shuffle(seed=seed).repeat()
     return ds.batch(global_batch, drop_remainder=True, batch_fn=np.stack)
