@@ -88,11 +88,13 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           page_size=args.page_size, kv_pages=args.kv_pages,
                           prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk)
     m = engine.model
+    attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
+                 if engine.length_buckets else "attention over each step's real length")
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
           f"{engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
           f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
-          f"(attention every {engine.decode_buckets[0]} tokens x batches {engine.batch_buckets}) ...",
+          f"({attention} x batches {engine.batch_buckets}) ...",
           flush=True)
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
