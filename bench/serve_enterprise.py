@@ -63,19 +63,22 @@ def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, token
                               cache_control=name == "megamesh", max_concurrency=None,
                               system_len=args.system_len, input_min=args.input_min,
                               input_max=args.input_max, output_min=args.output_min,
-                              output_max=args.output_max)
+                              output_max=args.output_max, timeout=args.timeout)
             s = run_bench(cfg, tokenizer)
             kv = s["kv_pages_used"]
-            kv_text = "-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max"
+            kv_text = ("-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max, "
+                       f"{s['preempted'] or 0:.0f} preemptions")
             print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
                   f"{s['ttft_ms']['p50']:.0f} p99 {s['ttft_ms']['p99']:.0f} ms, TPOT p50 "
                   f"{s['tpot_ms']['p50']:.1f} p99 {s['tpot_ms']['p99']:.1f} ms, prefix hits "
                   f"{s['prefix_cache_hit_rate']:.1%} by usage"
                   + ("" if s["engine_prefix_hit_rate"] is None else
                      f", {s['engine_prefix_hit_rate']:.1%} in the engine")
-                  + ", KV in use "
-                  f"{kv_text}, "
-                  f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
+                  + f", KV in use {kv_text}, "
+                  + ("" if not s["engine_seconds"] else
+                     f"engine {s['engine_seconds']['prefill']:.0f} s prefill / "
+                     f"{s['engine_seconds']['decode']:.0f} s decode, ")
+                  + f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
             rounds.append(s)
         return rounds
     finally:
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--output-min", type=int, default=50)
     ap.add_argument("--output-max", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=3600.0,
+                    help="seconds a request may wait (an overloaded server queues for long)")
     ap.add_argument("--baseline-src", help="src/ of a megamesh tree with the dense-cache engine")
     ap.add_argument("--only", nargs="+", default=["megamesh", "dense", "hf-static"])
     ap.add_argument("--logdir", default=str(ROOT / "runs" / "serve_enterprise-logs"))

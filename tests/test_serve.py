@@ -1053,4 +1053,6 @@ def test_bench_client_measures_the_server(server, engine):
     assert s["completed"] == 6 and s["prefix_cache_hit_rate"] == 0
     assert s["engine_prefix_hit_rate"] > 0.3  # 4+ of 6 requests reuse their tenant's 64 tokens
     assert s["kv_pages_used"]["pages"] > 0  # the gauges were read (a fast run may show 0 in use)
+    assert s["preempted"] == 0  # one request at a time
+    assert s["engine_seconds"]["prefill"] > 0 and s["engine_seconds"]["decode"] > 0
     assert "engine prefix hit rate:" in format_summary(s)

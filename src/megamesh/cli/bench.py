@@ -48,6 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--goodput", nargs="+", default=[], metavar="SLO:MS",
                    help="SLOs such as ttft:500 tpot:50 e2el:5000")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its next byte before it counts as failed")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.add_argument("--save", help="also write the JSON summary to this new file")
     s.set_defaults(run=run)
@@ -77,6 +79,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if args.request_rate <= 0 or args.burstiness <= 0:
         raise ConfigError("--request-rate and --burstiness must be > 0")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout {args.timeout} is not allowed: seconds > 0")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ConfigError(f"--max-concurrency {args.max_concurrency} is not allowed: at least 1")
     for lo, hi in (("input_min", "input_max"), ("output_min", "output_max")):
@@ -103,7 +107,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                       api_key=args.api_key, goodput=_goodput(args.goodput), dataset=args.dataset,
                       tenants=args.tenants, system_len=args.system_len, input_min=args.input_min,
                       input_max=args.input_max, output_min=args.output_min,
-                      output_max=args.output_max, cache_control=args.cache_control)
+                      output_max=args.output_max, cache_control=args.cache_control,
+                      timeout=args.timeout)
     try:
         summary = run_bench(cfg, tok)
     except httpx.HTTPError as e:

@@ -77,6 +77,7 @@ class BenchConfig:
     output_min: int = 50
     output_max: int = 500
     cache_control: bool = True
+    timeout: float = 600.0  # seconds a request may wait for its next byte (then it fails)
 
 
 @dataclass
@@ -219,7 +220,9 @@ async def _wait_compiled(client: httpx.AsyncClient, url: str, timeout: float = 6
         await asyncio.sleep(0.5)
 
 
-METRICS = ("megamesh_kv_pages_used", "megamesh_kv_pages", "megamesh_prefix_cache_hit_tokens")
+METRICS = ("megamesh_kv_pages_used", "megamesh_kv_pages", "megamesh_prefix_cache_hit_tokens",
+           "megamesh_preempted", 'megamesh_engine_seconds{phase="prefill"}',
+           'megamesh_engine_seconds{phase="decode"}')
 
 
 async def _scrape(client: httpx.AsyncClient, url: str) -> dict[str, float] | None:
@@ -246,7 +249,7 @@ async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[dict[str, f
 async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float,
                                                                       list[dict[str, float]]]:
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits) as client:
         model = cfg.model
         if model is None:
             r = await client.get(cfg.url + "/v1/models",
@@ -279,7 +282,11 @@ async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[Reque
         last = await _scrape(client, cfg.url)
         if first and last:  # the run's prefix hits, from the engine's counter
             kv.append({**last, "hit_tokens_in_run": last["megamesh_prefix_cache_hit_tokens"]
-                       - first["megamesh_prefix_cache_hit_tokens"]})
+                       - first["megamesh_prefix_cache_hit_tokens"],
+                       "preempted_in_run": last["megamesh_preempted"] - first["megamesh_preempted"],
+                       **{f"{p}_seconds_in_run": last[f'megamesh_engine_seconds{{phase="{p}"}}']
+                          - first[f'megamesh_engine_seconds{{phase="{p}"}}']
+                          for p in ("prefill", "decode")}})
         return list(results), duration, kv
 
 
@@ -300,6 +307,9 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
     used = [k["megamesh_kv_pages_used"] / k["megamesh_kv_pages"] for k in kv
             if k["megamesh_kv_pages"] and "hit_tokens_in_run" not in k]  # during the run
     hits = kv[-1].get("hit_tokens_in_run") if kv else None
+    preempted = kv[-1].get("preempted_in_run") if kv else None
+    engine = ({p: kv[-1][f"{p}_seconds_in_run"] for p in ("prefill", "decode")}
+              if kv and "preempted_in_run" in kv[-1] else None)
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     good = 0
     for r in ok:
@@ -326,6 +336,8 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
         # every prompt token the engine read from cached pages (whatever cache_control
         # said; re-admissions after preemption included), per prompt token sent
         "engine_prefix_hit_rate": hits / in_tokens if hits is not None and in_tokens else None,
+        "preempted": preempted,  # requests preempted (for pages or fairness; recomputed) in the run
+        "engine_seconds": engine,  # in prefill and decode steps during the run
         "kv_pages_used": ({"mean": float(np.mean(used)), "max": float(np.max(used)),
                            "pages": kv[-1]["megamesh_kv_pages"]} if used else None),
     }
@@ -368,7 +380,11 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["kv_pages_used"]:
         k = s["kv_pages_used"]
         lines.append(f"KV pages in use:              {k['mean']:>10.1%}  mean, {k['max']:.1%} max of "
-                     f"{k['pages']:.0f} pages")
+                     f"{k['pages']:.0f} pages; {s['preempted'] or 0:.0f} preemptions")
+    if s.get("engine_seconds"):
+        e = s["engine_seconds"]
+        lines.append(f"engine busy (s):              {e['prefill']:>10.1f}  prefill, {e['decode']:.1f} "
+                     "decode")
     for e in s["errors"]:
         lines.append(f"error: {e}")
     return "\n".join(lines)

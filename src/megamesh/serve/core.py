@@ -295,6 +295,8 @@ class Metrics:
                                "(recomputed when readmitted)", registry=r)
         self.prefix_hits = Gauge("megamesh_prefix_cache_hit_tokens", "prompt tokens read from "
                                  "cached KV pages instead of prefilled, so far", registry=r)
+        self.step_seconds = Gauge("megamesh_engine_seconds", "seconds the engine spent in "
+                                  "prefill and decode steps so far", ["phase"], registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("megamesh_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.tpot = Histogram("megamesh_time_per_output_token_seconds", "TPOT (after the first token)",
@@ -409,6 +411,9 @@ class Core:
         self.metrics.kv_pages_used.set_function(lambda: engine.pages_used)
         self.metrics.preempted.set_function(lambda: engine.stats["preempted"])
         self.metrics.prefix_hits.set_function(lambda: engine.stats["prefix_hit_tokens"])
+        for phase in ("prefill", "decode"):
+            self.metrics.step_seconds.labels(phase).set_function(
+                lambda p=phase: engine.stats[f"{p}_seconds"])
         self.in_flight: Counter[str] = Counter()
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)

@@ -564,10 +564,13 @@ class Engine:
             step = self.prefill[b]
         else:  # attends to every position up to its last real token's
             step = self.prefill_after[(b, next(x for x in self.after_buckets if x >= start + n))]
+        t0 = time.perf_counter()
         tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
                                np.int32(start), np.int32(n),
                                SlotSampling.one(*req.draws, self.words,
                                                 self._mask(req) if last else None))
+        tok = int(tok)  # (waits for the step: its time is counted here)
+        self.stats["prefill_seconds"] += time.perf_counter() - t0
         req.prefilled += n
         self.stats["prompt_tokens"] += n
         if req.prefilled < len(tokens):
@@ -580,7 +583,7 @@ class Engine:
                 self._by_hash[req.hashes[i]] = req.pages[i]
                 self._hash_of[req.pages[i]] = req.hashes[i]
         req.pos = len(tokens)
-        self._accept(req, int(tok))
+        self._accept(req, tok)
         return n
 
     def _match(self, hashes: list[bytes], n: int) -> list[int]:
@@ -710,9 +713,11 @@ class Engine:
                     masks[slot] = self._mask(r)
             else:
                 table[slot] = SCRATCH
+        t0 = time.perf_counter()
         nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, tokens,
                                                 positions, SlotSampling.rows(rows, B, self.words, masks))
         nxt = np.asarray(nxt)
+        self.stats["decode_seconds"] += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
         for slot, r in decoding.items():
