@@ -169,11 +169,12 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
     """A request holds KV pages for the positions it has (not --max-len), and when the pool
     runs out, the request admitted last is preempted and recomputed later: 8 requests that
     need ~56 pages share 32 (one full-length sequence's worth), every request's tokens equal
-    its tokens when run alone, and every page comes back."""
+    its tokens when run alone, and every page comes back. With a growth reserve
+    (--kv-reserve-tokens) admission waits instead: no preemption, the same tokens."""
     from megamesh.serve.server import build_engine
 
     small = build_engine(str(run_dir), mesh="tensor=1", slots=8, max_len=512, dtype="float32",
-                         kv_pages=32, log=lambda *_: None)
+                         kv_pages=32, reserve_tokens=0, log=lambda *_: None)
     small.start()
     try:
         tok = engine.model.tokenizer
@@ -202,6 +203,15 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
         assert [r.out_ids for r in reqs] == alone
         assert small.stats["preempted"] > 0 and max(held) <= 32
         assert small.pages_used == 0 and small.active == 0
+        # the same 8 with room for every running request's output held back from admission
+        small.reserve_tokens = 128
+        preempted, reqs = small.stats["preempted"], []
+        for p in prompts:
+            reqs.append(small.submit(p, sampling, emit))
+        for _ in reqs:
+            assert done.acquire(timeout=300)
+        assert [r.out_ids for r in reqs] == alone
+        assert small.stats["preempted"] == preempted and max(held) <= 32
     finally:
         small.stop()
 

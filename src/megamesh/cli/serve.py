@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine step (default 2048): a longer prompt is "
                    "prefilled in chunks between the decode steps of the running requests")
+    p.add_argument("--kv-reserve-tokens", type=int, default=256,
+                   help="positions of growth per running request that admitting new requests "
+                   "leaves free in the KV pages (default 256; 0: admit into every free page and "
+                   "preempt when a running request needs one)")
     p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                    help="do not reuse the KV pages of prompt prefixes seen before")
     p.add_argument("--cache-min-tokens", type=int, default=1024,
@@ -86,7 +90,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
                           max_queue=args.max_queue, dtype=args.dtype, name=args.name,
                           page_size=args.page_size, kv_pages=args.kv_pages,
-                          prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk)
+                          prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
+                          reserve_tokens=args.kv_reserve_tokens)
     m = engine.model
     attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
                  if engine.length_buckets else "attention over each step's real length")

@@ -10,18 +10,20 @@ each) and a page table row per running request, so a request holds memory for th
 positions it has, not for `max_len`. A request holds one slot (a row of the decode batch)
 from admission to its last token, and pages as it grows: its prompt's at admission, one
 more each time its decode crosses a page boundary. Admission needs a free slot and free
-pages for the prompt; when a running request needs a page and none is free, the request
-admitted last is preempted (vLLM's recompute preemption): its pages are freed and it
-goes back to the front of the queue, to be prefilled again from its prompt and the
-tokens it has generated (its stream just pauses). A bounded waiting queue (past it,
-`QueueFull`); a request is refused up front when prompt + max_tokens exceeds the context
-(`max_len`).
+pages for the prompt, beyond a reserve for the running requests' next `reserve_tokens`
+positions each (`--kv-reserve-tokens`). When a running request needs a page and none is
+free, the request admitted last is preempted (vLLM's recompute preemption): its pages
+are freed and it goes back to the front of the queue, to be prefilled again from its
+prompt and the tokens it has generated (its stream just pauses). A bounded waiting queue
+(past it, `QueueFull`); a request is refused up front when prompt + max_tokens exceeds
+the context (`max_len`).
 
 Prefix caching: every full page of a prompt is registered under a hash of its tokens and
-of every token before it (a chain, as vLLM's); a request whose prompt begins with pages
-already registered reuses them (a reference count per page) and prefills only the rest.
-A page nobody references stays cached until its memory is needed (least recently used
-first). `Request.cached_tokens` says how many prompt tokens were read from the cache.
+of every token before it (a chain, as vLLM's), as soon as its prefill chunk has computed
+it; a request whose prompt begins with pages already registered reuses them (a
+reference count per page) and prefills only the rest. A page nobody references stays
+cached until its memory is needed (least recently used first). `Request.cached_tokens`
+says how many prompt tokens were read from the cache.
 
 Chunked prefill: a step prefills at most `max_prefill_tokens` prompt tokens (continuing
 prompts first, then new admissions), so a long prompt is prefilled over several steps,
@@ -217,9 +219,12 @@ class Engine:
     def __init__(self, model: ServedModel, mesh: Any, *, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
-                 prefix_cache: bool = True, log: Callable[[str], None] = print):
+                 prefix_cache: bool = True, reserve_tokens: int = 256,
+                 log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
-        max_len / page_size (the memory of a dense cache with a row per slot)."""
+        max_len / page_size (the memory of a dense cache with a row per slot);
+        `reserve_tokens`: positions of growth per running request that admission leaves
+        free (`_reserve`)."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -240,6 +245,9 @@ class Engine:
                                 f"tokens in pages of {page_size})")
         self.kv_pages = kv_pages
         self.prefix_cache = prefix_cache
+        if reserve_tokens < 0:
+            raise MegameshError(f"--kv-reserve-tokens {reserve_tokens} is not allowed: at least 0")
+        self.reserve_tokens = reserve_tokens
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
@@ -514,11 +522,12 @@ class Engine:
                     self.stats["preempted_for_fairness"] += 1
                 tokens = req.prompt + req.out_ids  # out_ids: a preempted request's so far
                 hit = self._match(req.hashes, len(tokens))
-                # pages for the prompt and the first decode's position: a request admitted
-                # is not preempted by its own next step
-                need = len(tokens) // self.page_size + 1 - len(hit)
+                # pages for the prompt and the first decode's position (a request admitted
+                # is not preempted by its own next step), and its next reserve_tokens
+                reach = min(len(tokens) + self.reserve_tokens, len(req.prompt) + req.sampling.max_tokens)
+                need = max(len(tokens), reach) // self.page_size + 1 - len(hit)
                 spare = self._available() - sum(1 for p in hit if p in self._evictable)
-                if not req.cancelled and need > spare:
+                if not req.cancelled and need + self._reserve() > spare:
                     return  # wait for pages (a running request's end frees some)
                 self._waiting.remove(req)
             if req.cancelled:
@@ -571,20 +580,28 @@ class Engine:
                                                 self._mask(req) if last else None))
         tok = int(tok)  # (waits for the step: its time is counted here)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
+        self._register(req, start, start + n)
         req.prefilled += n
         self.stats["prompt_tokens"] += n
         if req.prefilled < len(tokens):
             self.stats["prefill_chunks"] += 1
             return n
         self._prefilling.remove(req)
-        full = len(tokens) // self.page_size if self.prefix_cache else 0
-        for i in range(req.reused // self.page_size, full):
-            if req.hashes[i] not in self._by_hash:  # its full pages, now computed
-                self._by_hash[req.hashes[i]] = req.pages[i]
-                self._hash_of[req.pages[i]] = req.hashes[i]
         req.pos = len(tokens)
         self._accept(req, tok)
         return n
+
+    def _register(self, req: Request, start: int, end: int) -> None:
+        """Put the pages a prefill chunk completed (all of positions [.., end) computed, none
+        written again) in the prefix cache, as each chunk ends: a request of the same
+        tenant arriving meanwhile reuses them, and a request preempted mid-prompt leaves
+        them cached for its own readmission."""
+        if not self.prefix_cache:
+            return
+        for i in range(max(start, req.reused) // self.page_size, end // self.page_size):
+            if req.hashes[i] not in self._by_hash:
+                self._by_hash[req.hashes[i]] = req.pages[i]
+                self._hash_of[req.pages[i]] = req.hashes[i]
 
     def _match(self, hashes: list[bytes], n: int) -> list[int]:
         """The cached pages that begin a sequence of n tokens with these page hashes (at
@@ -596,6 +613,19 @@ class Engine:
                 break
             hit.append(page)
         return hit
+
+    def _reserve(self) -> int:
+        """Pages held back from admission for the running requests' next tokens: each one's
+        next `reserve_tokens` positions (or up to its max_tokens, if sooner). Admitting
+        into the pages they are about to need would preempt one of them within steps,
+        and a preemption recomputes a prompt. (A reserve of at least every request's
+        max_tokens rules preemption out.)"""
+        total = 0
+        for r in self._active.values():
+            at = len(r.feed) if r in self._prefilling else r.pos
+            end = min(at + self.reserve_tokens, len(r.prompt) + r.sampling.max_tokens)
+            total += max(0, end // self.page_size + 1 - len(r.pages))
+        return total
 
     def _available(self) -> int:
         """Pages that can be handed out: free ones and cached ones nobody holds."""

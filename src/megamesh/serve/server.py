@@ -30,7 +30,8 @@ def default_dtype() -> str:
 def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
-                 prefix_cache: bool = True, prefill_chunk: int = 2048, log: Any = print) -> Engine:
+                 prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
+                 log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
     if dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype {dtype!r} is not allowed: float32 or bfloat16")
@@ -42,7 +43,7 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                   page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
-                  max_prefill_tokens=prefill_chunk, log=log)
+                  max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, log=log)
 
 
 def bind(host: str, port: int) -> socket.socket:
