@@ -10,7 +10,8 @@ cache, chunked prefill, fair scheduling) vs the dense-cache engine megamesh had 
    not depend on how well), and its Hugging Face export.
 2. The KV budget: --budget-seqs full-length sequences (default 4). The dense engine gets
    that many slots (each holds max-len positions); megamesh gets the same memory as
-   pages (budget x max-len / 16) and --slots rows; HF static batching gets that batch.
+   pages (budget x max-len / 16, twice that with --kv-dtype bfloat16: the same bytes)
+   and --slots rows; HF static batching gets that batch.
 3. The mix (`megamesh bench serve --dataset enterprise`): 16 tenants with their own API
    keys and 2,048-token system prompts, Poisson arrivals at --rate, user prompts of
    200-8,000 tokens, outputs of 50-500 (ignore_eos), --num-prompts requests. megamesh is
@@ -102,6 +103,9 @@ def main() -> None:
     ap.add_argument("--output-min", type=int, default=50)
     ap.add_argument("--output-max", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kv-dtype", choices=("float32", "bfloat16"),
+                    help="megamesh's KV pages (default: the weights', float32 on CPU); the "
+                    "budget stays in bytes")
     ap.add_argument("--timeout", type=float, default=3600.0,
                     help="seconds a request may wait (an overloaded server queues for long)")
     ap.add_argument("--baseline-src", help="src/ of a megamesh tree with the dense-cache engine")
@@ -113,12 +117,13 @@ def main() -> None:
     run = Path(args.run or ROOT / "runs" / f"bench-tiny-{args.max_len}")
     hf_dir = ensure_run(run, args.max_len)
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
-    pages = args.budget_seqs * args.max_len // 16
+    # the same bytes: bf16 pages hold twice the positions of the f32 cache the others keep
+    pages = args.budget_seqs * args.max_len // 16 * (2 if args.kv_dtype == "bfloat16" else 1)
     py = [sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--max-len",
           str(args.max_len), "--max-concurrent-per-key", "1000", "--max-queue", "1000"]
     servers = {
-        "megamesh": (py + ["--port", "8340", "--slots", str(args.slots), "--kv-pages", str(pages)],
-                     {}, 8340),
+        "megamesh": (py + ["--port", "8340", "--slots", str(args.slots), "--kv-pages", str(pages)]
+                     + (["--kv-dtype", args.kv_dtype] if args.kv_dtype else []), {}, 8340),
         "dense": (py + ["--port", "8341", "--slots", str(args.budget_seqs)],
                   {"PYTHONPATH": args.baseline_src or ""}, 8341),
         "hf-static": ([sys.executable, str(ROOT / "bench" / "hf_server.py"), "--model", str(hf_dir),

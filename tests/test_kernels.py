@@ -268,13 +268,16 @@ def test_paged_attention_equals_a_dense_cache(T, paged):
     assert set(changed.tolist()) <= {int(base)}  # only layer 1's scratch page
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("T", [1, 11])
-def test_paged_blockwise_walks_only_the_real_length(T):
+def test_paged_blockwise_walks_only_the_real_length(T, kv_dtype):
     """The `xla` paged kernel in small blocks (2 pages of 4 positions; queries 4 at a time):
     rows of different lengths in one batch, a prefill chunk longer than a query block,
     keys past every query in garbage pages that are never read into a result. Equal to
     the plain formula over each row's keys; a row's result is the same bits alone as
-    beside longer rows (fully masked blocks leave its sums unchanged)."""
+    beside longer rows (fully masked blocks leave its sums unchanged). bf16 pages under f32
+    queries (`serve --kv-dtype bfloat16`): the formula over the bf16-rounded keys and
+    values, computed in f32."""
     from megamesh.model.blockwise import paged_blockwise_attention
     from megamesh.model.kvcache import write_kv
 
@@ -282,9 +285,10 @@ def test_paged_blockwise_walks_only_the_real_length(T):
     rng = np.random.default_rng(1)
     n_pages = 1 + B * per
     table = jnp.asarray(1 + rng.permutation(B * per).reshape(B, per), jnp.int32)
-    pages = jnp.asarray(rng.normal(size=(n_pages, P, 2 * K, Dh)) * 50, jnp.float32)
+    pages = jnp.asarray(rng.normal(size=(n_pages, P, 2 * K, Dh)) * 50, kv_dtype)
     S = per * P
     k_all, v_all = (jnp.asarray(rng.normal(size=(B, S, K, Dh)), jnp.float32) for _ in range(2))
+    k_all, v_all = (x.astype(kv_dtype).astype(jnp.float32) for x in (k_all, v_all))
     pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     pages = write_kv(pages, k_all, v_all, table, pos, jnp.int32(0))
     ends = jnp.asarray([T + 2, 27, 39], jnp.int32)  # one past each row's last query

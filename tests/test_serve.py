@@ -216,6 +216,26 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
         small.stop()
 
 
+def test_bf16_kv_pages_hold_twice_the_positions_in_the_same_memory(run_dir, engine):
+    """--kv-dtype bfloat16 under float32 weights: pages of half the bytes, and the engine
+    serves with them (greedy tokens may differ from f32 pages in the last places)."""
+    from megamesh.serve.server import build_engine
+
+    small = build_engine(str(run_dir), mesh="tensor=1", slots=8, max_len=256, dtype="float32",
+                         kv_dtype="bfloat16", log=lambda *_: None)
+    small.start()
+    try:
+        assert small.kv_dtype == "bfloat16" and small.dtype == "float32"
+        f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(small.pages))
+        assert small.kv_bytes * 2 == f32_bytes
+        prompt = engine.model.tokenizer.encode("def load(path):").ids
+        req, _, last = run_engine(small, prompt, SamplingParams(max_tokens=12, temperature=0,
+                                                                ignore_eos=True))
+        assert len(req.out_ids) == 12 and last.stop_reason == "max_tokens"
+    finally:
+        small.stop()
+
+
 def test_one_tenant_flooding_does_not_delay_another(engine):
     """Fair scheduling: tenant "flood" submits 48 long requests at once (16 slots: 32 of
     them wait); tenant "b" then asks 6 short questions one after another. b's time to first

@@ -60,6 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "lower priority than interactive requests")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--kv-dtype", choices=("float32", "bfloat16"),
+                   help="KV page dtype (default: the weights'); bfloat16 under float32 weights "
+                   "holds twice the positions in the same memory (keys and values rounded to "
+                   "bf16; attention still computes in float32)")
     p.set_defaults(run=run)
 
 
@@ -91,13 +95,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           max_queue=args.max_queue, dtype=args.dtype, name=args.name,
                           page_size=args.page_size, kv_pages=args.kv_pages,
                           prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
-                          reserve_tokens=args.kv_reserve_tokens)
+                          reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype)
     m = engine.model
     attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
                  if engine.length_buckets else "attention over each step's real length")
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
-          f"{engine.kv_bytes / 2**20:,.1f} MiB, weights {engine.dtype}); compiling "
+          f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.kv_dtype}, weights {engine.dtype}); "
+          "compiling "
           f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
           f"({attention} x batches {engine.batch_buckets}) ...",
           flush=True)

@@ -191,7 +191,7 @@ def paged_blockwise_attention(q: jax.Array, pages: jax.Array, table: jax.Array, 
                 vt = jnp.moveaxis(vb, 1, 2)[:, :, None].astype(jnp.float32)  # (B,K,1,blk,Dh)
                 pv = jnp.sum(p[:, :, :, 0, :, None] * vt, axis=3)[:, None]  # (B,1,K,G,Dh)
             else:
-                pv = _einsum("bkgts,bskd->btkgd", p.astype(vb.dtype), vb)
+                pv = _einsum("bkgts,bskd->btkgd", p.astype(qg.dtype), vb)  # (pages may be narrower)
             acc = acc * jnp.moveaxis(corr, 3, 1)[..., None] + pv
             return m_new, den, acc
 

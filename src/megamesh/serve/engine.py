@@ -219,12 +219,12 @@ class Engine:
     def __init__(self, model: ServedModel, mesh: Any, *, slots: int = 16, max_len: int | None = None,
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
-                 prefix_cache: bool = True, reserve_tokens: int = 256,
+                 prefix_cache: bool = True, reserve_tokens: int = 256, kv_dtype: str | None = None,
                  log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
         max_len / page_size (the memory of a dense cache with a row per slot);
         `reserve_tokens`: positions of growth per running request that admission leaves
-        free (`_reserve`)."""
+        free (`_reserve`); `kv_dtype`: of the KV pages (default: `dtype`, the weights')."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -251,6 +251,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
         # prefill lengths up to the one a full chunk uses (no longer chunk ever runs)
         every = buckets(self.max_len)
         self.buckets = every[:next((i + 1 for i, b in enumerate(every) if b >= max_prefill_tokens),
@@ -264,7 +265,8 @@ class Engine:
             self.after_buckets = self.decode_buckets = [self.max_len]
         self.batch_buckets = batch_buckets(slots, mesh)
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
-                                                 n_pages=kv_pages + 1, page_size=page_size)
+                                                 n_pages=kv_pages + 1, page_size=page_size,
+                                                 kv_dtype=self.kv_dtype)
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
@@ -282,7 +284,7 @@ class Engine:
         self._exec: dict[tuple[int, int], Any] = {}
         self.compiled_all = threading.Event()
         self.params = model.params
-        self.pages = jax.device_put(init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(dtype)),
+        self.pages = jax.device_put(init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(self.kv_dtype)),
                                     any_step.page_shardings)
         self.table = np.zeros((slots, self.pages_per_seq), np.int32)  # a row per slot
         self._free_pages = list(range(kv_pages, SCRATCH, -1))  # pop() gives the lowest page

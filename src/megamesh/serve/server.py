@@ -31,10 +31,11 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
-                 log: Any = print) -> Engine:
+                 kv_dtype: str | None = None, log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {dtype!r} is not allowed: float32 or bfloat16")
+    for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
+        if value not in ("float32", "bfloat16"):
+            raise ConfigError(f"{flag} {value!r} is not allowed: float32 or bfloat16")
     layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
     n = math.prod(layout.values())
     if n > len(jax.devices()):
@@ -43,7 +44,8 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                   page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
-                  max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, log=log)
+                  max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
+                  log=log)
 
 
 def bind(host: str, port: int) -> socket.socket:

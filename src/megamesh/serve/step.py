@@ -109,13 +109,15 @@ class DecodeStep:
     page_size: int
     words: int  # of a row's token bitmask
     attend_len: int | None = None
+    kv_dtype: str | None = None  # of the KV pages (default: dtype)
 
     @property
     def pages_per_seq(self) -> int:
         return pages_per_seq(self.max_len, self.page_size)
 
     def abstract_pages(self, cfg: ModelConfig) -> Any:
-        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size, self.dtype))
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size,
+                                                  self.kv_dtype or self.dtype))
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             pages, self.page_shardings)
 
@@ -139,13 +141,16 @@ class DecodeStep:
 
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       dtype: str = "bfloat16", attend_len: int | None = None,
-                      n_pages: int | None = None, page_size: int = DEFAULT_PAGE) -> DecodeStep:
+                      n_pages: int | None = None, page_size: int = DEFAULT_PAGE,
+                      kv_dtype: str | None = None) -> DecodeStep:
     """One decode step for `batch` rows over `n_pages` KV pages per layer (default: enough
-    for every row to reach max_len, and the scratch page)."""
+    for every row to reach max_len, and the scratch page) of `kv_dtype` (default: the
+    weights' `dtype`; attention computes in the weights' dtype either way)."""
     rules = strategy("serve")
     p_shard = param_shardings(cfg, mesh, rules)
     n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
-    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, dtype)),
+    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size,
+                                                                kv_dtype or dtype)),
                               mesh, rules)
     row_spec = data_sharding(mesh, rules, (batch, 1)).spec[:1]
     slot = NamedSharding(mesh, PartitionSpec(*row_spec))
@@ -166,7 +171,7 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     return DecodeStep(fn=fn, param_shardings=p_shard, page_shardings=pg_shard, slot_sharding=slot,
                       table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
                       dtype=dtype, n_pages=n_pages, page_size=page_size,
-                      words=mask_words(cfg.vocab_size), attend_len=attend_len)
+                      words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
