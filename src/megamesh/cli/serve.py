@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"),
                    help="KV page dtype (default: the weights'); bfloat16 under float32 weights "
                    "holds twice the positions in the same memory (keys and values rounded to "
-                   "bf16; attention still computes in float32)")
+                   "bf16; attention still computes in float32). Not for XLA:CPU: its bf16 "
+                   "conversions made decode attention 16x slower (measured, BENCHMARKS.md)")
     p.set_defaults(run=run)
 
 
