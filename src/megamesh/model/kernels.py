@@ -209,12 +209,13 @@ def paged_attention(q: jax.Array, pages: jax.Array, table: jax.Array, base: jax.
                               (_Q, (None, None, "kv_heads", "head_dim"), ("batch", None),
                                ("batch", None)), _Q, ("heads", "kv_heads"))
     if name != "gather":
-        # decode: blocks of 256 positions (measured, one layer, tiny, 2-core XLA:CPU, a 6k
-        # context: 5.3 ms at 4 rows and 73 ms at 32, vs 32 and 309 ms gathered; 64 to 512
-        # within 1.5x, small blocks best for many rows, large for few); one size whatever
-        # the batch, so a row's result never depends on the load. Prefill: blocks of 512
-        # (a 2048-token chunk after 4k cached: 296 ms vs 978)
-        block = 256 if q.shape[1] == 1 else PAGED_BLOCK
+        # decode: blocks of 128 positions (measured, one layer, tiny, 2-core XLA:CPU, a 6k
+        # context: 6.3 ms at 4 rows and 73 ms at 32, vs 32 and 309 ms gathered; 64 to 512
+        # within 1.5x, small blocks best for many rows, large for few; with 256 the
+        # enterprise benchmark's decode took 157 s vs 122 s at an 8-sequence budget); one
+        # size whatever the batch, so a row's result never depends on the load. Prefill:
+        # blocks of 512 (a 2048-token chunk after 4k cached: 296 ms vs 978)
+        block = 128 if q.shape[1] == 1 else PAGED_BLOCK
         return paged_blockwise_attention(q, pages, table, base, positions, block=block)
     k, v = gather_kv(pages, table, base, attend_len)
     B, S = table.shape[0], k.shape[1]
