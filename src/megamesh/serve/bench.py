@@ -220,9 +220,11 @@ async def _wait_compiled(client: httpx.AsyncClient, url: str, timeout: float = 6
         await asyncio.sleep(0.5)
 
 
-METRICS = ("megamesh_kv_pages_used", "megamesh_kv_pages", "megamesh_prefix_cache_hit_tokens",
-           "megamesh_preempted", 'megamesh_engine_seconds{phase="prefill"}',
-           'megamesh_engine_seconds{phase="decode"}')
+# megamesh's counters of the whole server's life (a run's share: last minus first)
+COUNTERS = {"hit_tokens": "megamesh_prefix_cache_hit_tokens", "preempted": "megamesh_preempted",
+            "prefill": 'megamesh_engine_seconds{phase="prefill"}',
+            "decode": 'megamesh_engine_seconds{phase="decode"}'}
+METRICS = ("megamesh_kv_pages_used", "megamesh_kv_pages", *COUNTERS.values())
 
 
 async def _scrape(client: httpx.AsyncClient, url: str) -> dict[str, float] | None:
@@ -246,8 +248,10 @@ async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[dict[str, f
         await asyncio.sleep(every)
 
 
-async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float,
-                                                                      list[dict[str, float]]]:
+async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[
+        list[RequestResult], float, list[dict[str, float]], dict[str, float] | None]:
+    """Results, duration, megamesh's gauges sampled during the run, and its counters'
+    growth over the run (COUNTERS' keys; None from servers without them)."""
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits) as client:
         model = cfg.model
@@ -280,14 +284,9 @@ async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[list[Reque
         duration = time.perf_counter() - t0
         sampler.cancel()
         last = await _scrape(client, cfg.url)
-        if first and last:  # the run's prefix hits, from the engine's counter
-            kv.append({**last, "hit_tokens_in_run": last["megamesh_prefix_cache_hit_tokens"]
-                       - first["megamesh_prefix_cache_hit_tokens"],
-                       "preempted_in_run": last["megamesh_preempted"] - first["megamesh_preempted"],
-                       **{f"{p}_seconds_in_run": last[f'megamesh_engine_seconds{{phase="{p}"}}']
-                          - first[f'megamesh_engine_seconds{{phase="{p}"}}']
-                          for p in ("prefill", "decode")}})
-        return list(results), duration, kv
+        grown = ({k: last[m] - first[m] for k, m in COUNTERS.items()} if first and last
+                 else None)
+        return list(results), duration, kv, grown
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -299,17 +298,14 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
-              kv: list[dict[str, float]] | None = None) -> dict[str, Any]:
+              kv: list[dict[str, float]] | None = None,
+              grown: dict[str, float] | None = None) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.input_tokens for r in ok)
     kv = kv or []
     used = [k["megamesh_kv_pages_used"] / k["megamesh_kv_pages"] for k in kv
-            if k["megamesh_kv_pages"] and "hit_tokens_in_run" not in k]  # during the run
-    hits = kv[-1].get("hit_tokens_in_run") if kv else None
-    preempted = kv[-1].get("preempted_in_run") if kv else None
-    engine = ({p: kv[-1][f"{p}_seconds_in_run"] for p in ("prefill", "decode")}
-              if kv and "preempted_in_run" in kv[-1] else None)
+            if k["megamesh_kv_pages"]]
     tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     good = 0
     for r in ok:
@@ -335,9 +331,11 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
         "prefix_cache_hit_rate": sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
         # every prompt token the engine read from cached pages (whatever cache_control
         # said; re-admissions after preemption included), per prompt token sent
-        "engine_prefix_hit_rate": hits / in_tokens if hits is not None and in_tokens else None,
-        "preempted": preempted,  # requests preempted (for pages or fairness; recomputed) in the run
-        "engine_seconds": engine,  # in prefill and decode steps during the run
+        "engine_prefix_hit_rate": grown["hit_tokens"] / in_tokens if grown and in_tokens else None,
+        # requests preempted (for pages or fairness; recomputed) in the run
+        "preempted": grown["preempted"] if grown else None,
+        # in prefill and decode steps during the run
+        "engine_seconds": {p: grown[p] for p in ("prefill", "decode")} if grown else None,
         "kv_pages_used": ({"mean": float(np.mean(used)), "max": float(np.max(used)),
                            "pages": kv[-1]["megamesh_kv_pages"]} if used else None),
     }
@@ -345,8 +343,8 @@ def summarize(cfg: BenchConfig, results: list[RequestResult], duration: float,
 
 def run_bench(cfg: BenchConfig, tokenizer: Any | None = None) -> dict[str, Any]:
     prompts = make_prompts(cfg, tokenizer)
-    results, duration, kv = asyncio.run(_run(cfg, prompts))
-    summary = summarize(cfg, results, duration, kv)
+    results, duration, kv, grown = asyncio.run(_run(cfg, prompts))
+    summary = summarize(cfg, results, duration, kv, grown)
     summary["input_lengths_exact"] = tokenizer is not None
     return summary
 

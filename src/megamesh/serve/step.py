@@ -109,15 +109,14 @@ class DecodeStep:
     page_size: int
     words: int  # of a row's token bitmask
     attend_len: int | None = None
-    kv_dtype: str | None = None  # of the KV pages (default: dtype)
+    kv_dtype: str = ""  # of the KV pages (build_decode_step: default the weights' dtype)
 
     @property
     def pages_per_seq(self) -> int:
         return pages_per_seq(self.max_len, self.page_size)
 
     def abstract_pages(self, cfg: ModelConfig) -> Any:
-        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size,
-                                                  self.kv_dtype or self.dtype))
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size, self.kv_dtype))
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             pages, self.page_shardings)
 
@@ -149,8 +148,8 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     rules = strategy("serve")
     p_shard = param_shardings(cfg, mesh, rules)
     n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
-    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size,
-                                                                kv_dtype or dtype)),
+    kv_dtype = kv_dtype or dtype
+    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, kv_dtype)),
                               mesh, rules)
     row_spec = data_sharding(mesh, rules, (batch, 1)).spec[:1]
     slot = NamedSharding(mesh, PartitionSpec(*row_spec))
