@@ -188,7 +188,11 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, 
                                                                       async_save):
     """A file-size limit (as a full disk does) makes the save at step 6 fail: exit 1 with
     one line naming the checkpoint and the OS error (a synchronous save within step 6,
-    an async one as soon as its background write fails); checkpoint 3 stays good."""
+    an async one at whichever later step its background write's failure surfaces: that
+    depends on scheduling, so any of the run's checkpoints may be named, and Orbax may
+    report the error again at every later wait: still one line); checkpoint 3 stays good."""
+    import re
+
     from megamesh.runs import verify
 
     out = tmp_path / "run"
@@ -200,8 +204,9 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, 
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert lines[0].startswith(f"megamesh train: error: saving checkpoint {out / 'checkpoints' / '6'} "
-                               "failed: File too large")
+    step = "6" if async_save == "false" else r"(6|9)"
+    assert re.match(rf"megamesh train: error: saving checkpoint {re.escape(str(out / 'checkpoints'))}/"
+                    rf"{step} failed: File too large", lines[0]), lines[0]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     if async_save == "false":
         assert last == 5  # step 6 failed in its own save: not recorded as done

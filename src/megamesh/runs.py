@@ -225,6 +225,8 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.keep, self.log = keep, log
         self._pending: list[int] = []  # saved, not yet rotated
+        self._last = "?"  # the step of the newest save started: a failure names it
+        self._failed = False  # a failed save was reported: nothing more to say of it
         self._manifested: set[int] = set()  # the pending saves whose manifest is written
         try:
             self.manager = ocp.CheckpointManager(
@@ -295,6 +297,7 @@ class Checkpointer:
         if self._pending:  # a background save still running: its outcome first
             self.wait()
         try:
+            self._last = str(step)
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                             meta=ocp.args.JsonSave(meta)), force=True)
             self._pending.append(step)
@@ -305,9 +308,18 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 -- disk full, permissions, storage errors
-            raise CheckpointError(f"saving checkpoint {self.step_dir(step)} failed: "
-                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
+            raise self._failure(str(step), e) from None
         return time.perf_counter() - t0
+
+    def _failure(self, step: str, e: BaseException | None) -> CheckpointError:
+        """The one-line error for a failed save of `step` (cause `e`: its OS error), after
+        which this checkpointer reports nothing more of it: a background write fails once,
+        but Orbax raises it again from every later wait, and a second report (from `close`
+        in the train loop's clean-up) would replace the first."""
+        self._pending, self._failed = [], True
+        why = one_line(e) if e is not None else "it was never committed"
+        return CheckpointError(f"saving checkpoint {self.directory / step} failed: {why}; the "
+                               "previous good checkpoint is intact")
 
     def poll(self) -> None:
         """Report a failed background save now (CheckpointError), and write the manifests
@@ -319,14 +331,14 @@ class Checkpointer:
         try:
             self.manager.check_for_errors()
         except Exception as e:  # noqa: BLE001
-            pending, self._pending = self._pending, []
-            raise CheckpointError(f"saving checkpoint {self.step_dir(pending[-1])} failed: "
-                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
+            raise self._failure(str(self._pending[-1]), e) from None
         lost = [s for s in self._pending if not self.step_dir(s).is_dir()]
-        if lost:
-            self._pending = []
-            raise CheckpointError(f"saving checkpoint {self.step_dir(lost[0])} failed: it was "
-                                  "never committed; the previous good checkpoint is intact")
+        if lost:  # finished, not committed: its error, if Orbax kept one, says why
+            try:
+                self.manager.wait_until_finished()
+            except Exception as e:  # noqa: BLE001
+                raise self._failure(str(lost[0]), e) from None
+            raise self._failure(str(lost[0]), None)
         self._write_manifests()
 
     def _write_manifests(self) -> None:
@@ -386,10 +398,10 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001
-            step = self._pending[-1] if self._pending else "?"
-            self._pending = []
-            raise CheckpointError(f"saving checkpoint {self.directory / str(step)} failed: "
-                                  f"{one_line(e)}; the previous good checkpoint is intact") from None
+            if self._failed:  # reported already (Orbax raises a failed write at every wait)
+                self._pending = []
+                return
+            raise self._failure(str(self._pending[-1]) if self._pending else self._last, e) from None
         if not self._pending:
             return
         self.poll()  # errors, manifests
