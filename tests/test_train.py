@@ -6,13 +6,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import MEGAMESH, cli_env, hold_free_port, run_cli, run_main
+from conftest import MEGAMESH, SIGNALLED, cli_env, hold_free_port, run_cli, run_main, signal_at
 from megamesh.cli import main
 from megamesh.train.loop import TrainingDiverged
 
@@ -25,8 +24,10 @@ def train_args(out, corpus, *extra):
     return ["train", "--out", str(out), "--data", str(corpus), *SMALL, *extra]
 
 
-def train_cmd(out, corpus, *extra):
-    return [*MEGAMESH, *train_args(out, corpus, *extra)]
+def train_cmd(out, corpus, *extra, signalled=False):
+    """The `megamesh train` command line; `signalled`: run by the SIGNALLED launcher (a
+    signal at the step its environment's `signal_at` names)."""
+    return [*(SIGNALLED if signalled else MEGAMESH), *train_args(out, corpus, *extra)]
 
 
 def run_train(out, corpus, *extra, devices=8, timeout=240):
@@ -44,17 +45,6 @@ def losses(out):
 
 def records(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def wait_for_step(out, step, proc, timeout=120):
-    path = Path(out) / "metrics.jsonl"
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines()
-                                 if x.strip().endswith("}")):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never reached step {step}: {proc.poll()}")
 
 
 @pytest.fixture(scope="module")
@@ -276,13 +266,14 @@ def test_damaged_corpus_and_bad_documents_are_errors_not_training_data(tmp_path,
 
 def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, reference):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=3"),
-                            env=cli_env(8), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_step(out, 7, proc)
-    finally:
-        proc.kill()
-        proc.wait()
+    # SIGKILL at step 8, before its record: steps 1-7 recorded, checkpoint 6 committed or
+    # not (its save is asynchronous): the resume starts from 6 or 3 and redoes step 7
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=3",
+                                      signalled=True),
+                            env=cli_env(8, **signal_at("KILL", 8)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=240) == -signal.SIGKILL
+    assert max(losses(out)) == 7
     r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=3", "--resume")
     assert r.returncode == 0, r.stderr
     assert "resumed from step" in r.stdout
@@ -292,15 +283,16 @@ def test_sigkill_then_resume_gives_bit_identical_losses(tmp_path, corpus, refere
 
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
     out = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=100"),
-                            env=cli_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    # SIGTERM during step 2: the run stops after step 3, the first step that reads the flag
+    proc = subprocess.Popen(train_cmd(out, corpus, "--steps", "12", "--train.checkpoint.every=100",
+                                      signalled=True),
+                            env=cli_env(8, **signal_at("TERM", 2)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 143, stderr[-3000:]
     entries = sorted(p.name for p in (out / "checkpoints").iterdir())
     saved = [int(n) for n in entries if n.isdigit()]
-    assert len(saved) == 1 and saved[0] >= 2 and f"after step {saved[0]}" in stdout, (
+    assert saved == [3] and f"after step {saved[0]}" in stdout, (
         f"checkpoints/: {entries}; stdout: {stdout[-2000:]}; stderr: {stderr[-3000:]}")
     r = run_train(out, corpus, "--steps", "12", "--train.checkpoint.every=100", "--resume")
     assert r.returncode == 0, r.stderr
@@ -452,14 +444,12 @@ def test_two_processes_equal_one(tmp_path, corpus, two_hosts, held_port):
     # the same step, save one checkpoint together and exit 143 (none hangs in a collective).
     multi = tmp_path / "multi"
     shutil.copytree(two_hosts, multi)
-    procs = _start_processes(multi, corpus, held_port, 2, "--steps", "400", "--resume",
-                             "--train.checkpoint.every=1000")
-    wait_for_step(multi, 14, procs[0])
-    procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs = _start_processes(multi, corpus, held_port, 2, "--steps", "60", "--resume",
+                             "--train.checkpoint.every=1000", signals={1: signal_at("TERM", 3)})
+    outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for _, e in outs]
     saved = sorted(int(n.name) for n in (multi / "checkpoints").iterdir() if n.name.isdigit())
-    assert saved[:2] == [10, 12] and len(saved) == 3 and saved[2] > 14
+    assert saved == [10, 12, 16]  # resumed at 12; the signal during step 15, read at 16
     assert f"stopped by a signal to another process after step {saved[2]}" in outs[0][0]
 
 
@@ -519,14 +509,16 @@ def test_freed_host_memory_is_reused_not_faulted_in_every_step():
     assert counts["keep"][1] < pages // 20
 
 
-def _start_processes(out, corpus, port, n, *extra, heartbeat=4, devices=1):
+def _start_processes(out, corpus, port, n, *extra, heartbeat=4, devices=1, signals=None):
     """`megamesh train` as n localhost processes x `devices` CPU devices (dcn=n: one
-    data-parallel replica each)."""
+    data-parallel replica each); `signals`: process id -> `signal_at(...)` for it."""
     procs = []
     for pid in range(n):
         env = cli_env(devices, MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES=str(n),
-                      MEGAMESH_PROCESS_ID=str(pid), MEGAMESH_HEARTBEAT_TIMEOUT=str(heartbeat))
-        procs.append(subprocess.Popen(train_cmd(out, corpus, "--mesh", f"dcn={n},fsdp={devices}", *extra),
+                      MEGAMESH_PROCESS_ID=str(pid), MEGAMESH_HEARTBEAT_TIMEOUT=str(heartbeat),
+                      **(signals or {}).get(pid, {}))
+        procs.append(subprocess.Popen(train_cmd(out, corpus, "--mesh", f"dcn={n},fsdp={devices}", *extra,
+                                                signalled=bool(signals)),
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
@@ -564,12 +556,11 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, t
     args, ref = list(TWO_HOSTS_ARGS), two_hosts
     out, ram = tmp_path / "run", tmp_path / "ram"
     tiered = [*args, "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={ram}"]
-    procs = _start_processes(out, corpus, held_port, 2, *tiered)
+    # process 1 dies at step 8 (before process 0 can pass it): RAM copies of step 7
+    procs = _start_processes(out, corpus, held_port, 2, *tiered, signals={1: signal_at("KILL", 8)})
     try:
-        wait_for_step(out, 7, procs[0])
-        procs[1].kill()
+        assert procs[1].wait(timeout=240) == -signal.SIGKILL
     finally:
-        procs[1].wait()
         procs[0].communicate(timeout=120)  # it gives up on its lost peer by itself
     assert procs[0].returncode != 0
     shutil.rmtree(ram / "process-1")
@@ -577,7 +568,7 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, t
 
     stdout = _finish(_start_processes(out, corpus, held_port, 2, *tiered, "--resume"))
     step = int(stdout[0].split("restored step ")[1].split()[0])
-    assert step > 5 and f"resumed from step {step}" in stdout[0]
+    assert 5 < step <= 7 and f"resumed from step {step}" in stdout[0]  # RAM copies are async
     assert "from the in-memory checkpoint (this host's RAM)" in stdout[0]
     assert "process 1: restored" in stdout[1] and "a peer's replica" in stdout[1]
     assert losses(out) == losses(ref)  # exact float equality, step for step
@@ -599,23 +590,16 @@ def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "run"
-    procs = _start_processes(out, corpus, held_port, 4, *args)
-    try:
-        wait_for_step(out, 3, procs[0])
-        procs[3].kill()
-    finally:
-        for p in procs:
-            p.communicate(timeout=120)
+    procs = _start_processes(out, corpus, held_port, 4, *args, signals={3: signal_at("KILL", 4)})
+    for p in procs:
+        p.communicate(timeout=240)
     shutil.rmtree(tmp_path / "ram" / "process-3")  # its host is gone
     killed_at = max(losses(out))
 
-    procs = _start_processes(out, corpus, held_port, 3, *args, "--resume")
-    try:
-        wait_for_step(out, 6, procs[0])
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=120) for p in procs]
+    # preempted: a SIGTERM to process 0 during its 3rd step stops all three after the 4th
+    procs = _start_processes(out, corpus, held_port, 3, *args, "--resume",
+                             signals={0: signal_at("TERM", 3)})
+    outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [143] * 3, [e[-2000:] for _, e in outs]
     shrunk = outs[0][0]
     step = int(shrunk.split("restored step ")[1].split()[0])
@@ -631,10 +615,12 @@ def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
         assert got[s] == pytest.approx(want[s], rel=1e-5), s
 
 
-def _islands(out, corpus, n, *extra, only=None):
-    """DiLoCo islands as separate `megamesh train` jobs (1 process x 1 CPU device each)."""
+def _islands(out, corpus, n, *extra, only=None, signals=None):
+    """DiLoCo islands as separate `megamesh train` jobs (1 process x 1 CPU device each);
+    `signals`: island -> `signal_at(...)` for it."""
     return {i: subprocess.Popen(train_cmd(out, corpus, "--diloco", f"islands={n},inner_steps=4",
-                                          "--island", str(i), *extra), env=cli_env(1),
+                                          "--island", str(i), *extra, signalled=bool(signals)),
+                                env=cli_env(1, **(signals or {}).get(i, {})),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in (range(n) if only is None else only)}
 
@@ -665,12 +651,8 @@ def test_a_failed_island_does_not_stop_the_others(tmp_path, corpus):
     outer step the other two go on without it and finish; restarted, island 2 rejoins at the
     newest outer state instead of replaying the rounds it missed."""
     out, args = tmp_path / "dl", ["--steps", "16", "--batch", "12", "--train.diloco.wait_s=3"]
-    procs = _islands(out, corpus, 3, *args)
-    try:
-        wait_for_step(out / "island-2", 5, procs[2])
-        procs[2].kill()
-    finally:
-        procs[2].wait()
+    procs = _islands(out, corpus, 3, *args, signals={2: signal_at("KILL", 6)})  # after round 1
+    assert procs[2].wait(timeout=300) == -signal.SIGKILL
     outs = {i: procs[i].communicate(timeout=300) for i in (0, 1)}
     assert procs[0].returncode == 0 and procs[1].returncode == 0, [e[-2000:] for _, e in outs.values()]
     reported = {x["diloco_round"]: x["islands_reported"] for x in records(out / "island-0")

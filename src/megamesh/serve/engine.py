@@ -48,6 +48,7 @@ HTTP layer forwards them to its event loop.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -300,6 +301,7 @@ class Engine:
         self._running: collections.Counter[str] = collections.Counter()  # tenant -> running
         self.steps = 0  # engine loop iterations so far
         self._cv = threading.Condition()
+        self._step_lock = threading.Lock()  # held for each step: `paused`
         self._ids = itertools.count()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -469,6 +471,31 @@ class Engine:
         finally:
             self.compiled_all.set()
 
+    @contextlib.contextmanager
+    def paused(self):
+        """No step of the engine's loop starts within the block (one in progress finishes
+        first): requests submitted inside it are seen together by the next step, and the
+        caller may run steps itself with `step` (the tests do: what a step does then
+        depends on the requests, never on how threads were scheduled)."""
+        with self._step_lock:
+            yield
+
+    def step(self) -> None:
+        """One iteration of the loop: free finished and cancelled requests, admit and
+        prefill within the step's budget, decode every running request once. Called by
+        the engine's thread, or by a caller holding `paused`."""
+        self.steps += 1
+        try:
+            self._reap()
+            self._admit()
+            if self._active:
+                self._decode()
+        except Exception as e:  # noqa: BLE001 -- never let one bad step stop the server
+            self.log(f"engine step failed: {type(e).__name__}: {e}")
+            self.stats["step_errors"] += 1
+            for req in list(self._active.values()):
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+
     def _loop(self) -> None:
         while True:
             with self._cv:
@@ -476,17 +503,8 @@ class Engine:
                     self._cv.wait()
                 if self._stop:
                     break
-            self.steps += 1
-            try:
-                self._reap()
-                self._admit()
-                if self._active:
-                    self._decode()
-            except Exception as e:  # noqa: BLE001 -- never let one bad step stop the server
-                self.log(f"engine step failed: {type(e).__name__}: {e}")
-                self.stats["step_errors"] += 1
-                for req in list(self._active.values()):
-                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            with self._step_lock:
+                self.step()
         for req in list(self._active.values()) + list(self._waiting):
             self._finish(req, "cancelled")
 
