@@ -215,6 +215,41 @@ def test_questions_answer():
     assert sv["synchronous"]["mtbf_min"] == pytest.approx(sv["pod_replicas"]["mtbf_min"] / 8, rel=0.01)
 
 
+@pytest.mark.parametrize("cmd", ["simulate", "largest-model", "serving-reserve", "checkpoint",
+                                 "sync-vs-replicas"])
+def test_every_fleet_question_runs_at_the_missions_scale_with_its_defaults(cmd):
+    """`megamesh fleet CMD --chips 1000000` and nothing else: 1M chips are 109 pods
+    (1,004,544 chips); a job's default batch divides over them (125,000 sequences would
+    not: 125,568 do)."""
+    r = megamesh("fleet", cmd, "--chips", "1000000", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    if cmd == "simulate":
+        assert out["chips_installed_at_end"] == 1_004_544 and out["pods_at_end"] == 109
+        assert [j["name"] for j in out["jobs"]] == [j.name for j in default_scenario().jobs]
+    elif cmd == "largest-model":
+        assert out["by"] == default_scenario().end and out["params"] > 1e11
+    elif cmd == "serving-reserve":
+        assert out["peak_serving_chips"] > 0
+    elif cmd == "checkpoint":
+        assert out["chips"] == 1_004_544 and out["best"]["goodput"] > 0
+    else:
+        assert out["pods"] == 109 and out["chips"] == 1_004_544
+
+
+def test_fleet_size_scales_the_build_out_in_whole_pods():
+    s = default_scenario()
+    smaller, line = questions.scale_fleet(s, 800_000)
+    assert smaller.total_pods() == 87 and "87 pods" in line  # round(800,000 / 9,216)
+    assert [a.month for a in smaller.arrivals] == [a.month for a in s.arrivals]  # same shape
+    assert max(abs(a.pods - b.pods * 87 / 109) for a, b in zip(smaller.arrivals, s.arrivals)) < 1
+    with pytest.raises(ConfigError, match=r"jobs\[3\].chips: 663,552 is larger than the fleet"):
+        questions.scale_fleet(s, 100_000)  # the frontier run needs 72 pods
+    from megamesh.fleet.sim import default_batch
+
+    assert default_batch("llama3.1-405b", 1_004_544, 8192, "tpu7x") == 125_568
+
+
 def test_cli_simulate_json_and_plot(tmp_path):
     f = tmp_path / "s.yaml"
     r = megamesh("fleet", "simulate", "--write-default", str(f))

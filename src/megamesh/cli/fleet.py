@@ -28,8 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seed", type=int, help="override the scenario's random seed")
         q.add_argument("--json", action="store_true", help="print JSON")
 
+    def fleet_size(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--chips", type=int, help="fleet size: the scenario's build-out scaled to "
+                       "this many chips in whole pods, arriving in the same proportions (default: "
+                       "the scenario's own, 109 tpu7x pods = 1,004,544 chips)")
+
     s = fsub.add_parser("simulate", help="run the scenario: goodput, utilization, energy, power, tokens")
     common(s)
+    fleet_size(s)
     s.add_argument("--plot", help="write a PNG of capacity, allocation, power and goodput (a new file)")
     s.add_argument(
         "--check", action="store_true", help="check allocation and power invariants at every event"
@@ -37,16 +43,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--write-default", metavar="FILE", help="write the built-in scenario as YAML and exit")
     q = fsub.add_parser("largest-model", help="largest model trainable compute-optimally by a date")
     common(q)
-    q.add_argument("--by", required=True, help="date, YYYY-MM-DD")
+    fleet_size(q)
+    q.add_argument("--by", help="date, YYYY-MM-DD (default: the scenario's end)")
     q = fsub.add_parser("serving-reserve", help="chips to hold back for the serving demand curve")
     common(q)
+    fleet_size(q)
     q = fsub.add_parser("checkpoint", help="checkpoint interval and hot spares that maximize goodput")
     common(q)
-    q.add_argument("--chips", type=int, default=16 * 9216, help="job size (default 16 pods)")
+    q.add_argument("--chips", type=int, default=16 * 9216,
+                   help="job size, rounded as the planner lays it out (whole pods past one pod; "
+                   "default 16 pods)")
     q.add_argument("--days", type=float, default=14.0, help="days of work at full speed (default 14)")
     q = fsub.add_parser("sync-vs-replicas", help="one synchronous job over N pods vs N pod-level replicas")
     common(q)
-    q.add_argument("--pods", type=int, default=109)
+    size = q.add_mutually_exclusive_group()
+    size.add_argument("--pods", type=int, help="job size in pods (default 109)")
+    size.add_argument("--chips", type=int, help="job size in chips, rounded to whole pods")
     q.add_argument("--days", type=float, default=14.0, help="days of work at full speed (default 14)")
     p.set_defaults(run=run)
 
@@ -68,6 +80,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"wrote {args.write_default}")
         return 0
     s = _scenario(args)
+    if cmd in ("simulate", "largest-model", "serving-reserve") and args.chips is not None:
+        s, line = questions.scale_fleet(s, args.chips)
+        if not args.json:
+            print(line)
     if cmd == "simulate":
         res, fleet = simulate(s, check=args.check)
         if args.plot:
@@ -77,7 +93,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             print(f"plot: {args.plot}")
         return 0
     if cmd == "largest-model":
-        r = questions.largest_model(s, args.by)
+        r = questions.largest_model(s, args.by or s.end)
         text = (
             f"by {r['by']}: {r['training_chip_hours']:.3e} training chip-hours (average "
             f"{r['average_training_chips']:,.0f} chips) x MFU {r['mfu']:.1%} x goodput {r['goodput']:.1%} "
@@ -98,8 +114,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     elif cmd == "checkpoint":
         if args.chips < 1 or args.days <= 0:
             raise ConfigError("--chips must be >= 1 and --days > 0")
-        r = questions.checkpoint_and_spares(s, args.chips, args.days)
-        lines = [
+        chips, note = questions.job_size(s, args.chips)
+        r = questions.checkpoint_and_spares(s, chips, args.days)
+        lines = [*([f"job: {note}"] if note else []),
             f"job of {r['chips']:,} chips: MTBF {r['mtbf_min']:.1f} min; plain: Daly interval "
             f"{r['daly_interval_min']:.1f} min (closed-form goodput {r['daly_goodput']:.1%})",
             f"{'recovery':>10} {'spares':>7} {'interval':>9} {'x Daly':>7} {'goodput':>8} "
@@ -121,10 +138,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         lines.append("interval: diloco rows give each island's own checkpoint interval")
         text = "\n".join(lines)
     else:
-        if args.pods < 1 or args.days <= 0:
+        if args.chips is not None:
+            if args.chips < 1:
+                raise ConfigError(f"--chips {args.chips} is not allowed: at least 1")
+            args.pods = max(1, round(args.chips / s.pod_chips))
+        pods = 109 if args.pods is None else args.pods
+        if pods < 1 or args.days <= 0:
             raise ConfigError("--pods must be >= 1 and --days > 0")
-        r = questions.sync_vs_replicas(s, args.pods, args.days)
-        lines = [f"{args.pods} pods = {r['chips']:,} chips, one job, by recovery mode "
+        r = questions.sync_vs_replicas(s, pods, args.days)
+        lines = [f"{pods} pods = {r['chips']:,} chips, one job, by recovery mode "
                  f"(simulated, hot spares {r['spare_fraction']:.1%} of cubes, repair "
                  f"{s.failures.repair_hours:g} h):"]
         for mode, v in r["modes"].items():

@@ -22,12 +22,41 @@ import math
 from typing import Any
 
 from megamesh.errors import ConfigError
-from megamesh.fleet.scenario import RECOVERY_MODES, Scenario, TrainingJob, parse_date
+from megamesh.fleet.scenario import RECOVERY_MODES, Scenario, TrainingJob, parse_date, validate
 from megamesh.fleet.sim import Fleet, planner_numbers, simulate
 from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
+from megamesh.plan.target import parse_target
 
 TOKENS_PER_PARAM = 20.0  # Chinchilla compute-optimal (Hoffmann et al. 2022)
+
+
+def job_size(s: Scenario, chips: int) -> tuple[int, str]:
+    """A job of about `chips` as the planner lays it out: whole pods past one pod (1M
+    tpu7x chips are 109 pods, 1,004,544 chips), else one slice of whole cubes; and the note
+    saying how it was rounded ("" when it was not)."""
+    t = parse_target(f"{s.chip}:{chips}")
+    return t.chips, t.note
+
+
+def scale_fleet(s: Scenario, chips: int) -> tuple[Scenario, str]:
+    """The scenario with its build-out scaled to about `chips` chips in whole pods (the
+    arrivals in proportion, largest remainders first), and a line saying so. Its jobs keep
+    their sizes: one larger than the new fleet is an error naming it."""
+    if chips < 1:
+        raise ConfigError(f"--chips {chips} is not allowed: at least 1")
+    pods = max(1, round(chips / s.pod_chips))
+    total = s.total_pods()
+    shares = [a.pods * pods / total for a in s.arrivals]
+    got = [math.floor(x) for x in shares]
+    for i in sorted(range(len(shares)), key=lambda i: got[i] - shares[i])[:pods - sum(got)]:
+        got[i] += 1
+    out = copy.deepcopy(s)
+    out.arrivals = [dataclasses.replace(a, pods=n) for a, n in zip(s.arrivals, got) if n]
+    validate(out)
+    line = (f"fleet: --chips {chips:,} = {pods} pods of {s.pod_chips:,} ({pods * s.pod_chips:,} chips), "
+            f"arriving as the scenario's {total} pods do")
+    return out, line
 
 
 def _job_rate(s: Scenario, chips: int) -> float:

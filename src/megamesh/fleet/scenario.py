@@ -49,7 +49,7 @@ class TrainingJob:
     start: str | None = None  # earliest start (date); default: the scenario start
     deadline: str | None = None  # reported against, not enforced
     seq: int = 8192
-    batch: int | None = None  # sequences per step; default chips // 8
+    batch: int | None = None  # sequences per step; default chips // 8 rounded to divide (sim.default_batch)
     checkpoint_interval_min: float | None = None  # default: Daly's optimum for this job
     recovery: str | None = None  # one of RECOVERY_MODES; default: the scenario's recovery.mode
 

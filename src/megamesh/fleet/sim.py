@@ -64,7 +64,7 @@ from megamesh.plan.cost import diloco_round_bytes
 from megamesh.plan.layout import Workload
 from megamesh.plan.memory import ADAM_BYTES
 from megamesh.plan.questions import serving_answer
-from megamesh.plan.search import search
+from megamesh.plan.search import divisible_batch, search
 from megamesh.plan.target import parse_target
 
 BADPUT = ("checkpoint", "lost", "restart", "repair_wait", "queued", "preempt", "degraded")
@@ -114,9 +114,10 @@ class Job:
     replaced_restart_h: float = 0.0  # a restart after a failed cube was replaced
     recovery_times: dict = field(default_factory=dict)  # the derived times, for the report
 
-    @property
-    def cubes(self) -> int:
-        return sum(c for _, c in self.alloc)
+    cubes: int = 0  # sum of `alloc`'s cubes (kept by `assign`: read at every event)
+
+    def assign(self, alloc: list[list[int]]) -> None:
+        self.alloc, self.cubes = alloc, sum(c for _, c in alloc)
 
     def not_placed(self) -> str | None:
         """Why a job that never started did not ("needs N cubes, at most M free"); None
@@ -484,7 +485,7 @@ class Fleet:
     def _start(self, job: Job, alloc: list[list[int]]) -> None:
         self._leave(job, graceful=True)
         self._place(alloc)
-        job.alloc = alloc
+        job.assign(alloc)
         self.training_cubes += job.cubes
         self.n_queued -= 1
         if job.first_start is None:
@@ -496,7 +497,7 @@ class Fleet:
         job.preemptions += 1
         self._release(job.alloc)
         self.training_cubes -= job.cubes
-        job.alloc = []
+        job.assign([])
         self.n_queued += 1
         self._set_state(job, "queued")
 
@@ -647,7 +648,7 @@ class Fleet:
         job.finish = t
         self._release(job.alloc)
         self.training_cubes -= job.cubes
-        job.alloc = []
+        job.assign([])
         self._track_stall(job, "done")
         job.state, job.version = "done", job.version + 1
         self.schedule()
@@ -946,6 +947,15 @@ def _train_numbers(model: str, chips: int, seq: int, batch: int, chip: str) -> d
 
 
 @functools.lru_cache(maxsize=512)
+def default_batch(model: str, chips: int, seq: int, chip: str) -> int:
+    """A job's batch when its scenario gives none: 8 chips a sequence (chips // 8), rounded
+    to the nearest batch the planner's layouts can split over the job's slices (1M chips
+    are 109 pods: 125,000 sequences do not divide, 125,568 do)."""
+    w = Workload(preset(model), seq=seq, batch=max(chips // 8, 1))
+    return divisible_batch(w, parse_target(f"{chip}:{chips}"))
+
+
+@functools.lru_cache(maxsize=512)
 def _serve_numbers(model: str, input_tokens: int, output_tokens: int, slo_tpot_ms: float | None,
                    slo_ttft_ms: float | None, chip: str, pod_chips: int) -> dict[str, float]:
     a = serving_answer(preset(model), parse_target(f"{chip}:{pod_chips}"), qps=1.0,
@@ -960,7 +970,7 @@ def planner_numbers(kind: str, spec: Any, s: Scenario) -> dict[str, float]:
     serving replica ("serve": tokens_per_s_per_chip, chips_per_replica) from megamesh's
     planner."""
     if kind == "train":
-        batch = spec.batch or max(spec.chips // 8, 1)
+        batch = spec.batch or default_batch(spec.model, spec.chips, spec.seq, s.chip)
         got = _train_numbers(spec.model, spec.chips, spec.seq, batch, s.chip)
         if got is None:
             raise ConfigError(

@@ -64,6 +64,18 @@ def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
                 for s in _candidate_sizes(probe, target, max_tensor)), default=1) or 1
 
 
+def batch_unit(w: Workload, target: Target, max_tensor: int = 64) -> int:
+    """The batch (sequences) must be a multiple of this for some layout over `target` to
+    split it (every slice over DCN times a slice's fewest batch-parallel ways)."""
+    return target.n_slices * _min_batch_ways(w, target, max_tensor)
+
+
+def divisible_batch(w: Workload, target: Target, max_tensor: int = 64) -> int:
+    """`w.batch` rounded to the nearest multiple of `batch_unit` (at least one unit)."""
+    unit = batch_unit(w, target, max_tensor)
+    return max(1, round(w.batch / unit)) * unit
+
+
 def _rank(e: Estimate) -> tuple[float, float]:
     """Fastest first; step times equal to 3 significant digits (closer than the model can
     tell apart) go to the layout that moves less over DCN (e.g. data parallelism across
@@ -137,10 +149,10 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
             if best_fail is not None:
                 rejected.append(best_fail)
     if not any_divisible:
-        unit = target.n_slices * _min_batch_ways(w, target, max_tensor)
         raise ConfigError(f"batch {w.batch} sequences cannot be split over {target.describe()}: "
-                          f"no layout's batch-parallel ways divide it; use a multiple of {unit:,} "
-                          f"sequences, e.g. {max(1, round(w.batch / unit)) * unit:,}")
+                          f"no layout's batch-parallel ways divide it; use a multiple of "
+                          f"{batch_unit(w, target, max_tensor):,} sequences, e.g. "
+                          f"{divisible_batch(w, target, max_tensor):,}")
     ranked.sort(key=_rank)
     rejected.sort(key=lambda e: e.memory.total)
     return SearchResult(ranked, rejected, n)
