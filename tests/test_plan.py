@@ -293,8 +293,7 @@ def test_offload_policy_saves_the_layer_input_and_attention_projections():
     assert hardware_flops_per_token(w, "offload")[0] == pytest.approx(plain + att + gate_up)
 
 
-def test_published_rows_within_five_points():
-    """bench/plan_calibration.py: every row of calibration.md within 5 MFU points."""
+def _plan_calibration():
     import pathlib
 
     sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "bench"))
@@ -302,7 +301,26 @@ def test_published_rows_within_five_points():
         import plan_calibration
     finally:
         sys.path.pop(0)
-    assert plan_calibration.main() == 0
+    return plan_calibration
+
+
+def test_fitted_rows_stay_within_five_points():
+    """A regression check, not a test of the model: the planner's efficiency constants
+    (plan/cost.py) were fitted on these 10 published rows (bench/plan_calibration.py ROWS),
+    so they are within 5 MFU points by construction; this fails when a change to the cost
+    model moves any of them out."""
+    assert _plan_calibration().main() == 0
+
+
+def test_published_rows_not_in_the_fit_are_predicted_within_the_band():
+    """The test of the model: published runs the constants never saw (HELD_OUT: Llama 3.1
+    405B on v5p-1024 and on Ironwood x 256, MaxText recipes), predicted tokens/s within
+    +-25% (today 0.79x and 0.95x: the v5p row is the known miss, BENCHMARKS.md)."""
+    cal = _plan_calibration()
+    rows = cal.held_out()
+    assert [r["id"] for r in rows] == ["H1", "H2"]
+    for r in rows:
+        assert abs(r["ratio"] - 1) <= cal.HELD_OUT_BAND, r
 
 
 def test_run_spec_round_trips_through_a_plan_file(tmp_path, capsys):
