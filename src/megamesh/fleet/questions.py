@@ -11,6 +11,9 @@
   and the best setting of each.
 - sync_vs_replicas: one job over N pods under each recovery mode versus N independent
   pod-level replicas (simulated; Daly's closed form for plain).
+- recovery_by_quality: one job of the scenario under each recovery mode, the rest as they
+  are: its throughput goodput and its goodput at synchronous quality (fleet.quality), the
+  figure the mission's choice of mode per job follows.
 """
 
 from __future__ import annotations
@@ -283,3 +286,31 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
         "independent jobs (no model averaging at all)"
     )
     return out
+
+
+def recovery_by_quality(s: Scenario, job: str) -> dict[str, Any]:
+    """The whole scenario simulated with job `job` under each recovery mode in turn: per
+    mode its goodput (throughput), its goodput at synchronous quality (a DiLoCo token is
+    worth `fleet.quality.token_efficiency` of a synchronous one), when it finished, and the
+    fleet's training goodput both ways; `best`: the mode with the highest quality-adjusted
+    goodput for the job."""
+    names = [j.name for j in s.jobs]
+    if job not in names:
+        raise ConfigError(f"no job {job!r} in the scenario; its jobs are {', '.join(names)}")
+    modes: dict[str, Any] = {}
+    for mode in RECOVERY_MODES:
+        one = copy.deepcopy(s)
+        spec = next(j for j in one.jobs if j.name == job)
+        if mode == "diloco" and spec.chips <= one.pod_chips:
+            continue  # islands need at least 2 slices
+        spec.recovery = mode
+        res, _ = simulate(validate(one))
+        j = next(x for x in res["jobs"] if x["name"] == job)
+        modes[mode] = {"goodput": j["goodput"], "quality_adjusted_goodput": j["quality_adjusted_goodput"],
+                       "token_efficiency": j["token_efficiency"], "finish_time": j["finish_time"],
+                       "extrapolated": j["quality"]["extrapolated"],
+                       "fleet_training_goodput": res["training_goodput"],
+                       "fleet_quality_adjusted_training_goodput": res["quality_adjusted_training_goodput"]}
+    placed = {m: v for m, v in modes.items() if v["quality_adjusted_goodput"] is not None}
+    best = max(placed, key=lambda m: placed[m]["quality_adjusted_goodput"]) if placed else None
+    return {"job": job, "modes": modes, "best": best}

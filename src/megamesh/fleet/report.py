@@ -24,7 +24,8 @@ def text(r: dict[str, Any]) -> str:
     lines = [
         f"fleet {r['scenario']}: {r['start']} .. {r['end']}, {r['pods_at_end']} pods = "
         f"{r['chips_installed_at_end']:,} chips at the end ({r['events']:,} events simulated)",
-        f"goodput {r['goodput']:.1%} (training {r['training_goodput']:.1%}), utilization "
+        f"goodput {r['goodput']:.1%} (training {r['training_goodput']:.1%}; at synchronous "
+        f"quality {r['quality_adjusted_training_goodput']:.1%}), utilization "
         f"{r['utilization']:.1%} of installed chip-hours",
         f"energy {r['energy_gwh']:,.0f} GWh, average {r['average_power_mw']:,.0f} MW, peak "
         f"{r['peak_power_mw']:,.0f} MW (cap {r['power_cap_mw']:,.0f} MW); the largest swing when "
@@ -57,6 +58,15 @@ def text(r: dict[str, Any]) -> str:
             f"{j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
             + "/".join(f"{b[k]:.0f}" for k in BADPUT)
         )
+    worth = [j for j in r["jobs"] if j["token_efficiency"] < 1 and not j["not_placed"]]
+    if worth:
+        lines += ["", "what a DiLoCo token is worth in tokens of synchronous training (fleet.quality):"]
+        for j in worth:
+            q = j["quality"]
+            lines.append(f"  {j['name']}: {j['token_efficiency']:.1%} (final loss +{q['loss_increase']:.2%} "
+                         f"vs synchronous); goodput {j['goodput']:.1%} throughput, "
+                         f"{j['quality_adjusted_goodput']:.1%} at synchronous quality"
+                         + (f"; extrapolated: {q['extrapolated']}" if q["extrapolated"] else ""))
     times = [f"  {j['name']}: " + ", ".join(f"{k} {v:,.1f}" for k, v in j["recovery_times"].items())
              for j in r["jobs"] if j.get("recovery_times")]
     if times:

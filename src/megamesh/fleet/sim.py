@@ -57,9 +57,11 @@ from typing import Any
 
 from megamesh.config import preset
 from megamesh.errors import ConfigError
+from megamesh.fleet.quality import token_efficiency
 from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
 from megamesh.fleet.theory import daly_interval
 from megamesh.hardware import CHIPS
+from megamesh.model.specs import param_count
 from megamesh.plan.cost import diloco_round_bytes
 from megamesh.plan.layout import Workload
 from megamesh.plan.memory import ADAM_BYTES
@@ -113,6 +115,10 @@ class Job:
     regrow_h: float = 0.0  # elastic: restart onto fewer or more slices (own RAM restore)
     replaced_restart_h: float = 0.0  # a restart after a failed cube was replaced
     recovery_times: dict = field(default_factory=dict)  # the derived times, for the report
+    # tokens of synchronous training each of its tokens is worth (fleet.quality; 1 unless
+    # diloco), with the loss increase behind it and what it extrapolates
+    quality: dict = field(default_factory=lambda: {"efficiency": 1.0, "loss_increase": 0.0,
+                                                   "extrapolated": None})
 
     cubes: int = 0  # sum of `alloc`'s cubes (kept by `assign`: read at every event)
 
@@ -279,6 +285,9 @@ class Fleet:
             recovery=mode,
             slices=slices,
         )
+        if mode == "diloco":
+            job.quality = token_efficiency(param_count(preset(spec.model)), spec.tokens, slices,
+                                           rec.diloco_inner_steps)
         if mode == "elastic":
             job.regrow_h = rec.reschedule_min / 60 + host_gb * rec.ram_restore_s_per_gb / 3600
             times["regrow_s"] = job.regrow_h * 3600
@@ -846,6 +855,11 @@ class Fleet:
                     "priority": j.priority,
                     # a job that never ran has no goodput: it says why it was not placed
                     "goodput": j.productive_h / wall if wall > 0 else None,
+                    # useful tokens at synchronous quality per wall hour (fleet.quality)
+                    "quality_adjusted_goodput": (j.productive_h * j.quality["efficiency"] / wall
+                                                 if wall > 0 else None),
+                    "token_efficiency": j.quality["efficiency"],
+                    "quality": j.quality,
                     "not_placed": j.not_placed(),
                     "finish_time": _date(s, j.finish),
                     "finished": j.finish is not None,
@@ -886,6 +900,12 @@ class Fleet:
             "goodput": self._goodput_so_far(),
             "training_goodput": (
                 sum(j.productive_h * j.chips for j in self.jobs.values()) / self.integrals["training_chip_h"]
+            )
+            if self.integrals["training_chip_h"]
+            else 0.0,
+            "quality_adjusted_training_goodput": (
+                sum(j.productive_h * j.chips * j.quality["efficiency"] for j in self.jobs.values())
+                / self.integrals["training_chip_h"]
             )
             if self.integrals["training_chip_h"]
             else 0.0,
