@@ -5,7 +5,7 @@ data-parallel replica and holds a full copy of a train state of --gb GB (float32
 over its 2 devices), as a 2-slice job holds it. Per run, in fresh processes each phase:
 
   save        the in-memory tier (megamesh.train.memory_tier, Orbax's P2P emergency
-              manager writing to /dev/shm) and the persistent tier (megamesh.runs.Checkpointer:
+              manager writing to /dev/shm) and the persistent tier (megamesh.train.checkpoint.Checkpointer:
               Orbax to disk, then the manifest's CRC-32 of every file), each until on disk
   own RAM     both processes restore from their own RAM copy
   peer        process 1's RAM copy is deleted (a replaced host): it fetches process 0's
@@ -42,8 +42,8 @@ def worker(phase: str, work: Path, gb: float) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from megamesh.runs import Checkpointer
     from megamesh.sharding.mesh import make_mesh
+    from megamesh.train.checkpoint import Checkpointer
     from megamesh.train.distributed import initialize_from_env
     from megamesh.train.memory_tier import MemoryTier
 

@@ -64,7 +64,7 @@ import jax, numpy as np, shutil
 from megamesh.serve.load import load_model
 from megamesh.sharding.mesh import make_mesh
 from megamesh.sharding.rules import param_shardings, strategy
-from megamesh.model.transformer import flatten
+from megamesh.pytree import flatten
 from megamesh.model import hf
 mesh = make_mesh("data=1", jax.devices()[:1])
 m = load_model({str(run)!r}, lambda cfg: param_shardings(cfg, mesh, strategy("serve")), "float32")

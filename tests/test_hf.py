@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 from megamesh.errors import ConfigError
 from megamesh.model.hf import load_hf, save_hf
 from megamesh.model.source import model_config
-from megamesh.model.transformer import forward, unflatten
+from megamesh.model.transformer import forward
+from megamesh.pytree import unflatten
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)

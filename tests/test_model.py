@@ -54,6 +54,14 @@ def test_cached_prefill_and_decode_equal_full_forward(name):
         pos += 1
 
 
+def test_every_remat_policy_a_run_spec_allows_has_an_implementation():
+    from megamesh.model.transformer import REMAT
+    from megamesh.runspec import REMAT_POLICIES
+
+    # "auto" is resolved by the train step; "none" saves everything (no policy)
+    assert set(REMAT) | {"auto", "none"} == set(REMAT_POLICIES)
+
+
 def test_remat_policies_give_the_same_gradient():
     base = small("tiny")
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)

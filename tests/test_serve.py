@@ -123,7 +123,7 @@ def test_stop_matcher_holds_back_partial_stops():
 
 
 def test_detokenizer_streams_multibyte_text_whole(run_dir):
-    from megamesh.runs import load_tokenizer
+    from megamesh.rundir import load_tokenizer
 
     tok = load_tokenizer(run_dir / "tokenizer.json")
     text = "déjà vu: 世界 ✓ naïve"
@@ -384,7 +384,7 @@ def test_hugging_face_directory_serves_the_same_tokens(run_dir, engine, tmp_path
     import numpy as np
 
     from megamesh.model import hf
-    from megamesh.model.transformer import flatten
+    from megamesh.pytree import flatten
     from megamesh.serve.server import build_engine
 
     m = engine.model

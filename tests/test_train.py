@@ -117,7 +117,7 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_newest_good_one(tmp_path, cor
 
 
 def test_rotation_never_deletes_the_newest_good_checkpoint(tmp_path, reference):
-    from megamesh.runs import Checkpointer
+    from megamesh.train.checkpoint import Checkpointer
 
     d = tmp_path / "checkpoints"
     shutil.copytree(reference / "checkpoints", d)
@@ -183,7 +183,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_good_one(tmp_path, 
     report the error again at every later wait: still one line); checkpoint 3 stays good."""
     import re
 
-    from megamesh.runs import verify
+    from megamesh.train.checkpoint import verify
 
     out = tmp_path / "run"
     shutil.copytree(three_steps, out)

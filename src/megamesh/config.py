@@ -104,14 +104,6 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
-    @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @property
-    def is_moe(self) -> bool:
-        return self.moe is not None
-
     def validate(self) -> None:
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             v = getattr(self, f)

@@ -61,7 +61,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
 
     from megamesh.model.kvcache import init_cache
     from megamesh.model.source import load_weights
-    from megamesh.model.transformer import forward, init_params, unflatten
+    from megamesh.model.transformer import forward, init_params
+    from megamesh.pytree import unflatten
 
     B, T = args.batch, min(args.seq, cfg.max_seq_len)
     print(f"running {cfg.name} ({_human(specs.param_count(cfg))} parameters) on "
@@ -113,7 +114,7 @@ def train_and_sample(cfg, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from megamesh.model.generate import generate
-    from megamesh.runs import EOS, load_tokenizer
+    from megamesh.rundir import EOS, load_tokenizer
     from megamesh.settings import apply_overrides
     from megamesh.train.config import TrainConfig, default_warmup
     from megamesh.train.loop import train

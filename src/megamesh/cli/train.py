@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from megamesh.cli.common import key_values, split_overrides
@@ -13,6 +15,8 @@ from megamesh.model.source import model_config
 from megamesh.runspec import read_plan
 from megamesh.settings import apply_overrides
 from megamesh.train.config import TrainConfig, default_warmup
+
+_FOR_LIFE = contextlib.ExitStack()  # never closed: what `megamesh train` routes for the whole process
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -102,9 +106,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.model.backend import choose_kernels
 
     choose_kernels(jax.default_backend(), tc.run.kernels)  # a bad --kernels fails before data prep
-    from megamesh.runs import log_orbax_to
+    from megamesh.train.checkpoint import orbax_log_to
 
-    log_orbax_to(Path(args.out) / "orbax.log")  # Orbax's tracebacks to a file, up to exit
+    # Orbax's tracebacks to a file for the rest of the process (a failed save's abandoned
+    # writers are reported when collected, up to exit; `train` routes to the same file);
+    # and at exit, after module teardown has undone that, the RuntimeWarning for such a
+    # writer coroutine would be the second line of a one-line error
+    _FOR_LIFE.enter_context(orbax_log_to(Path(args.out) / "orbax.log"))
+    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited", category=RuntimeWarning)
     if args.new_data and not (args.resume and args.data):
         raise ConfigError("--new-data goes with --resume and --data (the documents to continue on)")
     result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,

@@ -30,10 +30,6 @@ from megamesh.sharding.rules import mesh_sizes
 from megamesh.train.step import build_train_step
 
 
-class DoesNotFit(MegameshError):
-    exit_code = 3
-
-
 @dataclass
 class CompileReport:
     target: str

@@ -34,7 +34,7 @@ from megamesh.model.kernels import causal_attention, paged_attention
 from megamesh.model.kvcache import KVCache, write_kv
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
 from megamesh.model.specs import layer_stacks, param_specs
-from megamesh.runspec import REMAT_POLICIES
+from megamesh.pytree import unflatten
 
 Params = dict[str, Any]
 
@@ -42,7 +42,8 @@ Params = dict[str, Any]
 # each layer's input and its attention projections; attention and the MLP are recomputed.
 OFFLOADED = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")
 # each remat policy of `runspec.REMAT_POLICIES` ("auto" is resolved by the train step,
-# "none" saves everything): what a layer saves for the backward pass
+# "none" saves everything; tests/test_model.py checks every one has an entry): what a
+# layer saves for the backward pass
 REMAT = {
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -51,7 +52,6 @@ REMAT = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=list(OFFLOADED),
         offload_src="device", offload_dst="pinned_host"),
 }
-assert set(REMAT) | {"auto", "none"} == set(REMAT_POLICIES), "a remat policy without an implementation"
 
 
 class Output(NamedTuple):
@@ -81,29 +81,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
             w = jax.random.truncated_normal(k, -2.0, 2.0, spec.shape, jnp.float32)
             flat[spec.name] = (w * (spec.std / 0.87962566)).astype(dtype)  # unit-std truncation
     return unflatten(flat)
-
-
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"a/b": x} -> {"a": {"b": x}}."""
-    tree: dict[str, Any] = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": x}} -> {"a/b": x}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, prefix + k + "/"))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 # --------------------------------------------------------------------------- forward

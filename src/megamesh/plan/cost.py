@@ -156,10 +156,6 @@ def gather_parts(target: Target, layout: Layout, axis: str, full_bytes: float) -
     return ici, dcn
 
 
-def gather_time(target: Target, layout: Layout, axis: str, full_bytes: float) -> float:
-    return sum(gather_parts(target, layout, axis, full_bytes))
-
-
 # splash's backward (separate dq and dkv kernels, MaxText's default) recomputes the
 # scores and their gradient's product in both kernels: 7 block matmuls against autodiff's
 # 4, i.e. 3.5x the forward's attention instead of 2x (checked against the kernel bodies in

@@ -416,11 +416,6 @@ class Engine:
         """KV pages held by requests (of `kv_pages`)."""
         return self.kv_pages - len(self._free_pages) - len(self._evictable)
 
-    @property
-    def pages_cached(self) -> int:
-        """KV pages registered in the prefix cache (held by requests or not)."""
-        return len(self._hash_of)
-
     def page_hashes(self, tokens: list[int]) -> list[bytes]:
         """The prefix hash of each full page of `tokens`: page i's covers tokens
         [0, (i + 1) * page_size)."""

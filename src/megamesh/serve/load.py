@@ -20,8 +20,9 @@ from megamesh.config import ModelConfig, config_from_dict
 from megamesh.errors import ConfigError
 from megamesh.model import hf
 from megamesh.model.specs import param_specs
-from megamesh.model.transformer import unflatten
-from megamesh.runs import EOS, Checkpointer, run_dir
+from megamesh.pytree import unflatten
+from megamesh.rundir import EOS, run_dir
+from megamesh.train.checkpoint import Checkpointer
 
 
 @dataclass

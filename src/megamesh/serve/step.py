@@ -31,7 +31,8 @@ from megamesh.config import ModelConfig
 from megamesh.model.generate import sample
 from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, init_pages, pages_per_seq
 from megamesh.model.specs import param_specs
-from megamesh.model.transformer import forward, unflatten
+from megamesh.model.transformer import forward
+from megamesh.pytree import unflatten
 from megamesh.sharding.rules import (
     activation_sharding,
     data_sharding,

@@ -153,16 +153,6 @@ def resolve(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, i
     return out
 
 
-def shard_fraction(axes: Sequence[str | None], shape: Sequence[int], sizes: dict[str, int],
-                   rules: Rules) -> float:
-    """The fraction of the array one device holds."""
-    n = 1
-    for dim in resolve(axes, shape, sizes, rules):
-        for m in dim:
-            n *= sizes[m]
-    return 1.0 / n
-
-
 def parse_layout(layout: str | dict[str, int]) -> dict[str, int]:
     """`"data=2,fsdp=4"` -> {"data": 2, "fsdp": 4}; checks names and sizes."""
     if isinstance(layout, dict):

@@ -20,7 +20,7 @@ from megamesh.model.axes import using_constrainer
 from megamesh.model.backend import Kernels, PerDevice, choose_kernels, using_kernels
 from megamesh.model.kvcache import kv_shape, page_axes
 from megamesh.model.specs import param_specs
-from megamesh.model.transformer import unflatten
+from megamesh.pytree import unflatten
 from megamesh.sharding.logical import (  # noqa: F401  (re-exported)
     LOGICAL_AXES,
     MESH_AXES,

@@ -25,7 +25,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megamesh.errors import ConfigError
-from megamesh.runs import EOS, file_crc32
+from megamesh.rundir import EOS
+from megamesh.train.checkpoint import file_crc32
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".parquet", ".c", ".h", ".html"}
 

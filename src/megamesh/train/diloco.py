@@ -45,9 +45,9 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from megamesh.errors import MegameshError
-from megamesh.model.transformer import flatten, unflatten
 from megamesh.plan.cost import diloco_round_bytes
-from megamesh.runs import from_process0
+from megamesh.pytree import flatten, unflatten
+from megamesh.train.checkpoint import from_process0
 from megamesh.train.config import DilocoConfig
 
 MEMBERS = "members.json"

@@ -25,11 +25,12 @@ from megamesh import __version__
 from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
-from megamesh.model.transformer import unflatten
-from megamesh.runs import Checkpointer, check_same_model, load_tokenizer, one_line, orbax_log_to
+from megamesh.pytree import unflatten
+from megamesh.rundir import load_tokenizer
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
+from megamesh.train.checkpoint import Checkpointer, check_same_model, one_line, orbax_log_to
 from megamesh.train.config import TrainConfig
 from megamesh.train.diloco import Sync, dcn_bytes
 from megamesh.train.memory_tier import MemoryTier, process_directory

@@ -12,7 +12,7 @@ checkpointing do it, built on Orbax's own P2P emergency checkpoint manager
                       shards over TCP from a process of another replica that holds them:
                       data-parallel replicas across the replica axis (`dcn`, else `data`)
                       hold identical state, so every replica is the others' backup
-  tier 3, persistent  the Orbax checkpoint under OUT/checkpoints (`runs.Checkpointer`),
+  tier 3, persistent  the Orbax checkpoint under OUT/checkpoints (`train.checkpoint.Checkpointer`),
                       written every `checkpoint.every` steps
 
 Restore order (`train.loop`): the newest of RAM/peer and persistent; RAM or peer when it

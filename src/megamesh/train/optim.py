@@ -6,7 +6,7 @@ import optax
 
 from megamesh.config import ModelConfig
 from megamesh.model.specs import param_specs
-from megamesh.model.transformer import unflatten
+from megamesh.pytree import unflatten
 from megamesh.train.config import TrainConfig
 
 

@@ -1,11 +1,7 @@
-"""A training run on disk, as `megamesh train` writes it and `megamesh serve` reads it.
+"""Checkpoints of a training run: Orbax saves verified by a manifest, restored onto any
+mesh, Orbax's own reports routed to a file. The in-memory tier of the same checkpoints is
+`train.memory_tier`; the run directory and its tokenizer are `megamesh.rundir`.
 
-    OUT/tokenizer.json          the BPE tokenizer (EOS separates documents)
-    OUT/data/                   the packed corpus (train.data)
-    OUT/checkpoints/<step>/     Orbax checkpoints: {state, meta}
-    OUT/metrics.jsonl, OUT/tensorboard/
-
-Checkpoints with Orbax: async saves, keep-last-K, atomic commits, restore onto any mesh.
 Layout of one: OUT/checkpoints/<step>/{state, meta}. `state` is the train state (params,
 optimizer state, counters) as sharded arrays; `meta` is JSON: the model and train
 configs, the data position (batches consumed) and the corpus fingerprint.
@@ -36,28 +32,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from tokenizers import Tokenizer
 
 from megamesh.config import LEGACY_KEYS
 from megamesh.errors import MegameshError
-
-EOS = "<|endoftext|>"  # the end-of-text token: separates documents, ends generation
-TOKENIZER = "tokenizer.json"
-CHECKPOINTS = "checkpoints"
-
-
-def load_tokenizer(path: str | Path):
-    """A run's tokenizer (`tokenizers.Tokenizer`)."""
-    return Tokenizer.from_file(str(path))
-
-
-def run_dir(spec: str | Path) -> Path | None:
-    """The training run directory `spec` names (OUT or OUT/checkpoints), if it is one."""
-    p = Path(spec)
-    for cand in (p, p.parent):
-        if (cand / CHECKPOINTS).is_dir() and (cand / TOKENIZER).is_file():
-            return cand
-    return None
 
 
 class CheckpointMismatch(MegameshError):
@@ -139,11 +116,26 @@ class _ToFile(logging.Handler):
             pass  # the disk this is about may be full: the one-line error still says why
 
 
+_ROUTED: dict[Path, int] = {}  # files Orbax's reports go to now, and how many blocks route there
+
+
 @contextlib.contextmanager
 def orbax_log_to(path: Path):
     """Within the block, Orbax's warnings and errors (its absl logging, asyncio's reports of
     its failed writer tasks, exceptions its threads print, the RuntimeWarning for a writer
-    coroutine abandoned by a failed save) go to `path`, not stderr."""
+    coroutine abandoned by a failed save) go to `path`, not stderr: megamesh prints one
+    line, the details stay on disk. Reentrant: a block inside another routing to the same
+    file adds nothing (one handler per file). `megamesh train` routes for the whole process
+    (`cli.train`): a failed save's abandoned writers are reported when they are collected,
+    up to exit."""
+    path = Path(path).absolute()
+    if _ROUTED.get(path):
+        _ROUTED[path] += 1
+        try:
+            yield
+        finally:
+            _ROUTED[path] -= 1
+        return
     # absl: Orbax's logging; asyncio: "Task exception was never retrieved" from its writers
     loggers = [logging.getLogger(n) for n in ("absl", "asyncio")]
     handler, hook = _ToFile(path), sys.excepthook
@@ -170,29 +162,16 @@ def orbax_log_to(path: Path):
     sys.excepthook, unraisable_hook = to_file, sys.unraisablehook
     sys.unraisablehook = unraisable
     shown, warnings.showwarning = warnings.showwarning, show
+    _ROUTED[path] = 1
     try:
         yield
     finally:
+        del _ROUTED[path]
         for lg, p in zip(loggers, propagate):
             lg.removeHandler(handler)
             lg.propagate = p
         sys.excepthook, sys.unraisablehook = hook, unraisable_hook
         warnings.showwarning = shown
-
-
-def log_orbax_to(path: Path) -> None:
-    """`orbax_log_to` for the rest of the process (the `megamesh train` command: Orbax's
-    failed writer tasks are reported when they are garbage-collected, up to exit)."""
-    cm = orbax_log_to(path)
-    cm.__enter__()
-    # ... and at exit, after module teardown has undone the above, the RuntimeWarning for a
-    # writer coroutine a failed save abandoned would be the second line of a one-line error
-    warnings.filterwarnings("ignore", message="coroutine '.*' was never awaited",
-                            category=RuntimeWarning)
-    _FOR_LIFE.append(cm)  # referenced: a collected generator would run its `finally`
-
-
-_FOR_LIFE: list[Any] = []
 
 
 def one_line(e: BaseException) -> str:
