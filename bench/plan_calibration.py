@@ -2,7 +2,7 @@
 
 For each row: the model, chips, sequence length and global batch of the published run
 (where the published row gives no batch, the per-chip batch of the run behind the number,
-named in `batch source`), searched with `--kernels fused` (the published TPU runs use
+named in `batch source`), searched with `--kernel-family fused` (the published TPU runs use
 MaxText's splash attention and megablox; Llama 3 used fused kernels too) and, for the
 MaxText rows, `--offload` (their recipes offload activations and optimizer state to host)
 and, for the Llama 3 rows on H100, `--pipeline` (Llama 3 trained with 16 pipeline

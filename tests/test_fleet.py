@@ -368,7 +368,7 @@ def test_launch_restart_budget_and_diloco_islands_recreated_alone(tmp_path):
                  "dcn=2,data=16,fsdp=1024", "--batch", "32768", "--json")
     assert r.returncode == 0, r.stderr
     plan.write_text(r.stdout)
-    r = megamesh("launch", "--plan", str(plan), "--name", "isl", "--diloco", "100", "--days", "2")
+    r = megamesh("launch", "--plan", str(plan), "--name", "isl", "--diloco", "inner_steps=100", "--days", "2")
     assert r.returncode == 0, r.stderr
     js = [d for d in yaml.safe_load_all(r.stdout.split("\n", 1)[1]) if d["kind"] == "JobSet"][0]
     rj = js["spec"]["replicatedJobs"][0]
@@ -381,8 +381,12 @@ def test_launch_restart_budget_and_diloco_islands_recreated_alone(tmp_path):
     container = rj["template"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MEGAMESH_NUM_PROCESSES"] == "2048"  # one island: 8,192 chips on 2,048 hosts
-    r = megamesh("launch", "--plan", str(plan), "--diloco", "0")
-    assert r.returncode == 2 and "--diloco 0 is not allowed" in r.stderr
+    r = megamesh("launch", "--plan", str(plan), "--diloco", "islands=2,inner_steps=100")  # the same
+    assert r.returncode == 0, r.stderr
+    r = megamesh("launch", "--plan", str(plan), "--diloco", "islands=3,inner_steps=100")
+    assert r.returncode == 2 and "one island per slice" in r.stderr and "has 2" in r.stderr
+    r = megamesh("launch", "--plan", str(plan), "--diloco", "inner_steps=0")
+    assert r.returncode == 2 and "inner_steps is not allowed: at least 1" in r.stderr
 
 
 def test_launch_bad_input(tmp_path, plan_file):

@@ -253,7 +253,7 @@ def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsy
 
 def test_optimizer_offload_plans_are_refused_where_the_step_cannot_do_it(tmp_path, capsys):
     argv = ["plan", "--model", "llama3.1-70b", "--target", "v6e:256", "--seq", "8192",
-            "--batch", "256", "--kernels", "fused", "--offload", "--json"]
+            "--batch", "256", "--kernel-family", "fused", "--offload", "--json"]
     assert main(argv) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["best"]["remat"] == "offload"  # activation offload: megamesh's step runs it
@@ -327,18 +327,32 @@ def test_run_spec_round_trips_through_a_plan_file(tmp_path, capsys):
     from megamesh.runspec import RunSpec, read_plan
 
     out = run_json(capsys, "--model", "llama3.1-8b", "--target", "tpu7x:64", "--batch", "256",
-                   "--kernels", "xla")
+                   "--kernel-family", "xla")
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(out))
     plan = read_plan(path)
     assert plan.model == "llama3.1-8b" and plan.global_batch == 256
     assert isinstance(plan.spec, RunSpec) and plan.spec.layout == out["best"]["layout_text"]
-    assert plan.spec.kernels == "attention=reference,moe=einsum"  # what --kernels xla runs
+    assert plan.spec.kernels == "attention=reference,moe=einsum"  # what --kernel-family xla runs
     assert "--kernels" in plan.spec.train_args() and not plan.spec.planner_only()
     bad = dict(out, run={**out["run"], "spec": {**out["run"]["spec"], "remat": "sometimes"}})
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="remat='sometimes' is not allowed"):
         read_plan(path)
+
+
+def test_one_meaning_per_flag_name_and_the_old_spellings_get_a_hint():
+    """`--kernels` is per-op overrides (train, compile), the planner's choice is
+    `--kernel-family`; `--diloco` is islands=N,inner_steps=H in plan, train and launch."""
+    r = run_main("plan", "--kernels", "fused")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "--kernel-family (megamesh, fused, xla)" in r.stderr
+    for verb in (["train", "--out", "x"], ["launch", "--plan", "x.json"], ["plan"]):
+        r = run_main(*verb, "--diloco", "500")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "write islands=N,inner_steps=H" in r.stderr and "--diloco inner_steps=500" in r.stderr
+    r = run_main("plan", "--diloco", "islands=2,inner_steps=0")
+    assert r.returncode == 2 and "inner_steps is not allowed: at least 1" in r.stderr
 
 
 def test_plan_models_diloco_islands():

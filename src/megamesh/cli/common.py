@@ -34,6 +34,27 @@ def key_values(text: str) -> dict[str, str]:
     return parse_overrides([x.strip() for x in text.split(",") if x.strip()])
 
 
+def parse_diloco(text: str, *, islands_required: bool = True) -> tuple[int | None, int | None]:
+    """`--diloco islands=N,inner_steps=H` as (N, H), the one grammar of every verb (plan,
+    train, launch); either may be left out where the verb has a default for it."""
+    if text.strip().isdigit():
+        raise ConfigError(f"--diloco {text} is not allowed: write islands=N,inner_steps=H (a bare "
+                          f"number was launch's old spelling: --diloco inner_steps={text.strip()})")
+    opts = key_values(text)
+    unknown = sorted(set(opts) - {"islands", "inner_steps"})
+    if unknown or (islands_required and "islands" not in opts):
+        need = "islands=N[,inner_steps=H]" if islands_required else "[islands=N,]inner_steps=H"
+        raise ConfigError(f"--diloco {text!r} is not allowed: write {need}")
+    try:
+        vals = {k: int(v) for k, v in opts.items()}
+    except ValueError:
+        raise ConfigError(f"--diloco {text!r}: islands and inner_steps are integers") from None
+    bad = [k for k, v in vals.items() if v < 1]
+    if bad:
+        raise ConfigError(f"--diloco {text!r}: {bad[0]} is not allowed: at least 1")
+    return vals.get("islands"), vals.get("inner_steps")
+
+
 def resolve_model(args: argparse.Namespace, extra: list[str]) -> ModelConfig:
     overrides = split_overrides(extra, ("model",))["model"]
     return model_config(args.model, overrides)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from megamesh.cli.common import parse_diloco
 from megamesh.errors import ConfigError
 from megamesh.fileio import write_new_file
 from megamesh.fleet.launch import manifests
@@ -43,9 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--days", type=float,
                    help="expected run length for the restart budget (default: the plan's time to "
                    "train, else 30)")
-    p.add_argument("--diloco", metavar="INNER_STEPS", type=int,
-                   help="run every slice as a DiLoCo island averaging every INNER_STEPS steps "
-                   "(megamesh train --diloco); a failed island is recreated alone")
+    p.add_argument("--diloco", metavar="islands=N,inner_steps=H",
+                   help="run every slice as a DiLoCo island averaging every H steps, as `megamesh "
+                   "train --diloco` (N, if given, must be the plan's slice count); a failed island "
+                   "is recreated alone")
     p.add_argument("--spare-fraction", type=float,
                    help="spare slices to hold, as a fraction of the job's (default: the fleet "
                    "simulator's steady-state need, ~4.5%%; 0: none)")
@@ -61,8 +63,12 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"--max-restarts {args.max_restarts} is not allowed: >= 0")
     if args.days is not None and args.days <= 0:
         raise ConfigError(f"--days {args.days} is not allowed: > 0")
-    if args.diloco is not None and args.diloco < 1:
-        raise ConfigError(f"--diloco {args.diloco} is not allowed: inner steps >= 1")
+    islands = inner = None
+    if args.diloco is not None:
+        islands, inner = parse_diloco(args.diloco, islands_required=False)
+        if inner is None:
+            raise ConfigError(f"--diloco {args.diloco!r} is not allowed: inner_steps=H is needed "
+                              "(launch writes it into every island's train command)")
     if args.spare_fraction is not None and not 0 <= args.spare_fraction < 1:
         raise ConfigError(f"--spare-fraction {args.spare_fraction} is not allowed: 0 <= f < 1")
     plan = read_plan(args.plan)
@@ -79,7 +85,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         days=days,
         namespace=args.namespace,
         volume_claim=args.volume_claim,
-        diloco_inner_steps=args.diloco,
+        diloco_inner_steps=inner,
+        diloco_islands=islands,
         spare_fraction=args.spare_fraction,
     )
     docs = [*m["priority_classes"], m["jobset"]] + ([m["spares"]] if m["spares"] else [])

@@ -8,13 +8,13 @@ import json
 import re
 import sys
 
-from megamesh.cli.common import key_values, split_overrides
+from megamesh.cli.common import parse_diloco, split_overrides
 from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.model.specs import param_count
 from megamesh.plan import questions, report
-from megamesh.plan.layout import REMATS, Workload
+from megamesh.plan.layout import KERNELS, REMATS, Workload
 from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
 from megamesh.runspec import plan_json
@@ -35,12 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--precision", default="bf16", help="bf16 or fp8 (matmul peak)")
-    p.add_argument("--kernels", default="megamesh",
-                   help="megamesh (default; its step on TPU and GPU: splash / cuDNN flash "
-                   "attention, grouped-matmul MoE, chunked loss; attention not split over the "
-                   "sequence axis), fused (the same with context-parallel attention, as "
-                   "MaxText's Pallas kernels) or xla (the reference kernels, `train --kernels "
-                   "attention=reference,moe=einsum`: full T x T scores, one-hot einsum MoE)")
+    p.add_argument("--kernel-family", default="megamesh", choices=KERNELS,
+                   help="the kernels the plan models: megamesh (default; its step on TPU and GPU: "
+                   "splash / cuDNN flash attention, context parallel over a sequence axis with "
+                   "an unbalanced causal split, grouped-matmul MoE, chunked loss), fused (load-"
+                   "balanced context parallelism, as MaxText's Pallas kernels) or xla (the "
+                   "reference kernels, `train --kernels attention=reference,moe=einsum`: full "
+                   "T x T scores, one-hot einsum MoE)")
+    p.add_argument("--kernels", help=argparse.SUPPRESS)  # train's and compile's per-op flag: refused here
     p.add_argument("--tokens", type=float, help="tokens to train on (default: 20 per parameter)")
     p.add_argument("--deadline", help="instead of the target's chip count: the fewest chips that "
                    "train --tokens within this time (e.g. 30d, 12h)")
@@ -81,6 +83,10 @@ def parse_duration(text: str) -> float:
 
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.kernels is not None:
+        raise ConfigError(f"plan --kernels {args.kernels} is not allowed: the kernels a plan models "
+                          f"are --kernel-family ({', '.join(KERNELS)}); --kernels is train's and "
+                          "compile's per-op override (e.g. attention=reference,moe=einsum)")
     over = split_overrides(extra, ("model", "chip"))
     cfg = model_config(args.model, over["model"])
     target = parse_target(args.target, {k: float(v) for k, v in over["chip"].items()})
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 print(f"  {k:<36} {v:,.3f}" if isinstance(v, float) else f"  {k:<36} {v}")
         return 0
     batch = args.batch or target.chips
-    w = Workload(cfg, args.seq, batch, args.precision, args.kernels)
+    w = Workload(cfg, args.seq, batch, args.precision, args.kernel_family)
     tokens = args.tokens or 20.0 * param_count(cfg)
     remats = REMATS
     if args.remat:
@@ -132,14 +138,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     train = questions.training_answer(w, target, best, tokens)
     diloco = None
     if args.diloco:
-        opts = key_values(args.diloco)
-        unknown = sorted(set(opts) - {"islands", "inner_steps"})
-        if unknown or "islands" not in opts:
-            raise ConfigError(f"--diloco {args.diloco!r} is not allowed: write islands=N[,inner_steps=H]")
-        try:
-            islands, inner = int(opts["islands"]), int(opts.get("inner_steps", 500))
-        except ValueError:
-            raise ConfigError(f"--diloco {args.diloco!r}: islands and inner_steps are integers") from None
+        islands, inner = parse_diloco(args.diloco)
+        inner = inner or 500
         diloco = questions.diloco_answer(w, target, best, islands, inner)
     spec = best.layout.run_spec(w)
     target_spec = target.topology_name if target.n_slices == 1 else f"{target.chip.name}:{target.chips}"
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         out = {"model": cfg.name, "target": target.describe(), "target_spec": target_spec,
                "chips": target.chips, "run": run_entry,
                "seq": args.seq, "batch": batch, "precision": args.precision,
-               "kernels": args.kernels, "considered": res.considered,
+               "kernel_family": args.kernel_family, "considered": res.considered,
                "best": best.to_json(target), "training": train,
                "candidates": [e.to_json(target) for e in res.ranked[:max(args.top, 1)]],
                "why": report.why(res.ranked)}
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         print(report.header(target))
         print(f"model: {cfg.name}, seq {args.seq}, batch {batch} sequences "
-              f"({w.tokens:,} tokens/step), {args.precision}, {args.kernels} kernels; "
+              f"({w.tokens:,} tokens/step), {args.precision}, {args.kernel_family} kernels; "
               f"{res.considered:,} layouts considered, {len(res.ranked):,} fit")
         print(report.table(res.ranked, args.top))
         print(report.why(res.ranked))

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megamesh.cli.common import key_values, split_overrides
+from megamesh.cli.common import parse_diloco, split_overrides
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.runspec import read_plan
@@ -79,7 +79,10 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
     if args.diloco:
-        train_over.update({f"diloco.{k}": v for k, v in key_values(args.diloco).items()})
+        islands, inner = parse_diloco(args.diloco)
+        train_over["diloco.islands"] = islands
+        if inner is not None:
+            train_over["diloco.inner_steps"] = inner
     if "steps" in train_over and "schedule.warmup_steps" not in train_over:
         train_over["schedule.warmup_steps"] = default_warmup(int(train_over["steps"]))
     return cfg, apply_overrides(TrainConfig(), train_over, "train.")

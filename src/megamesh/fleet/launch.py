@@ -228,6 +228,7 @@ def manifests(
     namespace: str = "default",
     volume_claim: str | None = None,
     diloco_inner_steps: int | None = None,
+    diloco_islands: int | None = None,
     spare_fraction: float | None = None,
 ) -> dict[str, Any]:
     """The JobSet (and its spare capacity) for a plan. `diloco_inner_steps`: every slice is
@@ -251,6 +252,10 @@ def manifests(
     hosts = max(1, target.slice_chips // per_host)
     topology = "x".join(map(str, target.topology))
     islands = target.n_slices if diloco_inner_steps else 0
+    if diloco_islands is not None and diloco_islands != islands:
+        raise ConfigError(f"--diloco islands={diloco_islands} is not allowed: launch runs one island "
+                          f"per slice, and the plan's target {plan.target} has {target.n_slices} "
+                          f"(write islands={target.n_slices}, or leave it out)")
     if diloco_inner_steps and islands < 2:
         raise ConfigError(f"--diloco needs islands: the plan's target {plan.target} is one slice")
     if islands > 1024:

@@ -55,7 +55,7 @@ class Workload:
             raise ConfigError(f"--precision {self.precision!r} is not allowed: one of "
                               f"{', '.join(PRECISIONS)}")
         if self.kernels not in KERNELS:
-            raise ConfigError(f"--kernels {self.kernels!r} is not allowed: one of {', '.join(KERNELS)}")
+            raise ConfigError(f"--kernel-family {self.kernels!r} is not allowed: one of {', '.join(KERNELS)}")
 
     @property
     def flash(self) -> bool:
