@@ -49,7 +49,7 @@ def ensure_run(run: Path, max_len: int) -> Path:
 
 
 def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, tokenizer) -> list[dict]:
-    from megamesh.serve.bench import BenchConfig, run_bench
+    from megamesh.loadgen import BenchConfig, run_bench
 
     log = open(Path(args.logdir) / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -139,7 +139,7 @@ def main() -> None:
         results[name] = serve(name, cmd, env, port, args, tokenizer)
 
     def med(name: str, path: str) -> float | None:
-        from megamesh.serve.bench import median_of
+        from megamesh.loadgen import median_of
 
         if "." not in path and any(r[path] is None for r in results[name]):
             return None  # (a figure only megamesh reports)

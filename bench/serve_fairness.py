@@ -2,6 +2,7 @@
 questions one at a time; its time to first token vs the same questions on an idle server.
 
   python bench/serve_fairness.py [--run DIR] [--rounds 3] [--slots 16] [--flood 64]
+  python bench/serve_fairness.py --scheduling fcfs --rounds 1   # the first-come baseline
 
 1. A megamesh training run of the `tiny` preset (trained for 2 steps if DIR has none).
 2. `megamesh serve --slots S` on 127.0.0.1, alone on the machine.
@@ -11,7 +12,7 @@ questions one at a time; its time to first token vs the same questions on an idl
    ignore_eos: S run, the rest wait, a backlog while they last) and, once the flood is
    under way, "b" asks other questions of the same lengths (no warm-up request: it would
    wait out the flood unmeasured); the run records whether the flood outlasted them.
-   Client-side TTFT (`megamesh.serve.bench`, vLLM's definition), median per phase; the
+   Client-side TTFT (`megamesh.loadgen`, vLLM's definition), median per phase; the
    ratio flooded / idle per round, and its median over rounds.
 """
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     from tokenizers import Tokenizer
 
-    from megamesh.serve.bench import BenchConfig, run_bench
+    from megamesh.loadgen import BenchConfig, run_bench
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=str(ROOT / "runs" / "bench-tiny"))
@@ -47,6 +48,9 @@ def main() -> None:
                     help="flood requests in all: a backlog while they last (default 192)")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--port", type=int, default=8320)
+    ap.add_argument("--scheduling", default="fair", choices=("fair", "fcfs"),
+                    help="the server's --scheduling: fair (default) or fcfs, the first-come "
+                    "first-served baseline")
     ap.add_argument("--out", default=None, help="JSON results (default: a new file under runs/)")
     args = ap.parse_args()
     run = Path(args.run)
@@ -54,7 +58,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(run / "tokenizer.json"))
     cmd = [sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--port",
            str(args.port), "--slots", str(args.slots), "--max-len", "1024",
-           "--max-concurrent-per-key", str(args.flood)]
+           "--max-concurrent-per-key", str(args.flood), "--scheduling", args.scheduling]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
     url = f"http://127.0.0.1:{args.port}"

@@ -8,7 +8,7 @@
 2. Each server in turn on 127.0.0.1, alone on the machine: `megamesh serve` (continuous
    batching, --slots = concurrency), bench/hf_server.py --mode sequential (one request at
    a time), bench/hf_server.py --mode static (batches of up to `concurrency`).
-3. The same client for all (`megamesh.serve.bench`, vLLM `bench serve` metrics): prompts
+3. The same client for all (`megamesh.loadgen`, vLLM `bench serve` metrics): prompts
    of exactly --input-len random tokens (+ the chat template), --output-len output tokens
    (ignore_eos), greedy, all requests at once (or Poisson arrivals at --request-rate,
    lengths spread by --range-ratio) with at most --concurrency in flight.
@@ -95,7 +95,7 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def measure(name: str, cmd: list[str], port: int, args, tokenizer) -> list[dict]:
-    from megamesh.serve.bench import BenchConfig, run_bench
+    from megamesh.loadgen import BenchConfig, run_bench
 
     proc = subprocess.Popen(
         cmd,
@@ -142,7 +142,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 
 def med(rounds: list[dict], *path: str) -> float:
-    from megamesh.serve.bench import median_of
+    from megamesh.loadgen import median_of
 
     return median_of(rounds, ".".join(path))
 

@@ -286,6 +286,21 @@ def test_one_tenant_flooding_does_not_delay_another(engine):
             for r in flood:
                 engine.cancel(r)
             drive(engine, flood)
+        assert engine.active == 0 and engine.waiting == 0
+        # the same with first-come admission (`--scheduling fcfs`): b waits for the flood
+        engine.scheduling, engine._waiting.fair = "fcfs", False
+        try:
+            flood = [engine.submit(tok.encode(f"class Flood{i}:").ids,
+                                   SamplingParams(max_tokens=150, temperature=0, ignore_eos=True),
+                                   lambda ev: None, tenant="flood") for i in range(48)]
+            engine.step()
+            first_come = b_steps()  # the first waits behind every flood request before it
+            assert first_come[0] > 10 * max(idle), (idle, first_come)
+        finally:
+            engine.scheduling, engine._waiting.fair = "fair", True
+            for r in flood:
+                engine.cancel(r)
+            drive(engine, flood)
     assert engine.active == 0 and engine.waiting == 0
 
 
@@ -1103,7 +1118,7 @@ def test_serve_bad_arguments_are_clear_errors(tmp_path, capsys):
 def test_bench_client_measures_the_server(server, engine):
     """`megamesh bench serve`'s client against the running server: every request completes,
     exact output lengths (ignore_eos), vLLM-style metrics, goodput against SLOs."""
-    from megamesh.serve.bench import BenchConfig, format_summary, run_bench
+    from megamesh.loadgen import BenchConfig, format_summary, run_bench
 
     assert engine.compiled_all.wait(300)
     cfg = BenchConfig(url=server.url, num_prompts=8, input_len=16, output_len=8, max_concurrency=4,

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"--range-ratio {args.range_ratio} is not allowed: 0 <= r < 1")
     import httpx
 
-    from megamesh.serve.bench import BenchConfig, format_summary, run_bench
+    from megamesh.loadgen import BenchConfig, format_summary, run_bench
 
     tok = None
     if args.tokenizer:

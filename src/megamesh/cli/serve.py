@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prompt tokens prefilled per engine step (default 2048): a longer prompt is "
                    "prefilled in chunks between the decode steps of the running requests")
+    p.add_argument("--scheduling", default="fair", choices=("fair", "fcfs"),
+                   help="fair (default): waiting requests are admitted from the API key with the "
+                   "fewest running, and a key holding every slot is preempted for another; "
+                   "fcfs: first come, first served (a flood from one key delays everyone)")
     p.add_argument("--kv-reserve-tokens", type=int, default=256,
                    help="positions of growth per running request that admitting new requests "
                    "leaves free in the KV pages (default 256; 0: admit into every free page and "
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           max_queue=args.max_queue, dtype=args.dtype, name=args.name,
                           page_size=args.page_size, kv_pages=args.kv_pages,
                           prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
-                          reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype)
+                          reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype,
+                          scheduling=args.scheduling)
     m = engine.model
     attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
                  if engine.length_buckets else "attention over each step's real length")

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from megamesh.serve import tools
+from megamesh.serve.anthropic_content import content_text, encode_prompt, prompt_cache
 from megamesh.serve.core import (
     INT32_MAX,
     UNSUPPORTED,
@@ -22,7 +23,6 @@ from megamesh.serve.core import (
     OpenSchema,
     Prompt,
     sse_json,
-    text_of,
 )
 from megamesh.serve.engine import Event, SamplingParams
 
@@ -91,12 +91,12 @@ async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Pr
     if req.thinking and req.thinking.get("type") not in (None, "disabled"):
         raise ApiError(400, "thinking: extended thinking is not supported by this server")
     found, _ = tool_setup(req)
-    system = text_of(req.system, "system", caching=True) or None
+    system = content_text(req.system, "system", caching=True) or None
     if found:
         system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
-    turns = [(m.role, text_of(m.content, f"messages.{i}", caching=True, tool_blocks=True))
+    turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True, tool_blocks=True))
              for i, m in enumerate(req.messages)]
-    return await core.encode_chat(system, turns)
+    return await encode_prompt(core, system, turns)
 
 
 def content_of(text: str, stop_reason: str | None,
@@ -117,6 +117,12 @@ def content_of(text: str, stop_reason: str | None,
     return blocks, "tool_use" if stop_reason == "end_turn" else stop_reason
 
 
+def usage_of(core: Core, gen: Generation) -> dict[str, int]:
+    """The Messages API's usage of the prompt (once the engine admitted it, once per
+    request): input_tokens, cache_creation_input_tokens, cache_read_input_tokens."""
+    return prompt_cache(core).usage(gen.prompt, gen.cached_tokens or 0)
+
+
 def message_object(core: Core, gen: Generation, text: str, ev: Event,
                    calling: bool) -> dict[str, Any]:
     """A whole (non-streamed) Messages API response for a finished generation."""
@@ -124,7 +130,7 @@ def message_object(core: Core, gen: Generation, text: str, ev: Event,
     return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
             "model": core.model.name, "content": content,
             "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
-            "usage": {**core.cache_usage(gen), "output_tokens": ev.output_tokens}}
+            "usage": {**usage_of(core, gen), "output_tokens": ev.output_tokens}}
 
 
 def register(app: FastAPI, core: Core) -> None:
@@ -144,7 +150,7 @@ def register(app: FastAPI, core: Core) -> None:
 
         async def events():
             await gen.admitted()  # the usage says what the engine found cached
-            usage_in = core.cache_usage(gen)
+            usage_in = usage_of(core, gen)
             yield _sse("message_start", {"type": "message_start", "message": {
                 "id": msg_id, "type": "message", "role": "assistant", "model": name,
                 "content": [], "stop_reason": None, "stop_sequence": None,

@@ -148,14 +148,19 @@ class Request:
         return self.seed, s.temperature, s.top_k, s.top_p
 
 
+SCHEDULING = ("fair", "fcfs")
+
+
 class FairQueue:
     """Waiting requests: one FIFO per tenant. `peek(running)` is the head of the tenant
     with the fewest requests running (ties: the earliest arrival), interactive requests
-    before background ones."""
+    before background ones; with `fair` False (first come, first served: the baseline
+    bench/serve_fairness.py measures against), the earliest arrival whatever its tenant."""
 
-    def __init__(self) -> None:
+    def __init__(self, fair: bool = True) -> None:
         self.queues: dict[str, collections.deque[Request]] = {}
         self.n = 0
+        self.fair = fair
 
     def __len__(self) -> int:
         return self.n
@@ -177,7 +182,8 @@ class FairQueue:
 
     def peek(self, running: collections.Counter) -> Request | None:
         heads = [q[0] for q in self.queues.values()]
-        return min(heads, key=lambda r: (r.priority, running[r.tenant], r.arrival), default=None)
+        return min(heads, key=lambda r: (r.priority, running[r.tenant] if self.fair else 0, r.arrival),
+                   default=None)
 
 
 def buckets(max_len: int, smallest: int = 64) -> list[int]:
@@ -221,11 +227,13 @@ class Engine:
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, reserve_tokens: int = 256, kv_dtype: str | None = None,
-                 log: Callable[[str], None] = print):
+                 scheduling: str = "fair", log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
         max_len / page_size (the memory of a dense cache with a row per slot);
         `reserve_tokens`: positions of growth per running request that admission leaves
-        free (`_reserve`); `kv_dtype`: of the KV pages (default: `dtype`, the weights')."""
+        free (`_reserve`); `kv_dtype`: of the KV pages (default: `dtype`, the weights');
+        `scheduling`: "fair" across tenants (`FairQueue`, preempting for fairness) or
+        "fcfs" (first come, first served; background work still yields)."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -296,7 +304,10 @@ class Engine:
         self._admissions = itertools.count()
         self._free = list(range(slots))[::-1]  # pop() gives the lowest slot
         self._active: dict[int, Request] = {}
-        self._waiting = FairQueue()
+        if scheduling not in SCHEDULING:
+            raise MegameshError(f"--scheduling {scheduling!r} is not allowed: one of {', '.join(SCHEDULING)}")
+        self.scheduling = scheduling
+        self._waiting = FairQueue(fair=scheduling == "fair")
         self._prefilling: list[Request] = []  # admitted, prompt not yet all prefilled
         self._running: collections.Counter[str] = collections.Counter()  # tenant -> running
         self.steps = 0  # engine loop iterations so far
@@ -682,6 +693,8 @@ class Engine:
         background = [r for r in self._active.values() if r.priority > req.priority]
         if background:
             return max(background, key=lambda r: r.admitted)
+        if self.scheduling != "fair":
+            return None
         peers = collections.Counter(r.tenant for r in self._active.values()
                                     if r.priority == req.priority)
         busiest = max(peers, key=lambda t: peers[t], default=None)

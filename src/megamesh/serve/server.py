@@ -31,7 +31,7 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
-                 kv_dtype: str | None = None, log: Any = print) -> Engine:
+                 kv_dtype: str | None = None, scheduling: str = "fair", log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
     for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
         if value not in ("float32", "bfloat16"):
@@ -45,7 +45,7 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                   page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
                   max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
-                  log=log)
+                  scheduling=scheduling, log=log)
 
 
 def bind(host: str, port: int) -> socket.socket:
