@@ -43,3 +43,18 @@ def test_the_train_step_and_gpu_benchmark_import_without_grain():
             "import megamesh.train.loop, megamesh.train.step, megamesh.serve.engine, gpu_train")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_imports_flow_one_way():
+    """The model knows nothing of run specs, sharding nothing of the model's forward, the
+    server's protocol core nothing of the Messages API's caching, and the load generator
+    nothing of the server (fresh interpreters: each import alone)."""
+    cases = {"megamesh.model.transformer": ["megamesh.runspec"],
+             "megamesh.sharding.rules": ["megamesh.model.transformer"],
+             "megamesh.serve.core": ["megamesh.serve.anthropic", "megamesh.serve.anthropic_content"],
+             "megamesh.loadgen": ["megamesh.serve"]}
+    for module, banned in cases.items():
+        code = (f"import sys, {module}; bad = [m for m in {banned!r} if m in sys.modules]; "
+                "assert not bad, bad")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (module, r.stderr[-2000:])

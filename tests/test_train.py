@@ -647,18 +647,20 @@ def test_diloco_islands_match_data_parallel_at_equal_tokens(tmp_path, corpus):
 
 
 def test_a_failed_island_does_not_stop_the_others(tmp_path, corpus):
-    """3 islands, quorum 2 (a majority): island 2 is SIGKILLed; after waiting 3 s at the next
-    outer step the other two go on without it and finish; restarted, island 2 rejoins at the
-    newest outer state instead of replaying the rounds it missed."""
-    out, args = tmp_path / "dl", ["--steps", "16", "--batch", "12", "--train.diloco.wait_s=3"]
+    """3 islands, quorum 2 (a majority): island 2 is SIGKILLed at step 6, after round 1;
+    after waiting 10 s at each later outer step the other two go on without it and finish;
+    restarted, island 2 rejoins at the newest outer state instead of replaying the rounds
+    it missed. (Round 1 has 2 or 3 islands: an island more than wait_s late is left out,
+    which a loaded machine may do to a live one; the two live islands need only be within
+    10 x wait_s of each other, the product's own QuorumLost rule.)"""
+    out, args = tmp_path / "dl", ["--steps", "16", "--batch", "12", "--train.diloco.wait_s=10"]
     procs = _islands(out, corpus, 3, *args, signals={2: signal_at("KILL", 6)})  # after round 1
     assert procs[2].wait(timeout=300) == -signal.SIGKILL
     outs = {i: procs[i].communicate(timeout=300) for i in (0, 1)}
     assert procs[0].returncode == 0 and procs[1].returncode == 0, [e[-2000:] for _, e in outs.values()]
     reported = {x["diloco_round"]: x["islands_reported"] for x in records(out / "island-0")
                 if "diloco_round" in x}
-    assert reported[1] == 3 and reported[4] == 2  # round 1 with island 2, the last without
-    assert "1 of 3 islands reported" not in outs[0][0]  # the quorum was there: no long wait
+    assert reported[1] in (2, 3) and reported[2] == reported[3] == reported[4] == 2  # 2 is dead
     again = _islands(out, corpus, 3, *args, "--resume", only=[2])[2]
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr[-2000:]
