@@ -112,7 +112,7 @@ class _ToFile(logging.Handler):
         try:
             with open(self.path, "a") as f:
                 f.write(self.format(record) + "\n")
-        except OSError:
+        except Exception:  # noqa: BLE001 -- a full disk, or at exit a torn-down module
             pass  # the disk this is about may be full: the one-line error still says why
 
 
@@ -141,9 +141,15 @@ def orbax_log_to(path: Path):
     handler, hook = _ToFile(path), sys.excepthook
     propagate = [lg.propagate for lg in loggers]
 
+    # what the hooks call, bound now: at exit they run after module globals are cleared
+    record, fmt = logging.LogRecord, traceback.format_exception
+    error, warning = logging.ERROR, logging.WARNING
+
     def to_file(kind: Any, value: Any, tb: Any) -> None:  # errors tensorstore's threads print
-        handler.emit(logging.LogRecord("thread", logging.ERROR, "", 0, "".join(
-            traceback.format_exception(kind, value, tb)), None, None))
+        try:
+            handler.emit(record("thread", error, "", 0, "".join(fmt(kind, value, tb)), None, None))
+        except Exception:  # noqa: BLE001 -- a report must never become a second error
+            pass
 
     def unraisable(u: Any) -> None:
         to_file(u.exc_type, u.exc_value, u.exc_traceback)
@@ -151,8 +157,11 @@ def orbax_log_to(path: Path):
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
              line: Any = None) -> None:  # Orbax's abandoned writer coroutines, collected at exit
         if issubclass(category, RuntimeWarning) and "was never awaited" in str(message):
-            handler.emit(logging.LogRecord("warnings", logging.WARNING, filename, lineno,
-                                           f"{category.__name__}: {message}", None, None))
+            try:
+                handler.emit(record("warnings", warning, filename, lineno,
+                                    f"{category.__name__}: {message}", None, None))
+            except Exception:  # noqa: BLE001
+                pass
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -166,12 +175,17 @@ def orbax_log_to(path: Path):
     try:
         yield
     finally:
-        del _ROUTED[path]
+        # locals only, first: a route kept for the whole process (`cli.train`) is undone
+        # when its generator is collected at exit, after module globals may be gone
         for lg, p in zip(loggers, propagate):
             lg.removeHandler(handler)
             lg.propagate = p
         sys.excepthook, sys.unraisablehook = hook, unraisable_hook
         warnings.showwarning = shown
+        try:
+            del _ROUTED[path]
+        except Exception:  # noqa: BLE001 -- at exit the module's dict may already be cleared
+            pass
 
 
 def one_line(e: BaseException) -> str:
