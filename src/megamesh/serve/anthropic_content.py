@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from megamesh.serve.core import UNSUPPORTED, ApiError, Core, Prompt
+from megamesh.serve.core import UNSUPPORTED, ApiError, Core, Prompt, text_block
 from megamesh.serve.text import merge_turns, render_chat
 
 # Marks a cache_control breakpoint in rendered text until the prompt is tokenized
@@ -41,16 +41,8 @@ def content_text(content: str | list[dict[str, Any]] | None, where: str, *, cach
         if tool_blocks and kind in ("tool_use", "tool_result"):
             parts.append(_tool_block(block, f"{where}.content.{i}", caching))
             continue
-        if kind != "text":
-            raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
-                                "by this server (text only)")
-        extra = sorted(set(block) - {"type", "text"} - ({"cache_control"} if caching else set()))
-        if extra:
-            what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
-            raise ApiError(400, f"{where}.content.{i}.{extra[0]}: {what} {UNSUPPORTED}")
-        text = block.get("text")
-        if not isinstance(text, str):
-            raise ApiError(400, f"{where}.content.{i}.text: must be a string")
+        text = text_block(block, f"{where}.content.{i}",
+                          frozenset({"cache_control"}) if caching else frozenset())
         if BREAKPOINT in text:
             raise ApiError(400, f"{where}.content.{i}.text: holds a sequence this server reserves")
         parts.append(text)

@@ -103,21 +103,24 @@ def text_of(content: str | list[dict[str, Any]] | None, where: str) -> str:
         return ""
     if isinstance(content, str):
         return content
-    parts = []
-    for i, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind != "text":
-            raise ApiError(400, f"{where}.content.{i}: content block type {kind!r} is not supported "
-                                "by this server (text only)")
-        extra = sorted(set(block) - {"type", "text"})
-        if extra:
-            what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
-            raise ApiError(400, f"{where}.content.{i}.{extra[0]}: {what} {UNSUPPORTED}")
-        text = block.get("text")
-        if not isinstance(text, str):
-            raise ApiError(400, f"{where}.content.{i}.text: must be a string")
-        parts.append(text)
-    return "".join(parts)
+    return "".join(text_block(block, f"{where}.content.{i}") for i, block in enumerate(content))
+
+
+def text_block(block: Any, where: str, also: frozenset[str] = frozenset()) -> str:
+    """The text of one content block `where`, which must be a text block with no field but
+    type, text and `also` (400 naming what is not)."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind != "text":
+        raise ApiError(400, f"{where}: content block type {kind!r} is not supported by this server "
+                            "(text only)")
+    extra = sorted(set(block) - {"type", "text"} - also)
+    if extra:
+        what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
+        raise ApiError(400, f"{where}.{extra[0]}: {what} {UNSUPPORTED}")
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, f"{where}.text: must be a string")
+    return text
 
 
 @dataclass
