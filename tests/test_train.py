@@ -509,9 +509,18 @@ def test_freed_host_memory_is_reused_not_faulted_in_every_step():
     assert counts["keep"][1] < pages // 20
 
 
-def _start_processes(out, corpus, port, n, *extra, heartbeat=4, devices=1, signals=None):
+# jax's coordination service ends every process once one misses its heartbeats for this
+# long. Where a test waits for the survivors to give up on a killed peer it passes
+# GIVE_UP_S: long enough that a starved process on a loaded 2-core machine is not taken
+# for dead (4 s was not: one loaded run in three aborted a healthy process), short enough
+# to wait for. Elsewhere nobody waits on it, so jax's default.
+GIVE_UP_S = 12
+
+
+def _start_processes(out, corpus, port, n, *extra, heartbeat=100, devices=1, signals=None):
     """`megamesh train` as n localhost processes x `devices` CPU devices (dcn=n: one
-    data-parallel replica each); `signals`: process id -> `signal_at(...)` for it."""
+    data-parallel replica each); `signals`: process id -> `signal_at(...)` for it;
+    `heartbeat`: seconds before the survivors give up on a dead process."""
     procs = []
     for pid in range(n):
         env = cli_env(devices, MEGAMESH_COORDINATOR=f"127.0.0.1:{port}", MEGAMESH_NUM_PROCESSES=str(n),
@@ -557,9 +566,11 @@ def test_a_lost_host_resumes_from_ram_and_a_peer_bit_for_bit(tmp_path, corpus, t
     out, ram = tmp_path / "run", tmp_path / "ram"
     tiered = [*args, "--train.checkpoint.ram_every=1", f"--train.checkpoint.ram_dir={ram}"]
     # process 1 dies at step 8 (before process 0 can pass it): RAM copies of step 7
-    procs = _start_processes(out, corpus, held_port, 2, *tiered, signals={1: signal_at("KILL", 8)})
+    procs = _start_processes(out, corpus, held_port, 2, *tiered, signals={1: signal_at("KILL", 8)},
+                             heartbeat=GIVE_UP_S)
     try:
-        assert procs[1].wait(timeout=240) == -signal.SIGKILL
+        rc = procs[1].wait(timeout=240)
+        assert rc == -signal.SIGKILL, (rc, procs[1].stderr.read()[-3000:])
     finally:
         procs[0].communicate(timeout=120)  # it gives up on its lost peer by itself
     assert procs[0].returncode != 0
@@ -590,7 +601,8 @@ def test_elastic_restart_on_fewer_hosts_and_back(tmp_path, corpus, held_port):
     assert r.returncode == 0, r.stderr
 
     out = tmp_path / "run"
-    procs = _start_processes(out, corpus, held_port, 4, *args, signals={3: signal_at("KILL", 4)})
+    procs = _start_processes(out, corpus, held_port, 4, *args, signals={3: signal_at("KILL", 4)},
+                             heartbeat=GIVE_UP_S)
     for p in procs:
         p.communicate(timeout=240)
     shutil.rmtree(tmp_path / "ram" / "process-3")  # its host is gone
