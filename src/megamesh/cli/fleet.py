@@ -139,9 +139,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         text = "\n".join(lines)
     else:
         if args.chips is not None:
-            if args.chips < 1:
-                raise ConfigError(f"--chips {args.chips} is not allowed: at least 1")
-            args.pods = max(1, round(args.chips / s.pod_chips))
+            args.pods = questions.pods_for(s, args.chips)
         pods = 109 if args.pods is None else args.pods
         if pods < 1 or args.days <= 0:
             raise ConfigError("--pods must be >= 1 and --days > 0")

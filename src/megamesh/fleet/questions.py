@@ -42,13 +42,18 @@ def job_size(s: Scenario, chips: int) -> tuple[int, str]:
     return t.chips, t.note
 
 
+def pods_for(s: Scenario, chips: int) -> int:
+    """`--chips` as whole pods of the scenario's chip (nearest, at least one)."""
+    if chips < 1:
+        raise ConfigError(f"--chips {chips} is not allowed: at least 1")
+    return max(1, round(chips / s.pod_chips))
+
+
 def scale_fleet(s: Scenario, chips: int) -> tuple[Scenario, str]:
     """The scenario with its build-out scaled to about `chips` chips in whole pods (the
     arrivals in proportion, largest remainders first), and a line saying so. Its jobs keep
     their sizes: one larger than the new fleet is an error naming it."""
-    if chips < 1:
-        raise ConfigError(f"--chips {chips} is not allowed: at least 1")
-    pods = max(1, round(chips / s.pod_chips))
+    pods = pods_for(s, chips)
     total = s.total_pods()
     shares = [a.pods * pods / total for a in s.arrivals]
     got = [math.floor(x) for x in shares]
