@@ -12,7 +12,6 @@ import concurrent.futures as cf
 import json
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import anthropic
@@ -21,46 +20,9 @@ import jax
 import openai
 import pytest
 
+from conftest import drive, wait_until
 from megamesh.serve.engine import Engine, SamplingParams
 from megamesh.serve.text import END, Detokenizer, StopMatcher, render_chat
-
-SMALL = ["--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
-         "--model.d_ff=256", "--model.vocab_size=1024", "--model.max_seq_len=512"]
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, corpus, cli) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "run"
-    r = cli("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch", "4",
-            "--seq", "128", "--out", out, "--no-progress", devices=1)
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def engine(run_dir):
-    from megamesh.serve.server import build_engine
-
-    eng = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, max_queue=128,
-                       dtype="float32", log=lambda *_: None)
-    eng.start()
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    from megamesh.serve.api import create_app
-    from megamesh.serve.server import start_in_thread
-
-    running = start_in_thread(create_app(engine))
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def client(server):
-    return anthropic.Anthropic(base_url=server.url, api_key="test", max_retries=0)
 
 
 def run_engine(eng: Engine, prompt: list[int], sampling: SamplingParams, tenant: str = ""):
@@ -74,26 +36,6 @@ def run_engine(eng: Engine, prompt: list[int], sampling: SamplingParams, tenant:
     req = eng.submit(prompt, sampling, emit, tenant=tenant)
     assert done.wait(120)
     return req, "".join(e.text for e in events), events[-1]
-
-
-def drive(eng: Engine, reqs, limit: int = 5000) -> None:
-    """Run `eng`'s steps in this thread (the caller holds `eng.paused()`) until every
-    request in `reqs` is done: what happens in a step then depends only on the requests,
-    not on when the engine's thread or the test's got the CPU."""
-    for _ in range(limit):
-        if all(r.done for r in reqs):
-            return
-        eng.step()
-    raise AssertionError(f"not done after {limit} engine steps")
-
-
-def wait_until(cond, what: str, seconds: float = 60) -> None:
-    """Wait for another thread (a server's, a client's) to make `cond()` true. The bound
-    only stops a test that would hang: no outcome depends on how soon it happens."""
-    deadline = time.monotonic() + seconds
-    while not cond():
-        assert time.monotonic() < deadline, f"{what}: not within {seconds} s"
-        time.sleep(0.01)
 
 
 def reference_greedy(eng: Engine, prompt: list[int], n: int) -> str:

@@ -69,6 +69,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "holds twice the positions in the same memory (keys and values rounded to "
                    "bf16; attention still computes in float32). Not for XLA:CPU: its bf16 "
                    "conversions made decode attention 16x slower (measured, BENCHMARKS.md)")
+    ops = p.add_argument_group("operation", "shutting down and bounding connections")
+    ops.add_argument("--drain-seconds", type=float, default=30,
+                     help="on SIGTERM/SIGINT: /health turns 503 and new requests are refused at once, "
+                     "running ones get this long to finish (default 30, Kubernetes' default "
+                     "grace period) and what is left then ends with an overloaded_error; exit 0. "
+                     "A second signal stops at once")
+    ops.add_argument("--header-timeout", type=float, default=60,
+                     help="seconds for a request's headers to arrive, else 408 and close (default 60)")
+    ops.add_argument("--body-timeout", type=float, default=60,
+                     help="the longest pause in a request body, else 408 and close (default 60)")
+    ops.add_argument("--body-min-rate", type=float, default=1024,
+                     help="bytes per second a body must average after --body-timeout (default 1024)")
+    ops.add_argument("--keep-alive-timeout", type=float, default=75,
+                     help="seconds an idle kept-alive connection stays open (default 75)")
+    ops.add_argument("--max-connections", type=int, default=0,
+                     help="open connections at most; past it an idle one is closed, /health is "
+                     "still answered and other requests get a 503 (default 0: the open-file "
+                     "limit less a reserve)")
     p.set_defaults(run=run)
 
 
@@ -90,6 +108,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           "(0: --slots)")
     if args.max_body_mb <= 0:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
+    if not 0 <= args.drain_seconds <= 86400:
+        raise ConfigError(f"--drain-seconds {args.drain_seconds} is not allowed: 0..86400")
+    for flag in ("header_timeout", "body_timeout", "body_min_rate", "keep_alive_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: > 0")
+    if args.max_connections < 0:
+        raise ConfigError(f"--max-connections {args.max_connections} is not allowed: >= 0 (0: "
+                          "from the open-file limit)")
+    from megamesh.serve.connections import Limits, default_max_connections
+
+    limits = Limits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                    body_min_rate=args.body_min_rate, keep_alive=args.keep_alive_timeout,
+                    max_connections=args.max_connections or default_max_connections())
     from megamesh.serve.server import bind, build_engine, serve
 
     sock = bind(args.host, args.port)  # held while the engine compiles
@@ -120,10 +151,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         batch_concurrency=args.batch_concurrency)
     app = create_app(engine, settings)
     print(f"Message Batches in {Path(args.batch_db).resolve()}", flush=True)
+    print(f"connections: at most {limits.max_connections:,}; headers within "
+          f"{limits.header_timeout:g} s, body pauses under {limits.body_timeout:g} s and at least "
+          f"{limits.body_min_rate:g} B/s, idle keep-alive {limits.keep_alive:g} s; on SIGTERM, "
+          f"{args.drain_seconds:g} s to drain", flush=True)
     print(f"serving on http://{args.host}:{port}  (POST /v1/messages, /v1/chat/completions; "
-          "GET /v1/models, /health, /metrics)", flush=True)
+          "GET /v1/models, /health, /health/live, /metrics)", flush=True)
     try:
-        serve(app, sock)
+        serve(app, sock, limits, args.drain_seconds)
     finally:
         engine.stop()
+    print("stopped", flush=True)
     return 0

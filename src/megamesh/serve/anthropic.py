@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,27 +15,32 @@ from pydantic import Field
 from megamesh.serve import tools
 from megamesh.serve.anthropic_content import content_text, encode_prompt, prompt_cache
 from megamesh.serve.core import (
+    FAIL_FAST,
     INT32_MAX,
+    STATUS_TYPES,
     UNSUPPORTED,
     ApiError,
     Core,
     Generation,
     OpenSchema,
     Prompt,
+    clip,
     sse_json,
 )
 from megamesh.serve.engine import Event, SamplingParams
 
+Blocks = Annotated[list[dict[str, Any]], FAIL_FAST]  # the first bad block, not all
+
 
 class AnthropicMessage(OpenSchema):
     role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: str | Blocks
 
 
 class CountTokensRequest(OpenSchema):
     model: str
-    messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    messages: list[AnthropicMessage] = Field(min_length=1, fail_fast=True)
+    system: str | Blocks | None = None
     tools: list[Any] | None = None  # [{name, description, input_schema}] (serve.tools)
     tool_choice: dict[str, Any] | None = None  # {"type": auto | any | tool (+ name) | none}
     thinking: dict[str, Any] | None = None  # refused unless disabled
@@ -45,7 +50,7 @@ class MessagesRequest(CountTokensRequest):
     """What count_tokens takes, and how to generate."""
 
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = None
+    stop_sequences: Annotated[list[str], FAIL_FAST] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
@@ -78,11 +83,11 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
     if choice:
         raise ApiError(400, f"tool_choice.{sorted(choice)[0]}: this field {UNSUPPORTED}")
     if kind not in ("auto", "any", "tool", "none"):
-        raise ApiError(400, f"tool_choice.type: {kind!r} is not allowed: auto, any, tool or none")
+        raise ApiError(400, f"tool_choice.type: {clip(kind)} is not allowed: auto, any, tool or none")
     if kind in ("any", "tool") and not found:
         raise ApiError(400, f"tool_choice: {kind!r} needs tools")
     if kind == "tool" and name not in {t.name for t in found}:
-        raise ApiError(400, f"tool_choice.name: {name!r} is not one of the tools")
+        raise ApiError(400, f"tool_choice.name: {clip(name)} is not one of the tools")
     return found, tools.grammar(found, kind, name if kind == "tool" else None)
 
 
@@ -188,9 +193,10 @@ def register(app: FastAPI, core: Core) -> None:
                             yield chunk
                     else:
                         yield delta("input", s)
-            if ev.stop_reason in ("error", "cancelled"):
+            failed = core.failure(gen, ev)
+            if failed:
                 yield _sse("error", {"type": "error", "error": {
-                    "type": "api_error", "message": f"generation failed: {ev.error or ev.stop_reason}"}})
+                    "type": STATUS_TYPES[failed.status], "message": failed.message}})
                 return
             if block is None:  # nothing was said: an empty text block, as before
                 for chunk in start("text", text=""):
@@ -203,7 +209,7 @@ def register(app: FastAPI, core: Core) -> None:
                                          "usage": {**usage_in, "output_tokens": gen.n_out}})
             yield _sse("message_stop", {"type": "message_stop"})
 
-        return core.stream(gen, events(), {"cache-control": "no-cache", "connection": "close"})
+        return core.stream(gen, events(), {"cache-control": "no-cache"})
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from megamesh.serve.core import UNSUPPORTED, ApiError, Core, Prompt, text_block
+from megamesh.serve.core import UNSUPPORTED, ApiError, Core, Prompt, clip, text_block
 from megamesh.serve.text import merge_turns, render_chat
 
 # Marks a cache_control breakpoint in rendered text until the prompt is tokenized
@@ -80,10 +80,10 @@ def _cache_ttl(cc: Any, where: str) -> str:
                             "(with an optional \"ttl\": \"5m\" or \"1h\")")
     extra = sorted(set(cc) - {"type", "ttl"})
     if extra:
-        raise ApiError(400, f"{where}.cache_control.{extra[0]}: this field {UNSUPPORTED}")
+        raise ApiError(400, f"{where}.cache_control.{clip(extra[0], quote=False)}: this field {UNSUPPORTED}")
     ttl = cc.get("ttl", "5m")
     if ttl not in CACHE_TTL_S:
-        raise ApiError(400, f"{where}.cache_control.ttl: {ttl!r} is not allowed: \"5m\" or \"1h\"")
+        raise ApiError(400, f"{where}.cache_control.ttl: {clip(ttl)} is not allowed: \"5m\" or \"1h\"")
     return ttl
 
 

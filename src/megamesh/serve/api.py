@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megamesh.serve import anthropic, batches, openai
-from megamesh.serve.core import ApiError, Core, RequestIdMiddleware, Settings, error_response
+from megamesh.serve.core import ApiError, Core, RequestIdMiddleware, Settings, clip, error_response
 from megamesh.serve.engine import Engine
 
 __all__ = ["ApiError", "Settings", "create_app"]
@@ -36,6 +36,7 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="megamesh", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(RequestIdMiddleware, metrics=core.metrics, log=engine.log)
     app.state.engine = engine
+    app.state.core = core
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -43,10 +44,11 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = {404: f"{request.method} {request.url.path}: no such route",
-               405: f"{request.method} is not allowed on {request.url.path}"}
+        path = clip(request.url.path, quote=False)
+        msg = {404: f"{request.method} {path}: no such route",
+               405: f"{request.method} is not allowed on {path}"}
         msg = msg.get(e.status_code, str(e.detail))
-        return error_response(request, e.status_code, msg)
+        return error_response(request, e.status_code, msg, e.headers)  # 405: its Allow
 
     # anything else a route raises becomes a 500 in RequestIdMiddleware (with its request-id)
 
@@ -73,11 +75,20 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        return JSONResponse({"status": "ok", "model": model.name, "slots": engine.slots,
-                             "active_slots": engine.active, "queue_depth": engine.waiting,
-                             "max_len": engine.max_len,
+        """Readiness: 200 while this server takes requests, 503 from the moment it starts
+        shutting down (load balancers stop sending it traffic)."""
+        return JSONResponse({"status": "draining" if core.draining else "ok", "model": model.name,
+                             "slots": engine.slots, "active_slots": engine.active,
+                             "queue_depth": engine.waiting, "max_len": engine.max_len,
                              # smaller decode batches still compiling in the background
-                             "compiling": not engine.compiled_all.is_set()})
+                             "compiling": not engine.compiled_all.is_set()},
+                            status_code=503 if core.draining else 200)
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        """Liveness: 200 while the process serves HTTP at all, draining included (a
+        liveness probe on /health would restart a draining server)."""
+        return JSONResponse({"status": "draining" if core.draining else "ok"})
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -31,11 +31,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 
 from megamesh.errors import ConfigError
 from megamesh.serve.anthropic import MessagesRequest, message_object, prompt_of
-from megamesh.serve.core import ApiError, Core
+from megamesh.serve.core import ApiError, Core, clip
 
 EXPIRY_S = 24 * 3600  # the Messages API's: results of requests not processed by then: expired
 MAX_REQUESTS = 100_000  # per batch, as the Messages API
@@ -163,6 +162,10 @@ class BatchStore:
             self.db.execute("DELETE FROM batches WHERE id = ?", (bid,))
 
 
+class Interrupted(Exception):
+    """A batch request ended by the server's shutdown: not a result."""
+
+
 class Worker:
     """Processes pending batch requests in the background (an asyncio task)."""
 
@@ -190,7 +193,7 @@ class Worker:
                 if gen is not None and (row is None or row["status"] == "canceling"):
                     self.core.engine.cancel(gen.handle)
             self.store.settle(set(self.in_flight))
-            free = self.concurrency - len(self.in_flight)
+            free = 0 if self.core.draining else self.concurrency - len(self.in_flight)
             # only as much as the engine's queue takes without refusing interactive traffic
             room = max(0, self.core.engine.max_queue // 2 - self.core.engine.waiting)
             for row in self.store.pending(min(free, room), set(self.in_flight)) if free > 0 else []:
@@ -207,7 +210,11 @@ class Worker:
         state, result = "errored", None
         try:
             state, result = await self.generate(key, params, api_key)
+        except Interrupted:
+            pass  # the server is shutting down: the request stays pending, to run after a restart
         except ApiError as e:
+            if e.status == 503 and self.core.draining:
+                return  # refused for the shutdown: pending, as above
             kind = {400: "invalid_request_error", 404: "not_found_error", 529: "overloaded_error"}
             result = {"type": "errored", "error": {"type": "error", "error": {
                 "type": kind.get(e.status, "api_error"), "message": e.message}}}
@@ -223,10 +230,9 @@ class Worker:
 
     async def generate(self, key: tuple[str, int], params: str, api_key: str) -> tuple[str, dict]:
         try:
-            req = MessagesRequest.model_validate(json.loads(params))
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise ApiError(400, f"params.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+            req = Core.validate(MessagesRequest, json.loads(params))
+        except ApiError as e:
+            raise ApiError(400, f"params.{e.message}") from None
         if req.stream:
             raise ApiError(400, "params.stream: batch requests are not streamed")
         self.core.check_model(req.model)
@@ -240,6 +246,8 @@ class Worker:
                 text.append(ev.text)
         finally:
             self.core.finish(gen)
+        if ev.stop_reason == "cancelled" and gen.aborted:
+            raise Interrupted()
         if ev.stop_reason == "cancelled":
             return "canceled", {"type": "canceled"}
         if ev.stop_reason == "error":
@@ -267,12 +275,13 @@ def register(app: FastAPI, core: Core, store: BatchStore, concurrency: int) -> W
         key = core.authorize(request)
         row = store.get(bid)
         if row is None or row["api_key"] != key:
-            raise ApiError(404, f"message batch {bid!r} was not found")
+            raise ApiError(404, f"message batch {clip(bid)} was not found")
         return row
 
     @app.post("/v1/messages/batches")
     async def create(request: Request) -> Response:
         key = core.authorize(request)
+        core.refuse_if_draining()
         body = await core.read_json(request)
         if not isinstance(body, dict) or set(body) != {"requests"} or not isinstance(body["requests"], list):
             raise ApiError(400, "the body must be {\"requests\": [{\"custom_id\", \"params\"}, ...]}")
@@ -287,7 +296,7 @@ def register(app: FastAPI, core: Core, store: BatchStore, concurrency: int) -> W
             if not isinstance(cid, str) or not CUSTOM_ID.match(cid):
                 raise ApiError(400, f"requests.{i}.custom_id: 1 to 64 letters, digits, _ or -")
             if cid in seen:
-                raise ApiError(400, f"requests.{i}.custom_id: {cid!r} is used twice in this batch")
+                raise ApiError(400, f"requests.{i}.custom_id: {clip(cid)} is used twice in this batch")
             if not isinstance(r["params"], dict):
                 raise ApiError(400, f"requests.{i}.params: must be an object (a Messages request)")
             seen.add(cid)

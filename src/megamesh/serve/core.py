@@ -26,7 +26,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, FailFast, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.requests import ClientDisconnect
 
 from megamesh.serve.engine import BadGrammar, Engine, Event, QueueFull, SamplingParams, TooLong
 from megamesh.serve.text import merge_turns, render_chat
@@ -35,14 +37,28 @@ INT32_MAX = 2**31 - 1  # the engine's per-row sampling parameters are int32 on t
 MAX_JSON_DEPTH = 64  # deeper request bodies are refused (a chat request nests ~5 levels)
 
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-                429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                503: "overloaded_error", 529: "overloaded_error"}
+CLIENT_CLOSED = 499  # nginx's code for a client that went away before its answer: not a 5xx
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+
+
+class ClientClosed(Exception):
+    """The client closed its connection before its answer (mid-body, or while waiting):
+    counted as status 499, never logged or counted as a server error."""
+
+
+def clip(value: Any, limit: int = 80, quote: bool = True) -> str:
+    """`repr(value)` (or `str` when not `quote`) for an error message, cut to about `limit`
+    characters: an error never echoes a client's 100 KB model id back at it."""
+    text = repr(value) if quote else str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 @dataclass
@@ -84,12 +100,37 @@ class TokenBucket:
         self.level = min(self.limit, self.level + n)
 
 
+class _FailFast(FailFast):
+    """pydantic's FailFast, hashable: Python 3.11's Union hashes its members' metadata."""
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+FAIL_FAST = _FailFast()  # Annotated[list[...], FAIL_FAST]: the first bad item, not 500,000
+
+
 class OpenSchema(BaseModel):
     """Request schemas: a field this server does not implement is refused (400 naming it),
     never silently ignored; fields it accepts but cannot honour in every value are
-    declared and checked by the route."""
+    declared and checked by the route.
+
+    Validation stops at the first problem, as the Messages API reports one: unknown fields
+    are found with one set difference before any field is validated (pydantic's own
+    `extra="forbid"` would build one error per key: 500,000 keys took ~6 s of the event
+    loop), and list fields are declared FAIL_FAST."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = data.keys() - cls.model_fields.keys()
+            if unknown:
+                raise PydanticCustomError("unknown_field", "unknown field {field}",
+                                          {"field": min(unknown, key=str), "count": len(unknown)})
+        return data
 
 
 UNSUPPORTED = "is not supported by this server (it would be ignored, so it is refused)"
@@ -111,12 +152,12 @@ def text_block(block: Any, where: str, also: frozenset[str] = frozenset()) -> st
     type, text and `also` (400 naming what is not)."""
     kind = block.get("type") if isinstance(block, dict) else None
     if kind != "text":
-        raise ApiError(400, f"{where}: content block type {kind!r} is not supported by this server "
-                            "(text only)")
-    extra = sorted(set(block) - {"type", "text"} - also)
+        raise ApiError(400, f"{where}: content block type {clip(kind)} is not supported by this "
+                            "server (text only)")
+    extra = sorted(set(block) - {"type", "text"} - also, key=str)
     if extra:
-        what = {"cache_control": "prompt caching"}.get(extra[0], extra[0])
-        raise ApiError(400, f"{where}.{extra[0]}: {what} {UNSUPPORTED}")
+        what = {"cache_control": "prompt caching"}.get(extra[0], clip(extra[0], quote=False))
+        raise ApiError(400, f"{where}.{clip(extra[0], quote=False)}: {what} {UNSUPPORTED}")
     text = block.get("text")
     if not isinstance(text, str):
         raise ApiError(400, f"{where}.text: must be a string")
@@ -213,17 +254,31 @@ class Metrics:
                                         "minute limit", registry=r)
         self.e2e = Histogram("megamesh_request_latency_seconds", "end-to-end latency", buckets=buckets,
                              registry=r)
+        self.connections = Gauge("megamesh_http_connections", "open HTTP connections", registry=r)
+        self.connections_closed = PromCounter(
+            "megamesh_http_connections_closed", "connections this server closed before a whole "
+            "request, by reason (header_timeout, body_timeout, bad_request, over_cap, "
+            "idle_evicted)", ["reason"], registry=r)
 
 
 ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/completions",
-          "/health", "/metrics", "/v1/messages/batches"}
+          "/health", "/health/live", "/metrics", "/v1/messages/batches"}
+
+
+def route_of(path: str) -> str:
+    """The metrics label of a request path (a fixed set: paths are client input)."""
+    return (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
+            else "/v1/messages/batches/{id}" if path.startswith("/v1/messages/batches/")
+            else "other")
 
 
 class RequestIdMiddleware:
     """Pure ASGI: a request-id on every response (errors and streams included), and the
     request counter by route and status. It is the app's outermost layer of its own, so an
     exception nothing else handled becomes a 500 here, with its request-id and counted
-    (Starlette's own last-resort 500 is sent outside every middleware: neither)."""
+    (Starlette's own last-resort 500 is sent outside every middleware: neither). A client
+    that left before its answer is counted as 499, not logged. HEAD is answered wherever
+    GET is (the server sends the headers only)."""
 
     def __init__(self, app: Any, metrics: Metrics, log: Any = print):
         self.app, self.metrics, self.log = app, metrics, log
@@ -233,11 +288,12 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         rid = "req_" + secrets.token_hex(12)
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
         path = scope.get("path", "")
-        route = (path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/")
-                 else "/v1/messages/batches/{id}" if path.startswith("/v1/messages/batches/")
-                 else "other")
+        route = route_of(path)
+        if scope["method"] == "HEAD":  # routed as GET; the HTTP layer drops the body
+            scope = {**scope, "method": "GET"}
 
         started = False
 
@@ -250,10 +306,20 @@ class RequestIdMiddleware:
                 self.metrics.requests.labels(route, str(message["status"])).inc()
             await send(message)
 
+        names = {k for k, _ in scope.get("headers", ())}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # ambiguous framing (request smuggling's tool): refused, and the connection closed
+            await _error(scope, 400, "the request has both Content-Length and Transfer-Encoding; "
+                                     "send one", {"connection": "close"})(scope, receive, send_with_id)
+            return
         try:
             await self.app(scope, receive, send_with_id)
+        except (ClientClosed, ClientDisconnect):
+            # the client went away (or the HTTP layer answered it: a timeout, a bad chunk)
+            if not started and not state.get("answered_by_http_layer"):
+                self.metrics.requests.labels(route, str(CLIENT_CLOSED)).inc()
         except Exception as e:  # noqa: BLE001 -- what no handler caught: a 500 like any other
-            self.log(f"internal error on {path}: {type(e).__name__}: {e}")
+            self.log(f"internal error on {clip(path, quote=False)}: {type(e).__name__}: {e}")
             if started:  # the response is under way: all that is left is to end it
                 return
             await _error(scope, 500, "internal server error")(scope, receive, send_with_id)
@@ -276,6 +342,7 @@ class Generation:
     cached_tokens: int | None = None  # prompt tokens whose KV the engine reused (once admitted)
     pending: list[Event] = field(default_factory=list)  # read by `admitted`, not yet by `events`
     background: bool = False  # a Message Batches request (no interactive limits, metrics)
+    aborted: str | None = None  # why the server ended it (shutting down), if it did
 
     @property
     def prompt_tokens(self) -> int:
@@ -323,6 +390,8 @@ class Core:
             self.metrics.step_seconds.labels(phase).set_function(
                 lambda p=phase: engine.stats[f"{p}_seconds"])
         self.in_flight: Counter[str] = Counter()
+        self.live: set[Generation] = set()  # admitted, response not yet over (batch work too)
+        self.draining = False  # shutting down: new work is refused, /health is not ready
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
         self.max_prompt_bytes = engine.max_len * self.max_token_bytes
@@ -341,16 +410,27 @@ class Core:
                 raise ApiError(401, "invalid x-api-key")
         return key or "anonymous"
 
-    async def read_json(self, request: Request) -> Any:
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, within the size limit (413); a client that leaves mid-body is
+        `ClientClosed`, not an error of this server."""
         limit = self.settings.max_body_bytes
         cl = request.headers.get("content-length")
         if cl is not None and cl.isdigit() and int(cl) > limit:
             raise ApiError(413, f"request body of {int(cl):,} bytes exceeds the limit of {limit:,} bytes")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"request body exceeds the limit of {limit:,} bytes")
+        except ClientDisconnect:
+            raise ClientClosed() from None
+        return bytes(body)
+
+    @staticmethod
+    def decode(body: bytes, schema: type[BaseModel] | None = None) -> Any:
+        """JSON text -> checked data (-> a validated `schema`): 400 naming the first problem.
+        CPU-bound on a large body: run it off the event loop (`parse` does)."""
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -358,7 +438,11 @@ class Core:
         except RecursionError:
             raise ApiError(400, f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
         check_json(data)
-        return data
+        return data if schema is None else Core.validate(schema, data)
+
+    async def read_json(self, request: Request) -> Any:
+        """The body as checked JSON, parsed in a worker thread."""
+        return await asyncio.to_thread(self.decode, await self.read_body(request))
 
     @staticmethod
     def validate(schema: type[BaseModel], data: Any) -> Any:
@@ -367,21 +451,30 @@ class Core:
         try:
             return schema.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "body"
-            more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-            msg = f"this field {UNSUPPORTED}" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ApiError(400, f"{loc}: {msg}{more}") from None
+            n = e.error_count()
+            err = e.errors(include_url=False, include_input=False)[0]  # fail-fast: few
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "unknown_field":
+                ctx = err["ctx"]
+                loc = ".".join(x for x in (loc, str(ctx["field"])) if x)
+                n += ctx["count"] - 1
+            more = f" (and {n - 1} more)" if n > 1 else ""
+            unsupported = err["type"] in ("unknown_field", "extra_forbidden")
+            msg = f"this field {UNSUPPORTED}" if unsupported else err["msg"]
+            raise ApiError(400, f"{clip(loc, 200, quote=False) or 'body'}: {msg}{more}") from None
 
     def check_model(self, name: str) -> None:
         if name != self.model.name:
-            raise ApiError(404, f"model: {name!r} is not served here; this server serves "
+            raise ApiError(404, f"model: {clip(name)} is not served here; this server serves "
                                 f"{self.model.name!r}")
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> tuple[str, Any]:
-        """The preamble of every model route: (API key, validated body for this model)."""
+        """The preamble of every model route: (API key, validated body for this model).
+        Parsing and validating run in a worker thread: a large body never holds the event
+        loop (every stream, /health) for more than a GIL switch interval."""
         key = self.authorize(request)
-        req = self.validate(schema, await self.read_json(request))
+        self.refuse_if_draining()
+        req = await asyncio.to_thread(self.decode, await self.read_body(request), schema)
         self.check_model(req.model)
         return key, req
 
@@ -412,6 +505,7 @@ class Core:
         """Admit into the engine; events arrive on the generation's asyncio queue.
         `background` (Message Batches): at the engine's lower priority, as tenant
         "batch:<key>", outside the key's interactive concurrency and token-rate limits."""
+        self.refuse_if_draining()
         try:
             self.engine.check(len(prompt), sampling.max_tokens)
         except TooLong as e:
@@ -438,13 +532,16 @@ class Core:
             raise ApiError(400, str(e)) from None
         self.metrics.prompt_tokens.inc(len(prompt))
         if background:
-            return Generation(handle, queue, key, prompt, t0, background=True)
-        self.in_flight[key] += 1
-        buckets = self.buckets.get(key)
-        if buckets:
-            buckets[0].take(len(prompt))
-            buckets[1].take(reserve)
-        return Generation(handle, queue, key, prompt, t0, reserved=reserve)
+            gen = Generation(handle, queue, key, prompt, t0, background=True)
+        else:
+            self.in_flight[key] += 1
+            buckets = self.buckets.get(key)
+            if buckets:
+                buckets[0].take(len(prompt))
+                buckets[1].take(reserve)
+            gen = Generation(handle, queue, key, prompt, t0, reserved=reserve)
+        self.live.add(gen)
+        return gen
 
     def _check_token_rates(self, key: str, n_in: int, max_tokens: int) -> int:
         """429 (with retry-after) when this key's input or output tokens per minute would
@@ -480,6 +577,7 @@ class Core:
         if gen.finished:
             return
         gen.finished = True
+        self.live.discard(gen)
         self.engine.cancel(gen.handle)
         m = self.metrics
         m.output_tokens.inc(gen.n_out)
@@ -512,7 +610,7 @@ class Core:
                 if time.monotonic() >= next_check:
                     next_check = time.monotonic() + check_every
                     if await request.is_disconnected():
-                        raise ApiError(400, "client disconnected")
+                        raise ClientClosed()
                 if ev is None:
                     continue
                 text.append(ev.text)
@@ -520,9 +618,53 @@ class Core:
                     break
         finally:
             self.finish(gen)
-        if ev.stop_reason in ("error", "cancelled"):
-            raise ApiError(500, f"generation failed: {ev.error or ev.stop_reason}")
+        failed = self.failure(gen, ev)
+        if failed:
+            raise failed
         return "".join(text), ev
+
+    def failure(self, gen: Generation, ev: Event) -> ApiError | None:
+        """How a generation that did not finish ends its response (None when it did): a 503
+        overloaded_error with retry-after when the server ended it (shutting down), a 500
+        api_error when the engine failed (its exception text stays in its log). Streams
+        send it as an `error` event."""
+        if ev.stop_reason not in ("error", "cancelled"):
+            return None
+        if gen.aborted:
+            return ApiError(503, gen.aborted, {"retry-after": str(self.settings.retry_after_s)})
+        return ApiError(500, f"generation failed: {ev.error or ev.stop_reason}")
+
+    # ------------------------------------------------------------------ shutting down
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "this server is shutting down and takes no new requests; retry "
+                                "(another replica will answer)",
+                           {"retry-after": str(self.settings.retry_after_s)})
+
+    async def drain(self, seconds: float, log: Any = print) -> None:
+        """Graceful shutdown: from now on /health is not ready and new requests are 503s;
+        what is running gets up to `seconds` to finish, and what is still running then ends
+        with a 503 overloaded_error (an `error` event on a stream). Message Batches work is
+        not started, and what is interrupted stays pending in the database. Returns once
+        every response is over (or a few seconds after the deadline, whatever is left)."""
+        self.draining = True
+        t0 = time.monotonic()
+        n = len(self.live)
+        log(f"draining: {n} request(s) in flight get up to {seconds:g} s to finish; new ones "
+            "are refused (503)")
+        while self.live and time.monotonic() - t0 < seconds:
+            await asyncio.sleep(0.05)
+        left = list(self.live)
+        for gen in left:
+            gen.aborted = (f"this server is shutting down and this request did not finish within "
+                           f"its {seconds:g} s drain period; retry")
+            self.engine.cancel(gen.handle)
+        end = time.monotonic() + 5  # the aborted send their error and end
+        while self.live and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        log(f"drained in {time.monotonic() - t0:.1f} s: {n - len(left)} finished, {len(left)} "
+            "ended with an overloaded_error")
 
     def stream(self, gen: Generation, chunks: Any, headers: dict[str, str]) -> StreamingResponse:
         """A server-sent-events response of `chunks` (an async generator of bytes reading

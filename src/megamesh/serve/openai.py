@@ -6,14 +6,24 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from megamesh.serve import tools
-from megamesh.serve.core import INT32_MAX, ApiError, Core, OpenSchema, sse_json, text_of
+from megamesh.serve.core import (
+    FAIL_FAST,
+    INT32_MAX,
+    STATUS_TYPES,
+    ApiError,
+    Core,
+    OpenSchema,
+    clip,
+    sse_json,
+    text_of,
+)
 from megamesh.serve.engine import SamplingParams
 
 # the engine's stop reasons in OpenAI's words
@@ -22,20 +32,20 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
 class OpenAIMessage(OpenSchema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # assistant: the calls it made
+    content: str | Annotated[list[dict[str, Any]], FAIL_FAST] | None = None
+    tool_calls: Annotated[list[dict[str, Any]], FAIL_FAST] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this is the result of
 
 
 class ChatRequest(OpenSchema):
     model: str
-    messages: list[OpenAIMessage] = Field(min_length=1)
+    messages: list[OpenAIMessage] = Field(min_length=1, fail_fast=True)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], FAIL_FAST] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = 1
     stream: bool = False
@@ -89,10 +99,10 @@ class ChatRequest(OpenSchema):
         if isinstance(choice, dict):
             name = (choice.get("function") or {}).get("name")
             if choice.get("type") != "function" or name not in {t.name for t in found}:
-                raise ApiError(400, f"tool_choice: {choice!r} does not name one of the tools")
+                raise ApiError(400, f"tool_choice: {clip(choice)} does not name one of the tools")
             choice = "tool"
         elif choice not in ("none", "auto", "required"):
-            raise ApiError(400, f"tool_choice: {choice!r} is not allowed: none, auto, required or "
+            raise ApiError(400, f"tool_choice: {clip(choice)} is not allowed: none, auto, required or "
                                 "a function")
         if choice == "required" and not found:
             raise ApiError(400, "tool_choice: 'required' needs tools")
@@ -213,8 +223,9 @@ def register(app: FastAPI, core: Core) -> None:
                                                      "function": {"name": piece, "arguments": ""}}]}, None)
                     else:
                         yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
-            if ev.stop_reason in ("error", "cancelled"):
-                err = {"error": {"type": "api_error", "message": f"generation failed: {ev.error}"}}
+            failed = core.failure(gen, ev)
+            if failed:
+                err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
                 yield f"data: {sse_json(err)}\n\n".encode()
                 return
             called_all = called and ev.stop_reason == "end_turn"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 import threading
@@ -15,6 +16,8 @@ import uvicorn
 
 from megamesh.errors import ConfigError
 from megamesh.model.specs import DEFAULT_PAGE
+from megamesh.serve import connections
+from megamesh.serve.connections import Limits
 from megamesh.serve.engine import Engine
 from megamesh.serve.load import load_model
 from megamesh.sharding.logical import parse_layout
@@ -65,17 +68,70 @@ def bind(host: str, port: int) -> socket.socket:
     return s
 
 
-def serve(app: Any, sock: socket.socket) -> None:
-    """Run `app` on uvicorn in the foreground, on the socket from `bind`."""
-    host, port = sock.getsockname()[:2]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+class GracefulServer(uvicorn.Server):
+    """uvicorn, shutting down as a served model must: the first SIGTERM or SIGINT starts the
+    drain (`Core.drain`: /health not ready, new requests 503, running ones get
+    `drain_seconds` to finish, then end with an overloaded_error); then uvicorn closes the
+    listener and the connections, and `run` returns (the process exits 0: uvicorn would
+    re-raise the signal). A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, core: Any, drain_seconds: float, log: Any = print):
+        super().__init__(config)
+        self.core, self.drain_seconds, self.log = core, drain_seconds, log
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_task: asyncio.Task | None = None
+        self.drain_asked = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:  # the signal handler (main thread)
+        if self.drain_asked:
+            self.log("stopping now (a second signal)")
+            self.force_exit = self.should_exit = True
+        else:
+            self.begin_drain()
+
+    def begin_drain(self, seconds: float | None = None) -> None:
+        """Start the graceful shutdown from any thread (a signal, or a test)."""
+        self.drain_asked = True
+        if self.loop is None:  # not serving yet: nothing to drain
+            self.should_exit = True
+            return
+        self.loop.call_soon_threadsafe(self._drain, self.drain_seconds if seconds is None else seconds)
+
+    def _drain(self, seconds: float) -> None:
+        async def run() -> None:
+            try:
+                await self.core.drain(seconds, self.log)
+            finally:
+                self.should_exit = True
+
+        self.drain_task = asyncio.get_running_loop().create_task(run())
+
+
+def _server(app: Any, sock: socket.socket, limits: Limits | None, drain_seconds: float,
+            log: Any) -> GracefulServer:
+    core = app.state.core
+    limits = limits or Limits()
+    config = uvicorn.Config(app, host=sock.getsockname()[0], port=sock.getsockname()[1],
+                            log_level="warning", timeout_graceful_shutdown=5,
+                            http=connections.protocol(limits, core.metrics),
+                            timeout_keep_alive=int(max(1, limits.keep_alive)))
+    return GracefulServer(config, core, drain_seconds, log)
+
+
+def serve(app: Any, sock: socket.socket, limits: Limits | None = None, drain_seconds: float = 30,
+          log: Any = print) -> None:
+    """Run `app` (from `api.create_app`) on uvicorn in the foreground, on the socket from
+    `bind`, until a signal drains it."""
+    _server(app, sock, limits, drain_seconds, log).run(sockets=[sock])
 
 
 @dataclass
 class Running:
-    server: Any  # uvicorn.Server
+    server: GracefulServer
     thread: threading.Thread
     host: str
     port: int
@@ -84,16 +140,20 @@ class Running:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def stop(self) -> None:
+    def drain(self, seconds: float) -> None:
+        """What SIGTERM does to `megamesh serve`; returns at once (`stop` waits)."""
+        self.server.begin_drain(seconds)
+
+    def stop(self, timeout: float = 30) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=timeout)
 
 
-def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 60) -> Running:
+def start_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0, timeout: float = 60,
+                    limits: Limits | None = None, log: Any = print) -> Running:
     """Serve `app` from a background thread; returns once it accepts connections."""
     sock = bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=sock.getsockname()[1],
-                                           log_level="warning", timeout_graceful_shutdown=5))
+    server = _server(app, sock, limits, 30, log)
     server.install_signal_handlers = lambda: None  # not the main thread
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="megamesh-http",
                               daemon=True)
