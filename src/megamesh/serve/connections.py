@@ -10,9 +10,11 @@ uvicorn's h11 protocol, with (each a `megamesh serve` flag):
   mod_reqtimeout's rule), else a 408 and close (a declared 10 MB body that never comes);
 - an idle keep-alive timeout (uvicorn's own);
 - a cap on open connections, under the process's open-file limit: a connection past it
-  first closes an idle kept-alive one; if none is idle it may still ask for /health (and
-  /health/live) for a few seconds, and any other request is a 503 with the connection
-  closed; past the cap and its overflow margin a connection is closed at once.
+  first closes the one that has waited longest (over `evict_after` s) for a request's
+  headers to be complete (an idle or slowloris flood yields its slots), else an idle
+  kept-alive one; if there is none it may still ask for /health (and /health/live) for a
+  few seconds, and any other request is a 503 with the connection closed; past the cap
+  and its overflow margin a connection is closed at once.
 Every answer from this layer (400 for malformed HTTP, 408, 503) has the API's error shape,
 a request-id and a count in megamesh_http_requests_total; the connection events are
 counted in megamesh_http_connections_closed_total by reason.
@@ -45,6 +47,7 @@ class Limits:
     body_min_rate: float = 1024.0  # bytes per second a body must average past body_timeout
     keep_alive: float = 75.0  # nginx's keepalive_timeout
     max_connections: int = 1024
+    evict_after: float = 2.0  # at the cap, a connection waiting this long for headers may go
 
 
 def open_file_limit() -> int:
@@ -96,12 +99,13 @@ class GuardedH11(H11Protocol):
         self.body_started = self.body_last = 0.0
         self.body_bytes = 0
         self.overflow = False
+        self.waiting_since = 0.0  # when this connection began to wait for a request's headers
 
     # ------------------------------------------------------------------ connections
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        if len(self.connections) > self.limits.max_connections and not self._close_an_idle_one():
+        if len(self.connections) > self.limits.max_connections and not self._evict_one():
             if len(self.connections) > self.limits.max_connections + OVERFLOW:
                 self._closed("over_cap")
                 self.transport.abort()
@@ -116,17 +120,29 @@ class GuardedH11(H11Protocol):
         super().connection_lost(exc)
         self.metrics.connections.set(len(self.connections))
 
-    def _close_an_idle_one(self) -> bool:
-        """Close one kept-alive connection waiting for its next request (its client opens a
-        new one when it has one); False when none is idle."""
-        for other in list(self.connections):
-            if other is not self and getattr(other, "timeout_keep_alive_task", None) is not None:
-                self._closed("idle_evicted")
-                other._unset_keepalive_if_required()
-                other.timeout_keep_alive_handler()
-                self.connections.discard(other)
-                return True
-        return False
+    def _evict_one(self) -> bool:
+        """Make room: close the connection that has waited longest (over `evict_after` s) for
+        whole request headers, else one kept alive between requests (its client opens a new
+        one when it has a request); False when there is none."""
+        now, slow, idle = time.monotonic(), None, None
+        for other in self.connections:
+            if other is self or not isinstance(other, GuardedH11):
+                continue
+            if other.header_timer is not None and now - other.waiting_since >= self.limits.evict_after and \
+                    (other.cycle is None or other.cycle.response_complete):
+                if slow is None or other.waiting_since < slow.waiting_since:
+                    slow = other
+            elif idle is None and other.timeout_keep_alive_task is not None:
+                idle = other
+        victim = slow or idle
+        if victim is None:
+            return False
+        self._closed("evicted_waiting" if victim is slow else "idle_evicted")
+        victim._unset_keepalive_if_required()
+        victim._cancel_timers()
+        victim.transport.close()
+        self.connections.discard(victim)
+        return True
 
     async def _over_cap(self, scope: Any, receive: Any, send: Any) -> None:
         """The app of a connection past the cap: /health as usual, anything else a 503."""
@@ -169,6 +185,7 @@ class GuardedH11(H11Protocol):
             self.body_timer = None
 
     def _arm_header_timer(self) -> None:
+        self.waiting_since = time.monotonic()
         wait = OVERFLOW_HEADER_S if self.overflow else self.limits.header_timeout
         self.header_timer = self.loop.call_later(wait, self._header_timed_out)
 

@@ -258,7 +258,7 @@ class Metrics:
         self.connections_closed = PromCounter(
             "megamesh_http_connections_closed", "connections this server closed before a whole "
             "request, by reason (header_timeout, body_timeout, bad_request, over_cap, "
-            "idle_evicted)", ["reason"], registry=r)
+            "evicted_waiting, idle_evicted)", ["reason"], registry=r)
 
 
 ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/completions",
