@@ -10,7 +10,8 @@ measured alongside, then SIGTERM with requests in flight (issue 31).
    request (Anthropic and OpenAI, streamed and not; 16 output tokens); the server's RSS
    every 10 s; latency percentiles and status counts.
 3. Abuse blocks of --block-seconds, each with one normal client (non-streamed Messages
-   requests of 8 tokens, one after another, on a kept-alive connection, as an SDK does)
+   requests of 8 tokens, one after another, on a kept-alive connection, as an SDK does,
+   with an API key of its own)
    measured alongside, vs the same client alone:
    slowloris (300 connections sending a header byte every 5 s), stalled bodies (20
    connections declaring 10 MB and sending 100 bytes), an idle-connection flood (1,124
@@ -90,7 +91,7 @@ def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, int]:
 # ----------------------------------------------------------------------------- clients
 
 
-def one_request(c: httpx.Client, kind: str, max_tokens: int) -> int:
+def one_request(c: httpx.Client, kind: str, max_tokens: int, key: str = "normal") -> int:
     """One request of `kind` (anthropic|openai, -stream or not), read to its end; its status
     (599: a network error; 598: a stream that ended without its last event)."""
     stream = kind.endswith("-stream")
@@ -100,10 +101,11 @@ def one_request(c: httpx.Client, kind: str, max_tokens: int) -> int:
         path, body = "/v1/chat/completions", {"model": "tiny", "max_tokens": max_tokens,
                                               "messages": HELLO}
     body["stream"] = stream
+    headers = {"x-api-key": key}
     try:
         if not stream:
-            return c.post(path, json=body).status_code
-        with c.stream("POST", path, json=body) as r:
+            return c.post(path, json=body, headers=headers).status_code
+        with c.stream("POST", path, json=body, headers=headers) as r:
             text = r.read().decode()
             if r.status_code != 200:
                 return r.status_code
@@ -303,7 +305,8 @@ def cancelled_streams(url: str, n: int = 200):
         def one(_: int) -> None:
             body = {"model": "tiny", "max_tokens": 200, "ignore_eos": True, "stream": True,
                     "messages": HELLO}
-            with httpx.stream("POST", url + "/v1/messages", json=body, timeout=60) as r:
+            with httpx.stream("POST", url + "/v1/messages", json=body, timeout=60,
+                              headers={"x-api-key": "abuse"}) as r:
                 for line in r.iter_lines():
                     if line.startswith("event: message_start"):
                         break
@@ -333,7 +336,7 @@ def soak(url: str, pid: int, clients: int, seconds: float) -> dict:
             k = i
             while time.monotonic() < until:
                 t0 = time.perf_counter()
-                status = one_request(c, kinds[k % 4], 16)
+                status = one_request(c, kinds[k % 4], 16, key=f"soak-{i}")
                 with lock:
                     codes[status] = codes.get(status, 0) + 1
                     if status == 200:
@@ -409,6 +412,7 @@ def main() -> None:
     ap.add_argument("--soak-seconds", type=float, default=300)
     ap.add_argument("--block-seconds", type=float, default=30)
     ap.add_argument("--out", default=None, help="JSON results (default: a new file under runs/)")
+    ap.add_argument("--server-args", default="", help="more `megamesh serve` flags (quoted)")
     args = ap.parse_args()
     run = Path(args.run)
     ensure_run(run)
@@ -416,7 +420,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process opens 1,124+
     cmd = [sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--port",
            str(args.port), "--max-len", "1024", "--drain-seconds", "30",
-           "--batch-db", str(run / "soak-batches.db")]
+           "--batch-db", str(run / "soak-batches.db"), *args.server_args.split()]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"},
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)))

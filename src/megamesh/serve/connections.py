@@ -10,11 +10,12 @@ uvicorn's h11 protocol, with (each a `megamesh serve` flag):
   mod_reqtimeout's rule), else a 408 and close (a declared 10 MB body that never comes);
 - an idle keep-alive timeout (uvicorn's own);
 - a cap on open connections, under the process's open-file limit: a connection past it
-  first closes the one that has waited longest (over `evict_after` s) for a request's
-  headers to be complete (an idle or slowloris flood yields its slots), else an idle
-  kept-alive one; if there is none it may still ask for /health (and /health/live) for a
-  few seconds, and any other request is a 503 with the connection closed; past the cap
-  and its overflow margin a connection is closed at once.
+  first closes the one that has waited longest (over `evict_after` s) for a request: one
+  whose headers are still incomplete or one kept alive and idle (an idle or slowloris
+  flood yields its slots; a client between two quick requests keeps its connection); if
+  there is none it may still ask for /health (and /health/live) for a few seconds, and
+  any other request is a 503 with the connection closed; past the cap and its overflow
+  margin a connection is closed at once.
 Every answer from this layer (400 for malformed HTTP, 408, 503) has the API's error shape,
 a request-id and a count in megamesh_http_requests_total; the connection events are
 counted in megamesh_http_connections_closed_total by reason.
@@ -23,6 +24,7 @@ counted in megamesh_http_connections_closed_total by reason.
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import secrets
 import time
@@ -70,8 +72,23 @@ def default_max_connections() -> int:
     return max(16, min(8192, open_file_limit() - RESERVED_FDS - OVERFLOW))
 
 
+class _Counted(logging.Filter):
+    """uvicorn logs a warning per malformed request; this layer answers and counts them
+    (megamesh_http_connections_closed_total{reason="bad_request"}) instead: a flood of
+    them must not flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Invalid HTTP request received."
+
+
+_COUNTED = _Counted()
+
+
 def protocol(limits: Limits, metrics: Metrics) -> type[H11Protocol]:
     """uvicorn's `http=` protocol class enforcing `limits`, counting into `metrics`."""
+    logger = logging.getLogger("uvicorn.error")
+    if _COUNTED not in logger.filters:
+        logger.addFilter(_COUNTED)
     return type("GuardedH11", (GuardedH11,), {"limits": limits, "metrics": metrics})
 
 
@@ -121,23 +138,21 @@ class GuardedH11(H11Protocol):
         self.metrics.connections.set(len(self.connections))
 
     def _evict_one(self) -> bool:
-        """Make room: close the connection that has waited longest (over `evict_after` s) for
-        whole request headers, else one kept alive between requests (its client opens a new
-        one when it has a request); False when there is none."""
-        now, slow, idle = time.monotonic(), None, None
+        """Make room: close the connection that has waited longest, over `evict_after` s,
+        for a request (incomplete headers, or kept alive and idle: its client opens a new
+        connection when it has a request); False when there is none."""
+        now, victim = time.monotonic(), None
         for other in self.connections:
-            if other is self or not isinstance(other, GuardedH11):
+            if other is self or not isinstance(other, GuardedH11) or other.transport.is_closing():
                 continue
-            if other.header_timer is not None and now - other.waiting_since >= self.limits.evict_after and \
-                    (other.cycle is None or other.cycle.response_complete):
-                if slow is None or other.waiting_since < slow.waiting_since:
-                    slow = other
-            elif idle is None and other.timeout_keep_alive_task is not None:
-                idle = other
-        victim = slow or idle
+            if (other.cycle is None or other.cycle.response_complete) and \
+                    now - other.waiting_since >= self.limits.evict_after and \
+                    (victim is None or other.waiting_since < victim.waiting_since):
+                victim = other
         if victim is None:
             return False
-        self._closed("evicted_waiting" if victim is slow else "idle_evicted")
+        partial = victim.header_timer is not None
+        self._closed("evicted_waiting" if partial else "idle_evicted")
         victim._unset_keepalive_if_required()
         victim._cancel_timers()
         victim.transport.close()
@@ -183,6 +198,10 @@ class GuardedH11(H11Protocol):
         if self.body_timer is not None and self.conn.their_state is not h11.SEND_BODY:
             self._cancel(self.body_timer)
             self.body_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self.waiting_since = time.monotonic()  # idle until the next request begins
 
     def _arm_header_timer(self) -> None:
         self.waiting_since = time.monotonic()
