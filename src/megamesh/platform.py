@@ -16,13 +16,29 @@ import re
 import sys
 
 
+def on_tpu_vm() -> bool:
+    """This host has TPU chips attached."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def quiet_compile_only_libtpu(chip: str) -> None:
+    """Before libtpu loads on a host without TPUs (compile-only topologies): tell it the
+    worker hostnames and accelerator type it would otherwise look up in the TPU VM
+    metadata, failing with `E0000 ... unexpected worker hostname` and `Failed to find host
+    bounds` lines on stderr (harmless for compiling, alarming to read). A user's own
+    settings win; on a TPU VM nothing is set."""
+    if on_tpu_vm():
+        return
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip}-8")
+
+
 def default_to_cpu_without_accelerator() -> None:
     if "JAX_PLATFORMS" in os.environ or "jax" in __import__("sys").modules:
         return
-    on_tpu_vm = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
     has_gpu_plugin = any(importlib.util.find_spec(m) is not None
                          for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin"))
-    if not on_tpu_vm and not has_gpu_plugin:
+    if not on_tpu_vm() and not has_gpu_plugin:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 

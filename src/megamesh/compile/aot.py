@@ -24,6 +24,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
 from megamesh.plan.target import Target
+from megamesh.platform import quiet_compile_only_libtpu
 from megamesh.serve.step import build_decode_step
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes
@@ -68,6 +69,7 @@ def topology_devices(target: Target) -> list[Any]:
     # Compile-only use never touches a TPU: let several processes (parallel compiles, a
     # test beside a user's run) load libtpu instead of failing on its lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    quiet_compile_only_libtpu(target.chip.name)
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
                                             num_slices=target.n_slices)
