@@ -369,3 +369,31 @@ def test_plan_models_diloco_islands():
     assert 0 < d["outer_step_share"] < 0.05 and 0.5 < d["vs_synchronous"] < 1.5
     r = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:512", "--diloco", "islands=3")
     assert r.returncode == 2 and "--diloco islands=3 is not allowed" in r.stderr
+
+
+def test_plan_compares_its_power_with_the_site():
+    """Issue 30 point 2: a million Ironwood chips draw 1,204 MW at the wall, past the
+    mission's 1,000 MW site: the plan says so in text and JSON and names the chips that
+    fit (whole pods); a plan within the site warns of nothing; a cap must be positive."""
+    r = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:1000000", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    site = out["site"]
+    assert site["site_mw"] == 1000 and site["within"] is False
+    assert site["power_mw"] == pytest.approx(1204.4, abs=0.1)
+    assert site["chips_that_fit"] == 90 * 9216 and site["chips_that_fit"] * 1090 * 1.1 <= 1e9
+    assert out["warnings"] == [site["warning"]] and "829,440 chips fit" in site["warning"]
+    text = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:1000000").stdout
+    assert "warning: 1,004,544 chips draw 1,204 MW at the wall, past the site's 1,000 MW" in text
+    small = json.loads(run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:256",
+                                "--json").stdout)
+    assert small["site"]["within"] is True and small["warnings"] == []
+    capped = json.loads(run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:256",
+                                 "--site-mw", "0.1", "--json").stdout)
+    assert capped["site"]["chips_that_fit"] == 64  # within a slice: whole cubes
+    gpu = json.loads(run_main("plan", "--model", "llama3.1-8b", "--target", "h100:64",
+                              "--json").stdout)
+    assert "site" not in gpu  # no site known for H100s unless --site-mw gives one
+    for bad in ("0", "-5"):
+        r = run_main("plan", "--site-mw", bad)
+        assert r.returncode == 2 and "--site-mw" in r.stderr and "Traceback" not in r.stderr

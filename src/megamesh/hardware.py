@@ -37,6 +37,8 @@ class Chip:
     # host <-> device bytes/s per chip (PCIe), for host offload; no per-chip figure is
     # published for TPUs: PCIe Gen4 x16 (~32 GB/s) assumed, Gen5 x16 for H100/H200/B200
     host_bw: float = 32e9
+    # the power a site of this chip's fleet can draw at the wall (MW), where one is known
+    site_mw: float | None = None
     unconfirmed: tuple[str, ...] = ()
     source: str = ""
 
@@ -77,9 +79,11 @@ CHIPS: dict[str, Chip] = {c.name: c for c in [
     Chip(name="tpu7x", bf16_flops=2307 * T, fp8_flops=4614 * T, hbm_bytes=192 * GiB,
          hbm_bw=7.38e12, devices_per_chip=2, ici_bw=1200 * GB, ici_topology="torus3d",
          pod_chips=9216, dcn_bw=100e9 / 8, chip_power_w=None, all_in_power_w=1090,
-         price_per_chip_hour=None, unconfirmed=("all_in_power_w", "price_per_chip_hour"),
+         price_per_chip_hour=None, site_mw=1000.0,
+         unconfirmed=("all_in_power_w", "price_per_chip_hour"),
          source="docs.cloud.google.com/tpu/docs/tpu7x; ~10 MW per 9,216-chip pod "
-         "(third-party, Hot Chips 2025) = ~1.09 kW/chip"),
+         "(third-party, Hot Chips 2025) = ~1.09 kW/chip; site: the mission's 'well over a "
+         "gigawatt' through 2026, taken as 1,000 MW as `megamesh fleet` caps it"),
     Chip(name="h100", host_bw=64e9, bf16_flops=989 * T, fp8_flops=1979 * T, hbm_bytes=80 * GB, hbm_bw=3.35e12,
          devices_per_chip=1, ici_bw=900 * GB, ici_topology="nvlink", pod_chips=8,
          dcn_bw=400e9 / 8, chip_power_w=700, all_in_power_w=1275, price_per_chip_hour=2.9,

@@ -60,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also plan the run as N decoupled islands averaging every H steps "
                    "(`megamesh train --diloco`): each island's layout, the outer step's DCN "
                    "bytes and time, the throughput vs the synchronous run")
+    p.add_argument("--site-mw", type=float,
+                   help="the site's power cap in MW at the wall, to compare the plan's power with "
+                   "(default: the chip's catalog entry, 1,000 MW for tpu7x; none for the others)")
     p.add_argument("--top", type=int, default=8, help="candidates to print (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON {best, candidates, ...}")
     p.add_argument("--plot", help="write a PNG of the step-time breakdown of the top layouts")
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         raise ConfigError(f"plan --kernels {args.kernels} is not allowed: the kernels a plan models "
                           f"are --kernel-family ({', '.join(KERNELS)}); --kernels is train's and "
                           "compile's per-op override (e.g. attention=reference,moe=einsum)")
+    if args.site_mw is not None and not args.site_mw > 0:
+        raise ConfigError(f"--site-mw {args.site_mw} is not allowed: a power in MW, > 0")
     over = split_overrides(extra, ("model", "chip"))
     cfg = model_config(args.model, over["model"])
     target = parse_target(args.target, {k: float(v) for k, v in over["chip"].items()})
@@ -136,6 +141,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           "sequence or a smaller batch per device")
     best = res.ranked[0]
     train = questions.training_answer(w, target, best, tokens)
+    site = questions.site_answer(target, args.site_mw if args.site_mw is not None
+                                 else target.chip.site_mw)
     diloco = None
     if args.diloco:
         islands, inner = parse_diloco(args.diloco)
@@ -156,6 +163,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                "why": report.why(res.ranked)}
         if diloco:
             out["diloco"] = diloco
+        if site:
+            out["site"] = site
+        out["warnings"] = [x for x in ((site or {}).get("warning"),) if x]
         print(json.dumps(out, indent=2))
     else:
         print(report.header(target))
@@ -186,6 +196,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                   f"{d['outer_step_s']:.1f} s ({d['outer_step_share']:.1%} of a round): "
                   f"{d['tokens_per_s']:,.0f} tokens/s, {d['vs_synchronous']:.2f}x the "
                   f"synchronous run's; {d['note']}")
+        if site and site["warning"]:
+            print(f"warning: {site['warning']}")
         print("estimates are approximate (analytic cost model; see BENCHMARKS.md for its "
               "calibration against published runs)")
     if args.verify:

@@ -50,6 +50,33 @@ def training_answer(w: Workload, target: Target, best: Estimate, tokens: float) 
     return out
 
 
+def site_answer(target: Target, site_mw: float | None) -> dict | None:
+    """The plan's power at the wall against a site's cap (None: no cap known or given):
+    whether it fits and, when not, how many chips (whole slices) would."""
+    if site_mw is None:
+        return None
+    watts, source = power_per_chip_w(target)
+    out: dict[str, Any] = {"site_mw": site_mw, "power_mw": None, "within": None,
+                           "chips_that_fit": None, "warning": None}
+    if not watts:
+        out["warning"] = f"cannot compare with the site's {site_mw:,.0f} MW: {source}"
+        return out
+    power = watts * target.chips / 1e6
+    fit = int(site_mw * 1e6 // watts)
+    c = target.chip
+    unit = target.slice_chips if fit >= target.slice_chips else \
+        (64 if c.ici_topology == "torus3d" else c.pod_chips if c.ici_topology == "torus2d" else 8)
+    fit -= fit % unit  # whole slices; within one, whole cubes (TPU) or hosts (GPU)
+    out.update(power_mw=power, within=power <= site_mw, chips_that_fit=fit)
+    if power > site_mw:
+        slices = (f" ({fit // target.slice_chips:,} slices of {target.slice_chips:,})"
+                  if fit >= target.slice_chips else "")
+        out["warning"] = (f"{target.chips:,} chips draw {power:,.0f} MW at the wall, past the "
+                          f"site's {site_mw:,.0f} MW: {fit:,} chips fit{slices} "
+                          f"(--site-mw sets the cap)")
+    return out
+
+
 def fewest_chips_for_deadline(w: Workload, target: Target, tokens: float, deadline_s: float,
                               max_chips: int = 2_000_000,
                               **search_options: Any) -> tuple[Target, Estimate] | None:
