@@ -3,7 +3,7 @@
 For each training job of the default mission scenario (or --scenario), the whole scenario
 simulated with that job under each recovery mode (`fleet.questions.recovery_by_quality`):
 the job's goodput counting every token (throughput), its goodput counting a DiLoCo token at
-what it is worth in synchronous tokens (`fleet.quality`), its finish, and the fleet's
+what it is worth in synchronous tokens (`plan.quality`), its finish, and the fleet's
 training goodput both ways. Prints markdown for BENCHMARKS.md. Pure Python, seconds.
 
     python bench/fleet_quality.py [--job frontier-2t] [--scenario FILE]

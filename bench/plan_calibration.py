@@ -78,6 +78,13 @@ HELD_OUT = [
      "98.34 s/step in bf16, batch 1536 x 8192, 256 chips: MaxText's Ironwood recipe as quoted "
      "in the FP8 issue (github.com/AI-Hypercomputer/tpu-recipes training/ironwood; not re-read here)"),
 ]
+# Tokens each row's model was trained on (published), for the critical-batch check
+# (plan.convergence): Llama 2 (Touvron et al. 2023, arXiv 2307.09288: 2T), Llama 3.1 (Llama
+# 3 paper, arXiv 2407.21783: 15.6T for 405B, "over 15T" for all), PaLM (Chowdhery et al.
+# 2022, arXiv 2204.02311: 780B). Mixtral 8x7B's is not published: the planner's default
+# (20 per parameter).
+TRAINED_TOKENS = {"llama2-70b": 2e12, "llama3.1-8b": 15e12, "llama3.1-70b": 15e12,
+                  "llama3.1-405b": 15.6e12, "palm-540b": 780e9}
 HELD_OUT_BAND = 0.25  # predicted tokens/s within +-25% of a held-out row's (fitted rows: +-5 MFU points)
 
 

@@ -456,7 +456,7 @@ def test_recovery_modes_side_by_side():
 def test_the_mission_picks_each_recovery_mode_by_goodput_at_synchronous_quality():
     """The frontier run under each recovery mode, the rest of the mission as it is: 72 DiLoCo
     islands have the best throughput goodput (issue 17's >= 85%) but their tokens are worth
-    about half a synchronous run's (fleet.quality, extrapolated far past the published
+    about half a synchronous run's (plan.quality, extrapolated far past the published
     ranges, and said so), so elastic recovery, the best at synchronous quality, is the
     default scenario's choice."""
     s = default_scenario()
@@ -474,7 +474,7 @@ def test_the_mission_picks_each_recovery_mode_by_goodput_at_synchronous_quality(
 
 
 def test_a_diloco_token_is_worth_less_with_more_islands_and_less_with_smaller_models():
-    from megamesh.fleet.quality import loss_increase, token_efficiency
+    from megamesh.plan.quality import loss_increase, token_efficiency
 
     # the published points the fit reproduces (Charles et al. 2025, H=30): within 0.5 points
     assert loss_increase(35e6, 8) == pytest.approx(0.039, abs=0.008)

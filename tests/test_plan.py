@@ -382,7 +382,7 @@ def test_plan_compares_its_power_with_the_site():
     assert site["site_mw"] == 1000 and site["within"] is False
     assert site["power_mw"] == pytest.approx(1204.4, abs=0.1)
     assert site["chips_that_fit"] == 90 * 9216 and site["chips_that_fit"] * 1090 * 1.1 <= 1e9
-    assert out["warnings"] == [site["warning"]] and "829,440 chips fit" in site["warning"]
+    assert site["warning"] in out["warnings"] and "829,440 chips fit" in site["warning"]
     text = run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:1000000").stdout
     assert "warning: 1,004,544 chips draw 1,204 MW at the wall, past the site's 1,000 MW" in text
     small = json.loads(run_main("plan", "--model", "llama3.1-8b", "--target", "tpu7x:256",
@@ -397,3 +397,52 @@ def test_plan_compares_its_power_with_the_site():
     for bad in ("0", "-5"):
         r = run_main("plan", "--site-mw", bad)
         assert r.returncode == 2 and "--site-mw" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_batch_defaults_to_the_critical_batch_and_a_million_chips_propose_islands():
+    """Issue 30 point 1: Llama 3.1 405B on a million Ironwood chips. The default batch is
+    the critical batch (DeepSeek LLM's law: ~6,859 sequences of 8,192 for 8.1T tokens),
+    not one sequence per chip (1,004,544: 8.2B tokens a step); the plan says one
+    synchronous job cannot use the chips well and ranks the alternatives, DiLoCo islands
+    first; asking for 31,392 sequences warns that it is past the critical batch."""
+    out = json.loads(run_main("plan", "--model", "llama3.1-405b", "--target", "tpu7x:1000000",
+                              "--json").stdout)
+    crit = out["critical_batch"]
+    assert 6000 < crit["sequences"] < 8000 and "extrapolated" in crit["source"]
+    assert out["batch"] <= crit["sequences"]
+    assert any("one synchronous job cannot use 1,004,544 chips well" in w for w in out["warnings"])
+    alts = out["alternatives"]
+    assert [a["option"] for a in alts][0] == "DiLoCo islands" and alts[0]["islands"] >= 2
+    assert {a["option"] for a in alts} == {"DiLoCo islands", "fewer chips", "several jobs"}
+    assert 0.9 < alts[0]["quality"] < 1 and alts[0]["chips"] <= 1_004_544
+    assert alts[0]["effective_tokens_per_s"] > max(a["effective_tokens_per_s"] for a in alts[1:])
+    text = run_main("plan", "--model", "llama3.1-405b", "--target", "tpu7x:1000000").stdout
+    assert "instead, best for this run first: 1. DiLoCo islands" in text
+    big = json.loads(run_main("plan", "--model", "llama3.1-405b", "--target", "tpu7x:1000000",
+                              "--batch", "31392", "--json").stdout)
+    assert big["batch"] == 31392
+    assert any("past the critical batch" in w for w in big["warnings"])
+
+
+def test_published_batches_are_within_the_critical_batch():
+    """Every calibration row's batch, with the tokens its model was trained on, is within
+    the critical batch: the warning does not fire on runs that converged."""
+    from megamesh.model.specs import param_count
+    from megamesh.plan.convergence import critical_batch
+
+    cal = _plan_calibration()
+    for row in [*cal.ROWS, *cal.HELD_OUT]:
+        rid, name, _, seq, batch = row[:5]
+        cfg = cal.model(name)
+        tokens = cal.TRAINED_TOKENS.get(name, 20 * param_count(cfg))
+        assert batch <= critical_batch(cfg, seq, tokens)["sequences"], rid
+    # and a plan of one of them says nothing about its batch
+    out = json.loads(run_main("plan", "--model", "llama3.1-70b", "--target", "v6e:256", "--seq",
+                              "8192", "--batch", "1280", "--tokens", "15e12", "--json").stdout)
+    assert out["warnings"] == []
+
+
+def test_plan_bad_batch_or_tokens_are_clear_errors():
+    for argv, needle in ((["--batch", "0"], "--batch 0"), (["--tokens", "-1"], "--tokens")):
+        r = run_main("plan", *argv)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ energy, money and serving capacity. Pure Python: never imports jax (except --ver
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
 from megamesh.model.specs import param_count
-from megamesh.plan import questions, report
+from megamesh.plan import convergence, questions, report
 from megamesh.plan.layout import KERNELS, REMATS, Workload
 from megamesh.plan.search import search
 from megamesh.plan.target import parse_target
@@ -33,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="CHIP:COUNT or CHIP:AxBxC, e.g. tpu7x:256, tpu7x:16x16x36, "
                    "tpu7x:1000000, h100:16384")
     p.add_argument("--seq", type=int, default=8192, help="sequence length (default 8192)")
-    p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
+    p.add_argument("--batch", type=int, help="global batch in sequences (default: the critical batch "
+                   "for the model and --tokens, rounded down to what the target splits)")
     p.add_argument("--precision", default="bf16", help="bf16 or fp8 (matmul peak)")
     p.add_argument("--kernel-family", default="megamesh", choices=KERNELS,
                    help="the kernels the plan models: megamesh (default; its step on TPU and GPU: "
@@ -108,9 +110,16 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             for k, v in ans.items():
                 print(f"  {k:<36} {v:,.3f}" if isinstance(v, float) else f"  {k:<36} {v}")
         return 0
-    batch = args.batch or target.chips
-    w = Workload(cfg, args.seq, batch, args.precision, args.kernel_family)
+    if args.batch is not None and args.batch < 1:
+        raise ConfigError(f"--batch {args.batch} is not allowed: at least 1 sequence")
+    if args.tokens is not None and not args.tokens > 0:
+        raise ConfigError(f"--tokens {args.tokens} is not allowed: > 0")
     tokens = args.tokens or 20.0 * param_count(cfg)
+    crit = convergence.critical_batch(cfg, args.seq, tokens)
+    w = Workload(cfg, args.seq, args.batch or crit["sequences"], args.precision, args.kernel_family)
+    if not args.batch and not args.deadline:
+        w = dataclasses.replace(w, batch=convergence.default_batch(w, target, crit["sequences"]))
+    batch = w.batch
     remats = REMATS
     if args.remat:
         if args.remat not in REMATS:
@@ -141,6 +150,18 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           "sequence or a smaller batch per device")
     best = res.ranked[0]
     train = questions.training_answer(w, target, best, tokens)
+    warn = convergence.batch_warning(cfg, batch, args.seq, tokens, crit)
+    fit = None if args.mesh else convergence.too_large(
+        w, target, crit, w.tokens / best.step_time_s if batch <= crit["sequences"] else None)
+    alts = convergence.alternatives(w, target, crit, tokens, fit) if fit else None
+    if fit:
+        sync = (f"{fit['sync_tokens_per_s'] / 1e6:,.1f}M tokens/s at {best.mfu:.1%} MFU"
+                if fit["sync_tokens_per_s"] else "none: the critical batch does not split over it")
+        too = (f"one synchronous job cannot use {target.chips:,} chips well: at the critical batch "
+               f"({crit['sequences']:,} sequences) {fit['slices']} of its {target.n_slices} slices "
+               f"({fit['chips']:,} chips) reach {fit['tokens_per_s'] / 1e6:,.1f}M tokens/s; all of "
+               f"them, {sync}")
+        warn = f"{warn}; {too}" if warn else too
     site = questions.site_answer(target, args.site_mw if args.site_mw is not None
                                  else target.chip.site_mw)
     diloco = None
@@ -165,7 +186,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
             out["diloco"] = diloco
         if site:
             out["site"] = site
-        out["warnings"] = [x for x in ((site or {}).get("warning"),) if x]
+        out["critical_batch"] = crit
+        if alts:
+            out["alternatives"] = alts
+        out["warnings"] = [x for x in (warn, (site or {}).get("warning")) if x]
         print(json.dumps(out, indent=2))
     else:
         print(report.header(target))
@@ -196,6 +220,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                   f"{d['outer_step_s']:.1f} s ({d['outer_step_share']:.1%} of a round): "
                   f"{d['tokens_per_s']:,.0f} tokens/s, {d['vs_synchronous']:.2f}x the "
                   f"synchronous run's; {d['note']}")
+        if warn:
+            print(f"warning: {warn}")
+        if alts:
+            print("instead, best for this run first: " + convergence.rank_line(alts))
         if site and site["warning"]:
             print(f"warning: {site['warning']}")
         print("estimates are approximate (analytic cost model; see BENCHMARKS.md for its "

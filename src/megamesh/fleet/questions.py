@@ -12,7 +12,7 @@
 - sync_vs_replicas: one job over N pods under each recovery mode versus N independent
   pod-level replicas (simulated; Daly's closed form for plain).
 - recovery_by_quality: one job of the scenario under each recovery mode, the rest as they
-  are: its throughput goodput and its goodput at synchronous quality (fleet.quality), the
+  are: its throughput goodput and its goodput at synchronous quality (plan.quality), the
   figure the mission's choice of mode per job follows.
 """
 
@@ -296,7 +296,7 @@ def sync_vs_replicas(s: Scenario, pods: int, work_days: float = 14.0, seed: int 
 def recovery_by_quality(s: Scenario, job: str) -> dict[str, Any]:
     """The whole scenario simulated with job `job` under each recovery mode in turn: per
     mode its goodput (throughput), its goodput at synchronous quality (a DiLoCo token is
-    worth `fleet.quality.token_efficiency` of a synchronous one), when it finished, and the
+    worth `plan.quality.token_efficiency` of a synchronous one), when it finished, and the
     fleet's training goodput both ways; `best`: the mode with the highest quality-adjusted
     goodput for the job."""
     names = [j.name for j in s.jobs]

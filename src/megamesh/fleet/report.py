@@ -60,7 +60,7 @@ def text(r: dict[str, Any]) -> str:
         )
     worth = [j for j in r["jobs"] if j["token_efficiency"] < 1 and not j["not_placed"]]
     if worth:
-        lines += ["", "what a DiLoCo token is worth in tokens of synchronous training (fleet.quality):"]
+        lines += ["", "what a DiLoCo token is worth in tokens of synchronous training (plan.quality):"]
         for j in worth:
             q = j["quality"]
             lines.append(f"  {j['name']}: {j['token_efficiency']:.1%} (final loss +{q['loss_increase']:.2%} "

@@ -365,7 +365,7 @@ def default_scenario() -> Scenario:
             deadline="2026-12-31",
             # chosen by goodput at synchronous quality (questions.recovery_by_quality):
             # elastic 61.6%; 72 DiLoCo islands 88.8% of throughput but each token worth
-            # ~50% of a synchronous one (fleet.quality, extrapolated), so 44.2%
+            # ~50% of a synchronous one (plan.quality, extrapolated), so 44.2%
             recovery="elastic",
         ),
     ]

@@ -57,7 +57,6 @@ from typing import Any
 
 from megamesh.config import preset
 from megamesh.errors import ConfigError
-from megamesh.fleet.quality import token_efficiency
 from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
 from megamesh.fleet.theory import daly_interval
 from megamesh.hardware import CHIPS
@@ -65,6 +64,7 @@ from megamesh.model.specs import param_count
 from megamesh.plan.cost import diloco_round_bytes
 from megamesh.plan.layout import Workload
 from megamesh.plan.memory import ADAM_BYTES
+from megamesh.plan.quality import token_efficiency
 from megamesh.plan.questions import serving_answer
 from megamesh.plan.search import divisible_batch, search
 from megamesh.plan.target import parse_target
@@ -115,7 +115,7 @@ class Job:
     regrow_h: float = 0.0  # elastic: restart onto fewer or more slices (own RAM restore)
     replaced_restart_h: float = 0.0  # a restart after a failed cube was replaced
     recovery_times: dict = field(default_factory=dict)  # the derived times, for the report
-    # tokens of synchronous training each of its tokens is worth (fleet.quality; 1 unless
+    # tokens of synchronous training each of its tokens is worth (plan.quality; 1 unless
     # diloco), with the loss increase behind it and what it extrapolates
     quality: dict = field(default_factory=lambda: {"efficiency": 1.0, "loss_increase": 0.0,
                                                    "extrapolated": None})
@@ -855,7 +855,7 @@ class Fleet:
                     "priority": j.priority,
                     # a job that never ran has no goodput: it says why it was not placed
                     "goodput": j.productive_h / wall if wall > 0 else None,
-                    # useful tokens at synchronous quality per wall hour (fleet.quality)
+                    # useful tokens at synchronous quality per wall hour (plan.quality)
                     "quality_adjusted_goodput": (j.productive_h * j.quality["efficiency"] / wall
                                                  if wall > 0 else None),
                     "token_efficiency": j.quality["efficiency"],
