@@ -1055,6 +1055,12 @@ def test_serve_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert "Traceback" not in err and "is not a directory" in err
     assert main(["serve", "--model", str(tmp_path), "--slots", "0"]) == 2
     assert "--slots 0 is not allowed" in capsys.readouterr().err
+    for flag, value in (("--drain-seconds", "-1"), ("--header-timeout", "0"),
+                        ("--body-min-rate", "0"), ("--max-connections", "-1")):
+        assert main(["serve", "--model", str(tmp_path), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert f"{flag} {float(value) if flag != '--max-connections' else int(value)}" in err \
+            and "is not allowed" in err and "Traceback" not in err, err
 
 
 def test_bench_client_measures_the_server(server, engine):
