@@ -110,6 +110,27 @@ def test_default_scenario_outputs(mission):
     assert 0 < res["energy_gwh"] * 1e3 <= s.power_cap_mw * s.horizon_h
 
 
+def test_the_mission_fleet_is_used_and_its_idle_capacity_stated(mission):
+    """Issue 30 point 3: the default scenario's experiments (backfill) take the capacity
+    the named jobs and serving leave free, so utilization goes from ~12% to over 85%;
+    they yield it at once, so every named job runs exactly as without them; the report
+    states the idle chip-hours that remain beside goodput."""
+    s, res, _ = mission
+    bf = res["backfill"]
+    assert res["utilization"] > 0.85 and res["utilization_without_backfill"] < 0.2
+    assert res["idle_share"] == pytest.approx(1 - res["utilization"], abs=1e-9)
+    assert bf["chip_hours"] > 0 and 0.9 < bf["goodput"] < 1 and bf["tokens_trained"] > 0
+    alone, _ = simulate(dataclasses.replace(s, backfill=None))
+    assert alone["jobs"] == res["jobs"]  # the named jobs never wait for an experiment
+    assert alone["tokens_served"] == res["tokens_served"]
+    assert alone["utilization"] == pytest.approx(res["utilization_without_backfill"])
+    assert alone["idle_share"] > 0.8 and alone["backfill"] is None
+    assert res["energy_gwh"] > 4 * alone["energy_gwh"]
+    text = report.text(res)
+    assert "idle " in text and "chip-hours" in text and "experiments (backfill" in text
+    assert "no backfill: the capacity jobs and serving leave free idles" in report.text(alone)
+
+
 def test_power_cap_binds_but_is_never_exceeded_and_no_chip_is_allocated_twice():
     s = default_scenario()
     s = dataclasses.replace(s, power_cap_mw=880.0, end="2026-11-30", seed=1)
@@ -180,6 +201,8 @@ def test_serving_preempts_training_and_priorities_hold():
         ({"arrivals": [{"month": "2026-13", "pods": 1}]}, "arrivals[0].month"),
         ({"serving": [{"model": "llama3.1-70b", "tokens_per_day": -5}]}, "serving[0].tokens_per_day"),
         ({"colour": "blue"}, "unknown config key 'colour'"),
+        ({"backfill": {"run_chips": 100}}, "backfill.run_chips=100 is not allowed"),
+        ({"backfill": {"model": "gpt-9"}}, "backfill.model: unknown model"),
     ],
 )
 def test_bad_scenarios_name_the_field(patch, message):

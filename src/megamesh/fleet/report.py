@@ -26,13 +26,24 @@ def text(r: dict[str, Any]) -> str:
         f"{r['chips_installed_at_end']:,} chips at the end ({r['events']:,} events simulated)",
         f"goodput {r['goodput']:.1%} (training {r['training_goodput']:.1%}; at synchronous "
         f"quality {r['quality_adjusted_training_goodput']:.1%}), utilization "
-        f"{r['utilization']:.1%} of installed chip-hours",
+        f"{r['utilization']:.1%} of installed chip-hours; idle {_h(r['idle_chip_hours'])} chip-hours "
+        f"({r['idle_share']:.1%}), "
+        + (f"${_h(r['idle_cost_usd'])} of chips doing nothing" if r["idle_cost_usd"] is not None
+           else "unpriced (set price_per_chip_hour)"),
         f"energy {r['energy_gwh']:,.0f} GWh, average {r['average_power_mw']:,.0f} MW, peak "
         f"{r['peak_power_mw']:,.0f} MW (cap {r['power_cap_mw']:,.0f} MW); the largest swing when "
         f"one job stops computing: {r['largest_power_swing_mw']:,.0f} MW",
         f"power: {r['power_basis']}",
         f"tokens trained {_h(r['tokens_trained'])}, served {_h(r['tokens_served'])} of "
         f"{_h(r['tokens_demanded'])} demanded (short of demand {r['serving_shortfall_hours']:.0f} h)",
+        (f"experiments (backfill: {r['backfill']['model']} runs of {r['backfill']['run_chips']:,} "
+         f"chips in the capacity left free): {_h(r['backfill']['chip_hours'])} chip-hours "
+         f"({r['backfill']['chip_hours'] / r['installed_chip_hours']:.1%} of installed), goodput "
+         f"{r['backfill']['goodput']:.1%}, {_h(r['backfill']['tokens_trained'])} tokens, "
+         f"{r['backfill']['runs_yielded']:,} runs yielded to jobs and serving"
+         if r.get("backfill") else
+         f"no backfill: the capacity jobs and serving leave free idles (utilization without "
+         f"it {r['utilization_without_backfill']:.1%})"),
         f"cost: energy ${_h(r['cost_usd']['energy'])}"
         + (
             f", chips ${_h(r['cost_usd']['chips'])}"
@@ -89,8 +100,9 @@ def plot(series: list[dict[str, float]], r: dict[str, Any], path: str) -> None:
         days,
         [p["training_chips"] / 1e3 for p in series],
         [p["serving_chips"] / 1e3 for p in series],
+        [p.get("backfill_chips", 0) / 1e3 for p in series],
         [p["spare_chips"] / 1e3 for p in series],
-        labels=["training", "serving", "hot spares"],
+        labels=["training", "serving", "experiments (backfill)", "hot spares"],
         alpha=0.6,
     )
     ax[0].set_ylabel("chips (thousands)")

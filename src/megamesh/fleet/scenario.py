@@ -67,6 +67,22 @@ class ServingDemand:
 
 
 @dataclass
+class Backfill:
+    """Experiments that fill the capacity the named jobs and serving leave free, as a
+    lab's research queue does: runs of `run_chips` on whatever cubes are free (within the
+    power cap), yielding them at once to any job or serving replica that needs them (each
+    run yielded loses `preempt_loss_min` of its work: a save and a restart elsewhere).
+    Their failures cost what Daly's model says for a run of that size. Why a lab's fleet
+    is not idle: Epoch AI estimates OpenAI's 2024 R&D compute at ~$5B, of which ~$0.5B
+    (~10%) went to the final training runs of released models and the rest to
+    experiments, research and unreleased models (Epoch AI, 2025; secondary)."""
+
+    model: str = "llama3.1-8b"  # a typical experiment's model (its tokens/s per chip)
+    run_chips: int = 4096  # one experiment run: whole cubes inside a pod
+    preempt_loss_min: float = 10.0  # unconfirmed: work lost per run yielded
+
+
+@dataclass
 class Failures:
     """Rates per hour per unit. Defaults: Llama 3's per-accelerator rate split 75% chip,
     25% host, plus rare pod-level events (the split is an assumption; TPU rates are not
@@ -146,6 +162,7 @@ class Scenario:
     recovery: Recovery = field(default_factory=Recovery)
     jobs: list[TrainingJob] = field(default_factory=list)
     serving: list[ServingDemand] = field(default_factory=list)
+    backfill: Backfill | None = None  # experiments in the capacity left free (None: it idles)
     failures: Failures = field(default_factory=Failures)
     seed: int = 0
 
@@ -310,6 +327,14 @@ def validate(s: Scenario) -> Scenario:
             if getattr(d, k) is not None:
                 _num(getattr(d, k), f"{w}.{k}", strict=True)
         s.hours(d.start, f"{w}.start")
+    if s.backfill is not None:
+        b = s.backfill
+        if b.model not in PRESETS:
+            raise ConfigError(f"backfill.model: unknown model {b.model!r}; presets are {', '.join(PRESETS)}")
+        _num(b.run_chips, "backfill.run_chips", lo=1, integer=True)
+        require(b.run_chips % CUBE_CHIPS == 0 and b.run_chips <= s.pod_chips, "backfill.run_chips",
+                b.run_chips, f"whole {CUBE_CHIPS}-chip cubes inside one pod (<= {s.pod_chips:,})")
+        _num(b.preempt_loss_min, "backfill.preempt_loss_min")
     return s
 
 
@@ -326,8 +351,9 @@ def default_scenario() -> Scenario:
     """The mission: up to ~1M tpu7x chips (109 pods of 9,216) arriving through 2026 under
     a 1 GW cap; a frontier pre-training run on 72 pods, a 70B run, a 405B post-training
     run, experiments, and serving demand (2T output tokens/day from February) growing 25%
-    a month. Each job's recovery mode is the one with the best goodput at synchronous
-    quality (all elastic today). The workloads are illustrative, not anyone's real plan."""
+    a month; experiments (`Backfill`) in whatever capacity that leaves. Each job's recovery
+    mode is the one with the best goodput at synchronous quality (all elastic today). The
+    workloads are illustrative, not anyone's real plan."""
     per_month = [4, 5, 6, 7, 8, 9, 10, 10, 11, 12, 13, 14]  # 109 pods
     arrivals = [Arrival(f"2026-{m:02d}", n) for m, n in enumerate(per_month, start=1)]
     jobs = [
@@ -372,4 +398,4 @@ def default_scenario() -> Scenario:
     serving = [
         ServingDemand(model="llama3.1-70b", tokens_per_day=2e12, monthly_growth=0.25, start="2026-02-01")
     ]
-    return validate(Scenario(arrivals=arrivals, jobs=jobs, serving=serving))
+    return validate(Scenario(arrivals=arrivals, jobs=jobs, serving=serving, backfill=Backfill()))

@@ -57,8 +57,8 @@ from typing import Any
 
 from megamesh.config import preset
 from megamesh.errors import ConfigError
-from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, month_date
-from megamesh.fleet.theory import daly_interval
+from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, TrainingJob, month_date
+from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
 from megamesh.model.specs import param_count
 from megamesh.plan.cost import diloco_round_bytes
@@ -193,6 +193,9 @@ class Fleet:
         self.series: list[dict[str, float]] = []
         self.sample_every_h = 24.0 / samples_per_day
         self.events = 0
+        self.backfill: dict[str, float] | None = None  # experiments in the free capacity
+        self.backfill_cubes = 0
+        self.backfill_mw = 0.0  # what they add to the site's draw
         self._setup()
 
     # ------------------------------------------------------------------ set-up
@@ -229,6 +232,18 @@ class Fleet:
                     start_h=s.hours(d.start, "start"),
                 )
             )
+        if s.backfill is not None:
+            b = s.backfill
+            spec = TrainingJob(name="backfill", model=b.model, tokens=1.0, chips=b.run_chips)
+            n = self.planner("train", spec, s)
+            rate = sum(f.job_rates(b.run_chips, s.pod_chips))
+            save_h, restart_h = f.save_min / 60, f.restart_min / 60
+            tau = daly_interval(save_h, 1 / rate) if rate > 0 else 24.0
+            self.backfill = {"run_cubes": b.run_chips // CUBE_CHIPS, "mfu": n["mfu"],
+                             "tokens_per_chip_h": n["tokens_per_h"] / b.run_chips,
+                             "goodput": daly_goodput(tau, save_h, restart_h, 1 / rate if rate > 0
+                                                     else math.inf),
+                             "loss_h": b.preempt_loss_min / 60}
         t = 0.0
         while t <= s.horizon_h:
             self._push(t, "tick")
@@ -341,6 +356,30 @@ class Fleet:
     def _allocatable(self) -> int:
         return self.free_total - self.spares - self.in_repair
 
+    def fill(self) -> None:
+        """Backfill: experiment runs on the cubes nothing else holds, within the power the
+        cap leaves (free cubes of powered pods first: full instead of idle power; then of
+        dark pods: full power), in whole runs. Jobs and serving allocate as if these cubes
+        were free: a run they displace loses `preempt_loss_min` of work."""
+        if self.backfill is None:
+            return
+        run = int(self.backfill["run_cubes"])
+        full = self.s.watts_per_chip * CUBE_CHIPS / 1e6
+        lit, dark = full * (1 - self.s.idle_power_fraction), full
+        avail = max(0, self._allocatable())
+        headroom = max(0.0, self.s.power_cap_mw - self.power_mw(drawn=False))
+        in_lit = min(avail, max(0, self.n_powered * self.cubes_per_pod - self.used_total))
+        take_lit = min(in_lit, int(headroom / lit + 1e-9))
+        take_dark = min(avail - take_lit, int((headroom - take_lit * lit) / dark + 1e-9))
+        cubes = (take_lit + take_dark) // run * run
+        if cubes < self.backfill_cubes:
+            yielded = self.backfill_cubes - cubes
+            self.integrals["backfill_lost_chip_h"] += yielded * CUBE_CHIPS * self.backfill["loss_h"]
+            self.integrals["backfill_runs_yielded"] += -(-yielded // run)
+        self.backfill_cubes = cubes
+        on_lit = min(cubes, take_lit)
+        self.backfill_mw = on_lit * lit + (cubes - on_lit) * dark
+
     def _fits(self, slices: list[int], pod_used: list[int]) -> list[list[int]] | None:
         """Where a job's slices (cubes each) would go given per-pod usage (not committed):
         each slice inside one pod, best fit (the fullest powered pod that has room)."""
@@ -412,7 +451,8 @@ class Fleet:
             p = self.power_mw()
             self.integrals["installed_chip_h"] += installed * dt
             self.integrals["allocated_chip_h"] += self.used_total * CUBE_CHIPS * dt
-            self.integrals["energy_mwh"] += p * dt
+            self.integrals["backfill_chip_h"] += self.backfill_cubes * CUBE_CHIPS * dt
+            self.integrals["energy_mwh"] += (p + self.backfill_mw) * dt
             for sv in self.serving:
                 demand = sv.demand_per_s(self.t)
                 cap = sv.chips * sv.tokens_per_s_per_chip * sv.availability
@@ -633,6 +673,7 @@ class Fleet:
     def _on_tick(self, t: float, _: Any) -> None:
         self.resize_serving()
         self.schedule()
+        self.fill()
         self._sample()
 
     def _on_restarted(self, t: float, payload: Any) -> None:
@@ -689,6 +730,7 @@ class Fleet:
             self.advance(t)
             self.events += 1
             handlers[kind](t, payload)
+            self.fill()
             if self.check:
                 self.check_invariants()
         self.advance(max(self.t, horizon))  # integrate up to the horizon
@@ -791,7 +833,7 @@ class Fleet:
             self._set_state(job, "restarting")
 
     def _sample(self) -> None:
-        p = self.power_mw()
+        p = self.power_mw() + self.backfill_mw
         self.peak_power_mw = max(self.peak_power_mw, p)
         training = sum(j.cubes for j in self.jobs.values()) * CUBE_CHIPS
         self.series.append(
@@ -800,6 +842,7 @@ class Fleet:
                 "installed_chips": len(self.pod_used) * self.s.pod_chips,
                 "training_chips": training,
                 "serving_chips": sum(s.chips for s in self.serving),
+                "backfill_chips": self.backfill_cubes * CUBE_CHIPS,
                 "power_mw": p,
                 "spare_chips": self.spares * CUBE_CHIPS,
                 "goodput": self._goodput_so_far(),
@@ -810,10 +853,19 @@ class Fleet:
             }
         )
 
+    def _backfill_good_chip_h(self) -> float:
+        if self.backfill is None:
+            return 0.0
+        return max(0.0, self.integrals["backfill_chip_h"] * self.backfill["goodput"]
+                   - self.integrals["backfill_lost_chip_h"])
+
     def _goodput_so_far(self) -> float:
-        alloc = self.integrals["allocated_chip_h"]
+        """Useful chip-hours (jobs' productive work, serving's available replicas,
+        experiments' work) over the chip-hours held by any of them."""
+        alloc = self.integrals["allocated_chip_h"] + self.integrals["backfill_chip_h"]
         good = (
             sum(j.productive_h * j.chips for j in self.jobs.values()) + self.integrals["serving_good_chip_h"]
+            + self._backfill_good_chip_h()
         )
         return good / alloc if alloc else 0.0
 
@@ -832,9 +884,13 @@ class Fleet:
                 )
         if self.free_total != sum(self.cubes_per_pod - u for u in used):
             raise AssertionError("free cube count is off")
-        if self.power_mw(drawn=False) > self.s.power_cap_mw + 1e-6:
-            raise AssertionError(f"power {self.power_mw(drawn=False):.1f} MW above the cap "
+        if self.power_mw(drawn=False) + self.backfill_mw > self.s.power_cap_mw + 1e-6:
+            raise AssertionError(f"power {self.power_mw(drawn=False) + self.backfill_mw:.1f} MW "
+                                 f"(backfill {self.backfill_mw:.1f}) above the cap "
                                  f"{self.s.power_cap_mw} MW")
+        if self.backfill_cubes > max(0, self._allocatable()):
+            raise AssertionError(f"backfill holds {self.backfill_cubes} cubes, "
+                                 f"{self._allocatable()} are free")
         stalled = sum(j.cubes for j in self.jobs.values() if j.state in STALLED)
         if stalled != self.stalled_cubes:
             raise AssertionError(f"stalled cubes: {self.stalled_cubes} counted, {stalled} held")
@@ -843,7 +899,7 @@ class Fleet:
 
     def summary(self) -> dict[str, Any]:
         s = self.s
-        self.peak_power_mw = max(self.peak_power_mw, self.power_mw())
+        self.peak_power_mw = max(self.peak_power_mw, self.power_mw() + self.backfill_mw)
         jobs = []
         for j in self.jobs.values():
             wall_end = j.finish if j.finish is not None else self.t
@@ -889,6 +945,7 @@ class Fleet:
         installed = self.integrals["installed_chip_h"]
         energy_mwh = self.integrals["energy_mwh"]
         price = s.chip_price
+        idle_h = max(0.0, installed - self.integrals["allocated_chip_h"] - self.integrals["backfill_chip_h"])
         cost_energy = energy_mwh * s.energy_price_per_mwh
         return {
             "scenario": s.name,
@@ -909,7 +966,25 @@ class Fleet:
             )
             if self.integrals["training_chip_h"]
             else 0.0,
-            "utilization": self.integrals["allocated_chip_h"] / installed if installed else 0.0,
+            "utilization": (self.integrals["allocated_chip_h"] + self.integrals["backfill_chip_h"])
+            / installed if installed else 0.0,
+            "utilization_without_backfill": self.integrals["allocated_chip_h"] / installed
+            if installed else 0.0,
+            # installed chip-hours nothing used: hot spares, cubes in repair, free cubes
+            # (lit at idle power or dark), fragments too small for a run
+            "installed_chip_hours": installed,
+            "idle_chip_hours": idle_h,
+            "idle_share": idle_h / installed if installed else 0.0,
+            "idle_cost_usd": idle_h * price if price else None,
+            "backfill": None if self.backfill is None else {
+                "model": s.backfill.model, "run_chips": s.backfill.run_chips,
+                "chip_hours": self.integrals["backfill_chip_h"],
+                "productive_chip_hours": self._backfill_good_chip_h(),
+                "goodput": self._backfill_good_chip_h() / self.integrals["backfill_chip_h"]
+                if self.integrals["backfill_chip_h"] else 0.0,
+                "runs_yielded": int(self.integrals["backfill_runs_yielded"]),
+                "tokens_trained": self._backfill_good_chip_h() * self.backfill["tokens_per_chip_h"],
+                "mfu": self.backfill["mfu"]},
             "energy_gwh": energy_mwh / 1e3,
             "average_power_mw": energy_mwh / self.t if self.t else 0.0,
             "peak_power_mw": self.peak_power_mw,
