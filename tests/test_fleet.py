@@ -129,6 +129,10 @@ def test_the_mission_fleet_is_used_and_its_idle_capacity_stated(mission):
     text = report.text(res)
     assert "idle " in text and "chip-hours" in text and "experiments (backfill" in text
     assert "no backfill: the capacity jobs and serving leave free idles" in report.text(alone)
+    # and its batches: the frontier run's 82,944 sequences are far past its critical batch
+    frontier = next(j for j in res["jobs"] if j["name"] == "frontier-2t")
+    assert frontier["batch"]["past_critical"] and frontier["batch"]["critical"] < 20_000
+    assert "frontier-2t: batch 82,944 sequences, critical" in text
 
 
 def test_power_cap_binds_but_is_never_exceeded_and_no_chip_is_allocated_twice():

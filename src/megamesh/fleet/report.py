@@ -69,6 +69,12 @@ def text(r: dict[str, Any]) -> str:
             f"{j['mtbf_hours'] * 60:>6.0f}m {j['checkpoint_interval_min']:>6.1f}m  "
             + "/".join(f"{b[k]:.0f}" for k in BADPUT)
         )
+    past = [j for j in r["jobs"] if j.get("batch", {}).get("past_critical")]
+    if past:
+        lines += ["", "past their critical batch (plan.convergence; time to train optimistic: "
+                  "more sequences per step than the run can use well):"]
+        lines += [f"  {j['name']}: batch {j['batch']['sequences']:,} sequences, critical "
+                  f"~{j['batch']['critical']:,}" for j in past]
     worth = [j for j in r["jobs"] if j["token_efficiency"] < 1 and not j["not_placed"]]
     if worth:
         lines += ["", "what a DiLoCo token is worth in tokens of synchronous training (plan.quality):"]

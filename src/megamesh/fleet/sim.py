@@ -61,6 +61,7 @@ from megamesh.fleet.scenario import CHIPS_PER_HOST, CUBE_CHIPS, Scenario, Traini
 from megamesh.fleet.theory import daly_goodput, daly_interval
 from megamesh.hardware import CHIPS
 from megamesh.model.specs import param_count
+from megamesh.plan.convergence import critical_batch
 from megamesh.plan.cost import diloco_round_bytes
 from megamesh.plan.layout import Workload
 from megamesh.plan.memory import ADAM_BYTES
@@ -119,6 +120,7 @@ class Job:
     # diloco), with the loss increase behind it and what it extrapolates
     quality: dict = field(default_factory=lambda: {"efficiency": 1.0, "loss_increase": 0.0,
                                                    "extrapolated": None})
+    batch: dict = field(default_factory=dict)  # sequences, critical, past_critical
 
     cubes: int = 0  # sum of `alloc`'s cubes (kept by `assign`: read at every event)
 
@@ -330,6 +332,10 @@ class Fleet:
                      "loss_per_failure_job_s": job.island_loss_h * 3600}
         job.recovery_times = times
         job.replaced_restart_h = job.restart_h
+        batch = spec.batch or default_batch(spec.model, spec.chips, spec.seq, s.chip)
+        crit = critical_batch(preset(spec.model), spec.seq, spec.tokens)
+        job.batch = {"sequences": batch, "critical": crit["sequences"],
+                     "past_critical": batch > crit["sequences"]}
         return job
 
     # ------------------------------------------------------------------ power and capacity
@@ -940,6 +946,9 @@ class Fleet:
                     "recovery": j.recovery,
                     "recovery_times": j.recovery_times,
                     "work_hours_at_full_speed": j.work_h,
+                    # its batch vs the critical batch (plan.convergence): past it, the
+                    # planner's speed overstates how fast the run converges
+                    "batch": j.batch,
                 }
             )
         installed = self.integrals["installed_chip_h"]
