@@ -451,13 +451,49 @@ def test_count_tokens_models_health_metrics(client, server, engine):
         assert name in metrics
 
 
+def test_a_max_tokens_past_the_context_ends_at_the_window(client, engine):
+    """The Messages API accepts a prompt that fits with a max_tokens that does not (Claude
+    Code asks 32,000-64,000) and ends the answer when the context window fills, with
+    stop_reason model_context_window_exceeded (issue 32 point 1)."""
+    prompt = [{"role": "user", "content": "import json"}]
+    with client.messages.stream(model="tiny", max_tokens=64_000, messages=prompt,  # as Claude Code
+                                extra_body={"temperature": 0, "ignore_eos": True}) as stream:
+        msg = stream.get_final_message()
+    assert msg.stop_reason == "model_context_window_exceeded"
+    assert msg.usage.input_tokens + msg.usage.output_tokens == engine.max_len
+    short = client.messages.create(model="tiny", max_tokens=3, messages=prompt,
+                                   extra_body={"ignore_eos": True})
+    assert short.stop_reason == "max_tokens"
+
+
+def test_a_context_past_the_trained_length_is_honoured_and_said(run_dir):
+    """--max-len past the model's trained length (512 here) is not silently cut: the engine
+    serves the longer context (positions past 512 extrapolated) and says so."""
+    from megamesh.serve.server import build_engine
+
+    long = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=1024, dtype="float32",
+                        prefill_chunk=256, log=lambda *_: None)
+    assert long.max_len == 1024 and long.trained_len == 512 and long.extrapolated
+    long.start()
+    try:
+        tok = long.model.tokenizer
+        prompt = tok.encode("def f(): pass\n" * 100).ids  # past 512 positions with its output
+        assert 512 < len(prompt) + 40 <= 1024
+        req, _, last = run_engine(long, prompt, SamplingParams(max_tokens=40, temperature=0,
+                                                                ignore_eos=True))
+        assert last.stop_reason == "max_tokens" and req.n_out == 40
+    finally:
+        long.stop()
+
+
 def test_typed_errors(client, server):
     with pytest.raises(anthropic.BadRequestError, match="messages.0.role"):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
         client.messages.create(model="tiny", max_tokens=0, messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(anthropic.BadRequestError, match="context of 512"):
-        client.messages.create(model="tiny", max_tokens=600, messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 511 maximum"):
+        client.messages.create(model="tiny", max_tokens=5,
+                               messages=[{"role": "user", "content": "def f(): pass\n" * 120}])
     with pytest.raises(anthropic.BadRequestError, match="'image' is not supported"):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}])

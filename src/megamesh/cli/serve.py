@@ -150,6 +150,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         cache_min_tokens=args.cache_min_tokens, batch_db=args.batch_db,
                         batch_concurrency=args.batch_concurrency)
     app = create_app(engine, settings)
+    if engine.extrapolated:
+        print(f"warning: --max-len {engine.max_len:,} is past the {engine.trained_len:,} tokens "
+              f"{m.name!r} was trained on: positions past it are extrapolated (RoPE as its config "
+              f"has it{', with its rope_scaling' if m.cfg.rope_scaling else ''}); quality there is "
+              "not what the model was trained for", flush=True)
     print(f"Message Batches in {Path(args.batch_db).resolve()}", flush=True)
     print(f"connections: at most {limits.max_connections:,}; headers within "
           f"{limits.header_timeout:g} s, body pauses under {limits.body_timeout:g} s and at least "

@@ -145,7 +145,7 @@ def register(app: FastAPI, core: Core) -> None:
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
         sampling = req.sampling()
-        gen = core.start(await prompt_of(core, req), sampling, key)
+        gen = core.start(await prompt_of(core, req), sampling, key, fit_window=True)
         msg_id = "msg_" + secrets.token_hex(12)
         calling = sampling.grammar is not None  # a tool may be called
 

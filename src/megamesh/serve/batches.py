@@ -238,7 +238,7 @@ class Worker:
         self.core.check_model(req.model)
         sampling = req.sampling()
         gen = self.core.start(await prompt_of(self.core, req), sampling, api_key,
-                              background=True)
+                              background=True, fit_window=True)
         self.in_flight[key] = gen
         text = []
         try:

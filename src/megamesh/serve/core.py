@@ -14,6 +14,7 @@ SDK reads the same `error.message`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import secrets
@@ -491,9 +492,10 @@ class Core:
         n_bytes = len(text.encode("utf-8"))
         if n_bytes > self.max_prompt_bytes:
             least = -(-n_bytes // self.max_token_bytes)
-            raise ApiError(400, f"the prompt is {n_bytes:,} bytes: at least {least:,} tokens (no "
-                                f"token of this model is longer than {self.max_token_bytes} bytes), "
-                                f"more than the context of {self.engine.max_len:,} tokens")
+            raise ApiError(400, f"prompt is too long: {n_bytes:,} bytes are at least {least:,} "
+                                f"tokens (no token of this model is longer than "
+                                f"{self.max_token_bytes} bytes), more than the context of "
+                                f"{self.engine.max_len:,} tokens")
         enc = await asyncio.to_thread(self.model.tokenizer.encode, text, add_special_tokens=False)
         ends = [end for _, end in enc.offsets]  # a token is before a mark if it ends there
         return Prompt(enc.ids, [(sum(1 for e in ends if e <= at), label) for at, label in marks])
@@ -501,11 +503,21 @@ class Core:
     # ------------------------------------------------------------------ generation
 
     def start(self, prompt: Prompt, sampling: SamplingParams, key: str, *,
-              background: bool = False) -> Generation:
+              background: bool = False, fit_window: bool = False) -> Generation:
         """Admit into the engine; events arrive on the generation's asyncio queue.
         `background` (Message Batches): at the engine's lower priority, as tenant
-        "batch:<key>", outside the key's interactive concurrency and token-rate limits."""
+        "batch:<key>", outside the key's interactive concurrency and token-rate limits.
+        `fit_window` (the Messages API): a prompt that fits with a max_tokens that does not
+        is accepted, its output cut at the context window (stop_reason
+        model_context_window_exceeded); a prompt that does not fit is the API's 400."""
         self.refuse_if_draining()
+        if fit_window:
+            limit = self.engine.max_len - 1  # at least one position to generate into
+            if len(prompt) > limit:
+                raise ApiError(400, f"prompt is too long: {len(prompt)} tokens > {limit} maximum")
+            if len(prompt) + sampling.max_tokens > self.engine.max_len:
+                sampling = dataclasses.replace(sampling, window_limited=True,
+                                               max_tokens=self.engine.max_len - len(prompt))
         try:
             self.engine.check(len(prompt), sampling.max_tokens)
         except TooLong as e:

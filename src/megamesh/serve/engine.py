@@ -98,13 +98,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_tokens (vLLM's extension)
     grammar: str | None = None  # llguidance grammar the output must follow (tool calls, JSON)
+    # max_tokens was cut to the context window (the Messages API accepts such a request):
+    # reaching it ends with stop_reason model_context_window_exceeded, not max_tokens
+    window_limited: bool = False
 
 
 @dataclass
 class Event:
     text: str = ""  # new text (may be empty)
     done: bool = False
-    stop_reason: str | None = None  # end_turn | max_tokens | stop_sequence | cancelled | error
+    # end_turn | max_tokens | model_context_window_exceeded | stop_sequence | cancelled | error
+    stop_reason: str | None = None
     stop_sequence: str | None = None
     output_tokens: int = 0  # generated so far (the end-of-sequence token is not counted)
     error: str | None = None
@@ -237,7 +241,10 @@ class Engine:
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
-        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        # past the trained length positions are extrapolated (RoPE as the config has it):
+        # the operator's choice, said at start-up (`extrapolated`)
+        self.max_len = max_len or cfg.max_seq_len
+        self.trained_len = cfg.max_seq_len
         if slots < 1:
             raise MegameshError(f"--slots {slots} is not allowed: at least 1")
         if self.max_len < 2:
@@ -352,6 +359,11 @@ class Engine:
         # XLA, which aborts the process: it stops after the executable in hand
         if self._compiler is not None:
             self._compiler.join(timeout=300)
+
+    @property
+    def extrapolated(self) -> bool:
+        """The context is longer than the model was trained for."""
+        return self.max_len > self.trained_len
 
     def check(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt + max_tokens > self.max_len:
@@ -815,7 +827,8 @@ class Engine:
             if hit is not None:
                 self._finish(req, hit.reason, text=text + hit.text, sequence=hit.sequence)
             else:
-                self._finish(req, "max_tokens", text=text + more + req.stopper.flush())
+                self._finish(req, "model_context_window_exceeded" if req.sampling.window_limited
+                             else "max_tokens", text=text + more + req.stopper.flush())
         elif text:
             req.emit(Event(text=text, output_tokens=req.n_out))
 

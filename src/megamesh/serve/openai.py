@@ -27,7 +27,8 @@ from megamesh.serve.core import (
 from megamesh.serve.engine import SamplingParams
 
 # the engine's stop reasons in OpenAI's words
-FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+          "model_context_window_exceeded": "length"}
 
 
 class OpenAIMessage(OpenSchema):
