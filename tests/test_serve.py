@@ -486,6 +486,38 @@ def test_a_context_past_the_trained_length_is_honoured_and_said(run_dir):
         long.stop()
 
 
+def test_several_model_ids_and_any_model(engine):
+    """--alias: more ids the model answers to (the id Claude Code sends, say), listed by
+    /v1/models; responses name the id the request used; an unknown id is a 404 naming the
+    served ones. --any-model: any id is answered (a proxy's backend)."""
+    from megamesh.serve.api import Settings, create_app
+    from megamesh.serve.server import start_in_thread
+
+    hello = [{"role": "user", "content": "hi"}]
+    running = start_in_thread(create_app(engine, Settings(aliases=("house-model",))),
+                              log=lambda *_: None)
+    try:
+        sdk = anthropic.Anthropic(base_url=running.url, api_key="k", max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == ["tiny", "house-model"]
+        msg = sdk.messages.create(model="house-model", max_tokens=2, messages=hello)
+        assert msg.model == "house-model"
+        oa = openai.OpenAI(base_url=running.url + "/v1", api_key="k", max_retries=0)
+        assert oa.chat.completions.create(model="house-model", max_tokens=2,
+                                          messages=hello).model == "house-model"
+        with pytest.raises(anthropic.NotFoundError, match="serves 'tiny', 'house-model'"):
+            sdk.messages.create(model="other-model", max_tokens=2, messages=hello)
+    finally:
+        running.stop()
+    running = start_in_thread(create_app(engine, Settings(any_model=True)), log=lambda *_: None)
+    try:
+        sdk = anthropic.Anthropic(base_url=running.url, api_key="k", max_retries=0)
+        assert sdk.messages.create(model="anything-at-all", max_tokens=2,
+                                   messages=hello).model == "anything-at-all"
+        assert sdk.models.retrieve("anything-at-all").id == "anything-at-all"
+    finally:
+        running.stop()
+
+
 def test_typed_errors(client, server):
     with pytest.raises(anthropic.BadRequestError, match="messages.0.role"):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "robot", "content": "x"}])

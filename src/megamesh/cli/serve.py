@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accept only these keys (x-api-key or Authorization: Bearer); repeatable")
     p.add_argument("--name", help="model id clients send (default: the model's name)")
+    p.add_argument("--alias", action="append", default=[], metavar="ID",
+                   help="another model id this model answers to (repeatable; e.g. the id a "
+                   "client such as Claude Code sends); listed by /v1/models")
+    p.add_argument("--any-model", action="store_true",
+                   help="answer whatever model id a request names (a proxy in front of one "
+                   "model); responses name the id the request used")
     p.add_argument("--mesh", help="serving layout such as tensor=4 (default: all devices on tensor)")
     p.add_argument("--slots", type=int, default=16,
                    help="concurrent sequences (rows of the decode batch; default 16)")
@@ -106,6 +112,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_concurrency < 0:
         raise ConfigError(f"--batch-concurrency {args.batch_concurrency} is not allowed: >= 0 "
                           "(0: --slots)")
+    for alias in args.alias:
+        if not alias.strip() or len(alias) > 256:
+            raise ConfigError(f"--alias {alias!r} is not allowed: a model id of 1 to 256 characters")
     if args.max_body_mb <= 0:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} is not allowed: > 0")
     if not 0 <= args.drain_seconds <= 86400:
@@ -148,7 +157,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         max_concurrent_per_key=args.max_concurrent_per_key,
                         input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
                         cache_min_tokens=args.cache_min_tokens, batch_db=args.batch_db,
-                        batch_concurrency=args.batch_concurrency)
+                        batch_concurrency=args.batch_concurrency, aliases=tuple(args.alias),
+                        any_model=args.any_model)
     app = create_app(engine, settings)
     if engine.extrapolated:
         print(f"warning: --max-len {engine.max_len:,} is past the {engine.trained_len:,} tokens "

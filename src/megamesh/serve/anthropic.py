@@ -128,19 +128,18 @@ def usage_of(core: Core, gen: Generation) -> dict[str, int]:
     return prompt_cache(core).usage(gen.prompt, gen.cached_tokens or 0)
 
 
-def message_object(core: Core, gen: Generation, text: str, ev: Event,
-                   calling: bool) -> dict[str, Any]:
-    """A whole (non-streamed) Messages API response for a finished generation."""
+def message_object(core: Core, gen: Generation, text: str, ev: Event, calling: bool,
+                   model: str) -> dict[str, Any]:
+    """A whole (non-streamed) Messages API response for a finished generation; `model`:
+    the id the request named (one this server answers to)."""
     content, stop_reason = content_of(text, ev.stop_reason, calling)
     return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
-            "model": core.model.name, "content": content,
+            "model": model, "content": content,
             "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
             "usage": {**usage_of(core, gen), "output_tokens": ev.output_tokens}}
 
 
 def register(app: FastAPI, core: Core) -> None:
-    name = core.model.name
-
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
@@ -151,13 +150,13 @@ def register(app: FastAPI, core: Core) -> None:
 
         if not req.stream:
             text, ev = await core.complete(request, gen)
-            return JSONResponse(message_object(core, gen, text, ev, calling))
+            return JSONResponse(message_object(core, gen, text, ev, calling, req.model))
 
         async def events():
             await gen.admitted()  # the usage says what the engine found cached
             usage_in = usage_of(core, gen)
             yield _sse("message_start", {"type": "message_start", "message": {
-                "id": msg_id, "type": "message", "role": "assistant", "model": name,
+                "id": msg_id, "type": "message", "role": "assistant", "model": req.model,
                 "content": [], "stop_reason": None, "stop_sequence": None,
                 "usage": {**usage_in, "output_tokens": 0}}})
             reader, index, block, called = tools.CallReader(), -1, None, False

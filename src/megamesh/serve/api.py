@@ -54,8 +54,8 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------------ models, health, metrics
 
-    def model_object() -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "type": "model", "display_name": model.name,
+    def model_object(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "type": "model", "display_name": model_id,
                 "created": model.created,
                 "created_at": datetime.fromtimestamp(model.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "owned_by": "megamesh", "max_input_tokens": engine.max_len - 1,
@@ -63,15 +63,18 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
+        """The configured ids (the model's name and its --alias ids; with --any-model the
+        server answers others too, which no list can show)."""
         core.authorize(request)
-        return JSONResponse({"object": "list", "data": [model_object()], "has_more": False,
-                             "first_id": model.name, "last_id": model.name})
+        ids = core.model_ids
+        return JSONResponse({"object": "list", "data": [model_object(i) for i in ids],
+                             "has_more": False, "first_id": ids[0], "last_id": ids[-1]})
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(request: Request, model_id: str) -> Response:
         core.authorize(request)
         core.check_model(model_id)
-        return JSONResponse(model_object())
+        return JSONResponse(model_object(model_id))
 
     @app.get("/health")
     async def health() -> Response:

@@ -254,7 +254,8 @@ class Worker:
             raise ApiError(500, "generation failed")
         calling = sampling.grammar is not None
         return "succeeded", {"type": "succeeded",
-                             "message": message_object(self.core, gen, "".join(text), ev, calling)}
+                             "message": message_object(self.core, gen, "".join(text), ev, calling,
+                                                        req.model)}
 
 
 def register(app: FastAPI, core: Core, store: BatchStore, concurrency: int) -> Worker:

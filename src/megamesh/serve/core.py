@@ -73,6 +73,8 @@ class Settings:
     cache_min_tokens: int = 1024  # the shortest prefix prompt caching writes (Claude Sonnet's)
     batch_db: str | None = None  # Message Batches' SQLite file (None: in memory, lost at exit)
     batch_concurrency: int = 0  # batch requests in the engine at once (0: its slots)
+    aliases: tuple[str, ...] = ()  # more model ids this model answers to
+    any_model: bool = False  # answer whatever model id a request names (a proxy's backend)
 
 
 class TokenBucket:
@@ -464,10 +466,18 @@ class Core:
             msg = f"this field {UNSUPPORTED}" if unsupported else err["msg"]
             raise ApiError(400, f"{clip(loc, 200, quote=False) or 'body'}: {msg}{more}") from None
 
+    @property
+    def model_ids(self) -> list[str]:
+        """The ids this server answers to: the model's name, then its aliases."""
+        return [self.model.name, *(a for a in self.settings.aliases if a != self.model.name)]
+
     def check_model(self, name: str) -> None:
-        if name != self.model.name:
-            raise ApiError(404, f"model: {clip(name)} is not served here; this server serves "
-                                f"{self.model.name!r}")
+        """404 unless `name` is an id served here (any, with `any_model`); responses
+        name the model by the id the request used."""
+        if self.settings.any_model or name in self.model_ids:
+            return
+        ids = ", ".join(repr(i) for i in self.model_ids)
+        raise ApiError(404, f"model: {clip(name)} is not served here; this server serves {ids}")
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> tuple[str, Any]:
         """The preamble of every model route: (API key, validated body for this model).

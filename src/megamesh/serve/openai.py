@@ -139,8 +139,6 @@ def _is_json(text: str) -> bool:
 
 
 def register(app: FastAPI, core: Core) -> None:
-    name = core.model.name
-
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         key, req = await core.parse(request, ChatRequest)
@@ -196,7 +194,7 @@ def register(app: FastAPI, core: Core) -> None:
                      "function": {"name": fn, "arguments": args}}]}
                 reason = "tool_calls" if ev.stop_reason == "end_turn" else reason
             return JSONResponse({
-                "id": cid, "object": "chat.completion", "created": created, "model": name,
+                "id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": [{"index": 0, "message": message, "finish_reason": reason,
                              "logprobs": None}],
                 "usage": usage(ev.output_tokens)})
@@ -204,7 +202,7 @@ def register(app: FastAPI, core: Core) -> None:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
         def chunk(delta: dict[str, Any], reason: str | None) -> bytes:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
             return f"data: {sse_json(body)}\n\n".encode()
 
@@ -233,7 +231,7 @@ def register(app: FastAPI, core: Core) -> None:
             yield chunk({}, "tool_calls" if called_all else FINISH[ev.stop_reason])
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": name, "choices": [], "usage": usage(gen.n_out)}
+                        "model": req.model, "choices": [], "usage": usage(gen.n_out)}
                 yield f"data: {sse_json(body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
