@@ -798,7 +798,10 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
 @pytest.mark.parametrize("route,extra,needle", [
     ("/v1/messages", {"frequency_penalty": 0.5}, "frequency_penalty: this field is not supported"),
     ("/v1/messages", {"container": "x"}, "container: this field is not supported"),
-    ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking:"),
+    ("/v1/messages", {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+     "`max_tokens` must be greater than `thinking.budget_tokens`"),
+    ("/v1/messages", {"thinking": {"type": "sometimes"}}, "thinking.type: Input should be"),
+    ("/v1/messages", {"output_config": {"effort": "extreme"}}, "output_config.effort: Input should"),
     ("/v1/messages", {"tool_choice": {"type": "any"}}, "tool_choice: 'any' needs tools"),
     ("/v1/messages", {"tools": [{"name": "t", "input_schema": {"type": "string"}}]},
      "tools.0.input_schema: must be a JSON schema of \"type\": \"object\""),
@@ -830,6 +833,32 @@ def test_unsupported_fields_are_refused_by_name(server, route, extra, needle):
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}], **extra}
     r = httpx.post(server.url + route, json=body)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_what_claude_code_sends_is_accepted(client):
+    """Issue 32 point 2: a system message mid-conversation, thinking (adaptive, or enabled
+    with a budget), output_config.effort, an earlier assistant turn's thinking block: all
+    accepted (no thinking blocks come back: the model does not think); output_config.format
+    is structured output."""
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "they greet", "signature": "c2ln"},
+                    {"type": "text", "text": "hello"}]},
+                {"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": "and now?"}]
+    for thinking in ({"type": "adaptive"}, {"type": "enabled", "budget_tokens": 1024}):
+        with client.messages.stream(model="tiny", max_tokens=2048, messages=messages,
+                                    thinking=thinking, metadata={"user_id": "u1"},
+                                    extra_body={"output_config": {"effort": "high"}}) as stream:
+            msg = stream.get_final_message()
+        assert msg.content and all(b.type == "text" for b in msg.content)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    out = client.messages.create(model="tiny", max_tokens=24, messages=messages[-1:], extra_body={
+        "temperature": 0, "output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    import jsonschema
+
+    jsonschema.validate(json.loads(out.content[0].text), schema)
 
 
 def test_fields_at_harmless_values_are_accepted(client, server):

@@ -33,7 +33,9 @@ Blocks = Annotated[list[dict[str, Any]], FAIL_FAST]  # the first bad block, not 
 
 
 class AnthropicMessage(OpenSchema):
-    role: Literal["user", "assistant"]
+    # "system": a system message at its place in the conversation (the Messages API's
+    # mid-conversation system messages, as Claude Code sends them)
+    role: Literal["user", "assistant", "system"]
     content: str | Blocks
 
 
@@ -43,7 +45,9 @@ class CountTokensRequest(OpenSchema):
     system: str | Blocks | None = None
     tools: list[Any] | None = None  # [{name, description, input_schema}] (serve.tools)
     tool_choice: dict[str, Any] | None = None  # {"type": auto | any | tool (+ name) | none}
-    thinking: dict[str, Any] | None = None  # refused unless disabled
+    # enabled (budget_tokens >= 1024) / adaptive / disabled: accepted; this server's models
+    # do not think, so no thinking blocks come back (docs/serving.md)
+    thinking: dict[str, Any] | None = None
 
 
 class MessagesRequest(CountTokensRequest):
@@ -58,13 +62,23 @@ class MessagesRequest(CountTokensRequest):
     metadata: dict[str, Any] | None = None  # accepted: an end-user id changes no output
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says
+    # effort (advisory: low | medium | high | max) and format (structured output)
+    output_config: dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
+        grammar = tool_setup(self)[1]
+        fmt = output_format(self)
+        if fmt is not None:
+            if grammar is not None:
+                raise ApiError(400, "output_config.format: structured output with tools that may "
+                                    "be called is not supported by this server (set tool_choice "
+                                    "none, or leave format out)")
+            grammar = tools.json_grammar(fmt)
         return SamplingParams(max_tokens=self.max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
                               stop=tuple(self.stop_sequences or ()), ignore_eos=self.ignore_eos,
-                              grammar=tool_setup(self)[1])
+                              grammar=grammar)
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
@@ -91,15 +105,60 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
     return found, tools.grammar(found, kind, name if kind == "tool" else None)
 
 
+EFFORTS = ("low", "medium", "high", "max")
+
+
+def check_thinking(req: MessagesRequest | CountTokensRequest) -> None:
+    """`thinking` as the Messages API takes it (400 in its terms otherwise). Accepted
+    and answered without thinking blocks: this server's models do not think."""
+    t = req.thinking
+    if t is None:
+        return
+    if not isinstance(t, dict) or t.get("type") not in ("enabled", "disabled", "adaptive"):
+        raise ApiError(400, "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
+    allowed = {"enabled": {"type", "budget_tokens"}}.get(t["type"], {"type"})
+    extra = sorted(set(t) - allowed)
+    if extra:
+        raise ApiError(400, f"thinking.{clip(extra[0], quote=False)}: Extra inputs are not permitted")
+    if t["type"] == "enabled":
+        budget = t.get("budget_tokens")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
+            raise ApiError(400, "thinking.enabled.budget_tokens: Input should be greater than or "
+                                "equal to 1024")
+        if isinstance(req, MessagesRequest) and budget >= req.max_tokens:
+            raise ApiError(400, "`max_tokens` must be greater than `thinking.budget_tokens`")
+
+
+def output_format(req: MessagesRequest) -> dict[str, Any] | None:
+    """`output_config`'s JSON schema for the answer (structured output), if any; its
+    `effort` is checked and advisory (one effort here)."""
+    cfg = req.output_config or {}
+    extra = sorted(set(cfg) - {"effort", "format"})
+    if extra:
+        raise ApiError(400, f"output_config.{clip(extra[0], quote=False)}: Extra inputs are not "
+                            "permitted")
+    if "effort" in cfg and cfg["effort"] not in EFFORTS:
+        raise ApiError(400, f"output_config.effort: Input should be {', '.join(map(repr, EFFORTS))}")
+    fmt = cfg.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or \
+            not isinstance(fmt.get("schema"), dict):
+        raise ApiError(400, "output_config.format: must be {\"type\": \"json_schema\", \"schema\": "
+                            "{...}}")
+    return fmt["schema"]
+
+
 async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Prompt:
     """The prompt of a Messages request (400 for what is not supported)."""
-    if req.thinking and req.thinking.get("type") not in (None, "disabled"):
-        raise ApiError(400, "thinking: extended thinking is not supported by this server")
+    check_thinking(req)
     found, _ = tool_setup(req)
     system = content_text(req.system, "system", caching=True) or None
     if found:
         system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
-    turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True, tool_blocks=True))
+    turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True,
+                                   tool_blocks=m.role != "system",
+                                   thinking_blocks=m.role == "assistant"))
              for i, m in enumerate(req.messages)]
     return await encode_prompt(core, system, turns)
 

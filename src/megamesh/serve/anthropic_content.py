@@ -23,12 +23,14 @@ MAX_BREAKPOINTS = 4  # the Messages API's limit per request
 
 
 def content_text(content: str | list[dict[str, Any]] | None, where: str, *, caching: bool = False,
-                 tool_blocks: bool = False) -> str:
+                 tool_blocks: bool = False, thinking_blocks: bool = False) -> str:
     """The text of a message's content; any block other than text is refused (never
-    dropped). With `caching`, a block's `cache_control` ({"type": "ephemeral"}, optional
-    "ttl" 5m or 1h) puts a breakpoint marker (`BREAKPOINT` + ttl) after its text. With
-    `tool_blocks`, tool_use and tool_result blocks are rendered as `serve.tools` writes
-    them."""
+    silently dropped). With `caching`, a block's `cache_control` ({"type": "ephemeral"},
+    optional "ttl" 5m or 1h) puts a breakpoint marker (`BREAKPOINT` + ttl) after its text.
+    With `tool_blocks`, tool_use and tool_result blocks are rendered as `serve.tools` writes
+    them. With `thinking_blocks` (an assistant turn), its thinking and redacted_thinking
+    blocks are accepted and left out of the prompt, as the Messages API leaves earlier
+    turns' thinking out of the context."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -38,6 +40,8 @@ def content_text(content: str | list[dict[str, Any]] | None, where: str, *, cach
     parts = []
     for i, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
+        if thinking_blocks and kind in ("thinking", "redacted_thinking"):
+            continue
         if tool_blocks and kind in ("tool_use", "tool_result"):
             parts.append(_tool_block(block, f"{where}.content.{i}", caching))
             continue
