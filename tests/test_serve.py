@@ -758,6 +758,58 @@ def test_tool_use_through_the_anthropic_sdk(client):
     assert auto.content and auto.stop_reason in ("end_turn", "max_tokens", "tool_use")
 
 
+# a tool as Claude Code writes them (JSON Schema 2020-12, `propertyNames`): the grammar
+# engine cannot enforce `propertyNames`, which used to make every request a 400
+ENV_TOOL = {"name": "run", "description": "Run a command.", "input_schema": {
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+    "properties": {"command": {"type": "string", "maxLength": 40},
+                   "env": {"type": "object", "propertyNames": {"pattern": "^[A-Z_]+$"},
+                           "additionalProperties": {"type": "string", "maxLength": 8}}},
+    "required": ["command", "env"], "additionalProperties": False}}
+
+
+def test_schema_keywords_the_grammar_engine_lacks_are_checked_after_decoding():
+    """Issue 32 point 3, the pieces: decoding enforces the schema less what llguidance
+    does not implement (a property named like the keyword stays); the full schema is
+    checked on the finished input with a JSON Schema validator."""
+    from megamesh.serve.tools import Tool, check_input, enforceable
+
+    enforced, dropped = enforceable(ENV_TOOL["input_schema"])
+    assert dropped == ("propertyNames",)
+    assert "propertyNames" not in enforced["properties"]["env"]
+    assert enforced["properties"]["env"]["additionalProperties"] == {"type": "string", "maxLength": 8}
+    odd = enforceable({"type": "object", "properties": {"propertyNames": {"type": "string"}}})
+    assert odd[1] == () and "propertyNames" in odd[0]["properties"]
+    tool = Tool("run", "", ENV_TOOL["input_schema"])
+    assert check_input(tool, {"command": "ls", "env": {"HOME": "/"}}) is None
+    assert "does not match" in check_input(tool, {"command": "ls", "env": {"home": "/"}})
+
+
+def test_a_tool_the_grammar_cannot_fully_enforce_is_called_not_refused(client, server):
+    """The request is served (it used to be a 400 'Unimplemented keys'); the call's
+    input follows every keyword but propertyNames by construction, and a break of that one
+    is counted in megamesh_tool_input_invalid_total exactly when the validator finds it."""
+    from megamesh.serve.tools import Tool, check_input
+
+    def invalid() -> float:
+        text = httpx.get(server.url + "/metrics").text
+        return float(next(x for x in text.splitlines()
+                          if x.startswith("megamesh_tool_input_invalid_total")).split()[-1])
+
+    before = invalid()
+    m = client.messages.create(model="tiny", max_tokens=96, tools=[ENV_TOOL],
+                               tool_choice={"type": "tool", "name": "run"},
+                               messages=[{"role": "user", "content": "list files"}],
+                               extra_body={"temperature": 0})
+    assert m.stop_reason in ("tool_use", "max_tokens"), m.content
+    if m.stop_reason == "tool_use":
+        call = m.content[-1]
+        broken = check_input(Tool("run", "", ENV_TOOL["input_schema"]), call.input)
+        assert len(call.input["command"]) <= 40
+        assert all(len(v) <= 8 for v in call.input["env"].values())
+        assert invalid() == before + (1 if broken else 0)
+
+
 def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
     """OpenAI tools: tool_choice required / a named function gives a tool call whose
     arguments are valid for its parameters (finish_reason tool_calls), also streamed; a

@@ -204,6 +204,8 @@ def register(app: FastAPI, core: Core) -> None:
         key, req = await core.parse(request, MessagesRequest)
         sampling = req.sampling()
         gen = core.start(await prompt_of(core, req), sampling, key, fit_window=True)
+        if sampling.grammar is not None and req.tools:
+            gen.tools = tool_setup(req)[0]
         msg_id = "msg_" + secrets.token_hex(12)
         calling = sampling.grammar is not None  # a tool may be called
 

@@ -258,6 +258,9 @@ class Metrics:
         self.e2e = Histogram("megamesh_request_latency_seconds", "end-to-end latency", buckets=buckets,
                              registry=r)
         self.connections = Gauge("megamesh_http_connections", "open HTTP connections", registry=r)
+        self.tool_input_invalid = PromCounter(
+            "megamesh_tool_input_invalid", "tool calls whose input breaks a schema keyword the "
+            "grammar engine could not enforce (returned as generated)", registry=r)
         self.connections_closed = PromCounter(
             "megamesh_http_connections_closed", "connections this server closed before a whole "
             "request, by reason (header_timeout, body_timeout, bad_request, over_cap, "
@@ -346,6 +349,8 @@ class Generation:
     pending: list[Event] = field(default_factory=list)  # read by `admitted`, not yet by `events`
     background: bool = False  # a Message Batches request (no interactive limits, metrics)
     aborted: str | None = None  # why the server ended it (shutting down), if it did
+    tools: list = field(default_factory=list)  # the tools it may call (their input is checked)
+    text: list[str] = field(default_factory=list)  # its output so far (when it may call tools)
 
     @property
     def prompt_tokens(self) -> int:
@@ -359,6 +364,8 @@ class Generation:
         return self.pending
 
     def note(self, ev: Event) -> Event:
+        if self.tools and ev.text:
+            self.text.append(ev.text)
         if ev.cached_tokens is not None and self.cached_tokens is None:
             self.cached_tokens = ev.cached_tokens
         self.n_out = ev.output_tokens
@@ -603,6 +610,8 @@ class Core:
         self.engine.cancel(gen.handle)
         m = self.metrics
         m.output_tokens.inc(gen.n_out)
+        if gen.tools:
+            self._check_tool_input(gen)
         if gen.background:  # latency metrics are the interactive traffic's
             return
         if gen.reserved and gen.key in self.buckets:  # output reserved but not generated
@@ -644,6 +653,27 @@ class Core:
         if failed:
             raise failed
         return "".join(text), ev
+
+    def _check_tool_input(self, gen: Generation) -> None:
+        """A finished call's input against its tool's full schema: decoding enforced all
+        but the keywords the grammar engine lacks (`tools.enforceable`); a mismatch is
+        returned as generated, as the Messages API returns a model's call (the client
+        validates it, as Claude Code does), and counted and logged here."""
+        from megamesh.serve import tools as tool_mod
+
+        _, name, args = tool_mod.parse("".join(gen.text))
+        tool = next((t for t in gen.tools if t.name == name), None)
+        if tool is None:
+            return
+        try:
+            value = json.loads(args)
+        except json.JSONDecodeError:
+            return  # cut off before it was whole (max_tokens): not a call
+        problem = tool_mod.check_input(tool, value)
+        if problem:
+            self.metrics.tool_input_invalid.inc()
+            self.engine.log(f"tool {clip(name)}: the input breaks a schema keyword decoding could "
+                            f"not enforce ({clip(problem, 200, quote=False)})")
 
     def failure(self, gen: Generation, ev: Event) -> ApiError | None:
         """How a generation that did not finish ends its response (None when it did): a 503

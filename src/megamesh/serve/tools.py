@@ -17,6 +17,7 @@ Earlier turns render a call the same way and a tool's result as
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -37,7 +38,77 @@ class ToolError(ValueError):
 class Tool:
     name: str
     description: str
-    schema: dict[str, Any]  # the input's JSON schema
+    schema: dict[str, Any]  # the input's JSON schema (as given: rendered, and checked after)
+
+    @property
+    def enforced(self) -> dict[str, Any]:
+        """The part of `schema` the grammar engine enforces while decoding."""
+        return enforceable(self.schema)[0]
+
+
+# JSON Schema keywords whose values are subschemas (or maps or lists of them): where a
+# keyword the grammar engine cannot enforce may sit
+_SUBSCHEMA = ("additionalProperties", "items", "not", "if", "then", "else", "contains",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties", "additionalItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_UNIMPLEMENTED = re.compile(r"Unimplemented keys: (\[[^\]]*\])")
+
+
+def _without(schema: Any, drop: frozenset[str]) -> Any:
+    """`schema` with the keywords in `drop` removed wherever a subschema may be (never a
+    property that happens to bear such a name)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in drop:
+            continue
+        if k in _SUBSCHEMA:
+            v = _without(v, drop)
+        elif k in _SUBSCHEMA_MAPS and isinstance(v, dict):
+            v = {name: _without(sub, drop) for name, sub in v.items()}
+        elif k in _SUBSCHEMA_LISTS and isinstance(v, list):
+            v = [_without(sub, drop) for sub in v]
+        out[k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _enforceable(text: str) -> tuple[str, tuple[str, ...]]:
+    import llguidance
+
+    schema, dropped = json.loads(text), ()
+    current = schema
+    for _ in range(16):
+        err = llguidance.LLMatcher.validate_grammar(f"start: value\nvalue: %json {_compact(current)}\n",
+                                                    None)
+        found = _UNIMPLEMENTED.search(err or "")
+        new = [k for k in (json.loads(found.group(1)) if found else []) if k not in dropped]
+        if not new:
+            break
+        dropped += tuple(new)
+        current = _without(schema, frozenset(dropped))
+    return json.dumps(current), dropped
+
+
+def enforceable(schema: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """(`schema` less the keywords llguidance does not implement, those keywords): what
+    constrained decoding enforces. The full schema is checked on the finished input
+    (`check_input`): a keyword such as `propertyNames` (Claude Code's tools have it) is
+    never a 400."""
+    text, dropped = _enforceable(json.dumps(schema, sort_keys=True))
+    return json.loads(text), dropped
+
+
+def check_input(tool: Tool, tool_input: Any) -> str | None:
+    """Where a finished tool input breaks its full schema (None when it does not): only
+    the keywords decoding could not enforce can be broken."""
+    import jsonschema
+
+    validator = jsonschema.validators.validator_for(tool.schema)(tool.schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(tool_input))
+    return None if error is None else f"{'/'.join(map(str, error.absolute_path)) or 'input'}: {error.message}"
 
 
 def check_tools(raw: list[Any], where: str = "tools") -> list[Tool]:
@@ -87,14 +158,14 @@ def grammar(tools: list[Tool], choice: str, name: str | None = None) -> str | No
         return None
     chosen = [t for t in tools if name is None or t.name == name]
     calls = " | ".join(f'"{t.name}\\n" input_{i}' for i, t in enumerate(chosen))
-    rules = "\n".join(f"input_{i}: %json {_compact(t.schema)}" for i, t in enumerate(chosen))
+    rules = "\n".join(f"input_{i}: %json {_compact(t.enforced)}" for i, t in enumerate(chosen))
     start = f'"{TRIGGER}" call' + (" | PROSE" if choice == "auto" else "")
     return f"start: {start}\ncall: {calls}\n{rules}\nPROSE: /[^<](?s:.*)/\n"
 
 
 def json_grammar(schema: dict[str, Any]) -> str:
     """The grammar of a response that is one JSON value valid for `schema`."""
-    return f"start: value\nvalue: %json {_compact(schema)}\n"
+    return f"start: value\nvalue: %json {_compact(enforceable(schema)[0])}\n"
 
 
 class CallReader:
