@@ -913,6 +913,82 @@ def test_what_claude_code_sends_is_accepted(client):
     jsonschema.validate(json.loads(out.content[0].text), schema)
 
 
+@pytest.fixture(scope="module")
+def long_server(run_dir):
+    """The tiny model at a context of 16,384 tokens (trained at 512: extrapolated), one
+    slot: room for Claude Code's tool schemas."""
+    from megamesh.serve.api import create_app
+    from megamesh.serve.server import build_engine, start_in_thread
+
+    eng = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=16384, dtype="float32",
+                       log=lambda *_: None)
+    eng.start()
+    running = start_in_thread(create_app(eng), log=lambda *_: None)
+    yield running
+    running.stop()
+    eng.stop()
+
+
+def test_claude_codes_own_request_is_served(long_server):
+    """The request Claude Code 2.1.328 sends by default (recorded from a real run,
+    tests/data/claude_code: its 12 tools' schemas, thinking enabled with display omitted,
+    context_management clear_thinking, its betas, three system blocks with cache_control,
+    `?beta=true`), with short texts in place of its prompts: streamed to message_stop, the
+    context_management report in message_delta."""
+    from pathlib import Path
+
+    rec = json.loads((Path(__file__).parent / "data" / "claude_code" / "request-2.1.328.json").read_text())
+    tools = [{"name": t["name"], "description": "a tool", "input_schema": t["input_schema"],
+              **({"defer_loading": t["defer_loading"]} if "defer_loading" in t else {})}
+             for t in rec["tools"]]
+    body = {**rec["request"], "model": "tiny", "tools": tools,
+            "system": [{"type": "text", "text": f"system part {i}", **({"cache_control": b["cache_control"]}
+                                                                      if b["cache_control"] else {})}
+                       for i, b in enumerate(rec["system_blocks"])],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "say hi",
+                                                       "cache_control": {"type": "ephemeral"}}]}],
+            "metadata": {"user_id": json.dumps({"device_id": "d", "session_id": "s"})},
+            "temperature": 0}
+    body["max_tokens"] = 32000  # as recorded (past the window: cut there, if it gets that far)
+    headers = {"anthropic-beta": ",".join(rec["anthropic_beta"]), "anthropic-version": "2023-06-01",
+               "x-api-key": "k"}
+    events = []
+    with httpx.stream("POST", long_server.url + "/v1/messages?beta=true", json=body,
+                      headers=headers, timeout=600) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["type"] == "message_stop"
+    delta = next(e for e in events if e["type"] == "message_delta")
+    assert delta["context_management"] == {"applied_edits": []}  # keep: "all" clears nothing
+
+
+def test_context_management_clears_old_tool_results():
+    """clear_tool_uses_20250919 past its trigger: all but the last `keep` results become
+    the placeholder (never an excluded tool's), counted; the prompt shrinks."""
+    from megamesh.serve.anthropic import AnthropicMessage
+    from megamesh.serve.context_edits import PLACEHOLDER, clear_tool_uses, parse
+
+    msgs = []
+    for i, name in enumerate(["read", "read", "bash", "read"]):
+        msgs += [AnthropicMessage(role="assistant", content=[{"type": "tool_use", "id": f"t{i}",
+                                                              "name": name, "input": {"n": i}}]),
+                 AnthropicMessage(role="user", content=[{"type": "tool_result", "tool_use_id": f"t{i}",
+                                                         "content": "x" * 100}])]
+    (edit,) = parse({"edits": [{"type": "clear_tool_uses_20250919", "keep": {"type": "tool_uses",
+                                                                             "value": 1},
+                                "exclude_tools": ["bash"], "clear_tool_inputs": True}]})
+    cleared, n = clear_tool_uses(msgs, edit)
+    assert n == 2  # t0 and t1 (t2 is bash, t3 is kept)
+    results = [m.content[0]["content"] for m in cleared if m.role == "user"]
+    assert results == [PLACEHOLDER, PLACEHOLDER, "x" * 100, "x" * 100]
+    assert [m.content[0]["input"] for m in cleared if m.role == "assistant"] == [{}, {}, {"n": 2}, {"n": 3}]
+    assert msgs[1].content[0]["content"] == "x" * 100  # the request itself is not changed
+    with pytest.raises(Exception, match="context_management.edits.0.type"):
+        parse({"edits": [{"type": "clear_everything"}]})
+
+
 def test_fields_at_harmless_values_are_accepted(client, server):
     ok = client.messages.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "x"}],
                                 metadata={"user_id": "u1"}, service_tier="auto",

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
-from megamesh.serve import tools
+from megamesh.serve import context_edits, tools
 from megamesh.serve.anthropic_content import content_text, encode_prompt, prompt_cache
 from megamesh.serve.core import (
     FAIL_FAST,
@@ -48,6 +48,7 @@ class CountTokensRequest(OpenSchema):
     # enabled (budget_tokens >= 1024) / adaptive / disabled: accepted; this server's models
     # do not think, so no thinking blocks come back (docs/serving.md)
     thinking: dict[str, Any] | None = None
+    context_management: dict[str, Any] | None = None  # edits: serve.context_edits
 
 
 class MessagesRequest(CountTokensRequest):
@@ -107,6 +108,33 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
 
 EFFORTS = ("low", "medium", "high", "max")
 
+# `anthropic-beta` values this server knows, and what each changes here (the betas Claude
+# Code sends, recorded in tests/data/claude_code). Others are accepted, ignored, counted
+# (megamesh_unknown_betas_total) and logged once: a beta gates an API feature, and a
+# feature this server lacks is refused by its own field's check, never by the header.
+BETAS = {
+    "claude-code-20250219": "nothing (no Claude Code-only behaviour here)",
+    "interleaved-thinking-2025-05-14": "nothing (the models here do not think)",
+    "thinking-token-count-2026-05-13": "nothing (no thinking tokens to count)",
+    "context-management-2025-06-27": "context_management edits are applied (serve.context_edits)",
+    "context-1m-2025-08-07": "nothing: the context is --max-len, whatever the beta",
+    "prompt-caching-scope-2026-01-05": "nothing beyond prompt caching as described",
+    "mid-conversation-system-2026-04-07": "nothing: system-role messages are always accepted",
+    "effort-2025-11-24": "nothing: output_config.effort is always accepted (advisory)",
+    "advanced-tool-use-2025-11-20": "nothing: a tool's defer_loading is ignored (every tool is "
+                                    "in the prompt)",
+}
+_seen_unknown: set[str] = set()
+
+
+def note_betas(core: Core, request: Request) -> None:
+    for beta in filter(None, (b.strip() for b in request.headers.get("anthropic-beta", "").split(","))):
+        if beta not in BETAS:
+            core.metrics.unknown_betas.inc()
+            if beta not in _seen_unknown and len(_seen_unknown) < 1000:
+                _seen_unknown.add(beta)
+                core.engine.log(f"anthropic-beta {clip(beta)} is not known here: ignored")
+
 
 def check_thinking(req: MessagesRequest | CountTokensRequest) -> None:
     """`thinking` as the Messages API takes it (400 in its terms otherwise). Accepted
@@ -116,10 +144,13 @@ def check_thinking(req: MessagesRequest | CountTokensRequest) -> None:
         return
     if not isinstance(t, dict) or t.get("type") not in ("enabled", "disabled", "adaptive"):
         raise ApiError(400, "thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
-    allowed = {"enabled": {"type", "budget_tokens"}}.get(t["type"], {"type"})
+    allowed = {"enabled": {"type", "budget_tokens", "display"},
+               "adaptive": {"type", "display"}}.get(t["type"], {"type"})
     extra = sorted(set(t) - allowed)
     if extra:
         raise ApiError(400, f"thinking.{clip(extra[0], quote=False)}: Extra inputs are not permitted")
+    if t.get("display", "summarized") not in ("summarized", "omitted"):
+        raise ApiError(400, "thinking.display: Input should be 'summarized' or 'omitted'")
     if t["type"] == "enabled":
         budget = t.get("budget_tokens")
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1024:
@@ -150,17 +181,41 @@ def output_format(req: MessagesRequest) -> dict[str, Any] | None:
 
 
 async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Prompt:
-    """The prompt of a Messages request (400 for what is not supported)."""
+    """The prompt of a Messages request (400 for what is not supported), with its
+    context management edits applied (`serve.context_edits`)."""
     check_thinking(req)
+    edits = context_edits.parse(req.context_management)
     found, _ = tool_setup(req)
     system = content_text(req.system, "system", caching=True) or None
     if found:
         system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
-    turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True,
-                                   tool_blocks=m.role != "system",
-                                   thinking_blocks=m.role == "assistant"))
-             for i, m in enumerate(req.messages)]
-    return await encode_prompt(core, system, turns)
+
+    async def encode(messages: list[AnthropicMessage]) -> Prompt:
+        turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True,
+                                       tool_blocks=m.role != "system",
+                                       thinking_blocks=m.role == "assistant"))
+                 for i, m in enumerate(messages)]
+        return await encode_prompt(core, system, turns)
+
+    messages = req.messages
+    prompt = await encode(messages)
+    applied = []
+    for e in edits:
+        if e["type"] == context_edits.CLEAR_THINKING:
+            n = context_edits.thinking_turns(messages, e["keep"])
+            if n:
+                applied.append({"type": e["type"], "cleared_thinking_turns": n,
+                                "cleared_input_tokens": 0})  # never in this prompt
+        elif len(prompt) > e["trigger"]:
+            cleared, n = context_edits.clear_tool_uses(messages, e)
+            if n:
+                smaller = await encode(cleared)
+                applied.append({"type": e["type"], "cleared_tool_uses": n,
+                                "cleared_input_tokens": len(prompt) - len(smaller)})
+                messages, prompt = cleared, smaller
+    if req.context_management is not None:
+        prompt.edits = applied
+    return prompt
 
 
 def content_of(text: str, stop_reason: str | None,
@@ -192,16 +247,20 @@ def message_object(core: Core, gen: Generation, text: str, ev: Event, calling: b
     """A whole (non-streamed) Messages API response for a finished generation; `model`:
     the id the request named (one this server answers to)."""
     content, stop_reason = content_of(text, ev.stop_reason, calling)
-    return {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
-            "model": model, "content": content,
-            "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
-            "usage": {**usage_of(core, gen), "output_tokens": ev.output_tokens}}
+    out = {"id": "msg_" + secrets.token_hex(12), "type": "message", "role": "assistant",
+           "model": model, "content": content,
+           "stop_reason": stop_reason, "stop_sequence": ev.stop_sequence,
+           "usage": {**usage_of(core, gen), "output_tokens": ev.output_tokens}}
+    if gen.prompt.edits is not None:
+        out["context_management"] = {"applied_edits": gen.prompt.edits}
+    return out
 
 
 def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages")
     async def messages(request: Request) -> Response:
         key, req = await core.parse(request, MessagesRequest)
+        note_betas(core, request)
         sampling = req.sampling()
         gen = core.start(await prompt_of(core, req), sampling, key, fit_window=True)
         if sampling.grammar is not None and req.tools:
@@ -263,10 +322,12 @@ def register(app: FastAPI, core: Core) -> None:
                     yield chunk
             yield _sse("content_block_stop", {"type": "content_block_stop", "index": index})
             stop = "tool_use" if called and ev.stop_reason == "end_turn" else ev.stop_reason
-            yield _sse("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": stop,
-                                                   "stop_sequence": ev.stop_sequence},
-                                         "usage": {**usage_in, "output_tokens": gen.n_out}})
+            final = {"type": "message_delta",
+                     "delta": {"stop_reason": stop, "stop_sequence": ev.stop_sequence},
+                     "usage": {**usage_in, "output_tokens": gen.n_out}}
+            if gen.prompt.edits is not None:
+                final["context_management"] = {"applied_edits": gen.prompt.edits}
+            yield _sse("message_delta", final)
             yield _sse("message_stop", {"type": "message_stop"})
 
         return core.stream(gen, events(), {"cache-control": "no-cache"})

@@ -174,6 +174,8 @@ class Prompt:
 
     ids: list[int]
     breakpoints: list[tuple[int, str]] = field(default_factory=list)
+    # the context management edits applied to it (serve.context_edits), when asked for
+    edits: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -258,6 +260,8 @@ class Metrics:
         self.e2e = Histogram("megamesh_request_latency_seconds", "end-to-end latency", buckets=buckets,
                              registry=r)
         self.connections = Gauge("megamesh_http_connections", "open HTTP connections", registry=r)
+        self.unknown_betas = PromCounter("megamesh_unknown_betas", "anthropic-beta values this "
+                                         "server does not know (ignored)", registry=r)
         self.tool_input_invalid = PromCounter(
             "megamesh_tool_input_invalid", "tool calls whose input breaks a schema keyword the "
             "grammar engine could not enforce (returned as generated)", registry=r)
