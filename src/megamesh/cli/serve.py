@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="requests waiting for a slot before 529 overloaded (default 256)")
     p.add_argument("--max-concurrent-per-key", type=int, default=256,
                    help="requests in flight per API key before 429 (default 256)")
+    p.add_argument("--max-output-tokens", type=int, default=0,
+                   help="cap every request's output at this many tokens, whatever its max_tokens "
+                   "asks (it then ends with stop_reason max_tokens; default 0: no cap)")
     p.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit (default 32 MB)")
     p.add_argument("--input-tpm", type=int, default=0,
                    help="input tokens per minute per API key before 429 (default 0: no limit)")
@@ -109,6 +112,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         if getattr(args, flag) < 0:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: >= 0 "
                               "(0: no limit)")
+    if args.max_output_tokens < 0:
+        raise ConfigError(f"--max-output-tokens {args.max_output_tokens} is not allowed: >= 0 "
+                          "(0: no cap)")
     if args.batch_concurrency < 0:
         raise ConfigError(f"--batch-concurrency {args.batch_concurrency} is not allowed: >= 0 "
                           "(0: --slots)")
@@ -158,7 +164,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
                         cache_min_tokens=args.cache_min_tokens, batch_db=args.batch_db,
                         batch_concurrency=args.batch_concurrency, aliases=tuple(args.alias),
-                        any_model=args.any_model)
+                        any_model=args.any_model, max_output_tokens=args.max_output_tokens)
     app = create_app(engine, settings)
     if engine.extrapolated:
         print(f"warning: --max-len {engine.max_len:,} is past the {engine.trained_len:,} tokens "

@@ -75,6 +75,7 @@ class Settings:
     batch_concurrency: int = 0  # batch requests in the engine at once (0: its slots)
     aliases: tuple[str, ...] = ()  # more model ids this model answers to
     any_model: bool = False  # answer whatever model id a request names (a proxy's backend)
+    max_output_tokens: int = 0  # the operator's cap on any request's output (0: none)
 
 
 class TokenBucket:
@@ -532,6 +533,9 @@ class Core:
         is accepted, its output cut at the context window (stop_reason
         model_context_window_exceeded); a prompt that does not fit is the API's 400."""
         self.refuse_if_draining()
+        cap = self.settings.max_output_tokens
+        if cap and sampling.max_tokens > cap:  # the operator's policy: ends as max_tokens
+            sampling = dataclasses.replace(sampling, max_tokens=cap)
         if fit_window:
             limit = self.engine.max_len - 1  # at least one position to generate into
             if len(prompt) > limit:
