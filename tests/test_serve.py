@@ -508,11 +508,15 @@ def test_several_model_ids_and_any_model(engine):
             sdk.messages.create(model="other-model", max_tokens=2, messages=hello)
     finally:
         running.stop()
-    running = start_in_thread(create_app(engine, Settings(any_model=True)), log=lambda *_: None)
+    running = start_in_thread(create_app(engine, Settings(any_model=True, max_output_tokens=3)),
+                              log=lambda *_: None)
     try:
         sdk = anthropic.Anthropic(base_url=running.url, api_key="k", max_retries=0)
         assert sdk.messages.create(model="anything-at-all", max_tokens=2,
                                    messages=hello).model == "anything-at-all"
+        capped = sdk.messages.create(model="m", max_tokens=50, messages=hello,  # --max-output-tokens
+                                     extra_body={"ignore_eos": True})
+        assert capped.usage.output_tokens == 3 and capped.stop_reason == "max_tokens"
         assert sdk.models.retrieve("anything-at-all").id == "anything-at-all"
     finally:
         running.stop()
