@@ -466,24 +466,33 @@ def test_a_max_tokens_past_the_context_ends_at_the_window(client, engine):
     assert short.stop_reason == "max_tokens"
 
 
-def test_a_context_past_the_trained_length_is_honoured_and_said(run_dir):
+@pytest.fixture(scope="module")
+def long_server(run_dir):
+    """The tiny model at a context of 16,384 tokens (trained at 512: extrapolated), one
+    slot: room for Claude Code's tool schemas."""
+    from megamesh.serve.api import create_app
+    from megamesh.serve.server import build_engine, start_in_thread
+
+    eng = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=16384, dtype="float32",
+                       log=lambda *_: None)
+    eng.start()
+    running = start_in_thread(create_app(eng), log=lambda *_: None)
+    yield running, eng
+    running.stop()
+    eng.stop()
+
+
+def test_a_context_past_the_trained_length_is_honoured_and_said(long_server):
     """--max-len past the model's trained length (512 here) is not silently cut: the engine
     serves the longer context (positions past 512 extrapolated) and says so."""
-    from megamesh.serve.server import build_engine
-
-    long = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=1024, dtype="float32",
-                        prefill_chunk=256, log=lambda *_: None)
-    assert long.max_len == 1024 and long.trained_len == 512 and long.extrapolated
-    long.start()
-    try:
-        tok = long.model.tokenizer
-        prompt = tok.encode("def f(): pass\n" * 100).ids  # past 512 positions with its output
-        assert 512 < len(prompt) + 40 <= 1024
-        req, _, last = run_engine(long, prompt, SamplingParams(max_tokens=40, temperature=0,
-                                                                ignore_eos=True))
-        assert last.stop_reason == "max_tokens" and req.n_out == 40
-    finally:
-        long.stop()
+    _, long = long_server
+    assert long.max_len == 16384 and long.trained_len == 512 and long.extrapolated
+    tok = long.model.tokenizer
+    prompt = tok.encode("def f(): pass\n" * 100).ids  # past 512 positions with its output
+    assert 512 < len(prompt) + 40 <= 16384
+    req, _, last = run_engine(long, prompt, SamplingParams(max_tokens=40, temperature=0,
+                                                            ignore_eos=True))
+    assert last.stop_reason == "max_tokens" and req.n_out == 40
 
 
 def test_several_model_ids_and_any_model(engine):
@@ -917,22 +926,6 @@ def test_what_claude_code_sends_is_accepted(client):
     jsonschema.validate(json.loads(out.content[0].text), schema)
 
 
-@pytest.fixture(scope="module")
-def long_server(run_dir):
-    """The tiny model at a context of 16,384 tokens (trained at 512: extrapolated), one
-    slot: room for Claude Code's tool schemas."""
-    from megamesh.serve.api import create_app
-    from megamesh.serve.server import build_engine, start_in_thread
-
-    eng = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=16384, dtype="float32",
-                       log=lambda *_: None)
-    eng.start()
-    running = start_in_thread(create_app(eng), log=lambda *_: None)
-    yield running
-    running.stop()
-    eng.stop()
-
-
 def test_claude_codes_own_request_is_served(long_server):
     """The request Claude Code 2.1.328 sends by default (recorded from a real run,
     tests/data/claude_code: its 12 tools' schemas, thinking enabled with display omitted,
@@ -957,7 +950,7 @@ def test_claude_codes_own_request_is_served(long_server):
     headers = {"anthropic-beta": ",".join(rec["anthropic_beta"]), "anthropic-version": "2023-06-01",
                "x-api-key": "k"}
     events = []
-    with httpx.stream("POST", long_server.url + "/v1/messages?beta=true", json=body,
+    with httpx.stream("POST", long_server[0].url + "/v1/messages?beta=true", json=body,
                       headers=headers, timeout=600) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
