@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 
 import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_vs_hf import ensure_run, stop, wait_up  # noqa: E402
@@ -63,8 +65,6 @@ def install_claude_code(version: str) -> Path:
 def start_proxy(target: str, log: list[dict]) -> tuple[str, threading.Thread, object]:
     """A recording reverse proxy to `target` (streams passed through)."""
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
 
     app = FastAPI()
     client = httpx.AsyncClient(base_url=target, timeout=httpx.Timeout(1800.0))
@@ -127,7 +127,7 @@ def openai_agent_loop(url: str, model: str, turns: int = 3) -> dict:
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
     tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.",
                                                 "parameters": {"type": "object", "properties": {
-                                                    "path": {"type": "string", "maxLength": 40}},
+                                                    "path": {"type": "string", "maxLength": 8}},
                                                     "required": ["path"]}}}]
     messages = [{"role": "system", "content": "You are a coding agent."},
                 {"role": "user", "content": "What does setup.py do?"}]
@@ -135,7 +135,7 @@ def openai_agent_loop(url: str, model: str, turns: int = 3) -> dict:
     for i in range(turns):
         out = client.chat.completions.create(model=model, messages=messages, tools=tools,
                                              tool_choice="required" if i < turns - 1 else "auto",
-                                             max_tokens=48)
+                                             max_tokens=32)
         msg = out.choices[0].message
         messages.append(msg.model_dump(exclude_none=True))
         for call in msg.tool_calls or []:
