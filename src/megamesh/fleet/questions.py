@@ -163,6 +163,7 @@ def _single_job(
         name="single-job",
         arrivals=[type(s.arrivals[0])(s.start[:7], pods)],
         serving=[],
+        backfill=None,  # one job's own question: nothing else on its pods
         spare_fraction=spare_fraction,
         seed=seed,
         power_cap_mw=1e9,

@@ -198,6 +198,7 @@ class Fleet:
         self.backfill: dict[str, float] | None = None  # experiments in the free capacity
         self.backfill_cubes = 0
         self.backfill_mw = 0.0  # what they add to the site's draw
+        self._fill_state: tuple = ()
         self._setup()
 
     # ------------------------------------------------------------------ set-up
@@ -369,6 +370,10 @@ class Fleet:
         were free: a run they displace loses `preempt_loss_min` of work."""
         if self.backfill is None:
             return
+        state = (self.free_total, self.spares, self.in_repair, self.n_powered, self.used_total)
+        if state == self._fill_state:
+            return  # nothing it depends on changed since the last fill (most events)
+        self._fill_state = state
         run = int(self.backfill["run_cubes"])
         full = self.s.watts_per_chip * CUBE_CHIPS / 1e6
         lit, dark = full * (1 - self.s.idle_power_fraction), full
