@@ -242,7 +242,9 @@ def test_questions_answer():
     assert sv["synchronous"]["mtbf_min"] == pytest.approx(sv["pod_replicas"]["mtbf_min"] / 8, rel=0.01)
 
 
-@pytest.mark.parametrize("cmd", ["simulate", "largest-model", "serving-reserve", "checkpoint",
+@pytest.mark.parametrize("cmd", ["simulate", "largest-model", "serving-reserve",
+                                 # ~40 s (80 one-job simulations at 1M chips); smaller: test_questions_answer
+                                 pytest.param("checkpoint", marks=pytest.mark.slow),
                                  "sync-vs-replicas"])
 def test_every_fleet_question_runs_at_the_missions_scale_with_its_defaults(cmd):
     """`megamesh fleet CMD --chips 1000000` and nothing else: 1M chips are 109 pods
