@@ -4,6 +4,7 @@ streaming) and POST /v1/messages/count_tokens. Shapes as in the Messages API ref
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from typing import Annotated, Any, Literal
@@ -50,6 +51,18 @@ class CountTokensRequest(OpenSchema):
     thinking: dict[str, Any] | None = None
     context_management: dict[str, Any] | None = None  # edits: serve.context_edits
 
+    @functools.cached_property
+    def tool_plan(self) -> tuple[list[tools.Tool], str | None]:
+        """`tool_setup(self)`, worked out once per request (the prompt, the sampling and
+        the response all need it)."""
+        return tool_setup(self)
+
+    @property
+    def callable_tools(self) -> list[tools.Tool]:
+        """The tools the answer may call (none when tool_choice is none)."""
+        found, grammar = self.tool_plan
+        return found if grammar is not None else []
+
 
 class MessagesRequest(CountTokensRequest):
     """What count_tokens takes, and how to generate."""
@@ -67,7 +80,7 @@ class MessagesRequest(CountTokensRequest):
     output_config: dict[str, Any] | None = None
 
     def sampling(self) -> SamplingParams:
-        grammar = tool_setup(self)[1]
+        grammar = self.tool_plan[1]
         fmt = output_format(self)
         if fmt is not None:
             if grammar is not None:
@@ -185,7 +198,7 @@ async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Pr
     context management edits applied (`serve.context_edits`)."""
     check_thinking(req)
     edits = context_edits.parse(req.context_management)
-    found, _ = tool_setup(req)
+    found, _ = req.tool_plan
     system = content_text(req.system, "system", caching=True) or None
     if found:
         system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
@@ -262,11 +275,10 @@ def register(app: FastAPI, core: Core) -> None:
         key, req = await core.parse(request, MessagesRequest)
         note_betas(core, request)
         sampling = req.sampling()
-        gen = core.start(await prompt_of(core, req), sampling, key, fit_window=True)
-        if sampling.grammar is not None and req.tools:
-            gen.tools = tool_setup(req)[0]
+        gen = core.start(await prompt_of(core, req), sampling, key, fit_window=True,
+                         tools=req.callable_tools)
         msg_id = "msg_" + secrets.token_hex(12)
-        calling = sampling.grammar is not None  # a tool may be called
+        calling = bool(req.callable_tools)  # a tool may be called
 
         if not req.stream:
             text, ev = await core.complete(request, gen)

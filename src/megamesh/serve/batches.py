@@ -238,7 +238,7 @@ class Worker:
         self.core.check_model(req.model)
         sampling = req.sampling()
         gen = self.core.start(await prompt_of(self.core, req), sampling, api_key,
-                              background=True, fit_window=True)
+                              background=True, fit_window=True, tools=req.callable_tools)
         self.in_flight[key] = gen
         text = []
         try:
@@ -252,10 +252,9 @@ class Worker:
             return "canceled", {"type": "canceled"}
         if ev.stop_reason == "error":
             raise ApiError(500, "generation failed")
-        calling = sampling.grammar is not None
         return "succeeded", {"type": "succeeded",
-                             "message": message_object(self.core, gen, "".join(text), ev, calling,
-                                                        req.model)}
+                             "message": message_object(self.core, gen, "".join(text), ev,
+                                                        bool(req.callable_tools), req.model)}
 
 
 def register(app: FastAPI, core: Core, store: BatchStore, concurrency: int) -> Worker:

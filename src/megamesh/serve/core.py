@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, FailFast, ValidationError, model_val
 from pydantic_core import PydanticCustomError
 from starlette.requests import ClientDisconnect
 
+from megamesh.serve import tools as tool_mod
 from megamesh.serve.engine import BadGrammar, Engine, Event, QueueFull, SamplingParams, TooLong
 from megamesh.serve.text import merge_turns, render_chat
 
@@ -525,13 +526,15 @@ class Core:
     # ------------------------------------------------------------------ generation
 
     def start(self, prompt: Prompt, sampling: SamplingParams, key: str, *,
-              background: bool = False, fit_window: bool = False) -> Generation:
+              background: bool = False, fit_window: bool = False,
+              tools: list | None = None) -> Generation:
         """Admit into the engine; events arrive on the generation's asyncio queue.
         `background` (Message Batches): at the engine's lower priority, as tenant
         "batch:<key>", outside the key's interactive concurrency and token-rate limits.
         `fit_window` (the Messages API): a prompt that fits with a max_tokens that does not
         is accepted, its output cut at the context window (stop_reason
-        model_context_window_exceeded); a prompt that does not fit is the API's 400."""
+        model_context_window_exceeded); a prompt that does not fit is the API's 400.
+        `tools`: those the answer may call (a finished call's input is checked on `finish`)."""
         self.refuse_if_draining()
         cap = self.settings.max_output_tokens
         if cap and sampling.max_tokens > cap:  # the operator's policy: ends as max_tokens
@@ -569,14 +572,14 @@ class Core:
             raise ApiError(400, str(e)) from None
         self.metrics.prompt_tokens.inc(len(prompt))
         if background:
-            gen = Generation(handle, queue, key, prompt, t0, background=True)
+            gen = Generation(handle, queue, key, prompt, t0, background=True, tools=tools or [])
         else:
             self.in_flight[key] += 1
             buckets = self.buckets.get(key)
             if buckets:
                 buckets[0].take(len(prompt))
                 buckets[1].take(reserve)
-            gen = Generation(handle, queue, key, prompt, t0, reserved=reserve)
+            gen = Generation(handle, queue, key, prompt, t0, reserved=reserve, tools=tools or [])
         self.live.add(gen)
         return gen
 
@@ -667,8 +670,6 @@ class Core:
         but the keywords the grammar engine lacks (`tools.enforceable`); a mismatch is
         returned as generated, as the Messages API returns a model's call (the client
         validates it, as Claude Code does), and counted and logged here."""
-        from megamesh.serve import tools as tool_mod
-
         _, name, args = tool_mod.parse("".join(gen.text))
         tool = next((t for t in gen.tools if t.name == name), None)
         if tool is None:

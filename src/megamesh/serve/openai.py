@@ -174,9 +174,8 @@ def register(app: FastAPI, core: Core) -> None:
             system.append(tools.render_tools(found))
         prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
-        gen = core.start(prompt, req.sampling(max_tokens, grammar), key)
-        if calling:
-            gen.tools = found
+        gen = core.start(prompt, req.sampling(max_tokens, grammar), key,
+                         tools=found if calling else [])
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
         def usage(n_out: int) -> dict[str, Any]:
