@@ -92,15 +92,21 @@ def protocol(limits: Limits, metrics: Metrics) -> type[H11Protocol]:
     return type("GuardedH11", (GuardedH11,), {"limits": limits, "metrics": metrics})
 
 
-def _answer(status: int, message: str, extra: dict[str, str] | None = None) -> bytes:
-    """A whole HTTP/1.1 response in the API's error shape that closes the connection."""
+def _error(status: int, message: str, extra: dict[str, str] | None = None) -> tuple[dict[str, str], bytes]:
+    """(headers, body) of an answer in the API's error shape, with a request-id, that
+    closes the connection."""
     rid = "req_" + secrets.token_hex(12)
     body = json.dumps({"type": "error", "error": {"type": STATUS_TYPES.get(status, "api_error"),
                                                   "message": message}, "request_id": rid}).encode()
-    reason = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}[status]
-    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json",
-            f"content-length: {len(body)}", "connection: close", f"request-id: {rid}",
-            *(f"{k}: {v}" for k, v in (extra or {}).items())]
+    return {"content-type": "application/json", "content-length": str(len(body)),
+            "connection": "close", "request-id": rid, **(extra or {})}, body
+
+
+def _answer(status: int, message: str, extra: dict[str, str] | None = None) -> bytes:
+    """`_error` as the bytes of a whole HTTP/1.1 response (written past the app)."""
+    headers, body = _error(status, message, extra)
+    reason = {400: "Bad Request", 408: "Request Timeout"}[status]
+    head = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -166,11 +172,11 @@ class GuardedH11(H11Protocol):
             return
         self._closed("over_cap")
         self.metrics.requests.labels(route_of(scope["path"]), "503").inc()
-        raw = _answer(503, f"this server holds its maximum of {self.limits.max_connections:,} "
-                           "connections; retry", {"retry-after": "1"})
-        head, body = raw.split(b"\r\n\r\n", 1)
-        headers = [tuple(x.split(b": ", 1)) for x in head.split(b"\r\n")[1:]]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        headers, body = _error(503, f"this server holds its maximum of "
+                                    f"{self.limits.max_connections:,} connections; retry",
+                               {"retry-after": "1"})
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
         await send({"type": "http.response.body", "body": body})
 
     def _closed(self, reason: str) -> None:
