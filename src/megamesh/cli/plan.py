@@ -167,7 +167,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     diloco = None
     if args.diloco:
         islands, inner = parse_diloco(args.diloco)
-        inner = inner or 500
+        inner = inner or convergence.DILOCO_INNER_STEPS
         diloco = questions.diloco_answer(w, target, best, islands, inner)
     spec = best.layout.run_spec(w)
     target_spec = target.topology_name if target.n_slices == 1 else f"{target.chip.name}:{target.chips}"
