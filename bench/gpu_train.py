@@ -10,14 +10,23 @@ both systems), synthetic tokens, bf16 compute, fp32 master weights, AdamW.
   `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)`, no checkpointing.
 - hf-compile: the same under `torch.compile`.
 
-Each measurement runs in its own process (a fresh allocator; an out-of-memory in one
-does not poison the next), `--steps` steps of which the first `--warmup` are dropped;
-the reported figure is the median step time, and over `--runs` processes the median of
-those. MFU = megamesh's model FLOPs per token (`model.specs.flops_per_token`: 6N plus
-causal attention) x tokens/s / the GPU's dense bf16 peak (`--peak`, default 989e12:
-H100/H200 SXM, NVIDIA's datasheet). Usage on the GPU machine:
+Each measurement runs in its own process (bench/workers.py: a fresh allocator, so an
+out-of-memory ends that row only; a timeout per worker, `--timeout`, after which it is
+killed with its process group; each finished row appended to the `--out` JSONL file at
+once; no worker starts when under 20 s of `--budget` are left). A worker imports only
+what the step needs (not grain, Orbax, tokenizers or llguidance: the GPU image lacks
+some, and each costs start-up time). `--steps` steps per worker, of which the first
+`--warmup` are dropped; the figure is the median step time, and over `--runs` processes
+(run 1 of every row first, so a run cut short has every row once) the median of those.
+MFU = megamesh's model FLOPs per token (`model.specs.flops_per_token`: 6N plus causal
+attention) x tokens/s / the GPU's dense bf16 peak (`--peak`, default 989e12: H100/H200
+SXM, NVIDIA's datasheet). Both systems see the same tokens per row: megamesh's batch is
+seq + 1 tokens (inputs and shifted targets), Hugging Face gets `labels=input_ids` of
+seq tokens and shifts them itself. Usage on the GPU machine (megamesh + hf-eager at the
+three shapes in one call of under 8 minutes):
 
-    PYTHONPATH=src python bench/gpu_train.py --runs 3 --json gpu.json
+    PYTHONPATH=src python bench/gpu_train.py --out $OUT/train.jsonl --cache /tmp/jax-cache
+    python bench/gpu_train.py --table train.jsonl      # the table of a (cut-short) run
 
 `--tiny` runs a 2-layer, 256-wide model at small shapes: a check of this script on CPU.
 """
@@ -26,11 +35,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+
+from workers import Budget, Rows, compilation_cache_env, emit, error_row, not_loaded, read_rows, run_worker
 
 MODEL = {"d_model": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "head_dim": 128,
          "d_ff": 8192, "vocab_size": 32000}
@@ -53,9 +62,8 @@ def run_megamesh(model: dict, seq: int, batch: int, steps: int) -> dict:
     import numpy as np
 
     from megamesh.config import ModelConfig
-    from megamesh.sharding.mesh import make_mesh
+    from megamesh.sharding.mesh import global_array, make_mesh
     from megamesh.train.config import ScheduleConfig, TrainConfig
-    from megamesh.train.loop import global_array
     from megamesh.train.step import build_train_step
 
     cfg = ModelConfig(name="bench", **model, max_seq_len=seq)
@@ -71,7 +79,7 @@ def run_megamesh(model: dict, seq: int, batch: int, steps: int) -> dict:
         state, m = ts.fn(state, b)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
-    return {"times": times, "loss": float(m["loss"]), "remat": ts.remat,
+    return {"times": times, "loss": float(m["loss"]), "model": model, "remat": ts.remat,
             "kernels": ts.kernels.describe(), "loss_chunks": ts.loss_chunks,
             "versions": {"jax": jax.__version__}}
 
@@ -94,12 +102,12 @@ def run_hf(model: dict, seq: int, batch: int, steps: int, compiled: bool) -> dic
     gen = torch.Generator(device="cpu").manual_seed(0)
     times = []
     for _ in range(steps):
-        ids = torch.randint(0, model["vocab_size"], (batch, seq + 1), generator=gen).to(dev)
+        ids = torch.randint(0, model["vocab_size"], (batch, seq), generator=gen).to(dev)
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(dev, dtype=torch.bfloat16):
-            loss = fwd(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss
+            loss = fwd(input_ids=ids, labels=ids).loss  # the model shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
@@ -107,7 +115,8 @@ def run_hf(model: dict, seq: int, batch: int, steps: int, compiled: bool) -> dic
         if dev == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"times": times, "loss": float(loss), "params": sum(p.numel() for p in net.parameters()),
+    return {"times": times, "loss": float(loss), "model": model,
+            "params": sum(p.numel() for p in net.parameters()),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
 
 
@@ -120,44 +129,54 @@ def worker(system: str, seq: int, batch: int, steps: int, tiny: bool) -> None:
         else:
             out = run_hf(model, seq, batch, steps, compiled=system == "hf-compile")
     except Exception as e:  # noqa: BLE001 - OOM is reported, anything else too
-        msg = str(e)
-        oom = "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
-        print(json.dumps({"error": ("out of memory: " if oom else "") + msg[:400], "oom": oom}))
+        emit(error_row(e))
         return
-    print(json.dumps(out))
-
-
-def measure(system: str, seq: int, batch: int, steps: int, tiny: bool) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, str(seq), str(batch), str(steps)]
-    cmd += ["--tiny"] if tiny else []
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-    if not lines:
-        return {"error": f"exit {r.returncode}: {r.stderr[-600:]}", "oom": False}
-    return json.loads(lines[-1])
+    if system == "megamesh":  # the step alone: not the loop's data, checkpoint or grammar libraries
+        out["imported"] = not_loaded("grain", "orbax", "tokenizers", "llguidance")
+    emit(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs=4, metavar=("SYSTEM", "SEQ", "BATCH", "STEPS"))
-    ap.add_argument("--runs", type=int, default=3, help="processes per measurement (median)")
+    ap.add_argument("--runs", type=int, default=2,
+                    help="processes per measurement (median); run 1 of every row comes first")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3, help="first steps dropped (compile, warm-up)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default="megamesh,hf-eager", help=f"any of {','.join(SYSTEMS)}")
     ap.add_argument("--shapes", help="SEQxBATCH,... (default: 2048x16,8192x4,512x64)")
     ap.add_argument("--peak", type=float, default=989e12, help="dense bf16 FLOP/s of the GPU")
     ap.add_argument("--tiny", action="store_true", help="small model and shapes (a CPU check)")
-    ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--timeout", type=float, default=150.0, help="seconds per worker process")
+    ap.add_argument("--timeout-for", action="append", default=[], metavar="SYSTEM=S",
+                    help="another timeout for one system's workers")
+    ap.add_argument("--budget", type=float, default=450.0,
+                    help="seconds for the whole run: no worker starts with under 20 s left")
+    ap.add_argument("--cache", help="jax's persistent compilation cache directory for workers")
+    ap.add_argument("--out", help="JSONL results file, a line per measurement as it ends")
+    ap.add_argument("--table", metavar="JSONL", help="print the table of a results file and exit")
     args = ap.parse_args()
     if args.worker:
         system, seq, batch, steps = args.worker
         worker(system, int(seq), int(batch), int(steps), args.tiny)
+        return 0
+    if args.table:
+        header, rows = read_rows(args.table)
+        print(table(summarize(rows, header.get("warmup", 3), header.get("peak", args.peak))))
         return 0
     systems = args.systems.split(",")
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         print(f"--systems: {bad} not allowed: any of {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
+    timeouts = {s: args.timeout for s in SYSTEMS}
+    for item in args.timeout_for:
+        name, _, sec = item.partition("=")
+        if name not in SYSTEMS:
+            print(f"--timeout-for {item!r}: the system must be one of {', '.join(SYSTEMS)}",
+                  file=sys.stderr)
+            return 2
+        timeouts[name] = float(sec)
     shapes = TINY_SHAPES if args.tiny else SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
@@ -165,28 +184,50 @@ def main() -> int:
     if args.warmup >= args.steps:
         print("--warmup must be below --steps", file=sys.stderr)
         return 2
-    results = []
-    for seq, batch in shapes:
-        fpt = model_flops_per_token(model, seq)
-        for system in systems:
-            runs = [measure(system, seq, batch, args.steps, args.tiny) for _ in range(args.runs)]
-            ok = [r for r in runs if "times" in r]
-            row = {"system": system, "seq": seq, "batch": batch, "runs": runs}
-            if ok:
-                step = statistics.median(statistics.median(r["times"][args.warmup:]) for r in ok)
-                row.update(step_s=step, tokens_per_s=seq * batch / step,
-                           mfu=fpt * seq * batch / step / args.peak,
-                           **{k: ok[0][k] for k in ("remat", "kernels", "loss_chunks") if k in ok[0]})
-            else:
-                row["error"] = runs[0].get("error", "")
-            results.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "runs"}), file=sys.stderr,
-                  flush=True)
-    print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": model, "peak": args.peak, "results": results}, f, indent=1)
+    header = {"model": model, "peak": args.peak, "warmup": args.warmup, "steps": args.steps,
+              "flops_per_token": {f"{s}": model_flops_per_token(model, s) for s, _ in shapes}}
+    rows, budget = Rows(args.out, header), Budget(args.budget)
+    env = compilation_cache_env(args.cache)
+    for run in range(args.runs):
+        for seq, batch in shapes:
+            for system in systems:
+                row = {"system": system, "seq": seq, "batch": batch, "run": run}
+                timeout = budget.timeout(timeouts[system])
+                if timeout is None:
+                    row.update(error="skipped: the --budget ran out", oom=False)
+                else:
+                    cmd = [sys.executable, __file__, "--worker", system, str(seq), str(batch),
+                           str(args.steps)] + (["--tiny"] if args.tiny else [])
+                    row.update(run_worker(cmd, timeout, env))
+                rows.add(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "times"}),
+                      file=sys.stderr, flush=True)
+    summary = summarize(rows.rows, args.warmup, args.peak, header["flops_per_token"])
+    print(table(summary))
     return 0
+
+
+def summarize(rows: list[dict], warmup: int, peak: float,
+              flops_per_token: dict[str, float] | None = None) -> list[dict]:
+    """One row per (system, shape): the median over runs of each run's median step time."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["system"], r["seq"], r["batch"]), []).append(r)
+    out = []
+    for (system, seq, batch), runs in groups.items():
+        ok = [r for r in runs if "times" in r and len(r["times"]) > warmup]
+        row = {"system": system, "seq": seq, "batch": batch, "runs": len(runs), "ok": len(ok)}
+        if ok:
+            step = statistics.median(statistics.median(r["times"][warmup:]) for r in ok)
+            fpt = (flops_per_token or {}).get(f"{seq}") or model_flops_per_token(
+                ok[0].get("model") or MODEL, seq)
+            row.update(step_s=step, tokens_per_s=seq * batch / step,
+                       mfu=fpt * seq * batch / step / peak, loss=ok[0]["loss"],
+                       **{k: ok[0][k] for k in ("remat", "kernels", "loss_chunks") if k in ok[0]})
+        else:
+            row["error"] = runs[0].get("error", "")
+        out.append(row)
+    return out
 
 
 def table(results: list[dict]) -> str:

@@ -42,9 +42,8 @@ def worker(devices: int, layout: str, steps: int, compute_dtype: str, remat: str
 
     from megamesh.config import ModelConfig
     from megamesh.runspec import RunSpec
-    from megamesh.sharding.mesh import make_mesh
+    from megamesh.sharding.mesh import global_array, make_mesh
     from megamesh.train.config import ScheduleConfig, TrainConfig
-    from megamesh.train.loop import global_array
     from megamesh.train.step import build_train_step
 
     cfg = ModelConfig(name="bench", **MODEL, max_seq_len=SEQ, compute_dtype=compute_dtype)

@@ -129,7 +129,7 @@ def test_train_step_with_a_chunked_loss_matches_the_unchunked_one(monkeypatch):
     and parameters over a few steps as with one slice (the fused loss equals the plain
     one: the tests above)."""
     import megamesh.train.step as step_mod
-    from megamesh.train.loop import global_array
+    from megamesh.sharding.mesh import global_array
 
     cfg = apply_overrides(preset("tiny"), {"d_model": "64", "n_heads": "8", "n_kv_heads": "4",
                                            "d_ff": "128", "vocab_size": "256", "n_layers": "1"})

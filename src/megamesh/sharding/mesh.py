@@ -38,6 +38,11 @@ def make_mesh(layout: str | dict[str, int] | None = None, devices: Sequence[Any]
     return Mesh(arr, MESH_AXES)
 
 
+def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
+    """A global array from the full batch every process holds (each keeps its own shards)."""
+    return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
+
+
 def _device_array(shape: tuple[int, ...], devs: list[Any]) -> np.ndarray:
     if devs[0].platform != "tpu" or len(devs) == 1:
         return np.array(devs, dtype=object).reshape(shape)

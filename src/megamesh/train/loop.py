@@ -27,7 +27,7 @@ from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
 from megamesh.pytree import unflatten
 from megamesh.rundir import load_tokenizer
-from megamesh.sharding.mesh import format_layout, make_mesh
+from megamesh.sharding.mesh import format_layout, global_array, make_mesh
 from megamesh.sharding.rules import mesh_sizes, strategy
 from megamesh.train import data as data_lib
 from megamesh.train.checkpoint import Checkpointer, check_same_model, one_line, orbax_log_to
@@ -203,11 +203,6 @@ def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
-
-
-def global_array(batch: np.ndarray, sharding: Any) -> jax.Array:
-    """A global array from the full batch every process holds (each keeps its own shards)."""
-    return jax.make_array_from_callback(batch.shape, sharding, lambda idx: batch[idx])
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResult:
