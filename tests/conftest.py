@@ -67,8 +67,8 @@ def run_cli(*args: str, devices: int = 8, timeout: float = 300, cwd: str | Path 
 
 
 # Fault injection from outside the product: `[*SIGNALLED, "train", ...]` runs `megamesh`
-# with the train loop's once-a-step agreement between processes (`_any_process`, called by
-# every process at every step of `_train`, before the step's checkpoint decision) patched
+# with the train loop's once-a-step agreement between processes (`agree_to_stop`, called
+# by every process at every step, before the step's checkpoint decision) patched
 # to send this process a signal at its Nth step, when its environment holds
 # MEGAMESH_TEST_SIGNAL="KILL@8" (`signal_at("KILL", 8)`): a kill or preemption at an exact
 # step whatever the machine's load, instead of a test racing a training process.
@@ -76,14 +76,13 @@ SIGNAL_AT = """
 import os, runpy, signal, sys
 import megamesh.train.loop as loop
 name, at = os.environ.get("MEGAMESH_TEST_SIGNAL", "NONE@0").split("@")
-real, steps = loop._any_process, [0]
+real, steps = loop.agree_to_stop, [0]
 def counting(flag):
-    if sys._getframe(1).f_code.co_name == "_train":  # a step's call, not the restore's
-        steps[0] += 1
-        if steps[0] == int(at):
-            os.kill(os.getpid(), getattr(signal, "SIG" + name))
+    steps[0] += 1
+    if steps[0] == int(at):
+        os.kill(os.getpid(), getattr(signal, "SIG" + name))
     return real(flag)
-loop._any_process = counting
+loop.agree_to_stop = counting
 sys.argv = ["megamesh", *sys.argv[1:]]
 runpy.run_module("megamesh.cli", run_name="__main__")
 """

@@ -205,234 +205,390 @@ def _any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
 
 
+def agree_to_stop(flag: bool) -> bool:
+    """Called once a step by every process: did a stop signal reach any of them? Every
+    process must stop at the same step (a host preempted alone would leave the others
+    waiting in the next collective). Tests patch this to signal a run at an exact step."""
+    return _any_process(flag)
+
+
 def train(cfg: ModelConfig, tc: TrainConfig, out: Path, **kw: Any) -> TrainResult:
-    """Train `cfg` into OUT (`_train`'s keywords). Orbax's own warnings and error reports
+    """Train `cfg` into OUT (`Trainer`'s keywords). Orbax's own warnings and error reports
     go to OUT/orbax.log: an I/O failure is one line on the terminal, details on disk."""
     with orbax_log_to(Path(out) / "orbax.log"):
-        return _train(cfg, tc, Path(out), **kw)
+        return Trainer(cfg, tc, Path(out), **kw).run()
 
 
-def _train(cfg: ModelConfig, tc: TrainConfig, out: Path, *, data_paths: list[str] | None = None,
-           resume: bool = False, new_data: bool = False, elastic: bool = False,
-           island: int | None = None, progress: bool | None = None,
-           initial_params: dict[str, Any] | None = None, log: Any = print) -> TrainResult:
-    """Train `cfg` into OUT. `initial_params` (flat {name: array}, e.g. an imported Hugging
-    Face model) replaces the random initialization of a fresh run. The mesh, remat,
-    microbatches and kernels come from the run spec `tc.run`. `new_data`: continue a run
-    on documents other than those it was trained on (`prepare_data`). `elastic`: fit the
-    microbatches to this restart's device count (`fit_elastic`). `island`: with
-    `tc.diloco.islands`, which island of a DiLoCo run this job is (`train.diloco`): its run
-    is OUT/island-I, the islands' outer state OUT/sync."""
-    is_main = jax.process_index() == 0
-    if not is_main:
-        log = lambda *a, **k: None  # noqa: E731
+class Prefetcher:
+    """The batches of the coming steps, built on a background thread while the device runs
+    the current one: item `step` of `ds` placed as a global array on `sharding`, `depth`
+    steps ahead. Deterministic (a batch is a function of its step only); a failure to
+    build one is raised by `get` for that step."""
 
-    def warn(message: str) -> None:  # a line about the run's own state (skipped checkpoints)
-        if is_main:
-            print(message, file=sys.stderr, flush=True)
+    def __init__(self, ds: Any, sharding: Any, start: int, stop: int, depth: int = 2):
+        from concurrent.futures import ThreadPoolExecutor
 
-    out = Path(out)
-    dc, sync_root = tc.diloco, None
-    if dc.islands:
-        if island is None or not 0 <= island < dc.islands:
-            raise ConfigError(f"--island {island} is not allowed with --diloco islands={dc.islands}: "
-                              f"each island's job passes its own --island in [0, {dc.islands})")
+        self.ds, self.sharding, self.stop, self.depth = ds, sharding, stop, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="megamesh-prefetch")
+        self.futures: dict[int, Any] = {}
+        self.next = start
+
+    def _build(self, step: int) -> jax.Array:
+        return global_array(self.ds[step], self.sharding)
+
+    def get(self, step: int) -> tuple[jax.Array, float]:
+        """(the batch of `step`, seconds this call waited for it)."""
+        while self.next < min(step + 1 + self.depth, self.stop):
+            self.futures[self.next] = self.pool.submit(self._build, self.next)
+            self.next += 1
+        t0 = time.perf_counter()
+        future = self.futures.pop(step, None)
+        batch = future.result() if future is not None else self._build(step)
+        return batch, time.perf_counter() - t0
+
+    def close(self) -> None:
+        for f in self.futures.values():
+            f.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class CheckpointPolicy:
+    """When a run saves. Persistent: every `checkpoint.every` steps unless the step was
+    non-finite (the last checkpoint stays a good one to return to), at the end (waited
+    for), and at a stop (waited for; the RAM tier too, which a restart reads first). RAM
+    tier: every `ram.every` finite steps between persistent saves."""
+
+    def __init__(self, tc: TrainConfig, ckpt: Checkpointer, ram: MemoryTier | None,
+                 meta: dict[str, Any]):
+        self.every, self.ckpt, self.ram, self.meta = tc.checkpoint.every, ckpt, ram, meta
+
+    def needs_state(self, n: int) -> bool:
+        """Whether step `n` may save (so its state and metrics are needed before step n+1)."""
+        return n % self.every == 0 or (self.ram is not None and n % self.ram.every == 0)
+
+    def after_step(self, n: int, state: Any, *, finite: bool, done: bool, stop: bool) -> float:
+        """Save what the policy says after step `n`; the seconds the loop waited."""
+        waited = 0.0
+        if stop and self.ram is not None:
+            waited += self.ram.save(n, state)
+        if (n % self.every == 0 and finite) or done or stop:
+            waited += self.ckpt.save(n, state, {**self.meta, "data_step": n}, wait=done or stop)
+        elif self.ram is not None and n % self.ram.every == 0 and finite:
+            waited += self.ram.save(n, state)
+        return waited
+
+
+class Evaluator:
+    """Validation loss every `eval.every` steps and at the end: the mean over
+    `eval.batches` batches of the validation split."""
+
+    def __init__(self, evaluate: Any, val_ds: Any, tc: TrainConfig, sharding: Any):
+        self.evaluate, self.val_ds, self.sharding = evaluate, val_ds, sharding
+        self.every, self.batches = tc.eval.every, tc.eval.batches
+
+    def due(self, n: int, done: bool) -> bool:
+        return n % self.every == 0 or done
+
+    def __call__(self, params: Any) -> float:
+        return float(np.mean([float(self.evaluate(params, global_array(self.val_ds[i], self.sharding)))
+                              for i in range(self.batches)]))
+
+
+@dataclass
+class _Dispatched:
+    """A step handed to the device whose metrics have not been read yet."""
+    n: int  # the step's number (1-based: its record's "step")
+    metrics: Any  # device arrays
+    t_dispatch: float
+
+
+class StepRecords:
+    """Each step's metrics.jsonl record from its device metrics, read one step behind:
+    step N's metrics are read after step N+1 is dispatched, so the device never waits
+    for the host to log. A step's time is the interval between its metrics becoming
+    readable and the later of its dispatch and the previous step's completion (compile
+    included in the first step's, counted as compile badput)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float, goodput: Goodput):
+        self.tokens, self.flops, self.peak, self.goodput = tokens_per_step, flops_per_step, peak, goodput
+        self.last_ready: float | None = None
+        self.first = True
+
+    def read(self, d: _Dispatched) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(host metrics, record) of a dispatched step; blocks until the device has it."""
+        m = jax.device_get(d.metrics)
+        t_ready = time.perf_counter()
+        dt = t_ready - max(d.t_dispatch, self.last_ready or d.t_dispatch)
+        self.last_ready = t_ready
+        if self.first:
+            self.goodput.compile += dt
+        elif m["finite"]:
+            self.goodput.productive += dt
+        record = {"step": d.n, "loss": float(m["loss"]), "nll": float(m["nll"]),
+                  "aux_loss": float(m["aux"]), "lr": float(m["lr"]),
+                  "grad_norm": float(m["grad_norm"]), "finite": bool(m["finite"]),
+                  "skipped_steps": int(m["skipped"]),
+                  "tokens_per_s": self.tokens / dt, "step_time_s": dt,
+                  "mfu": self.flops / dt / self.peak, "compile_step": self.first}
+        self.first = False
+        return m, record
+
+
+class Trainer:
+    """One training run: set-up (`__init__`: checks, mesh, data, the jitted steps, the
+    checkpoint tiers), `restore` (RAM tier, persistent tier, or a fresh or imported
+    initialization; a DiLoCo island's join), and `run`, the step loop, with its parts as
+    components: `Prefetcher` (batches on a background thread), `StepRecords` (metrics
+    one step behind), `CheckpointPolicy`, `Evaluator`.
+
+    The host never makes the device wait on the ordinary step: step N+1 is dispatched
+    before step N's metrics are read and logged, and batches are built ahead. A step
+    that may save, evaluate, average (DiLoCo) or stop is read at once, before the next
+    is dispatched (the step donates its state, so a save must come first).
+
+    Keywords: `initial_params` (flat {name: array}, e.g. an imported Hugging Face model)
+    replaces the random initialization of a fresh run. The mesh, remat, microbatches and
+    kernels come from the run spec `tc.run`. `new_data`: continue a run on documents
+    other than those it was trained on (`prepare_data`). `elastic`: fit the microbatches
+    to this restart's device count (`fit_elastic`). `island`: with `tc.diloco.islands`,
+    which island of a DiLoCo run this job is (`train.diloco`): its run is OUT/island-I,
+    the islands' outer state OUT/sync."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, out: Path, *,
+                 data_paths: list[str] | None = None, resume: bool = False, new_data: bool = False,
+                 elastic: bool = False, island: int | None = None, progress: bool | None = None,
+                 initial_params: dict[str, Any] | None = None, log: Any = print):
+        self.is_main = jax.process_index() == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
+        self.cfg, self.resume, self.new_data = cfg, resume, new_data
+        self.island, self.progress, self.initial_params = island, progress, initial_params
+        out = Path(out)
+        dc, self.sync_root, self.island_batch = tc.diloco, None, tc.global_batch
+        if dc.islands:
+            if island is None or not 0 <= island < dc.islands:
+                raise ConfigError(f"--island {island} is not allowed with --diloco islands={dc.islands}: "
+                                  f"each island's job passes its own --island in [0, {dc.islands})")
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
+            if tc.global_batch % (dc.islands * tc.microbatches):
+                raise ConfigError(f"--batch {tc.global_batch} is not allowed with {dc.islands} DiLoCo "
+                                  f"islands: each takes an equal share, so it must be divisible by "
+                                  f"{dc.islands} x {tc.microbatches} microbatch(es)")
+            self.sync_root, out = out / "sync", out / f"island-{island}"
+            tc = tc.replace(global_batch=tc.global_batch // dc.islands)  # this island's share
+        elif island is not None:
+            raise ConfigError("--island goes with --diloco islands=N,inner_steps=H")
+        self.out, self.ckpt_dir = out, out / "checkpoints"
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
-        if tc.global_batch % (dc.islands * tc.microbatches):
-            raise ConfigError(f"--batch {tc.global_batch} is not allowed with {dc.islands} DiLoCo "
-                              f"islands: each takes an equal share, so it must be divisible by "
-                              f"{dc.islands} x {tc.microbatches} microbatch(es)")
-        sync_root, out = out / "sync", out / f"island-{island}"
-        global_batch = tc.global_batch
-        tc = tc.replace(global_batch=global_batch // dc.islands)  # this island's share
-    elif island is not None:
-        raise ConfigError("--island goes with --diloco islands=N,inner_steps=H")
-    ckpt_dir = out / "checkpoints"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} is a file: choose a directory")
-    has_ckpt = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
-    if has_ckpt and not resume:
-        raise ConfigError(f"--out {str(out)!r} already holds checkpoints: pass --resume to continue "
-                          "that run, or choose a new --out (nothing was overwritten)")
-    mesh = make_mesh(tc.run.layout or None)
-    layout_str = format_layout(mesh_sizes(mesh))
-    if elastic:  # its record of the first layout lives in OUT
-        if is_main:
-            _check_writable(out)
-        _barrier("elastic")
-        tc = fit_elastic(tc, mesh, out, resume=resume, log=log)
-    check_request(cfg, tc, mesh)
-    if is_main:
-        _check_writable(out)  # before minutes of tokenizing, not after
-    _barrier("out")
+        ckpt_dir = self.ckpt_dir
+        self.has_ckpt = ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir())
+        if self.has_ckpt and not resume:
+            raise ConfigError(f"--out {str(out)!r} already holds checkpoints: pass --resume to continue "
+                              "that run, or choose a new --out (nothing was overwritten)")
+        self.mesh = make_mesh(tc.run.layout or None)
+        self.layout = format_layout(mesh_sizes(self.mesh))
+        if elastic:  # its record of the first layout lives in OUT
+            if self.is_main:
+                _check_writable(out)
+            _barrier("elastic")
+            tc = fit_elastic(tc, self.mesh, out, resume=resume, log=self.log)
+        check_request(cfg, tc, self.mesh)
+        if self.is_main:
+            _check_writable(out)  # before minutes of tokenizing, not after
+        _barrier("out")
+        self.tc = tc
+        self.corpus, _ = prepare_data(out, data_paths, cfg, tc, self.log, trained=self.has_ckpt,
+                                      new_data=new_data)
+        self.ts = build_train_step(cfg, tc, self.mesh)
+        self.ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
+                                 log=self._warn)
+        self.meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": self.corpus.fingerprint,
+                     "megamesh": __version__}
+        self.ram = None
+        if tc.checkpoint.ram_every:
+            self.ram = MemoryTier(process_directory(out, tc.checkpoint.ram_dir), self.mesh,
+                                  self.ts.abstract_state(), every=tc.checkpoint.ram_every, fresh=not resume)
+            self.log(f"in-memory checkpoints every {tc.checkpoint.ram_every} step(s) in {self.ram.directory}"
+                     + (" (on disk, not under /dev/shm: slower than RAM)" if self.ram.on_disk else ""))
+        self.policy = CheckpointPolicy(tc, self.ckpt, self.ram, self.meta)
+        self.sync: Sync | None = None
+        self.outer: Any = None
 
-    corpus, _ = prepare_data(out, data_paths, cfg, tc, log, trained=has_ckpt, new_data=new_data)
-    ts = build_train_step(cfg, tc, mesh)
-    evaluate = build_eval_step(cfg, tc, ts)
-    ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
-                        log=warn)
-    meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": corpus.fingerprint,
-            "megamesh": __version__}
+    def _warn(self, message: str) -> None:  # a line about the run's own state (skipped checkpoints)
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
 
-    def restore(step: int) -> tuple[Any, dict[str, Any]]:
-        saved = ckpt.read_meta(step)
-        check_same_model(saved["model"], cfg.to_dict(), str(ckpt_dir))
-        if saved["corpus"] != corpus.fingerprint and not new_data:
-            raise ConfigError(f"checkpoint in {ckpt_dir} was trained on different data (corpus "
-                              f"{saved['corpus']}, now {corpus.fingerprint})")
-        return ckpt.restore(step, ts.abstract_state())
+    # -- restore -----------------------------------------------------------------------
 
-    ram = None
-    if tc.checkpoint.ram_every:
-        ram = MemoryTier(process_directory(out, tc.checkpoint.ram_dir), mesh, ts.abstract_state(),
-                         every=tc.checkpoint.ram_every, fresh=not resume)
-        log(f"in-memory checkpoints every {tc.checkpoint.ram_every} step(s) in {ram.directory}"
-            + (" (on disk, not under /dev/shm: slower than RAM)" if ram.on_disk else ""))
+    def _restore_step(self, step: int) -> tuple[Any, dict[str, Any]]:
+        saved = self.ckpt.read_meta(step)
+        check_same_model(saved["model"], self.cfg.to_dict(), str(self.ckpt_dir))
+        if saved["corpus"] != self.corpus.fingerprint and not self.new_data:
+            raise ConfigError(f"checkpoint in {self.ckpt_dir} was trained on different data (corpus "
+                              f"{saved['corpus']}, now {self.corpus.fingerprint})")
+        return self.ckpt.restore(step, self.ts.abstract_state())
 
-    start, state = 0, None
-    if resume and ram is not None:
-        start, state = _restore_from_ram(ram, ckpt, log)
-    restored = ckpt.restore_newest(restore) if resume and state is None else None
-    if resume and state is None and restored is None:
-        log(f"--resume: {ckpt_dir} holds no checkpoint yet; starting from step 0")
-    if state is not None:
-        log(f"resumed from step {start} onto mesh {layout_str}")
-    elif restored is not None:
-        step0, (state, saved) = restored
-        start = int(saved["data_step"])
-        log(f"resumed from step {start} ({ckpt_dir / str(step0)}) onto mesh {layout_str}")
-    else:
-        state = ts.init(jax.random.key(tc.seed))
-        if initial_params is not None:
-            shardings = ts.state_shardings["params"]
-            params = unflatten({k: np.asarray(v, dtype=cfg.param_dtype) for k, v in initial_params.items()})
-            state["params"] = jax.tree.map(global_array, params, shardings)
-            log("initialized from the model directory's weights")
+    def restore(self) -> tuple[int, Any]:
+        """(first step to run, state): the in-memory tier, else the newest good persistent
+        checkpoint, else a fresh (or imported) initialization; then a DiLoCo island joins
+        the others' newest round."""
+        ts, log, resume = self.ts, self.log, self.resume
+        start, state = 0, None
+        if resume and self.ram is not None:
+            start, state = _restore_from_ram(self.ram, self.ckpt, log)
+        restored = self.ckpt.restore_newest(self._restore_step) if resume and state is None else None
+        if resume and state is None and restored is None:
+            log(f"--resume: {self.ckpt_dir} holds no checkpoint yet; starting from step 0")
+        if state is not None:
+            log(f"resumed from step {start} onto mesh {self.layout}")
+        elif restored is not None:
+            step0, (state, saved) = restored
+            start = int(saved["data_step"])
+            log(f"resumed from step {start} ({self.ckpt_dir / str(step0)}) onto mesh {self.layout}")
+        else:
+            state = ts.init(jax.random.key(self.tc.seed))
+            if self.initial_params is not None:
+                shardings = ts.state_shardings["params"]
+                params = unflatten({k: np.asarray(v, dtype=self.cfg.param_dtype)
+                                    for k, v in self.initial_params.items()})
+                state["params"] = jax.tree.map(global_array, params, shardings)
+                log("initialized from the model directory's weights")
+        if self.sync_root is not None:
+            dc = self.tc.diloco
+            self.sync = Sync(self.sync_root, self.island, dc, ts.abstract_state()["params"], log=log)
+            start, state, self.outer = _join_islands(self.sync, start, state, log)
+            param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
+            ours, dp = dcn_bytes(param_bytes, dc)
+            log(f"DiLoCo island {self.island} of {dc.islands}: {self.tc.global_batch} of every "
+                f"{self.tc.global_batch * dc.islands} sequences; an outer step every {dc.inner_steps} "
+                f"steps (quorum {dc.needed}); across the DCN {ours / 1e6:,.1f} MB per step vs "
+                f"{dp / 1e6:,.1f} MB for data parallel")
+        return start, state
 
-    sync = outer = None
-    if sync_root is not None:
-        sync = Sync(sync_root, island, dc, ts.abstract_state()["params"], log=log)
-        start, state, outer = _join_islands(sync, start, state, log)
-        param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state["params"]))
-        ours, dp = dcn_bytes(param_bytes, dc)
-        log(f"DiLoCo island {island} of {dc.islands}: {tc.global_batch} of every {global_batch} "
-            f"sequences; an outer step every {dc.inner_steps} steps (quorum {dc.needed}); across "
-            f"the DCN {ours / 1e6:,.1f} MB per step vs {dp / 1e6:,.1f} MB for data parallel")
+    # -- the step loop -----------------------------------------------------------------
 
-    metrics_path = out / "metrics.jsonl"
-    goodput = Goodput(lost_work_seconds(metrics_path, start) if is_main and start else 0.0)
-    writer = MetricsWriter(out, enabled=is_main)
-    if sync is None:
-        train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed,
-                                          name="train")
-    else:  # the island's rows of the global batch
-        train_ds = _IslandRows(data_lib.batch_dataset(corpus.train, tc.seq_len, global_batch,
-                                                      tc.seed, name="train"), island, tc.global_batch)
-    val_ds = data_lib.batch_dataset(corpus.val, tc.seq_len, tc.global_batch, tc.seed + 1,
-                                    name="validation")
-    flops_per_step = specs.flops_per_token(cfg, tc.seq_len, "train") * tc.global_batch * tc.seq_len
-    peak, peak_src = peak_flops(list(mesh.devices.flat))
-    tokens_per_step = tc.global_batch * tc.seq_len
-    log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {mesh.devices.size} "
-        f"{mesh.devices.flat[0].platform} devices, mesh {layout_str}, "
-        f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}, remat {ts.remat}; "
-        f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}")
+    def _datasets(self) -> tuple[Any, Any]:
+        tc, corpus = self.tc, self.corpus
+        if self.sync is None:
+            train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed,
+                                              name="train")
+        else:  # the island's rows of the global batch
+            whole = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch * tc.diloco.islands,
+                                           tc.seed, name="train")
+            train_ds = _IslandRows(whole, self.island, tc.global_batch)
+        val_ds = data_lib.batch_dataset(corpus.val, tc.seq_len, tc.global_batch, tc.seed + 1,
+                                        name="validation")
+        return train_ds, val_ds
 
-    result = TrainResult(final_step=start, out=out)
-    bar = Progress(total=tc.steps, start=start, enabled=is_main, rich=progress, every=tc.log_every)
-    first = True
-    try:
-        with _Preemption() as pre:
-            for step in range(start, tc.steps):
-                t0 = time.perf_counter()
-                batch = global_array(train_ds[step], ts.batch_sharding)
-                t1 = time.perf_counter()
-                state, m = ts.fn(state, batch)
-                m = jax.device_get(m)
-                t2 = time.perf_counter()
-                outer_round = None
-                if sync is not None and (step + 1) % dc.inner_steps == 0:
-                    outer_round = (step + 1) // dc.inner_steps
-                    outer, members, dt_sync = sync.outer_step(outer_round, state["params"], outer)
-                    state["params"] = _copy(outer["params"])
-                    goodput.sync += dt_sync
-                    t2 = time.perf_counter()
-                ckpt.poll()  # a failed background save stops the run now, in one line
-                goodput.checkpoint += time.perf_counter() - t2
-                dt = t2 - t1
-                goodput.data += t1 - t0
-                if first:
-                    goodput.compile += dt
-                elif m["finite"]:
-                    goodput.productive += dt
-                record = {"step": step + 1, "loss": float(m["loss"]), "nll": float(m["nll"]),
-                          "aux_loss": float(m["aux"]), "lr": float(m["lr"]),
-                          "grad_norm": float(m["grad_norm"]), "finite": bool(m["finite"]),
-                          "skipped_steps": int(m["skipped"]),
-                          "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
-                          "mfu": flops_per_step / dt / peak, "compile_step": first}
-                if outer_round is not None:
-                    record.update(diloco_round=outer_round, islands_reported=len(members),
-                                  diloco_sync_s=dt_sync)
-                first = False
-                result.losses[step + 1] = record["loss"]
-                result.final_step = step + 1
-                result.skipped = int(m["skipped"])
-                bad = int(m["bad_steps"])
-                if bad >= tc.max_bad_steps:
-                    writer.write({**record, **goodput.fields()})
-                    ckpt.wait()
-                    good = ckpt.latest_good_step()
-                    where = (f"the last good checkpoint, {ckpt_dir / str(good)}, is intact"
-                             if good is not None else f"no checkpoint was written to {ckpt_dir}")
-                    raise TrainingDiverged(
-                        f"{bad} consecutive steps had a non-finite loss, gradient or update (last: "
-                        f"step {step + 1}); stopped ({result.skipped} skipped in all); {where}")
-                done = step + 1 == tc.steps
-                if (step + 1) % tc.eval.every == 0 or done:
-                    record["val_loss"] = result.val_loss = _validate(evaluate, state, val_ds, tc, ts)
-                # No periodic save in the middle of a non-finite streak: the last checkpoint
-                # stays a good one to return to.
-                periodic = (step + 1) % tc.checkpoint.every == 0 and bool(m["finite"])
-                # read the signal flag once: a signal landing between the save decision and
-                # the stop would otherwise stop the run without the checkpoint it promised.
-                # Every process must stop at the same step (a host preempted alone would
-                # leave the others waiting in the next collective): they agree each step.
-                stop = _any_process(pre.signum is not None)
-                if stop and ram is not None:  # the restart (elastic: onto another size) reads RAM
-                    goodput.checkpoint += ram.save(step + 1, state)
-                if periodic or done or stop:
-                    goodput.checkpoint += ckpt.save(step + 1, state, {**meta, "data_step": step + 1},
-                                                    wait=done or stop)
-                elif ram is not None and (step + 1) % ram.every == 0 and bool(m["finite"]):
-                    goodput.checkpoint += ram.save(step + 1, state)
-                record.update(goodput.fields())
-                writer.write(record)
-                bar.update(step + 1, record)
-                if stop:
-                    result.preempted = True
-                    why = f"signal {pre.signum}" if pre.signum is not None else "a signal to another process"
-                    log(f"\nstopped by {why} after step {step + 1}; checkpoint saved")
-                    break
-    finally:
-        bar.close()
-        ckpt.close()
-        writer.close()
-        if sync is not None:
-            sync.close()
-        if ram is not None:  # a finished run frees its RAM; a stopped one keeps it
-            ram.close(discard=result.final_step == tc.steps)
-    result.params = state["params"]
-    if is_main and not result.preempted:
-        f = goodput.fields()
-        log(f"done: step {result.final_step}, loss {result.losses.get(result.final_step, float('nan')):.4f}"
-            + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
-            + f"; {result.skipped} non-finite step(s) skipped"
-            + f"; goodput {f['goodput']:.1%} (compile {f['badput_compile_s']:.1f}s, data "
-            f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
-            f"{f['badput_lost_s']:.1f}s); checkpoints in {ckpt_dir}")
-    return result
+    def run(self) -> TrainResult:
+        cfg, tc, ts, log = self.cfg, self.tc, self.ts, self.log
+        start, state = self.restore()
+        goodput = Goodput(lost_work_seconds(self.out / "metrics.jsonl", start)
+                          if self.is_main and start else 0.0)
+        writer = MetricsWriter(self.out, enabled=self.is_main)
+        train_ds, val_ds = self._datasets()
+        evaluator = Evaluator(build_eval_step(cfg, tc, ts), val_ds, tc, ts.batch_sharding)
+        peak, peak_src = peak_flops(list(self.mesh.devices.flat))
+        tokens_per_step = tc.global_batch * tc.seq_len
+        flops_per_step = specs.flops_per_token(cfg, tc.seq_len, "train") * tokens_per_step
+        records = StepRecords(tokens_per_step, flops_per_step, peak, goodput)
+        log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {self.mesh.devices.size} "
+            f"{self.mesh.devices.flat[0].platform} devices, mesh {self.layout}, "
+            f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}, remat {ts.remat}; "
+            f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}")
+
+        result = TrainResult(final_step=start, out=self.out)
+        bar = Progress(total=tc.steps, start=start, enabled=self.is_main, rich=self.progress,
+                       every=tc.log_every)
+        batches = Prefetcher(train_ds, ts.batch_sharding, start, tc.steps)
+        H = tc.diloco.inner_steps if self.sync is not None else 0
+
+        def read(d: _Dispatched) -> tuple[dict[str, Any], dict[str, Any]]:
+            """Step d's metrics and record; a streak of non-finite steps ends the run."""
+            m, record = records.read(d)
+            result.losses[d.n] = record["loss"]
+            result.final_step, result.skipped = d.n, int(m["skipped"])
+            if int(m["bad_steps"]) >= tc.max_bad_steps:
+                writer.write({**record, **goodput.fields()})
+                self.ckpt.wait()
+                good = self.ckpt.latest_good_step()
+                where = (f"the last good checkpoint, {self.ckpt_dir / str(good)}, is intact"
+                         if good is not None else f"no checkpoint was written to {self.ckpt_dir}")
+                raise TrainingDiverged(
+                    f"{int(m['bad_steps'])} consecutive steps had a non-finite loss, gradient or "
+                    f"update (last: step {d.n}); stopped ({result.skipped} skipped in all); {where}")
+            return m, record
+
+        def write(record: dict[str, Any]) -> None:
+            record.update(goodput.fields())
+            writer.write(record)
+            bar.update(record["step"], record)
+
+        pending: _Dispatched | None = None
+        try:
+            with _Preemption() as pre:
+                for step in range(start, tc.steps):
+                    n = step + 1
+                    batch, waited = batches.get(step)
+                    goodput.data += waited
+                    dispatched = _Dispatched(n, None, time.perf_counter())
+                    state, dispatched.metrics = ts.fn(state, batch)
+                    if pending is not None:  # the previous step, read while this one runs
+                        write(read(pending)[1])
+                    pending = dispatched
+                    t0 = time.perf_counter()
+                    self.ckpt.poll()  # a failed background save stops the run now, in one line
+                    goodput.checkpoint += time.perf_counter() - t0
+                    done = n == tc.steps
+                    outer_round = n // H if H and n % H == 0 else None
+                    # read the signal flag once: a signal landing between the save decision
+                    # and the stop would otherwise stop the run without the checkpoint it
+                    # promised; every process agrees each step.
+                    stop = agree_to_stop(pre.signum is not None)
+                    if not (stop or done or outer_round or self.policy.needs_state(n)
+                            or evaluator.due(n, done)):
+                        continue
+                    m, record = read(pending)  # this step's state is needed now
+                    pending = None
+                    if outer_round is not None:
+                        self.outer, members, dt_sync = self.sync.outer_step(
+                            outer_round, state["params"], self.outer)
+                        state["params"] = _copy(self.outer["params"])
+                        goodput.sync += dt_sync
+                        record.update(diloco_round=outer_round, islands_reported=len(members),
+                                      diloco_sync_s=dt_sync)
+                    if evaluator.due(n, done):
+                        record["val_loss"] = result.val_loss = evaluator(state["params"])
+                    goodput.checkpoint += self.policy.after_step(n, state, finite=bool(m["finite"]),
+                                                                 done=done, stop=stop)
+                    write(record)
+                    if stop:
+                        result.preempted = True
+                        why = (f"signal {pre.signum}" if pre.signum is not None
+                               else "a signal to another process")
+                        log(f"\nstopped by {why} after step {n}; checkpoint saved")
+                        break
+        finally:
+            batches.close()
+            bar.close()
+            self.ckpt.close()
+            writer.close()
+            if self.sync is not None:
+                self.sync.close()
+            if self.ram is not None:  # a finished run frees its RAM; a stopped one keeps it
+                self.ram.close(discard=result.final_step == tc.steps)
+        result.params = state["params"]
+        if self.is_main and not result.preempted:
+            f = goodput.fields()
+            last = result.losses.get(result.final_step, float("nan"))
+            log(f"done: step {result.final_step}, loss {last:.4f}"
+                + (f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+                + f"; {result.skipped} non-finite step(s) skipped"
+                + f"; goodput {f['goodput']:.1%} (compile {f['badput_compile_s']:.1f}s, data "
+                f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
+                f"{f['badput_lost_s']:.1f}s); checkpoints in {self.ckpt_dir}")
+        return result
 
 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # a new buffer: the step donates
@@ -490,10 +646,3 @@ def _restore_from_ram(ram: MemoryTier, ckpt: Checkpointer, log: Any) -> tuple[in
         + ("this host's RAM" if own else "a peer's replica: this host's RAM copy was gone")
         + f") in {time.perf_counter() - t0:.2f}s")
     return step, state
-
-
-def _validate(evaluate: Any, state: Any, val_ds: Any, tc: TrainConfig, ts: Any) -> float:
-    losses = [float(evaluate(state["params"], global_array(val_ds[i], ts.batch_sharding)))
-              for i in range(tc.eval.batches)]
-    return float(np.mean(losses))
-
