@@ -101,3 +101,21 @@ def test_unsupported_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="GPT2LMHeadModel.*not supported"):
         load_hf(tmp_path / "hf")
+
+
+def test_bfloat16_weights_import_in_a_process_without_jax_loaded(tmp_path):
+    """Most published checkpoints are bf16 safetensors, which numpy alone cannot name."""
+    import subprocess
+    import sys
+
+    model = make_llama(tmp_path / "hf")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    code = ("import sys; from megamesh.model.hf import load_hf; cfg, flat = load_hf(sys.argv[1]); "
+            "print(flat['embed'].dtype, 'jax' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bf16")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert r.stdout.split() == ["bfloat16", "False"]
+    _, flat = load_hf(tmp_path / "bf16")
+    want = model.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(flat["embed"].astype(np.float32), want)

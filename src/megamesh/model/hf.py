@@ -159,6 +159,7 @@ def _layer_map(cfg: ModelConfig, moe: bool) -> list[tuple[str, str, Transform, T
 
 def load_hf(path: str | Path, name: str | None = None) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Read a Hugging Face directory: (config, flat params {name: array}) in megamesh layout."""
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: most published weights are bf16)
     from safetensors.numpy import load_file
 
     p = Path(path)
