@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,3 +47,54 @@ def test_gpu_train_rows_land_one_by_one_and_a_hung_worker_is_killed(tmp_path):
     refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert refused.returncode != 0 and "never overwritten" in refused.stderr
     assert _rows(out)[1] == rows
+
+
+def _serve_cmd(tmp_path, *extra):
+    return [sys.executable, str(ROOT / "bench" / "gpu_serve.py"), "--tiny", "--model-dir",
+            str(tmp_path / "model"), "--out", str(tmp_path / "serve.jsonl"), "--slots", "4", *extra]
+
+
+def _check_serve_rows(rows, modes, systems):
+    by = {(r["mode"], r["system"]): r for r in rows}
+    assert set(by) == {(m, s) for m in modes for s in systems}
+    for (mode, _system), row in by.items():
+        if row.get("timed_out"):
+            continue
+        assert "error" not in row, row
+        n = 1 if mode == "batch1" else 3
+        assert row["completed"] == n and row["failed"] == 0, row
+        assert row["output_tokens_per_s"] > 0 and row["tpot_ms_p50"] > 0 and row["ttft_ms_p50"] > 0
+    return by
+
+
+def test_gpu_serve_every_system_but_one_killed_by_its_timeout(tmp_path):
+    """megamesh (API and HTTP) and HF static batching serve the same tiny load; HF's
+    continuous batching is killed by its timeout (its first request alone takes ~20 s on
+    CPU; the slow test runs it)."""
+    modes, systems = ("offline", "batch1"), ("megamesh", "megamesh-http", "hf-static", "hf-cb")
+    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
+                                  "--requests", "3", "--timeout-for", "hf-cb=2"),
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    header, rows = _rows(tmp_path / "serve.jsonl")
+    assert header["load"]["requests"] == 3 and header["roofline_ms_per_token"] > 0
+    by = _check_serve_rows(rows, modes, systems)
+    assert by[("offline", "hf-cb")]["timed_out"] and by[("batch1", "hf-cb")]["timed_out"]
+    # every system produced exactly the requested output lengths
+    assert len({by[("offline", s)]["output_tokens"] for s in ("megamesh", "megamesh-http", "hf-static")}) == 1
+    assert 0 < by[("batch1", "megamesh")]["roofline_share"]
+    assert "| offline | megamesh |" in r.stdout and "timed out after 2 s" in r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_serve_hf_continuous_batching_and_poisson_arrivals(tmp_path):
+    modes, systems = ("offline", "poisson"), ("megamesh", "hf-cb")
+    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
+                                  "--requests", "3"),
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, rows = _rows(tmp_path / "serve.jsonl")
+    by = _check_serve_rows(rows, modes, systems)
+    rate = by[("poisson", "megamesh")]["rate"]
+    assert rate == by[("poisson", "hf-cb")]["rate"]
+    assert abs(rate - 0.8 * by[("offline", "megamesh")]["request_throughput"]) < 1e-9
