@@ -19,6 +19,8 @@ process group, each row appended to `--out` at once, `--budget` for the whole ru
   as `megamesh bench serve`), which adds the server's own cost;
 - hf-cb: transformers' continuous batching (`init_continuous_batching`, paged attention),
   requests streamed;
+- megamesh-sync (not by default): the engine waiting for each decode's tokens before
+  the next step (`Engine.overlap` off), to measure what the overlap gives;
 - hf-static: transformers `generate` with a static cache, batches of `--static-batch`
   requests left-padded to the longest prompt of the load (one compiled shape), formed
   from the requests that have arrived when the model is free.
@@ -54,7 +56,7 @@ TINY = {"d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim"
         "d_ff": 512, "vocab_size": 1024}
 LOAD = {"requests": 256, "prompt": (512, 2048), "output": (128, 512), "batch1": (512, 256)}
 TINY_LOAD = {"requests": 8, "prompt": (16, 64), "output": (4, 16), "batch1": (32, 16)}
-SYSTEMS = ("megamesh", "megamesh-http", "hf-cb", "hf-static")
+SYSTEMS = ("megamesh", "megamesh-http", "hf-cb", "hf-static", "megamesh-sync")
 MODES = ("offline", "poisson", "batch1")
 
 
@@ -154,7 +156,7 @@ def drive(load: dict, submit, wait_all) -> tuple[list[dict], float]:
     return reqs, started
 
 
-def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int) -> dict:
+def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int, overlap: bool = True) -> dict:
     import jax
 
     from megamesh.serve.engine import SamplingParams
@@ -162,6 +164,7 @@ def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int) -> dict:
 
     engine = build_engine(model_dir, mesh="tensor=1", slots=slots, max_len=max_len,
                           max_queue=len(load["prompts"]) + 8, dtype="bfloat16", log=lambda *a: None)
+    engine.overlap = overlap
     t0 = time.perf_counter()
     engine.start()
     engine.compiled_all.wait()
@@ -186,6 +189,8 @@ def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int) -> dict:
     finally:
         engine.stop()
     return {"requests": reqs, "started": started, "warmup_s": warm, "slots": slots,
+            "decode_steps": engine.stats["decode_steps"],
+            "fed_on_device": engine.stats["decode_steps_fed_on_device"],
             "versions": {"jax": jax.__version__}}
 
 
@@ -349,7 +354,8 @@ def run_hf_static(model_dir: str, load: dict, batch: int, max_len: int) -> dict:
 
 
 RUNNERS = {"megamesh": run_megamesh, "megamesh-http": run_megamesh_http, "hf-cb": run_hf_cb,
-           "hf-static": run_hf_static}
+           "hf-static": run_hf_static,
+           "megamesh-sync": lambda *a: run_megamesh(*a, overlap=False)}
 
 
 def worker(system: str, model_dir: str, load_path: str, size: int, max_len: int) -> None:
@@ -369,7 +375,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", nargs=5, metavar=("SYSTEM", "MODEL_DIR", "LOAD", "SIZE", "MAX_LEN"))
     ap.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    ap.add_argument("--systems", default=",".join(SYSTEMS[:4]), help=f"any of {','.join(SYSTEMS)}")
     ap.add_argument("--modes", default=",".join(MODES), help=f"any of {','.join(MODES)}")
     ap.add_argument("--requests", type=int, help="requests per load (default 256; --tiny 8)")
     ap.add_argument("--rate", type=float, help="poisson arrivals per second (default: 0.8 x the "

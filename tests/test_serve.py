@@ -171,6 +171,52 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
         small.stop()
 
 
+def test_overlapped_steps_hand_over_the_same_tokens_one_step_later(run_dir, engine):
+    """The engine's thread does not wait for a decode's tokens before dispatching the next
+    decode (`step(flush=False)`): the next one is fed them on the device, and the host
+    streams them while it runs. Under compaction (different lengths), preemption (a pool
+    of 32 pages for 16 slots), seeded sampling and stop sequences, every request gets the tokens and
+    stop reason it gets step by step; a request is never given a token past its end."""
+    from megamesh.serve.server import build_engine
+
+    small = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, dtype="float32",
+                         kv_pages=32, reserve_tokens=0, log=lambda *_: None)
+    small.start()
+    small.prefix_cache = False  # (the second pass would read the first's pages)
+    try:
+        assert small.compiled_all.wait(300)
+        tok = engine.model.tokenizer
+        prompts = [tok.encode(f"def handler_{i}(request, *args):").ids for i in range(10)]
+        params = [SamplingParams(max_tokens=60 + 10 * i, temperature=0.0 if i % 2 else 0.9, seed=i,
+                                 ignore_eos=i % 3 != 2, stop=("e",) if i % 4 == 1 else ())
+                  for i in range(10)]
+
+        def run(flush):
+            events = {i: [] for i in range(10)}
+            with small.paused():
+                reqs = [small.submit(p, s, events[i].append) for i, (p, s) in enumerate(zip(prompts, params))]
+                for _ in range(5000):
+                    if all(r.done for r in reqs):
+                        break
+                    small.step(flush=flush)
+            last = [ev[-1] for ev in events.values()]
+            assert all(ev.done for ev in last) and all(sum(e.done for e in ev) == 1 for ev in events.values())
+            return [r.out_ids for r in reqs], [(e.stop_reason, e.output_tokens) for e in last]
+
+        fed, preempted = small.stats["decode_steps_fed_on_device"], small.stats["preempted"]
+        step_by_step = run(flush=True)
+        assert small.stats["decode_steps_fed_on_device"] == fed
+        overlapped = run(flush=False)
+        assert overlapped == step_by_step
+        assert small.stats["decode_steps_fed_on_device"] > fed + 50
+        assert small.stats["preempted"] > preempted and small.stats["slot_moves"] > 0
+        assert {reason for reason, _ in step_by_step[1]} >= {"max_tokens", "stop_sequence"}, [
+            tok.decode(o) for o in step_by_step[0]]
+        assert small.pages_used == 0 and small.active == 0 and small._inflight is None
+    finally:
+        small.stop()
+
+
 def test_bf16_kv_pages_hold_twice_the_positions_in_the_same_memory(run_dir, engine):
     """--kv-dtype bfloat16 under float32 weights: pages of half the bytes, and the engine
     serves with them (greedy tokens may differ from f32 pages in the last places)."""

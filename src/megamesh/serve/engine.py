@@ -155,6 +155,20 @@ class Request:
 SCHEDULING = ("fair", "fcfs")
 
 
+def _gather_tokens(prev: jax.Array, src: jax.Array, host: jax.Array) -> jax.Array:
+    """A decode's input tokens: row i's is row src[i] of the previous decode's drawn
+    tokens (still on the device), or the host's where src[i] < 0."""
+    return jnp.where(src >= 0, prev[jnp.maximum(src, 0)], host)
+
+
+@dataclass
+class _Inflight:
+    """A decode step on the device whose tokens the host has not read yet."""
+    tokens: Any  # (B,) device array: each row's drawn token
+    batch: int  # B
+    rows: dict[Request, tuple[int, int]]  # request -> (its row, its admission number then)
+
+
 class FairQueue:
     """Waiting requests: one FIFO per tenant. `peek(running)` is the head of the tenant
     with the fewest requests running (ties: the earliest arrival), interactive requests
@@ -325,6 +339,12 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._compiler: threading.Thread | None = None  # compiles small decode batches
         self.stats = collections.Counter()
+        # the decode step dispatched last whose tokens are not handed over yet (`_decode`);
+        # `overlap` False: the engine's thread waits for each decode's tokens before the
+        # next step (as a caller of `step()` does)
+        self.overlap = True
+        self._inflight: _Inflight | None = None
+        self._feeds: dict[int, Any] = {}
         self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.pages))
         self.words = mask_words(cfg.vocab_size)  # of a row's token bitmask
         self._grammar_tokenizer: Any = None
@@ -460,13 +480,17 @@ class Engine:
             _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
                                  np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
         b = self.slots
-        zeros = jnp.zeros((b,), jnp.int32)
+        zeros = np.zeros((b,), np.int32)
+        params, pages = self._abstract_args()
         for a in self.decode_buckets:
+            # compiled ahead for its shardings: it takes the host's tokens and the device's
+            # (`_gather_tokens`) alike, without compiling again
             step = self.decode[(b, a)]
-            out = step.fn(self.params, self.pages, self.table, zeros, zeros,
-                          SlotSampling.rows([], b, self.words))
+            self._exec[(b, a)] = step.fn.lower(params, pages, *step.row_args()).compile()
+            out = self._exec[(b, a)](self.params, self.pages, self.table, zeros, zeros,
+                                     SlotSampling.rows([], b, self.words))
             self.pages = out[2]
-            self._exec[(b, a)] = step.fn
+        self._compile_feed(b, b)
         jax.block_until_ready(self.pages)
 
     def _abstract_args(self) -> tuple[Any, Any]:
@@ -482,6 +506,10 @@ class Engine:
                     return
                 step = self.decode[(b, a)]
                 self._exec[(b, a)] = step.fn.lower(params, pages, *step.row_args()).compile()
+            for prev in self.batch_buckets:  # the token gathers between every two batch sizes
+                for b in self.batch_buckets:
+                    if (prev, b) not in self._feeds and not self._stop:
+                        self._compile_feed(prev, b)
             self.log(f"compiled {len(keys)} smaller decode batches in the background in "
                      f"{time.perf_counter() - t0:.1f}s")
         except Exception as e:  # noqa: BLE001 -- the full-batch steps still serve
@@ -498,19 +526,26 @@ class Engine:
         with self._step_lock:
             yield
 
-    def step(self) -> None:
+    def step(self, flush: bool = True) -> None:
         """One iteration of the loop: free finished and cancelled requests, admit and
-        prefill within the step's budget, decode every running request once. Called by
-        the engine's thread, or by a caller holding `paused`."""
+        prefill within the step's budget, dispatch a decode of every running request,
+        and hand over the tokens of the decode before it (`_Inflight`: the device runs
+        this step's decode while the host streams the last one's tokens). `flush`: also
+        wait for this step's own decode and hand its tokens over (a caller holding
+        `paused` sees every token of the step when it returns; the engine's thread does
+        not flush)."""
         self.steps += 1
         try:
             self._reap()
             self._admit()
             if self._active:
                 self._decode()
+            if flush:
+                self._collect()
         except Exception as e:  # noqa: BLE001 -- never let one bad step stop the server
             self.log(f"engine step failed: {type(e).__name__}: {e}")
             self.stats["step_errors"] += 1
+            self._inflight = None
             for req in list(self._active.values()):
                 self._finish(req, "error", error=f"{type(e).__name__}: {e}")
 
@@ -522,7 +557,7 @@ class Engine:
                 if self._stop:
                     break
             with self._step_lock:
-                self.step()
+                self.step(flush=not self.overlap)
         for req in list(self._active.values()) + list(self._waiting):
             self._finish(req, "cancelled")
 
@@ -760,39 +795,101 @@ class Engine:
             self.stats["slot_moves"] += 1
 
     def _decode(self) -> None:
-        """One token for every running request whose prompt is prefilled (rows of prompts
-        still being prefilled, and free rows, write to the scratch page only)."""
+        """Dispatch one decode step for every running request whose prompt is prefilled
+        (rows of prompts still being prefilled, and free rows, write to the scratch page
+        only), then hand over the tokens of the decode in flight before it.
+
+        A request whose last token is still on the device (drawn by the decode in flight)
+        is fed it there (`_feed`: the step's input tokens gathered from that decode's
+        output), so this decode needs nothing from the host that the last one computed;
+        except a request that its token in flight will end by max_tokens (it sits out),
+        and requests under a grammar (the next token's mask depends on the last token:
+        the decode in flight is handed over first). A request that its token in flight
+        ends otherwise (end of sequence, a stop sequence) had one more token drawn in
+        this step, which is dropped, and its KV write went to pages it no longer holds
+        (any later owner's writes come after it on the device)."""
         self._make_room()
         if len(self.batch_buckets) > 1:
             self._compact()
+        inflight = self._inflight
         decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling}
+        if inflight is not None and any(r.matcher is not None for r in decoding.values()):
+            self._collect()  # (may end requests)
+            inflight = None
+            decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling}
+        pending = inflight.rows if inflight is not None else {}
+        decoding = {slot: r for slot, r in decoding.items()
+                    if pending.get(r, (0, -1))[1] != r.admitted or r.n_out + 1 < r.sampling.max_tokens}
         if not decoding:
+            self._collect()
             return
-        hi = max(self._active) + 1
+        hi = max(decoding) + 1
         positions_max = max(r.pos for r in decoding.values())
         a = next(x for x in self.decode_buckets if x >= positions_max + 1)
         B = next(b for b in self.batch_buckets if b >= hi and (b, a) in self._exec)
+        if inflight is not None and (inflight.batch, B) not in self._feeds:
+            self._collect()  # that gather is not compiled yet (start-up): tokens via the host
+            inflight, pending = None, {}
+            decoding = {slot: r for slot, r in decoding.items() if not r.done and self._active.get(slot) is r}
+            if not decoding:
+                return
         tokens, positions = np.zeros(B, np.int32), np.zeros(B, np.int32)
+        src = np.full(B, -1, np.int32)  # the row of the decode in flight with this row's token
         table = self.table[:B].copy()
         rows = [(0, 0.0, 0, 1.0)] * B  # free rows: greedy, their tokens unused
         masks = {}
-        for slot, r in self._active.items():
-            if slot in decoding:
-                tokens[slot], positions[slot], rows[slot] = r.last, r.pos, r.draws
-                if r.matcher is not None:
-                    masks[slot] = self._mask(r)
-            else:
+        for slot in range(B):
+            r = self._active.get(slot)
+            if r is None:
+                continue
+            if slot not in decoding:
                 table[slot] = SCRATCH
+                continue
+            positions[slot], rows[slot] = r.pos, r.draws
+            if pending.get(r, (0, -1))[1] == r.admitted:
+                src[slot] = pending[r][0]
+            else:
+                tokens[slot] = r.last
+            if r.matcher is not None:
+                masks[slot] = self._mask(r)
         t0 = time.perf_counter()
-        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, tokens,
+        fed = tokens
+        if (src >= 0).any():
+            fed = self._feeds[(inflight.batch, B)](inflight.tokens, src, tokens)
+            self.stats["decode_steps_fed_on_device"] += 1
+        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, fed,
                                                 positions, SlotSampling.rows(rows, B, self.words, masks))
-        nxt = np.asarray(nxt)
         self.stats["decode_seconds"] += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
-        for slot, r in decoding.items():
-            r.pos += 1
-            self._accept(r, int(nxt[slot]))
+        for r in decoding.values():
+            r.pos += 1  # the position its next token will be fed at
+        self._collect()  # the last decode's tokens, while this one runs
+        self._inflight = _Inflight(nxt, B, {r: (slot, r.admitted) for slot, r in decoding.items()})
+
+    def _compile_feed(self, prev: int, batch: int) -> None:
+        """Compile the gather of a `batch`-row decode's input tokens from a `prev`-row
+        decode's output (`_gather_tokens`) on the decode steps' row shardings."""
+        sh = {n: self.decode[(n, self.decode_buckets[0])].slot_sharding for n in (prev, batch)}
+        like = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh[n])  # noqa: E731
+        fn = jax.jit(_gather_tokens, in_shardings=(sh[prev], sh[batch], sh[batch]),
+                     out_shardings=sh[batch])
+        self._feeds[(prev, batch)] = fn.lower(like(prev), like(batch), like(batch)).compile()
+
+    def _collect(self) -> None:
+        """Hand over the tokens of the decode in flight (waits for it). A request that has
+        ended or was preempted since (re-admitted or not) drops its token: a preempted
+        one draws the same token again after its recompute (draws are keyed by position)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        t0 = time.perf_counter()
+        nxt = np.asarray(inflight.tokens)
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        for r, (row, admitted) in inflight.rows.items():
+            if r.done or r.admitted != admitted or self._active.get(r.slot) is not r:
+                continue
+            self._accept(r, int(nxt[row]))
 
     def _accept(self, req: Request, tok: int) -> None:
         """A new token for `req`: stream its text, or finish the request."""
