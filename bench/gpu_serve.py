@@ -14,9 +14,11 @@ the HBM roofline, weight bytes / `--hbm` (4.8e12 B/s: NVIDIA's H200 datasheet)).
 
 Systems, each in its own worker process (bench/workers.py: timeout, killed with its
 process group, each row appended to `--out` at once, `--budget` for the whole run):
-- megamesh: the engine through its Python API (`build_engine` + `Engine.submit`);
+- megamesh: the engine through its Python API (`build_engine` + `Engine.submit`; loads
+  nothing the GPU image lacks);
 - megamesh-http: `megamesh serve` over HTTP (the Messages API, streamed; the same client
-  as `megamesh bench serve`), which adds the server's own cost;
+  as `megamesh bench serve`), which adds the server's own cost (on the GPU image it needs
+  the wheels of bench/gpu_wheels.sh);
 - hf-cb: transformers' continuous batching (`init_continuous_batching`, paged attention),
   requests streamed;
 - megamesh-sync (not by default): the engine waiting for each decode's tokens before
@@ -48,7 +50,7 @@ import threading
 import time
 from pathlib import Path
 
-from workers import Budget, Rows, compilation_cache_env, emit, error_row, read_rows, run_worker
+from workers import Budget, Rows, compilation_cache_env, emit, error_row, not_loaded, read_rows, run_worker
 
 MODEL = {"d_model": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "head_dim": 128,
          "d_ff": 8192, "vocab_size": 32000}
@@ -159,8 +161,7 @@ def drive(load: dict, submit, wait_all) -> tuple[list[dict], float]:
 def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int, overlap: bool = True) -> dict:
     import jax
 
-    from megamesh.serve.engine import SamplingParams
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import SamplingParams, build_engine
 
     engine = build_engine(model_dir, mesh="tensor=1", slots=slots, max_len=max_len,
                           max_queue=len(load["prompts"]) + 8, dtype="bfloat16", log=lambda *a: None)
@@ -189,7 +190,7 @@ def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int, overlap: 
     finally:
         engine.stop()
     return {"requests": reqs, "started": started, "warmup_s": warm, "slots": slots,
-            "decode_steps": engine.stats["decode_steps"],
+            "imported": not_loaded(), "decode_steps": engine.stats["decode_steps"],
             "fed_on_device": engine.stats["decode_steps_fed_on_device"],
             "versions": {"jax": jax.__version__}}
 

@@ -14,9 +14,9 @@ Each measurement runs in its own process (bench/workers.py: a fresh allocator, s
 out-of-memory ends that row only; a timeout per worker, `--timeout`, after which it is
 killed with its process group; each finished row appended to the `--out` JSONL file at
 once; no worker starts when under 20 s of `--budget` are left). A worker imports only
-what the step needs (not grain, Orbax, tokenizers or llguidance: the GPU image lacks
-some, and each costs start-up time). `--steps` steps per worker, of which the first
-`--warmup` are dropped; the figure is the median step time, and over `--runs` processes
+what the step needs: none of the packages the GPU image lacks (workers.NOT_ON_GPU_IMAGE).
+`--steps` steps per worker, of which the first `--warmup` are dropped; the figure is the
+median step time, and over `--runs` processes
 (run 1 of every row first, so a run cut short has every row once) the median of those.
 MFU = megamesh's model FLOPs per token (`model.specs.flops_per_token`: 6N plus causal
 attention) x tokens/s / the GPU's dense bf16 peak (`--peak`, default 989e12: H100/H200
@@ -132,7 +132,7 @@ def worker(system: str, seq: int, batch: int, steps: int, tiny: bool) -> None:
         emit(error_row(e))
         return
     if system == "megamesh":  # the step alone: not the loop's data, checkpoint or grammar libraries
-        out["imported"] = not_loaded("grain", "orbax", "tokenizers", "llguidance")
+        out["imported"] = not_loaded()
     emit(out)
 
 

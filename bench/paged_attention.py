@@ -78,8 +78,7 @@ def steps(run: Path, paged: str, max_len: int) -> dict:
     import megamesh.model.backend as backend
 
     backend.PLATFORM_DEFAULTS["cpu"] = dataclasses.replace(backend.PLATFORM_DEFAULTS["cpu"], paged=paged)
-    from megamesh.serve.engine import SamplingParams
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import SamplingParams, build_engine
 
     scale = max_len / 11264
     at = lambda n: max(16, int(n * scale) // 16 * 16)  # positions, scaled to the context

@@ -33,9 +33,16 @@ def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
+# What the GPU machine's image lacks among megamesh's dependencies (its package list:
+# the device notes; bench/gpu_wheels.sh builds them as wheels to carry). The benchmark
+# workers that measure the step and the engine must load none of them.
+NOT_ON_GPU_IMAGE = ("grain", "llguidance", "fastapi", "uvicorn", "starlette", "pydantic",
+                    "anthropic", "jsonschema", "tensorboardX")
+
+
 def not_loaded(*modules: str) -> list[str]:
-    """Which of `modules` this process has imported (a worker must not need them)."""
-    return sorted(m for m in modules if m in sys.modules)
+    """Which of `modules` (default: NOT_ON_GPU_IMAGE) this process has imported."""
+    return sorted(m for m in modules or NOT_ON_GPU_IMAGE if m in sys.modules)
 
 
 class Budget:

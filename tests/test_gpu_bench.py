@@ -30,8 +30,8 @@ def test_gpu_train_rows_land_one_by_one_and_a_hung_worker_is_killed(tmp_path):
     assert header["model"]["d_model"] == 256
     by = {row["system"]: row for row in rows}
     assert set(by) == {"megamesh", "hf-eager", "hf-compile"}
-    # the step imports none of the loop's data/checkpoint/grammar libraries (the GPU image
-    # has no grain or llguidance)
+    # the step loads none of the packages the GPU image lacks (grain, llguidance, the HTTP
+    # layer: workers.NOT_ON_GPU_IMAGE)
     assert by["megamesh"]["imported"] == []
     for name in ("megamesh", "hf-eager"):
         assert len(by[name]["times"]) == 3 and 5.0 < by[name]["loss"] < 9.0, by[name]
@@ -83,6 +83,8 @@ def test_gpu_serve_every_system_but_one_killed_by_its_timeout(tmp_path):
     # every system produced exactly the requested output lengths
     assert len({by[("offline", s)]["output_tokens"] for s in ("megamesh", "megamesh-http", "hf-static")}) == 1
     assert 0 < by[("batch1", "megamesh")]["roofline_share"]
+    # the engine loads nothing the GPU image lacks (no HTTP layer, grammar or data libraries)
+    assert by[("offline", "megamesh")]["imported"] == []
     assert "| offline | megamesh |" in r.stdout and "timed out after 2 s" in r.stdout
 
 

@@ -131,7 +131,7 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
     need ~56 pages share 32 (one full-length sequence's worth), every request's tokens equal
     its tokens when run alone, and every page comes back. With a growth reserve
     (--kv-reserve-tokens) admission waits instead: no preemption, the same tokens."""
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import build_engine
 
     small = build_engine(str(run_dir), mesh="tensor=1", slots=8, max_len=512, dtype="float32",
                          kv_pages=32, reserve_tokens=0, log=lambda *_: None)
@@ -177,7 +177,7 @@ def test_overlapped_steps_hand_over_the_same_tokens_one_step_later(run_dir, engi
     streams them while it runs. Under compaction (different lengths), preemption (a pool
     of 32 pages for 16 slots), seeded sampling and stop sequences, every request gets the tokens and
     stop reason it gets step by step; a request is never given a token past its end."""
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import build_engine
 
     small = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, dtype="float32",
                          kv_pages=32, reserve_tokens=0, log=lambda *_: None)
@@ -220,7 +220,7 @@ def test_overlapped_steps_hand_over_the_same_tokens_one_step_later(run_dir, engi
 def test_bf16_kv_pages_hold_twice_the_positions_in_the_same_memory(run_dir, engine):
     """--kv-dtype bfloat16 under float32 weights: pages of half the bytes, and the engine
     serves with them (greedy tokens may differ from f32 pages in the last places)."""
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import build_engine
 
     small = build_engine(str(run_dir), mesh="tensor=1", slots=8, max_len=256, dtype="float32",
                          kv_dtype="bfloat16", log=lambda *_: None)
@@ -364,7 +364,7 @@ def test_engine_refuses_what_does_not_fit(engine):
 
 
 def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import build_engine
 
     sharded = build_engine(str(run_dir), mesh="data=4,tensor=2", slots=8, max_len=256, dtype="float32",
                            log=lambda *_: None)
@@ -388,7 +388,7 @@ def test_hugging_face_directory_serves_the_same_tokens(run_dir, engine, tmp_path
 
     from megamesh.model import hf
     from megamesh.pytree import flatten
-    from megamesh.serve.server import build_engine
+    from megamesh.serve.engine import build_engine
 
     m = engine.model
     flat = {k: np.asarray(v) for k, v in flatten(jax.device_get(m.params)).items()}
@@ -517,7 +517,8 @@ def long_server(run_dir):
     """The tiny model at a context of 16,384 tokens (trained at 512: extrapolated), one
     slot: room for Claude Code's tool schemas."""
     from megamesh.serve.api import create_app
-    from megamesh.serve.server import build_engine, start_in_thread
+    from megamesh.serve.engine import build_engine
+    from megamesh.serve.server import start_in_thread
 
     eng = build_engine(str(run_dir), mesh="tensor=1", slots=1, max_len=16384, dtype="float32",
                        log=lambda *_: None)

@@ -144,7 +144,8 @@ def serve_once(out) -> int:
     import anthropic
 
     from megamesh.serve.api import create_app
-    from megamesh.serve.server import build_engine, start_in_thread
+    from megamesh.serve.engine import build_engine
+    from megamesh.serve.server import start_in_thread
 
     print(f"\nserving {out} (the same engine and API as `megamesh serve --model {out}`) ...")
     engine = build_engine(str(out), mesh="tensor=1", slots=4, max_len=256, log=lambda *_: None)

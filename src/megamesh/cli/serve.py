@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     limits = Limits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                     body_min_rate=args.body_min_rate, keep_alive=args.keep_alive_timeout,
                     max_connections=args.max_connections or default_max_connections())
-    from megamesh.serve.server import bind, build_engine, serve
+    from megamesh.serve.engine import build_engine
+    from megamesh.serve.server import bind, serve
 
     sock = bind(args.host, args.port)  # held while the engine compiles
     port = sock.getsockname()[1]

@@ -64,14 +64,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from megamesh.errors import MegameshError
+from megamesh.errors import ConfigError, MegameshError
 from megamesh.model.backend import DECODE_BATCH_MULTIPLE
 from megamesh.model.kvcache import DEFAULT_PAGE, SCRATCH, init_pages, pages_per_seq
-from megamesh.serve.load import ServedModel
+from megamesh.serve.load import ServedModel, load_model
 from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step, mask_words
 from megamesh.serve.text import END, Detokenizer, StopMatcher
-from megamesh.sharding.logical import batch_axes
-from megamesh.sharding.rules import mesh_kernels, mesh_platform
+from megamesh.sharding.logical import batch_axes, parse_layout
+from megamesh.sharding.mesh import make_mesh
+from megamesh.sharding.rules import mesh_kernels, mesh_platform, param_shardings, strategy
 
 
 class QueueFull(MegameshError):
@@ -938,3 +939,29 @@ class Engine:
         self.stats["finished_" + reason] += 1
         req.emit(Event(text=text, done=True, stop_reason=reason, stop_sequence=sequence,
                        output_tokens=req.n_out, error=error))
+
+
+def default_dtype() -> str:
+    """bf16 weights on accelerators; f32 on CPU, where bf16 matmuls run slower (XLA:CPU)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
+                 max_queue: int = 256, dtype: str | None = None, name: str | None = None,
+                 page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
+                 prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
+                 kv_dtype: str | None = None, scheduling: str = "fair", log: Any = print) -> Engine:
+    dtype = dtype or default_dtype()
+    for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
+        if value not in ("float32", "bfloat16"):
+            raise ConfigError(f"{flag} {value!r} is not allowed: float32 or bfloat16")
+    layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
+    n = math.prod(layout.values())
+    if n > len(jax.devices()):
+        raise ConfigError(f"--mesh {mesh} needs {n} devices; this host has {len(jax.devices())}")
+    m = make_mesh(layout, jax.devices()[:n])
+    model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
+    return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
+                  page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
+                  max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
+                  scheduling=scheduling, log=log)

@@ -1,54 +1,20 @@
-"""Build an engine + app from `--model`, and run it on uvicorn (in the foreground for
-`megamesh serve`, in a background thread for the quickstart, tests and benchmarks)."""
+"""Run the API on uvicorn (in the foreground for `megamesh serve`, in a background thread
+for the quickstart, tests and benchmarks); the engine is built by `engine.build_engine`."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import uvicorn
 
 from megamesh.errors import ConfigError
-from megamesh.model.specs import DEFAULT_PAGE
 from megamesh.serve import connections
 from megamesh.serve.connections import Limits
-from megamesh.serve.engine import Engine
-from megamesh.serve.load import load_model
-from megamesh.sharding.logical import parse_layout
-from megamesh.sharding.mesh import make_mesh
-from megamesh.sharding.rules import param_shardings, strategy
-
-
-def default_dtype() -> str:
-    """bf16 weights on accelerators; f32 on CPU, where bf16 matmuls run slower (XLA:CPU)."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, max_len: int | None = None,
-                 max_queue: int = 256, dtype: str | None = None, name: str | None = None,
-                 page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
-                 prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
-                 kv_dtype: str | None = None, scheduling: str = "fair", log: Any = print) -> Engine:
-    dtype = dtype or default_dtype()
-    for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
-        if value not in ("float32", "bfloat16"):
-            raise ConfigError(f"{flag} {value!r} is not allowed: float32 or bfloat16")
-    layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
-    n = math.prod(layout.values())
-    if n > len(jax.devices()):
-        raise ConfigError(f"--mesh {mesh} needs {n} devices; this host has {len(jax.devices())}")
-    m = make_mesh(layout, jax.devices()[:n])
-    model = load_model(model_spec, lambda cfg: param_shardings(cfg, m, strategy("serve")), dtype, name)
-    return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
-                  page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
-                  max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
-                  scheduling=scheduling, log=log)
 
 
 def bind(host: str, port: int) -> socket.socket:
