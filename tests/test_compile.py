@@ -52,8 +52,10 @@ MEMORY_CASES = [  # (model args, target, layout, seq, batch, remat, microbatches
     pytest.param(SMALL, "v6e:2x2", "fsdp=2,tensor=2", 2048, 8, "none", 1, id="small-v6e-tp",
                  marks=[pytest.mark.slow, pytest.mark.xfail(
                      reason="known miss of the memory fit: plan +24% (BENCHMARKS.md)")]),
-    # mid-fit (-4.6% in BENCHMARKS.md), in the default suite: the mission's chip, 8B layers
-    pytest.param(EIGHT_B_4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, id="8b-tpu7x-fsdp"),
+    # mid-fit (-4.6% in BENCHMARKS.md): the mission's chip, 8B layers (63 s: the slow set;
+    # the default suite keeps small-tpu7x-fsdp)
+    pytest.param(EIGHT_B_4, "tpu7x:2x2x2", "fsdp=16", 2048, 16, "full", 1, id="8b-tpu7x-fsdp",
+                 marks=pytest.mark.slow),
     # three cases the plan now over-predicts (2026-12-04: +19%, +21%, +13%; they were within
     # 10% when the memory model was fitted, BENCHMARKS.md): strict, so a fix shows
     pytest.param(EIGHT_B_4, "v5p:2x2x2", "fsdp=4,tensor=2", 2048, 8, "dots", 1, id="8b-v5p-tp",
@@ -97,25 +99,20 @@ def test_offload_remat_puts_the_named_activations_in_host_memory():
     assert abs(out["plan"]["relative_error"]["flops"]) <= 0.02
 
 
-def test_compiling_for_a_tpu_topology_prints_no_libtpu_noise():
+def test_compile_saves_the_executable_never_overwrites_and_prints_no_libtpu_noise(tmp_path):
     """libtpu looks for TPU VM metadata it cannot find here and used to print `E0000 ...
     unexpected worker hostname` and `Failed to find host bounds` on every compile; the
     compile path now tells it (issue 30 point 4). A real subprocess: libtpu writes to
     file descriptor 2, which an in-process capture would miss."""
-    env = {k: v for k, v in cli_env().items()
-           if k not in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}
-    r = run_cli("compile", "--model", "tiny", "--model.n_layers=1", "--target", "tpu7x:2x2x1",
-                "--mesh", "fsdp=8", "--seq", "128", "--batch", "8", env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    for noise in ("E0000", "Failed to find host bounds", "could not determine TPU"):
-        assert noise not in r.stderr, r.stderr[-3000:]
-
-
-def test_compile_saves_the_executable_and_never_overwrites(tmp_path):
     exe = tmp_path / "step.exe"
     args = ["--model", "tiny", "--model.n_layers=1", "--target", "tpu7x:2x2x1", "--mesh",
             "fsdp=8", "--seq", "128", "--batch", "8", "--save", str(exe)]
-    compile_json(*args)
+    env = {k: v for k, v in cli_env().items()
+           if k not in ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE")}
+    r = run_cli("compile", *args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("E0000", "Failed to find host bounds", "could not determine TPU"):
+        assert noise not in r.stderr, r.stderr[-3000:]
     assert exe.stat().st_size > 1000
     before = exe.read_bytes()
     r = run_main("compile", *args)

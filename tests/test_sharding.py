@@ -76,11 +76,11 @@ def max_rel(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-# Every case per layer (1 layer, tight tolerance); the 4-layer whole model for the MoE
-# case in the default suite and for every case with `-m slow` (the suite's time budget).
+# Every case per layer (1 layer, tight tolerance) in the default suite; the 4-layer whole
+# model for every case with `-m slow` (the suite's time budget).
 SHARDED_PARAMS = [
     pytest.param(*case, n_layers, tol, id=f"{case[0]}-{case[2]}-{case[3]}-{kind}",
-                 marks=() if n_layers == 1 or case[0] == "tiny-moe" else pytest.mark.slow)
+                 marks=() if n_layers == 1 else pytest.mark.slow)
     for case in CASES for n_layers, tol, kind in [(1, 1e-5, "per-layer"), (4, 1e-4, "whole-model")]
 ]
 

@@ -658,6 +658,7 @@ def test_diloco_islands_match_data_parallel_at_equal_tokens(tmp_path, corpus):
     assert all(x["islands_reported"] == 2 for x in rounds)
 
 
+@pytest.mark.slow  # ~48 s; test_diloco_islands_match_data_parallel_at_equal_tokens stays by default
 def test_a_failed_island_does_not_stop_the_others(tmp_path, corpus):
     """3 islands, quorum 2 (a majority): island 2 is SIGKILLed at step 6, after round 1;
     after waiting 10 s at each later outer step the other two go on without it and finish;

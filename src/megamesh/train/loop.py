@@ -363,7 +363,7 @@ class Trainer:
         self.cfg, self.resume, self.new_data = cfg, resume, new_data
         self.island, self.progress, self.initial_params = island, progress, initial_params
         out = Path(out)
-        dc, self.sync_root, self.island_batch = tc.diloco, None, tc.global_batch
+        dc, self.sync_root = tc.diloco, None
         if dc.islands:
             if island is None or not 0 <= island < dc.islands:
                 raise ConfigError(f"--island {island} is not allowed with --diloco islands={dc.islands}: "
