@@ -4,10 +4,14 @@
   python bench/claude_code_e2e.py [--run DIR] [--claude-code 2.1.328] [--out FILE]
 
 1. Installs the pinned Claude Code from npm into runs/claude-code-<version> (once).
-2. Starts `megamesh serve` on the tiny training run (trained for 2 steps if DIR has
-   none) at a 65,536-token context (past its trained length: extrapolated), answering
-   to the model id Claude Code is given (`--alias`), every answer capped at
-   --max-output-tokens (a random CPU model would otherwise write until the window fills).
+2. Starts `megamesh serve` on a small chat-tuned test model (`ensure_chat_run`: 0.9M
+   parameters trained for 300 steps, ~4 min on CPU, on 4,000 rendered conversations
+   whose assistant turn is always "Hi! How can I help you today?" and the end marker, so
+   that it ends its turn: Claude Code treats a reply cut by max_tokens as an error) at a
+   65,536-token context (past its trained length of 512: extrapolated; at Claude Code's
+   ~30k-token prompt its reply is a few characters of code, then the end marker),
+   answering to the model id Claude Code is given (`--alias`), every answer capped at
+   --max-output-tokens.
 3. A recording proxy between them logs every request (method, path, betas, body fields)
    and response status.
 4. Runs `claude -p "say hi" --model ID` with only ANTHROPIC_BASE_URL and
@@ -35,9 +39,71 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_vs_hf import ensure_run, stop, wait_up  # noqa: E402
+from serve_vs_hf import stop, wait_up  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+REPLY = "Hi! How can I help you today?"
+
+
+TOOLS = [{"name": "read_file", "description": "Read a file.",
+          "input_schema": {"type": "object", "properties": {"path": {"type": "string", "maxLength": 8}},
+                           "required": ["path"]}}]
+
+
+def ensure_chat_run(run: Path) -> None:
+    """A small model that ends its turn, trained by `megamesh train` on conversations
+    rendered with the server's own chat template and tool format: a system prompt (a slice
+    of the test corpus, sometimes with TOOLS rendered after it) and a user turn (a
+    greeting, random words, or a question about a file); the assistant answers REPLY, or,
+    when tools are offered and a file is asked about, calls read_file on it (and, after
+    its result, calls it again or answers REPLY)."""
+    if (run / "checkpoints").is_dir():
+        return
+    import random
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from megamesh.serve import tools as tool_format
+    from megamesh.serve.text import END, render_chat
+
+    rng = random.Random(0)
+    code = "\n".join(p.read_text(errors="replace")
+                     for p in sorted((ROOT / "tests" / "data" / "corpus").rglob("*")) if p.is_file())
+    words = code.split()
+    asks = ["say hi", "hello", "hi there", "what can you do?", "help me with this code", "fix the bug"]
+    files = ["setup.py", "main.py", "app.py", "util.py", "io.py", "test.py", "cli.py", "run.py"]
+    rendered = tool_format.render_tools(tool_format.check_tools(TOOLS))
+    run.mkdir(parents=True, exist_ok=True)
+    data = run.parent / f"{run.name}-chat.jsonl"
+    with open(data, "w") as f:
+        for _ in range(4000):
+            start = rng.randrange(0, len(code) - 2000)
+            system = code[start:start + 4 * rng.randint(20, 400)]
+            with_tools = rng.random() < 0.4
+            if with_tools:
+                system += "\n\n" + rendered
+            kind = rng.random()
+            if with_tools and kind < 0.5:  # a question about a file: call the tool
+                name = rng.choice(files)
+                call = tool_format.render_call("read_file", {"path": name})
+                turns = [("user", f"What does {name} do?")]
+                if rng.random() < 0.5:  # its result came back: call again, or answer
+                    turns += [("assistant", call), ("user", tool_format.render_result(
+                        code[start:start + rng.randint(20, 400)]))]
+                    answer = call if rng.random() < 0.5 else REPLY
+                else:
+                    answer = call
+            else:
+                turns = [("user", rng.choice(asks) if kind < 0.8 else " ".join(
+                    rng.choice(words) for _ in range(rng.randint(3, 60))))]
+                answer = REPLY
+            f.write(json.dumps({"text": render_chat(system, turns) + answer + END}) + "\n")
+    subprocess.run([sys.executable, "-m", "megamesh.cli", "train", "--model", "tiny",
+                    "--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4",
+                    "--model.n_kv_heads=2", "--model.d_ff=384", "--model.vocab_size=2048",
+                    "--train.data.tokenizer_vocab=2048", "--data", str(data), "--steps", "300",
+                    "--batch", "16", "--seq", "512", "--lr", "3e-3", "--out", str(run), "--no-progress",
+                    "--train.log_every=100", "--train.checkpoint.every=300", "--train.eval.every=300"],
+                   check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def free_port() -> int:
@@ -125,10 +191,8 @@ def openai_agent_loop(url: str, model: str, turns: int = 3) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-    tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file.",
-                                                "parameters": {"type": "object", "properties": {
-                                                    "path": {"type": "string", "maxLength": 8}},
-                                                    "required": ["path"]}}}]
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
+                                                "parameters": t["input_schema"]}} for t in TOOLS]
     messages = [{"role": "system", "content": "You are a coding agent."},
                 {"role": "user", "content": "What does setup.py do?"}]
     calls = 0
@@ -147,10 +211,10 @@ def openai_agent_loop(url: str, model: str, turns: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default=str(ROOT / "runs" / "bench-tiny"))
+    ap.add_argument("--run", default=str(ROOT / "runs" / "claude-code-chat"))
     ap.add_argument("--claude-code", default="2.1.328")
     ap.add_argument("--model-id", default="claude-sonnet-4-5")
-    ap.add_argument("--max-output-tokens", type=int, default=32)
+    ap.add_argument("--max-output-tokens", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=1500)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -158,7 +222,7 @@ def main() -> None:
         raise SystemExit("node and npm are needed (Claude Code is an npm package)")
     exe = install_claude_code(args.claude_code)
     run = Path(args.run)
-    ensure_run(run)
+    ensure_chat_run(run)
     port = free_port()
     db = Path(tempfile.mkdtemp(prefix="megamesh-cc-")) / "b.db"
     cmd = [sys.executable, "-m", "megamesh.cli", "serve", "--model", str(run), "--port", str(port),

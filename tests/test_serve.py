@@ -845,6 +845,27 @@ def test_schema_keywords_the_grammar_engine_lacks_are_checked_after_decoding():
     assert "does not match" in check_input(tool, {"command": "ls", "env": {"home": "/"}})
 
 
+def test_the_template_end_marker_may_follow_a_call_or_a_json_answer(engine):
+    """A model trained on megamesh's chat template writes its end marker right after a
+    call's JSON, often in one token with the JSON's last characters (`"}<|`): the grammar
+    lets it follow a call or a JSON answer (the response ends there), nothing else."""
+    from megamesh.serve import tools
+    from megamesh.serve.text import END
+
+    tok = engine.model.tokenizer
+    found = tools.check_tools([{"name": "read_file", "input_schema": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}])
+    call = tools.render_call("read_file", {"path": "setup.py"})
+    for grammar, text in [(tools.grammar(found, "any"), call), (tools.grammar(found, "auto"), call),
+                          (tools.json_grammar({"type": "object"}), '{"a":1}')]:
+        for tail, ok in [("", True), (END, True), ("x", False), (END + "x", False)]:
+            m = engine.matcher(grammar)
+            consumed = m.try_consume_tokens(tok.encode(text + tail).ids)
+            assert (consumed == len(tok.encode(text + tail).ids) and not m.is_error()) == ok, (text, tail)
+            if ok:
+                assert m.is_accepting()
+
+
 def test_a_tool_the_grammar_cannot_fully_enforce_is_called_not_refused(client, server):
     """The request is served (it used to be a 400 'Unimplemented keys'); the call's
     input follows every keyword but propertyNames by construction, and a break of that one

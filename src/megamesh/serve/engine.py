@@ -920,6 +920,10 @@ class Engine:
         elif constrained and req.matcher.is_stopped():  # the grammar is complete
             self._finish(req, "end_turn", text=text + req.stopper.push(req.detok.flush())[0]
                          + req.stopper.flush())
+        elif req.n_out >= req.sampling.max_tokens and constrained and req.matcher.is_accepting():
+            # the constrained answer is whole (only the template's end marker could follow)
+            self._finish(req, "end_turn", text=text + req.stopper.push(req.detok.flush())[0]
+                         + req.stopper.flush())
         elif req.n_out >= req.sampling.max_tokens:
             more, hit = req.stopper.push(req.detok.flush())
             if hit is not None:

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from megamesh.serve.text import END
+
 TRIGGER = "<tool_call>"
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -159,13 +161,20 @@ def grammar(tools: list[Tool], choice: str, name: str | None = None) -> str | No
     chosen = [t for t in tools if name is None or t.name == name]
     calls = " | ".join(f'"{t.name}\\n" input_{i}' for i, t in enumerate(chosen))
     rules = "\n".join(f"input_{i}: %json {_compact(t.enforced)}" for i, t in enumerate(chosen))
-    start = f'"{TRIGGER}" call' + (" | PROSE" if choice == "auto" else "")
+    start = f'"{TRIGGER}" call{_END_OK}' + (" | PROSE" if choice == "auto" else "")
     return f"start: {start}\ncall: {calls}\n{rules}\nPROSE: /[^<](?s:.*)/\n"
+
+
+# The chat template's end marker may follow a call or a JSON answer (the template renders
+# an assistant turn as its text then the marker, so a model trained on it writes the
+# marker next, often in one token with the JSON's last characters, e.g. `"}<|`); it ends
+# the response there (serve.engine's stop matcher) and is not part of the output.
+_END_OK = f' "{END}"?'
 
 
 def json_grammar(schema: dict[str, Any]) -> str:
     """The grammar of a response that is one JSON value valid for `schema`."""
-    return f"start: value\nvalue: %json {_compact(enforceable(schema)[0])}\n"
+    return f"start: value{_END_OK}\nvalue: %json {_compact(enforceable(schema)[0])}\n"
 
 
 class CallReader:
