@@ -39,7 +39,17 @@ import statistics
 import sys
 import time
 
-from workers import Budget, Rows, compilation_cache_env, emit, error_row, not_loaded, read_rows, run_worker
+from workers import (
+    Budget,
+    Rows,
+    compilation_cache_env,
+    emit,
+    error_row,
+    not_loaded,
+    read_rows,
+    run_worker,
+    timeouts_for,
+)
 
 MODEL = {"d_model": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "head_dim": 128,
          "d_ff": 8192, "vocab_size": 32000}
@@ -169,14 +179,7 @@ def main() -> int:
     if bad:
         print(f"--systems: {bad} not allowed: any of {', '.join(SYSTEMS)}", file=sys.stderr)
         return 2
-    timeouts = {s: args.timeout for s in SYSTEMS}
-    for item in args.timeout_for:
-        name, _, sec = item.partition("=")
-        if name not in SYSTEMS:
-            print(f"--timeout-for {item!r}: the system must be one of {', '.join(SYSTEMS)}",
-                  file=sys.stderr)
-            return 2
-        timeouts[name] = float(sec)
+    timeouts = timeouts_for(args.timeout, args.timeout_for, SYSTEMS)
     shapes = TINY_SHAPES if args.tiny else SHAPES
     if args.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]

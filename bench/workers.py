@@ -45,6 +45,24 @@ def not_loaded(*modules: str) -> list[str]:
     return sorted(m for m in modules or NOT_ON_GPU_IMAGE if m in sys.modules)
 
 
+def timeouts_for(default: float, items: list[str], systems: tuple[str, ...]) -> dict[str, float]:
+    """Each system's worker timeout: `default`, or S from a `--timeout-for SYSTEM=S` item.
+    A bad item exits with status 2 and a line naming it."""
+    out = dict.fromkeys(systems, default)
+    for item in items:
+        name, _, sec = item.partition("=")
+        try:
+            seconds = float(sec)
+        except ValueError:
+            seconds = -1.0
+        if name not in systems or seconds <= 0:
+            print(f"--timeout-for {item!r} is not allowed: SYSTEM=SECONDS with SYSTEM one of "
+                  f"{', '.join(systems)} and SECONDS > 0", file=sys.stderr)
+            raise SystemExit(2)
+        out[name] = seconds
+    return out
+
+
 class Budget:
     """Seconds left for the whole run; a row starts only if `min_start_s` remain."""
 
