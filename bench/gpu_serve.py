@@ -30,7 +30,8 @@ Per request: TTFT = first token - arrival, TPOT = (last token - first token) / (
 tokens - 1), from the time each system hands the tokens over (its emit callback, stream
 or streamer). Output tokens/s = all output tokens / (last finish - first arrival).
 
-    PYTHONPATH=src python bench/gpu_serve.py --out $OUT/serve.jsonl --cache /tmp/jax-cache
+    PYTHONPATH=src python bench/gpu_serve.py --modes offline --out $OUT/serve.jsonl --cache /tmp/jax-cache
+    PYTHONPATH=src python bench/gpu_serve.py --modes poisson,batch1 --rate R --out $OUT/serve2.jsonl
     python bench/gpu_serve.py --table serve.jsonl
 
 `--tiny`: a 2-layer model and a small load, a check of this script on CPU.
@@ -397,7 +398,7 @@ def main() -> int:
     ap.add_argument("--model-dir", default="/tmp/megamesh-gpu-serve-model",
                     help="the Hugging Face directory every system loads (written if missing)")
     ap.add_argument("--tiny", action="store_true", help="small model and load (a CPU check)")
-    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per worker process")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per worker process")
     ap.add_argument("--timeout-for", action="append", default=[], metavar="SYSTEM=S")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
     ap.add_argument("--cache", help="jax's persistent compilation cache directory for workers")
