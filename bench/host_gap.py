@@ -1,6 +1,8 @@
 """The host gap per training step: how long the device waits for the host each step.
 
   python bench/host_gap.py --before DIR [--rounds 3] [--steps 60] [--devices 8]
+  python bench/host_gap.py --platform native     # on a GPU (megamesh train needs the
+                                                 # wheels of bench/gpu_wheels.sh there)
 
 For each tree (`--before DIR`, a checkout of an earlier megamesh, and this one), in
 alternation, `--rounds` times:
@@ -34,11 +36,15 @@ MODEL = {"d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 2
 BATCH, SEQ = 16, 64
 
 
+PLATFORM = {"name": "cpu"}  # --platform: cpu (--devices fake devices) or the machine's own
+
+
 def env_for(tree: Path, devices: int) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree / "src")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree / "src"), os.environ.get("PYTHONPATH")) if p)
+    if PLATFORM["name"] == "cpu":
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["JAX_PLATFORMS"] = "cpu"
     return env
 
 
@@ -98,12 +104,15 @@ def worker(steps: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--before", required=False, help="a checkout of the earlier megamesh to compare")
+    ap.add_argument("--before", help="a checkout of the earlier megamesh to compare")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--platform", default="cpu", choices=("cpu", "native"),
+                    help="cpu: --devices fake CPU devices; native: the machine's own (a GPU)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    PLATFORM["name"] = args.platform
     if args.worker:
         worker(args.worker)
         return 0
@@ -115,7 +124,8 @@ def main() -> int:
         for name, tree in trees.items():
             got[name]["loop"].append(loop_seconds(tree, args.steps, args.devices))
             got[name]["device"].append(device_seconds(tree, args.steps, args.devices))
-    print(f"model {MODEL}, batch {BATCH}x{SEQ}, {args.devices} CPU devices, {args.steps} steps, "
+    where = f"{args.devices} CPU devices" if args.platform == "cpu" else "the machine's devices"
+    print(f"model {MODEL}, batch {BATCH}x{SEQ}, {where}, {args.steps} steps, "
           f"medians of {args.rounds} rounds")
     print("| tree | loop ms/step | device ms/step | host gap ms/step | gap share |")
     print("|---|---|---|---|---|")
