@@ -51,6 +51,7 @@ import threading
 import time
 from pathlib import Path
 
+from gpu_train import MODEL, TINY  # the same model shapes as the training benchmark
 from workers import (
     Budget,
     Rows,
@@ -63,10 +64,6 @@ from workers import (
     timeouts_for,
 )
 
-MODEL = {"d_model": 2048, "n_layers": 16, "n_heads": 16, "n_kv_heads": 8, "head_dim": 128,
-         "d_ff": 8192, "vocab_size": 32000}
-TINY = {"d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 64,
-        "d_ff": 512, "vocab_size": 1024}
 LOAD = {"requests": 256, "prompt": (512, 2048), "output": (128, 512), "batch1": (512, 256)}
 TINY_LOAD = {"requests": 8, "prompt": (16, 64), "output": (4, 16), "batch1": (32, 16)}
 SYSTEMS = ("megamesh", "megamesh-http", "hf-cb", "hf-static", "megamesh-sync")
@@ -224,9 +221,8 @@ def run_megamesh_http(model_dir: str, load: dict, slots: int, max_len: int) -> d
     tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     prompts = [loadgen.BenchPrompt(tok.decode(ids), len(ids), n)
                for ids, n in zip(load["prompts"], load["outputs"])]
-    gaps = [b - a for a, b in zip([0.0] + load["arrivals"], load["arrivals"])]
+    gaps = [b - a for a, b in zip([0.0] + load["arrivals"], load["arrivals"])]  # its own arrivals
     cfg = loadgen.BenchConfig(url=f"http://127.0.0.1:{port}", num_prompts=len(prompts), warmups=2)
-    loadgen._intervals = lambda cfg, n: gaps  # the load's own arrival times
     import httpx
 
     try:
@@ -242,7 +238,7 @@ def run_megamesh_http(model_dir: str, load: dict, slots: int, max_len: int) -> d
                 pass
             time.sleep(0.5)
         up = time.perf_counter() - t0
-        results, duration, _, _ = asyncio.run(loadgen._run(cfg, prompts))
+        results, duration, _, _ = asyncio.run(loadgen._run(cfg, prompts, gaps))
     finally:
         server.terminate()
         try:

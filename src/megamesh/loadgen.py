@@ -248,10 +248,11 @@ async def _kv_samples(client: httpx.AsyncClient, url: str, out: list[dict[str, f
         await asyncio.sleep(every)
 
 
-async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[
+async def _run(cfg: BenchConfig, prompts: list[BenchPrompt], gaps: list[float] | None = None) -> tuple[
         list[RequestResult], float, list[dict[str, float]], dict[str, float] | None]:
     """Results, duration, megamesh's gauges sampled during the run, and its counters'
-    growth over the run (COUNTERS' keys; None from servers without them)."""
+    growth over the run (COUNTERS' keys; None from servers without them). `gaps`: the
+    seconds before each request (default: drawn from cfg's rate and burstiness)."""
     limits = httpx.Limits(max_connections=cfg.max_concurrency or len(prompts) + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout), limits=limits) as client:
         model = cfg.model
@@ -276,7 +277,7 @@ async def _run(cfg: BenchConfig, prompts: list[BenchPrompt]) -> tuple[
         sampler = asyncio.create_task(_kv_samples(client, cfg.url, kv))
         tasks = []
         t0 = time.perf_counter()
-        for p, gap in zip(prompts, _intervals(cfg, len(prompts))):
+        for p, gap in zip(prompts, _intervals(cfg, len(prompts)) if gaps is None else gaps):
             if gap:
                 await asyncio.sleep(gap)
             tasks.append(asyncio.create_task(limited(p)))

@@ -801,7 +801,7 @@ class Engine:
         only), then hand over the tokens of the decode in flight before it.
 
         A request whose last token is still on the device (drawn by the decode in flight)
-        is fed it there (`_feed`: the step's input tokens gathered from that decode's
+        is fed it there (`_gather_tokens`: the step's input tokens gathered from that decode's
         output), so this decode needs nothing from the host that the last one computed;
         except a request that its token in flight will end by max_tokens (it sits out),
         and requests under a grammar (the next token's mask depends on the last token:
@@ -812,15 +812,17 @@ class Engine:
         self._make_room()
         if len(self.batch_buckets) > 1:
             self._compact()
-        inflight = self._inflight
-        decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling}
-        if inflight is not None and any(r.matcher is not None for r in decoding.values()):
+        if self._inflight is not None and any(r.matcher is not None for r in self._active.values()
+                                              if r not in self._prefilling):
             self._collect()  # (may end requests)
-            inflight = None
-            decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling}
+        inflight = self._inflight
         pending = inflight.rows if inflight is not None else {}
-        decoding = {slot: r for slot, r in decoding.items()
-                    if pending.get(r, (0, -1))[1] != r.admitted or r.n_out + 1 < r.sampling.max_tokens}
+
+        def in_flight(r: Request) -> bool:  # its last token is the decode in flight's
+            return pending.get(r, (0, -1))[1] == r.admitted
+
+        decoding = {slot: r for slot, r in self._active.items() if r not in self._prefilling
+                    and (not in_flight(r) or r.n_out + 1 < r.sampling.max_tokens)}
         if not decoding:
             self._collect()
             return
@@ -847,7 +849,7 @@ class Engine:
                 table[slot] = SCRATCH
                 continue
             positions[slot], rows[slot] = r.pos, r.draws
-            if pending.get(r, (0, -1))[1] == r.admitted:
+            if in_flight(r):
                 src[slot] = pending[r][0]
             else:
                 tokens[slot] = r.last
@@ -917,11 +919,10 @@ class Engine:
         text, hit = req.stopper.push(req.detok.push(tok))
         if hit is not None:
             self._finish(req, hit.reason, text=hit.text, sequence=hit.sequence)
-        elif constrained and req.matcher.is_stopped():  # the grammar is complete
-            self._finish(req, "end_turn", text=text + req.stopper.push(req.detok.flush())[0]
-                         + req.stopper.flush())
-        elif req.n_out >= req.sampling.max_tokens and constrained and req.matcher.is_accepting():
-            # the constrained answer is whole (only the template's end marker could follow)
+        elif constrained and (req.matcher.is_stopped() or (
+                # at max_tokens a whole answer ends the turn (only the template's end marker
+                # could have followed it)
+                req.n_out >= req.sampling.max_tokens and req.matcher.is_accepting())):
             self._finish(req, "end_turn", text=text + req.stopper.push(req.detok.flush())[0]
                          + req.stopper.flush())
         elif req.n_out >= req.sampling.max_tokens:
