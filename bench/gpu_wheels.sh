@@ -9,8 +9,7 @@
 #
 #   bash bench/gpu_wheels.sh            # -> .whl/ (gitignored), 24 wheels, 14 MB
 #
-# then carry `.whl` and start the device command with the installer the device README
-# gives:
+# then carry `.whl` and start the command on the GPU machine with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src
 set -euo pipefail

@@ -33,8 +33,9 @@ def emit(row: dict) -> None:
     print(json.dumps(row), flush=True)
 
 
-# What the GPU machine's image lacks among megamesh's dependencies (its package list:
-# the device notes; bench/gpu_wheels.sh builds them as wheels to carry). The benchmark
+# What the GPU machine's image lacks among megamesh's dependencies (its package list as
+# read in 2026-11: Python 3.12, jax 0.11.2, torch, transformers, optax, orbax, flax;
+# bench/gpu_wheels.sh builds these as wheels to carry). The benchmark
 # workers that measure the step and the engine must load none of them.
 NOT_ON_GPU_IMAGE = ("grain", "llguidance", "fastapi", "uvicorn", "starlette", "pydantic",
                     "anthropic", "jsonschema", "tensorboardX")
