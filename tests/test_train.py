@@ -461,14 +461,46 @@ def test_train_starts_from_a_hugging_face_directory(tmp_path, corpus):
     hf = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     LlamaForCausalLM(hf).save_pretrained(tmp_path / "hf")
+    # the model's own tokenizer: no "<|endoftext|>"; its EOS is "</s>", id 2 as the config says
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megamesh.data.tokenizer import tokenizer_sha256
+    from megamesh.train.data import read_documents
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(read_documents([str(corpus)])[0], trainers.BpeTrainer(
+        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert hf.eos_token_id == 2 and tok.token_to_id("</s>") == 2 and tok.token_to_id("<|endoftext|>") is None
     out = tmp_path / "run"
     r = run_cli("train", "--out", out, "--data", corpus, "--model", tmp_path / "hf",
-                "--train.data.tokenizer_vocab=512", "--batch", "8", "--seq", "32", "--steps", "2",
-                "--no-progress", timeout=240)
+                "--batch", "8", "--seq", "32", "--steps", "2", "--no-progress", timeout=240)
     assert r.returncode == 0, r.stderr
     assert "initialized from the model directory's weights" in r.stdout
+    assert "hf's tokenizer vocab 500" in r.stdout
     # HF's init (std 0.02) gives near-uniform logits: loss ~ ln(512) = 6.24, unlike megamesh's init
     assert abs(records(out)[0]["loss"] - np.log(512)) < 0.05
+    meta = json.loads((out / "data" / "corpus.json").read_text())
+    assert meta["eos_id"] == 2 and meta["tokenizer_sha256"] == tokenizer_sha256(tok)
+    assert (np.load(out / "data" / "train.npy") == 2).sum() >= 10  # documents end with the model's EOS
+    # serving the run stops at the model's EOS; a tokenizer swapped under the run is refused
+    import jax
+
+    from megamesh.serve.load import load_model
+    from megamesh.sharding.mesh import make_mesh
+    from megamesh.sharding.rules import param_shardings, strategy
+
+    mesh = make_mesh({"tensor": 1}, jax.devices()[:1])
+    served = load_model(str(out), lambda cfg: param_shardings(cfg, mesh, strategy("serve")), "float32")
+    assert served.eos_ids == (2,)
+    from tokenizers import normalizers
+
+    tok.normalizer = normalizers.Lowercase()  # another tokenizer, same vocabulary
+    tok.save(str(out / "tokenizer.json"))
+    r = run_cli("train", "--out", out, "--resume", "--steps", "3", "--no-progress", timeout=240)
+    assert r.returncode != 0 and "is not the tokenizer this run's data was cut with" in r.stderr
 
 
 FAULTS = """

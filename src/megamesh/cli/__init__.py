@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from megamesh.cli import bench, compile_cmd, fleet, inspect_cmd, launch, plan, quickstart, serve, train
+from megamesh.cli import bench, compile_cmd, data, fleet, inspect_cmd, launch, plan, quickstart, serve, train
 from megamesh.errors import MegameshError
 from megamesh.platform import default_to_cpu_without_accelerator
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     quickstart.add_parser(sub)
     inspect_cmd.add_parser(sub)
     train.add_parser(sub)
+    data.add_parser(sub)
     plan.add_parser(sub)
     compile_cmd.add_parser(sub)
     serve.add_parser(sub)

@@ -30,8 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "batch and run spec (layout, remat, microbatches, kernels); flags override it")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, tokenizer)")
     p.add_argument("--data", nargs="+", default=None,
-                   help="text files or folders, .jsonl (text field), .parquet (text column); "
-                   "default: the Python standard library's source")
+                   help="text files or folders, .jsonl (text field), .parquet (text column), packed in "
+                   "memory; or prepared datasets (`megamesh data prepare`; folders or URLs such as "
+                   "gs://...), streamed, mixed by weight as a:0.7,b:0.3 or a YAML file of "
+                   "sources; default: the Python standard library's source")
     p.add_argument("--mesh", default=None, help="layout such as data=2,fsdp=4 (default: all devices on fsdp)")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch", type=int, help="global batch in sequences")
@@ -90,6 +92,7 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
 
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, tc = build_configs(args, extra)
+    from megamesh.data.tokenizer import model_tokenizer
     from megamesh.model.source import load_weights
     from megamesh.platform import keep_freed_host_memory
     from megamesh.train.distributed import initialize_from_env
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     result = train(cfg, tc, args.out, data_paths=args.data, resume=args.resume, new_data=args.new_data,
                    elastic=args.elastic, island=args.island,
                    progress=False if args.no_progress else None,
-                   initial_params=load_weights(args.model))
+                   initial_params=load_weights(args.model), tokenizer=model_tokenizer(args.model))
     if result.preempted:
         sys.stdout.flush()
         return 143

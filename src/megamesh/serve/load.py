@@ -82,6 +82,9 @@ def _load_run(out: Path, shardings_for: Any, dtype: str, name: str | None) -> Se
     step, (cfg, params) = got
     tok = _tokenizer(out / "tokenizer.json", f"training run {out}")
     eos = tok.token_to_id(EOS)
+    data_meta = out / "data" / "corpus.json"
+    if data_meta.is_file():  # the id that ended the documents it trained on (a model's own EOS)
+        eos = json.loads(data_meta.read_text()).get("eos_id", eos)
     created = int((out / "checkpoints" / str(step)).stat().st_mtime)
     return ServedModel(cfg, params, tok, (eos,) if eos is not None else (), name or cfg.name,
                        f"{out} (step {step})", created)

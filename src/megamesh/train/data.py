@@ -6,9 +6,10 @@ byte-level BPE trained with the `tokenizers` library, separated by an end-of-tex
 token, and packed into one token stream cut into sequences of seq_len + 1 tokens
 (inputs and shifted targets). A held-out share of documents forms the validation split.
 
-Batches come from a Grain MapDataset (shuffled per epoch from a seed, random access),
-so the batch of step s is a pure function of (corpus, seed, s): the pipeline position
-saved in a checkpoint is just the number of batches consumed.
+This in-memory corpus suits the embedded default and tests; a corpus at scale is
+prepared into shards (`megamesh data prepare`, `megamesh.data`) and streamed. Either way
+`megamesh.data.batches` makes the batches: the batch of step s is a pure function of
+(corpus, seed, s), so the pipeline position saved in a checkpoint is just the step.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ class Corpus:
     description: str
     source: str = ""  # identifies the documents alone (`source_fingerprint`)
     history: list = field(default_factory=list)  # earlier corpora of this run (--new-data)
+    tokenizer_sha256: str = ""  # data.tokenizer.tokenizer_sha256 of the tokenizer that cut it
+    kind = "text"
+
+    def sources(self, split: str) -> list:
+        """The split as the one token stream `data.batches.Batches` reads."""
+        from megamesh.data.batches import ArrayStore, Source
+
+        return [Source("corpus", ArrayStore(self.train if split == "train" else self.val))]
 
     def save(self, directory: Path) -> None:
         """Write atomically: a new directory beside it, renamed into place once complete
@@ -159,8 +168,9 @@ class Corpus:
         np.save(tmp / "val.npy", self.val)
         sums = {n: file_crc32(tmp / n) for n in ("train.npy", "val.npy")}
         (tmp / "corpus.json").write_text(json.dumps(
-            {"eos_id": self.eos_id, "fingerprint": self.fingerprint, "description": self.description,
-             "source": self.source, "history": self.history, "checksums": sums}))
+            {"kind": self.kind, "eos_id": self.eos_id, "fingerprint": self.fingerprint,
+             "description": self.description, "source": self.source, "history": self.history,
+             "tokenizer_sha256": self.tokenizer_sha256, "checksums": sums}))
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -177,6 +187,7 @@ class Corpus:
         """The packed corpus, checked: each array against its checksum and every token id
         below the tokenizer's `vocab_size` (a damaged file is an error, never trained on)."""
         meta = cls.read_meta(directory)
+        meta.pop("kind", None)
         for name, crc in meta.pop("checksums", {}).items():
             if file_crc32(directory / name) != crc:
                 raise ConfigError(f"{directory / name} does not match its checksum: the packed "
@@ -191,14 +202,18 @@ class Corpus:
 
 
 def check_split(tokens: np.ndarray, seq_len: int, name: str) -> None:
-    if len(PackedSequences(tokens, seq_len)) < 1:
+    if (len(tokens) - 1) // seq_len < 1:
         raise ConfigError(f"the {name} split has {len(tokens)} tokens, fewer than one sequence of "
                           f"seq_len+1={seq_len + 1}: use more data or a shorter --seq")
 
 
-def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: float) -> Corpus:
-    """Tokenize, split by a stable hash of each document, and pack with EOS separators."""
-    eos = tokenizer.token_to_id(EOS)
+def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: float,
+                 eos_id: int | None = None) -> Corpus:
+    """Tokenize, split by a stable hash of each document, and pack with EOS separators
+    (`eos_id`: the tokenizer's end-of-text id; default megamesh's own EOS token)."""
+    from megamesh.data.tokenizer import tokenizer_sha256
+
+    eos = tokenizer.token_to_id(EOS) if eos_id is None else eos_id
     ids = [e.ids for e in tokenizer.encode_batch(docs)]
     is_val = [zlib.crc32(d.encode()) % 10_000 < val_fraction * 10_000 for d in docs]
     if val_fraction > 0 and not any(is_val):
@@ -215,27 +230,4 @@ def build_corpus(docs: list[str], description: str, tokenizer, val_fraction: flo
         h.update(hashlib.sha256(d.encode()).digest())
     h.update(tokenizer.to_str().encode())
     return Corpus(pack(False), pack(True), eos, h.hexdigest()[:16], description,
-                  source=source_fingerprint(docs))
-
-
-class PackedSequences:
-    """Random-access source: item i is tokens[i*T : i*T + T + 1] (inputs and shifted targets)."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
-
-    def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        s = int(i) * self.seq_len
-        return self.tokens[s:s + self.seq_len + 1]
-
-
-def batch_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, *, name: str):
-    """Grain MapDataset whose item s is the (global_batch, seq_len + 1) batch of step s."""
-    import grain  # here: the step and benchmarks import this module on machines without it
-
-    check_split(tokens, seq_len, name)
-    ds = grain.MapDataset.source(PackedSequences(tokens, seq_len)).shuffle(seed=seed).repeat()
-    return ds.batch(global_batch, drop_remainder=True, batch_fn=np.stack)
+                  source=source_fingerprint(docs), tokenizer_sha256=tokenizer_sha256(tokenizer))

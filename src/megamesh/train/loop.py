@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,6 +24,9 @@ from jax.experimental import multihost_utils
 
 from megamesh import __version__
 from megamesh.config import ModelConfig
+from megamesh.data.batches import Batches, PreparedData, parse_data
+from megamesh.data.shards import DataError
+from megamesh.data.tokenizer import TokenizerInfo, tokenizer_sha256
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model import specs
 from megamesh.pytree import unflatten
@@ -128,58 +132,140 @@ def fit_elastic(tc: TrainConfig, mesh: Any, out: Path, *, resume: bool, log: Any
 
 
 def prepare_data(out: Path, paths: list[str] | None, cfg: ModelConfig, tc: TrainConfig,
-                 log: Any, *, trained: bool = False, new_data: bool = False
-                 ) -> tuple[data_lib.Corpus, Any]:
-    """OUT's tokenizer and packed corpus: built (process 0) on first use; afterwards fixed.
+                 log: Any, *, trained: bool = False, new_data: bool = False,
+                 tokenizer: TokenizerInfo | None = None) -> tuple[Any, Any]:
+    """OUT's tokenizer and data: a packed corpus of text files, built (process 0) on
+    first use, or prepared datasets (`megamesh data prepare`) streamed from where they
+    are, mixed by weight (`data.batches.parse_data`); afterwards fixed.
 
-    Once a checkpoint exists (`trained`), `--data` naming other documents is refused
-    unless `new_data`: then they are packed with the run's own tokenizer (the model's
-    embedding is tied to it) and the switch is recorded in the corpus's history. Before
-    any checkpoint (an earlier attempt failed), other `--data` simply rebuilds everything.
+    Once a checkpoint exists (`trained`), `--data` naming other data is refused unless
+    `new_data`: then text is packed with the run's own tokenizer (the model's embedding is
+    tied to it) and the switch is recorded in the data's history. Before any checkpoint
+    (an earlier attempt failed), other `--data` simply rebuilds everything. `tokenizer`:
+    the one the model came with (a Hugging Face directory's), used instead of training a
+    BPE. A run records its tokenizer's SHA-256 and refuses data cut with another one.
     Nothing is saved until the corpus is complete and long enough for --seq."""
     data_dir, tok_path = out / "data", out / "tokenizer.json"
     exists = (data_dir / "corpus.json").exists() and tok_path.exists()
+    stored = data_lib.Corpus.read_meta(data_dir) if exists else None
+    entries = parse_data(paths)
+    if entries is None and not paths and stored is not None and stored.get("kind") == "prepared":
+        entries = [(src["path"], float(src["weight"])) for src in stored["sources"]]
+    if entries is not None:
+        return _prepared_data(out, entries, cfg, tc, log, trained=trained, new_data=new_data,
+                              tokenizer=tokenizer, stored=stored)
     build = not exists
     if exists and paths:
         docs, desc = data_lib.read_documents(paths)
-        stored = data_lib.Corpus.read_meta(data_dir)
         if data_lib.source_fingerprint(docs) != stored.get("source"):
             if trained and not new_data:
                 raise ConfigError(
                     f"--data is not the corpus this run was trained on ({stored['description']}, "
-                    f"packed in {data_dir}); pass --new-data to continue training on it "
+                    f"recorded in {data_dir}); pass --new-data to continue training on it "
                     "deliberately (packed with the run's tokenizer, the switch recorded)")
             build = True
     if build and jax.process_index() == 0:
         t0 = time.perf_counter()
         if not exists or not paths:
             docs, desc = data_lib.read_documents(paths)
-        if exists and trained:  # --new-data: the run's tokenizer, the old corpus remembered
-            tok = load_tokenizer(tok_path)
-            old = data_lib.Corpus.read_meta(data_dir)
-            history = [*old.get("history", []), {
-                "description": old["description"], "fingerprint": old["fingerprint"],
-                "replaced": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        if exists and trained:  # --new-data: the run's tokenizer, the old data remembered
+            tok, eos_id = load_tokenizer(tok_path), int(stored["eos_id"])
+            history = _history(stored)
+        elif tokenizer is not None:
+            tok, eos_id, history = tokenizer.tok, tokenizer.eos_id, []
         else:
             tok = data_lib.train_tokenizer(docs, min(tc.data.tokenizer_vocab, cfg.vocab_size))
-            history = []
-        corpus = data_lib.build_corpus(docs, desc, tok, tc.data.val_fraction)
+            eos_id, history = None, []
+        corpus = data_lib.build_corpus(docs, desc, tok, tc.data.val_fraction, eos_id)
         corpus.history = history
         data_lib.check_split(corpus.train, tc.seq_len, "train")
         data_lib.check_split(corpus.val, tc.seq_len, "validation")
-        tmp_tok = tok_path.with_name(tok_path.name + ".tmp")
-        tok.save(str(tmp_tok))
+        _write_tokenizer(tok_path, tok.to_str())
         corpus.save(data_dir)
-        os.replace(tmp_tok, tok_path)
         switched = " (replacing the corpus this run trained on so far)" if history else ""
-        log(f"data: {desc}{switched}; BPE vocab {tok.get_vocab_size()}; {len(corpus.train):,} "
+        what = f"{tokenizer.source}'s tokenizer" if tokenizer is not None and not history else "BPE"
+        log(f"data: {desc}{switched}; {what} vocab {tok.get_vocab_size()}; {len(corpus.train):,} "
             f"train + {len(corpus.val):,} validation tokens ({time.perf_counter() - t0:.1f}s)")
     _barrier("data")
-    tok = load_tokenizer(tok_path)
-    if tok.get_vocab_size() > cfg.vocab_size:
-        raise ConfigError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
-                          f"{cfg.name}'s vocab_size={cfg.vocab_size}")
+    tok = _run_tokenizer(out, cfg, tokenizer)
     return data_lib.Corpus.load(data_dir, tok.get_vocab_size()), tok
+
+
+def _history(stored: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*stored.get("history", []), {
+        "description": stored["description"], "fingerprint": stored["fingerprint"],
+        "replaced": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+
+
+def _write_tokenizer(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run_tokenizer(out: Path, cfg: ModelConfig, model_tok: TokenizerInfo | None) -> Any:
+    """OUT/tokenizer.json, checked: the one the data records, within the model's vocabulary,
+    and the model's own when it came with one."""
+    tok_path = out / "tokenizer.json"
+    tok = load_tokenizer(tok_path)
+    have = tokenizer_sha256(tok)
+    recorded = data_lib.Corpus.read_meta(out / "data").get("tokenizer_sha256")
+    if recorded and recorded != have:
+        raise DataError(f"{tok_path} is not the tokenizer this run's data was cut with (SHA-256 "
+                          f"{have[:12]}..., recorded {recorded[:12]}...): restore it or use a new --out")
+    if model_tok is not None and model_tok.sha256 != have:
+        raise DataError(f"--model {model_tok.source}'s tokenizer (SHA-256 {model_tok.sha256[:12]}...) "
+                          f"is not the one run {out} trained with ({have[:12]}...): the embedding is "
+                          "tied to the tokenizer; use a new --out")
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise DataError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
+                          f"{cfg.name}'s vocab_size={cfg.vocab_size}")
+    return tok
+
+
+def _prepared_data(out: Path, entries: list[tuple[str, float]], cfg: ModelConfig, tc: TrainConfig,
+                   log: Any, *, trained: bool, new_data: bool, tokenizer: TokenizerInfo | None,
+                   stored: dict[str, Any] | None) -> tuple[Any, Any]:
+    """Prepared datasets, streamed: OUT records which (data/corpus.json) and their tokenizer."""
+    data = PreparedData(entries)
+    what = " + ".join(s for s, _ in entries)
+    if data.vocab_size > cfg.vocab_size:
+        raise DataError(f"--data {what} was cut with a tokenizer of {data.vocab_size} tokens, more "
+                          f"than model {cfg.name}'s vocab_size={cfg.vocab_size}")
+    if tokenizer is not None and tokenizer.sha256 != data.tokenizer_sha256:
+        raise DataError(f"--data {what} was cut with another tokenizer (SHA-256 "
+                          f"{data.tokenizer_sha256[:12]}...) than --model {tokenizer.source}'s "
+                          f"({tokenizer.sha256[:12]}...): prepare it with --tokenizer MODEL_DIR")
+    for split in ("train", "val"):
+        for src in data.sources(split):
+            if (len(src.store) - 1) // tc.seq_len < 1:
+                raise DataError(f"the {split} split of {src.name} has {len(src.store)} tokens, fewer "
+                                  f"than one sequence of seq_len+1={tc.seq_len + 1}: use more data or "
+                                  "a shorter --seq")
+    changed = stored is None or stored.get("fingerprint") != data.fingerprint
+    if stored is not None and trained:
+        if stored.get("tokenizer_sha256") and stored["tokenizer_sha256"] != data.tokenizer_sha256:
+            raise DataError(f"--data {what} was cut with another tokenizer (SHA-256 "
+                              f"{data.tokenizer_sha256[:12]}...) than run {out} trained with "
+                              f"({stored['tokenizer_sha256'][:12]}...): prepare it with --tokenizer {out}")
+        if changed and not new_data:
+            raise DataError(f"--data is not the data this run was trained on ({stored['description']}, "
+                              f"recorded in {out / 'data'}); pass --new-data to continue training on it "
+                              "deliberately (the switch recorded)")
+    if changed and jax.process_index() == 0:
+        record = {**data.record(), "history": _history(stored) if stored is not None and trained else []}
+        tmp = out / "data.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / "corpus.json").write_text(json.dumps(record, indent=1) + "\n")
+        _write_tokenizer(out / "tokenizer.json", data.tokenizer_json())
+        shutil.rmtree(out / "data", ignore_errors=True)
+        os.replace(tmp, out / "data")
+    _barrier("data")
+    tok = _run_tokenizer(out, cfg, tokenizer)
+    log(f"data: {data.description}, streamed; tokenizer vocab {tok.get_vocab_size()} "
+        f"({data.tokenizer_sha256[:12]})")
+    return data, tok
 
 
 def _check_writable(out: Path) -> None:
@@ -234,6 +320,8 @@ class Prefetcher:
         self.next = start
 
     def _build(self, step: int) -> jax.Array:
+        if hasattr(self.ds, "array"):  # data.batches.Batches: only this process's rows
+            return self.ds.array(step, self.sharding)
         return global_array(self.ds[step], self.sharding)
 
     def get(self, step: int) -> tuple[jax.Array, float]:
@@ -261,6 +349,7 @@ class CheckpointPolicy:
     def __init__(self, tc: TrainConfig, ckpt: Checkpointer, ram: MemoryTier | None,
                  meta: dict[str, Any]):
         self.every, self.ckpt, self.ram, self.meta = tc.checkpoint.every, ckpt, ram, meta
+        self.consumed: Any = None  # step -> tokens of each data source used (Batches.consumed)
 
     def needs_state(self, n: int) -> bool:
         """Whether step `n` may save (so its state and metrics are needed before step n+1)."""
@@ -272,7 +361,10 @@ class CheckpointPolicy:
         if stop and self.ram is not None:
             waited += self.ram.save(n, state)
         if (n % self.every == 0 and finite) or done or stop:
-            waited += self.ckpt.save(n, state, {**self.meta, "data_step": n}, wait=done or stop)
+            meta = {**self.meta, "data_step": n}
+            if self.consumed is not None:
+                meta["data_consumed"] = self.consumed(n)
+            waited += self.ckpt.save(n, state, meta, wait=done or stop)
         elif self.ram is not None and n % self.ram.every == 0 and finite:
             waited += self.ram.save(n, state)
         return waited
@@ -290,7 +382,7 @@ class Evaluator:
         return n % self.every == 0 or done
 
     def __call__(self, params: Any) -> float:
-        return float(np.mean([float(self.evaluate(params, global_array(self.val_ds[i], self.sharding)))
+        return float(np.mean([float(self.evaluate(params, self.val_ds.array(i, self.sharding)))
                               for i in range(self.batches)]))
 
 
@@ -347,7 +439,8 @@ class Trainer:
     is dispatched (the step donates its state, so a save must come first).
 
     Keywords: `initial_params` (flat {name: array}, e.g. an imported Hugging Face model)
-    replaces the random initialization of a fresh run. The mesh, remat, microbatches and
+    replaces the random initialization of a fresh run; `tokenizer` (data.tokenizer), the
+    one the model came with, cuts the text instead of a BPE trained on it. The mesh, remat, microbatches and
     kernels come from the run spec `tc.run`. `new_data`: continue a run on documents
     other than those it was trained on (`prepare_data`). `elastic`: fit the microbatches
     to this restart's device count (`fit_elastic`). `island`: with `tc.diloco.islands`,
@@ -357,7 +450,8 @@ class Trainer:
     def __init__(self, cfg: ModelConfig, tc: TrainConfig, out: Path, *,
                  data_paths: list[str] | None = None, resume: bool = False, new_data: bool = False,
                  elastic: bool = False, island: int | None = None, progress: bool | None = None,
-                 initial_params: dict[str, Any] | None = None, log: Any = print):
+                 initial_params: dict[str, Any] | None = None, tokenizer: TokenizerInfo | None = None,
+                 log: Any = print):
         self.is_main = jax.process_index() == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.cfg, self.resume, self.new_data = cfg, resume, new_data
@@ -399,7 +493,7 @@ class Trainer:
         _barrier("out")
         self.tc = tc
         self.corpus, _ = prepare_data(out, data_paths, cfg, tc, self.log, trained=self.has_ckpt,
-                                      new_data=new_data)
+                                      new_data=new_data, tokenizer=tokenizer)
         self.ts = build_train_step(cfg, tc, self.mesh)
         self.ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
                                  log=self._warn)
@@ -469,16 +563,13 @@ class Trainer:
     # -- the step loop -----------------------------------------------------------------
 
     def _datasets(self) -> tuple[Any, Any]:
-        tc, corpus = self.tc, self.corpus
+        tc, corpus, B = self.tc, self.corpus, self.tc.global_batch
         if self.sync is None:
-            train_ds = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch, tc.seed,
-                                              name="train")
+            train_ds = Batches(corpus.sources("train"), tc.seq_len, B, tc.seed, split="train")
         else:  # the island's rows of the global batch
-            whole = data_lib.batch_dataset(corpus.train, tc.seq_len, tc.global_batch * tc.diloco.islands,
-                                           tc.seed, name="train")
-            train_ds = _IslandRows(whole, self.island, tc.global_batch)
-        val_ds = data_lib.batch_dataset(corpus.val, tc.seq_len, tc.global_batch, tc.seed + 1,
-                                        name="validation")
+            train_ds = Batches(corpus.sources("train"), tc.seq_len, B * tc.diloco.islands, tc.seed,
+                               split="train", rows=(self.island * B, B))
+        val_ds = Batches(corpus.sources("val"), tc.seq_len, B, tc.seed + 1, split="validation")
         return train_ds, val_ds
 
     def run(self) -> TrainResult:
@@ -488,6 +579,7 @@ class Trainer:
                           if self.is_main and start else 0.0)
         writer = MetricsWriter(self.out, enabled=self.is_main)
         train_ds, val_ds = self._datasets()
+        self.policy.consumed = train_ds.consumed
         evaluator = Evaluator(build_eval_step(cfg, tc, ts), val_ds, tc, ts.batch_sharding)
         peak, peak_src = peak_flops(list(self.mesh.devices.flat))
         tokens_per_step = tc.global_batch * tc.seq_len
@@ -522,6 +614,9 @@ class Trainer:
 
         def write(record: dict[str, Any]) -> None:
             record.update(goodput.fields())
+            record["data_tokens"] = {k: v["tokens"] for k, v in train_ds.consumed(record["step"]).items()}
+            if train_ds.read_s > 0:  # the loader alone, this process's rows
+                record["loader_tokens_per_s"] = train_ds.tokens_read / train_ds.read_s
             writer.write(record)
             bar.update(record["step"], record)
 
@@ -592,16 +687,6 @@ class Trainer:
 
 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # a new buffer: the step donates
-
-
-class _IslandRows:
-    """Island I's rows of each global batch (B/N of them)."""
-
-    def __init__(self, ds: Any, island: int, rows: int):
-        self.ds, self.lo, self.hi = ds, island * rows, (island + 1) * rows
-
-    def __getitem__(self, step: int) -> np.ndarray:
-        return self.ds[step][self.lo:self.hi]
 
 
 def _join_islands(sync: Sync, start: int, state: Any, log: Any) -> tuple[int, Any, Any]:
