@@ -121,7 +121,7 @@ def test_damaged_or_missing_shards_are_one_line_naming_the_file(tmp_path, prepar
     assert r.returncode == 1 and "train-00002.npy: SHA-256" in r.stderr
     assert run_main("data", "verify", str(prepared)).returncode == 0
     (ds / "train-00001.npy").unlink()
-    with pytest.raises(DataError, match=r"train-00001\.npy: the shard is missing"):
+    with pytest.raises(DataError, match=r"train-00001\.npy: the file is missing"):
         Prepared(str(ds)).split("train").read(5000, 5001)
     with pytest.raises(DataError, match="not a prepared dataset"):
         Prepared(str(tmp_path))

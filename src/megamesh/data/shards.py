@@ -1,7 +1,7 @@
 """A prepared dataset: fixed-size, checksummed shards of token ids, written by
-`megamesh data prepare` and read by training from a local folder (memory-mapped) or from
-any URL an fsspec filesystem handles (gs:// with gcsfs, s3://, file://, memory://: ranged
-reads, retried on transient errors).
+`megamesh data prepare` and read by training, block by block with ranged reads, from a
+local folder or from any URL an fsspec filesystem handles (gs:// with gcsfs, s3://,
+file://, memory://), retried on transient errors.
 
     manifest.json               written last: sources, tokenizer (hash, EOS), dtype, the
                                 shards of each split with their token and document counts
@@ -15,11 +15,11 @@ reads, retried on transient errors).
 Each split (train, val) is one stream of documents, each ended by the tokenizer's EOS; a
 document may run on into the next shard. Why .npy shards (numpy's own format) rather than
 Parquet or ArrayRecord: token ids are fixed-width, so the window a training row needs is
-one byte range of one (or two) files: a slice of a memory map locally, one ranged read
-remotely; the sequence length is chosen at training time, not baked into records; and
-every reader (numpy, fsspec) is a plain byte reader. Parquet would decode a whole
-compressed row group per window; ArrayRecord stores records (a document or a fixed
-sequence each) and reads paths through its own C++ file layer, not fsspec.
+one byte range of one (or two) files, locally or remotely; the sequence length is chosen
+at training time, not baked into records; and any byte reader (a file, fsspec) serves
+them. Parquet would decode a whole compressed row group per window; ArrayRecord stores
+records (a document or a fixed sequence each) and reads paths through its own C++ file
+layer, not fsspec.
 
 Integrity without reading 60 TB at start-up: a reader checks each block's CRC-32 the first
 time it reads it (`DataError` naming the shard and block on a mismatch); the whole-file
@@ -88,8 +88,8 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 
 
 class Location:
-    """A prepared dataset's folder or URL. Plain paths are read by memory map; URLs (any
-    scheme, file:// included) through fsspec, each read retried on a transient error
+    """A prepared dataset's folder or URL. Plain paths are read with the OS's file calls;
+    URLs (any scheme, file:// included) through fsspec; each read retried on a transient error
     (`attempts` tries, exponential back-off from `backoff_s`); a permanent one (missing,
     forbidden) or the last failed try is a `DataError` naming the file."""
 
@@ -148,7 +148,12 @@ class Location:
 
     def read_range(self, name: str, start: int, stop: int) -> bytes:
         def read() -> bytes:
-            data = self.fs.cat_file(f"{self.root}/{name}", start=start, end=stop)
+            if self.local is not None:
+                with open(self.local / name, "rb") as f:
+                    f.seek(start)
+                    data = f.read(stop - start)
+            else:
+                data = self.fs.cat_file(f"{self.root}/{name}", start=start, end=stop)
             if len(data) != stop - start:
                 raise DataError(f"{self.where(name)} is shorter than its manifest says (wanted "
                                 f"bytes {start}-{stop}, got {len(data)}): the shard is damaged")
@@ -178,9 +183,11 @@ def read_manifest(loc: Location) -> dict[str, Any]:
 
 class SplitReader:
     """One split of a prepared dataset as a random-access token stream: `read(a, b)` is
-    the int32 ids at stream positions [a, b), which may span shards. Blocks are checked
-    against their CRC-32 on first read; remote blocks are kept in an LRU of
-    `cache_blocks`. Thread-safe (the prefetch thread and the evaluator share readers)."""
+    the int32 ids at stream positions [a, b), which may span shards. Shards are read a
+    block at a time by byte range (a local file and a URL alike: no memory map, so the
+    process's memory does not grow with the corpus it touches), each block checked
+    against its CRC-32 and kept in an LRU of `cache_blocks`. Thread-safe (the prefetch
+    thread and the evaluator share readers)."""
 
     def __init__(self, loc: Location, manifest: dict[str, Any], split: str, cache_blocks: int = 64):
         self.loc, self.split = loc, split
@@ -192,9 +199,7 @@ class SplitReader:
         self.cache_blocks = cache_blocks
         self._lock = threading.Lock()
         self._index: dict[int, dict[str, np.ndarray]] = {}
-        self._maps: dict[int, np.ndarray] = {}
         self._offsets: dict[int, int] = {}
-        self._checked: set[tuple[int, int]] = set()
         self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self.bytes_read = 0
 
@@ -246,27 +251,8 @@ class SplitReader:
             self._index[k] = idx
         return idx
 
-    def _map(self, k: int) -> np.ndarray:
-        with self._lock:
-            if k in self._maps:
-                return self._maps[k]
-        name = self.shards[k]["name"]
-        path = self.loc.path(name)
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except FileNotFoundError:
-            raise DataError(f"{path}: the shard is missing (the manifest lists it)") from None
-        except (ValueError, OSError) as e:
-            raise DataError(f"{path} cannot be read as a shard ({e}): it is damaged") from None
-        if arr.dtype != self.dtype or arr.shape != (int(self.shards[k]["tokens"]),):
-            raise DataError(f"{path} holds {arr.shape[0]} {arr.dtype} ids, the manifest says "
-                            f"{self.shards[k]['tokens']} {self.dtype}: the shard is damaged")
-        with self._lock:
-            self._maps[k] = arr
-        return arr
-
     def _data_offset(self, k: int) -> int:
-        """Byte offset of the ids in a remote .npy (after its header)."""
+        """Byte offset of the ids in a shard's .npy file (after its header)."""
         with self._lock:
             if k in self._offsets:
                 return self._offsets[k]
@@ -288,13 +274,6 @@ class SplitReader:
 
     def _block(self, k: int, j: int) -> np.ndarray:
         n = min(self.BT, int(self.shards[k]["tokens"]) - j * self.BT)
-        if self.loc.local is not None:
-            blk = self._map(k)[j * self.BT:j * self.BT + n]
-            if (k, j) not in self._checked:
-                self._check(k, j, blk)
-                with self._lock:
-                    self._checked.add((k, j))
-            return blk
         with self._lock:
             if (k, j) in self._blocks:
                 self._blocks.move_to_end((k, j))
