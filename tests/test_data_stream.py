@@ -285,9 +285,10 @@ def test_train_streams_a_mixture_records_each_source_and_resumes_on_it(tmp_path,
     out = tmp_path / "run"
     common = ["--batch", "8", "--seq", "64", "--no-progress", "--train.checkpoint.every=2",
               "--train.eval.every=100", "--train.eval.batches=1"]
-    r = run_main("train", "--out", out, "--data", f"{prepared}:0.75,{other}:0.25", "--steps", "4", *common)
+    r = run_main("train", "--out", out, "--data", f"{prepared}:0.75,{other}:0.25", "--steps", "4", *common,
+                 "--train.data.document_mask=true")
     assert r.returncode == 0, r.stderr
-    assert "streamed" in r.stdout
+    assert "streamed" in r.stdout and "attention within documents" in r.stdout
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["data_tokens"] == {"ds": 24 * 64, "other": 8 * 64}  # 32 rows: 24 + 8 (Grain's mix)
     assert recs[-1]["loader_tokens_per_s"] > 0
@@ -313,3 +314,43 @@ def test_train_streams_a_mixture_records_each_source_and_resumes_on_it(tmp_path,
     assert r.returncode != 0 and "more than model" in r.stderr
     r = run_main("train", "--out", tmp_path / "bad", "--data", f"{prepared}:0.5,{other}:0", *common)
     assert r.returncode != 0 and "must be positive" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- document masking
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_packed_row_with_document_masking_equals_each_document_run_alone(restart):
+    """Three documents packed in one row, attention kept within each (segment ids from the
+    EOS that ends each one): every token's logits equal those of its document run alone
+    (RoPE is relative, so with or without positions restarting per document)."""
+    import jax
+    import jax.numpy as jnp
+
+    from megamesh.config import apply_overrides, preset
+    from megamesh.model.backend import choose_kernels, using_kernels
+    from megamesh.model.transformer import forward, init_params
+    from megamesh.train.step import document_positions, document_segments
+
+    cfg = apply_overrides(preset("tiny"), {"vocab_size": 64, "n_layers": 2, "d_model": 64,
+                                           "compute_dtype": "float32", "param_dtype": "float32"})
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    eos = 0
+    docs = [np.append(rng.integers(1, 64, n), eos) for n in (9, 30, 20)]
+    packed = jnp.asarray(np.concatenate(docs))[None]
+    seg = document_segments(packed, eos)
+    assert seg[0].tolist() == [0] * 10 + [1] * 31 + [2] * 21
+    T = packed.shape[1]
+    pos = document_positions(seg) if restart else jnp.arange(T)[None]
+    with using_kernels(choose_kernels("cpu", "attention=blockwise")):
+        got = forward(params, packed, pos, cfg=cfg, segments=seg).logits[0]
+        start = 0
+        for d in docs:
+            alone = forward(params, jnp.asarray(d)[None], jnp.arange(len(d))[None], cfg=cfg).logits[0]
+            np.testing.assert_allclose(got[start:start + len(d)], alone, rtol=1e-4, atol=1e-4)
+            start += len(d)
+        unmasked = forward(params, packed, pos, cfg=cfg).logits[0]
+    assert float(jnp.max(jnp.abs(unmasked[10:] - got[10:]))) > 1e-2  # the mask matters
+    if restart:
+        assert pos[0, :12].tolist() == list(range(10)) + [0, 1]

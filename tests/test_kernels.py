@@ -79,6 +79,47 @@ def test_cudnn_equals_reference(H, K):
     assert_close_to_reference(cudnn_attention, H, K, 200)
 
 
+def random_segments(B, T, seed=0):
+    """(B, T) document ids of packed rows: documents of 1 to T/3 tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(B):
+        lens = []
+        while sum(lens) < T:
+            lens.append(int(rng.integers(1, max(2, T // 3))))
+        rows.append(np.repeat(np.arange(len(lens)), lens)[:T])
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+@pytest.mark.parametrize("impl,T", [("blockwise", 80), ("reference", 40), ("splash", 200),
+                                    ("pallas_gpu", 72)])
+def test_document_masking_equals_the_reference_with_segment_ids(impl, T):
+    """Attention within each packed document: every implementation's output and q/k/v
+    gradients equal the reference formula masked by segment ids."""
+    seg = random_segments(2, T)
+    assert len(np.unique(seg[0])) > 3
+    H, K = 4, 2
+
+    def ref(q, k, v):
+        pos = jnp.broadcast_to(jnp.arange(T), (2, T))
+        return attend(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                      pos, pos, seg, seg)
+
+    q, k, v, do = qkv(H, K, T)
+    want = out_and_grads(ref, q, k, v, do.astype(jnp.float32))
+    fns = {"blockwise": lambda q, k, v: blockwise_attention(q, k, v, block=16, segments=seg),
+           "reference": lambda q, k, v: blockwise_attention(q, k, v, block=T, segments=seg),
+           "splash": lambda q, k, v: splash_attention(q, k, v, seg, interpret=True),
+           "pallas_gpu": lambda q, k, v: pallas_gpu_attention(q, k, v, seg, interpret=True)}
+    got = out_and_grads(fns[impl], q, k, v, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)))
+        assert err <= 0.02 * float(jnp.max(jnp.abs(b))), (impl, name, err)
+    # and the mask matters: without it the output differs
+    plain = blockwise_attention(q, k, v, block=16)
+    assert float(jnp.max(jnp.abs(plain.astype(jnp.float32) - want[0]))) > 0.1
+
+
 def test_blockwise_memory_grows_with_the_block_not_the_square():
     """Compiled forward + backward at 4k tokens, 2 heads: the reference formula holds
     (at least) the two heads' T x T f32 scores (64 MiB each); 256-key blocks hold a
@@ -96,20 +137,22 @@ def test_blockwise_memory_grows_with_the_block_not_the_square():
     assert whole > 2 * square and small < whole / 3
 
 
-@pytest.mark.parametrize("layout,H,K,local_heads,local_tokens", [
-    ("fsdp=2,sequence=2,tensor=2", 4, 2, (2, 1), 128),  # context parallel, heads split
-    ("fsdp=2,sequence=4", 4, 4, (4, 4), 64),  # 4 offsets: one switch branch per device
-    ("fsdp=2,tensor=4", 8, 2, (2, 1), 256),  # 2 kv heads over 4 devices: repeated to 4
+@pytest.mark.parametrize("layout,H,K,local_heads,local_tokens,docs", [
+    ("fsdp=2,sequence=2,tensor=2", 4, 2, (2, 1), 128, False),  # context parallel, heads split
+    ("fsdp=2,sequence=4", 4, 4, (4, 4), 64, False),  # 4 offsets: one switch branch per device
+    ("fsdp=2,sequence=4", 4, 4, (4, 4), 64, True),  # ... with documents: segment ids gathered
+    ("fsdp=2,tensor=4", 8, 2, (2, 1), 256, False),  # 2 kv heads over 4 devices: repeated to 4
 ])
-def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, local_tokens):
+def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, local_tokens, docs):
     """Splash (interpreted) under shard_map: the gradients of the sharded run equal the
     single-device ones; each device holds its share of the query and kv heads and, over
     a sequence axis, of the queries (keys and values gathered, causal mask offset)."""
     q, k, v, do = qkv(H, K, 256, B=2, dtype=jnp.float32)
     kern = Kernels(attention="splash", moe="einsum", matmul="f32", platform="cpu")
+    seg = random_segments(2, 256) if docs else None
 
     def loss(q, k, v):
-        return jnp.sum(causal_attention(q, k, v) * do)
+        return jnp.sum(causal_attention(q, k, v, seg) * do)
 
     with using_kernels(kern):
         want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -128,13 +171,15 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, l
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     def forward(q, k, v):
         with activation_sharding(mesh, rules, kern):
-            return causal_attention(q, k, v)
+            return causal_attention(q, k, v, seg)
 
     body = next(e for e in jax.make_jaxpr(forward)(q, k, v).jaxpr.eqns
                 if e.primitive.name == "shard_map").params["jaxpr"]
-    # the body's last three inputs are q, k, v (splash's mask tables come first)
-    assert tuple(x.aval.shape[2] for x in body.invars[-3:-1]) == local_heads
-    assert body.invars[-3].aval.shape[1] == local_tokens
+    # the body's last three inputs are q, k, v (splash's mask tables come first; then
+    # the segment ids)
+    qkv_in = body.invars[-4:-1] if docs else body.invars[-3:]
+    assert tuple(x.aval.shape[2] for x in qkv_in[:2]) == local_heads
+    assert qkv_in[0].aval.shape[1] == local_tokens
 
 
 # --------------------------------------------------------------------------- MoE

@@ -22,7 +22,8 @@ from megamesh.plan.search import search
 from megamesh.plan.target import Target, parse_target
 from megamesh.runspec import REMAT_POLICIES, SEARCHED_REMATS, RunSpec, read_plan
 from megamesh.sharding.logical import parse_layout
-from megamesh.train.config import ScheduleConfig, TrainConfig
+from megamesh.train.config import DataConfig, ScheduleConfig, TrainConfig
+from megamesh.train.config import document_mask as document_mask_on
 
 GiB = 2**30
 
@@ -48,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kernels", default="auto",
                    help="kernel overrides, e.g. attention=reference,moe=einsum (default: the "
                    "TPU's: splash attention, grouped MoE, native bf16 matmuls)")
+    p.add_argument("--document-mask", choices=("auto", "on", "off"), default="auto",
+                   help="train step: attention within each packed document (segment ids through "
+                   "the attention kernel); auto: on from seq 8192, as `megamesh train`")
     p.add_argument("--save", help="write the serialized executable to this new file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
@@ -95,25 +99,29 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         spec = spec.replace(layout=est.layout.text(), remat=est.layout.remat,
                             microbatches=est.layout.microbatches)
     return compile_and_compare(cfg, target, spec, seq, batch, as_json=args.json, save=args.save,
-                               estimate_=est)
+                               estimate_=est, document_mask={"auto": None, "on": True,
+                                                             "off": False}[args.document_mask])
 
 
 def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: int, batch: int, *,
-                        as_json: bool, save: str | None, estimate_: Any = None) -> int:
+                        as_json: bool, save: str | None, estimate_: Any = None,
+                        document_mask: bool | None = None) -> int:
     """Compile the train step of `spec` for `target` and compare with the plan (exit 3
     when it does not fit)."""
     if spec.remat == "auto":
         spec = spec.replace(remat="full")
     sizes = parse_layout(spec.layout)
     tc = TrainConfig(global_batch=batch, seq_len=seq, steps=2, run=spec,
-                     schedule=ScheduleConfig(warmup_steps=1))
+                     schedule=ScheduleConfig(warmup_steps=1),
+                     data=DataConfig(document_mask=document_mask))
     chosen = choose_kernels("tpu", spec.kernels, sizes)
     if estimate_ is None:
         lay = Layout(sizes, remat=spec.remat, microbatches=spec.microbatches,
                      placement=place(sizes, target))
         estimate_ = estimate(Workload(cfg, seq, batch, kernels=planner_kernels(chosen)), target, lay)
     print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {spec.microbatches} "
-          f"microbatches, remat {spec.remat}, kernels {chosen.describe()}) for "
+          f"microbatches, remat {spec.remat}, kernels {chosen.describe()}"
+          f"{', document mask' if document_mask_on(tc) else ''}) for "
           f"{target.describe()} with {spec.layout} ...", file=sys.stderr)
     from megamesh.compile.aot import compile_train  # jax: only once a compile is asked for
 
@@ -123,6 +131,7 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
     err = {k: (pred[k] / got[k] - 1) if got[k] else None for k in pred}
     if as_json:
         out = r.to_json()
+        out["document_mask"] = document_mask_on(tc)
         out["plan"] = {"prediction": pred, "relative_error": err, "fits": estimate_.fits,
                        "hbm_parts_bytes": estimate_.memory.parts(),
                        "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu}

@@ -54,16 +54,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-           k_pos: jax.Array) -> jax.Array:
+           k_pos: jax.Array, q_seg: jax.Array | None = None,
+           k_seg: jax.Array | None = None) -> jax.Array:
     """Causal grouped-query attention.
 
     q (B, T, H, Dh); k, v (B, S, K, Dh); q_pos (B, T) and k_pos (B, S) integer positions.
-    A query attends to keys at positions <= its own. Returns (B, T, H, Dh).
+    A query attends to keys at positions <= its own, and with segment ids q_seg (B, T)
+    and k_seg (B, S) (the documents of a packed sequence) only to keys of its own
+    segment. Returns (B, T, H, Dh).
     """
     B, T, H, Dh = q.shape
     K = k.shape[2]
     qg = q.reshape(B, T, K, H // K, Dh)
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]  # (B,1,1,T,S)
+    if q_seg is not None:
+        mask = mask & (k_seg[:, None, None, None, :] == q_seg[:, None, None, :, None])
     if T == 1:
         # decode: one query per row. As multiply-and-reduce instead of a batch of tiny
         # matmuls, XLA fuses the read of the cache slice into the reduction (no copy of

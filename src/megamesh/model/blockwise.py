@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from megamesh.model.attention import attend
 from megamesh.model.backend import matmul_inputs
@@ -42,22 +43,39 @@ def _blocks(x: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(x.reshape(B, n, block, *x.shape[2:]), 1, 0)
 
 
-def _mask(j: jax.Array, T: int, block: int) -> jax.Array:
-    """(T, block): key j*block + c is visible to query t when its index <= t."""
+def _mask(j: jax.Array, T: int, block: int, seg: jax.Array | None = None,
+          seg_b: jax.Array | None = None) -> jax.Array:
+    """(T, block): key j*block + c is visible to query t when its index <= t; with
+    segment ids (seg (B, T) of the queries, seg_b (B, block) of the block's keys) also
+    only within the query's segment: (B, 1, 1, T, block)."""
     keys = j * block + jnp.arange(block)
-    return keys[None, :] <= jnp.arange(T)[:, None]
+    causal = keys[None, :] <= jnp.arange(T)[:, None]
+    if seg is None:
+        return causal
+    return causal & (seg[:, None, None, :, None] == seg_b[:, None, None, None, :])
 
 
-def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+def _seg_blocks(seg: jax.Array | None, block: int) -> jax.Array | None:
+    """(B, T) -> (n, B, block), padded with -1 (padded keys are causally hidden anyway)."""
+    if seg is None:
+        return None
+    B, T = seg.shape
+    n = -(-T // block)
+    return jnp.moveaxis(jnp.pad(seg, ((0, 0), (0, n * block - T)), constant_values=-1)
+                        .reshape(B, n, block), 1, 0)
+
+
+def _forward(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
+             block: int) -> tuple[jax.Array, jax.Array]:
     """(out (B,T,K,G,Dh) in v's dtype, lse (B,K,G,T) f32) for grouped q (B,T,K,G,Dh)."""
     B, T, K, G, Dh = q.shape
     scale = Dh**-0.5
 
     def body(carry: Any, blk: Any) -> Any:
         m, den, acc = carry
-        j, kb, vb = blk
+        j, kb, vb, sb = blk
         s = _einsum("btkgd,bskd->bkgts", q, kb) * scale  # (B,K,G,T,block)
-        s = jnp.where(_mask(j, T, block), s, _NEG)
+        s = jnp.where(_mask(j, T, block, seg, sb), s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m - m_new)
@@ -69,18 +87,19 @@ def _forward(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.
     kb, vb = _blocks(k, block), _blocks(v, block)
     init = (jnp.full((B, K, G, T), _NEG, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
             jnp.zeros((B, T, K, G, Dh), jnp.float32))
-    (m, den, acc), _ = jax.lax.scan(body, init, (jnp.arange(kb.shape[0]), kb, vb))
+    (m, den, acc), _ = jax.lax.scan(body, init, (jnp.arange(kb.shape[0]), kb, vb, _seg_blocks(seg, block)))
     out = (acc / jnp.moveaxis(den, 3, 1)[..., None]).astype(v.dtype)
     return out, m + jnp.log(den)
 
 
-def _fwd(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> tuple[jax.Array, Any]:
-    out, lse = _forward(q, k, v, block)
-    return out, (q, k, v, out, lse)
+def _fwd(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None,
+         block: int) -> tuple[jax.Array, Any]:
+    out, lse = _forward(q, k, v, seg, block)
+    return out, (q, k, v, seg, out, lse)
 
 
-def _bwd(block: int, res: Any, do: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    q, k, v, out, lse = res
+def _bwd(block: int, res: Any, do: jax.Array) -> tuple[Any, ...]:
+    q, k, v, seg, out, lse = res
     B, T, K, G, Dh = q.shape
     S = k.shape[1]
     scale = Dh**-0.5
@@ -88,9 +107,9 @@ def _bwd(block: int, res: Any, do: jax.Array) -> tuple[jax.Array, jax.Array, jax
     delta = jnp.moveaxis(delta, 1, 3)  # (B,K,G,T)
 
     def body(dq: jax.Array, blk: Any) -> Any:
-        j, kb, vb = blk
+        j, kb, vb, sb = blk
         s = _einsum("btkgd,bskd->bkgts", q, kb) * scale
-        p = jnp.where(_mask(j, T, block), jnp.exp(s - lse[..., None]), 0.0)  # (B,K,G,T,block)
+        p = jnp.where(_mask(j, T, block, seg, sb), jnp.exp(s - lse[..., None]), 0.0)  # (B,K,G,T,block)
         dv = _einsum("bkgts,btkgd->bskd", p.astype(do.dtype), do)
         dp = _einsum("btkgd,bskd->bkgts", do, vb)
         ds = (p * (dp - delta[..., None]) * scale).astype(q.dtype)
@@ -100,35 +119,37 @@ def _bwd(block: int, res: Any, do: jax.Array) -> tuple[jax.Array, jax.Array, jax
 
     kb, vb = _blocks(k, block), _blocks(v, block)
     dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
-                                (jnp.arange(kb.shape[0]), kb, vb))
+                                (jnp.arange(kb.shape[0]), kb, vb, _seg_blocks(seg, block)))
 
     def unblock(x: jax.Array) -> jax.Array:  # (n, B, block, K, Dh) -> (B, S, K, Dh)
         return jnp.moveaxis(x, 0, 1).reshape(B, -1, K, Dh)[:, :S]
 
-    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+    dseg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)  # integer input
+    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), dseg
 
 
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None, block: int) -> jax.Array:
     # made per call: the matmul mode (`backend.matmul_inputs`) is read while tracing, and
     # jax caches a custom VJP's trace by function
-    @partial(jax.custom_vjp, nondiff_argnums=(3,))
-    def flash(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
-        return _forward(q, k, v, block)[0]
+    @partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None, block: int) -> jax.Array:
+        return _forward(q, k, v, seg, block)[0]
 
     flash.defvjp(_fwd, _bwd)
-    return flash(q, k, v, block)
+    return flash(q, k, v, seg, block)
 
 
-def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                        block: int = DEFAULT_BLOCK) -> jax.Array:
-    """Causal self-attention (query t sees keys 0..t). q (B, T, H, Dh); k, v (B, T, K, Dh)
-    -> (B, T, H, Dh). Memory O(T * block) per head in both passes."""
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int = DEFAULT_BLOCK,
+                        segments: jax.Array | None = None) -> jax.Array:
+    """Causal self-attention (query t sees keys 0..t; with `segments` (B, T), the ids of
+    the documents packed in each row, only keys of its own document). q (B, T, H, Dh);
+    k, v (B, T, K, Dh) -> (B, T, H, Dh). Memory O(T * block) per head in both passes."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     if T <= block:
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        return attend(q, k, v, pos, pos)
-    out = _flash(q.reshape(B, T, K, H // K, Dh), k, v, block)
+        return attend(q, k, v, pos, pos, segments, segments)
+    out = _flash(q.reshape(B, T, K, H // K, Dh), k, v, segments, block)
     return out.reshape(B, T, H, Dh)
 
 

@@ -69,28 +69,38 @@ def _split_axes(name: str, size: int) -> tuple[str, ...]:
     return tuple(axes_of(name, size)) if axes_of else ()
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     segments: jax.Array | None = None) -> jax.Array:
     """Causal self-attention by token index: q (B, T, H, Dh), k and v (B, T, K, Dh) ->
-    (B, T, H, Dh), with the installed implementation."""
+    (B, T, H, Dh), with the installed implementation. `segments` (B, T): the document
+    each token of a packed row belongs to; a token attends only within its document
+    (document masking). cuDNN takes documents only in its packed-offsets form with a
+    static maximum per row, so with segments the GPU runs the Pallas flash kernel."""
     kern = active()[0]
     name = kern.attention
     if name == "reference":
-        return blockwise_attention(q, k, v, block=q.shape[1])
+        return blockwise_attention(q, k, v, block=q.shape[1], segments=segments)
     if name == "blockwise":
-        return blockwise_attention(q, k, v, block=DEFAULT_BLOCK)
+        return blockwise_attention(q, k, v, block=DEFAULT_BLOCK, segments=segments)
     k, v = _kv_for_head_split(q, k, v)
+    args, axes = (q, k, v), (_Q, _KV, _KV)
     if name == "splash":
         interpret = kern.platform != "tpu"
         seq_axes = _split_axes("seq", q.shape[1])
         if seq_axes:  # context parallel: local queries, keys and values gathered
             fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret)
-            return run_per_device(fn, (q, k, v), (_QS, _KVS, _KVS), _QS, ("heads", "kv_heads"))
+            args, axes = (q, k, v), (_QS, _KVS, _KVS)
+            if segments is not None:
+                args, axes = (*args, segments), (*axes, ("batch", "seq"))
+            return run_per_device(fn, args, axes, _QS, ("heads", "kv_heads"))
         fn = functools.partial(splash_attention, interpret=interpret)
-    elif name == "pallas_gpu":
+    elif name == "pallas_gpu" or segments is not None:
         fn = functools.partial(pallas_gpu_attention, interpret=kern.platform != "gpu")
     else:
         fn = cudnn_attention
-    return run_per_device(fn, (q, k, v), (_Q, _KV, _KV), _Q, ("heads", "kv_heads"))
+    if segments is not None:
+        args, axes = (*args, segments), (*axes, ("batch", None))
+    return run_per_device(fn, args, axes, _Q, ("heads", "kv_heads"))
 
 
 def _kv_for_head_split(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -116,10 +126,13 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: bool = False,
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None = None,
+                     kv_seg: jax.Array | None = None, *, interpret: bool = False,
                      q_offset: int = 0) -> jax.Array:
     """Pallas TPU splash attention (causal, GQA) on one device's shard: q (b, Tq, h, Dh)
-    whose first query is token `q_offset`, k and v (b, Tk, K, Dh) from token 0.
+    whose first query is token `q_offset`, k and v (b, Tk, K, Dh) from token 0; with
+    segment ids q_seg (b, Tq) and kv_seg (b, Tk) (default: q_seg, same tokens), each
+    query only within its document (splash's own SegmentIds).
 
     Both sequences are padded at the end to whole tiles: padded keys come after every
     real query, so the causal mask hides them; padded queries are dropped. Off TPU the
@@ -141,13 +154,20 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, interpret: boo
     def heads_first(x: jax.Array, n: int) -> jax.Array:  # (b, T, h, Dh) -> (b, h, n, Dh)
         return jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, n - x.shape[1]), (0, 0)))
 
-    out = jax.vmap(kernel)(heads_first(q * jnp.asarray(Dh**-0.5, q.dtype), Tqp),
-                           heads_first(k, Tkp), heads_first(v, Tkp))
+    qs = heads_first(q * jnp.asarray(Dh**-0.5, q.dtype), Tqp)
+    ks, vs = heads_first(k, Tkp), heads_first(v, Tkp)
+    if q_seg is None:
+        out = jax.vmap(kernel)(qs, ks, vs)
+    else:
+        kv_seg = q_seg if kv_seg is None else kv_seg
+        pad = lambda s, n: jnp.pad(s.astype(jnp.int32), ((0, 0), (0, n - s.shape[1])), constant_values=-1)
+        ids = sk.SegmentIds(q=pad(q_seg, Tqp), kv=pad(kv_seg, Tkp))
+        out = jax.vmap(lambda a, b, c, d: kernel(a, b, c, segment_ids=d))(qs, ks, vs, ids)
     return jnp.swapaxes(out[:, :, :Tq], 1, 2)
 
 
-def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                            axes: tuple[str, ...], interpret: bool = False) -> jax.Array:
+def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None = None,
+                            *, axes: tuple[str, ...], interpret: bool = False) -> jax.Array:
     """Splash over a sequence split across mesh `axes` (inside shard_map): this device's
     queries against the whole sequence's keys and values (all-gathered; their gradients
     flow back as a reduce-scatter), with the causal mask offset by the device's position.
@@ -160,7 +180,8 @@ def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, *,
     n = k.shape[1] // Tl
     branches = [functools.partial(splash_attention, interpret=interpret, q_offset=i * Tl)
                 for i in range(n)]
-    return jax.lax.switch(jax.lax.axis_index(axes), branches, q, k, v)
+    segs = () if seg is None else (seg, jax.lax.all_gather(seg, axes, axis=1, tiled=True))
+    return jax.lax.switch(jax.lax.axis_index(axes), branches, q, k, v, *segs)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -172,10 +193,11 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                         interpret: bool = False) -> jax.Array:
+def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None = None,
+                         *, interpret: bool = False) -> jax.Array:
     """Pallas' GPU flash attention (Triton) on one device's shard; kv heads repeated to the
-    query heads (the kernel has no GQA). Interpreted off GPU (tests on CPU)."""
+    query heads (the kernel has no GQA); `segments` (b, T): document masking by the
+    kernel's own segment ids. Interpreted off GPU (tests on CPU)."""
     from jax.experimental.pallas.ops.gpu import attention as pa
 
     H, K, Dh = q.shape[2], k.shape[2], q.shape[3]
@@ -186,7 +208,9 @@ def pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     sizes = pa.BlockSizes(block_q=blk, block_k=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_q_dq=blk, block_kv_dq=blk)
-    out = pa.mha(pad(q), pad(k), pad(v), None, sm_scale=Dh**-0.5, causal=True,
+    seg = None if segments is None else jnp.pad(segments.astype(jnp.int32), ((0, 0), (0, Tp - T)),
+                                                constant_values=-1)
+    out = pa.mha(pad(q), pad(k), pad(v), seg, sm_scale=Dh**-0.5, causal=True,
                  block_sizes=sizes, interpret=interpret)
     return out[:, :T]
 

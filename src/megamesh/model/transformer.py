@@ -152,8 +152,10 @@ def moe_mlp(h: jax.Array, p: Params, cfg: ModelConfig) -> tuple[jax.Array, jax.A
 
 def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, jax.Array],
           kv: tuple[jax.Array, jax.Array, jax.Array] | None, cfg: ModelConfig, moe: bool,
-          attend_len: int | None = None) -> tuple[jax.Array, Any, jax.Array]:
+          attend_len: int | None = None, segments: jax.Array | None = None
+          ) -> tuple[jax.Array, Any, jax.Array]:
     """One pre-norm layer: x + attn(norm(x)), then + mlp(norm(x)). x (B, T, D).
+    `segments` (B, T), training only: attention stays within each packed document.
 
     kv: None (training), or (pages, page table, base) with the stack's pages
     (L*N, P, 2K, Dh), the batch's table (B, pages_per_seq) and this layer's first page
@@ -169,7 +171,7 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
     k = constrain(apply_rope(k, *rope), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     if kv is None:  # training: causal by token index (positions only rotate q and k)
-        out = causal_attention(q, k, v)
+        out = causal_attention(q, k, v, segments)
     else:
         pages, table, base = kv
         pages = write_kv(pages, k, v, table, positions, base)
@@ -223,7 +225,8 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
             *, cfg: ModelConfig, remat: str = "none", attend_len: int | None = None,
-            logits_at: jax.Array | None = None, logits: bool = True) -> Output:
+            logits_at: jax.Array | None = None, logits: bool = True,
+            segments: jax.Array | None = None) -> Output:
     """One pass of the decoder (`Output`: logits, hidden state, cache, MoE aux loss).
 
     Training: cache=None; `remat` (a resolved `runspec.REMAT_POLICIES` name) says what each
@@ -231,7 +234,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     to positions below it (a shape bucket: every position attended must be below it);
     `logits_at` (B,) computes the logits only at that token index of each row, (B, 1, V)
     (a prefill needs just its last prompt token's). `logits=False` skips the output head
-    (a loss that applies `head_weight` itself reads `hidden`).
+    (a loss that applies `head_weight` itself reads `hidden`). `segments` (B, T),
+    training only: the document of each token of a packed row (document masking).
     """
     if remat == "auto":
         raise ValueError("remat 'auto' must be resolved before the forward pass (train.step.resolve_remat)")
@@ -255,7 +259,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
 
         if cache is None:
             def body(x, p, stack=stack):
-                x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe)
+                x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe,
+                                  segments=segments)
                 return x, aux
 
             if remat != "none":

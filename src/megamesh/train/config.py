@@ -100,11 +100,19 @@ class EvalConfig:
 class DataConfig:
     val_fraction: float = 0.02  # of the documents held out for validation
     tokenizer_vocab: int = 8192  # BPE vocabulary trained on the corpus (<= the model's vocab)
+    # attention stays within each document of a packed sequence (segment ids through the
+    # attention kernels); None: on when seq_len >= DOCUMENT_MASK_FROM
+    document_mask: bool | None = None
+    document_positions: bool = False  # with document_mask: positions restart per document
 
     def __post_init__(self) -> None:
         require(0 <= self.val_fraction < 0.5, "train.data.val_fraction", self.val_fraction, "in [0, 0.5)")
         require(isinstance(self.tokenizer_vocab, int) and self.tokenizer_vocab >= 300,
                 "train.data.tokenizer_vocab", self.tokenizer_vocab, ">= 300 (256 bytes + merges)")
+        require(self.document_mask in (None, True, False), "train.data.document_mask",
+                self.document_mask, "true, false or null (on from seq_len 8192)")
+        require(isinstance(self.document_positions, bool), "train.data.document_positions",
+                self.document_positions, "true or false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,3 +186,14 @@ class TrainConfig:
 def default_warmup(steps: int) -> int:
     """Warmup when only the step count is given: 10% of it, at most the default 20."""
     return min(ScheduleConfig.warmup_steps, max(0, steps // 10))
+
+
+DOCUMENT_MASK_FROM = 8192  # sequence length from which document masking is on by default
+
+
+def document_mask(tc: TrainConfig) -> bool:
+    """Whether attention stays within each packed document (train.data.document_mask;
+    default: from DOCUMENT_MASK_FROM tokens, where documents are shorter than rows and
+    long-context training masks them, as Llama 3 did)."""
+    on = tc.data.document_mask
+    return tc.seq_len >= DOCUMENT_MASK_FROM if on is None else bool(on)

@@ -494,7 +494,7 @@ class Trainer:
         self.tc = tc
         self.corpus, _ = prepare_data(out, data_paths, cfg, tc, self.log, trained=self.has_ckpt,
                                       new_data=new_data, tokenizer=tokenizer)
-        self.ts = build_train_step(cfg, tc, self.mesh)
+        self.ts = build_train_step(cfg, tc, self.mesh, eos_id=self.corpus.eos_id)
         self.ckpt = Checkpointer(ckpt_dir, keep=tc.checkpoint.keep, use_async=tc.checkpoint.async_save,
                                  log=self._warn)
         self.meta = {"model": cfg.to_dict(), "train": tc.to_dict(), "corpus": self.corpus.fingerprint,
@@ -588,7 +588,9 @@ class Trainer:
         log(f"training {cfg.name} ({specs.param_count(cfg):,} params) on {self.mesh.devices.size} "
             f"{self.mesh.devices.flat[0].platform} devices, mesh {self.layout}, "
             f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}, remat {ts.remat}; "
-            f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}")
+            f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}"
+            + ("" if ts.document_eos is None else "; attention within documents"
+               + (" (positions restart per document)" if tc.data.document_positions else "")))
 
         result = TrainResult(final_step=start, out=self.out)
         bar = Progress(total=tc.steps, start=start, enabled=self.is_main, rich=self.progress,

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
+from megamesh.model.axes import constrain
 from megamesh.model.backend import LOSS_CHUNK_BYTES, Kernels, planner_kernels
 from megamesh.model.loss import cross_entropy
 from megamesh.model.transformer import forward, head_weight, init_params
@@ -39,21 +40,46 @@ from megamesh.sharding.rules import (
     resolve,
     train_rules,
 )
-from megamesh.train.config import TrainConfig
+from megamesh.train.config import TrainConfig, document_mask
 from megamesh.train.optim import lr_schedule, make_optimizer
 
 State = dict[str, Any]
 
 
+def document_segments(tokens: jax.Array, eos: int) -> jax.Array:
+    """(B, T) the document of each token of packed rows whose documents end with `eos`:
+    the count of EOS tokens before it (an EOS belongs to the document it ends). The same
+    boundaries `megamesh data prepare` records (each document is followed by its EOS),
+    read from the tokens themselves, as torchtitan's document mask does."""
+    ends = (tokens == eos).astype(jnp.int32)
+    return jnp.cumsum(ends, axis=1) - ends
+
+
+def document_positions(segments: jax.Array) -> jax.Array:
+    """(B, T) positions that restart at 0 at every document's first token."""
+    B, T = segments.shape
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    first = jnp.concatenate([jnp.ones((B, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(first, idx, 0), axis=1)
+
+
 def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 1,
-            remat: str = "none") -> tuple[jax.Array, dict[str, jax.Array]]:
+            remat: str = "none", document_eos: int | None = None,
+            restart_positions: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (+ MoE aux loss) of a (B, T+1) token batch; the
     fused cross-entropy over `loss_chunks` slices of the sequence (`model.loss`); `remat`:
-    what each layer saves for the backward pass (a resolved policy)."""
+    what each layer saves for the backward pass (a resolved policy). `document_eos`:
+    attention stays within each packed document (documents end with this id);
+    `restart_positions`: and positions count from 0 in each document."""
     tokens, targets = batch[:, :-1], batch[:, 1:]
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False)
+    segments = None
+    if document_eos is not None:
+        segments = constrain(document_segments(tokens, document_eos), ("batch", "seq"))
+        if restart_positions:
+            positions = document_positions(segments)
+    out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False, segments=segments)
     nll = cross_entropy(out.hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
     return nll + coef * out.aux, {"nll": nll, "aux": out.aux}
@@ -134,6 +160,7 @@ class TrainStep:
     remat: str  # the remat policy the step runs ("auto" resolved)
     kernels: Kernels  # the attention / MoE / matmul implementations (`model.backend`)
     loss_chunks: int = 1  # slices of the sequence the cross-entropy takes at a time
+    document_eos: int | None = None  # document masking: documents end with this id
 
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs (with shardings) of the state: for restore and AOT compile."""
@@ -151,9 +178,10 @@ def _state_shardings(opt_state_shape: Any, params_shardings: Any, params_def: An
 
 
 def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
-                     hbm_bytes: float | None = None) -> TrainStep:
+                     hbm_bytes: float | None = None, eos_id: int = 0) -> TrainStep:
     """The train step on `mesh`. `hbm_bytes`: per-device memory for remat "auto" (default:
-    the devices' own; `megamesh compile` passes the target chip's)."""
+    the devices' own; `megamesh compile` passes the target chip's). `eos_id`: the id that
+    ends each packed document, for document masking (`train.config.document_mask`)."""
     kernels = mesh_kernels(mesh, tc.run.kernels)
     remat = resolve_remat(cfg, tc, mesh, kernels, hbm_bytes)
     # the strategy's rules, vocab-parallel where that moves fewer bytes
@@ -182,8 +210,10 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     batch_sharding = data_sharding(mesh, rules, batch_shape)
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
     chunks = loss_chunks(cfg, tc, sizes, rules, platform=mesh_platform(mesh))
-    grad_fn = jax.value_and_grad(functools.partial(loss_fn, loss_chunks=chunks, remat=remat),
-                                 has_aux=True)
+    doc_eos = eos_id if document_mask(tc) else None
+    grad_fn = jax.value_and_grad(functools.partial(
+        loss_fn, loss_chunks=chunks, remat=remat, document_eos=doc_eos,
+        restart_positions=tc.data.document_positions), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
@@ -228,7 +258,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
                      batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules,
-                     remat=remat, kernels=kernels, loss_chunks=chunks)
+                     remat=remat, kernels=kernels, loss_chunks=chunks, document_eos=doc_eos)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
@@ -236,6 +266,7 @@ def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
 
     def ev(params: Any, batch: jax.Array) -> jax.Array:
         with activation_sharding(ts.mesh, ts.rules, ts.kernels):
-            return loss_fn(params, batch, cfg, ts.loss_chunks)[1]["nll"]
+            return loss_fn(params, batch, cfg, ts.loss_chunks, document_eos=ts.document_eos,
+                           restart_positions=tc.data.document_positions)[1]["nll"]
 
     return jax.jit(ev, in_shardings=(ts.state_shardings["params"], ts.batch_sharding))
