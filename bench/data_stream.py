@@ -133,7 +133,8 @@ def bench_loader(ds: Path, rounds: int, batch: int = 64, seq: int = 2048, steps:
         t0 = time.perf_counter()
         for s in range(steps):
             b[s]
-        res["megamesh Batches (checked blocks)"].append(steps * batch * (seq + 1) / (time.perf_counter() - t0))
+        dt = time.perf_counter() - t0
+        res["megamesh Batches (checked blocks)"].append(steps * batch * (seq + 1) / dt)
         t0 = time.perf_counter()
         for s in range(steps):
             floor_read(b.rows(s))
