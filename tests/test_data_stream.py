@@ -58,6 +58,29 @@ def test_prepare_writes_the_packed_stream_in_fixed_shards_whatever_the_workers(
         prepare([str(corpus)], other, tokenizer, progress=False)
 
 
+def test_prepare_reads_jsonl_and_parquet_fields_named_by_flag(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"document {i}: " + "word " * (i % 7 + 1) for i in range(60)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs[:30]))
+    pq.write_table(pa.table({"body": docs[30:], "id": list(range(30))}), tmp_path / "in" / "b.parquet",
+                   row_group_size=7)  # five row groups: five work units
+    m = prepare([str(tmp_path / "in")], tmp_path / "ds", tokenizer, text_field="body", unit_bytes=200,
+                workers=1, progress=False, log=lambda m: None)
+    assert m["sources"]["documents"] == 60
+    packed = build_corpus(docs, "", tokenizer.tok, 0.02)
+    got = Prepared(str(tmp_path / "ds")).split("train")
+    np.testing.assert_array_equal(got.read(0, len(got)), packed.train)
+    for field, msg in (("text", "has no 'text' column"),):
+        with pytest.raises(ConfigError, match=msg):
+            prepare([str(tmp_path / "in" / "b.parquet")], tmp_path / "x", tokenizer, text_field=field,
+                    progress=False)
+    with pytest.raises(ConfigError, match="has no string field 'text'"):
+        prepare([str(tmp_path / "in" / "a.jsonl")], tmp_path / "y", tokenizer, progress=False, workers=1)
+
+
 # SIGKILL itself halfway through writing the Nth shard file (fault injection from outside)
 KILL_MID_SHARD = """
 import os, signal, sys, runpy

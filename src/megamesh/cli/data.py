@@ -35,7 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--val-fraction", type=float, default=0.02,
                     help="share of documents held out for validation (default 0.02)")
     pr.add_argument("--shard-tokens", type=int, default=1 << 26, help="ids per shard (default 2^26)")
-    pr.add_argument("--workers", type=int, default=0, help="tokenizing processes (default: one per core)")
+    pr.add_argument("--workers", type=int, default=0,
+                    help="tokenizing processes of two threads each (default: half the cores; 1: "
+                    "in this process)")
     pr.add_argument("--unit-mb", type=float, default=8,
                     help="MB of input per work unit (default 8): the granularity of parallelism")
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +78,7 @@ def run_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from megamesh.data.tokenizer import TokenizerInfo, load_tokenizer_spec
 
     if args.workers < 0:
-        raise ConfigError(f"--workers {args.workers} must be >= 0 (0: one per core)")
+        raise ConfigError(f"--workers {args.workers} must be >= 0 (0: half the cores)")
     if args.shard_tokens < 1024:
         raise ConfigError(f"--shard-tokens {args.shard_tokens} must be >= 1024")
     out = Path(args.out)

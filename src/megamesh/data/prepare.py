@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 import zlib
@@ -135,7 +136,10 @@ _TOK: Any = None
 
 def _init_worker(tok_json: str) -> None:
     global _TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    # two tokenizing threads per worker process (workers default to half the cores): on
+    # 2 cores one process with encode_batch's two threads beat two single-threaded
+    # worker processes (BENCHMARKS.md); processes add parallel reading and parsing
+    os.environ["RAYON_NUM_THREADS"] = os.environ["RAYON_RS_NUM_CPUS"] = "2"
     from tokenizers import Tokenizer
 
     _TOK = Tokenizer.from_str(tok_json)
@@ -229,7 +233,7 @@ def prepare(inputs: list[str] | None, out: Path, tokenizer: TokenizerInfo, *, te
             workers: int = 0, unit_bytes: int = UNIT_BYTES, progress: bool = True,
             log: Any = print) -> dict[str, Any]:
     """Tokenize `inputs` (None: the embedded default corpus) into a prepared dataset at
-    `out`; returns its manifest. `workers` 0: one per core (1: in this process)."""
+    `out`; returns its manifest. `workers` 0: half the cores (1: in this process)."""
     from megamesh.train.data import _expand, default_corpus_files
 
     out = Path(out)
@@ -251,6 +255,21 @@ def prepare(inputs: list[str] | None, out: Path, tokenizer: TokenizerInfo, *, te
             "val_fraction": val_fraction, "shard_tokens": shard_tokens, "block_tokens": block_tokens,
             "tokenizer": tokenizer.sha256, "eos": tokenizer.eos_id, "unit_bytes": unit_bytes}
     opts_hash = _options_hash(opts)
+    created = not out.exists()
+    try:
+        return _prepare(out, opts_hash, units, files, binary, inputs, tokenizer, dtype, tok_json,
+                        text_field=text_field, val_fraction=val_fraction, shard_tokens=shard_tokens,
+                        block_tokens=block_tokens, workers=workers, progress=progress, log=log)
+    except BaseException:
+        if created and not (out / STATE).exists():  # nothing worth resuming: leave nothing
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare(out: Path, opts_hash: str, units: list[list[Part]], files: list[Path], binary: list[Path],
+             inputs: list[str] | None, tokenizer: TokenizerInfo, dtype: np.dtype, tok_json: str, *,
+             text_field: str, val_fraction: float, shard_tokens: int, block_tokens: int, workers: int,
+             progress: bool, log: Any) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _clean_temporaries(out)
     start_unit, counts = 0, {"documents": 0, "bytes": 0}
@@ -272,7 +291,7 @@ def prepare(inputs: list[str] | None, out: Path, tokenizer: TokenizerInfo, *, te
                                  shards=prior.get(s), tail=tails.get(s)) for s in ("train", "val")}
     total_bytes = sum(p.size for u in units for p in u)
     done_bytes = sum(p.size for u in units[:start_unit] for p in u)
-    n_workers = workers or os.cpu_count() or 1
+    n_workers = workers or max(1, (os.cpu_count() or 1) // 2)
     bar = _Bar(total_bytes, done_bytes, progress, log)
     t0, tokens0 = time.perf_counter(), sum(w.tokens for w in writers.values())
 
