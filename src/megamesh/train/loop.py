@@ -614,11 +614,14 @@ class Trainer:
                     f"update (last: step {d.n}); stopped ({result.skipped} skipped in all); {where}")
             return m, record
 
+        rates: dict[str, float] = {}
+
         def write(record: dict[str, Any]) -> None:
             record.update(goodput.fields())
             record["data_tokens"] = {k: v["tokens"] for k, v in train_ds.consumed(record["step"]).items()}
             if train_ds.read_s > 0:  # the loader alone, this process's rows
                 record["loader_tokens_per_s"] = train_ds.tokens_read / train_ds.read_s
+                rates.update(loader=record["loader_tokens_per_s"], step=record["tokens_per_s"])
             writer.write(record)
             bar.update(record["step"], record)
 
@@ -684,7 +687,10 @@ class Trainer:
                 + f"; {result.skipped} non-finite step(s) skipped"
                 + f"; goodput {f['goodput']:.1%} (compile {f['badput_compile_s']:.1f}s, data "
                 f"{f['badput_data_s']:.1f}s, checkpoint {f['badput_checkpoint_s']:.1f}s, lost "
-                f"{f['badput_lost_s']:.1f}s); checkpoints in {self.ckpt_dir}")
+                f"{f['badput_lost_s']:.1f}s)"
+                + (f"; data loader {rates['loader']:,.0f} tokens/s alone vs the step's "
+                   f"{rates['step'] / jax.process_count():,.0f} per process" if rates else "")
+                + f"; checkpoints in {self.ckpt_dir}")
         return result
 
 
