@@ -152,6 +152,42 @@ def test_damaged_or_missing_shards_are_one_line_naming_the_file(tmp_path, prepar
         Prepared("nosuch://bucket/ds")
 
 
+def test_training_on_a_damaged_shard_stops_with_one_line(tmp_path, prepared):
+    import shutil
+
+    ds = tmp_path / "ds"
+    shutil.copytree(prepared, ds)
+    for f in ds.glob("train-*.npy"):  # one flipped id in every 700-id block
+        raw = bytearray(f.read_bytes())
+        for off in range(128, len(raw), 1400):
+            raw[off] ^= 1
+        f.write_bytes(bytes(raw))
+    r = run_main("train", "--out", tmp_path / "run", "--data", ds, "--steps", "2", "--batch", "8",
+                 "--seq", "64", "--no-progress")
+    assert r.returncode == 1, r.stderr
+    assert "does not match its checksum" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_directory_names_its_tokenizer_and_eos(tmp_path, tokenizer):
+    from megamesh.data.tokenizer import load_tokenizer_spec, model_tokenizer
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    tokenizer.tok.save(str(hf / "tokenizer.json"))
+    (hf / "config.json").write_text(json.dumps({"eos_token_id": [5, 7]}))
+    info = load_tokenizer_spec(str(hf))
+    assert info.eos_id == 5 and info.sha256 == tokenizer.sha256
+    assert model_tokenizer(str(hf)).eos_id == 5 and model_tokenizer("tiny") is None
+    (hf / "config.json").write_text(json.dumps({}))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
+    assert load_tokenizer_spec(str(hf)).eos_id == 0
+    assert load_tokenizer_spec(str(hf / "tokenizer.json")).eos_id == 0
+    with pytest.raises(ConfigError, match="'</s>' is not in the tokenizer's vocabulary"):
+        load_tokenizer_spec(str(hf / "tokenizer.json"), eos="</s>")
+    with pytest.raises(ConfigError, match="holds no tokenizer.json"):
+        load_tokenizer_spec(str(tmp_path))
+
+
 def _to_memory_fs(local: Path, url: str) -> None:
     import fsspec
 
@@ -307,7 +343,9 @@ def test_train_streams_a_mixture_records_each_source_and_resumes_on_it(tmp_path,
             shard_tokens=4000, val_fraction=0.3, workers=1, progress=False, log=lambda m: None)
     out = tmp_path / "run"
     common = ["--batch", "8", "--seq", "64", "--no-progress", "--train.checkpoint.every=2",
-              "--train.eval.every=100", "--train.eval.batches=1"]
+              "--train.eval.every=100", "--train.eval.batches=1", "--model.n_layers=1",
+              "--model.d_model=64", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.d_ff=128",
+              "--model.vocab_size=1024"]
     r = run_main("train", "--out", out, "--data", f"{prepared}:0.75,{other}:0.25", "--steps", "4", *common,
                  "--train.data.document_mask=true")
     assert r.returncode == 0, r.stderr
@@ -332,8 +370,8 @@ def test_train_streams_a_mixture_records_each_source_and_resumes_on_it(tmp_path,
         r = run_main("train", "--out", out, "--resume", "--data", foreign, "--steps", "8", *extra, *common)
         assert r.returncode == 1 and "was cut with another tokenizer" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-    r = run_main("train", "--out", tmp_path / "small", "--data", prepared, "--model.vocab_size=512",
-                 "--steps", "1", *common)
+    r = run_main("train", "--out", tmp_path / "small", "--data", prepared, "--steps", "1", *common,
+                 "--model.vocab_size=512")
     assert r.returncode != 0 and "more than model" in r.stderr
     r = run_main("train", "--out", tmp_path / "bad", "--data", f"{prepared}:0.5,{other}:0", *common)
     assert r.returncode != 0 and "must be positive" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -15,7 +15,12 @@ from megamesh.errors import ConfigError
 from megamesh.model.attention import attend
 from megamesh.model.backend import Kernels, choose_kernels, using_kernels
 from megamesh.model.blockwise import blockwise_attention
-from megamesh.model.kernels import causal_attention, pallas_gpu_attention, splash_attention
+from megamesh.model.kernels import (
+    causal_attention,
+    context_parallel_order,
+    pallas_gpu_attention,
+    splash_attention,
+)
 from megamesh.sharding.mesh import make_mesh
 from megamesh.sharding.rules import activation_sharding, logical_to_spec, mesh_sizes, strategy
 
@@ -154,6 +159,15 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, l
     def loss(q, k, v):
         return jnp.sum(causal_attention(q, k, v, seg) * do)
 
+    def balanced_loss(q, k, v):  # as the train step runs it: every token's data reordered
+        order = context_parallel_order(q.shape[1])
+        if "sequence" in layout:
+            assert order is not None  # 256 tokens split into 2n chunks: load-balanced
+        if order is None:
+            return loss(q, k, v)
+        return jnp.sum(causal_attention(q[:, order], k[:, order], v[:, order],
+                                        None if seg is None else seg[:, order]) * do[:, order])
+
     with using_kernels(kern):
         want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
     mesh = make_mesh(layout)
@@ -164,14 +178,14 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, l
 
     def sharded(q, k, v):
         with activation_sharding(mesh, rules, kern):
-            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+            return jax.grad(balanced_loss, argnums=(0, 1, 2))(q, k, v)
 
     got = jax.jit(sharded, in_shardings=shard)(q, k, v)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     def forward(q, k, v):
         with activation_sharding(mesh, rules, kern):
-            return causal_attention(q, k, v, seg)
+            return causal_attention(q, k, v, seg)  # (the order does not change the shapes)
 
     body = next(e for e in jax.make_jaxpr(forward)(q, k, v).jaxpr.eqns
                 if e.primitive.name == "shard_map").params["jaxpr"]
@@ -180,6 +194,33 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, l
     qkv_in = body.invars[-4:-1] if docs else body.invars[-3:]
     assert tuple(x.aval.shape[2] for x in qkv_in[:2]) == local_heads
     assert qkv_in[0].aval.shape[1] == local_tokens
+
+
+def test_load_balanced_context_parallel_gives_every_device_the_same_attention_work():
+    """8 sequence shards of 16k tokens: the (query, key) tiles splash computes per device,
+    counted from splash's own mask processing (the tiles its causal masks leave), equal
+    within 5% in the load-balanced order (exactly, here), 15x apart in the plain split."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mi
+
+    from megamesh.model.kernels import causal_tiles, load_balanced_order
+
+    T, n = 16384, 8
+    c, blk = T // (2 * n), 512
+
+    def splash_tiles(offset: int, length: int) -> int:
+        info, _ = mi.process_mask(sm.MultiHeadMask((sm.CausalMask((length, T), offset=offset),)),
+                                  (blk, blk))
+        return int((np.asarray(info.block_mask) > 0).sum())
+
+    balanced = [splash_tiles(d * c, c) + splash_tiles((2 * n - 1 - d) * c, c) for d in range(n)]
+    plain = [splash_tiles(d * 2 * c, 2 * c) for d in range(n)]
+    assert balanced == causal_tiles(T, n, True) and plain == causal_tiles(T, n, False)
+    assert max(balanced) / min(balanced) <= 1.05
+    assert max(plain) / min(plain) > 10
+    order = load_balanced_order(T, n)
+    assert sorted(order.tolist()) == list(range(T))  # a permutation: chunks d and 2n-1-d per device
+    assert order[:c].tolist() == list(range(c)) and order[c] == (2 * n - 1) * c
 
 
 # --------------------------------------------------------------------------- MoE

@@ -37,6 +37,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from megamesh.model.attention import attend
 from megamesh.model.backend import active, run_per_device
@@ -60,6 +61,34 @@ _KV = ("batch", None, "kv_heads", "head_dim")
 # splash splits the queries over the sequence axis too (context parallelism)
 _QS = ("batch", "seq", "heads", "head_dim")
 _KVS = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def load_balanced_order(T: int, n: int) -> np.ndarray:
+    """The token order of load-balanced (zig-zag) context parallelism over n devices: the
+    sequence cut into 2n equal chunks, device d holding chunks d and 2n-1-d, so each has
+    the same causal attention work (chunk i's queries see i + 1/2 chunks of keys: d and
+    2n-1-d together 2n, a 1/n share). As Llama 3's and MaxText's load-balanced CP."""
+    c = T // (2 * n)
+    chunks = [i for d in range(n) for i in (d, 2 * n - 1 - d)]
+    return np.concatenate([np.arange(i * c, (i + 1) * c) for i in chunks])
+
+
+def _context_parallel_ways(T: int) -> int:
+    """Devices the sequence of a splash step splits over (1: no context parallelism)."""
+    kern, runner = active()
+    ways = getattr(runner, "ways", None)
+    if kern.attention != "splash" or ways is None:
+        return 1
+    return ways("seq", T)
+
+
+def context_parallel_order(T: int) -> np.ndarray | None:
+    """The order a training step must put its T tokens in before the forward pass (and
+    its targets, positions and segment ids alike), or None for the natural order: under
+    splash context parallelism, the load-balanced order (`load_balanced_order`) when T
+    splits into 2n chunks. Called while tracing under `activation_sharding`."""
+    n = _context_parallel_ways(T)
+    return load_balanced_order(T, n) if n > 1 and T % (2 * n) == 0 else None
 
 
 def _split_axes(name: str, size: int) -> tuple[str, ...]:
@@ -88,7 +117,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         interpret = kern.platform != "tpu"
         seq_axes = _split_axes("seq", q.shape[1])
         if seq_axes:  # context parallel: local queries, keys and values gathered
-            fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret)
+            fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret,
+                                   load_balanced=context_parallel_order(q.shape[1]) is not None)
             args, axes = (q, k, v), (_QS, _KVS, _KVS)
             if segments is not None:
                 args, axes = (*args, segments), (*axes, ("batch", "seq"))
@@ -167,21 +197,67 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array 
 
 
 def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None = None,
-                            *, axes: tuple[str, ...], interpret: bool = False) -> jax.Array:
+                            *, axes: tuple[str, ...], interpret: bool = False,
+                            load_balanced: bool = False) -> jax.Array:
     """Splash over a sequence split across mesh `axes` (inside shard_map): this device's
     queries against the whole sequence's keys and values (all-gathered; their gradients
-    flow back as a reduce-scatter), with the causal mask offset by the device's position.
-    Splash's masks are static, so there is one kernel per position, picked by
-    `lax.switch` on the device's index. The devices' shares of the causal work differ
-    (the last one does (2n - 1) / n^2 of it, not 1 / n), which the planner charges."""
+    flow back as a reduce-scatter), with the causal mask offset by the queries' positions.
+    Splash's masks are static, so there is one kernel per device position, picked by
+    `lax.switch` on the device's index.
+
+    `load_balanced`: the sequence is in `load_balanced_order` (the step put it there):
+    this device's queries are two chunks, d and 2n-1-d, each run against the gathered
+    keys (put back in natural order) at its own offset; splash skips the key tiles the
+    causal mask hides, so every device does the same work. Without it (a sequence that
+    does not split into 2n chunks) the queries are one contiguous block and the last
+    device does (2n - 1) / n^2 of the causal work, not 1 / n."""
     Tl = q.shape[1]
     k = jax.lax.all_gather(k, axes, axis=1, tiled=True)
     v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
+    kv_seg = None if seg is None else jax.lax.all_gather(seg, axes, axis=1, tiled=True)
     n = k.shape[1] // Tl
-    branches = [functools.partial(splash_attention, interpret=interpret, q_offset=i * Tl)
-                for i in range(n)]
-    segs = () if seg is None else (seg, jax.lax.all_gather(seg, axes, axis=1, tiled=True))
-    return jax.lax.switch(jax.lax.axis_index(axes), branches, q, k, v, *segs)
+    if not load_balanced:
+        branches = [functools.partial(splash_attention, interpret=interpret, q_offset=i * Tl)
+                    for i in range(n)]
+        segs = () if seg is None else (seg, kv_seg)
+        return jax.lax.switch(jax.lax.axis_index(axes), branches, q, k, v, *segs)
+    c = Tl // 2
+    slot = {}  # natural chunk -> its place in the gathered (load-balanced) sequence
+    for d in range(n):
+        slot[d], slot[2 * n - 1 - d] = 2 * d, 2 * d + 1
+
+    def natural(x: jax.Array) -> jax.Array:
+        return jnp.concatenate([x[:, slot[i] * c:(slot[i] + 1) * c] for i in range(2 * n)], axis=1)
+
+    k, v = natural(k), natural(v)
+    kv_seg = None if kv_seg is None else natural(kv_seg)
+
+    def branch(d: int, q: jax.Array, k: jax.Array, v: jax.Array, *segs: jax.Array) -> jax.Array:
+        halves = []
+        for h, chunk in enumerate((d, 2 * n - 1 - d)):
+            qs = None if not segs else segs[0][:, h * c:(h + 1) * c]
+            halves.append(splash_attention(q[:, h * c:(h + 1) * c], k, v, qs, segs[1] if segs else None,
+                                           interpret=interpret, q_offset=chunk * c))
+        return jnp.concatenate(halves, axis=1)
+
+    segs = () if seg is None else (seg, kv_seg)
+    return jax.lax.switch(jax.lax.axis_index(axes), [functools.partial(branch, d) for d in range(n)],
+                          q, k, v, *segs)
+
+
+def causal_tiles(T: int, n: int, load_balanced: bool, block: int | None = None) -> list[int]:
+    """Per device of an n-way context-parallel split of T tokens: the (query tile, key
+    tile) pairs splash computes (the tiles its causal mask does not hide wholly), i.e.
+    each device's attention work, with the tile size `splash_context_parallel` uses."""
+    chunk = T // (2 * n) if load_balanced else T // n
+    blk = block or splash_block(chunk)
+
+    def tiles(offset: int) -> int:
+        return sum((offset + (i + 1) * blk - 1) // blk + 1 for i in range(-(-chunk // blk)))
+
+    if load_balanced:
+        return [tiles(d * chunk) + tiles((2 * n - 1 - d) * chunk) for d in range(n)]
+    return [tiles(d * chunk) for d in range(n)]
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

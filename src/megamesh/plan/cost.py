@@ -250,9 +250,11 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     if s > 1 and w.kernels == "megamesh":
         if target.is_tpu:
             # splash context parallelism (model.kernels.splash_context_parallel): keys
-            # and values gathered, each device's queries offset by its position; the
-            # causal work is not balanced: the last device does (2s - 1) / s^2 of it
-            cp_pacing = att_hw * w.tokens / n_dev * ((2 * s - 1) / s - 1)
+            # and values gathered, each device's queries offset by their positions. In
+            # the load-balanced order (the sequence splits into 2s chunks) every device
+            # does 1/s of the causal work; otherwise the last does (2s - 1) / s^2 of it
+            if w.seq % (2 * s):
+                cp_pacing = att_hw * w.tokens / n_dev * ((2 * s - 1) / s - 1)
         else:
             # the GPU kernels see whole sequences: each device of a sequence group
             # gathers queries, keys and values and repeats the whole attention

@@ -618,7 +618,9 @@ class Trainer:
 
         def write(record: dict[str, Any]) -> None:
             record.update(goodput.fields())
-            record["data_tokens"] = {k: v["tokens"] for k, v in train_ds.consumed(record["step"]).items()}
+            used = train_ds.consumed(record["step"])  # per source: tokens and the epoch reached
+            record["data_tokens"] = {k: v["tokens"] for k, v in used.items()}
+            record["data_epochs"] = {k: v["epoch"] for k, v in used.items()}
             if train_ds.read_s > 0:  # the loader alone, this process's rows
                 record["loader_tokens_per_s"] = train_ds.tokens_read / train_ds.read_s
                 rates.update(loader=record["loader_tokens_per_s"], step=record["tokens_per_s"])

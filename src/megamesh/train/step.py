@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from megamesh.config import ModelConfig
 from megamesh.model.axes import constrain
 from megamesh.model.backend import LOSS_CHUNK_BYTES, Kernels, planner_kernels
+from megamesh.model.kernels import context_parallel_order
 from megamesh.model.loss import cross_entropy
 from megamesh.model.transformer import forward, head_weight, init_params
 from megamesh.plan.layout import Layout, Workload
@@ -76,9 +77,15 @@ def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     segments = None
     if document_eos is not None:
-        segments = constrain(document_segments(tokens, document_eos), ("batch", "seq"))
+        segments = document_segments(tokens, document_eos)
         if restart_positions:
             positions = document_positions(segments)
+    order = context_parallel_order(T)
+    if order is not None:  # load-balanced context parallelism: every token's data alike
+        tokens, targets, positions = tokens[:, order], targets[:, order], positions[:, order]
+        segments = None if segments is None else segments[:, order]
+    if segments is not None:
+        segments = constrain(segments, ("batch", "seq"))
     out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False, segments=segments)
     nll = cross_entropy(out.hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
