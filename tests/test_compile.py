@@ -50,6 +50,11 @@ def test_document_masked_step_compiles_for_ironwood_and_fits_as_before():
     assert plain["fits"] and masked["fits"]
     a, b = plain["hbm_per_device_bytes"]["total"], masked["hbm_per_device_bytes"]["total"]
     assert abs(b / a - 1) < 0.05, (a, b)
+    # the keys' and values' gathers (and with the mask the segment ids') run asynchronously
+    # with compute scheduled while they are in flight (forward, and the remat's recompute)
+    for out, at_least in ((plain, 4), (masked, 5)):
+        gathers = out["context_parallel_gathers"]
+        assert len(gathers) >= at_least and all(g["compute_between"] > 0 for g in gathers), gathers
 
 
 SMALL = ["--model", "llama3.1-8b", "--model.d_model=1024", "--model.n_heads=8",

@@ -140,6 +140,10 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
         _print_verdict(r, target)
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.hbm.items() if k != "total")
         print(f"  kernels: {r.extra.get('kernels', '')}")
+        if "context_parallel_gathers" in r.extra:
+            g = r.extra["context_parallel_gathers"]
+            print(f"  context-parallel all-gathers (keys, values, segment ids): {len(g)} asynchronous, "
+                  f"{sum(x['compute_between'] > 0 for x in g)} with compute scheduled while in flight")
         print(f"  HBM per device (GiB): {parts}")
         print(f"  matmul FLOPs per device: {r.flops:.4g} (XLA cost analysis, loop bodies once: "
               f"{r.xla_flops:.4g}; our count in that convention: {r.flops_xla_convention:.4g})")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from megamesh.compile.hlo import collectives, dot_flops
+from megamesh.compile.hlo import async_overlap, collectives, dot_flops
 from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
@@ -101,6 +101,10 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
     report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train", save)
     report.extra["kernels"] = ts.kernels.describe()
     report.extra["remat"] = ts.remat
+    if report.hlo_text and mesh_sizes(mesh).get("sequence", 1) > 1:
+        # context parallelism's key/value (and segment id) gathers: asynchronous, and the
+        # compute the scheduler runs while they are in flight
+        report.extra["context_parallel_gathers"] = async_overlap(report.hlo_text, "shard_map/all_gather")
     return report
 
 

@@ -178,3 +178,36 @@ def _trip_count(cond_lines: list[str]) -> int:
               for x in re.findall(r"s32\[\](?:\{[^}]*\})?\s+constant\((\d+)\)", line)]
     return max(consts) if consts else 1
 
+
+
+_START = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? ([\w-]+-start|call-start)\(")
+_DONE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = .*? ([\w-]+-done|call-done)\(%([\w.\-]+)")
+_COMPUTE = re.compile(r" (fusion|convolution|custom-call|dot)\(")
+
+
+def async_overlap(hlo_text: str, op_name: str) -> list[dict[str, Any]]:
+    """The asynchronous collectives of a scheduled HLO module whose source op name contains
+    `op_name` (e.g. "shard_map/all_gather": context parallelism's key/value gathers):
+    for each start/done pair, the compute instructions (fusions, convolutions, custom
+    calls, dots) the scheduler put between them, i.e. the work the collective overlaps.
+    XLA:TPU runs collectives as `*-start`/`*-done` pairs, or on Ironwood as a
+    `call-start`/`call-done` on the SparseCore; a collective left synchronous has none."""
+    out: list[dict[str, Any]] = []
+    comp: list[str] = []
+    for line in hlo_text.splitlines() + [""]:
+        if _COMP.match(line) or not line.strip():
+            open_: dict[str, int] = {}
+            for i, ln in enumerate(comp):
+                s = _START.match(ln)
+                if s and 'op_name="' in ln and op_name in ln.split('op_name="', 1)[1].split('"', 1)[0]:
+                    open_[s.group(1)] = i
+                    continue
+                d = _DONE.match(ln)
+                if d and d.group(2) in open_:
+                    i0 = open_.pop(d.group(2))
+                    out.append({"name": d.group(2), "kind": _START.match(comp[i0]).group(2),
+                                "compute_between": sum(bool(_COMPUTE.search(x)) for x in comp[i0 + 1:i])})
+            comp = []
+            continue
+        comp.append(line)
+    return out
