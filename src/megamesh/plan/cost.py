@@ -310,8 +310,11 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         n_ar = TP_ALL_REDUCES_PER_PASS * (forward_passes(layout.remat) + 1)  # + backward
         add("tensor", "sync", "tensor", tok_mb * D * 2, mb * stage_layers * n_ar * 2)
     if s > 1:
+        # context parallelism's key/value gathers (forward, the recompute, the backward's
+        # reduce-scatter): asynchronous on TPU, compute in flight while they run (the
+        # scheduled HLO shows it: compile/hlo.async_overlap, BENCHMARKS.md "Long context")
         kv = tok_mb * s * 2 * c.n_kv_heads * Dh / min(t, c.n_kv_heads) * 2
-        add("sequence_kv", "sync", "sequence", kv, mb * stage_layers * 3)
+        add("sequence_kv", "async" if target.is_tpu else "sync", "sequence", kv, mb * stage_layers * 3)
     if e > 1 and c.moe:
         m = c.moe
         n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe) * stage_layers / c.n_layers
