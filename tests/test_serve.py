@@ -954,6 +954,9 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
      "content block type 'image' is not supported"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
      "messages.0.name: this field is not supported"),
+    ("/v1/messages", {"metadata": {"user_id": "u1", "session": "s"}},
+     "metadata.session: this field is not supported"),
+    ("/v1/messages", {"metadata": {"user_id": "u" * 257}}, "metadata.user_id: String should have at most"),
     ("/v1/chat/completions", {"logprobs": True}, "logprobs: log probabilities"),
     ("/v1/chat/completions", {"presence_penalty": 0.3}, "presence_penalty: penalties"),
     ("/v1/chat/completions", {"response_format": {"type": "grammar"}}, "this response format"),
@@ -966,6 +969,14 @@ def test_unsupported_fields_are_refused_by_name(server, route, extra, needle):
     body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "x"}], **extra}
     r = httpx.post(server.url + route, json=body)
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+
+
+def test_the_batch_database_defaults_to_the_served_runs_directory(run_dir, tmp_path):
+    from megamesh.cli.serve import default_batch_db
+
+    assert default_batch_db(str(run_dir)) == str(run_dir / "megamesh-batches.db")
+    assert default_batch_db(str(run_dir / "checkpoints")) == str(run_dir / "megamesh-batches.db")
+    assert default_batch_db(str(tmp_path)) == "megamesh-batches.db"  # not a run: the working directory
 
 
 def test_what_claude_code_sends_is_accepted(client):

@@ -4,6 +4,7 @@
     OUT/data/                   the packed corpus (train.data)
     OUT/checkpoints/<step>/     Orbax checkpoints (train.checkpoint)
     OUT/metrics.jsonl, OUT/tensorboard/, OUT/orbax.log
+    OUT/megamesh-batches.db     `megamesh serve`'s Message Batches (its default --batch-db)
 """
 
 from __future__ import annotations

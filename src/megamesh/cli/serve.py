@@ -65,9 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-tpm", type=int, default=0,
                    help="output tokens per minute per API key before 429, max_tokens reserved at "
                    "admission and the unused part given back (default 0: no limit)")
-    p.add_argument("--batch-db", default="megamesh-batches.db",
+    p.add_argument("--batch-db", default=None,
                    help="SQLite file of the Message Batches API: batches and results survive a "
-                   "restart (default megamesh-batches.db in the working directory)")
+                   "restart (default: megamesh-batches.db in the served training run's directory; "
+                   "for a Hugging Face directory, in the working directory)")
     p.add_argument("--batch-concurrency", type=int, default=0,
                    help="batch requests in the engine at once (default 0: --slots); they run at a "
                    "lower priority than interactive requests")
@@ -99,6 +100,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def default_batch_db(model: str) -> str:
+    """The Message Batches database beside the training run served (not wherever the server
+    was started); for a Hugging Face directory, in the working directory."""
+    from megamesh.rundir import run_dir
+
+    out = run_dir(model)
+    return str(out / "megamesh-batches.db") if out is not None else "megamesh-batches.db"
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
@@ -118,6 +128,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.batch_concurrency < 0:
         raise ConfigError(f"--batch-concurrency {args.batch_concurrency} is not allowed: >= 0 "
                           "(0: --slots)")
+    if args.batch_db is None:
+        args.batch_db = default_batch_db(args.model)
     for alias in args.alias:
         if not alias.strip() or len(alias) > 256:
             raise ConfigError(f"--alias {alias!r} is not allowed: a model id of 1 to 256 characters")

@@ -64,6 +64,13 @@ class CountTokensRequest(OpenSchema):
         return found if grammar is not None else []
 
 
+class RequestMetadata(OpenSchema):
+    """The Messages API's `metadata`: an end-user id (it changes no output); any other key
+    is refused by name, as the API does."""
+
+    user_id: str | None = Field(default=None, max_length=256)
+
+
 class MessagesRequest(CountTokensRequest):
     """What count_tokens takes, and how to generate."""
 
@@ -73,7 +80,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stream: bool = False
-    metadata: dict[str, Any] | None = None  # accepted: an end-user id changes no output
+    metadata: RequestMetadata | None = None
     service_tier: Literal["auto", "standard_only"] | None = None  # one tier here
     ignore_eos: bool = False  # extension (as vLLM's): generate max_tokens whatever the model says
     # effort (advisory: low | medium | high | max) and format (structured output)
