@@ -866,6 +866,32 @@ def test_the_template_end_marker_may_follow_a_call_or_a_json_answer(engine):
                 assert m.is_accepting()
 
 
+def test_tool_input_schemas_are_closed_unless_they_say_otherwise(engine):
+    """Issue 27 point 4: an object that lists its properties takes no others while decoding
+    (xgrammar's strict mode, OpenAI's strict outputs), at any depth; a schema that says
+    `additionalProperties` keeps its word, and an object with no properties stays open."""
+    from megamesh.serve import tools
+
+    tok = engine.model.tokenizer
+
+    def accepts(schema, value):
+        found = tools.check_tools([{"name": "t", "input_schema": schema}])
+        text = tools.render_call("t", value)
+        m = engine.matcher(tools.grammar(found, "any"))
+        ids = tok.encode(text).ids
+        return m.try_consume_tokens(ids) == len(ids) and not m.is_error() and m.is_accepting()
+
+    listed = {"type": "object", "properties": {"path": {"type": "string"}, "opts": {
+        "type": "array", "items": {"type": "object", "properties": {"k": {"type": "integer"}}}}}}
+    # in the order the schema lists them (llguidance's order; keys sorted used to force "opts" first)
+    assert accepts(listed, {"path": "a", "opts": [{"k": 1}]})
+    assert not accepts(listed, {"path": "a", "more": 1})
+    assert not accepts(listed, {"opts": [{"k": 1, "j": 2}]})  # nested: closed too
+    assert accepts({**listed, "additionalProperties": True}, {"path": "a", "more": 1})
+    assert accepts({"type": "object"}, {"anything": [1, 2]})
+    assert tools.closed(listed)["properties"]["opts"]["items"]["additionalProperties"] is False
+
+
 def test_a_tool_the_grammar_cannot_fully_enforce_is_called_not_refused(client, server):
     """The request is served (it used to be a 400 'Unimplemented keys'); the call's
     input follows every keyword but propertyNames by construction, and a break of that one

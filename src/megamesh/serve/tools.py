@@ -9,7 +9,9 @@ the grammar guarantees it whatever the model):
     {the tool's input: JSON valid for its input_schema}
 
 A response is either such a call (its first characters are the trigger) or plain text
-(it cannot start with "<"); one call per response. tool_choice: auto (either), any (a
+(it cannot start with "<"); one call per response. An input's objects that list their
+properties are closed while decoding (`closed`), their properties in the schema's order.
+tool_choice: auto (either), any (a
 call to any tool), tool (a call to that one), none (text; the tools stay in the prompt).
 Earlier turns render a call the same way and a tool's result as
 `<tool_result>...</tool_result>` in the user turn.
@@ -44,8 +46,9 @@ class Tool:
 
     @property
     def enforced(self) -> dict[str, Any]:
-        """The part of `schema` the grammar engine enforces while decoding."""
-        return enforceable(self.schema)[0]
+        """The part of `schema` the grammar engine enforces while decoding, its objects
+        closed (`closed`)."""
+        return closed(enforceable(self.schema)[0])
 
 
 # JSON Schema keywords whose values are subschemas (or maps or lists of them): where a
@@ -76,6 +79,31 @@ def _without(schema: Any, drop: frozenset[str]) -> Any:
     return out
 
 
+_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with every object that lists `properties` and says nothing of others
+    (`additionalProperties`, `patternProperties`, `unevaluatedProperties`) closed to
+    them, as xgrammar's strict mode and OpenAI's strict outputs do: under JSON Schema's
+    open default a weak model's call never ends (it invents key after key). An object
+    with no `properties` (any object) stays open."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in _SUBSCHEMA:
+            v = closed(v)
+        elif k in _SUBSCHEMA_MAPS and isinstance(v, dict):
+            v = {name: closed(sub) for name, sub in v.items()}
+        elif k in _SUBSCHEMA_LISTS and isinstance(v, list):
+            v = [closed(sub) for sub in v]
+        out[k] = v
+    if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPEN_KEYS):
+        out["additionalProperties"] = False
+    return out
+
+
 @functools.lru_cache(maxsize=1024)
 def _enforceable(text: str) -> tuple[str, tuple[str, ...]]:
     import llguidance
@@ -99,7 +127,10 @@ def enforceable(schema: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]
     constrained decoding enforces. The full schema is checked on the finished input
     (`check_input`): a keyword such as `propertyNames` (Claude Code's tools have it) is
     never a 400."""
-    text, dropped = _enforceable(json.dumps(schema, sort_keys=True))
+    # the schema's own key order: llguidance writes an object's listed properties in the
+    # order the schema lists them (sorted keys made a model trained on the schema as shown
+    # write `{"n": .., "path": ..}` for properties listed path, n)
+    text, dropped = _enforceable(json.dumps(schema))
     return json.loads(text), dropped
 
 
@@ -174,7 +205,7 @@ _END_OK = f' "{END}"?'
 
 def json_grammar(schema: dict[str, Any]) -> str:
     """The grammar of a response that is one JSON value valid for `schema`."""
-    return f"start: value{_END_OK}\nvalue: %json {_compact(enforceable(schema)[0])}\n"
+    return f"start: value{_END_OK}\nvalue: %json {_compact(closed(enforceable(schema)[0]))}\n"
 
 
 class CallReader:
