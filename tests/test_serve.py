@@ -748,6 +748,9 @@ def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
         first = ask("first?").usage
         assert first.cache_read_input_tokens == 0 and first.cache_creation_input_tokens > 64
         assert first.input_tokens + first.cache_creation_input_tokens == total
+        # the write by lifetime, as the Messages API breaks it down (a 5-minute breakpoint)
+        assert first.cache_creation.ephemeral_5m_input_tokens == first.cache_creation_input_tokens
+        assert first.cache_creation.ephemeral_1h_input_tokens == 0
         second = ask("second, a different question?").usage
         assert second.cache_creation_input_tokens == 0
         assert second.cache_read_input_tokens == first.cache_creation_input_tokens
@@ -761,6 +764,10 @@ def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
                     start = event.message.usage
             assert start.cache_read_input_tokens == first.cache_creation_input_tokens
             assert stream.get_final_message().usage.cache_read_input_tokens == start.cache_read_input_tokens
+        hour = [{"type": "text", "text": "Hourly. " + doc, "cache_control": {"type": "ephemeral",
+                                                                          "ttl": "1h"}}]
+        u = ask("first?", system=hour).usage
+        assert u.cache_creation.ephemeral_1h_input_tokens == u.cache_creation_input_tokens > 64
         plain = ask("first?", system=doc).usage  # no breakpoint: all input
         assert plain.cache_read_input_tokens == plain.cache_creation_input_tokens == 0
         assert plain.input_tokens == total

@@ -123,10 +123,18 @@ class PromptCache:
                 read = m
                 break
         written = max(0, (marks[-1][0] if marks else 0) - read)
+        # what was written, by the ttl of the breakpoint that ends each stretch
+        by_ttl = dict.fromkeys(CACHE_TTL_S, 0)
+        done = read
+        for m, ttl in marks:
+            if m > done:
+                by_ttl[ttl] += m - done
+                done = m
         for (_, ttl), key in zip(marks, keys):
             self.expiry[key] = max(self.expiry.get(key, 0.0), now + CACHE_TTL_S[ttl])
         return {"input_tokens": len(prompt) - read - written,
-                "cache_creation_input_tokens": written, "cache_read_input_tokens": read}
+                "cache_creation_input_tokens": written, "cache_read_input_tokens": read,
+                "cache_creation": {f"ephemeral_{t}_input_tokens": n for t, n in by_ttl.items()}}
 
 
 _CACHES: weakref.WeakKeyDictionary[Core, PromptCache] = weakref.WeakKeyDictionary()
