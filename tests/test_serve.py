@@ -691,9 +691,17 @@ def test_tokens_per_minute_per_key_are_429s_with_retry_after(engine):
         body = {"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hello"}]}
         n_in = httpx.post(running.url + "/v1/messages/count_tokens",
                           json={"model": "tiny", "messages": body["messages"]}).json()["input_tokens"]
-        codes = [httpx.post(url, json=body, headers={"x-api-key": "a"}).status_code
-                 for _ in range(60 // n_in + 1)]
+        rs = [httpx.post(url, json=body, headers={"x-api-key": "a"}) for _ in range(60 // n_in + 1)]
+        codes = [r.status_code for r in rs]
         assert codes[:60 // n_in] == [200] * (60 // n_in) and codes[-1] == 429
+        # the Messages API's rate-limit headers: what remains after each request
+        h = rs[0].headers
+        assert h["anthropic-ratelimit-input-tokens-limit"] == "60"
+        assert int(h["anthropic-ratelimit-input-tokens-remaining"]) in range(60 - n_in, 60 - n_in + 2)
+        assert h["anthropic-ratelimit-output-tokens-limit"] == "100"
+        assert h["anthropic-ratelimit-input-tokens-reset"].endswith("Z")
+        assert h["anthropic-ratelimit-tokens-limit"] == "60"  # input is the tighter one here
+        assert "anthropic-ratelimit-input-tokens-remaining" in rs[-1].headers  # on the 429 too
         r = httpx.post(url, json=body, headers={"x-api-key": "a"})
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
         assert int(r.headers["retry-after"]) >= 1 and "tokens per minute" in r.json()["error"]["message"]

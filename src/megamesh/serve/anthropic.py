@@ -287,9 +287,10 @@ def register(app: FastAPI, core: Core) -> None:
         msg_id = "msg_" + secrets.token_hex(12)
         calling = bool(req.callable_tools)  # a tool may be called
 
+        limits = core.rate_limit_headers(key)  # after this request's tokens are taken
         if not req.stream:
             text, ev = await core.complete(request, gen)
-            return JSONResponse(message_object(core, gen, text, ev, calling, req.model))
+            return JSONResponse(message_object(core, gen, text, ev, calling, req.model), headers=limits)
 
         async def events():
             await gen.admitted()  # the usage says what the engine found cached
@@ -349,7 +350,7 @@ def register(app: FastAPI, core: Core) -> None:
             yield _sse("message_delta", final)
             yield _sse("message_stop", {"type": "message_stop"})
 
-        return core.stream(gen, events(), {"cache-control": "no-cache"})
+        return core.stream(gen, events(), {"cache-control": "no-cache", **limits})
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:

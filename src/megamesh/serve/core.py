@@ -583,6 +583,39 @@ class Core:
         self.live.add(gen)
         return gen
 
+    def _buckets_of(self, key: str, now: float) -> tuple[TokenBucket, TokenBucket]:
+        s = self.settings
+        if key not in self.buckets:
+            self.buckets[key] = (TokenBucket(s.input_tokens_per_minute, now),
+                                 TokenBucket(s.output_tokens_per_minute, now))
+        return self.buckets[key]
+
+    def rate_limit_headers(self, key: str) -> dict[str, str]:
+        """The Messages API's `anthropic-ratelimit-*` headers for this key's budgets (none
+        without --input-tpm/--output-tpm): per limited kind its limit, what remains now,
+        and when the bucket is full again (RFC 3339); `tokens-*` repeats the most
+        restrictive of the two, as the API does."""
+        s = self.settings
+        if not (s.input_tokens_per_minute or s.output_tokens_per_minute):
+            return {}
+        now, wall = time.monotonic(), time.time()
+        out: dict[str, str] = {}
+        tightest: tuple[float, dict[str, str]] | None = None
+        for kind, bucket in zip(("input-tokens", "output-tokens"), self._buckets_of(key, now)):
+            if not bucket.limit:
+                continue
+            bucket.wait_for(0, now)  # refilled to now
+            full_at = wall + (bucket.limit - bucket.level) / bucket.rate
+            values = {"limit": str(bucket.limit), "remaining": str(max(0, int(bucket.level))),
+                      "reset": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(full_at)))}
+            out.update({f"anthropic-ratelimit-{kind}-{k}": v for k, v in values.items()})
+            share = bucket.level / bucket.limit
+            if tightest is None or share < tightest[0]:
+                tightest = (share, values)
+        if tightest is not None:
+            out.update({f"anthropic-ratelimit-tokens-{k}": v for k, v in tightest[1].items()})
+        return out
+
     def _check_token_rates(self, key: str, n_in: int, max_tokens: int) -> int:
         """429 (with retry-after) when this key's input or output tokens per minute would
         be exceeded; 400 when the request alone is larger than the limit. Returns the output
@@ -591,10 +624,7 @@ class Core:
         if not (s.input_tokens_per_minute or s.output_tokens_per_minute):
             return 0
         now = time.monotonic()
-        if key not in self.buckets:
-            self.buckets[key] = (TokenBucket(s.input_tokens_per_minute, now),
-                                 TokenBucket(s.output_tokens_per_minute, now))
-        b_in, b_out = self.buckets[key]
+        b_in, b_out = self._buckets_of(key, now)
         for n, limit, what in ((n_in, s.input_tokens_per_minute, "input"),
                                (max_tokens, s.output_tokens_per_minute, "output")):
             if limit and n > limit:
@@ -608,7 +638,7 @@ class Core:
                                 f"{s.input_tokens_per_minute or 'unlimited'}, output "
                                 f"{s.output_tokens_per_minute or 'unlimited'}, output counted at "
                                 f"max_tokens until the answer is done); retry in {math.ceil(wait)} s",
-                           {"retry-after": str(math.ceil(wait))})
+                           {"retry-after": str(math.ceil(wait)), **self.rate_limit_headers(key)})
         return max_tokens if s.output_tokens_per_minute else 0
 
     def finish(self, gen: Generation) -> None:
