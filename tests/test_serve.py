@@ -776,6 +776,14 @@ def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
                                                                           "ttl": "1h"}}]
         u = ask("first?", system=hour).usage
         assert u.cache_creation.ephemeral_1h_input_tokens == u.cache_creation_input_tokens > 64
+        # max_tokens 0 pre-warms: the prompt is prefilled and cached, nothing generated
+        other = [{"type": "text", "text": "Warm. " + doc, "cache_control": {"type": "ephemeral"}}]
+        warm = client.messages.create(model="tiny", max_tokens=0, system=other,
+                                      messages=[{"role": "user", "content": "first?"}])
+        assert warm.stop_reason == "max_tokens" and warm.usage.output_tokens == 0
+        assert warm.usage.cache_creation_input_tokens > 64
+        after = ask("then?", system=other).usage
+        assert after.cache_read_input_tokens == warm.usage.cache_creation_input_tokens
         plain = ask("first?", system=doc).usage  # no breakpoint: all input
         assert plain.cache_read_input_tokens == plain.cache_creation_input_tokens == 0
         assert plain.input_tokens == total

@@ -74,7 +74,7 @@ class RequestMetadata(OpenSchema):
 class MessagesRequest(CountTokensRequest):
     """What count_tokens takes, and how to generate."""
 
-    max_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=0)  # 0: prefill only, to pre-warm the prompt cache
     stop_sequences: Annotated[list[str], FAIL_FAST] | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)

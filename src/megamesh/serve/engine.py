@@ -902,6 +902,9 @@ class Engine:
             self.stats["cancelled"] += 1
             self._finish(req, "cancelled")
             return
+        if req.sampling.max_tokens == 0:  # prefill only (pre-warming the prefix cache)
+            self._finish(req, "max_tokens")
+            return
         constrained = req.matcher is not None
         if constrained and tok not in self.model.eos_ids:
             req.matcher.consume_token(tok)
