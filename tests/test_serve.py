@@ -582,7 +582,7 @@ def test_typed_errors(client, server):
     with pytest.raises(anthropic.BadRequestError, match="messages.0.role"):
         client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "robot", "content": "x"}])
     with pytest.raises(anthropic.BadRequestError, match="max_tokens"):
-        client.messages.create(model="tiny", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(model="tiny", max_tokens=-1, messages=[{"role": "user", "content": "x"}])
     with pytest.raises(anthropic.BadRequestError, match=r"prompt is too long: \d+ tokens > 511 maximum"):
         client.messages.create(model="tiny", max_tokens=5,
                                messages=[{"role": "user", "content": "def f(): pass\n" * 120}])
@@ -1265,7 +1265,7 @@ def test_message_batches_survive_a_killed_server(run_dir, cli_server, tmp_path):
     good = [{"custom_id": f"q-{i}", "params": {
         "model": "tiny", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
         "messages": [{"role": "user", "content": f"question {i}: def f{i}(x):"}]}} for i in range(10)]
-    bad = [{"custom_id": "no-tokens", "params": {"model": "tiny", "max_tokens": 0,
+    bad = [{"custom_id": "no-tokens", "params": {"model": "tiny", "max_tokens": -1,
                                                  "messages": [{"role": "user", "content": "x"}]}},
            {"custom_id": "streamed", "params": {"model": "tiny", "max_tokens": 5, "stream": True,
                                                 "messages": [{"role": "user", "content": "x"}]}}]
