@@ -176,12 +176,12 @@ def parse_data(items: list[str] | None) -> list[tuple[str, float]] | None:
         if not (isinstance(srcs, list) and srcs
                 and all(isinstance(s, dict) and "path" in s for s in srcs)):
             raise DataError(f"--data {items[0]!r}: a mixture file lists `sources:`, each with a "
-                              "`path` and a `weight`")
+                            "`path` and a `weight`")
         entries = [(str(s["path"]), _weight(str(s.get("weight", 1)), str(s["path"]))) for s in srcs]
         for spec, _ in entries:
             if not _is_prepared(spec):
                 raise DataError(f"--data {items[0]!r}: {spec!r} is not a prepared dataset "
-                                  "(`megamesh data prepare` makes one)")
+                                "(`megamesh data prepare` makes one)")
         return entries
     entries: list[tuple[str, float | None]] = []
     for word in items:
@@ -197,12 +197,12 @@ def parse_data(items: list[str] | None) -> list[tuple[str, float]] | None:
     if not any(prepared):
         if any(w is not None for _, w in entries):
             raise DataError("--data: mixture weights go with prepared datasets (`megamesh data "
-                              "prepare` makes them), not text files")
+                            "prepare` makes them), not text files")
         return None
     if not all(prepared):
         raw = next(s for (s, _), p in zip(entries, prepared) if not p)
         raise DataError(f"--data mixes prepared datasets with text ({raw!r}): prepare the text "
-                          "first (`megamesh data prepare`)")
+                        "first (`megamesh data prepare`)")
     if len(entries) > 1 and any(w is None for _, w in entries):
         raise DataError("--data: give every source of a mixture its weight (a:0.7,b:0.3)")
     return [(s, w if w is not None else 1.0) for s, w in entries]

@@ -212,14 +212,14 @@ def _run_tokenizer(out: Path, cfg: ModelConfig, model_tok: TokenizerInfo | None)
     recorded = data_lib.Corpus.read_meta(out / "data").get("tokenizer_sha256")
     if recorded and recorded != have:
         raise DataError(f"{tok_path} is not the tokenizer this run's data was cut with (SHA-256 "
-                          f"{have[:12]}..., recorded {recorded[:12]}...): restore it or use a new --out")
+                        f"{have[:12]}..., recorded {recorded[:12]}...): restore it or use a new --out")
     if model_tok is not None and model_tok.sha256 != have:
         raise DataError(f"--model {model_tok.source}'s tokenizer (SHA-256 {model_tok.sha256[:12]}...) "
-                          f"is not the one run {out} trained with ({have[:12]}...): the embedding is "
-                          "tied to the tokenizer; use a new --out")
+                        f"is not the one run {out} trained with ({have[:12]}...): the embedding is "
+                        "tied to the tokenizer; use a new --out")
     if tok.get_vocab_size() > cfg.vocab_size:
         raise DataError(f"tokenizer in {out} has {tok.get_vocab_size()} tokens, more than model "
-                          f"{cfg.name}'s vocab_size={cfg.vocab_size}")
+                        f"{cfg.name}'s vocab_size={cfg.vocab_size}")
     return tok
 
 
@@ -231,27 +231,27 @@ def _prepared_data(out: Path, entries: list[tuple[str, float]], cfg: ModelConfig
     what = " + ".join(s for s, _ in entries)
     if data.vocab_size > cfg.vocab_size:
         raise DataError(f"--data {what} was cut with a tokenizer of {data.vocab_size} tokens, more "
-                          f"than model {cfg.name}'s vocab_size={cfg.vocab_size}")
+                        f"than model {cfg.name}'s vocab_size={cfg.vocab_size}")
     if tokenizer is not None and tokenizer.sha256 != data.tokenizer_sha256:
         raise DataError(f"--data {what} was cut with another tokenizer (SHA-256 "
-                          f"{data.tokenizer_sha256[:12]}...) than --model {tokenizer.source}'s "
-                          f"({tokenizer.sha256[:12]}...): prepare it with --tokenizer MODEL_DIR")
+                        f"{data.tokenizer_sha256[:12]}...) than --model {tokenizer.source}'s "
+                        f"({tokenizer.sha256[:12]}...): prepare it with --tokenizer MODEL_DIR")
     for split in ("train", "val"):
         for src in data.sources(split):
             if (len(src.store) - 1) // tc.seq_len < 1:
                 raise DataError(f"the {split} split of {src.name} has {len(src.store)} tokens, fewer "
-                                  f"than one sequence of seq_len+1={tc.seq_len + 1}: use more data or "
-                                  "a shorter --seq")
+                                f"than one sequence of seq_len+1={tc.seq_len + 1}: use more data or "
+                                "a shorter --seq")
     changed = stored is None or stored.get("fingerprint") != data.fingerprint
     if stored is not None and trained:
         if stored.get("tokenizer_sha256") and stored["tokenizer_sha256"] != data.tokenizer_sha256:
             raise DataError(f"--data {what} was cut with another tokenizer (SHA-256 "
-                              f"{data.tokenizer_sha256[:12]}...) than run {out} trained with "
-                              f"({stored['tokenizer_sha256'][:12]}...): prepare it with --tokenizer {out}")
+                            f"{data.tokenizer_sha256[:12]}...) than run {out} trained with "
+                            f"({stored['tokenizer_sha256'][:12]}...): prepare it with --tokenizer {out}")
         if changed and not new_data:
             raise DataError(f"--data is not the data this run was trained on ({stored['description']}, "
-                              f"recorded in {out / 'data'}); pass --new-data to continue training on it "
-                              "deliberately (the switch recorded)")
+                            f"recorded in {out / 'data'}); pass --new-data to continue training on it "
+                            "deliberately (the switch recorded)")
     if changed and jax.process_index() == 0:
         record = {**data.record(), "history": _history(stored) if stored is not None and trained else []}
         tmp = out / "data.tmp"
