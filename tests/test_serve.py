@@ -784,6 +784,15 @@ def test_prompt_caching_reports_usage_as_the_messages_api_does(run_dir, engine):
         assert warm.usage.cache_creation_input_tokens > 64
         after = ask("then?", system=other).usage
         assert after.cache_read_input_tokens == warm.usage.cache_creation_input_tokens
+        # cache_control on a tool definition: the prefix through that tool is cached
+        tool = {"name": "lookup", "description": doc, "input_schema": {"type": "object"},
+                "cache_control": {"type": "ephemeral"}}
+        t1 = client.messages.create(model="tiny", max_tokens=2, tools=[tool], tool_choice={"type": "none"},
+                                    messages=[{"role": "user", "content": "first?"}]).usage
+        t2 = client.messages.create(model="tiny", max_tokens=2, tools=[tool], tool_choice={"type": "none"},
+                                    messages=[{"role": "user", "content": "second?"}]).usage
+        assert t1.cache_creation_input_tokens > 64 and t1.cache_read_input_tokens == 0
+        assert t2.cache_read_input_tokens == t1.cache_creation_input_tokens
         plain = ask("first?", system=doc).usage  # no breakpoint: all input
         assert plain.cache_read_input_tokens == plain.cache_creation_input_tokens == 0
         assert plain.input_tokens == total
@@ -1003,6 +1012,9 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
      "content block type 'image' is not supported"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
      "messages.0.name: this field is not supported"),
+    ("/v1/messages", {"tools": [{"name": "t", "input_schema": {"type": "object"},
+                                 "cache_control": {"type": "persistent"}}]},
+     "tools.0.cache_control: must be {\"type\": \"ephemeral\"}"),
     ("/v1/messages", {"metadata": {"user_id": "u1", "session": "s"}},
      "metadata.session: this field is not supported"),
     ("/v1/messages", {"metadata": {"user_id": "u" * 257}}, "metadata.user_id: String should have at most"),

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from megamesh.serve import context_edits, tools
-from megamesh.serve.anthropic_content import content_text, encode_prompt, prompt_cache
+from megamesh.serve.anthropic_content import BREAKPOINT, content_text, encode_prompt, prompt_cache
 from megamesh.serve.core import (
     FAIL_FAST,
     INT32_MAX,
@@ -208,7 +208,8 @@ async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Pr
     found, _ = req.tool_plan
     system = content_text(req.system, "system", caching=True) or None
     if found:
-        system = "\n\n".join(x for x in (system, tools.render_tools(found)) if x)
+        system = "\n\n".join(x for x in (system, tools.render_tools(found, lambda ttl: BREAKPOINT + ttl))
+                               if x)
 
     async def encode(messages: list[AnthropicMessage]) -> Prompt:
         turns = [(m.role, content_text(m.content, f"messages.{i}", caching=True,

@@ -43,6 +43,7 @@ class Tool:
     name: str
     description: str
     schema: dict[str, Any]  # the input's JSON schema (as given: rendered, and checked after)
+    cache_ttl: str | None = None  # a cache_control breakpoint after this tool's definition
 
     @property
     def enforced(self) -> dict[str, Any]:
@@ -157,18 +158,29 @@ def check_tools(raw: list[Any], where: str = "tools") -> list[Tool]:
         desc = t.get("description", "")
         if not isinstance(desc, str):
             raise ToolError(f"{where}.{i}.description", "must be a string")
-        out.append(Tool(name, desc, schema))
+        ttl = None
+        if t.get("cache_control") is not None:  # the Messages API's prompt caching
+            cc = t["cache_control"]
+            if not (isinstance(cc, dict) and cc.get("type") == "ephemeral" and set(cc) <= {"type", "ttl"}
+                    and cc.get("ttl", "5m") in ("5m", "1h")):
+                raise ToolError(f"{where}.{i}.cache_control",
+                                'must be {"type": "ephemeral"} (with an optional "ttl": "5m" or "1h")')
+            ttl = cc.get("ttl", "5m")
+        out.append(Tool(name, desc, schema, ttl))
     if len({t.name for t in out}) != len(out):
         raise ToolError(where, "tool names must be unique")
     return out
 
 
-def render_tools(tools: list[Tool]) -> str:
-    """The tools' part of the system prompt."""
+def render_tools(tools: list[Tool], mark: Any = None) -> str:
+    """The tools' part of the system prompt; `mark(ttl)`: the text that puts a cache
+    breakpoint after a tool whose definition carries cache_control (the prefix through
+    that tool's line, as the Messages API caches the tools up to the marked one)."""
     lines = [f"Tools (to call one, answer {TRIGGER}NAME, a new line, its input as JSON):"]
     for t in tools:
         lines.append(json.dumps({"name": t.name, "description": t.description,
-                                 "input_schema": t.schema}, separators=(",", ":")))
+                                 "input_schema": t.schema}, separators=(",", ":"))
+                     + (mark(t.cache_ttl) if mark is not None and t.cache_ttl else ""))
     return "\n".join(lines)
 
 
