@@ -85,7 +85,7 @@ def test_prepare_reads_jsonl_and_parquet_fields_named_by_flag(tmp_path, tokenize
 KILL_MID_SHARD = """
 import os, signal, sys, runpy
 import megamesh.data.shards as sh
-real, n = sh._fsync_write, [0]
+real, n = sh.fsync_write, [0]
 def dying(path, write):
     if path.name.endswith(".npy.tmp"):
         n[0] += 1
@@ -94,7 +94,7 @@ def dying(path, write):
                 f.write(b"half a shard")
             os.kill(os.getpid(), signal.SIGKILL)
     real(path, write)
-sh._fsync_write = dying
+sh.fsync_write = dying
 sys.argv = ["megamesh", *sys.argv[1:]]
 runpy.run_module("megamesh.cli", run_name="__main__")
 """

@@ -54,6 +54,17 @@ def _serve_cmd(tmp_path, *extra):
             str(tmp_path / "model"), "--out", str(tmp_path / "serve.jsonl"), "--slots", "4", *extra]
 
 
+def _run_serve(tmp_path, modes, systems, *extra, timeout):
+    """bench/gpu_serve.py --tiny over 3 requests: (its stdout, the header, the checked rows
+    by (mode, system))."""
+    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
+                                  "--requests", "3", *extra),
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    header, rows = _rows(tmp_path / "serve.jsonl")
+    return r.stdout, header, _check_serve_rows(rows, modes, systems)
+
+
 def _check_serve_rows(rows, modes, systems):
     by = {(r["mode"], r["system"]): r for r in rows}
     assert set(by) == {(m, s) for m in modes for s in systems}
@@ -72,30 +83,20 @@ def test_gpu_serve_rows_and_a_worker_killed_by_its_timeout(tmp_path):
     continuous batching is killed by its timeout (its first request alone takes ~20 s on
     CPU). The slow tests run the rest: megamesh serve over HTTP, batch 1, hf-cb, Poisson."""
     modes, systems = ("offline",), ("megamesh", "hf-static", "hf-cb")
-    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
-                                  "--requests", "3", "--timeout-for", "hf-cb=2"),
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    header, rows = _rows(tmp_path / "serve.jsonl")
+    stdout, header, by = _run_serve(tmp_path, modes, systems, "--timeout-for", "hf-cb=2", timeout=600)
     assert header["load"]["requests"] == 3 and header["roofline_ms_per_token"] > 0
-    by = _check_serve_rows(rows, modes, systems)
     assert by[("offline", "hf-cb")]["timed_out"]
     # every system produced exactly the requested output lengths
     assert by[("offline", "megamesh")]["output_tokens"] == by[("offline", "hf-static")]["output_tokens"]
     # the engine loads nothing the GPU image lacks (no HTTP layer, grammar or data libraries)
     assert by[("offline", "megamesh")]["imported"] == []
-    assert "| offline | megamesh |" in r.stdout and "timed out after 2 s" in r.stdout
+    assert "| offline | megamesh |" in stdout and "timed out after 2 s" in stdout
 
 
 @pytest.mark.slow
 def test_gpu_serve_over_http_and_at_batch_1(tmp_path):
     modes, systems = ("offline", "batch1"), ("megamesh", "megamesh-http", "hf-static")
-    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
-                                  "--requests", "3"),
-                       capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _, rows = _rows(tmp_path / "serve.jsonl")
-    by = _check_serve_rows(rows, modes, systems)
+    _, _, by = _run_serve(tmp_path, modes, systems, timeout=600)
     assert len({by[("offline", s)]["output_tokens"] for s in systems}) == 1
     assert 0 < by[("batch1", "megamesh")]["roofline_share"]
 
@@ -103,12 +104,7 @@ def test_gpu_serve_over_http_and_at_batch_1(tmp_path):
 @pytest.mark.slow
 def test_gpu_serve_hf_continuous_batching_and_poisson_arrivals(tmp_path):
     modes, systems = ("offline", "poisson"), ("megamesh", "hf-cb")
-    r = subprocess.run(_serve_cmd(tmp_path, "--modes", ",".join(modes), "--systems", ",".join(systems),
-                                  "--requests", "3"),
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _, rows = _rows(tmp_path / "serve.jsonl")
-    by = _check_serve_rows(rows, modes, systems)
+    _, _, by = _run_serve(tmp_path, modes, systems, timeout=900)
     rate = by[("poisson", "megamesh")]["rate"]
     assert rate == by[("poisson", "hf-cb")]["rate"]
     assert abs(rate - 0.8 * by[("offline", "megamesh")]["request_throughput"]) < 1e-9

@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from megamesh.data.shards import DataError, Prepared
-from megamesh.errors import ConfigError
 
 
 @dataclass
@@ -74,6 +73,18 @@ def mixture_counts(n: int, weights: list[float]) -> list[int]:
     return counts
 
 
+def check_rows(sources: list[Source], seq_len: int, split: str) -> list[int]:
+    """Rows of seq_len + 1 ids in each source of a split; a source without one is an error
+    (exit 1, as other unusable data)."""
+    lengths = [max(0, (len(s.store) - 1) // seq_len) for s in sources]
+    for s, n in zip(sources, lengths):
+        if n < 1:
+            raise DataError(f"the {split} split{'' if s.name == 'corpus' else ' of ' + s.name} has "
+                            f"{len(s.store)} tokens, fewer than one sequence of seq_len+1="
+                            f"{seq_len + 1}: use more data or a shorter --seq")
+    return lengths
+
+
 class Batches:
     """Item `step`: the (rows, seq_len + 1) int32 batch of that step; `rows` = (first,
     count) takes a slice of each global batch (a DiLoCo island's share). Reading
@@ -84,12 +95,7 @@ class Batches:
         import grain  # here: the step and benchmarks import this package on machines without it
 
         self.sources, self.T, self.batch = sources, seq_len, batch
-        self.lengths = [max(0, (len(s.store) - 1) // seq_len) for s in sources]
-        for s, n in zip(sources, self.lengths):
-            if n < 1:
-                raise ConfigError(f"the {split} split{'' if s.name == 'corpus' else ' of ' + s.name} has "
-                                  f"{len(s.store)} tokens, fewer than one sequence of seq_len+1="
-                                  f"{seq_len + 1}: use more data or a shorter --seq")
+        self.lengths = check_rows(sources, seq_len, split)
         parts = [grain.MapDataset.range(n).shuffle(seed=seed + 7919 * i).repeat()
                  .map(functools.partial(_tag, i)) for i, n in enumerate(self.lengths)]
         self.weights = [s.weight for s in sources]
@@ -136,8 +142,7 @@ class Batches:
     def consumed(self, steps: int) -> dict[str, dict[str, int]]:
         """Per source: tokens (rows x seq_len) and the epoch reached after `steps` global
         batches (all rows, not only this view's)."""
-        counts = mixture_counts(steps * self.batch, self.weights) if len(self.sources) > 1 \
-            else [steps * self.batch]
+        counts = mixture_counts(steps * self.batch, self.weights)
         return {s.name: {"tokens": c * self.T, "epoch": c // n}
                 for s, c, n in zip(self.sources, counts, self.lengths)}
 

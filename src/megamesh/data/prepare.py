@@ -175,12 +175,12 @@ def _save_state(out: Path, opts_hash: str, next_unit: int, writers: dict[str, sh
     for split, w in writers.items():
         ids, starts = w.tail()
         name = f".prepare-tail-{split}-{gen}.npz"
-        sh._fsync_write(out / name, lambda f, ids=ids, starts=starts: np.savez(f, ids=ids, starts=starts))
+        sh.fsync_write(out / name, lambda f, ids=ids, starts=starts: np.savez(f, ids=ids, starts=starts))
         tails[split] = name
     state = {"options": opts_hash, "next_unit": next_unit, "counts": counts,
              "splits": {s: {"shards": w.shards, "tail": tails[s]} for s, w in writers.items()}}
     tmp = out / (STATE + ".tmp")
-    sh._fsync_write(tmp, lambda f: f.write(json.dumps(state).encode()))
+    sh.fsync_write(tmp, lambda f: f.write(json.dumps(state).encode()))
     os.replace(tmp, out / STATE)
     for f in out.glob(".prepare-tail-*.npz"):
         if f.name not in tails.values():
@@ -353,7 +353,7 @@ def _prepare(out: Path, opts_hash: str, units: list[list[Part]], files: list[Pat
         "fingerprint": sh.fingerprint(splits, tokenizer.sha256),
     }
     tmp = out / (sh.MANIFEST + ".tmp")
-    sh._fsync_write(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    sh.fsync_write(tmp, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     os.replace(tmp, out / sh.MANIFEST)
     (out / STATE).unlink(missing_ok=True)
     for f in out.glob(".prepare-tail-*.npz"):

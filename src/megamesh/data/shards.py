@@ -378,7 +378,7 @@ class Prepared:
 # -- writing a split -------------------------------------------------------------------
 
 
-def _fsync_write(path: Path, write: Any) -> None:
+def fsync_write(path: Path, write: Any) -> None:
     with open(path, "wb") as f:
         write(f)
         f.flush()
@@ -434,9 +434,9 @@ class ShardWriter:
         name, index = shard_name(self.split, k), index_name(self.split, k)
         in_shard = starts[starts < n]
         tmp = self.out / f".{name}.tmp"
-        _fsync_write(tmp, lambda f: np.save(f, shard))
+        fsync_write(tmp, lambda f: np.save(f, shard))
         tmp_idx = self.out / f".{index}.tmp"
-        _fsync_write(tmp_idx, lambda f: np.savez(f, doc_starts=in_shard.astype(np.uint32),
+        fsync_write(tmp_idx, lambda f: np.savez(f, doc_starts=in_shard.astype(np.uint32),
                                                   block_crc32=block_crcs(shard, self.BT)))
         meta = {"name": name, "index": index, "tokens": int(n), "documents": int(len(in_shard)),
                 "sha256": file_sha256(tmp), "index_sha256": file_sha256(tmp_idx)}

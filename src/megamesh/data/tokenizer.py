@@ -6,7 +6,8 @@ A tokenizer is identified by the SHA-256 of its canonical JSON (`tokenizers`' ow
 serialization), recorded by prepared datasets and training runs: a run refuses data cut
 with another tokenizer. The end-of-text id that separates packed documents (and ends
 generation when serving) comes from the model's config (`eos_token_id`) when there is one,
-else from `tokenizer_config.json`'s `eos_token`, else megamesh's own `<|endoftext|>`.
+else from `tokenizer_config.json`'s `eos_token`, else megamesh's own `<|endoftext|>`
+(serving a Hugging Face directory stops at every EOS id its config lists, `hf_eos_ids`).
 """
 
 from __future__ import annotations
@@ -51,16 +52,24 @@ def _token_id(tok: Any, token: str, where: str) -> int:
     return int(i)
 
 
-def hf_eos_id(directory: Path, tok: Any) -> int | None:
-    """The EOS id of a Hugging Face model directory (the first, when the config lists several)."""
-    for f in ("config.json", "generation_config.json"):
+def hf_eos_ids(directory: Path) -> list[int]:
+    """The EOS ids a Hugging Face model directory's config names (generation_config.json,
+    else config.json; one id or a list)."""
+    for f in ("generation_config.json", "config.json"):
         p = directory / f
         if p.is_file():
             e = json.loads(p.read_text()).get("eos_token_id")
-            if isinstance(e, list) and e:
-                return int(e[0])
-            if isinstance(e, int):
-                return e
+            if e is not None:
+                return [e] if isinstance(e, int) else list(e)
+    return []
+
+
+def hf_eos_id(directory: Path, tok: Any) -> int | None:
+    """The id that ends documents for a Hugging Face model directory: the config's EOS
+    (the first, when it lists several), else tokenizer_config.json's `eos_token`."""
+    ids = hf_eos_ids(directory)
+    if ids:
+        return int(ids[0])
     p = directory / "tokenizer_config.json"
     if p.is_file():
         e = json.loads(p.read_text()).get("eos_token")
@@ -79,9 +88,11 @@ def load_tokenizer_spec(spec: str, eos: str | None = None) -> TokenizerInfo:
     p = Path(spec)
     if p.is_dir():
         if (p / "manifest.json").is_file():  # a prepared dataset
-            m = json.loads((p / "manifest.json").read_text())
-            tok = Tokenizer.from_file(str(p / "tokenizer.json"))
-            return TokenizerInfo(tok, int(m["tokenizer"]["eos_id"]), f"{spec} (prepared dataset)")
+            from megamesh.data.shards import Prepared
+
+            ds = Prepared(spec)
+            return TokenizerInfo(Tokenizer.from_str(ds.tokenizer_json()), ds.eos_id,
+                                 f"{spec} (prepared dataset)")
         f = p / "tokenizer.json"
         if not f.is_file():
             raise ConfigError(f"--tokenizer {spec!r} holds no tokenizer.json (a Hugging Face model "

@@ -604,7 +604,7 @@ class Core:
         for kind, bucket in zip(("input-tokens", "output-tokens"), self._buckets_of(key, now)):
             if not bucket.limit:
                 continue
-            bucket.wait_for(0, now)  # refilled to now
+            bucket._refill(now)
             full_at = wall + (bucket.limit - bucket.level) / bucket.rate
             values = {"limit": str(bucket.limit), "remaining": str(max(0, int(bucket.level))),
                       "reset": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(full_at)))}

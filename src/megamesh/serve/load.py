@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.config import ModelConfig, config_from_dict
+from megamesh.data.tokenizer import hf_eos_ids
 from megamesh.errors import ConfigError
 from megamesh.model import hf
 from megamesh.model.specs import param_specs
@@ -96,12 +97,6 @@ def _load_hf(path: Path, shardings_for: Any, dtype: str, name: str | None) -> Se
     shardings = shardings_for(cfg)
     params = jax.tree.map(lambda a, sh: jax.device_put(np.asarray(a).astype(jnp.dtype(dtype)), sh),
                           unflatten(flat), shardings)
-    eos: list[int] = []
-    for f in ("generation_config.json", "config.json"):
-        if (path / f).is_file():
-            e = json.loads((path / f).read_text()).get("eos_token_id")
-            if e is not None:
-                eos = [e] if isinstance(e, int) else list(e)
-                break
+    eos = hf_eos_ids(path)
     created = int(max((q.stat().st_mtime for q in path.glob("*.safetensors")), default=time.time()))
     return ServedModel(cfg, params, tok, tuple(eos), name or path.name, str(path), created)

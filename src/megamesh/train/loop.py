@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from megamesh import __version__
 from megamesh.config import ModelConfig
-from megamesh.data.batches import Batches, PreparedData, parse_data
+from megamesh.data.batches import Batches, PreparedData, check_rows, parse_data
 from megamesh.data.shards import DataError
 from megamesh.data.tokenizer import TokenizerInfo, tokenizer_sha256
 from megamesh.errors import ConfigError, MegameshError
@@ -236,12 +236,8 @@ def _prepared_data(out: Path, entries: list[tuple[str, float]], cfg: ModelConfig
         raise DataError(f"--data {what} was cut with another tokenizer (SHA-256 "
                         f"{data.tokenizer_sha256[:12]}...) than --model {tokenizer.source}'s "
                         f"({tokenizer.sha256[:12]}...): prepare it with --tokenizer MODEL_DIR")
-    for split in ("train", "val"):
-        for src in data.sources(split):
-            if (len(src.store) - 1) // tc.seq_len < 1:
-                raise DataError(f"the {split} split of {src.name} has {len(src.store)} tokens, fewer "
-                                f"than one sequence of seq_len+1={tc.seq_len + 1}: use more data or "
-                                "a shorter --seq")
+    for split, name in (("train", "train"), ("val", "validation")):  # before minutes of compiling
+        check_rows(data.sources(split), tc.seq_len, name)
     changed = stored is None or stored.get("fingerprint") != data.fingerprint
     if stored is not None and trained:
         if stored.get("tokenizer_sha256") and stored["tokenizer_sha256"] != data.tokenizer_sha256:
