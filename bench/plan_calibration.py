@@ -78,6 +78,22 @@ HELD_OUT = [
      "98.34 s/step in bf16, batch 1536 x 8192, 256 chips: MaxText's Ironwood recipe as quoted "
      "in the FP8 issue (github.com/AI-Hypercomputer/tpu-recipes training/ironwood; not re-read here)"),
 ]
+# Published FP8 runs, each beside its bf16 twin (same model, chips, batch): MaxText's
+# Ironwood recipes, quantization=fp8_full (Qwix: e4m3 weights and activations, e5m2
+# gradients). FP8_MXU_EFFICIENCY (plan/cost.py) is fitted on the fp8 step times (least
+# squares in log space over these rows; the bf16 twins are not fitted here: they show how
+# much of a row's error the bf16 model already has). id, model, target, seq, batch
+# (sequences), published bf16 s/step, published fp8 s/step.
+IRONWOOD = "github.com/AI-Hypercomputer/tpu-recipes training/ironwood/README.md"
+FP8_ROWS = [
+    ("F1", "llama3.1-405b", "tpu7x:256", 8192, 1536, 98.34, 64.37),
+    ("F2", "llama3.1-70b", "tpu7x:64", 8192, 256, 12.20, 7.93),
+    ("F3", "llama3.1-70b", "tpu7x:256", 8192, 1024, 12.27, 7.95),
+    ("F4", "llama3.1-70b", "tpu7x:256", 131072, 64, 34.02, 30.11),
+    ("F5", "deepseek-v3", "tpu7x:128", 4096, 2048, 27.02, 22.47),
+    ("F6", "deepseek-v3", "tpu7x:256", 4096, 4096, 26.79, 22.08),
+]
+FP8_BAND = 0.25  # predicted fp8 step within +-25% of each published one (tests/test_plan.py)
 # Tokens each row's model was trained on (published), for the critical-batch check
 # (plan.convergence): Llama 2 (Touvron et al. 2023, arXiv 2307.09288: 2T), Llama 3.1 (Llama
 # 3 paper, arXiv 2407.21783: 15.6T for 405B, "over 15T" for all), PaLM (Chowdhery et al.
@@ -142,7 +158,33 @@ def main() -> int:
         print(f"| {r['id']} | {r['model']} | {r['target']} | {r['seq']} | {r['batch']} "
               f"| {r['published']:,.1f} | {r['predicted']:,.1f} | {r['ratio']:.2f} | {r['layout']} "
               f"| {r['remat']} | {r['source']} |")
+    print(f"\nFP8 (fitted: FP8_MXU_EFFICIENCY; {IRONWOOD}):\n")
+    print("| row | model | target | SL | batch (seqs) | published bf16 s | predicted bf16 s "
+          "| published fp8 s | predicted fp8 s | fp8 error | published speed-up | predicted speed-up "
+          "| fp8 layout | remat |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in fp8_rows():
+        print(f"| {r['id']} | {r['model']} | {r['target']} | {r['seq']} | {r['batch']} "
+              f"| {r['published_bf16']:.2f} | {r['predicted_bf16']:.2f} | {r['published_fp8']:.2f} "
+              f"| {r['predicted_fp8']:.2f} | {r['fp8_error']:+.1%} | {r['published_speedup']:.2f}x "
+              f"| {r['predicted_speedup']:.2f}x | {r['layout']} | {r['remat']} |")
     return 0 if worst <= 5 else 1
+
+
+def fp8_rows() -> list[dict]:
+    """The planner's bf16 and fp8 step times for each FP8_ROWS pair (searched as the
+    MaxText rows are: fused kernels, host offload allowed), beside the published ones."""
+    out = []
+    for rid, name, tgt, seq, batch, pub_bf16, pub_fp8 in FP8_ROWS:
+        best = {p: search(Workload(model(name), seq, batch, p, kernels="fused"), parse_target(tgt),
+                          offload=True).ranked[0] for p in ("bf16", "fp8")}
+        b, f = best["bf16"].step_time_s, best["fp8"].step_time_s
+        out.append({"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
+                    "published_bf16": pub_bf16, "predicted_bf16": b, "published_fp8": pub_fp8,
+                    "predicted_fp8": f, "fp8_error": f / pub_fp8 - 1,
+                    "published_speedup": pub_bf16 / pub_fp8, "predicted_speedup": b / f,
+                    "layout": best["fp8"].layout.text(), "remat": best["fp8"].layout.remat})
+    return out
 
 
 def held_out() -> list[dict]:

@@ -537,3 +537,19 @@ def test_stalled_jobs_draw_idle_power_and_the_swing_is_reported():
     assert fleet.power_mw(drawn=False) - fleet.power_mw() == pytest.approx(
         stalled * 64 * s.watts_per_chip * (1 - s.idle_power_fraction) / 1e6)
     assert "PUE 1.1 is applied on top" in res["power_basis"]
+
+
+def test_an_fp8_job_trains_at_the_planned_fp8_rate():
+    """Issue 25 point 5: a job that asks for FP8 gets the planner's FP8 step time (the
+    layers' matmuls at Ironwood's FP8 peak), a bf16 job the bf16 one; a precision the
+    planner does not know is refused by name."""
+    from megamesh.fleet.sim import planner_numbers
+
+    s = default_scenario()
+    job = TrainingJob(name="j", model="llama3.1-70b", tokens=1e12, chips=256, batch=1024)
+    bf16 = planner_numbers("train", job, s)
+    fp8 = planner_numbers("train", dataclasses.replace(job, precision="fp8"), s)
+    assert 1.2 < fp8["tokens_per_h"] / bf16["tokens_per_h"] < 2.0
+    s.jobs = [dataclasses.replace(job, precision="int4")]
+    with pytest.raises(ConfigError, match=r"jobs\[0\]\.precision.*one of bf16, fp8"):
+        validate(s)

@@ -323,6 +323,18 @@ def test_published_rows_not_in_the_fit_are_predicted_within_the_band():
         assert abs(r["ratio"] - 1) <= cal.HELD_OUT_BAND, r
 
 
+def test_fp8_steps_are_predicted_within_the_band_of_published_fp8_runs():
+    """FP8_MXU_EFFICIENCY is fitted on MaxText's published fp8_full rows on Ironwood
+    (bench/plan_calibration.py FP8_ROWS): every fp8 step within +-25% of the published
+    one, and FP8 never predicted slower than bf16 on the same chips."""
+    cal = _plan_calibration()
+    rows = cal.fp8_rows()
+    assert [r["id"] for r in rows] == [r[0] for r in cal.FP8_ROWS]
+    for r in rows:
+        assert abs(r["fp8_error"]) <= cal.FP8_BAND, r
+        assert r["predicted_speedup"] >= 1.0, r
+
+
 def test_run_spec_round_trips_through_a_plan_file(tmp_path, capsys):
     from megamesh.runspec import RunSpec, read_plan
 

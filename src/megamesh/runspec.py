@@ -8,7 +8,7 @@ manifests that run it. The model (`config.ModelConfig`) says what the network is
 spec says how it runs. Pure Python: plan and fleet import it.
 
 Some of what the planner can choose megamesh's train step does not run yet (pipeline
-stages, optimizer state in host memory, fp8 matmuls): `planner_only()` names them and
+stages, optimizer state in host memory): `planner_only()` names them and
 `check_runnable()` refuses such a spec with a clear error before anything starts.
 """
 
@@ -31,7 +31,7 @@ from megamesh.sharding.logical import STRATEGIES, parse_layout
 # host memory, the rest is recomputed.
 REMAT_POLICIES = ("auto", "none", "dots", "dots_no_batch", "full", "offload")
 SEARCHED_REMATS = ("none", "dots_no_batch", "dots", "full")  # fastest first
-PRECISIONS = ("bf16", "fp8")  # matmul precision; fp8 is planner only
+PRECISIONS = ("bf16", "fp8")  # the layers' matmul precision (fp8: `model.quant`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,8 +81,6 @@ class RunSpec:
             out.append("pipeline stages (plan without --pipeline)")
         if self.offload_optimizer:
             out.append("optimizer state in host memory (plan without --offload)")
-        if self.precision != "bf16":
-            out.append(f"{self.precision} matmuls (plan with --precision bf16)")
         return out
 
     def check_runnable(self, what: str, doing: str) -> None:
@@ -100,6 +98,8 @@ class RunSpec:
             args += ["--kernels", self.kernels]
         if self.strategy != "fsdp":
             args += [f"--train.run.strategy={self.strategy}"]
+        if self.precision != "bf16":
+            args += ["--precision", self.precision]
         return args
 
 

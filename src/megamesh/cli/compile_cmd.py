@@ -20,7 +20,7 @@ from megamesh.plan.layout import Layout, Workload, place
 from megamesh.plan.memory import decode_memory
 from megamesh.plan.search import search
 from megamesh.plan.target import Target, parse_target
-from megamesh.runspec import REMAT_POLICIES, SEARCHED_REMATS, RunSpec, read_plan
+from megamesh.runspec import PRECISIONS, REMAT_POLICIES, SEARCHED_REMATS, RunSpec, read_plan
 from megamesh.sharding.logical import parse_layout
 from megamesh.train.config import DataConfig, ScheduleConfig, TrainConfig
 from megamesh.train.config import document_mask as document_mask_on
@@ -52,6 +52,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--document-mask", choices=("auto", "on", "off"), default="auto",
                    help="train step: attention within each packed document (segment ids through "
                    "the attention kernel); auto: on from seq 8192, as `megamesh train`")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the layers' matmuls: bf16 (default) or fp8 (model/quant.py)")
     p.add_argument("--save", help="write the serialized executable to this new file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         target.topology)
     kernels = choose_kernels("tpu", args.kernels)  # checked before minutes of compiling
     spec = RunSpec(layout=args.mesh or "", remat=args.remat or "full", microbatches=args.microbatches,
-                   kernels=args.kernels)
+                   kernels=args.kernels, precision=args.precision or "bf16")
     seq, batch = args.seq, args.batch
     if args.plan:
         plan = read_plan(args.plan)
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         # the plan's run, with the flags given here on top
         spec = plan.spec.replace(**{k: v for k, v in (("layout", args.mesh), ("remat", args.remat))
                                     if v}, kernels=args.kernels if args.kernels != "auto"
-                                 else plan.spec.kernels)
+                                 else plan.spec.kernels, precision=args.precision or plan.spec.precision)
         seq, batch = plan.seq_len, batch or plan.global_batch
     batch = batch or target.chips
     if args.step == "decode":
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                                           seq, batch, as_json=args.json, save=args.save)
     est = None
     if not spec.layout:
-        res = search(Workload(cfg, seq, batch, kernels=planner_kernels(kernels)), target,
+        res = search(Workload(cfg, seq, batch, spec.precision, kernels=planner_kernels(kernels)), target,
                      remats=(args.remat,) if args.remat else SEARCHED_REMATS)
         if not res.ranked:
             raise ConfigError(f"the planner finds no layout of {cfg.name} that fits "
@@ -118,7 +120,8 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
     if estimate_ is None:
         lay = Layout(sizes, remat=spec.remat, microbatches=spec.microbatches,
                      placement=place(sizes, target))
-        estimate_ = estimate(Workload(cfg, seq, batch, kernels=planner_kernels(chosen)), target, lay)
+        estimate_ = estimate(Workload(cfg, seq, batch, spec.precision,
+                                      kernels=planner_kernels(chosen)), target, lay)
     print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {spec.microbatches} "
           f"microbatches, remat {spec.remat}, kernels {chosen.describe()}"
           f"{', document mask' if document_mask_on(tc) else ''}) for "
@@ -126,6 +129,11 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
     from megamesh.compile.aot import compile_train  # jax: only once a compile is asked for
 
     r = compile_train(cfg, tc, target, save=save)
+    # the planner's step for this layout in both precisions (the FP8 speed-up it predicts)
+    by_precision = {p: estimate(Workload(cfg, seq, batch, p, kernels=planner_kernels(chosen)),
+                                target, estimate_.layout) for p in PRECISIONS}
+    precisions = {p: {"step_time_s": e.step_time_s, "mfu": e.mfu} for p, e in by_precision.items()}
+    precisions["fp8_speedup"] = by_precision["bf16"].step_time_s / by_precision["fp8"].step_time_s
     pred = {"hbm_per_device_bytes": estimate_.memory.total, "flops": estimate_.flops_per_device}
     got = {"hbm_per_device_bytes": r.hbm["total"], "flops": r.flops}
     err = {k: (pred[k] / got[k] - 1) if got[k] else None for k in pred}
@@ -134,7 +142,8 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
         out["document_mask"] = document_mask_on(tc)
         out["plan"] = {"prediction": pred, "relative_error": err, "fits": estimate_.fits,
                        "hbm_parts_bytes": estimate_.memory.parts(),
-                       "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu}
+                       "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu,
+                       "by_precision": precisions}
         print(json.dumps(out, indent=2))
     else:
         _print_verdict(r, target)
@@ -145,6 +154,15 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
             print(f"  context-parallel all-gathers (keys, values, segment ids): {len(g)} asynchronous, "
                   f"{sum(x['compute_between'] > 0 for x in g)} with compute scheduled while in flight")
         print(f"  HBM per device (GiB): {parts}")
+        share = r.extra.get("fp8_matmul_share")
+        if share is not None and spec.precision == "fp8":
+            print(f"  FP8 matmuls: {share:.1%} of the optimized HLO's dot FLOPs "
+                  f"({', '.join(f'{k} {v:.3g}' for k, v in r.extra['matmul_flops_by_type'].items())}); "
+                  f"{r.extra['fp8_share_with_kernels']:.1%} of all matmul FLOPs with attention's "
+                  "kernels (bf16)")
+        print("  planned step for this layout: " + ", ".join(
+            f"{p} {precisions[p]['step_time_s']:.2f} s ({precisions[p]['mfu']:.1%} MFU of the bf16 peak)"
+            for p in PRECISIONS) + f"; FP8 speed-up {precisions['fp8_speedup']:.2f}x")
         print(f"  matmul FLOPs per device: {r.flops:.4g} (XLA cost analysis, loop bodies once: "
               f"{r.xla_flops:.4g}; our count in that convention: {r.flops_xla_convention:.4g})")
         _print_collectives_and_times(r)

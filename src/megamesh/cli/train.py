@@ -12,7 +12,7 @@ from pathlib import Path
 from megamesh.cli.common import parse_diloco, split_overrides
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
-from megamesh.runspec import read_plan
+from megamesh.runspec import PRECISIONS, read_plan
 from megamesh.settings import apply_overrides
 from megamesh.train.config import TrainConfig, default_warmup
 
@@ -44,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "dots_no_batch, full, offload (layer inputs and attention projections to host memory)")
     p.add_argument("--kernels", help="kernel overrides, e.g. attention=blockwise,moe=einsum "
                    "(default: the platform's; see model/backend.py)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="the layers' matmuls: bf16 (default) or fp8 (e4m3 forward, e5m2 gradients, "
+                   "f32 master weights; see model/quant.py)")
     p.add_argument("--resume", action="store_true", help="continue from the latest good checkpoint in --out")
     p.add_argument("--new-data", action="store_true",
                    help="with --resume and --data: continue on documents other than those the run "
@@ -77,7 +80,8 @@ def build_configs(args: argparse.Namespace, extra: list[str]):
     train_over.update(over["train"])
     for flag, key in (("steps", "steps"), ("batch", "global_batch"), ("seq", "seq_len"),
                       ("lr", "optimizer.lr"), ("mesh", "run.layout"), ("remat", "run.remat"),
-                      ("accum", "run.microbatches"), ("kernels", "run.kernels")):
+                      ("accum", "run.microbatches"), ("kernels", "run.kernels"),
+                      ("precision", "run.precision")):
         if getattr(args, flag) is not None:
             train_over[key] = getattr(args, flag)
     if args.diloco:

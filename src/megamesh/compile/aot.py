@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
-from megamesh.compile.hlo import async_overlap, collectives, dot_flops
+from megamesh.compile.hlo import async_overlap, collectives, dot_flops, fp8_share, matmul_flops
 from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
@@ -101,6 +101,17 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
     report = _compile(ts.fn, (state, batch), target, format_layout(mesh_sizes(mesh)), "train", save)
     report.extra["kernels"] = ts.kernels.describe()
     report.extra["remat"] = ts.remat
+    report.extra["precision"] = tc.run.precision
+    if report.hlo_text:
+        # matmul FLOPs of the optimized HLO by operand types, and the FP8 share of them
+        by_type = matmul_flops(report.hlo_text)
+        report.extra["matmul_flops_by_type"] = by_type
+        report.extra["fp8_matmul_share"] = fp8_share(by_type)
+        # attention's kernels (Pallas custom calls) are no dots in the HLO: their FLOPs
+        # are in the jaxpr count (report.flops); the FP8 share of all of the step's
+        # matmul FLOPs, kernels included
+        fp8 = fp8_share(by_type) * sum(by_type.values())
+        report.extra["fp8_share_with_kernels"] = fp8 / report.flops if report.flops else 0.0
     if report.hlo_text and mesh_sizes(mesh).get("sequence", 1) > 1:
         # context parallelism's key/value (and segment id) gathers: asynchronous, and the
         # compute the scheduler runs while they are in flight

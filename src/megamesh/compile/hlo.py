@@ -111,8 +111,9 @@ def _shape_bytes(text: str) -> int:
                for dt, dims in _SHAPE.findall(text))
 
 
-def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """Collectives of an optimized HLO module: [{kind, count, bytes}] (bytes: output, per device)."""
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """An HLO module's computations (name -> instruction lines) and how many times each
+    runs per step: its callers' counts times the trip counts of the while loops around it."""
     comps: dict[str, list[str]] = {}
     entry = None
     cur = None
@@ -148,6 +149,12 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
 
     if entry:
         visit(entry, 1)
+    return comps, mult
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Collectives of an optimized HLO module: [{kind, count, bytes}] (bytes: output, per device)."""
+    comps, mult = _computations(hlo_text)
     out: dict[str, dict[str, Any]] = {}
     for name, lines in comps.items():
         m = mult.get(name, 0)
@@ -170,6 +177,65 @@ def collectives(hlo_text: str) -> list[dict[str, Any]]:
             rec["count"] += m
             rec["bytes"] += m * nbytes
     return sorted(out.values(), key=lambda r: -r["bytes"])
+
+
+_OPERAND = re.compile(r"(?:([a-z]\w*)\[([\d,]*)\]\S*\s+)?%([\w.\-]+)")
+FP8_TYPES = ("f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz", "f8e4m3b11fnuz")
+
+
+def matmul_flops(hlo_text: str) -> dict[str, float]:
+    """Matmul FLOPs per device of an optimized HLO module by operand types, e.g.
+    {"f8e4m3fn x f8e4m3fn": ..., "bf16 x bf16": ...}: every dot and convolution (XLA:TPU
+    writes matmuls as convolutions) times the runs of its computation, 2 per
+    multiply-add. A dot contracts its lhs_contracting_dims; a convolution each output
+    element over the kernel's input features and window (its dim_labels' `i` and digits)."""
+    comps, mult = _computations(hlo_text)
+    types: dict[str, tuple[str, list[int]]] = {}
+    for lines in comps.values():
+        for line in lines:
+            im = _INSTR.match(line)
+            if im:
+                sh = _SHAPE.match(im.group(2).lstrip("("))
+                if sh:
+                    types[im.group(1)] = (sh.group(1), [int(d) for d in sh.group(2).split(",") if d])
+    out: dict[str, float] = defaultdict(float)
+    for name, lines in comps.items():
+        m = mult.get(name, 0)
+        if not m:
+            continue
+        for line in lines:
+            im = _INSTR.match(line)
+            if not im or im.group(3) not in ("dot", "convolution"):
+                continue
+            sh = _SHAPE.match(im.group(2))
+            ops = _OPERAND.findall(im.group(4).split(")", 1)[0])[:2]
+            if not sh or len(ops) < 2:
+                continue
+            out_elems = math.prod(int(d) for d in sh.group(2).split(",") if d)
+            (lt, ld, ln), (rt, rd, rn) = ops
+            lhs = (lt, [int(d) for d in ld.split(",") if d]) if lt else types.get(ln)
+            rhs = (rt, [int(d) for d in rd.split(",") if d]) if rt else types.get(rn)
+            if lhs is None or rhs is None:
+                continue
+            if im.group(3) == "dot":
+                cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+                dims = [int(d) for d in cd.group(1).split(",") if d] if cd else []
+                contract = math.prod(lhs[1][d] for d in dims)
+            else:
+                labels = re.search(r"dim_labels=\w+_(\w+)->", line)
+                if not labels or len(labels.group(1)) != len(rhs[1]):
+                    continue
+                contract = math.prod(n for lab, n in zip(labels.group(1), rhs[1])
+                                     if lab == "i" or lab.isdigit())
+            out[f"{lhs[0]} x {rhs[0]}"] += 2.0 * m * out_elems * contract
+    return dict(out)
+
+
+def fp8_share(by_type: dict[str, float]) -> float:
+    """The share of matmul FLOPs (`matmul_flops`) with both operands in an FP8 type."""
+    total = sum(by_type.values())
+    fp8 = sum(v for k, v in by_type.items() if all(t in FP8_TYPES for t in k.split(" x ")))
+    return fp8 / total if total else 0.0
 
 
 def _trip_count(cond_lines: list[str]) -> int:

@@ -25,6 +25,7 @@ from megamesh.config import PRESETS
 from megamesh.errors import ConfigError
 from megamesh.fileio import read_json_or_yaml
 from megamesh.hardware import CHIPS
+from megamesh.runspec import PRECISIONS
 from megamesh.settings import build, require, to_dict
 
 LLAMA3_RATE_PER_CHIP_HOUR = 419 / (54 * 24 * 16384)  # 1.973e-5 unexpected interruptions
@@ -52,6 +53,7 @@ class TrainingJob:
     batch: int | None = None  # sequences per step; default chips // 8 rounded to divide (sim.default_batch)
     checkpoint_interval_min: float | None = None  # default: Daly's optimum for this job
     recovery: str | None = None  # one of RECOVERY_MODES; default: the scenario's recovery.mode
+    precision: str = "bf16"  # the layers' matmuls: bf16 or fp8 (its planned step times)
 
 
 @dataclass
@@ -306,6 +308,7 @@ def validate(s: Scenario) -> Scenario:
             _num(j.checkpoint_interval_min, f"{w}.checkpoint_interval_min", strict=True)
         s.hours(j.start, f"{w}.start")
         s.hours(j.deadline, f"{w}.deadline")
+        require(j.precision in PRECISIONS, f"{w}.precision", j.precision, f"one of {', '.join(PRECISIONS)}")
         if j.recovery is not None:
             require(j.recovery in RECOVERY_MODES, f"{w}.recovery", j.recovery,
                     f"one of {', '.join(RECOVERY_MODES)} (or leave it out: recovery.mode)")

@@ -1039,10 +1039,12 @@ def _date(s: Scenario, t: float | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _train_numbers(model: str, chips: int, seq: int, batch: int, chip: str) -> dict[str, float] | None:
-    """The planner's best layout for one training job (None: none fits). Cached: a
-    simulation asks for the same job at every (re)start; bounded across simulations."""
-    w = Workload(preset(model), seq=seq, batch=batch)
+def _train_numbers(model: str, chips: int, seq: int, batch: int, chip: str,
+                   precision: str = "bf16") -> dict[str, float] | None:
+    """The planner's best layout for one training job (None: none fits), at the job's
+    matmul precision. Cached: a simulation asks for the same job at every (re)start;
+    bounded across simulations."""
+    w = Workload(preset(model), seq=seq, batch=batch, precision=precision)
     res = search(w, parse_target(f"{chip}:{chips}"))
     if not res.ranked:
         return None
@@ -1080,7 +1082,7 @@ def planner_numbers(kind: str, spec: Any, s: Scenario) -> dict[str, float]:
     planner."""
     if kind == "train":
         batch = spec.batch or default_batch(spec.model, spec.chips, spec.seq, s.chip)
-        got = _train_numbers(spec.model, spec.chips, spec.seq, batch, s.chip)
+        got = _train_numbers(spec.model, spec.chips, spec.seq, batch, s.chip, spec.precision)
         if got is None:
             raise ConfigError(
                 f"job {spec.name!r}: {spec.model} does not fit {spec.chips:,} {s.chip} "

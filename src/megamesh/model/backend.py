@@ -53,10 +53,14 @@ class Kernels:
     matmul: str
     platform: str = "cpu"  # what the trace targets (Pallas kernels interpret off their own)
     paged: str = "xla"  # attention over the paged KV cache (serving)
+    # the layers' matmuls: "bf16" (the compute dtype) or "fp8" (`model.quant`; the run
+    # spec's precision, set by the train step, not by --kernels)
+    precision: str = "bf16"
 
     def describe(self) -> str:
+        prec = f",precision={self.precision}" if self.precision != "bf16" else ""
         return (f"attention={self.attention},moe={self.moe},matmul={self.matmul},"
-                f"paged={self.paged}")
+                f"paged={self.paged}{prec}")
 
 
 PLATFORM_DEFAULTS = {
@@ -176,6 +180,11 @@ def matmul_inputs(*xs: Any) -> tuple[Any, ...]:
     if active()[0].matmul != "f32":
         return xs
     return tuple(x.astype("float32") if x.dtype == "bfloat16" else x for x in xs)
+
+
+def matmul_precision() -> str:
+    """The layers' matmul precision in this trace: "bf16" (compute dtype) or "fp8"."""
+    return active()[0].precision
 
 
 def native_matmuls() -> bool:

@@ -41,7 +41,7 @@ _HIDDEN = ("batch", "seq", "embed")
 
 
 def _logits(x: jax.Array, w: jax.Array) -> jax.Array:
-    return constrain(dense(x, w, out_dtype=jnp.float32), _LOGITS)
+    return constrain(dense(x, w, out_dtype=jnp.float32, fp8=False), _LOGITS)
 
 
 def _nll_and_probs(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -103,9 +103,9 @@ def cross_entropy(x: jax.Array, w: jax.Array, targets: jax.Array, chunks: int = 
                 d, xt = d.astype(x.dtype), jnp.moveaxis(xc, -1, 0)
             else:
                 xt = jnp.moveaxis(xc.astype(jnp.float32), -1, 0)
-            dx = constrain(dense(d, w.T, out_dtype=x.dtype if native else jnp.float32), _HIDDEN)
+            dx = constrain(dense(d, w.T, out_dtype=x.dtype if native else jnp.float32, fp8=False), _HIDDEN)
             # the head's gradient: sum over the slice's tokens of x^T d, as one 2-D GEMM
-            dw = dw + dense(xt, d, n_in=2, out_dtype=jnp.float32)
+            dw = dw + dense(xt, d, n_in=2, out_dtype=jnp.float32, fp8=False)
             dw = compute_weight(dw, ("embed", "vocab"), jnp.float32)
             return (total + jnp.sum(nll), dw), dx
 

@@ -27,7 +27,8 @@ import jax.numpy as jnp
 
 from megamesh.config import MoEConfig
 from megamesh.model.axes import constrain
-from megamesh.model.backend import active, matmul_inputs, run_per_device
+from megamesh.model.backend import active, matmul_inputs, matmul_precision, run_per_device
+from megamesh.model.quant import fp8_dot_general, fp8_ragged_dot
 
 
 def capacity(moe: MoEConfig, tokens_per_group: int) -> int:
@@ -97,6 +98,8 @@ def grouped_moe(h: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: ja
 
     def gmm(a: jax.Array, b: jax.Array) -> jax.Array:
         a2, b2 = matmul_inputs(a, b)
+        if matmul_precision() == "fp8":
+            return fp8_ragged_dot(a2, b2, sizes).astype(h.dtype)
         return jax.lax.ragged_dot(a2, b2, sizes).astype(h.dtype)
 
     act = jax.nn.silu(gmm(x, w_gate)) * gmm(x, w_up)  # (M, F)
@@ -104,6 +107,15 @@ def grouped_moe(h: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: ja
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     y = y[inverse].reshape(B, T, k, D)  # back in token order
     return jnp.einsum("btkd,btk->btd", y, weights.astype(y.dtype))
+
+
+def expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Each expert's tokens times its weight: x (B, E, C, in) @ w (E, in, out) -> (B, E, C, out)
+    (in FP8 under the run's fp8 precision)."""
+    if matmul_precision() != "fp8":
+        return jnp.einsum("becd,edf->becf", x, w)
+    y = fp8_dot_general(x, w, (((3,), (1,)), ((1,), (0,))))  # (E, B, C, out)
+    return jnp.transpose(y, (1, 0, 2, 3))
 
 
 def einsum_moe(h: jax.Array, weights: jax.Array, experts: jax.Array,
@@ -122,9 +134,9 @@ def einsum_moe(h: jax.Array, weights: jax.Array, experts: jax.Array,
     x = jnp.einsum("btec,btd->becd", dispatch, h)
     x = constrain(x, ("batch", "expert", None, "embed"))
     cd = h.dtype
-    gate = jnp.einsum("becd,edf->becf", x, p["w_gate"].astype(cd))
-    up = jnp.einsum("becd,edf->becf", x, p["w_up"].astype(cd))
+    gate = expert_matmul(x, p["w_gate"].astype(cd))
+    up = expert_matmul(x, p["w_up"].astype(cd))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "expert", None, "mlp"))
-    y = jnp.einsum("becf,efd->becd", act, p["w_down"].astype(cd))
+    y = expert_matmul(act, p["w_down"].astype(cd))
     y = constrain(y, ("batch", "expert", None, "embed"))
     return jnp.einsum("btec,becd->btd", combine, y)

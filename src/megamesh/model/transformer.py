@@ -29,10 +29,11 @@ from jax.ad_checkpoint import checkpoint_name
 from megamesh.config import ModelConfig
 from megamesh.model.attention import apply_rope, rope_tables
 from megamesh.model.axes import compute_weight, constrain
-from megamesh.model.backend import matmul_inputs, native_matmuls
+from megamesh.model.backend import matmul_inputs, matmul_precision, native_matmuls
 from megamesh.model.kernels import causal_attention, paged_attention
 from megamesh.model.kvcache import KVCache, write_kv
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
+from megamesh.model.quant import QuantizedWeight, fp8_dot_general
 from megamesh.model.specs import layer_stacks, param_specs
 from megamesh.pytree import unflatten
 
@@ -86,7 +87,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 # --------------------------------------------------------------------------- forward
 
 
-def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> jax.Array:
+def dense(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None, *, fp8: bool = True) -> jax.Array:
     """x (..., *in) @ w (*in, *out), contracting the last n_in dims of x with the first of w.
 
     Written as one 2-D matmul with output `out_dtype` (default: x's dtype), accumulated
@@ -96,11 +97,23 @@ def dense(x: jax.Array, w: jax.Array, n_in: int = 1, out_dtype: Any = None) -> j
     anyway); `f32` (XLA:CPU) multiplies f32 copies of the operands and casts: measured
     there (BENCHMARKS.md), the weight gradient of a dot with several contracting dims runs
     ~2x slower than the same 2-D GEMM, and a bf16 dot ~2x slower than an f32 one.
+
+    Under the run's fp8 precision (`model.quant`) the product is an FP8 one, unless
+    `fp8=False` (the output head and the loss stay in the compute dtype). A serving
+    `QuantizedWeight` (int8 / fp8 values) is read as such and its scales applied to the
+    f32 product.
     """
     lead, K = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
-    a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
     out = jnp.dtype(out_dtype or x.dtype)
-    y = jnp.dot(a, b, preferred_element_type=out if native_matmuls() else jnp.float32)
+    if isinstance(w, QuantizedWeight):  # serving: int8 / fp8 values, a scale per output
+        a, b = matmul_inputs(x.reshape(-1, K), w.values.reshape(K, -1).astype(x.dtype))
+        y = jnp.dot(a, b, preferred_element_type=jnp.float32) * w.scale.reshape(1, -1)
+    elif fp8 and matmul_precision() == "fp8":  # training in FP8 (`model.quant`)
+        a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
+        y = fp8_dot_general(a, b, (((1,), (0,)), ((), ())))
+    else:
+        a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
+        y = jnp.dot(a, b, preferred_element_type=out if native_matmuls() else jnp.float32)
     return y.reshape(*lead, *w.shape[n_in:]).astype(out)
 
 
@@ -293,7 +306,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     if not logits:  # the loss reads it: laid out like the residual stream
         hidden = constrain(hidden, ("batch", "seq", "embed"))
     else:
-        out = constrain(dense(hidden, head_weight(params, cfg), out_dtype=jnp.float32),
+        out = constrain(dense(hidden, head_weight(params, cfg), out_dtype=jnp.float32, fp8=False),
                         ("batch", "seq", "vocab"))
     new_cache = None if cache is None else KVCache(new_pages, cache.table)
     return Output(logits=out, hidden=hidden, cache=new_cache, aux=aux_total / max(n_moe, 1))

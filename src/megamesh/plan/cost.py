@@ -56,6 +56,10 @@ MXU_EFFICIENCY = 0.68  # share of peak FLOP/s that large bf16 matmuls sustain
 ICI_EFFICIENCY = 0.75  # share of ICI/NVLink link bandwidth collectives achieve
 DCN_EFFICIENCY = 0.75  # share of DCN / scale-out bandwidth collectives achieve
 OVERLAP = 0.9  # share of local step time under which async collectives can hide
+# share of the FP8 peak that the layers' FP8 matmuls sustain, quantization included (Qwix's
+# absmax scaling: a reduction and a cast per operand); fitted on MaxText's published
+# fp8_full rows on Ironwood (bench/plan_calibration.py FP8_ROWS, docs/sources.md)
+FP8_MXU_EFFICIENCY = 0.72
 MOE_IMBALANCE = 1.25  # expert work runs at the pace of the busiest expert (top-k routing)
 ELEMENTWISE_TRAFFIC = 3.0  # HBM bytes of element-wise ops, x one bf16 read+write of operands
 
@@ -229,11 +233,24 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     return 3 * fwd + recompute, att, expert_train
 
 
+def dispatch_flops_per_token(w: Workload, remat: str) -> float:
+    """Train-step FLOPs per token of GShard's one-hot dispatch and combine einsums (the
+    xla kernels' MoE; 0 otherwise): forward, backward, and half again under full remat
+    (as `hardware_flops_per_token` counts them)."""
+    c = w.cfg
+    if not (c.moe and w.kernels == "xla"):
+        return 0.0
+    m = c.moe
+    n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
+    slots = (m.capacity_factor * m.top_k if m.capacity_factor else m.n_experts) * w.seq
+    fwd = 4.0 * slots * c.d_model * n_moe
+    return 3 * fwd + {"full": fwd / 2, "offload": fwd / 2, "dots_no_batch": fwd}.get(remat, 0.0)
+
+
 def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None = None) -> Estimate:
     c, chip = w.cfg, target.chip
     n_dev = target.devices
-    peak = (chip.fp8_flops if w.precision == "fp8" and chip.fp8_flops else chip.bf16_flops)
-    peak_dev = peak / chip.devices_per_chip
+    peak_dev = chip.bf16_flops / chip.devices_per_chip  # MFU's denominator in both precisions
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
     mem = memory or estimate_memory(w, layout, tpu=target.is_tpu)
     held, gathered = sharded_params(w, layout, tpu=target.is_tpu)
@@ -265,6 +282,15 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     flops_dev = hw_per_token * w.tokens / n_dev * imbalance
     paced = flops_dev + (MOE_IMBALANCE - 1) * expert_per_token * w.tokens / n_dev + cp_pacing
     t_flops = paced / (peak_dev * MXU_EFFICIENCY)
+    if w.precision == "fp8" and chip.fp8_flops:
+        # the layers' matmuls at the FP8 rate; attention's kernels (and the context-
+        # parallel pacing of them), the output head and MoE dispatch stay bf16
+        head = 6.0 * c.vocab_size * c.d_model  # forward + both backward GEMMs
+        bf16 = ((att_hw + head + dispatch_flops_per_token(w, layout.remat)) * w.tokens / n_dev
+                * imbalance + cp_pacing)
+        fp8_peak_dev = chip.fp8_flops / chip.devices_per_chip
+        t_flops = (bf16 / (peak_dev * MXU_EFFICIENCY)
+                   + max(0.0, paced - bf16) / (fp8_peak_dev * FP8_MXU_EFFICIENCY))
     # weight-streaming matmul passes per microbatch: forward, the backward's two GEMMs,
     # and the recomputed forward of full remat
     passes = 2 + forward_passes(layout.remat)
@@ -332,22 +358,33 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     # host offload over PCIe: saved activations out in the forward pass and back in the
     # backward pass (asynchronous); offloaded optimizer moments in and out at the update
     host = 0.0
+    exposed_host = 0.0
     if layout.remat == "offload":
         saved = sum(st.n_layers * layer_activation_bytes(w, layout, "offload", st.moe)
                     for st in layer_stacks(c))
         comm["host_activations"] = 2 * tok_dev * saved / chip.host_bw * chip.devices_per_chip
-        host += max(0.0, comm["host_activations"] - hide)
+        exposed_host = max(0.0, comm["host_activations"] - hide)
     if layout.offload_optimizer:
         # both f32 moments in from host memory and back out: 2 x ADAM_BYTES per parameter
         comm["host_optimizer"] = held * 2 * ADAM_BYTES / chip.host_bw * chip.devices_per_chip
         host += comm["host_optimizer"]
     sync += host
+    # the activations' PCIe traffic runs beside the collectives: beyond the local work the
+    # step waits for the longer of the two, not their sum (the sum made less local work,
+    # e.g. FP8 matmuls, predict a slower step once both were exposed). ICI and DCN
+    # exposures still add (the hierarchical collectives' phases are sequential); with
+    # both exposed, less local work can still predict a slower step (not changed here).
+    if exposed_host > exposed_ici + exposed_dcn:
+        exposed = {"ici": 0.0, "dcn": 0.0, "host": exposed_host}
+    else:
+        exposed = {"ici": exposed_ici, "dcn": exposed_dcn, "host": 0.0}
+    host += exposed["host"]
     bubble = t_local * layout.bubble
-    step = t_local + bubble + exposed_ici + exposed_dcn + sync
+    step = t_local + bubble + exposed["ici"] + exposed["dcn"] + exposed["host"] + sync
     model_flops = flops_per_token(c, w.seq, "train") * w.tokens
     mfu = model_flops / (step * n_dev * peak_dev)
     breakdown = {"compute": t_flops, "hbm": t_mm - t_flops + t_elem,
-                 "ici": exposed_ici + net["sync_ici"], "dcn": exposed_dcn + net["sync_dcn"],
+                 "ici": exposed["ici"] + net["sync_ici"], "dcn": exposed["dcn"] + net["sync_dcn"],
                  "host": host, "bubble": bubble}
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,

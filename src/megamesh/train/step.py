@@ -11,6 +11,7 @@ state is therefore always finite, and so is every checkpoint written from it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -189,7 +190,7 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     """The train step on `mesh`. `hbm_bytes`: per-device memory for remat "auto" (default:
     the devices' own; `megamesh compile` passes the target chip's). `eos_id`: the id that
     ends each packed document, for document masking (`train.config.document_mask`)."""
-    kernels = mesh_kernels(mesh, tc.run.kernels)
+    kernels = dataclasses.replace(mesh_kernels(mesh, tc.run.kernels), precision=tc.run.precision)
     remat = resolve_remat(cfg, tc, mesh, kernels, hbm_bytes)
     # the strategy's rules, vocab-parallel where that moves fewer bytes
     sizes = mesh_sizes(mesh)
