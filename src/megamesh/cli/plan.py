@@ -72,6 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="compile the best TPU layout with `megamesh compile` and compare")
     p.add_argument("--serve", action="store_true", help="size serving instead of training")
     p.add_argument("--qps", type=float, default=10.0, help="serving: requests per second")
+    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+                   help="serving: the layers' matmul weights as `megamesh serve --weights` holds them")
     p.add_argument("--input-tokens", type=int, default=1024, help="serving: prompt tokens")
     p.add_argument("--output-tokens", type=int, default=256, help="serving: output tokens")
     p.add_argument("--slo-ttft-ms", type=float, help="serving: time-to-first-token SLO")
@@ -100,7 +102,9 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.serve:
         ans = questions.serving_answer(cfg, target, qps=args.qps, input_tokens=args.input_tokens,
                                        output_tokens=args.output_tokens,
-                                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms)
+                                       slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
+                                       weights=args.weights)
+        ans["weights"] = args.weights
         if args.json:
             print(json.dumps({"model": cfg.name, "target": args.target, "serve": ans}, indent=2))
         else:

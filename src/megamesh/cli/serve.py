@@ -74,6 +74,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "lower priority than interactive requests")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
+    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+                   help="the layers' matmul weights: bf16 (as loaded, in --dtype) or quantized once "
+                   "at load, per output channel, to fp8 (e4m3) or int8: each decode step reads "
+                   "1 byte per weight instead of 2 (weight-only: activations stay in --dtype; "
+                   "the embedding and output head are not quantized)")
     p.add_argument("--kv-dtype", choices=("float32", "bfloat16"),
                    help="KV page dtype (default: the weights'); bfloat16 under float32 weights "
                    "holds twice the positions in the same memory (keys and values rounded to "
@@ -160,13 +165,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           page_size=args.page_size, kv_pages=args.kv_pages,
                           prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
                           reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype,
-                          scheduling=args.scheduling)
+                          scheduling=args.scheduling, weights=args.weights)
     m = engine.model
     attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
                  if engine.length_buckets else "attention over each step's real length")
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
-          f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.kv_dtype}, weights {engine.dtype}); "
+          f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.kv_dtype}, weights {engine.dtype}"
+          f"{'' if engine.weights == 'bf16' else ', layers in ' + engine.weights}: "
+          f"{engine.weight_bytes / 2**20:,.1f} MiB); "
           "compiling "
           f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
           f"({attention} x batches {engine.batch_buckets}) ...",

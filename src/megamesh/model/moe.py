@@ -21,6 +21,7 @@ Both are tested equal (tests/test_kernels.py).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from megamesh.config import MoEConfig
 from megamesh.model.axes import constrain
 from megamesh.model.backend import active, matmul_inputs, matmul_precision, run_per_device
-from megamesh.model.quant import fp8_dot_general, fp8_ragged_dot
+from megamesh.model.quant import QuantizedWeight, dequantized, fp8_dot_general, fp8_ragged_dot
 
 
 def capacity(moe: MoEConfig, tokens_per_group: int) -> int:
@@ -79,7 +80,7 @@ def dispatch_compute_combine(h: jax.Array, weights: jax.Array, experts: jax.Arra
     if moe.capacity_factor is not None:  # drop what the einsum form drops
         weights = weights * (_slots(experts, moe.n_experts) < capacity(moe, T))
     cd = h.dtype
-    w = [p[n].astype(cd) for n in ("w_gate", "w_up", "w_down")]
+    w = [dequantized(p[n], cd) for n in ("w_gate", "w_up", "w_down")]
     tok = ("batch", "seq", None)
     return run_per_device(grouped_moe, (h, weights.astype(cd), experts, *w),
                           (tok, tok, tok) + ((None, None, None),) * 3, tok)
@@ -109,9 +110,18 @@ def grouped_moe(h: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: ja
     return jnp.einsum("btkd,btk->btd", y, weights.astype(y.dtype))
 
 
-def expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def _cast(w: Any, dtype: Any) -> Any:
+    return w if isinstance(w, QuantizedWeight) else w.astype(dtype)
+
+
+def expert_matmul(x: jax.Array, w: Any) -> jax.Array:
     """Each expert's tokens times its weight: x (B, E, C, in) @ w (E, in, out) -> (B, E, C, out)
-    (in FP8 under the run's fp8 precision)."""
+    (in FP8 under the run's fp8 precision; a serving QuantizedWeight's values upcast in
+    the matmul, its per-(expert, output) scales on the product)."""
+    if isinstance(w, QuantizedWeight):
+        y = jnp.einsum("becd,edf->becf", x, w.values.astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+        return (y * w.scale[None]).astype(x.dtype)  # scale (E, 1, out)
     if matmul_precision() != "fp8":
         return jnp.einsum("becd,edf->becf", x, w)
     y = fp8_dot_general(x, w, (((3,), (1,)), ((1,), (0,))))  # (E, B, C, out)
@@ -134,9 +144,9 @@ def einsum_moe(h: jax.Array, weights: jax.Array, experts: jax.Array,
     x = jnp.einsum("btec,btd->becd", dispatch, h)
     x = constrain(x, ("batch", "expert", None, "embed"))
     cd = h.dtype
-    gate = expert_matmul(x, p["w_gate"].astype(cd))
-    up = expert_matmul(x, p["w_up"].astype(cd))
+    gate = expert_matmul(x, _cast(p["w_gate"], cd))
+    up = expert_matmul(x, _cast(p["w_up"], cd))
     act = constrain(jax.nn.silu(gate) * up, ("batch", "expert", None, "mlp"))
-    y = expert_matmul(act, p["w_down"].astype(cd))
+    y = expert_matmul(act, _cast(p["w_down"], cd))
     y = constrain(y, ("batch", "expert", None, "embed"))
     return jnp.einsum("btec,becd->btd", combine, y)

@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from megamesh.model.specs import quantized_weights
+
 WEIGHT_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}  # serving weight formats
 SCALINGS = ("channel", "tensor")  # FP8 scale granularity; bench/fp8_quality.py compares them
 _scaling = "channel"
@@ -141,3 +143,58 @@ def dequantized(w: Any, dtype: Any) -> jax.Array:
     if isinstance(w, QuantizedWeight):
         return (w.values.astype(jnp.float32) * w.scale).astype(dtype)
     return w.astype(dtype)
+
+
+def quantized_shardings(shardings: Any, cfg: Any, fmt: str) -> Any:
+    """The parameters' shardings with each weight `fmt` quantizes as a QuantizedWeight of
+    shardings: the values keep the weight's, the scale the same without the contracted
+    axes ("bf16": unchanged)."""
+    if fmt == "bf16":
+        return shardings
+    if fmt not in WEIGHT_DTYPES:
+        raise ValueError(f"weights {fmt!r}: one of bf16, {', '.join(WEIGHT_DTYPES)}")
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from megamesh.model.specs import param_specs
+    from megamesh.pytree import flatten, unflatten
+
+    specs, flat = param_specs(cfg), flatten(shardings)
+    for name, in_axes in quantized_weights(cfg).items():
+        sh = flat[name]
+        spec = tuple(sh.spec) + (None,) * (len(specs[name].shape) - len(sh.spec))
+        scale = PartitionSpec(*(None if i in in_axes else a for i, a in enumerate(spec)))
+        flat[name] = QuantizedWeight(sh, NamedSharding(sh.mesh, scale))
+    return unflatten(flat)
+
+
+def quantize_params(params: Any, shardings: Any, cfg: Any, fmt: str) -> Any:
+    """`params` (on `shardings`) with the layers' matmul weights quantized to `fmt`
+    ("bf16": unchanged; "fp8", "int8"), on the devices where they are
+    (`quantized_shardings`); each original is released as its copy is made."""
+    if fmt == "bf16":
+        return params
+    from megamesh.pytree import flatten, unflatten
+
+    flat_p = flatten(params)
+    flat_s = flatten(quantized_shardings(shardings, cfg, fmt))
+    for name, in_axes in quantized_weights(cfg).items():
+        fn = jax.jit(quantize_weight, static_argnums=(1, 2), out_shardings=flat_s[name])
+        flat_p[name] = fn(flat_p[name], fmt, in_axes)
+    return unflatten(flat_p)
+
+
+def quantize_tree(params: Any, cfg: Any, fmt: str) -> Any:
+    """`params` with the layers' matmul weights quantized to `fmt` (traceable: for shapes)."""
+    if fmt == "bf16":
+        return params
+    from megamesh.pytree import flatten, unflatten
+
+    flat = flatten(params)
+    for name, in_axes in quantized_weights(cfg).items():
+        flat[name] = quantize_weight(flat[name], fmt, in_axes)
+    return unflatten(flat)
+
+
+def weight_bytes(params: Any) -> int:
+    """Bytes of a parameter tree, quantized weights as stored (values and scales)."""
+    return sum(int(x.nbytes) for x in jax.tree.leaves(params))

@@ -190,3 +190,32 @@ def splash_block(seq: int) -> int:
     FLOP count): 512 (MaxText's default sa_block_*), or the sequence rounded up to 128
     if shorter."""
     return min(512, -(-seq // 128) * 128)
+
+
+def quantized_weights(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The parameters serving's `--weights fp8|int8` quantizes (`model.quant`), by name,
+    with their contracted (input) axes: every matmul weight of a layer stack (attention
+    projections, MLP, experts), not the router (a small matmul whose output picks
+    experts), the embedding or the output head."""
+    out = {}
+    for name, sp in param_specs(cfg).items():
+        if not sp.matmul or sp.axes[0] != "layers" or name.endswith("router"):
+            continue
+        lead = 2 if "expert" in sp.axes else 1  # the stack's layers, then the experts
+        n_in = 2 if name.endswith("/wo") else 1  # wo contracts heads and head_dim
+        out[name] = tuple(range(lead, lead + n_in))
+    return out
+
+
+def serving_weight_bytes(cfg: ModelConfig, weights: str = "bf16") -> float:
+    """Bytes of the served parameters: bf16, or with `quantized_weights` at 1 byte per
+    value plus an f32 scale per output channel ("fp8", "int8")."""
+    total = 0.0
+    quant = quantized_weights(cfg) if weights != "bf16" else {}
+    for name, sp in param_specs(cfg).items():
+        n = math.prod(sp.shape)
+        if name in quant:
+            total += n + 4 * n // math.prod(sp.shape[a] for a in quant[name])
+        else:
+            total += 2 * n
+    return total

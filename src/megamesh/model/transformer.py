@@ -229,6 +229,12 @@ def embed_lookup(w: jax.Array, tokens: jax.Array, axes: tuple[str, ...], dtype: 
     return lookup(w, tokens)
 
 
+def _layer_weight(w: Any, sp: Any, cd: Any) -> Any:
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(compute_weight(w.values, sp.axes[1:], w.values.dtype), w.scale)
+    return compute_weight(w, sp.axes[1:], cd) if sp.matmul else w
+
+
 def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     """The output head (D, V) in compute dtype and compute layout (the embedding's
     transpose when tied)."""
@@ -267,8 +273,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
         def weights(p, stack_specs=stack_specs):
             # matmul weights in compute dtype and layout (one layer at a time: FSDP gathers
             # inside the scan); norm scales stay in their parameter dtype
-            return jax.tree.map(lambda w, sp: compute_weight(w, sp.axes[1:], cd) if sp.matmul else w,
-                                p, stack_specs)
+            # (a serving QuantizedWeight keeps its values' dtype and its scales)
+            return jax.tree.map(lambda w, sp: _layer_weight(w, sp, cd), p, stack_specs,
+                                is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight))
 
         if cache is None:
             def body(x, p, stack=stack):

@@ -11,8 +11,7 @@ from megamesh.model.specs import (
     flops_per_token,
     kv_cache_bytes_per_token,
     matmul_param_count,
-    param_bytes,
-    param_count,
+    serving_weight_bytes,
 )
 from megamesh.plan.cost import MXU_EFFICIENCY, Estimate, axis_bandwidth, diloco_round_bytes
 from megamesh.plan.layout import Workload
@@ -125,12 +124,14 @@ def fewest_chips_for_deadline(w: Workload, target: Target, tokens: float, deadli
 
 def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output_tokens: int,
                    slo_ttft_ms: float | None, slo_tpot_ms: float | None,
-                   weight_dtype_bytes: int = 2) -> dict:
+                   weights: str = "bf16") -> dict:
     """Serving layout per replica, KV capacity, max batch, TTFT/TPOT, replicas, cost.
 
     A replica is the smallest tensor-parallel group (within one slice) whose HBM holds
-    the bf16 weights with room for KV cache; decode is bound by max(weights + KV bytes
-    read per step / HBM bandwidth, FLOPs / peak) plus tensor-parallel all-reduces.
+    the weights (bf16, or the layers' matmul weights in fp8 / int8 with per-channel
+    scales: `megamesh serve --weights`) with room for KV cache; decode is bound by
+    max(weights + KV bytes read per step / HBM bandwidth, FLOPs / peak) plus
+    tensor-parallel all-reduces. Quantized weights are weight-only: the FLOPs stay bf16's.
     """
     if qps <= 0 or input_tokens < 1 or output_tokens < 1:
         raise ConfigError("--qps must be > 0 and --input-tokens/--output-tokens >= 1")
@@ -139,7 +140,9 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     if ctx > cfg.max_seq_len:
         raise ConfigError(f"input + output tokens = {ctx} exceeds {cfg.name}'s context of "
                           f"{cfg.max_seq_len}")
-    wbytes = param_count(cfg) * weight_dtype_bytes if weight_dtype_bytes != 4 else param_bytes(cfg)
+    if weights not in ("bf16", "fp8", "int8"):
+        raise ConfigError(f"--weights {weights!r} is not allowed: one of bf16, fp8, int8")
+    wbytes = serving_weight_bytes(cfg, weights)
     kv_tok = kv_cache_bytes_per_token(cfg, "bfloat16")
     dev_hbm = chip.device_hbm_bytes * HBM_RESERVE
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
@@ -154,7 +157,7 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
                 options.append(t)
         t *= 2
     if not options:
-        raise ConfigError(f"{cfg.name} ({wbytes / 1e9:.0f} GB of bf16 weights) does not fit "
+        raise ConfigError(f"{cfg.name} ({wbytes / 1e9:.0f} GB of {weights} weights) does not fit "
                           f"one {chip.name} slice of {target.slice_devices} devices with room for "
                           "KV cache; use a larger target or a smaller model")
     best = None

@@ -67,6 +67,7 @@ import numpy as np
 from megamesh.errors import ConfigError, MegameshError
 from megamesh.model.backend import DECODE_BATCH_MULTIPLE
 from megamesh.model.kvcache import DEFAULT_PAGE, SCRATCH, init_pages, pages_per_seq
+from megamesh.model.quant import quantize_params, weight_bytes
 from megamesh.serve.load import ServedModel, load_model
 from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step, mask_words
 from megamesh.serve.text import END, Detokenizer, StopMatcher
@@ -246,13 +247,16 @@ class Engine:
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, reserve_tokens: int = 256, kv_dtype: str | None = None,
-                 scheduling: str = "fair", log: Callable[[str], None] = print):
+                 scheduling: str = "fair", weights: str = "bf16",
+                 log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
         max_len / page_size (the memory of a dense cache with a row per slot);
         `reserve_tokens`: positions of growth per running request that admission leaves
         free (`_reserve`); `kv_dtype`: of the KV pages (default: `dtype`, the weights');
         `scheduling`: "fair" across tenants (`FairQueue`, preempting for fairness) or
-        "fcfs" (first come, first served; background work still yields)."""
+        "fcfs" (first come, first served; background work still yields); `weights`: "bf16"
+        (the model's parameters as loaded) or "fp8" / "int8" (its layers' matmul weights
+        quantized once here, per output channel: `model.quant`)."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -295,9 +299,10 @@ class Engine:
         else:  # attention reads each batch's real length: one shape for every length
             self.after_buckets = self.decode_buckets = [self.max_len]
         self.batch_buckets = batch_buckets(slots, mesh)
+        self.weights = weights
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
                                                  n_pages=kv_pages + 1, page_size=page_size,
-                                                 kv_dtype=self.kv_dtype)
+                                                 kv_dtype=self.kv_dtype, weights=weights)
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
@@ -314,7 +319,12 @@ class Engine:
         # warm-up, the smaller batches in the background after start-up
         self._exec: dict[tuple[int, int], Any] = {}
         self.compiled_all = threading.Event()
-        self.params = model.params
+        # quantized in place of the loaded weights (model.params is not kept beside them)
+        self.params = quantize_params(model.params, param_shardings(cfg, mesh, strategy("serve")),
+                                      cfg, weights)
+        if weights != "bf16":
+            self.model = model = dataclasses.replace(model, params=self.params)
+        self.weight_bytes = weight_bytes(self.params)
         self.pages = jax.device_put(init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(self.kv_dtype)),
                                     any_step.page_shardings)
         self.table = np.zeros((slots, self.pages_per_seq), np.int32)  # a row per slot
@@ -949,6 +959,10 @@ class Engine:
                        output_tokens=req.n_out, error=error))
 
 
+# --weights: the layers' matmul weights as loaded ("bf16": in --dtype) or quantized
+WEIGHT_FORMATS = ("bf16", "fp8", "int8")
+
+
 def default_dtype() -> str:
     """bf16 weights on accelerators; f32 on CPU, where bf16 matmuls run slower (XLA:CPU)."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -958,8 +972,11 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
                  max_queue: int = 256, dtype: str | None = None, name: str | None = None,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
-                 kv_dtype: str | None = None, scheduling: str = "fair", log: Any = print) -> Engine:
+                 kv_dtype: str | None = None, scheduling: str = "fair", weights: str = "bf16",
+                 log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"--weights {weights!r} is not allowed: one of {', '.join(WEIGHT_FORMATS)}")
     for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
         if value not in ("float32", "bfloat16"):
             raise ConfigError(f"{flag} {value!r} is not allowed: float32 or bfloat16")
@@ -972,4 +989,4 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                   page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
                   max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
-                  scheduling=scheduling, log=log)
+                  scheduling=scheduling, weights=weights, log=log)

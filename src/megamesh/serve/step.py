@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from megamesh.config import ModelConfig
 from megamesh.model.generate import sample
 from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, init_pages, pages_per_seq
+from megamesh.model.quant import quantize_tree, quantized_shardings
 from megamesh.model.specs import param_specs
 from megamesh.model.transformer import forward
 from megamesh.pytree import unflatten
@@ -111,6 +112,7 @@ class DecodeStep:
     words: int  # of a row's token bitmask
     attend_len: int | None = None
     kv_dtype: str = ""  # of the KV pages (build_decode_step: default the weights' dtype)
+    weights: str = "bf16"  # the layers' matmul weights: as loaded, or fp8 / int8 (model.quant)
 
     @property
     def pages_per_seq(self) -> int:
@@ -125,6 +127,7 @@ class DecodeStep:
         """ShapeDtypeStructs of every argument (for AOT compile)."""
         params = unflatten({n: jax.ShapeDtypeStruct(s.shape, jnp.dtype(self.dtype))
                             for n, s in param_specs(cfg).items()})
+        params = jax.eval_shape(lambda p: quantize_tree(p, cfg, self.weights), params)
         params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                               params, self.param_shardings)
         return (params, self.abstract_pages(cfg), *self.row_args())
@@ -142,12 +145,14 @@ class DecodeStep:
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       dtype: str = "bfloat16", attend_len: int | None = None,
                       n_pages: int | None = None, page_size: int = DEFAULT_PAGE,
-                      kv_dtype: str | None = None) -> DecodeStep:
+                      kv_dtype: str | None = None, weights: str = "bf16") -> DecodeStep:
     """One decode step for `batch` rows over `n_pages` KV pages per layer (default: enough
     for every row to reach max_len, and the scratch page) of `kv_dtype` (default: the
-    weights' `dtype`; attention computes in the weights' dtype either way)."""
+    weights' `dtype`; attention computes in the weights' dtype either way). `weights`:
+    "bf16" (the parameters as loaded, in `dtype`) or "fp8" / "int8": the layers' matmul
+    weights quantized (`model.quant.quantize_params`)."""
     rules = strategy("serve")
-    p_shard = param_shardings(cfg, mesh, rules)
+    p_shard = quantized_shardings(param_shardings(cfg, mesh, rules), cfg, weights)
     n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
     kv_dtype = kv_dtype or dtype
     pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, kv_dtype)),
@@ -171,7 +176,8 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     return DecodeStep(fn=fn, param_shardings=p_shard, page_shardings=pg_shard, slot_sharding=slot,
                       table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
                       dtype=dtype, n_pages=n_pages, page_size=page_size,
-                      words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype)
+                      words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype,
+                      weights=weights)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
