@@ -553,3 +553,16 @@ def test_an_fp8_job_trains_at_the_planned_fp8_rate():
     s.jobs = [dataclasses.replace(job, precision="int4")]
     with pytest.raises(ConfigError, match=r"jobs\[0\]\.precision.*one of bf16, fp8"):
         validate(s)
+
+
+def test_an_fp8_plan_launches_an_fp8_run(tmp_path):
+    """Issue 25 point 5: `plan --precision fp8 --json` feeds `launch --plan` without
+    refusal, and the pods run `megamesh train ... --precision fp8`."""
+    plan = tmp_path / "plan.json"
+    r = megamesh("plan", "--model", "llama3.1-8b", "--target", "tpu7x:64", "--precision", "fp8", "--json")
+    assert r.returncode == 0, r.stderr
+    plan.write_text(r.stdout)
+    out = tmp_path / "jobset.yaml"
+    r = megamesh("launch", "--plan", str(plan), "--name", "fp8", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "--precision fp8" in out.read_text()

@@ -710,3 +710,41 @@ def test_a_failed_island_does_not_stop_the_others(tmp_path, corpus):
     stdout, stderr = again.communicate(timeout=300)
     assert again.returncode == 0, stderr[-2000:]
     assert "the other islands are at round 4: joining there at step 16" in stdout
+
+
+def test_fp8_run_tracks_bf16_and_resumes_exactly(tmp_path, corpus, reference, capsys):
+    """Issue 25 points 3 and 5 in short: a plan made with --precision fp8 runs through
+    `train --plan` (no refusal); from the same seed its losses track the bf16 run's
+    (XLA:CPU emulates FP8: slower, same numerics) with no non-finite step; its
+    checkpoints hold the f32 master weights, and a resume from one continues the run
+    exactly (the FP8 step is a pure function of the state, as bf16's is)."""
+    assert main(["plan", "--model", "tiny", "--target", "tpu7x:4", "--batch", "8", "--seq", "32",
+                 "--precision", "fp8", "--mesh", "fsdp=8", "--json"]) == 0
+    plan = tmp_path / "plan.json"
+    plan.write_text(capsys.readouterr().out)
+    assert json.loads(plan.read_text())["run"]["spec"]["precision"] == "fp8"
+    out = tmp_path / "fp8"
+    r = run_main(*train_args(out, corpus, "--plan", str(plan), "--steps", "12",
+                             "--train.checkpoint.every=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "precision=fp8" in r.stdout
+    fp8, bf16 = losses(out), losses(reference)
+    assert sorted(fp8) == sorted(bf16) and all(np.isfinite(list(fp8.values())))
+    assert records(out)[-1]["skipped_steps"] == 0
+    for step in fp8:
+        assert fp8[step] == pytest.approx(bf16[step], rel=0.02), (step, fp8[step], bf16[step])
+    assert fp8 != bf16  # the matmuls did run in FP8
+    import jax
+    import orbax.checkpoint as ocp
+
+    meta = ocp.StandardCheckpointer().metadata(out / "checkpoints" / "12" / "state")
+    assert {str(m.dtype) for m in jax.tree.leaves(meta.item_metadata["params"])} == {"float32"}
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / "12")
+    shutil.rmtree(again / "checkpoints" / "9")
+    r = run_main(*train_args(again, corpus, "--plan", str(plan), "--steps", "12",
+                             "--train.checkpoint.every=3", "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step 6" in r.stdout
+    assert losses(again) == fp8  # exact float equality, step for step
