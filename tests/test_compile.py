@@ -43,18 +43,18 @@ def test_compile_tiny_on_ironwood_matches_the_plan():
 def test_fp8_step_runs_fp8_dots_for_the_layers_matmuls():
     """Issue 25 point 2 in small: with --precision fp8 the optimized TPU HLO multiplies the
     layers' matmuls in FP8 (e4m3 x e4m3 forward, e5m2 gradients against e4m3 residuals);
-    what stays bf16 is the output head (with a 256-token vocabulary ~1.5% of the dots)
-    and attention's kernels. Every dot and convolution of the HLO, counted with the trip
-    counts of its loops, adds up to the step's matmul FLOPs outside the kernels."""
+    what stays bf16/f32 is attention (here the reference kernel, whose batched matmuls
+    XLA:TPU writes as dilated convolutions) and the output head. Every dot and
+    convolution of the HLO, counted with its loops' trip counts and only the taps that
+    meet real input, adds up to the jaxpr's matmul FLOPs exactly."""
     out = compile_json("--model", "tiny", "--model.vocab_size=256", "--target", "tpu7x:2x2x1",
                        "--mesh", "fsdp=8", "--seq", "256", "--batch", "8", "--remat", "full",
-                       "--precision", "fp8")
+                       "--precision", "fp8", "--kernels", "attention=reference")
     assert out["fits"] and out["precision"] == "fp8" and "precision=fp8" in out["kernels"]
     by_type = out["matmul_flops_by_type"]
-    assert out["fp8_matmul_share"] >= 0.95, by_type
+    assert sum(by_type.values()) == pytest.approx(out["flops"], rel=1e-9)
     assert {"f8e4m3fn x f8e4m3fn", "f8e5m2 x f8e4m3fn", "f8e4m3fn x f8e5m2"} <= set(by_type)
-    assert 0 < out["fp8_share_with_kernels"] < out["fp8_matmul_share"]
-    assert sum(by_type.values()) <= out["flops"]
+    assert out["fp8_matmul_share"] >= 0.85, by_type  # the rest: attention and the head
     speed = out["plan"]["by_precision"]
     assert speed["fp8"]["step_time_s"] <= speed["bf16"]["step_time_s"]
 

@@ -221,14 +221,47 @@ def matmul_flops(hlo_text: str) -> dict[str, float]:
                 cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
                 dims = [int(d) for d in cd.group(1).split(",") if d] if cd else []
                 contract = math.prod(lhs[1][d] for d in dims)
+                out[f"{lhs[0]} x {rhs[0]}"] += 2.0 * m * out_elems * contract
             else:
-                labels = re.search(r"dim_labels=\w+_(\w+)->", line)
-                if not labels or len(labels.group(1)) != len(rhs[1]):
-                    continue
-                contract = math.prod(n for lab, n in zip(labels.group(1), rhs[1])
-                                     if lab == "i" or lab.isdigit())
-            out[f"{lhs[0]} x {rhs[0]}"] += 2.0 * m * out_elems * contract
+                flops = _conv_flops(line, lhs[1], rhs[1], [int(d) for d in sh.group(2).split(",") if d])
+                if flops is not None:
+                    out[f"{lhs[0]} x {rhs[0]}"] += m * flops
     return dict(out)
+
+
+def _conv_flops(line: str, lhs: list[int], rhs: list[int], res: list[int]) -> float | None:
+    """Multiply-adds x 2 of an HLO convolution. XLA:TPU writes a plain matmul as a
+    convolution without spatial dims (`bf_io->bf`), and a batched one with its batch dims
+    as spatial dims that dilation and strides make one tap wide: each output element
+    sums over the kernel's input features and the window taps that land on a real
+    (undilated, unpadded) input element, counted per spatial dim."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+    if not labels:
+        return None
+    lab_l, lab_r, lab_o = labels.groups()
+    if len(lab_l) != len(lhs) or len(lab_r) != len(rhs) or len(lab_o) != len(res):
+        return None
+    spatial = sorted(c for c in lab_o if c.isdigit())
+    win = re.search(r"window=\{([^}]*)\}", line)
+    fields = dict(kv.split("=", 1) for kv in win.group(1).split()) if win else {}
+
+    def per_dim(key: str, default: int) -> list[int]:
+        return [int(x) for x in fields[key].split("x")] if key in fields else [default] * len(spatial)
+
+    size, stride = per_dim("size", 1), per_dim("stride", 1)
+    lhs_dil, rhs_dil = per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1)
+    pad_lo = ([int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields
+              else [0] * len(spatial))
+    taps = 1
+    for d, c in enumerate(spatial):
+        n, o = lhs[lab_l.index(c)], res[lab_o.index(c)]
+        valid = 0
+        for j in range(o):
+            for k in range(size[d]):
+                x = j * stride[d] + k * rhs_dil[d] - pad_lo[d]
+                valid += 0 <= x <= (n - 1) * lhs_dil[d] and x % lhs_dil[d] == 0
+        taps *= valid
+    return 2.0 * res[lab_o.index("b")] * res[lab_o.index("f")] * rhs[lab_r.index("i")] * taps
 
 
 def fp8_share(by_type: dict[str, float]) -> float:
