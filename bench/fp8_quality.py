@@ -7,7 +7,8 @@ non-finite steps skipped, and the median step time (XLA:CPU has no FP8 units: it
 converts, so FP8 is slower here; the ratio says by how much).
 
 Variants: bf16; fp8 (per-channel current scaling: what `--precision fp8` runs); fp8-tensor
-(one scale per operand, `model.quant.SCALINGS`). Models: tiny (the preset) and wide
+(one scale per operand); fp8-fixed (a constant +-224 range for activations and weights,
+as MaxText's Ironwood recipes set it; `model.quant.SCALINGS`). Models: tiny (the preset) and wide
 (d_model 768, 12 heads, d_ff 2048, 2 layers, seq 128).
 
     python bench/fp8_quality.py --out runs/fp8q [--steps 300] [--models tiny,wide]
@@ -32,7 +33,8 @@ MODELS = {
     "wide": ["--model.d_model=768", "--model.n_heads=12", "--model.n_kv_heads=4",
              "--model.d_ff=2048", "--model.n_layers=2", "--seq", "128"],
 }
-VARIANTS = {"bf16": ("bf16", "channel"), "fp8": ("fp8", "channel"), "fp8-tensor": ("fp8", "tensor")}
+VARIANTS = {"bf16": ("bf16", "channel"), "fp8": ("fp8", "channel"), "fp8-tensor": ("fp8", "tensor"),
+            "fp8-fixed": ("fp8", "fixed")}
 TOLERANCE = 0.02
 
 RUNNER = """

@@ -44,7 +44,10 @@ import jax.numpy as jnp
 from megamesh.model.specs import quantized_weights
 
 WEIGHT_DTYPES = {"fp8": jnp.float8_e4m3fn, "int8": jnp.int8}  # serving weight formats
-SCALINGS = ("channel", "tensor")  # FP8 scale granularity; bench/fp8_quality.py compares them
+# FP8 scaling of the forward operands (bench/fp8_quality.py compares them): "channel"
+# (absmax per row / output column, the default), "tensor" (absmax of the whole operand),
+# "fixed" (MaxText's Ironwood recipes: a constant +-224 range, no reduction)
+SCALINGS = ("channel", "tensor", "fixed")
 _scaling = "channel"
 
 
@@ -62,8 +65,10 @@ def _configs(scaling: str) -> tuple[Any, Any]:
 
     e4, e5 = jnp.float8_e4m3fn, jnp.float8_e5m2
     per_tensor = scaling == "tensor"
+    fwd = "fixed,-224,224" if scaling == "fixed" else "absmax"
     dot = DotGeneralQtConfig(
         lhs_qtype=e4, rhs_qtype=e4, dlhs_grad_qtype=e5, drhs_grad_qtype=e5,
+        lhs_calibration_method=fwd, rhs_calibration_method=fwd,
         lhs_disable_channelwise_axes=per_tensor, rhs_disable_channelwise_axes=per_tensor,
         dlhs_grad_disable_channelwise_axes=per_tensor,
         drhs_grad_disable_channelwise_axes=per_tensor)
