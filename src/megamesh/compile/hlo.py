@@ -128,13 +128,14 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, int]]:
         if cur is not None:
             comps[cur].append(line)
     # multiplicity of each computation: callers' multiplicity x while trip counts
+    instrs = {im.group(1): (im.group(3), im.group(4)) for lines in comps.values() for line in lines
+              if (im := _INSTR.match(line))}
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name, lines in comps.items():
         for line in lines:
             trip = 1
             if " while(" in line:
-                cond = re.search(r"condition=%?([\w.\-]+)", line)
-                trip = _trip_count(comps.get(cond.group(1), [])) if cond else 1
+                trip = _while_trips(line, comps, instrs)
             for callee in _CALLS.findall(line):
                 calls[name].append((callee, trip if "body=%" + callee in line
                                     or "body=" + callee in line else 1))
@@ -271,10 +272,60 @@ def fp8_share(by_type: dict[str, float]) -> float:
     return fp8 / total if total else 0.0
 
 
+def _constant(name: str, instrs: dict[str, tuple[str, str]], depth: int = 0) -> int | None:
+    """The integer value of `name` if it is a constant (through copies, bitcasts, converts)."""
+    op, rest = instrs.get(name, ("", ""))
+    if op == "constant":
+        m = re.match(r"(-?\d+)\)", rest)
+        return int(m.group(1)) if m else None
+    if op in ("copy", "bitcast", "convert") and depth < 10:
+        arg = re.match(r"%([\w.\-]+)\)", rest)
+        return _constant(arg.group(1), instrs, depth + 1) if arg else None
+    return None
+
+
+def _while_trips(line: str, comps: dict[str, list[str]], instrs: dict[str, tuple[str, str]]) -> int:
+    """Trips of a while loop: (bound - start) / step of the counter its condition compares
+    with a constant (`i < bound`), the start read from the loop's initial tuple and the
+    step from the body's update of it. XLA's own loops (a windowed einsum's: from 0 by 2)
+    need all three; where any is not found, the bound alone (jax's scans: from 0 by 1)."""
+    cond = re.search(r"condition=%?([\w.\-]+)", line)
+    body = re.search(r"body=%?([\w.\-]+)", line)
+    init = re.search(r" while\(%([\w.\-]+)\)", line)
+    cond_lines = comps.get(cond.group(1), []) if cond else []
+    bound = _trip_count(cond_lines)
+    root = next((x for x in cond_lines if "ROOT" in x and " compare(" in x and "direction=LT" in x), "")
+    args = re.findall(r"%([\w.\-]+)", root.split(" compare(", 1)[1]) if root else []
+    index = None
+    for a in args[:2]:
+        op, rest = instrs.get(a, ("", ""))
+        if op == "get-tuple-element":
+            m = re.search(r"index=(\d+)", rest)
+            index = int(m.group(1)) if m else None
+    if index is None or not body or not init:
+        return bound
+    start = step = None
+    op, rest = instrs.get(init.group(1), ("", ""))
+    if op == "tuple":
+        elems = re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
+        start = _constant(elems[index], instrs) if index < len(elems) else None
+    root_body = next((x for x in comps.get(body.group(1), []) if "ROOT" in x and " tuple(" in x), "")
+    elems = re.findall(r"%([\w.\-]+)", root_body.split(" tuple(", 1)[1].split(")", 1)[0]) if root_body else []
+    if index < len(elems):
+        op, rest = instrs.get(elems[index], ("", ""))
+        if op == "add":
+            vals = [_constant(a, instrs) for a in re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])]
+            step = next((v for v in vals if v), None)
+    if start is None or not step:
+        return bound
+    return max(0, -(-(bound - start) // step))
+
+
 def _trip_count(cond_lines: list[str]) -> int:
-    """A scan's while condition compares the counter with a constant: that is the trip count."""
+    """A scan's while condition compares the counter with a constant: that is the trip
+    count (s32 for jax's scans; XLA's own loops, e.g. a windowed einsum's, count in u32)."""
     consts = [int(x) for line in cond_lines
-              for x in re.findall(r"s32\[\](?:\{[^}]*\})?\s+constant\((\d+)\)", line)]
+              for x in re.findall(r"[su](?:32|64)\[\](?:\{[^}]*\})?\s+constant\((\d+)\)", line)]
     return max(consts) if consts else 1
 
 
