@@ -239,3 +239,44 @@ def test_405b_train_step_compiles_for_a_full_ironwood_pod():
                        "--remat", "full")
     assert out["devices"] == 18432 and out["fits"] and out["plan"]["fits"]
     assert abs(out["plan"]["relative_error"]["flops"]) <= 0.02
+
+
+WINDOWED_LOOP_HLO = """\
+%body (p: (u32[], bf16[8,8])) -> (u32[], bf16[8,8]) {
+  %p = (u32[], bf16[8,8]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %x = bf16[8,8]{1,0} get-tuple-element(%p), index=1
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  %y = bf16[8,8]{1,0} convolution(%x, %x), dim_labels=bf_io->bf
+  ROOT %t = (u32[], bf16[8,8]) tuple(%next, %y)
+}
+
+%cond (q: (u32[], bf16[8,8])) -> pred[] {
+  %q = (u32[], bf16[8,8]) parameter(0)
+  %bound = u32[] constant(4)
+  %j = u32[] get-tuple-element(%q), index=0
+  ROOT %lt = pred[] compare(%j, %bound), direction=LT
+}
+
+ENTRY %main (a: bf16[8,8]) -> bf16[8,8] {
+  %a = bf16[8,8]{1,0} parameter(0)
+  %zero = u32[] constant(0)
+  %start = u32[] copy(%zero)
+  %init = (u32[], bf16[8,8]) tuple(%start, %a)
+  %w = (u32[], bf16[8,8]) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[8,8]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_loops_count_their_trips_from_start_bound_and_step():
+    """XLA's windowed-einsum loops count from 0 by 2 to their bound (u32): the loop above
+    runs twice, so its 8x8x8 matmul counts 2 x 1,024 FLOPs (read as its bound alone it
+    was 4 times; as an unknown loop once)."""
+    from megamesh.compile.hlo import fp8_share, matmul_flops
+
+    got = matmul_flops(WINDOWED_LOOP_HLO)
+    assert got == {"bf16 x bf16": 2 * 2 * 8 * 8 * 8}
+    assert fp8_share(got) == 0.0
+    assert matmul_flops(WINDOWED_LOOP_HLO.replace("constant(2)", "constant(1)")) == {"bf16 x bf16": 4 * 1024}
