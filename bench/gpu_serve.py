@@ -23,6 +23,9 @@ process group, each row appended to `--out` at once, `--budget` for the whole ru
   requests streamed;
 - megamesh-sync (not by default): the engine waiting for each decode's tokens before
   the next step (`Engine.overlap` off), to measure what the overlap gives;
+- megamesh-fp8w, megamesh-int8w (not by default): the engine with `--weights fp8` /
+  `int8` (the layers' matmul weights quantized at load: 1 byte per weight read per
+  decode step; issue 25 point 6);
 - hf-static: transformers `generate` with a static cache, batches of `--static-batch`
   requests left-padded to the longest prompt of the load (one compiled shape), formed
   from the requests that have arrived when the model is free.
@@ -66,7 +69,8 @@ from workers import (
 
 LOAD = {"requests": 256, "prompt": (512, 2048), "output": (128, 512), "batch1": (512, 256)}
 TINY_LOAD = {"requests": 8, "prompt": (16, 64), "output": (4, 16), "batch1": (32, 16)}
-SYSTEMS = ("megamesh", "megamesh-http", "hf-cb", "hf-static", "megamesh-sync")
+SYSTEMS = ("megamesh", "megamesh-http", "hf-cb", "hf-static", "megamesh-sync", "megamesh-fp8w",
+           "megamesh-int8w")
 MODES = ("offline", "poisson", "batch1")
 
 
@@ -166,13 +170,15 @@ def drive(load: dict, submit, wait_all) -> tuple[list[dict], float]:
     return reqs, started
 
 
-def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int, overlap: bool = True) -> dict:
+def run_megamesh(model_dir: str, load: dict, slots: int, max_len: int, overlap: bool = True,
+                 weights: str = "bf16") -> dict:
     import jax
 
     from megamesh.serve.engine import SamplingParams, build_engine
 
     engine = build_engine(model_dir, mesh="tensor=1", slots=slots, max_len=max_len,
-                          max_queue=len(load["prompts"]) + 8, dtype="bfloat16", log=lambda *a: None)
+                          max_queue=len(load["prompts"]) + 8, dtype="bfloat16", weights=weights,
+                          log=lambda *a: None)
     engine.overlap = overlap
     t0 = time.perf_counter()
     engine.start()
@@ -363,7 +369,9 @@ def run_hf_static(model_dir: str, load: dict, batch: int, max_len: int) -> dict:
 
 RUNNERS = {"megamesh": run_megamesh, "megamesh-http": run_megamesh_http, "hf-cb": run_hf_cb,
            "hf-static": run_hf_static,
-           "megamesh-sync": lambda *a: run_megamesh(*a, overlap=False)}
+           "megamesh-sync": lambda *a: run_megamesh(*a, overlap=False),
+           "megamesh-fp8w": lambda *a: run_megamesh(*a, weights="fp8"),
+           "megamesh-int8w": lambda *a: run_megamesh(*a, weights="int8")}
 
 
 def worker(system: str, model_dir: str, load_path: str, size: int, max_len: int) -> None:

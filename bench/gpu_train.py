@@ -9,6 +9,9 @@ both systems), synthetic tokens, bf16 compute, fp32 master weights, AdamW.
 - hf-eager: `LlamaForCausalLM` (attn_implementation="sdpa"), fp32 weights,
   `torch.autocast(bfloat16)`, `torch.optim.AdamW(fused=True)`, no checkpointing.
 - hf-compile: the same under `torch.compile`.
+- megamesh-fp8: megamesh with `--precision fp8` (the layers' matmuls in FP8 through Qwix,
+  model/quant.py; needs the `qwix` wheel of bench/gpu_wheels.sh on the GPU image): issue
+  25 point 6's FP8 vs bf16 at 2048 x 16, the same run.
 
 Each measurement runs in its own process (bench/workers.py: a fresh allocator, so an
 out-of-memory ends that row only; a timeout per worker, `--timeout`, after which it is
@@ -57,7 +60,7 @@ TINY = {"d_model": 256, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim"
         "d_ff": 512, "vocab_size": 1024}
 SHAPES = [(2048, 16), (8192, 4), (512, 64)]  # (seq, batch)
 TINY_SHAPES = [(128, 4), (256, 2)]
-SYSTEMS = ("megamesh", "hf-eager", "hf-compile")
+SYSTEMS = ("megamesh", "hf-eager", "hf-compile", "megamesh-fp8")
 
 
 def model_flops_per_token(model: dict, seq: int) -> float:
@@ -67,17 +70,19 @@ def model_flops_per_token(model: dict, seq: int) -> float:
     return flops_per_token(ModelConfig(name="bench", **model, max_seq_len=seq), seq, "train")
 
 
-def run_megamesh(model: dict, seq: int, batch: int, steps: int) -> dict:
+def run_megamesh(model: dict, seq: int, batch: int, steps: int, precision: str = "bf16") -> dict:
     import jax
     import numpy as np
 
     from megamesh.config import ModelConfig
+    from megamesh.runspec import RunSpec
     from megamesh.sharding.mesh import global_array, make_mesh
     from megamesh.train.config import ScheduleConfig, TrainConfig
     from megamesh.train.step import build_train_step
 
     cfg = ModelConfig(name="bench", **model, max_seq_len=seq)
-    tc = TrainConfig(steps=1000, global_batch=batch, seq_len=seq, schedule=ScheduleConfig(warmup_steps=10))
+    tc = TrainConfig(steps=1000, global_batch=batch, seq_len=seq, schedule=ScheduleConfig(warmup_steps=10),
+                     run=RunSpec(precision=precision))
     ts = build_train_step(cfg, tc, make_mesh("fsdp=1", jax.devices()[:1]))
     state = ts.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -134,14 +139,14 @@ def worker(system: str, seq: int, batch: int, steps: int, tiny: bool) -> None:
     """One measurement in this process; prints one JSON line (an out-of-memory is a result)."""
     model = TINY if tiny else MODEL
     try:
-        if system == "megamesh":
-            out = run_megamesh(model, seq, batch, steps)
+        if system in ("megamesh", "megamesh-fp8"):
+            out = run_megamesh(model, seq, batch, steps, "fp8" if system == "megamesh-fp8" else "bf16")
         else:
             out = run_hf(model, seq, batch, steps, compiled=system == "hf-compile")
     except Exception as e:  # noqa: BLE001 - OOM is reported, anything else too
         emit(error_row(e))
         return
-    if system == "megamesh":  # the step alone: not the loop's data, checkpoint or grammar libraries
+    if system.startswith("megamesh"):  # the step alone: not the loop's data, checkpoint or grammar libraries
         out["imported"] = not_loaded()
     emit(out)
 
@@ -234,22 +239,24 @@ def summarize(rows: list[dict], warmup: int, peak: float,
 
 
 def table(results: list[dict]) -> str:
-    """Markdown: one row per system and shape, with ratios to HF eager and compiled."""
+    """Markdown: one row per system and shape, with ratios to HF eager and compiled and
+    to megamesh in bf16 (for its FP8 row)."""
     base = {(r["system"], r["seq"], r["batch"]): r.get("tokens_per_s") for r in results}
-    out = ["| system | seq x batch | remat / kernels | tokens/s | MFU | vs hf-eager | vs hf-compile |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| system | seq x batch | remat / kernels | tokens/s | MFU | vs hf-eager | vs hf-compile "
+           "| vs megamesh bf16 |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in results:
         key = (r["seq"], r["batch"])
         if "tokens_per_s" not in r:
-            out.append(f"| {r['system']} | {key[0]} x {key[1]} | | {r.get('error', '')[:80]} | | | |")
+            out.append(f"| {r['system']} | {key[0]} x {key[1]} | | {r.get('error', '')[:80]} | | | | |")
             continue
         ratios = []
-        for peer in ("hf-eager", "hf-compile"):
+        for peer in ("hf-eager", "hf-compile", "megamesh"):
             b = base.get((peer, *key))
             ratios.append(f"{r['tokens_per_s'] / b:.2f}x" if b else "-")
         how = f"{r['remat']}, {r['kernels']}" if "remat" in r else ""
         out.append(f"| {r['system']} | {key[0]} x {key[1]} | {how} | {r['tokens_per_s']:,.0f} "
-                   f"| {r['mfu']:.1%} | {ratios[0]} | {ratios[1]} |")
+                   f"| {r['mfu']:.1%} | {ratios[0]} | {ratios[1]} | {ratios[2]} |")
     return "\n".join(out)
 
 

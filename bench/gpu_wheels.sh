@@ -7,7 +7,7 @@
 # of the packages below). `megamesh serve` (gpu_serve.py's megamesh-http row) and
 # `megamesh train` (bench/host_gap.py) also need these. On this machine:
 #
-#   bash bench/gpu_wheels.sh            # -> .whl/ (gitignored), 24 wheels, 14 MB
+#   bash bench/gpu_wheels.sh            # -> .whl/ (gitignored), 25 wheels, ~15 MB
 #
 # then carry `.whl` and start the command on the GPU machine with:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -25,6 +25,8 @@ WHEELS=(
   referencing==0.37.0 rpds-py==2026.9.1
   # megamesh train: data and metrics
   grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 tensorboardX==2.6.5
+  # --precision fp8 (bench/gpu_train.py megamesh-fp8): Qwix (flax is on the image)
+  qwix==0.1.8
 )
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_39_x86_64 --platform manylinux_2_35_x86_64 --platform manylinux_2_34_x86_64 \
