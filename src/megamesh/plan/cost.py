@@ -21,7 +21,13 @@ bench/plan_calibration.py, sources in docs/sources.md; BENCHMARKS.md "Planner ca
   RoPE, residual adds, SwiGLU) as a multiple of one bf16 read and write of their operands
   (f32 upcasts inside norms, the backward pass re-reading them);
 - MOE_IMBALANCE: expert matmuls take this much longer than their FLOPs
-  say, because the step waits for the busiest expert (routing is never perfectly even).
+  say, because the step waits for the busiest expert (routing is never perfectly even);
+- FP8_MXU_EFFICIENCY: share of the FP8 peak the layers' matmuls sustain under
+  `--precision fp8` (fitted on MaxText's published fp8_full rows on Ironwood,
+  bench/plan_calibration.py FP8_ROWS). Only those matmuls run at the FP8 rate: attention's
+  kernels, the output head and MoE dispatch stay bf16 (as in `model/quant.py`). MFU is
+  model FLOPs over the bf16 peak in both precisions, so FP8's MFU is bf16's times its
+  speed-up.
 Approximate by nature: a torus axis is assumed to get the share of the chip's links its
 size spans (log n / log slice size, at least one torus dimension).
 
