@@ -1177,6 +1177,32 @@ def test_openai_chat_completions(server, client):
         oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, n=2)
 
 
+def test_openai_completions_continue_a_raw_prompt(server, engine):
+    """Issue 27 point 4: the legacy /v1/completions through the official SDK: the prompt
+    continued as is (no chat template), greedy equal to the model's own decode of its
+    tokens, streamed the same, echo, token-id prompts, usage; what it cannot honour is a
+    400 naming the field."""
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    prompt = "def parse(text):\n    "
+    r = oa.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    ids = engine.model.tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert r.object == "text_completion" and r.choices[0].text == reference_greedy(engine, ids, 12)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens <= 12
+    assert r.choices[0].finish_reason in ("length", "stop")
+    chunks = list(oa.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    echoed = oa.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + r.choices[0].text
+    by_ids = oa.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    for bad, field in (({"n": 2}, "n"), ({"logprobs": 3}, "logprobs"), ({"suffix": "x"}, "suffix"),
+                       ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**9]}, "prompt")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            oa.completions.create(**{"model": "tiny", "prompt": prompt, "max_tokens": 4, **bad})
+
+
 # ----------------------------------------------------------------------------- load and abuse
 
 

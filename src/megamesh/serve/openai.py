@@ -1,5 +1,6 @@
-"""The OpenAI chat-completions API over the request core: POST /v1/chat/completions
-(plain and streaming), so OpenAI SDKs and tools work against megamesh unchanged."""
+"""The OpenAI API over the request core: POST /v1/chat/completions and the legacy
+POST /v1/completions (a raw prompt continued), plain and streaming, so OpenAI SDKs and
+tools work against megamesh unchanged."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from megamesh.serve.core import (
     ApiError,
     Core,
     OpenSchema,
+    Prompt,
     clip,
     sse_json,
     text_of,
@@ -130,6 +132,61 @@ class ChatRequest(OpenSchema):
                               grammar=grammar)
 
 
+class CompletionRequest(OpenSchema):
+    """POST /v1/completions: a raw prompt continued (no chat template, no tools)."""
+
+    model: str
+    prompt: str | Annotated[list[str], FAIL_FAST] | Annotated[list[int], FAIL_FAST]
+    max_tokens: int = Field(default=16, ge=0)  # OpenAI's default for this route
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    stop: str | Annotated[list[str], FAIL_FAST] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    n: int = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    echo: bool = False
+    user: str | None = None  # accepted: an end-user id changes no output
+    # accepted only at the values that change nothing; anything else is refused
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+    ignore_eos: bool = False
+
+    def refuse_unsupported(self) -> None:
+        checks = [
+            ("n", self.n != 1, f"n={self.n} (only 1)"),
+            ("suffix", bool(self.suffix), "insertion (suffix)"),
+            ("best_of", self.best_of not in (None, 1), "best_of other than 1"),
+            ("logprobs", self.logprobs not in (None, 0), "log probabilities"),
+            ("presence_penalty", self.presence_penalty not in (None, 0), "penalties"),
+            ("frequency_penalty", self.frequency_penalty not in (None, 0), "penalties"),
+            ("logit_bias", bool(self.logit_bias), "logit bias"),
+            ("stream_options", bool(set(self.stream_options or {}) - {"include_usage"}),
+             "stream options other than include_usage"),
+        ]
+        for name, bad, what in checks:
+            if bad:
+                raise ApiError(400, f"{name}: {what} is not supported by this server")
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            if len(self.prompt) != 1:
+                raise ApiError(400, f"prompt: a list of {len(self.prompt)} prompts is not supported "
+                                    "(one prompt per request)")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ApiError(400, "prompt: must not be empty")
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(max_tokens=max_tokens,
+                              temperature=1.0 if self.temperature is None else self.temperature,
+                              top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
+                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -232,6 +289,68 @@ def register(app: FastAPI, core: Core) -> None:
             yield chunk({}, "tool_calls" if called_all else FINISH[ev.stop_reason])
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                        "model": req.model, "choices": [], "usage": usage(gen.n_out)}
+                yield f"data: {sse_json(body)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return core.stream(gen, events(), {"cache-control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        key, req = await core.parse(request, CompletionRequest)
+        req.refuse_unsupported()
+        if isinstance(req.prompt, list) and isinstance(req.prompt[0], int):
+            vocab = core.engine.cfg.vocab_size
+            bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt: token id {bad} is not in this model's vocabulary "
+                                    f"(0..{vocab - 1})")
+            prompt = Prompt(list(req.prompt), [])
+            prompt_text = core.model.tokenizer.decode(req.prompt)
+        else:
+            prompt_text = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+            prompt = await core.encode(prompt_text)
+        echo = prompt_text if req.echo else ""
+        cid, created = "cmpl-" + secrets.token_hex(12), int(time.time())
+
+        def usage(n_out: int) -> dict[str, Any]:
+            return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
+                    "total_tokens": len(prompt) + n_out}
+
+        if req.max_tokens == 0:  # nothing to generate: the prompt (echoed) alone
+            return JSONResponse({"id": cid, "object": "text_completion", "created": created,
+                                 "model": req.model, "choices": [{"text": echo, "index": 0,
+                                 "logprobs": None, "finish_reason": "length"}], "usage": usage(0)})
+        gen = core.start(prompt, req.sampling(req.max_tokens), key)
+        if not req.stream:
+            text, ev = await core.complete(request, gen)
+            return JSONResponse({
+                "id": cid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": [{"text": echo + text, "index": 0, "logprobs": None,
+                             "finish_reason": FINISH[ev.stop_reason]}],
+                "usage": usage(ev.output_tokens)})
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+        def chunk(text: str, reason: str | None) -> bytes:
+            body = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+            return f"data: {sse_json(body)}\n\n".encode()
+
+        async def events():
+            if echo:
+                yield chunk(echo, None)
+            async for ev in gen.events():
+                if ev.text:
+                    yield chunk(ev.text, None)
+            failed = core.failure(gen, ev)
+            if failed:
+                err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
+                yield f"data: {sse_json(err)}\n\n".encode()
+                return
+            yield chunk("", FINISH[ev.stop_reason])
+            if include_usage:
+                body = {"id": cid, "object": "text_completion", "created": created,
                         "model": req.model, "choices": [], "usage": usage(gen.n_out)}
                 yield f"data: {sse_json(body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
