@@ -1173,8 +1173,25 @@ def test_openai_chat_completions(server, client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    with pytest.raises(openai.BadRequestError):
-        oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, n=2)
+    # n choices: seeded, choice i draws from seed + i (reproducible, different), streamed the same
+    many = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=12, n=3, seed=7,
+                                      temperature=1.0)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    texts = [c.message.content for c in many.choices]
+    assert len(set(texts)) > 1
+    again = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=12, n=3, seed=7,
+                                       temperature=1.0)
+    assert [c.message.content for c in again.choices] == texts
+    one = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=12, seed=8, temperature=1.0)
+    assert one.choices[0].message.content == texts[1]
+    assert many.usage.prompt_tokens == r.usage.prompt_tokens and many.usage.completion_tokens >= 3
+    streamed = list(oa.chat.completions.create(model="tiny", messages=messages, max_tokens=12, n=3,
+                                               seed=7, temperature=1.0, stream=True))
+    got = ["".join(c.choices[0].delta.content or "" for c in streamed
+                   if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert got == texts
+    with pytest.raises(openai.BadRequestError, match="n"):
+        oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, n=17)
 
 
 def test_openai_completions_continue_a_raw_prompt(server, engine):
@@ -1197,7 +1214,9 @@ def test_openai_completions_continue_a_raw_prompt(server, engine):
     assert echoed.choices[0].text == prompt + r.choices[0].text
     by_ids = oa.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
     assert by_ids.choices[0].text == r.choices[0].text
-    for bad, field in (({"n": 2}, "n"), ({"logprobs": 3}, "logprobs"), ({"suffix": "x"}, "suffix"),
+    two = oa.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, n=2)
+    assert [c.text for c in two.choices] == [r.choices[0].text] * 2 and two.choices[1].index == 1
+    for bad, field in (({"n": 17}, "n"), ({"logprobs": 3}, "logprobs"), ({"suffix": "x"}, "suffix"),
                        ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**9]}, "prompt")):
         with pytest.raises(openai.BadRequestError, match=field):
             oa.completions.create(**{"model": "tiny", "prompt": prompt, "max_tokens": 4, **bad})

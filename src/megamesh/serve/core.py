@@ -695,6 +695,61 @@ class Core:
             raise failed
         return "".join(text), ev
 
+    def start_n(self, prompt: Prompt, samplings: list[SamplingParams], key: str,
+                **kw: Any) -> list[Generation]:
+        """`start` once per sampling (OpenAI's `n`: several choices of one prompt, which
+        share its cached pages); if one is refused, those already admitted are finished
+        and the refusal raised."""
+        gens: list[Generation] = []
+        try:
+            for sampling in samplings:
+                gens.append(self.start(prompt, sampling, key, **kw))
+        except BaseException:
+            for g in gens:
+                self.finish(g)
+            raise
+        return gens
+
+    async def complete_n(self, request: Request, gens: list[Generation]) -> list[tuple[str, Event]]:
+        """`complete` for each generation at once; if one fails, the others are finished."""
+        try:
+            return list(await asyncio.gather(*(self.complete(request, g) for g in gens)))
+        finally:
+            for g in gens:
+                self.finish(g)
+
+    async def events_n(self, gens: list[Generation]):
+        """(index, event) of several generations as they arrive, each up to its last."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, g: Generation) -> None:
+            async for ev in g.events():
+                await merged.put((i, ev))
+
+        tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+        try:
+            left = len(gens)
+            while left:
+                i, ev = await merged.get()
+                left -= ev.done
+                yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def stream_n(self, gens: list[Generation], chunks: Any, headers: dict[str, str]) -> StreamingResponse:
+        """`stream` over several generations: every one is finished however it ends."""
+
+        async def guarded():
+            try:
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                for g in gens:
+                    self.finish(g)
+
+        return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
+
     def _check_tool_input(self, gen: Generation) -> None:
         """A finished call's input against its tool's full schema: decoding enforced all
         but the keywords the grammar engine lacks (`tools.enforceable`); a mismatch is
@@ -760,12 +815,4 @@ class Core:
     def stream(self, gen: Generation, chunks: Any, headers: dict[str, str]) -> StreamingResponse:
         """A server-sent-events response of `chunks` (an async generator of bytes reading
         `gen.events()`); `finish` runs however the stream ends, the client leaving included."""
-
-        async def guarded():
-            try:
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                self.finish(gen)
-
-        return StreamingResponse(guarded(), media_type="text/event-stream", headers=headers)
+        return self.stream_n([gen], chunks, headers)

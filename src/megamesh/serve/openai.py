@@ -28,6 +28,7 @@ from megamesh.serve.core import (
 )
 from megamesh.serve.engine import SamplingParams
 
+MAX_N = 16  # choices per request (each a generation in the engine, sharing the prompt's pages)
 # the engine's stop reasons in OpenAI's words
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
           "model_context_window_exceeded": "length"}
@@ -50,7 +51,7 @@ class ChatRequest(OpenSchema):
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stop: str | Annotated[list[str], FAIL_FAST] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
@@ -122,14 +123,9 @@ class ChatRequest(OpenSchema):
         kind = {"required": "any"}.get(choice, choice)
         return found, tools.grammar(found, kind, name)
 
-    def sampling(self, max_tokens: int, grammar: str | None) -> SamplingParams:
-        """`grammar`: `tool_setup`'s."""
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(max_tokens=max_tokens,
-                              temperature=1.0 if self.temperature is None else self.temperature,
-                              top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
-                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos,
-                              grammar=grammar)
+    def samplings(self, max_tokens: int, grammar: str | None) -> list[SamplingParams]:
+        """One per choice (`n`); `grammar`: `tool_setup`'s."""
+        return _samplings(self, max_tokens, grammar)
 
 
 class CompletionRequest(OpenSchema):
@@ -143,7 +139,7 @@ class CompletionRequest(OpenSchema):
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
     stop: str | Annotated[list[str], FAIL_FAST] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     echo: bool = False
@@ -159,7 +155,6 @@ class CompletionRequest(OpenSchema):
 
     def refuse_unsupported(self) -> None:
         checks = [
-            ("n", self.n != 1, f"n={self.n} (only 1)"),
             ("suffix", bool(self.suffix), "insertion (suffix)"),
             ("best_of", self.best_of not in (None, 1), "best_of other than 1"),
             ("logprobs", self.logprobs not in (None, 0), "log probabilities"),
@@ -179,12 +174,20 @@ class CompletionRequest(OpenSchema):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ApiError(400, "prompt: must not be empty")
 
-    def sampling(self, max_tokens: int) -> SamplingParams:
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(max_tokens=max_tokens,
-                              temperature=1.0 if self.temperature is None else self.temperature,
-                              top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
-                              seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)
+    def samplings(self, max_tokens: int) -> list[SamplingParams]:
+        return _samplings(self, max_tokens, None)
+
+
+def _samplings(req: Any, max_tokens: int, grammar: str | None) -> list[SamplingParams]:
+    """The sampling of each of a request's `n` choices: with a `seed`, choice i draws from
+    seed + i (each reproducible, the choices different); without, each its own."""
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    return [SamplingParams(max_tokens=max_tokens,
+                           temperature=1.0 if req.temperature is None else req.temperature,
+                           top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
+                           seed=None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63,
+                           stop=stop, ignore_eos=req.ignore_eos, grammar=grammar)
+            for i in range(req.n)]
 
 
 def _is_json(text: str) -> bool:
@@ -199,8 +202,6 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
         key, req = await core.parse(request, ChatRequest)
-        if req.n != 1:
-            raise ApiError(400, f"n: {req.n} is not supported (only n=1)")
         req.refuse_unsupported()
         found, grammar = req.tool_setup()
         system, turns = [], []
@@ -231,69 +232,74 @@ def register(app: FastAPI, core: Core) -> None:
             system.append(tools.render_tools(found))
         prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
-        gen = core.start(prompt, req.sampling(max_tokens, grammar), key,
-                         tools=found if calling else [])
+        gens = core.start_n(prompt, req.samplings(max_tokens, grammar), key,
+                            tools=found if calling else [])
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
         def usage(n_out: int) -> dict[str, Any]:
             # OpenAI caches prompt prefixes automatically and reports what was reused
             return {"prompt_tokens": len(prompt), "completion_tokens": n_out,
                     "total_tokens": len(prompt) + n_out,
-                    "prompt_tokens_details": {"cached_tokens": gen.cached_tokens or 0}}
+                    "prompt_tokens_details": {"cached_tokens": gens[0].cached_tokens or 0}}
 
         if not req.stream:
-            text, ev = await core.complete(request, gen)
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            reason = FINISH[ev.stop_reason]
-            prose, fn, args = tools.parse(text) if calling else (text, None, "")
-            if fn is not None and _is_json(args):
-                message = {"role": "assistant", "content": prose or None, "tool_calls": [
-                    {"id": "call_" + secrets.token_hex(12), "type": "function",
-                     "function": {"name": fn, "arguments": args}}]}
-                reason = "tool_calls" if ev.stop_reason == "end_turn" else reason
+            choices = []
+            for i, (text, ev) in enumerate(await core.complete_n(request, gens)):
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                reason = FINISH[ev.stop_reason]
+                prose, fn, args = tools.parse(text) if calling else (text, None, "")
+                if fn is not None and _is_json(args):
+                    message = {"role": "assistant", "content": prose or None, "tool_calls": [
+                        {"id": "call_" + secrets.token_hex(12), "type": "function",
+                         "function": {"name": fn, "arguments": args}}]}
+                    reason = "tool_calls" if ev.stop_reason == "end_turn" else reason
+                choices.append({"index": i, "message": message, "finish_reason": reason,
+                                "logprobs": None})
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": reason,
-                             "logprobs": None}],
-                "usage": usage(ev.output_tokens)})
+                "choices": choices, "usage": usage(sum(g.n_out for g in gens))})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
-        def chunk(delta: dict[str, Any], reason: str | None) -> bytes:
+        def chunk(i: int, delta: dict[str, Any], reason: str | None) -> bytes:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+                    "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
             return f"data: {sse_json(body)}\n\n".encode()
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""}, None)
-            reader, called = tools.CallReader(), False
-            async for ev in gen.events():
-                pieces = (reader.push(ev.text) + (reader.flush() if ev.done else [])) if calling \
-                    else [("text", ev.text)] if ev.text else []
+            for i in range(len(gens)):
+                yield chunk(i, {"role": "assistant", "content": ""}, None)
+            readers = [tools.CallReader() for _ in gens]
+            called = [False] * len(gens)
+            async for i, ev in core.events_n(gens):
+                pieces = (readers[i].push(ev.text) + (readers[i].flush() if ev.done else [])) \
+                    if calling else [("text", ev.text)] if ev.text else []
                 for kind, piece in pieces:
                     if kind == "text":
-                        yield chunk({"content": piece}, None)
+                        yield chunk(i, {"content": piece}, None)
                     elif kind == "name":
-                        called = True
-                        yield chunk({"tool_calls": [{"index": 0, "id": "call_" + secrets.token_hex(12),
-                                                     "type": "function",
-                                                     "function": {"name": piece, "arguments": ""}}]}, None)
+                        called[i] = True
+                        yield chunk(i, {"tool_calls": [{"index": 0, "id": "call_" + secrets.token_hex(12),
+                                                        "type": "function",
+                                                        "function": {"name": piece, "arguments": ""}}]}, None)
                     else:
-                        yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
-            failed = core.failure(gen, ev)
-            if failed:
-                err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
-                yield f"data: {sse_json(err)}\n\n".encode()
-                return
-            called_all = called and ev.stop_reason == "end_turn"
-            yield chunk({}, "tool_calls" if called_all else FINISH[ev.stop_reason])
+                        yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
+                if not ev.done:
+                    continue
+                failed = core.failure(gens[i], ev)
+                if failed:
+                    err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
+                    yield f"data: {sse_json(err)}\n\n".encode()
+                    return
+                called_all = called[i] and ev.stop_reason == "end_turn"
+                yield chunk(i, {}, "tool_calls" if called_all else FINISH[ev.stop_reason])
             if include_usage:
                 body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model, "choices": [], "usage": usage(gen.n_out)}
+                        "model": req.model, "choices": [], "usage": usage(sum(g.n_out for g in gens))}
                 yield f"data: {sse_json(body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
-        return core.stream(gen, events(), {"cache-control": "no-cache"})
+        return core.stream_n(gens, events(), {"cache-control": "no-cache"})
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -319,40 +325,44 @@ def register(app: FastAPI, core: Core) -> None:
 
         if req.max_tokens == 0:  # nothing to generate: the prompt (echoed) alone
             return JSONResponse({"id": cid, "object": "text_completion", "created": created,
-                                 "model": req.model, "choices": [{"text": echo, "index": 0,
-                                 "logprobs": None, "finish_reason": "length"}], "usage": usage(0)})
-        gen = core.start(prompt, req.sampling(req.max_tokens), key)
+                                 "model": req.model, "choices": [{"text": echo, "index": i,
+                                 "logprobs": None, "finish_reason": "length"} for i in range(req.n)],
+                                 "usage": usage(0)})
+        gens = core.start_n(prompt, req.samplings(req.max_tokens), key)
         if not req.stream:
-            text, ev = await core.complete(request, gen)
+            done = await core.complete_n(request, gens)
             return JSONResponse({
                 "id": cid, "object": "text_completion", "created": created, "model": req.model,
-                "choices": [{"text": echo + text, "index": 0, "logprobs": None,
-                             "finish_reason": FINISH[ev.stop_reason]}],
-                "usage": usage(ev.output_tokens)})
+                "choices": [{"text": echo + text, "index": i, "logprobs": None,
+                             "finish_reason": FINISH[ev.stop_reason]} for i, (text, ev) in enumerate(done)],
+                "usage": usage(sum(ev.output_tokens for _, ev in done))})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
-        def chunk(text: str, reason: str | None) -> bytes:
+        def chunk(i: int, text: str, reason: str | None) -> bytes:
             body = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": reason}]}
+                    "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}]}
             return f"data: {sse_json(body)}\n\n".encode()
 
         async def events():
             if echo:
-                yield chunk(echo, None)
-            async for ev in gen.events():
+                for i in range(len(gens)):
+                    yield chunk(i, echo, None)
+            async for i, ev in core.events_n(gens):
                 if ev.text:
-                    yield chunk(ev.text, None)
-            failed = core.failure(gen, ev)
-            if failed:
-                err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
-                yield f"data: {sse_json(err)}\n\n".encode()
-                return
-            yield chunk("", FINISH[ev.stop_reason])
+                    yield chunk(i, ev.text, None)
+                if not ev.done:
+                    continue
+                failed = core.failure(gens[i], ev)
+                if failed:
+                    err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
+                    yield f"data: {sse_json(err)}\n\n".encode()
+                    return
+                yield chunk(i, "", FINISH[ev.stop_reason])
             if include_usage:
                 body = {"id": cid, "object": "text_completion", "created": created,
-                        "model": req.model, "choices": [], "usage": usage(gen.n_out)}
+                        "model": req.model, "choices": [], "usage": usage(sum(g.n_out for g in gens))}
                 yield f"data: {sse_json(body)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
-        return core.stream(gen, events(), {"cache-control": "no-cache"})
+        return core.stream_n(gens, events(), {"cache-control": "no-cache"})
