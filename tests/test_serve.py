@@ -562,6 +562,25 @@ def test_several_model_ids_and_any_model(engine):
                                           messages=hello).model == "house-model"
         with pytest.raises(anthropic.NotFoundError, match="serves 'tiny', 'house-model'"):
             sdk.messages.create(model="other-model", max_tokens=2, messages=hello)
+        # issue 27 point 4: an anthropic-beta this server does not know is a 400 naming it;
+        # the betas Claude Code sends are known
+        known = "claude-code-20250219,interleaved-thinking-2025-05-14"
+        msg = sdk.messages.create(model="tiny", max_tokens=2, messages=hello,
+                                  extra_headers={"anthropic-beta": known})
+        assert msg.stop_reason in ("max_tokens", "end_turn")
+        for call in (sdk.messages.create, sdk.messages.count_tokens):
+            kw = {"max_tokens": 2} if call == sdk.messages.create else {}
+            with pytest.raises(anthropic.BadRequestError, match="future-feature-2099-01-01"):
+                call(model="tiny", messages=hello, **kw,
+                     extra_headers={"anthropic-beta": known + ",future-feature-2099-01-01"})
+    finally:
+        running.stop()
+    running = start_in_thread(create_app(engine, Settings(unknown_betas="ignore")), log=lambda *_: None)
+    try:  # --unknown-betas ignore: accepted and counted
+        sdk = anthropic.Anthropic(base_url=running.url, api_key="k", max_retries=0)
+        sdk.messages.create(model="tiny", max_tokens=2, messages=hello,
+                            extra_headers={"anthropic-beta": "future-feature-2099-01-01"})
+        assert "megamesh_unknown_betas_total 1.0" in httpx.get(running.url + "/metrics").text
     finally:
         running.stop()
     running = start_in_thread(create_app(engine, Settings(any_model=True, max_output_tokens=3)),

@@ -26,6 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--any-model", action="store_true",
                    help="answer whatever model id a request names (a proxy in front of one "
                    "model); responses name the id the request used")
+    p.add_argument("--unknown-betas", choices=("reject", "ignore"), default="reject",
+                   help="an anthropic-beta header value this server does not know: reject (a 400, "
+                   "as the Messages API does; default) or ignore (counted in /metrics, logged once)")
     p.add_argument("--mesh", help="serving layout such as tensor=4 (default: all devices on tensor)")
     p.add_argument("--slots", type=int, default=16,
                    help="concurrent sequences (rows of the decode batch; default 16)")
@@ -184,7 +187,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
                         cache_min_tokens=args.cache_min_tokens, batch_db=args.batch_db,
                         batch_concurrency=args.batch_concurrency, aliases=tuple(args.alias),
-                        any_model=args.any_model, max_output_tokens=args.max_output_tokens)
+                        any_model=args.any_model, max_output_tokens=args.max_output_tokens,
+                        unknown_betas=args.unknown_betas)
     app = create_app(engine, settings)
     if engine.extrapolated:
         print(f"warning: --max-len {engine.max_len:,} is past the {engine.trained_len:,} tokens "

@@ -129,9 +129,10 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
 EFFORTS = ("low", "medium", "high", "max")
 
 # `anthropic-beta` values this server knows, and what each changes here (the betas Claude
-# Code sends, recorded in tests/data/claude_code). Others are accepted, ignored, counted
-# (megamesh_unknown_betas_total) and logged once: a beta gates an API feature, and a
-# feature this server lacks is refused by its own field's check, never by the header.
+# Code sends, recorded in tests/data/claude_code). Any other is a 400 naming it, as the
+# Messages API answers a beta it does not know (`note_betas`); `megamesh serve
+# --unknown-betas ignore` accepts them instead, counted (megamesh_unknown_betas_total) and
+# logged once, for clients newer than this list.
 BETAS = {
     "claude-code-20250219": "nothing (no Claude Code-only behaviour here)",
     "interleaved-thinking-2025-05-14": "nothing (the models here do not think)",
@@ -148,9 +149,16 @@ _seen_unknown: set[str] = set()
 
 
 def note_betas(core: Core, request: Request) -> None:
+    """The request's anthropic-beta values: each one BETAS knows is fine; an unknown one
+    is a 400 naming it (counted either way), or, under --unknown-betas ignore, counted and
+    logged once."""
     for beta in filter(None, (b.strip() for b in request.headers.get("anthropic-beta", "").split(","))):
         if beta not in BETAS:
             core.metrics.unknown_betas.inc()
+            if core.settings.unknown_betas == "reject":
+                raise ApiError(400, f"anthropic-beta: {clip(beta)} is not a beta this server knows "
+                                    f"(known: {', '.join(sorted(BETAS))}); an operator can accept "
+                                    "unknown ones with megamesh serve --unknown-betas ignore")
             if beta not in _seen_unknown and len(_seen_unknown) < 1000:
                 _seen_unknown.add(beta)
                 core.engine.log(f"anthropic-beta {clip(beta)} is not known here: ignored")
@@ -356,4 +364,5 @@ def register(app: FastAPI, core: Core) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request) -> Response:
         _, req = await core.parse(request, CountTokensRequest)
+        note_betas(core, request)
         return JSONResponse({"input_tokens": len(await prompt_of(core, req))})  # cached or not

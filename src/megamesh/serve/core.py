@@ -77,6 +77,10 @@ class Settings:
     aliases: tuple[str, ...] = ()  # more model ids this model answers to
     any_model: bool = False  # answer whatever model id a request names (a proxy's backend)
     max_output_tokens: int = 0  # the operator's cap on any request's output (0: none)
+    # an anthropic-beta value not in anthropic.BETAS: "reject" (a 400, as the Messages API
+    # answers an unknown beta) or "ignore" (counted and logged once: for a client that
+    # sends betas newer than this server)
+    unknown_betas: str = "reject"
 
 
 class TokenBucket:
