@@ -850,9 +850,13 @@ def test_tool_use_through_the_anthropic_sdk(client):
         assert m.stop_reason == "tool_use", m.content
         call = m.content[-1]
         assert call.type == "tool_use" and call.id.startswith("toolu_")
-        tool = {"weather": WEATHER, "search": SEARCH}[call.name]
-        jsonschema.validate(call.input, tool["input_schema"])
-        assert i % 2 or call.name == "search"
+        for c in m.content:  # one call or several (parallel by default), each valid
+            assert c.type == "tool_use"
+            jsonschema.validate(c.input, {"weather": WEATHER, "search": SEARCH}[c.name]["input_schema"])
+            assert i % 2 or c.name == "search"
+        one = client.messages.create(model="tiny", max_tokens=64, tools=[WEATHER, SEARCH], messages=msgs,
+                                     tool_choice={**choice, "disable_parallel_tool_use": True})
+        assert [c.type for c in one.content] == ["tool_use"] and one.stop_reason == "tool_use"
     with client.messages.stream(model="tiny", max_tokens=64, tools=[WEATHER], messages=msgs,
                                 tool_choice={"type": "any"}) as stream:
         kinds = [e.delta.type for e in stream if e.type == "content_block_delta"]
@@ -915,6 +919,60 @@ def test_the_template_end_marker_may_follow_a_call_or_a_json_answer(engine):
             assert (consumed == len(tok.encode(text + tail).ids) and not m.is_error()) == ok, (text, tail)
             if ok:
                 assert m.is_accepting()
+
+
+def test_a_preface_and_several_calls_in_one_answer(engine):
+    """Issue 27 point 4: under tool_choice auto an answer may say something, then call
+    several tools back to back (any / tool: calls only; parallel off: one); a streamed
+    answer is read into the same text and calls whatever its chunking (a "<tool_call>"
+    inside an input's strings stays input, a text's other "<" keeps it text); both APIs
+    turn it into a text block / content and one tool_use block / tool_calls entry per
+    call, ending tool_use / tool_calls."""
+    from megamesh.serve import anthropic as anth
+    from megamesh.serve import openai as oa_route
+    from megamesh.serve import tools
+
+    tok = engine.model.tokenizer
+    found = tools.check_tools([WEATHER, SEARCH])
+
+    def accepts(grammar, text):
+        m = engine.matcher(grammar)
+        ids = tok.encode(text).ids
+        return m.try_consume_tokens(ids) == len(ids) and not m.is_error() and m.is_accepting()
+
+    first = tools.render_call("weather", {"city": "Oslo", "days": 2})
+    second = tools.render_call("search", {"q": "a<b"})
+    both = "Let me check both.\n" + first + second
+    auto, any_, single = (tools.grammar(found, "auto"), tools.grammar(found, "any"),
+                          tools.grammar(found, "auto", parallel=False))
+    assert accepts(auto, both) and accepts(auto, first + second) and accepts(auto, "hi <b>there</b>")
+    assert accepts(any_, first + second) and not accepts(any_, both)  # any: calls only
+    assert accepts(single, "Sure.\n" + first) and not accepts(single, first + second)
+    # a preface has no "<": text with another "<" first is text to the end, calls and all
+    assert tools.parse("Hmm <b> " + first) == ("Hmm <b> " + first, [])
+    prose, calls = tools.parse(both)
+    assert prose == "Let me check both.\n" and [c.name for c in calls] == ["weather", "search"]
+    assert json.loads(calls[1].args) == {"q": "a<b"}
+    tricky = tools.render_call("search", {"q": "<tool_call>b\n{}"}) + first  # a trigger in a string
+    assert [(c.name, json.loads(c.args)) for c in tools.parse(tricky)[1]] == [
+        ("search", {"q": "<tool_call>b\n{}"}), ("weather", {"city": "Oslo", "days": 2})]
+    for size in (1, 3, 7):  # streamed in pieces: the same pieces joined
+        r, pieces = tools.CallReader(), []
+        for i in range(0, len(both), size):
+            pieces += r.push(both[i:i + size])
+        pieces += r.flush()
+        names = [s for k, s in pieces if k == "name"]
+        assert names == ["weather", "search"]
+        assert "".join(s for k, s in pieces if k == "text") == prose
+    assert tools.parse("x < y and <b>") == ("x < y and <b>", [])
+    blocks, stop = anth.content_of(both, "end_turn", calling=True)
+    assert [b["type"] for b in blocks] == ["text", "tool_use", "tool_use"] and stop == "tool_use"
+    assert blocks[2]["input"] == {"q": "a<b"}
+    message, reason = oa_route.choice_message(both, "end_turn", calling=True)
+    assert message["content"] == prose and reason == "tool_calls"
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["weather", "search"]
+    cut, stop = anth.content_of(both[:-3], "max_tokens", calling=True)  # a call cut off: text
+    assert [b["type"] for b in cut] == ["text"] and stop == "max_tokens"
 
 
 def test_tool_input_schemas_are_closed_unless_they_say_otherwise(engine):
@@ -988,10 +1046,16 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
     chunks = list(oa.chat.completions.create(
         model="tiny", messages=msgs, tools=fns, max_tokens=64, stream=True,
         tool_choice={"type": "function", "function": {"name": "search"}}))
-    args = "".join(c.choices[0].delta.tool_calls[0].function.arguments or "" for c in chunks
-                   if c.choices and c.choices[0].delta.tool_calls)
-    assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    jsonschema.validate(json.loads(args), SEARCH["input_schema"])
+    args: dict[int, str] = {}
+    for c in chunks:
+        for d in (c.choices[0].delta.tool_calls or []) if c.choices else []:
+            args[d.index] = args.get(d.index, "") + (d.function.arguments or "")
+    assert chunks[-1].choices[0].finish_reason == "tool_calls" and sorted(args) == list(range(len(args)))
+    for a in args.values():
+        jsonschema.validate(json.loads(a), SEARCH["input_schema"])
+    single = oa.chat.completions.create(model="tiny", messages=msgs, tools=fns, tool_choice="required",
+                                        max_tokens=64, parallel_tool_calls=False)
+    assert len(single.choices[0].message.tool_calls) == 1
     follow = oa.chat.completions.create(model="tiny", max_tokens=4, tools=fns, messages=[
         *msgs, r.choices[0].message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": "cold"}])

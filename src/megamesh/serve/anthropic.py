@@ -114,7 +114,9 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
         raise ApiError(400, str(e)) from None
     choice = dict(req.tool_choice or {"type": "auto"})
     kind, name = choice.pop("type", None), choice.pop("name", None)
-    choice.pop("disable_parallel_tool_use", None)  # one call per response here anyway
+    single = choice.pop("disable_parallel_tool_use", False)
+    if not isinstance(single, bool):
+        raise ApiError(400, f"tool_choice.disable_parallel_tool_use: {clip(single)} is not a boolean")
     if choice:
         raise ApiError(400, f"tool_choice.{sorted(choice)[0]}: this field {UNSUPPORTED}")
     if kind not in ("auto", "any", "tool", "none"):
@@ -123,7 +125,7 @@ def tool_setup(req: MessagesRequest | CountTokensRequest) -> tuple[list[tools.To
         raise ApiError(400, f"tool_choice: {kind!r} needs tools")
     if kind == "tool" and name not in {t.name for t in found}:
         raise ApiError(400, f"tool_choice.name: {clip(name)} is not one of the tools")
-    return found, tools.grammar(found, kind, name if kind == "tool" else None)
+    return found, tools.grammar(found, kind, name if kind == "tool" else None, parallel=not single)
 
 
 EFFORTS = ("low", "medium", "high", "max")
@@ -249,19 +251,21 @@ async def prompt_of(core: Core, req: MessagesRequest | CountTokensRequest) -> Pr
 
 def content_of(text: str, stop_reason: str | None,
                calling: bool) -> tuple[list[dict[str, Any]], str | None]:
-    """A response's content blocks (text, and a tool_use block for a call when tools may
-    be called) and its stop_reason (tool_use for a whole call; a call cut off by
-    max_tokens stays text)."""
-    prose, name, args = tools.parse(text) if calling else (text, None, "")
-    if name is None:
+    """A response's content blocks (a text block for its text, then a tool_use block per
+    call when tools may be called) and its stop_reason (tool_use when it ends with whole
+    calls; a response whose calls do not all parse, e.g. cut off by max_tokens, stays text)."""
+    prose, calls = tools.parse(text) if calling else (text, [])
+    inputs = []
+    for call in calls:
+        try:
+            inputs.append(json.loads(call.args))
+        except json.JSONDecodeError:
+            return [{"type": "text", "text": text}], stop_reason  # cut off before it was whole
+    if not calls:
         return [{"type": "text", "text": text}], stop_reason
-    try:
-        tool_input = json.loads(args)
-    except json.JSONDecodeError:
-        return [{"type": "text", "text": text}], stop_reason  # cut off before it was whole
     blocks = [{"type": "text", "text": prose}] if prose else []
-    blocks.append({"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": name,
-                   "input": tool_input})
+    blocks += [{"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": c.name,
+                "input": value} for c, value in zip(calls, inputs)]
     return blocks, "tool_use" if stop_reason == "end_turn" else stop_reason
 
 

@@ -759,19 +759,19 @@ class Core:
         but the keywords the grammar engine lacks (`tools.enforceable`); a mismatch is
         returned as generated, as the Messages API returns a model's call (the client
         validates it, as Claude Code does), and counted and logged here."""
-        _, name, args = tool_mod.parse("".join(gen.text))
-        tool = next((t for t in gen.tools if t.name == name), None)
-        if tool is None:
-            return
-        try:
-            value = json.loads(args)
-        except json.JSONDecodeError:
-            return  # cut off before it was whole (max_tokens): not a call
-        problem = tool_mod.check_input(tool, value)
-        if problem:
-            self.metrics.tool_input_invalid.inc()
-            self.engine.log(f"tool {clip(name)}: the input breaks a schema keyword decoding could "
-                            f"not enforce ({clip(problem, 200, quote=False)})")
+        for call in tool_mod.parse("".join(gen.text))[1]:
+            tool = next((t for t in gen.tools if t.name == call.name), None)
+            if tool is None:
+                continue
+            try:
+                value = json.loads(call.args)
+            except json.JSONDecodeError:
+                continue  # cut off before it was whole (max_tokens): not a call
+            problem = tool_mod.check_input(tool, value)
+            if problem:
+                self.metrics.tool_input_invalid.inc()
+                self.engine.log(f"tool {clip(call.name)}: the input breaks a schema keyword decoding "
+                                f"could not enforce ({clip(problem, 200, quote=False)})")
 
     def failure(self, gen: Generation, ev: Event) -> ApiError | None:
         """How a generation that did not finish ends its response (None when it did): a 503

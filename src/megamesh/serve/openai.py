@@ -56,7 +56,7 @@ class ChatRequest(OpenSchema):
     stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"function": {name}}
-    parallel_tool_calls: bool | None = None  # accepted: one call per response here anyway
+    parallel_tool_calls: bool | None = None  # false: at most one call per choice
     user: str | None = None  # accepted: an end-user id changes no output
     # accepted only at the values that change nothing; anything else is refused
     logprobs: bool | None = None
@@ -121,7 +121,7 @@ class ChatRequest(OpenSchema):
                     raise ApiError(400, "response_format.json_schema.schema: must be a JSON schema object")
             return found, tools.json_grammar(schema)
         kind = {"required": "any"}.get(choice, choice)
-        return found, tools.grammar(found, kind, name)
+        return found, tools.grammar(found, kind, name, parallel=self.parallel_tool_calls is not False)
 
     def samplings(self, max_tokens: int, grammar: str | None) -> list[SamplingParams]:
         """One per choice (`n`); `grammar`: `tool_setup`'s."""
@@ -190,6 +190,20 @@ def _samplings(req: Any, max_tokens: int, grammar: str | None) -> list[SamplingP
             for i in range(req.n)]
 
 
+def choice_message(text: str, stop_reason: str, calling: bool) -> tuple[dict[str, Any], str]:
+    """A finished choice's message and finish_reason: its text, or, when tools may be
+    called and it holds calls that all parse, its preface as content and a tool_calls
+    entry per call (finish_reason tool_calls when it ended with them)."""
+    reason = FINISH[stop_reason]
+    prose, calls = tools.parse(text) if calling else (text, [])
+    if not calls or not all(_is_json(c.args) for c in calls):
+        return {"role": "assistant", "content": text}, reason
+    return {"role": "assistant", "content": prose or None, "tool_calls": [
+        {"id": "call_" + secrets.token_hex(12), "type": "function",
+         "function": {"name": c.name, "arguments": c.args}} for c in calls]}, \
+        "tool_calls" if stop_reason == "end_turn" else reason
+
+
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
@@ -245,14 +259,7 @@ def register(app: FastAPI, core: Core) -> None:
         if not req.stream:
             choices = []
             for i, (text, ev) in enumerate(await core.complete_n(request, gens)):
-                message: dict[str, Any] = {"role": "assistant", "content": text}
-                reason = FINISH[ev.stop_reason]
-                prose, fn, args = tools.parse(text) if calling else (text, None, "")
-                if fn is not None and _is_json(args):
-                    message = {"role": "assistant", "content": prose or None, "tool_calls": [
-                        {"id": "call_" + secrets.token_hex(12), "type": "function",
-                         "function": {"name": fn, "arguments": args}}]}
-                    reason = "tool_calls" if ev.stop_reason == "end_turn" else reason
+                message, reason = choice_message(text, ev.stop_reason, calling)
                 choices.append({"index": i, "message": message, "finish_reason": reason,
                                 "logprobs": None})
             return JSONResponse({
@@ -270,7 +277,7 @@ def register(app: FastAPI, core: Core) -> None:
             for i in range(len(gens)):
                 yield chunk(i, {"role": "assistant", "content": ""}, None)
             readers = [tools.CallReader() for _ in gens]
-            called = [False] * len(gens)
+            called = [0] * len(gens)  # calls begun per choice
             async for i, ev in core.events_n(gens):
                 pieces = (readers[i].push(ev.text) + (readers[i].flush() if ev.done else [])) \
                     if calling else [("text", ev.text)] if ev.text else []
@@ -278,12 +285,14 @@ def register(app: FastAPI, core: Core) -> None:
                     if kind == "text":
                         yield chunk(i, {"content": piece}, None)
                     elif kind == "name":
-                        called[i] = True
-                        yield chunk(i, {"tool_calls": [{"index": 0, "id": "call_" + secrets.token_hex(12),
+                        called[i] += 1
+                        yield chunk(i, {"tool_calls": [{"index": called[i] - 1,
+                                                        "id": "call_" + secrets.token_hex(12),
                                                         "type": "function",
                                                         "function": {"name": piece, "arguments": ""}}]}, None)
                     else:
-                        yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None)
+                        yield chunk(i, {"tool_calls": [{"index": called[i] - 1,
+                                                        "function": {"arguments": piece}}]}, None)
                 if not ev.done:
                     continue
                 failed = core.failure(gens[i], ev)

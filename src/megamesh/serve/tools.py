@@ -1,6 +1,6 @@
 """Tool use and structured output, for both APIs: tools rendered into the chat template,
 the grammar that constrains the model's output (llguidance, `serve.engine`), and the
-reading of that output back into a tool call.
+reading of that output back into tool calls.
 
 The format megamesh's chat template uses (its own models are trained on nothing else;
 the grammar guarantees it whatever the model):
@@ -8,12 +8,13 @@ the grammar guarantees it whatever the model):
     <tool_call>NAME
     {the tool's input: JSON valid for its input_schema}
 
-A response is either such a call (its first characters are the trigger) or plain text
-(it cannot start with "<"); one call per response. An input's objects that list their
-properties are closed while decoding (`closed`), their properties in the schema's order.
-tool_choice: auto (either), any (a
-call to any tool), tool (a call to that one), none (text; the tools stay in the prompt).
-Earlier turns render a call the same way and a tool's result as
+A response is plain text (it cannot start with "<"), or calls: optionally a preface of
+text without "<" ("Let me look at both files."), then one call or several back to back
+(`parallel`: the Messages API's default, OpenAI's parallel_tool_calls; one when a client
+turns it off). An input's objects that list their properties are closed while decoding
+(`closed`), their properties in the schema's order. tool_choice: auto (text or calls),
+any (calls of any tool, no preface), tool (calls of that one), none (text; the tools stay
+in the prompt). Earlier turns render calls the same way and a tool's result as
 `<tool_result>...</tool_result>` in the user turn.
 """
 
@@ -197,15 +198,21 @@ def _compact(schema: dict[str, Any]) -> str:
     return json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
 
 
-def grammar(tools: list[Tool], choice: str, name: str | None = None) -> str | None:
-    """The llguidance (Lark) grammar for a response under `choice` (auto, any, tool, none)."""
+def grammar(tools: list[Tool], choice: str, name: str | None = None, parallel: bool = True) -> str | None:
+    """The llguidance (Lark) grammar for a response under `choice` (auto, any, tool, none);
+    `parallel`: several calls may follow one another (else at most one)."""
     if not tools or choice == "none":
         return None
     chosen = [t for t in tools if name is None or t.name == name]
     calls = " | ".join(f'"{t.name}\\n" input_{i}' for i, t in enumerate(chosen))
     rules = "\n".join(f"input_{i}: %json {_compact(t.enforced)}" for i, t in enumerate(chosen))
-    start = f'"{TRIGGER}" call{_END_OK}' + (" | PROSE" if choice == "auto" else "")
-    return f"start: {start}\ncall: {calls}\n{rules}\nPROSE: /[^<](?s:.*)/\n"
+    if choice == "auto":
+        start = f"PREFACE? calls{_END_OK} | PROSE"
+    else:
+        start = f"calls{_END_OK}"
+    return (f"start: {start}\ncalls: {'call+' if parallel else 'call'}\n"
+            f'call: "{TRIGGER}" named\nnamed: {calls}\n{rules}\n'
+            "PROSE: /[^<](?s:.*)/\nPREFACE: /[^<]+/\n")
 
 
 # The chat template's end marker may follow a call or a JSON answer (the template renders
@@ -221,47 +228,103 @@ def json_grammar(schema: dict[str, Any]) -> str:
 
 
 class CallReader:
-    """Reads a response as it streams: `push(text)` returns its new pieces, ("text", s) for
-    prose and ("name", tool) then ("input", json fragment)... for a call."""
+    """Reads a response as it streams: `push(text)` returns its new pieces: ("text", s) for
+    prose (a preface, or a whole text answer), and per call ("name", tool) then ("input",
+    json fragment)... The first "<" decides: the trigger starts calls (each input ends
+    where its JSON object closes, so a "<tool_call>" inside an input's strings is input);
+    any other "<" makes the rest text."""
 
     def __init__(self) -> None:
-        self.buf, self.mode = "", None  # mode: None (undecided), "text", "name", "input"
+        self.buf = ""
+        self.mode = "text"  # text (calls may follow), prose (text to the end), name, input, gap
+        self.depth, self.in_string, self.escaped = 0, False, False
 
     def push(self, text: str) -> list[tuple[str, str]]:
         self.buf += text
         out: list[tuple[str, str]] = []
-        if self.mode is None:
-            if TRIGGER.startswith(self.buf[:len(TRIGGER)]) and len(self.buf) < len(TRIGGER):
-                return out  # could still be the trigger
-            self.mode = "name" if self.buf.startswith(TRIGGER) else "text"
-            if self.mode == "name":
-                self.buf = self.buf[len(TRIGGER):]
-        if self.mode == "text":
-            out.append(("text", self.buf)) if self.buf else None
-            self.buf = ""
-        if self.mode == "name" and "\n" in self.buf:
-            name, self.buf = self.buf.split("\n", 1)
-            out.append(("name", name))
-            self.mode = "input"
-        if self.mode == "input" and self.buf:
-            out.append(("input", self.buf))
-            self.buf = ""
+        while self.buf:
+            if self.mode == "prose":
+                out.append(("text", self.buf))
+                self.buf = ""
+            elif self.mode in ("text", "gap"):
+                at = self.buf.find("<") if self.mode == "text" else 0
+                if at < 0:
+                    out.append(("text", self.buf))
+                    self.buf = ""
+                    break
+                if at:
+                    out.append(("text", self.buf[:at]))
+                    self.buf = self.buf[at:]
+                if len(self.buf) < len(TRIGGER) and TRIGGER.startswith(self.buf):
+                    break  # could still be the trigger
+                if self.buf.startswith(TRIGGER):
+                    self.buf, self.mode = self.buf[len(TRIGGER):], "name"
+                else:  # not a call after all: text to the end
+                    self.mode = "prose"
+            elif self.mode == "name":
+                if "\n" not in self.buf:
+                    break
+                name, self.buf = self.buf.split("\n", 1)
+                out.append(("name", name))
+                self.mode, self.depth, self.in_string, self.escaped = "input", 0, False, False
+            else:  # input: up to the end of its JSON value
+                end = self._json_end(self.buf)
+                piece = self.buf if end is None else self.buf[:end]
+                if piece:
+                    out.append(("input", piece))
+                if end is None:
+                    self.buf = ""
+                    break
+                self.buf, self.mode = self.buf[end:], "gap"
         return out
+
+    def _json_end(self, s: str) -> int | None:
+        """Where in `s` the current input's JSON value ends (None: not in `s`), carrying
+        the nesting and string state across pushes."""
+        for i, c in enumerate(s):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+        return None
 
     def flush(self) -> list[tuple[str, str]]:
         """What is left at the end (a response shorter than the trigger is text)."""
-        if self.mode is None:
-            self.mode = "text"
-            return [("text", self.buf)] if self.buf else []
+        if self.mode in ("text", "gap", "prose") and self.buf:
+            out, self.buf = [("text", self.buf)], ""
+            return out
         return []
 
 
-def parse(text: str) -> tuple[str, str | None, str]:
-    """A whole response: (prose, tool name or None, the input's JSON text)."""
+@dataclass
+class Call:
+    name: str
+    args: str  # the input's JSON text, as generated (may be cut off)
+
+
+def parse(text: str) -> tuple[str, list[Call]]:
+    """A whole response: (its text, the calls in order). A call cut off before its name
+    line ended has that name and no input."""
     r = CallReader()
-    pieces = r.push(text) + r.flush()
-    prose = "".join(s for k, s in pieces if k == "text")
-    name = next((s for k, s in pieces if k == "name"), None)
-    if name is None and r.mode == "name":  # cut off before the name line ended
-        name = r.buf
-    return prose, name, "".join(s for k, s in pieces if k == "input")
+    prose, calls = [], []
+    for kind, s in r.push(text) + r.flush():
+        if kind == "text":
+            prose.append(s)
+        elif kind == "name":
+            calls.append(Call(s, ""))
+        else:
+            calls[-1].args += s
+    if r.mode == "name":  # cut off before the name line ended
+        calls.append(Call(r.buf, ""))
+    return "".join(prose), calls
