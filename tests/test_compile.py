@@ -229,6 +229,15 @@ def test_compile_decode_step_for_serving():
     assert hbm["alias"] == pytest.approx(parts["kv_cache"], rel=0.01)  # donated: in place
     assert hbm["temp"] < 0.1 * parts["kv_cache"]  # no copy of the pages
     assert any(c["kind"] == "all-reduce" for c in out["collectives"])  # tensor parallel
+    # issue 25 point 4: the same step serving fp8 weights (the layers' matmuls): the
+    # arguments hold them at 1 byte, as planned, the pages as before
+    fp8 = compile_json("--step", "decode", "--model", "tiny", "--model.head_dim=128", "--target",
+                       "tpu7x:2x2x1", "--mesh", "data=2,tensor=4", "--seq", "1024", "--batch", "32",
+                       "--weights", "fp8")
+    assert fp8["fits"] and fp8["weights"] == "fp8"
+    q = fp8["plan"]["hbm_parts_bytes"]
+    assert q["weights"] < 0.8 * parts["weights"] and q["kv_cache"] == parts["kv_cache"]
+    assert fp8["hbm_per_device_bytes"]["argument"] == pytest.approx(q["weights"] + q["kv_cache"], rel=0.02)
 
 
 @pytest.mark.slow

@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the attention kernel); auto: on from seq 8192, as `megamesh train`")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the layers' matmuls: bf16 (default) or fp8 (model/quant.py)")
+    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+                   help="--step decode: the layers' matmul weights as `megamesh serve --weights` "
+                   "holds them")
     p.add_argument("--save", help="write the serialized executable to this new file")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
@@ -89,7 +92,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     batch = batch or target.chips
     if args.step == "decode":
         return compile_decode_and_compare(cfg, target, spec.layout or f"tensor={target.slice_devices}",
-                                          seq, batch, as_json=args.json, save=args.save)
+                                          seq, batch, as_json=args.json, save=args.save,
+                                          weights=args.weights)
     est = None
     if not spec.layout:
         res = search(Workload(cfg, seq, batch, spec.precision, kernels=planner_kernels(kernels)), target,
@@ -172,15 +176,15 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
 
 
 def compile_decode_and_compare(cfg: Any, target: Any, mesh: str, max_len: int, batch: int, *,
-                               as_json: bool, save: str | None) -> int:
+                               as_json: bool, save: str | None, weights: str = "bf16") -> int:
     sizes = parse_layout(mesh)
     lay = Layout(sizes, placement=place(sizes, target))
-    mem = decode_memory(cfg, lay, batch, max_len, tpu=target.is_tpu)
-    print(f"compiling {cfg.name} decode step ({batch} slots x {max_len} tokens, bf16 weights) "
+    mem = decode_memory(cfg, lay, batch, max_len, tpu=target.is_tpu, weights=weights)
+    print(f"compiling {cfg.name} decode step ({batch} slots x {max_len} tokens, {weights} weights) "
           f"for {target.describe()} with {mesh} ...", file=sys.stderr)
     from megamesh.compile.aot import compile_decode
 
-    r = compile_decode(cfg, target, mesh, batch, max_len, save=save)
+    r = compile_decode(cfg, target, mesh, batch, max_len, save=save, weights=weights)
     err = mem.total / r.hbm["total"] - 1 if r.hbm.get("total") else None
     if as_json:
         out = r.to_json()

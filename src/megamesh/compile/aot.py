@@ -120,17 +120,20 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
 
 
 def compile_decode(cfg: ModelConfig, target: Target, layout: str | None, batch: int,
-                   max_len: int, *, dtype: str = "bfloat16", save: str | None = None) -> CompileReport:
-    """Compile the serving decode step (`serve.step.build_decode_step`) for `target`."""
+                   max_len: int, *, dtype: str = "bfloat16", save: str | None = None,
+                   weights: str = "bf16") -> CompileReport:
+    """Compile the serving decode step (`serve.step.build_decode_step`) for `target`, its
+    layers' weights as loaded or quantized (`weights`: fp8, int8; `model.quant`)."""
     devs = topology_devices(target)
     mesh = make_mesh(layout, devs)
-    ds = build_decode_step(cfg, mesh, batch, max_len, dtype=dtype)
+    ds = build_decode_step(cfg, mesh, batch, max_len, dtype=dtype, weights=weights)
     args = ds.abstract_args(cfg)
     report = _compile(ds.fn, args, target, format_layout(mesh_sizes(mesh)), "decode", save)
     # which attention over the KV pages the step runs (`model.kernels.paged_attention`)
     ragged = "ragged_paged_attention" in str(jax.make_jaxpr(ds.fn)(*args))
     report.extra["paged_attention"] = ("ragged (Pallas TPU kernel)" if ragged
                                         else "xla (plain JAX, a block of pages at a time)")
+    report.extra["weights"] = weights
     return report
 
 

@@ -20,7 +20,9 @@ from megamesh.model.specs import (
     DTYPE_BYTES,
     kv_cache_bytes_per_token,
     layer_stacks,
+    param_count,
     param_specs,
+    serving_weight_bytes,
 )
 from megamesh.plan.layout import Layout, Workload
 from megamesh.sharding.logical import resolve, strategy, train_rules
@@ -230,10 +232,12 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
 
 
 def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
-                  weight_bytes: int = 2, tpu: bool = False) -> Memory:
-    """HBM per device of the serving decode step: weights (serving dtype, `serve` rules),
-    the KV cache's pages for `batch` rows of `max_len` tokens (pages split by kv head only:
-    any row may own any page, `model.kvcache`), and the step's logits."""
+                  weight_bytes: int = 2, tpu: bool = False, weights: str = "bf16") -> Memory:
+    """HBM per device of the serving decode step: weights (serving dtype, `serve` rules;
+    `weights` fp8 / int8: the layers' matmul weights at 1 byte and their scales, an even
+    share on every device, `model.specs.serving_weight_bytes`), the KV cache's pages for
+    `batch` rows of `max_len` tokens (pages split by kv head only: any row may own any
+    page, `model.kvcache`; in the 2-byte dtype whatever the weights), and the step's logits."""
 
     hl, _, ho, _ = _sharded_params(cfg, tuple(sorted(layout.sizes.items())), "serve", tpu)
     held = hl + ho
@@ -248,5 +252,8 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
     # the pages are donated and updated in place (compiled for tpu7x: the step's temporaries
     # are a few MB beside them); XLA's gather path, taken on TPU for head dims that are not
     # a multiple of 128, holds gathered keys and values on top (not modelled)
-    return Memory(state=held * weight_bytes, grads=0.0, weights_gathered=0.0, activations=cache,
+    per_param = weight_bytes
+    if weights != "bf16":
+        per_param = serving_weight_bytes(cfg, weights) / param_count(cfg)
+    return Memory(state=held * per_param, grads=0.0, weights_gathered=0.0, activations=cache,
                   working=logits)
