@@ -153,30 +153,35 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], dict[str, int]]:
     return comps, mult
 
 
-def collectives(hlo_text: str) -> list[dict[str, Any]]:
-    """Collectives of an optimized HLO module: [{kind, count, bytes}] (bytes: output, per device)."""
-    comps, mult = _computations(hlo_text)
-    out: dict[str, dict[str, Any]] = {}
+def _executed(comps: dict[str, list[str]], mult: dict[str, int]):
+    """(times run per step, instruction match, line) of every instruction of the
+    computations that run (`_computations`)."""
     for name, lines in comps.items():
         m = mult.get(name, 0)
         if not m:
             continue
         for line in lines:
             im = _INSTR.match(line)
-            if not im:
-                continue
-            op = im.group(3)
-            kind = op.removesuffix("-start")
-            if kind not in COLLECTIVES or op.endswith("-done"):
-                continue
-            shape = im.group(2)
-            nbytes = _shape_bytes(shape)
-            if op.endswith("-start") and shape.startswith("("):  # (operand, output) tuple
-                parts = _SHAPE.findall(shape)
-                nbytes = _shape_bytes("{}[{}]".format(*parts[-1])) if parts else nbytes
-            rec = out.setdefault(kind, {"kind": kind, "count": 0, "bytes": 0})
-            rec["count"] += m
-            rec["bytes"] += m * nbytes
+            if im:
+                yield m, im, line
+
+
+def collectives(hlo_text: str) -> list[dict[str, Any]]:
+    """Collectives of an optimized HLO module: [{kind, count, bytes}] (bytes: output, per device)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m, im, _ in _executed(*_computations(hlo_text)):
+        op = im.group(3)
+        kind = op.removesuffix("-start")
+        if kind not in COLLECTIVES or op.endswith("-done"):
+            continue
+        shape = im.group(2)
+        nbytes = _shape_bytes(shape)
+        if op.endswith("-start") and shape.startswith("("):  # (operand, output) tuple
+            parts = _SHAPE.findall(shape)
+            nbytes = _shape_bytes("{}[{}]".format(*parts[-1])) if parts else nbytes
+        rec = out.setdefault(kind, {"kind": kind, "count": 0, "bytes": 0})
+        rec["count"] += m
+        rec["bytes"] += m * nbytes
     return sorted(out.values(), key=lambda r: -r["bytes"])
 
 
@@ -200,33 +205,28 @@ def matmul_flops(hlo_text: str) -> dict[str, float]:
                 if sh:
                     types[im.group(1)] = (sh.group(1), [int(d) for d in sh.group(2).split(",") if d])
     out: dict[str, float] = defaultdict(float)
-    for name, lines in comps.items():
-        m = mult.get(name, 0)
-        if not m:
+    for m, im, line in _executed(comps, mult):
+        if im.group(3) not in ("dot", "convolution"):
             continue
-        for line in lines:
-            im = _INSTR.match(line)
-            if not im or im.group(3) not in ("dot", "convolution"):
-                continue
-            sh = _SHAPE.match(im.group(2))
-            ops = _OPERAND.findall(im.group(4).split(")", 1)[0])[:2]
-            if not sh or len(ops) < 2:
-                continue
-            out_elems = math.prod(int(d) for d in sh.group(2).split(",") if d)
-            (lt, ld, ln), (rt, rd, rn) = ops
-            lhs = (lt, [int(d) for d in ld.split(",") if d]) if lt else types.get(ln)
-            rhs = (rt, [int(d) for d in rd.split(",") if d]) if rt else types.get(rn)
-            if lhs is None or rhs is None:
-                continue
-            if im.group(3) == "dot":
-                cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
-                dims = [int(d) for d in cd.group(1).split(",") if d] if cd else []
-                contract = math.prod(lhs[1][d] for d in dims)
-                out[f"{lhs[0]} x {rhs[0]}"] += 2.0 * m * out_elems * contract
-            else:
-                flops = _conv_flops(line, lhs[1], rhs[1], [int(d) for d in sh.group(2).split(",") if d])
-                if flops is not None:
-                    out[f"{lhs[0]} x {rhs[0]}"] += m * flops
+        sh = _SHAPE.match(im.group(2))
+        ops = _OPERAND.findall(im.group(4).split(")", 1)[0])[:2]
+        if not sh or len(ops) < 2:
+            continue
+        out_elems = math.prod(int(d) for d in sh.group(2).split(",") if d)
+        (lt, ld, ln), (rt, rd, rn) = ops
+        lhs = (lt, [int(d) for d in ld.split(",") if d]) if lt else types.get(ln)
+        rhs = (rt, [int(d) for d in rd.split(",") if d]) if rt else types.get(rn)
+        if lhs is None or rhs is None:
+            continue
+        if im.group(3) == "dot":
+            cd = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            dims = [int(d) for d in cd.group(1).split(",") if d] if cd else []
+            contract = math.prod(lhs[1][d] for d in dims)
+            out[f"{lhs[0]} x {rhs[0]}"] += 2.0 * m * out_elems * contract
+        else:
+            flops = _conv_flops(line, lhs[1], rhs[1], [int(d) for d in sh.group(2).split(",") if d])
+            if flops is not None:
+                out[f"{lhs[0]} x {rhs[0]}"] += m * flops
     return dict(out)
 
 

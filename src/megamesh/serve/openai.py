@@ -41,11 +41,11 @@ class OpenAIMessage(OpenSchema):
     tool_call_id: str | None = None  # tool: the call this is the result of
 
 
-class ChatRequest(OpenSchema):
+class _Sampled(OpenSchema):
+    """What both routes take: the model, sampling, `n` choices, streaming, and the fields
+    accepted only at the values that change nothing."""
+
     model: str
-    messages: list[OpenAIMessage] = Field(min_length=1, fail_fast=True)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
@@ -54,35 +54,46 @@ class ChatRequest(OpenSchema):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
-    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"function": {name}}
-    parallel_tool_calls: bool | None = None  # false: at most one call per choice
     user: str | None = None  # accepted: an end-user id changes no output
-    # accepted only at the values that change nothing; anything else is refused
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     ignore_eos: bool = False
 
-    def refuse_unsupported(self) -> None:
-        """400 for a declared field at a value this server would not honour."""
-        checks = [
-            ("logprobs", bool(self.logprobs), "log probabilities"),
-            ("top_logprobs", self.top_logprobs not in (None, 0), "log probabilities"),
+    def _refuse(self, checks: list[tuple[str, bool, str]]) -> None:
+        """400 for a declared field at a value this server would not honour (`checks`: the
+        route's own, then the shared ones)."""
+        checks = checks + [
             ("presence_penalty", self.presence_penalty not in (None, 0), "penalties"),
             ("frequency_penalty", self.frequency_penalty not in (None, 0), "penalties"),
             ("logit_bias", bool(self.logit_bias), "logit bias"),
-            ("response_format", bool(self.response_format) and self.response_format.get("type")
-             not in ("text", "json_object", "json_schema"), "this response format"),
             ("stream_options", bool(set(self.stream_options or {}) - {"include_usage"}),
              "stream options other than include_usage"),
         ]
         for name, bad, what in checks:
             if bad:
                 raise ApiError(400, f"{name}: {what} is not supported by this server")
+
+
+class ChatRequest(_Sampled):
+    messages: list[OpenAIMessage] = Field(min_length=1, fail_fast=True)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None  # [{"type": "function", "function": {name, description, parameters}}]
+    tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"function": {name}}
+    parallel_tool_calls: bool | None = None  # false: at most one call per choice
+    response_format: dict[str, Any] | None = None
+    # accepted only at the values that change nothing; anything else is refused
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def refuse_unsupported(self) -> None:
+        self._refuse([
+            ("logprobs", bool(self.logprobs), "log probabilities"),
+            ("top_logprobs", self.top_logprobs not in (None, 0), "log probabilities"),
+            ("response_format", bool(self.response_format) and self.response_format.get("type")
+             not in ("text", "json_object", "json_schema"), "this response format"),
+        ])
 
     def tool_setup(self) -> tuple[list[tools.Tool], str | None]:
         """The tools (as serve.tools has them) and the grammar on the output: from
@@ -128,45 +139,23 @@ class ChatRequest(OpenSchema):
         return _samplings(self, max_tokens, grammar)
 
 
-class CompletionRequest(OpenSchema):
+class CompletionRequest(_Sampled):
     """POST /v1/completions: a raw prompt continued (no chat template, no tools)."""
 
-    model: str
     prompt: str | Annotated[list[str], FAIL_FAST] | Annotated[list[int], FAIL_FAST]
     max_tokens: int = Field(default=16, ge=0)  # OpenAI's default for this route
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=0, le=INT32_MAX)
-    stop: str | Annotated[list[str], FAIL_FAST] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
     echo: bool = False
-    user: str | None = None  # accepted: an end-user id changes no output
     # accepted only at the values that change nothing; anything else is refused
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
-    ignore_eos: bool = False
 
     def refuse_unsupported(self) -> None:
-        checks = [
+        self._refuse([
             ("suffix", bool(self.suffix), "insertion (suffix)"),
             ("best_of", self.best_of not in (None, 1), "best_of other than 1"),
             ("logprobs", self.logprobs not in (None, 0), "log probabilities"),
-            ("presence_penalty", self.presence_penalty not in (None, 0), "penalties"),
-            ("frequency_penalty", self.frequency_penalty not in (None, 0), "penalties"),
-            ("logit_bias", bool(self.logit_bias), "logit bias"),
-            ("stream_options", bool(set(self.stream_options or {}) - {"include_usage"}),
-             "stream options other than include_usage"),
-        ]
-        for name, bad, what in checks:
-            if bad:
-                raise ApiError(400, f"{name}: {what} is not supported by this server")
+        ])
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             if len(self.prompt) != 1:
                 raise ApiError(400, f"prompt: a list of {len(self.prompt)} prompts is not supported "
