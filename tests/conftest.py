@@ -237,11 +237,12 @@ def run_dir(tmp_path_factory, corpus, cli) -> Path:
 
 @pytest.fixture(scope="session")
 def engine(run_dir):
-    """A serving engine on `run_dir` (16 slots, context 512), shared by the serving tests."""
+    """A serving engine on `run_dir` (16 slots, context 512; its decode and prefill steps
+    also compute log-probabilities, up to 5 alternatives), shared by the serving tests."""
     from megamesh.serve.engine import build_engine
 
     eng = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, max_queue=128,
-                       dtype="float32", log=lambda *_: None)
+                       dtype="float32", max_logprobs=5, log=lambda *_: None)
     eng.start()
     yield eng
     eng.stop()

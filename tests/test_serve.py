@@ -1101,7 +1101,7 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
     ("/v1/messages", {"metadata": {"user_id": "u1", "session": "s"}},
      "metadata.session: this field is not supported"),
     ("/v1/messages", {"metadata": {"user_id": "u" * 257}}, "metadata.user_id: String should have at most"),
-    ("/v1/chat/completions", {"logprobs": True}, "logprobs: log probabilities"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 9}, "top_logprobs: 9 is more than"),
     ("/v1/chat/completions", {"presence_penalty": 0.3}, "presence_penalty: penalties"),
     ("/v1/chat/completions", {"response_format": {"type": "grammar"}}, "this response format"),
     ("/v1/chat/completions", {"logit_bias": {"50": 5}}, "logit_bias"),
@@ -1275,6 +1275,51 @@ def test_openai_chat_completions(server, client):
     assert got == texts
     with pytest.raises(openai.BadRequestError, match="n"):
         oa.chat.completions.create(model="tiny", messages=messages, max_tokens=16, n=17)
+
+
+def test_openai_logprobs_are_the_models_own(server, engine):
+    """Issue 27 point 4: OpenAI logprobs / top_logprobs through the official SDK: one entry
+    per output token, its log-probability under the model (greedy: the top alternative,
+    equal to the forward pass's log-softmax at that position), top_logprobs alternatives in
+    order, the same streamed; more than the server computes, or top_logprobs without
+    logprobs, is a 400; a server started without them says how to turn them on."""
+    import numpy as np
+
+    from megamesh.model.transformer import forward
+
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key="test", max_retries=0)
+    messages = [{"role": "user", "content": "Write a JSON encoder."}]
+    r = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                   logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and content
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+        assert e.logprob == pytest.approx(e.top_logprobs[0].logprob)  # greedy: the most likely
+        assert e.token == e.top_logprobs[0].token and bytes(e.bytes).decode() == e.token
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    # the model's own: the forward pass over prompt + output scores the same
+    tok = engine.model.tokenizer
+    ids = tok.encode(render_chat(None, [("user", messages[0]["content"])])).ids
+    gen = tok.encode(r.choices[0].message.content, add_special_tokens=False).ids
+    seq = ids + gen
+    logits = forward(jax.device_get(engine.params), jax.numpy.asarray([seq]),
+                     jax.numpy.arange(len(seq))[None], cfg=engine.cfg).logits[0]
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    want = [float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(gen)]
+    assert [e.logprob for e in content][:len(want)] == pytest.approx(want, abs=2e-3)
+    chunks = list(oa.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+                                             temperature=0, logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = oa.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+    assert plain.choices[0].message.content == r.choices[0].message.content
+    for bad, field in (({"logprobs": True, "top_logprobs": 6}, "top_logprobs"),
+                       ({"top_logprobs": 2}, "top_logprobs")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            oa.chat.completions.create(model="tiny", messages=messages, max_tokens=2, **bad)
 
 
 def test_openai_completions_continue_a_raw_prompt(server, engine):

@@ -26,6 +26,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--any-model", action="store_true",
                    help="answer whatever model id a request names (a proxy in front of one "
                    "model); responses name the id the request used")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="OpenAI logprobs: each output token's log-probability and up to this many "
+                   "alternatives (top_logprobs; default 20, OpenAI's most); 0 turns them off, and "
+                   "the decode step then computes none")
     p.add_argument("--unknown-betas", choices=("reject", "ignore"), default="reject",
                    help="an anthropic-beta header value this server does not know: reject (a 400, "
                    "as the Messages API does; default) or ignore (counted in /metrics, logged once)")
@@ -168,7 +172,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           page_size=args.page_size, kv_pages=args.kv_pages,
                           prefix_cache=args.prefix_cache, prefill_chunk=args.prefill_chunk,
                           reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype,
-                          scheduling=args.scheduling, weights=args.weights)
+                          scheduling=args.scheduling, weights=args.weights,
+                          max_logprobs=args.max_logprobs)
     m = engine.model
     attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
                  if engine.length_buckets else "attention over each step's real length")

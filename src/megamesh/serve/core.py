@@ -361,6 +361,7 @@ class Generation:
     aborted: str | None = None  # why the server ended it (shutting down), if it did
     tools: list = field(default_factory=list)  # the tools it may call (their input is checked)
     text: list[str] = field(default_factory=list)  # its output so far (when it may call tools)
+    logprobs: list = field(default_factory=list)  # every event's Event.logprobs, in order
 
     @property
     def prompt_tokens(self) -> int:
@@ -376,6 +377,8 @@ class Generation:
     def note(self, ev: Event) -> Event:
         if self.tools and ev.text:
             self.text.append(ev.text)
+        if ev.logprobs:
+            self.logprobs.extend(ev.logprobs)
         if ev.cached_tokens is not None and self.cached_tokens is None:
             self.cached_tokens = ev.cached_tokens
         self.n_out = ev.output_tokens

@@ -103,6 +103,9 @@ class SamplingParams:
     # max_tokens was cut to the context window (the Messages API accepts such a request):
     # reaching it ends with stop_reason model_context_window_exceeded, not max_tokens
     window_limited: bool = False
+    # each output token's log-probability and this many alternatives (None: not asked;
+    # at most the engine's max_logprobs)
+    logprobs: int | None = None
 
 
 @dataclass
@@ -115,6 +118,9 @@ class Event:
     output_tokens: int = 0  # generated so far (the end-of-sequence token is not counted)
     error: str | None = None
     cached_tokens: int | None = None  # prompt tokens read from the prefix cache (set once admitted)
+    # with SamplingParams.logprobs: the output tokens accepted since the last event, each
+    # (token id, its log-probability, [(id, log-probability) of the most likely ones])
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 @dataclass(eq=False)
@@ -141,11 +147,20 @@ class Request:
     last: int = 0
     n_out: int = 0
     out_ids: list[int] = dataclasses.field(default_factory=list)  # generated token ids
+    # (token, log-probability, alternatives) of output tokens not yet in an event
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = dataclasses.field(default_factory=list)
     cancelled: bool = False
     done: bool = False
     detok: Any = None
     stopper: Any = None
     matcher: Any = None  # llguidance.LLMatcher of `sampling.grammar`: which tokens may come next
+
+    def take_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """The log-probabilities gathered since the last event (None if not asked for)."""
+        if self.sampling.logprobs is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     @property
     def draws(self) -> tuple[int, float, int, float]:
@@ -169,6 +184,7 @@ class _Inflight:
     tokens: Any  # (B,) device array: each row's drawn token
     batch: int  # B
     rows: dict[Request, tuple[int, int]]  # request -> (its row, its admission number then)
+    logprobs: Any = None  # the step's `token_logprobs` (device arrays), when it computes them
 
 
 class FairQueue:
@@ -247,7 +263,7 @@ class Engine:
                  max_queue: int = 256, dtype: str = "bfloat16", max_prefill_tokens: int = 2048,
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, reserve_tokens: int = 256, kv_dtype: str | None = None,
-                 scheduling: str = "fair", weights: str = "bf16",
+                 scheduling: str = "fair", weights: str = "bf16", max_logprobs: int = 0,
                  log: Callable[[str], None] = print):
         """`kv_pages`: KV pages (of `page_size` positions) to allocate, default slots x
         max_len / page_size (the memory of a dense cache with a row per slot);
@@ -256,7 +272,9 @@ class Engine:
         `scheduling`: "fair" across tenants (`FairQueue`, preempting for fairness) or
         "fcfs" (first come, first served; background work still yields); `weights`: "bf16"
         (the model's parameters as loaded) or "fp8" / "int8" (its layers' matmul weights
-        quantized once here, per output channel: `model.quant`)."""
+        quantized once here, per output channel: `model.quant`); `max_logprobs`: the most
+        alternatives a request may ask log-probabilities of (0: none; the decode step then
+        computes no log-probabilities at all)."""
         cfg = model.cfg
         self.model, self.cfg, self.mesh, self.log = model, cfg, mesh, log
         self.slots = slots
@@ -300,9 +318,15 @@ class Engine:
             self.after_buckets = self.decode_buckets = [self.max_len]
         self.batch_buckets = batch_buckets(slots, mesh)
         self.weights = weights
+        if not 0 <= max_logprobs <= MAX_LOGPROBS:
+            raise MegameshError(f"--max-logprobs {max_logprobs} is not allowed: 0 to {MAX_LOGPROBS}")
+        self.max_logprobs = max_logprobs
+        # the step computes one more than asked at most: a request's alternatives and, when
+        # it asks for none, still its own token's log-probability
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
                                                  n_pages=kv_pages + 1, page_size=page_size,
-                                                 kv_dtype=self.kv_dtype, weights=weights)
+                                                 kv_dtype=self.kv_dtype, weights=weights,
+                                                 logprobs=max_logprobs)
                        for b in self.batch_buckets for a in self.decode_buckets}
         any_step = self.decode[(slots, self.max_len)]
         # the rest of a prompt after cached pages or earlier chunks, by (chunk bucket,
@@ -411,6 +435,10 @@ class Engine:
         if not prompt:
             raise TooLong("the prompt is empty: at least one token is needed")
         self.check(len(prompt), sampling.max_tokens)
+        if sampling.logprobs is not None and (not self.max_logprobs
+                                              or not 0 <= sampling.logprobs <= self.max_logprobs):
+            raise MegameshError(f"logprobs {sampling.logprobs}: this engine gives at most "
+                                f"{self.max_logprobs} (megamesh serve --max-logprobs)")
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(32)
         req = Request(next(self._ids), list(prompt), sampling, emit, seed & 0xFFFFFFFF, tenant,
                       priority, submitted_step=self.steps)
@@ -488,8 +516,8 @@ class Engine:
         steps = {id(step): (b, step) for b, step in self.prefill.items()}
         steps.update({id(step): (b, step) for (b, _), step in self.prefill_after.items()})
         for b, step in steps.values():
-            _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
-                                 np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
+            _, _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
+                                    np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
         b = self.slots
         zeros = np.zeros((b,), np.int32)
         params, pages = self._abstract_args()
@@ -658,10 +686,10 @@ class Engine:
         else:  # attends to every position up to its last real token's
             step = self.prefill_after[(b, next(x for x in self.after_buckets if x >= start + n))]
         t0 = time.perf_counter()
-        tok, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
-                               np.int32(start), np.int32(n),
-                               SlotSampling.one(*req.draws, self.words,
-                                                self._mask(req) if last else None))
+        tok, lps, self.pages = step(self.params, self.pages, self.table[req.slot:req.slot + 1], padded,
+                                    np.int32(start), np.int32(n),
+                                    SlotSampling.one(*req.draws, self.words,
+                                                     self._mask(req) if last else None))
         tok = int(tok)  # (waits for the step: its time is counted here)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         self._register(req, start, start + n)
@@ -672,7 +700,8 @@ class Engine:
             return n
         self._prefilling.remove(req)
         req.pos = len(tokens)
-        self._accept(req, tok)
+        self._accept(req, tok, _row_logprobs(jax.device_get(lps), 0, req)
+                     if lps is not None and req.sampling.logprobs is not None else None)
         return n
 
     def _register(self, req: Request, start: int, end: int) -> None:
@@ -870,15 +899,17 @@ class Engine:
         if (src >= 0).any():
             fed = self._feeds[(inflight.batch, B)](inflight.tokens, src, tokens)
             self.stats["decode_steps_fed_on_device"] += 1
-        nxt, _, self.pages = self._exec[(B, a)](self.params, self.pages, table, fed,
-                                                positions, SlotSampling.rows(rows, B, self.words, masks))
+        nxt, lps, self.pages = self._exec[(B, a)](self.params, self.pages, table, fed,
+                                                  positions, SlotSampling.rows(rows, B, self.words, masks))
         self.stats["decode_seconds"] += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1
         for r in decoding.values():
             r.pos += 1  # the position its next token will be fed at
         self._collect()  # the last decode's tokens, while this one runs
-        self._inflight = _Inflight(nxt, B, {r: (slot, r.admitted) for slot, r in decoding.items()})
+        self._inflight = _Inflight(nxt, B, {r: (slot, r.admitted) for slot, r in decoding.items()},
+                                   lps if any(r.sampling.logprobs is not None for r in decoding.values())
+                                   else None)
 
     def _compile_feed(self, prev: int, batch: int) -> None:
         """Compile the gather of a `batch`-row decode's input tokens from a `prev`-row
@@ -898,14 +929,16 @@ class Engine:
             return
         t0 = time.perf_counter()
         nxt = np.asarray(inflight.tokens)
+        lps = jax.device_get(inflight.logprobs) if inflight.logprobs is not None else None
         self.stats["decode_seconds"] += time.perf_counter() - t0
         for r, (row, admitted) in inflight.rows.items():
             if r.done or r.admitted != admitted or self._active.get(r.slot) is not r:
                 continue
-            self._accept(r, int(nxt[row]))
+            self._accept(r, int(nxt[row]), _row_logprobs(lps, row, r) if lps is not None else None)
 
-    def _accept(self, req: Request, tok: int) -> None:
-        """A new token for `req`: stream its text, or finish the request."""
+    def _accept(self, req: Request, tok: int, logprob: Any = None) -> None:
+        """A new token for `req`: stream its text, or finish the request. `logprob`: the
+        token's (id, log-probability, alternatives) when the request asked for them."""
         if req.first_token_step is None:
             req.first_token_step = self.steps
         if req.cancelled:
@@ -928,6 +961,8 @@ class Engine:
         req.n_out += 1
         req.last = tok
         req.out_ids.append(tok)
+        if logprob is not None:
+            req.logprobs.append((tok, *logprob))
         self.stats["output_tokens"] += 1
         text, hit = req.stopper.push(req.detok.push(tok))
         if hit is not None:
@@ -945,8 +980,8 @@ class Engine:
             else:
                 self._finish(req, "model_context_window_exceeded" if req.sampling.window_limited
                              else "max_tokens", text=text + more + req.stopper.flush())
-        elif text:
-            req.emit(Event(text=text, output_tokens=req.n_out))
+        elif text or req.logprobs:
+            req.emit(Event(text=text, output_tokens=req.n_out, logprobs=req.take_logprobs()))
 
     def _finish(self, req: Request, reason: str, *, text: str = "", sequence: str | None = None,
                 error: str | None = None) -> None:
@@ -956,11 +991,20 @@ class Engine:
         self._release(req)
         self.stats["finished_" + reason] += 1
         req.emit(Event(text=text, done=True, stop_reason=reason, stop_sequence=sequence,
-                       output_tokens=req.n_out, error=error))
+                       output_tokens=req.n_out, error=error, logprobs=req.take_logprobs()))
 
 
 # --weights: the layers' matmul weights as loaded ("bf16": in --dtype) or quantized
 WEIGHT_FORMATS = ("bf16", "fp8", "int8")
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
+
+def _row_logprobs(lps: Any, row: int, req: Request) -> tuple[float, list[tuple[int, float]]]:
+    """Row `row` of a step's `token_logprobs` (host arrays) as `req` asked: its token's
+    log-probability and its first `req.sampling.logprobs` alternatives (id, log-probability)."""
+    chosen, ids, lp = lps
+    k = req.sampling.logprobs or 0
+    return float(chosen[row]), [(int(i), float(v)) for i, v in zip(ids[row][:k], lp[row][:k])]
 
 
 def default_dtype() -> str:
@@ -973,7 +1017,7 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
                  page_size: int = DEFAULT_PAGE, kv_pages: int | None = None,
                  prefix_cache: bool = True, prefill_chunk: int = 2048, reserve_tokens: int = 256,
                  kv_dtype: str | None = None, scheduling: str = "fair", weights: str = "bf16",
-                 log: Any = print) -> Engine:
+                 max_logprobs: int = 0, log: Any = print) -> Engine:
     dtype = dtype or default_dtype()
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"--weights {weights!r} is not allowed: one of {', '.join(WEIGHT_FORMATS)}")
@@ -989,4 +1033,4 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     return Engine(model, m, slots=slots, max_len=max_len, max_queue=max_queue, dtype=dtype,
                   page_size=page_size, kv_pages=kv_pages, prefix_cache=prefix_cache,
                   max_prefill_tokens=prefill_chunk, reserve_tokens=reserve_tokens, kv_dtype=kv_dtype,
-                  scheduling=scheduling, weights=weights, log=log)
+                  scheduling=scheduling, weights=weights, max_logprobs=max_logprobs, log=log)

@@ -83,17 +83,29 @@ class ChatRequest(_Sampled):
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | {"function": {name}}
     parallel_tool_calls: bool | None = None  # false: at most one call per choice
     response_format: dict[str, Any] | None = None
-    # accepted only at the values that change nothing; anything else is refused
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = None  # each output token's log-probability
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # and this many alternatives
 
     def refuse_unsupported(self) -> None:
         self._refuse([
-            ("logprobs", bool(self.logprobs), "log probabilities"),
-            ("top_logprobs", self.top_logprobs not in (None, 0), "log probabilities"),
             ("response_format", bool(self.response_format) and self.response_format.get("type")
              not in ("text", "json_object", "json_schema"), "this response format"),
         ])
+
+    def logprobs_asked(self, most: int) -> int | None:
+        """How many alternatives each token's log-probability comes with (None: none asked);
+        `most`: what the engine computes (megamesh serve --max-logprobs)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true")
+        if not self.logprobs:
+            return None
+        if not most:
+            raise ApiError(400, "logprobs: this server computes none (megamesh serve --max-logprobs "
+                                "N turns them on)")
+        if (self.top_logprobs or 0) > most:
+            raise ApiError(400, f"top_logprobs: {self.top_logprobs} is more than this server's "
+                                f"{most} (megamesh serve --max-logprobs)")
+        return self.top_logprobs or 0
 
     def tool_setup(self) -> tuple[list[tools.Tool], str | None]:
         """The tools (as serve.tools has them) and the grammar on the output: from
@@ -134,9 +146,10 @@ class ChatRequest(_Sampled):
         kind = {"required": "any"}.get(choice, choice)
         return found, tools.grammar(found, kind, name, parallel=self.parallel_tool_calls is not False)
 
-    def samplings(self, max_tokens: int, grammar: str | None) -> list[SamplingParams]:
-        """One per choice (`n`); `grammar`: `tool_setup`'s."""
-        return _samplings(self, max_tokens, grammar)
+    def samplings(self, max_tokens: int, grammar: str | None, logprobs: int | None = None
+                  ) -> list[SamplingParams]:
+        """One per choice (`n`); `grammar`: `tool_setup`'s; `logprobs`: `logprobs_asked`."""
+        return _samplings(self, max_tokens, grammar, logprobs)
 
 
 class CompletionRequest(_Sampled):
@@ -167,7 +180,8 @@ class CompletionRequest(_Sampled):
         return _samplings(self, max_tokens, None)
 
 
-def _samplings(req: Any, max_tokens: int, grammar: str | None) -> list[SamplingParams]:
+def _samplings(req: Any, max_tokens: int, grammar: str | None,
+               logprobs: int | None = None) -> list[SamplingParams]:
     """The sampling of each of a request's `n` choices: with a `seed`, choice i draws from
     seed + i (each reproducible, the choices different); without, each its own."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -175,8 +189,20 @@ def _samplings(req: Any, max_tokens: int, grammar: str | None) -> list[SamplingP
                            temperature=1.0 if req.temperature is None else req.temperature,
                            top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
                            seed=None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63,
-                           stop=stop, ignore_eos=req.ignore_eos, grammar=grammar)
+                           stop=stop, ignore_eos=req.ignore_eos, grammar=grammar, logprobs=logprobs)
             for i in range(req.n)]
+
+
+def logprobs_json(entries: list, tokenizer: Any) -> dict[str, Any]:
+    """OpenAI's `logprobs` of a choice (or a chunk's delta): `content`, one entry per output
+    token with its text, UTF-8 bytes, log-probability under the model (its softmax, before
+    temperature and any grammar) and the most likely alternatives."""
+    def one(tok: int, lp: float) -> dict[str, Any]:
+        text = tokenizer.decode([tok])
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(tok, lp), "top_logprobs": [one(i, v) for i, v in alts]}
+                        for tok, lp, alts in entries]}
 
 
 def choice_message(text: str, stop_reason: str, calling: bool) -> tuple[dict[str, Any], str]:
@@ -235,8 +261,10 @@ def register(app: FastAPI, core: Core) -> None:
             system.append(tools.render_tools(found))
         prompt = await core.encode_chat("\n\n".join(system) or None, turns)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(core.engine.max_len - len(prompt), 1)
-        gens = core.start_n(prompt, req.samplings(max_tokens, grammar), key,
+        asked = req.logprobs_asked(core.engine.max_logprobs)
+        gens = core.start_n(prompt, req.samplings(max_tokens, grammar, asked), key,
                             tools=found if calling else [])
+        tokenizer = core.model.tokenizer
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
 
         def usage(n_out: int) -> dict[str, Any]:
@@ -250,16 +278,18 @@ def register(app: FastAPI, core: Core) -> None:
             for i, (text, ev) in enumerate(await core.complete_n(request, gens)):
                 message, reason = choice_message(text, ev.stop_reason, calling)
                 choices.append({"index": i, "message": message, "finish_reason": reason,
-                                "logprobs": None})
+                                "logprobs": None if asked is None
+                                else logprobs_json(gens[i].logprobs, tokenizer)})
             return JSONResponse({
                 "id": cid, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage(sum(g.n_out for g in gens))})
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
-        def chunk(i: int, delta: dict[str, Any], reason: str | None) -> bytes:
+        def chunk(i: int, delta: dict[str, Any], reason: str | None, lps: list | None = None) -> bytes:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": i, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+                    "choices": [{"index": i, "delta": delta, "finish_reason": reason,
+                                 "logprobs": logprobs_json(lps, tokenizer) if lps else None}]}
             return f"data: {sse_json(body)}\n\n".encode()
 
         async def events():
@@ -270,18 +300,23 @@ def register(app: FastAPI, core: Core) -> None:
             async for i, ev in core.events_n(gens):
                 pieces = (readers[i].push(ev.text) + (readers[i].flush() if ev.done else [])) \
                     if calling else [("text", ev.text)] if ev.text else []
+                lps = ev.logprobs  # the event's tokens' log-probabilities: with its first chunk
+                if lps and not pieces:
+                    pieces = [("text", "")]
                 for kind, piece in pieces:
                     if kind == "text":
-                        yield chunk(i, {"content": piece}, None)
+                        yield chunk(i, {"content": piece}, None, lps)
                     elif kind == "name":
                         called[i] += 1
                         yield chunk(i, {"tool_calls": [{"index": called[i] - 1,
                                                         "id": "call_" + secrets.token_hex(12),
                                                         "type": "function",
-                                                        "function": {"name": piece, "arguments": ""}}]}, None)
+                                                        "function": {"name": piece, "arguments": ""}}]}, None,
+                                    lps)
                     else:
                         yield chunk(i, {"tool_calls": [{"index": called[i] - 1,
-                                                        "function": {"arguments": piece}}]}, None)
+                                                        "function": {"arguments": piece}}]}, None, lps)
+                    lps = None
                 if not ev.done:
                     continue
                 failed = core.failure(gens[i], ev)

@@ -97,7 +97,7 @@ def row_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
 @dataclass(frozen=True)
 class DecodeStep:
     fn: Any  # jitted (params, pages, table (B, pages_per_seq), tokens (B,), positions (B,),
-    #          SlotSampling of (B,)) -> (next tokens (B,), logits (B, V) f32, pages);
+    #          SlotSampling of (B,)) -> (next tokens (B,), `token_logprobs` or None, pages);
     #          donates the pages
     param_shardings: Any
     page_shardings: Any
@@ -113,6 +113,7 @@ class DecodeStep:
     attend_len: int | None = None
     kv_dtype: str = ""  # of the KV pages (build_decode_step: default the weights' dtype)
     weights: str = "bf16"  # the layers' matmul weights: as loaded, or fp8 / int8 (model.quant)
+    logprobs: int = 0  # each row's token's log-probability and the top this many (0: none)
 
     @property
     def pages_per_seq(self) -> int:
@@ -145,12 +146,16 @@ class DecodeStep:
 def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       dtype: str = "bfloat16", attend_len: int | None = None,
                       n_pages: int | None = None, page_size: int = DEFAULT_PAGE,
-                      kv_dtype: str | None = None, weights: str = "bf16") -> DecodeStep:
+                      kv_dtype: str | None = None, weights: str = "bf16",
+                      logprobs: int = 0) -> DecodeStep:
     """One decode step for `batch` rows over `n_pages` KV pages per layer (default: enough
     for every row to reach max_len, and the scratch page) of `kv_dtype` (default: the
     weights' `dtype`; attention computes in the weights' dtype either way). `weights`:
     "bf16" (the parameters as loaded, in `dtype`) or "fp8" / "int8": the layers' matmul
-    weights quantized (`model.quant.quantize_params`)."""
+    weights quantized (`model.quant.quantize_params`). `logprobs` > 0: the step also
+    returns each row's token's log-probability under the model (the softmax of its logits,
+    before temperature and grammar) and the `logprobs` most likely tokens with theirs
+    (`token_logprobs`); 0: nothing (the default: no top-k over the vocabulary each step)."""
     rules = strategy("serve")
     p_shard = quantized_shardings(param_shardings(cfg, mesh, rules), cfg, weights)
     n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
@@ -169,7 +174,7 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
         keys = row_keys(sampling.seed, positions + 1)
         tok = sample(logits, keys, sampling.temperature, sampling.top_k, sampling.top_p,
                      sampling.allowed)
-        return tok, logits, out.cache.pages
+        return tok, token_logprobs(logits, tok, logprobs), out.cache.pages
 
     fn = jax.jit(step, in_shardings=(p_shard, pg_shard, table_sh, slot, slot, slot),
                  out_shardings=(slot, None, pg_shard), donate_argnums=1)
@@ -177,13 +182,14 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
                       dtype=dtype, n_pages=n_pages, page_size=page_size,
                       words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype,
-                      weights=weights)
+                      weights=weights, logprobs=logprobs)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
                        attend_len: int | None = None) -> Any:
     """Jitted (params, pages, table (1, pages_per_seq), tokens (1, length), start (), n (),
-    SlotSampling of scalars) -> (first token (), pages): runs the first n tokens (the rest
+    SlotSampling of scalars) -> (first token (), its `token_logprobs` (a row) or None,
+    pages): runs the first n tokens (the rest
     is padding) of one request at positions start.. into its pages, attending to positions
     below `attend_len` (default: length; at least start + length), and draws the token at
     position start + n."""
@@ -199,7 +205,17 @@ def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,
         s = jax.tree.map(lambda x: x[None], sampling)
         tok = sample(out.logits[:, 0], row_keys(s.seed, (start + n)[None]), s.temperature,
                      s.top_k, s.top_p, s.allowed)
-        return tok[0], out.cache.pages
+        return tok[0], token_logprobs(out.logits[:, 0], tok, ds.logprobs), out.cache.pages
 
     return jax.jit(prefill, in_shardings=(ds.param_shardings, ds.page_shardings) + (rep,) * 5,
-                   out_shardings=(rep, ds.page_shardings), donate_argnums=1)
+                   out_shardings=(rep, rep, ds.page_shardings), donate_argnums=1)
+
+
+def token_logprobs(logits: jax.Array, tok: jax.Array, k: int) -> Any:
+    """(each row's token's log-probability (B,), the k most likely tokens (B, k) int32 and
+    their log-probabilities (B, k)) from logits (B, V) f32; None when k is 0."""
+    if not k:
+        return None
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, k)
+    return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
