@@ -934,7 +934,8 @@ class Engine:
         for r, (row, admitted) in inflight.rows.items():
             if r.done or r.admitted != admitted or self._active.get(r.slot) is not r:
                 continue
-            self._accept(r, int(nxt[row]), _row_logprobs(lps, row, r) if lps is not None else None)
+            self._accept(r, int(nxt[row]), _row_logprobs(lps, row, r)
+                         if lps is not None and r.sampling.logprobs is not None else None)
 
     def _accept(self, req: Request, tok: int, logprob: Any = None) -> None:
         """A new token for `req`: stream its text, or finish the request. `logprob`: the
