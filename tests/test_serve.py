@@ -308,9 +308,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
     steps: dict[int, list[int]] = {}  # request id -> the engine steps that gave it a token
     accept = engine._accept
 
-    def logged(req, tok):
+    def logged(req, tok, *logprob):
         steps.setdefault(req.id, []).append(engine.steps)
-        accept(req, tok)
+        accept(req, tok, *logprob)
 
     engine._accept = logged
     chunks = engine.stats["prefill_chunks"]

@@ -189,10 +189,13 @@ def test_layouts_are_checked():
 
 
 def test_compile_only_tpu_devices_build_a_mesh():
-    from jax.experimental import topologies
+    # through megamesh's own loader: it lets several processes (this suite's workers) load
+    # libtpu at once; a bare get_topology_desc failed on libtpu's lockfile when another
+    # worker was compiling
+    from megamesh.compile.aot import topology_devices
+    from megamesh.plan.target import parse_target
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name="tpu7x:2x2x1")
-    mesh = make_mesh("fsdp=4,tensor=2", devices=topo.devices)
+    mesh = make_mesh("fsdp=4,tensor=2", devices=topology_devices(parse_target("tpu7x:2x2x1")))
     assert mesh.devices.size == 8 and {d.platform for d in mesh.devices.flat} == {"tpu"}
     cfg = apply_overrides(preset("tiny"), DENSE)
     specs = param_partition_specs(cfg, mesh, strategy("fsdp"))
