@@ -1628,7 +1628,8 @@ def test_bench_client_measures_the_server(server, engine):
     assert "engine prefix hit rate:" in format_summary(s)
 
 
-@pytest.mark.parametrize("weights", ["int8", "fp8"])
+# int8 in the slow set (an engine build and its compiles, ~25 s): the same code path as fp8
+@pytest.mark.parametrize("weights", [pytest.param("int8", marks=pytest.mark.slow), "fp8"])
 def test_quantized_weights_serve_the_same_greedy_tokens(run_dir, engine, weights):
     """Issue 25 point 4: `--weights int8|fp8` quantizes every layer's matmul weights once
     at load (per output channel) and the engine serves from them: the layers' weights
