@@ -15,6 +15,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.model.backend import choose_kernels, planner_kernels
 from megamesh.model.source import model_config
+from megamesh.model.specs import WEIGHT_FORMATS
 from megamesh.plan.cost import estimate
 from megamesh.plan.layout import Layout, Workload, place
 from megamesh.plan.memory import decode_memory
@@ -54,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "the attention kernel); auto: on from seq 8192, as `megamesh train`")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the layers' matmuls: bf16 (default) or fp8 (model/quant.py)")
-    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16",
                    help="--step decode: the layers' matmul weights as `megamesh serve --weights` "
                    "holds them")
     p.add_argument("--save", help="write the serialized executable to this new file")

@@ -13,7 +13,7 @@ from megamesh.cli.common import parse_diloco, split_overrides
 from megamesh.cli.compile_cmd import compile_and_compare
 from megamesh.errors import ConfigError
 from megamesh.model.source import model_config
-from megamesh.model.specs import param_count
+from megamesh.model.specs import WEIGHT_FORMATS, param_count
 from megamesh.plan import convergence, questions, report
 from megamesh.plan.layout import KERNELS, REMATS, Workload
 from megamesh.plan.search import search
@@ -72,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="compile the best TPU layout with `megamesh compile` and compare")
     p.add_argument("--serve", action="store_true", help="size serving instead of training")
     p.add_argument("--qps", type=float, default=10.0, help="serving: requests per second")
-    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16",
                    help="serving: the layers' matmul weights as `megamesh serve --weights` holds them")
     p.add_argument("--input-tokens", type=int, default=1024, help="serving: prompt tokens")
     p.add_argument("--output-tokens", type=int, default=256, help="serving: output tokens")

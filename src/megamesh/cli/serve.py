@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from megamesh.errors import ConfigError
+from megamesh.model.specs import WEIGHT_FORMATS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "lower priority than interactive requests")
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="weight dtype (default: float32 on CPU, bfloat16 on accelerators)")
-    p.add_argument("--weights", choices=("bf16", "fp8", "int8"), default="bf16",
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16",
                    help="the layers' matmul weights: bf16 (as loaded, in --dtype) or quantized once "
                    "at load, per output channel, to fp8 (e4m3) or int8: each decode step reads "
                    "1 byte per weight instead of 2 (weight-only: activations stay in --dtype; "

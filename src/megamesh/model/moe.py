@@ -110,18 +110,15 @@ def grouped_moe(h: jax.Array, weights: jax.Array, experts: jax.Array, w_gate: ja
     return jnp.einsum("btkd,btk->btd", y, weights.astype(y.dtype))
 
 
-def _cast(w: Any, dtype: Any) -> Any:
-    return w if isinstance(w, QuantizedWeight) else w.astype(dtype)
-
-
 def expert_matmul(x: jax.Array, w: Any) -> jax.Array:
     """Each expert's tokens times its weight: x (B, E, C, in) @ w (E, in, out) -> (B, E, C, out)
-    (in FP8 under the run's fp8 precision; a serving QuantizedWeight's values upcast in
-    the matmul, its per-(expert, output) scales on the product)."""
+    in x's dtype (in FP8 under the run's fp8 precision; a serving QuantizedWeight's values
+    upcast in the matmul, its per-(expert, output) scales on the product)."""
     if isinstance(w, QuantizedWeight):
         y = jnp.einsum("becd,edf->becf", x, w.values.astype(x.dtype),
                        preferred_element_type=jnp.float32)
         return (y * w.scale[None]).astype(x.dtype)  # scale (E, 1, out)
+    w = w.astype(x.dtype)
     if matmul_precision() != "fp8":
         return jnp.einsum("becd,edf->becf", x, w)
     y = fp8_dot_general(x, w, (((3,), (1,)), ((1,), (0,))))  # (E, B, C, out)
@@ -143,10 +140,9 @@ def einsum_moe(h: jax.Array, weights: jax.Array, experts: jax.Array,
 
     x = jnp.einsum("btec,btd->becd", dispatch, h)
     x = constrain(x, ("batch", "expert", None, "embed"))
-    cd = h.dtype
-    gate = expert_matmul(x, _cast(p["w_gate"], cd))
-    up = expert_matmul(x, _cast(p["w_up"], cd))
+    gate = expert_matmul(x, p["w_gate"])  # in the compute dtype (h's, x's)
+    up = expert_matmul(x, p["w_up"])
     act = constrain(jax.nn.silu(gate) * up, ("batch", "expert", None, "mlp"))
-    y = expert_matmul(act, _cast(p["w_down"], cd))
+    y = expert_matmul(act, p["w_down"])
     y = constrain(y, ("batch", "expert", None, "embed"))
     return jnp.einsum("btec,becd->btd", combine, y)

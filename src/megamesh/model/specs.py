@@ -192,6 +192,11 @@ def splash_block(seq: int) -> int:
     return min(512, -(-seq // 128) * 128)
 
 
+# serving's --weights: the layers' matmul weights as loaded ("bf16") or quantized
+# (`model.quant`); one list for serve, plan, compile and the engine
+WEIGHT_FORMATS = ("bf16", "fp8", "int8")
+
+
 def quantized_weights(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """The parameters serving's `--weights fp8|int8` quantizes (`model.quant`), by name,
     with their contracted (input) axes: every matmul weight of a layer stack (attention

@@ -105,14 +105,14 @@ def dense(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None, *, fp8: bo
     """
     lead, K = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
     out = jnp.dtype(out_dtype or x.dtype)
-    if isinstance(w, QuantizedWeight):  # serving: int8 / fp8 values, a scale per output
-        a, b = matmul_inputs(x.reshape(-1, K), w.values.reshape(K, -1).astype(x.dtype))
+    quantized = isinstance(w, QuantizedWeight)  # serving: int8 / fp8 values, a scale per output
+    values = w.values if quantized else w
+    a, b = matmul_inputs(x.reshape(-1, K), values.reshape(K, -1).astype(x.dtype))
+    if quantized:
         y = jnp.dot(a, b, preferred_element_type=jnp.float32) * w.scale.reshape(1, -1)
     elif fp8 and matmul_precision() == "fp8":  # training in FP8 (`model.quant`)
-        a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
         y = fp8_dot_general(a, b, (((1,), (0,)), ((), ())))
     else:
-        a, b = matmul_inputs(x.reshape(-1, K), w.reshape(K, -1).astype(x.dtype))
         y = jnp.dot(a, b, preferred_element_type=out if native_matmuls() else jnp.float32)
     return y.reshape(*lead, *w.shape[n_in:]).astype(out)
 

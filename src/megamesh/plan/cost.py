@@ -203,13 +203,10 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     att = 4.0 * w.seq * c.n_heads * c.resolved_head_dim * c.n_layers  # full score matrix
     if w.flash:
         att *= causal_block_fraction(w.seq)  # flash kernels skip the blocks above the diagonal
-    dispatch = 0.0  # GShard one-hot dispatch + combine einsums, 2 * slots * D each
-    if c.moe and w.kernels == "xla":
+    dispatch = _dispatch_forward(w)
+    if dispatch:
         m = c.moe
         expert *= m.capacity_factor if m.capacity_factor else m.n_experts / m.top_k
-        n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
-        slots = (m.capacity_factor * m.top_k if m.capacity_factor else m.n_experts) * w.seq
-        dispatch = 4.0 * slots * c.d_model * n_moe
     fwd = dense + expert + att + dispatch
     # Full remat recomputes each layer's forward except what nothing downstream needs (jax
     # drops it as dead code): the head (outside the scanned layers) and each layer's last
@@ -239,17 +236,22 @@ def hardware_flops_per_token(w: Workload, remat: str) -> tuple[float, float, flo
     return 3 * fwd + recompute, att, expert_train
 
 
-def dispatch_flops_per_token(w: Workload, remat: str) -> float:
-    """Train-step FLOPs per token of GShard's one-hot dispatch and combine einsums (the
-    xla kernels' MoE; 0 otherwise): forward, backward, and half again under full remat
-    (as `hardware_flops_per_token` counts them)."""
+def _dispatch_forward(w: Workload) -> float:
+    """Forward FLOPs per token of GShard's one-hot dispatch and combine einsums, 2 * slots *
+    D each per MoE layer (the xla kernels' MoE; 0 otherwise)."""
     c = w.cfg
     if not (c.moe and w.kernels == "xla"):
         return 0.0
     m = c.moe
     n_moe = sum(st.n_layers for st in layer_stacks(c) if st.moe)
     slots = (m.capacity_factor * m.top_k if m.capacity_factor else m.n_experts) * w.seq
-    fwd = 4.0 * slots * c.d_model * n_moe
+    return 4.0 * slots * c.d_model * n_moe
+
+
+def dispatch_flops_per_token(w: Workload, remat: str) -> float:
+    """Train-step FLOPs per token of the dispatch and combine einsums: forward, backward,
+    and what the remat policy recomputes of them (as `hardware_flops_per_token` counts)."""
+    fwd = _dispatch_forward(w)
     return 3 * fwd + {"full": fwd / 2, "offload": fwd / 2, "dots_no_batch": fwd}.get(remat, 0.0)
 
 

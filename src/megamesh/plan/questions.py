@@ -8,6 +8,7 @@ from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.model.specs import (
+    WEIGHT_FORMATS,
     flops_per_token,
     kv_cache_bytes_per_token,
     matmul_param_count,
@@ -140,8 +141,8 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     if ctx > cfg.max_seq_len:
         raise ConfigError(f"input + output tokens = {ctx} exceeds {cfg.name}'s context of "
                           f"{cfg.max_seq_len}")
-    if weights not in ("bf16", "fp8", "int8"):
-        raise ConfigError(f"--weights {weights!r} is not allowed: one of bf16, fp8, int8")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"--weights {weights!r} is not allowed: one of {', '.join(WEIGHT_FORMATS)}")
     wbytes = serving_weight_bytes(cfg, weights)
     kv_tok = kv_cache_bytes_per_token(cfg, "bfloat16")
     dev_hbm = chip.device_hbm_bytes * HBM_RESERVE

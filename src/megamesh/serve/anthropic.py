@@ -5,7 +5,6 @@ streaming) and POST /v1/messages/count_tokens. Shapes as in the Messages API ref
 from __future__ import annotations
 
 import functools
-import json
 import secrets
 from typing import Annotated, Any, Literal
 
@@ -254,18 +253,13 @@ def content_of(text: str, stop_reason: str | None,
     """A response's content blocks (a text block for its text, then a tool_use block per
     call when tools may be called) and its stop_reason (tool_use when it ends with whole
     calls; a response whose calls do not all parse, e.g. cut off by max_tokens, stays text)."""
-    prose, calls = tools.parse(text) if calling else (text, [])
-    inputs = []
-    for call in calls:
-        try:
-            inputs.append(json.loads(call.args))
-        except json.JSONDecodeError:
-            return [{"type": "text", "text": text}], stop_reason  # cut off before it was whole
-    if not calls:
+    got = tools.whole_calls(text) if calling else None
+    if got is None:
         return [{"type": "text", "text": text}], stop_reason
+    prose, calls = got
     blocks = [{"type": "text", "text": prose}] if prose else []
     blocks += [{"type": "tool_use", "id": "toolu_" + secrets.token_hex(12), "name": c.name,
-                "input": value} for c, value in zip(calls, inputs)]
+                "input": value} for c, value in calls]
     return blocks, "tool_use" if stop_reason == "end_turn" else stop_reason
 
 

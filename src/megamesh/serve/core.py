@@ -727,6 +727,10 @@ class Core:
 
     async def events_n(self, gens: list[Generation]):
         """(index, event) of several generations as they arrive, each up to its last."""
+        if len(gens) == 1:  # the usual request: its own events, no task or queue between
+            async for ev in gens[0].events():
+                yield 0, ev
+            return
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, g: Generation) -> None:

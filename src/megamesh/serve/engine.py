@@ -68,6 +68,7 @@ from megamesh.errors import ConfigError, MegameshError
 from megamesh.model.backend import DECODE_BATCH_MULTIPLE
 from megamesh.model.kvcache import DEFAULT_PAGE, SCRATCH, init_pages, pages_per_seq
 from megamesh.model.quant import quantize_params, weight_bytes
+from megamesh.model.specs import WEIGHT_FORMATS
 from megamesh.serve.load import ServedModel, load_model
 from megamesh.serve.step import SlotSampling, build_decode_step, build_prefill_step, mask_words
 from megamesh.serve.text import END, Detokenizer, StopMatcher
@@ -321,8 +322,6 @@ class Engine:
         if not 0 <= max_logprobs <= MAX_LOGPROBS:
             raise MegameshError(f"--max-logprobs {max_logprobs} is not allowed: 0 to {MAX_LOGPROBS}")
         self.max_logprobs = max_logprobs
-        # the step computes one more than asked at most: a request's alternatives and, when
-        # it asks for none, still its own token's log-probability
         self.decode = {(b, a): build_decode_step(cfg, mesh, b, self.max_len, dtype, attend_len=a,
                                                  n_pages=kv_pages + 1, page_size=page_size,
                                                  kv_dtype=self.kv_dtype, weights=weights,
@@ -700,8 +699,7 @@ class Engine:
             return n
         self._prefilling.remove(req)
         req.pos = len(tokens)
-        self._accept(req, tok, _row_logprobs(jax.device_get(lps), 0, req)
-                     if lps is not None and req.sampling.logprobs is not None else None)
+        self._accept(req, tok, _row_logprobs(lps, 0, req))
         return n
 
     def _register(self, req: Request, start: int, end: int) -> None:
@@ -929,13 +927,12 @@ class Engine:
             return
         t0 = time.perf_counter()
         nxt = np.asarray(inflight.tokens)
-        lps = jax.device_get(inflight.logprobs) if inflight.logprobs is not None else None
+        lps = jax.device_get(inflight.logprobs)
         self.stats["decode_seconds"] += time.perf_counter() - t0
         for r, (row, admitted) in inflight.rows.items():
             if r.done or r.admitted != admitted or self._active.get(r.slot) is not r:
                 continue
-            self._accept(r, int(nxt[row]), _row_logprobs(lps, row, r)
-                         if lps is not None and r.sampling.logprobs is not None else None)
+            self._accept(r, int(nxt[row]), _row_logprobs(lps, row, r))
 
     def _accept(self, req: Request, tok: int, logprob: Any = None) -> None:
         """A new token for `req`: stream its text, or finish the request. `logprob`: the
@@ -995,16 +992,19 @@ class Engine:
                        output_tokens=req.n_out, error=error, logprobs=req.take_logprobs()))
 
 
-# --weights: the layers' matmul weights as loaded ("bf16": in --dtype) or quantized
-WEIGHT_FORMATS = ("bf16", "fp8", "int8")
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
-def _row_logprobs(lps: Any, row: int, req: Request) -> tuple[float, list[tuple[int, float]]]:
-    """Row `row` of a step's `token_logprobs` (host arrays) as `req` asked: its token's
-    log-probability and its first `req.sampling.logprobs` alternatives (id, log-probability)."""
-    chosen, ids, lp = lps
-    k = req.sampling.logprobs or 0
+def _row_logprobs(lps: Any, row: int, req: Request) -> tuple[float, list[tuple[int, float]]] | None:
+    """Row `row` of a step's `token_logprobs` as `req` asked: its token's log-probability
+    and its first `req.sampling.logprobs` alternatives (id, log-probability); None when the
+    request asked for none or the step computed none."""
+    if lps is None or req.sampling.logprobs is None:
+        return None
+    # the decode's arrays were fetched once for all its rows (a no-op here); the prefill's
+    # come from the device
+    chosen, ids, lp = jax.device_get(lps)
+    k = req.sampling.logprobs
     return float(chosen[row]), [(int(i), float(v)) for i, v in zip(ids[row][:k], lp[row][:k])]
 
 

@@ -60,6 +60,19 @@ class _Sampled(OpenSchema):
     logit_bias: dict[str, Any] | None = None
     ignore_eos: bool = False
 
+    def samplings(self, max_tokens: int, grammar: str | None = None,
+                  logprobs: int | None = None) -> list[SamplingParams]:
+        """The sampling of each of the `n` choices: with a `seed`, choice i draws from
+        seed + i (each reproducible, the choices different); without, each its own.
+        `grammar`: the chat route's `tool_setup`'s; `logprobs`: its `logprobs_asked`."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return [SamplingParams(max_tokens=max_tokens,
+                               temperature=1.0 if self.temperature is None else self.temperature,
+                               top_k=self.top_k or 0, top_p=1.0 if self.top_p is None else self.top_p,
+                               seed=None if self.seed is None else (self.seed + i + 2**63) % 2**64 - 2**63,
+                               stop=stop, ignore_eos=self.ignore_eos, grammar=grammar, logprobs=logprobs)
+                for i in range(self.n)]
+
     def _refuse(self, checks: list[tuple[str, bool, str]]) -> None:
         """400 for a declared field at a value this server would not honour (`checks`: the
         route's own, then the shared ones)."""
@@ -146,10 +159,6 @@ class ChatRequest(_Sampled):
         kind = {"required": "any"}.get(choice, choice)
         return found, tools.grammar(found, kind, name, parallel=self.parallel_tool_calls is not False)
 
-    def samplings(self, max_tokens: int, grammar: str | None, logprobs: int | None = None
-                  ) -> list[SamplingParams]:
-        """One per choice (`n`); `grammar`: `tool_setup`'s; `logprobs`: `logprobs_asked`."""
-        return _samplings(self, max_tokens, grammar, logprobs)
 
 
 class CompletionRequest(_Sampled):
@@ -176,21 +185,20 @@ class CompletionRequest(_Sampled):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ApiError(400, "prompt: must not be empty")
 
-    def samplings(self, max_tokens: int) -> list[SamplingParams]:
-        return _samplings(self, max_tokens, None)
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return f"data: {sse_json(body)}\n\n".encode()
 
 
-def _samplings(req: Any, max_tokens: int, grammar: str | None,
-               logprobs: int | None = None) -> list[SamplingParams]:
-    """The sampling of each of a request's `n` choices: with a `seed`, choice i draws from
-    seed + i (each reproducible, the choices different); without, each its own."""
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    return [SamplingParams(max_tokens=max_tokens,
-                           temperature=1.0 if req.temperature is None else req.temperature,
-                           top_k=req.top_k or 0, top_p=1.0 if req.top_p is None else req.top_p,
-                           seed=None if req.seed is None else (req.seed + i + 2**63) % 2**64 - 2**63,
-                           stop=stop, ignore_eos=req.ignore_eos, grammar=grammar, logprobs=logprobs)
-            for i in range(req.n)]
+def _stream_end(gens: list, head: dict[str, Any], usage: Any, include_usage: bool,
+                failed: ApiError | None) -> list[bytes]:
+    """A stream's last events: the error of a failed generation, or the usage chunk (when
+    asked: `usage(output tokens of every choice)` under the chunks' `head`) and [DONE]."""
+    if failed:
+        return [_sse({"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}})]
+    tail = [_sse({**head, "choices": [], "usage": usage(sum(g.n_out for g in gens))})
+            ] if include_usage else []
+    return tail + [b"data: [DONE]\n\n"]
 
 
 def logprobs_json(entries: list, tokenizer: Any) -> dict[str, Any]:
@@ -210,21 +218,14 @@ def choice_message(text: str, stop_reason: str, calling: bool) -> tuple[dict[str
     called and it holds calls that all parse, its preface as content and a tool_calls
     entry per call (finish_reason tool_calls when it ended with them)."""
     reason = FINISH[stop_reason]
-    prose, calls = tools.parse(text) if calling else (text, [])
-    if not calls or not all(_is_json(c.args) for c in calls):
+    got = tools.whole_calls(text) if calling else None
+    if got is None:
         return {"role": "assistant", "content": text}, reason
+    prose, calls = got
     return {"role": "assistant", "content": prose or None, "tool_calls": [
         {"id": "call_" + secrets.token_hex(12), "type": "function",
-         "function": {"name": c.name, "arguments": c.args}} for c in calls]}, \
+         "function": {"name": c.name, "arguments": c.args}} for c, _ in calls]}, \
         "tool_calls" if stop_reason == "end_turn" else reason
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def register(app: FastAPI, core: Core) -> None:
@@ -286,17 +287,18 @@ def register(app: FastAPI, core: Core) -> None:
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model}
+
         def chunk(i: int, delta: dict[str, Any], reason: str | None, lps: list | None = None) -> bytes:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": i, "delta": delta, "finish_reason": reason,
-                                 "logprobs": logprobs_json(lps, tokenizer) if lps else None}]}
-            return f"data: {sse_json(body)}\n\n".encode()
+            return _sse({**head, "choices": [{"index": i, "delta": delta, "finish_reason": reason,
+                                              "logprobs": logprobs_json(lps, tokenizer) if lps else None}]})
 
         async def events():
             for i in range(len(gens)):
                 yield chunk(i, {"role": "assistant", "content": ""}, None)
             readers = [tools.CallReader() for _ in gens]
             called = [0] * len(gens)  # calls begun per choice
+            failed = None
             async for i, ev in core.events_n(gens):
                 pieces = (readers[i].push(ev.text) + (readers[i].flush() if ev.done else [])) \
                     if calling else [("text", ev.text)] if ev.text else []
@@ -321,16 +323,11 @@ def register(app: FastAPI, core: Core) -> None:
                     continue
                 failed = core.failure(gens[i], ev)
                 if failed:
-                    err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
-                    yield f"data: {sse_json(err)}\n\n".encode()
-                    return
+                    break
                 called_all = called[i] and ev.stop_reason == "end_turn"
                 yield chunk(i, {}, "tool_calls" if called_all else FINISH[ev.stop_reason])
-            if include_usage:
-                body = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                        "model": req.model, "choices": [], "usage": usage(sum(g.n_out for g in gens))}
-                yield f"data: {sse_json(body)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+            for end in _stream_end(gens, head, usage, include_usage, failed):
+                yield end
 
         return core.stream_n(gens, events(), {"cache-control": "no-cache"})
 
@@ -372,15 +369,17 @@ def register(app: FastAPI, core: Core) -> None:
 
         include_usage = bool((req.stream_options or {}).get("include_usage"))
 
+        head = {"id": cid, "object": "text_completion", "created": created, "model": req.model}
+
         def chunk(i: int, text: str, reason: str | None) -> bytes:
-            body = {"id": cid, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": reason}]}
-            return f"data: {sse_json(body)}\n\n".encode()
+            return _sse({**head, "choices": [{"text": text, "index": i, "logprobs": None,
+                                              "finish_reason": reason}]})
 
         async def events():
             if echo:
                 for i in range(len(gens)):
                     yield chunk(i, echo, None)
+            failed = None
             async for i, ev in core.events_n(gens):
                 if ev.text:
                     yield chunk(i, ev.text, None)
@@ -388,14 +387,9 @@ def register(app: FastAPI, core: Core) -> None:
                     continue
                 failed = core.failure(gens[i], ev)
                 if failed:
-                    err = {"error": {"type": STATUS_TYPES[failed.status], "message": failed.message}}
-                    yield f"data: {sse_json(err)}\n\n".encode()
-                    return
+                    break
                 yield chunk(i, "", FINISH[ev.stop_reason])
-            if include_usage:
-                body = {"id": cid, "object": "text_completion", "created": created,
-                        "model": req.model, "choices": [], "usage": usage(sum(g.n_out for g in gens))}
-                yield f"data: {sse_json(body)}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+            for end in _stream_end(gens, head, usage, include_usage, failed):
+                yield end
 
         return core.stream_n(gens, events(), {"cache-control": "no-cache"})

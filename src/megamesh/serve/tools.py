@@ -328,3 +328,15 @@ def parse(text: str) -> tuple[str, list[Call]]:
     if r.mode == "name":  # cut off before the name line ended
         calls.append(Call(r.buf, ""))
     return "".join(prose), calls
+
+
+def whole_calls(text: str) -> tuple[str, list[tuple[Call, Any]]] | None:
+    """A finished response read as calls: (its preface, each call with its parsed input),
+    or None when it holds no call or one whose input does not parse (cut off by
+    max_tokens: the response stays text)."""
+    prose, calls = parse(text)
+    try:
+        inputs = [json.loads(c.args) for c in calls]
+    except json.JSONDecodeError:
+        return None
+    return (prose, list(zip(calls, inputs))) if calls else None
