@@ -164,7 +164,8 @@ def main() -> None:
     ap.add_argument(
         "--range-ratio", type=float, default=0.0, help="length spread, as in vLLM's random dataset"
     )
-    ap.add_argument("--only", nargs="+", default=["megamesh", "hf-sequential", "hf-static"])
+    ap.add_argument("--only", nargs="+", default=["megamesh", "hf-sequential", "hf-static"],
+                    help="servers: megamesh, megamesh-no-logprobs, hf-sequential, hf-static")
     ap.add_argument("--out", default=None, help="JSON results (default: a new file under runs/)")
     args = ap.parse_args()
 
@@ -221,6 +222,11 @@ def main() -> None:
             8312,
         ),
     }
+    # the same server without log-probabilities (serve's --max-logprobs 0: the decode step
+    # computes no log-softmax and top-k), to measure what computing them costs
+    cmd, _ = servers["megamesh"]
+    servers["megamesh-no-logprobs"] = ([*cmd[:cmd.index("--port")], "--port", "8313",
+                                        *cmd[cmd.index("--port") + 2:], "--max-logprobs", "0"], 8313)
     results = {}
     for name in args.only:
         cmd, port = servers[name]
