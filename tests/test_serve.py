@@ -107,7 +107,7 @@ def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
     """12 requests of different lengths at once (slots 16: decode batches 8 and 16). As the
     short ones finish, the long ones move down to the low rows and decode drops to 8 rows;
     every request's tokens equal its tokens when run alone."""
-    assert engine.batch_buckets == [8, 16]
+    assert engine.runner.batch_buckets == [8, 16]
     assert engine.compiled_all.wait(300)  # the 8-row variants compile after start-up
     tok = engine.model.tokenizer
     prompts = [tok.encode(f"def f{i}(x):").ids for i in range(12)]
@@ -122,7 +122,7 @@ def test_busy_slots_are_compacted_and_decode_runs_the_smallest_batch(engine):
     assert [r.out_ids for r in reqs] == alone
     assert engine.stats["slot_moves"] > moves  # long requests moved into freed low rows
     assert engine.stats["decode_steps_8"] > steps  # and decode ran 8 rows, not 16
-    assert engine.active == 0 and sorted(engine._free) == list(range(16))
+    assert engine.active == 0 and sorted(engine.scheduler.free) == list(range(16))
 
 
 def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run_dir, engine):
@@ -160,7 +160,7 @@ def test_kv_memory_is_paged_and_a_full_pool_preempts_without_changing_tokens(run
         assert small.stats["preempted"] > 0 and max(held) <= 32
         assert small.pages_used == 0 and small.active == 0
         # the same 8 with room for every running request's output held back from admission
-        small.reserve_tokens = 128
+        small.scheduler.reserve_tokens = 128
         preempted = small.stats["preempted"]
         with small.paused():
             reqs = [small.submit(p, sampling, emit) for p in prompts]
@@ -182,7 +182,7 @@ def test_overlapped_steps_hand_over_the_same_tokens_one_step_later(run_dir, engi
     small = build_engine(str(run_dir), mesh="tensor=1", slots=16, max_len=512, dtype="float32",
                          kv_pages=32, reserve_tokens=0, log=lambda *_: None)
     small.start()
-    small.prefix_cache = False  # (the second pass would read the first's pages)
+    small.pool.prefix_cache = False  # (the second pass would read the first's pages)
     try:
         assert small.compiled_all.wait(300)
         tok = engine.model.tokenizer
@@ -227,7 +227,7 @@ def test_bf16_kv_pages_hold_twice_the_positions_in_the_same_memory(run_dir, engi
     small.start()
     try:
         assert small.kv_dtype == "bfloat16" and small.dtype == "float32"
-        f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(small.pages))
+        f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(small.runner.pages))
         assert small.kv_bytes * 2 == f32_bytes
         prompt = engine.model.tokenizer.encode("def load(path):").ids
         req, _, last = run_engine(small, prompt, SamplingParams(max_tokens=12, temperature=0,
@@ -276,7 +276,7 @@ def test_one_tenant_flooding_does_not_delay_another(engine):
             drive(engine, flood)
         assert engine.active == 0 and engine.waiting == 0
         # the same with first-come admission (`--scheduling fcfs`): b waits for the flood
-        engine.scheduling, engine._waiting.fair = "fcfs", False
+        engine.scheduler.scheduling = "fcfs"
         try:
             flood = [engine.submit(tok.encode(f"class Flood{i}:").ids,
                                    SamplingParams(max_tokens=150, temperature=0, ignore_eos=True),
@@ -285,7 +285,7 @@ def test_one_tenant_flooding_does_not_delay_another(engine):
             first_come = b_steps()  # the first waits behind every flood request before it
             assert first_come[0] > 10 * max(idle), (idle, first_come)
         finally:
-            engine.scheduling, engine._waiting.fair = "fair", True
+            engine.scheduler.scheduling = "fair"
             for r in flood:
                 engine.cancel(r)
             drive(engine, flood)
@@ -300,11 +300,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
     tok = engine.model.tokenizer
     long_prompt = (tok.encode("import os\n" * 140).ids * 2)[:420]
     sampling = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    engine.prefix_cache = False  # (the second run would find the first's pages)
+    engine.pool.prefix_cache = False  # (the second run would find the first's pages)
     try:
         alone = run_engine(engine, long_prompt, sampling)[0].out_ids
     finally:
-        engine.prefix_cache = True
+        engine.pool.prefix_cache = True
     steps: dict[int, list[int]] = {}  # request id -> the engine steps that gave it a token
     accept = engine._accept
 
@@ -314,7 +314,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
 
     engine._accept = logged
     chunks = engine.stats["prefill_chunks"]
-    engine.max_prefill_tokens, engine.prefix_cache = 64, False
+    engine.max_prefill_tokens, engine.pool.prefix_cache = 64, False
     try:
         with engine.paused():
             runners = [engine.submit(tok.encode(f"def worker_{i}(queue):").ids,
@@ -327,7 +327,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
             first = req.first_token_step
             drive(engine, runners)
     finally:
-        engine.max_prefill_tokens, engine.prefix_cache = 2048, True
+        engine.max_prefill_tokens, engine.pool.prefix_cache = 2048, True
         del engine._accept
     assert engine.stats["prefill_chunks"] - chunks == 6  # 7 chunks: 6 before the last
     assert req.out_ids == alone
@@ -1225,15 +1225,13 @@ def test_engine_failure_is_a_500_and_the_server_lives_on(client, engine):
     def broken(*a, **k):
         raise RuntimeError("injected device failure")
 
-    original = dict(engine.prefill), dict(engine.prefill_after)  # (a cached prompt's is the second)
-    for steps in (engine.prefill, engine.prefill_after):
-        steps.update({b: broken for b in steps})
+    original = dict(engine.runner.prefill_steps)
+    engine.runner.prefill_steps.update({b: broken for b in original})
     try:
         with pytest.raises(anthropic.InternalServerError):
             client.messages.create(model="tiny", max_tokens=5, messages=[{"role": "user", "content": "x"}])
     finally:
-        engine.prefill.update(original[0])
-        engine.prefill_after.update(original[1])
+        engine.runner.prefill_steps.update(original)
     assert client.messages.create(model="tiny", max_tokens=3,
                                   messages=[{"role": "user", "content": "x"}]).usage.output_tokens >= 1
 
@@ -1382,7 +1380,7 @@ def _twelve_leave(engine, leave) -> list:
     with engine.paused(), cf.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(leave) for _ in range(12)]
         wait_until(lambda: engine.waiting == 12, "12 requests in the engine's queue")
-        reqs = list(engine._waiting)
+        reqs = list(engine.scheduler.waiting)
         engine.step()
         for f in futures:
             f.result(timeout=60)  # the client left (its assertions held)
@@ -1517,7 +1515,7 @@ def test_canceling_a_batch_stops_its_requests(server, engine, client):
             "model": "tiny", "max_tokens": 300, "ignore_eos": True,
             "messages": [{"role": "user", "content": f"long {i}"}]}} for i in range(8)])
         wait_until(lambda: engine.waiting == 8, "the batch's 8 requests in the engine")
-        reqs = list(engine._waiting)
+        reqs = list(engine.scheduler.waiting)
         assert client.messages.batches.cancel(batch.id).processing_status == "canceling"
         wait_until(lambda: all(r.cancelled for r in reqs), "the batch worker cancels them")
         drive(engine, reqs)
@@ -1564,7 +1562,7 @@ def test_overload_and_per_key_limits_are_the_messages_api_errors(engine):
     queue = engine.max_queue
     try:
         with engine.paused(), cf.ThreadPoolExecutor(1) as pool:
-            engine.max_queue = 1
+            engine.scheduler.max_queue = 1
             first = pool.submit(ask, "k1")
             wait_until(lambda: engine.waiting == 1, "k1's request in the queue")
             with pytest.raises(anthropic.OverloadedError) as e:
@@ -1574,11 +1572,11 @@ def test_overload_and_per_key_limits_are_the_messages_api_errors(engine):
             with pytest.raises(anthropic.RateLimitError) as e:
                 ask("k1")
             assert e.value.response.headers["retry-after"] == "1"
-            engine.max_queue = queue
-            drive(engine, list(engine._waiting))
+            engine.scheduler.max_queue = queue
+            drive(engine, list(engine.scheduler.waiting))
             assert first.result(timeout=60).usage.output_tokens >= 1
     finally:
-        engine.max_queue = queue
+        engine.scheduler.max_queue = queue
         running.stop()
 
 

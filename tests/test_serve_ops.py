@@ -80,7 +80,7 @@ def test_drain_refuses_new_work_and_lets_running_requests_finish(engine, tmp_pat
             streams = [pool.submit(sse_events, url, LONG) for _ in range(2)]
             plain = pool.submit(httpx.post, url + "/v1/messages", json=LONG, timeout=120)
             wait_until(lambda: engine.waiting == 3, "3 requests in the engine's queue")
-            reqs = list(engine._waiting)
+            reqs = list(engine.scheduler.waiting)
             running.drain(600)
             wait_until(lambda: httpx.get(url + "/health").status_code == 503, "/health not ready")
             assert httpx.get(url + "/health").json()["status"] == "draining"
@@ -120,7 +120,7 @@ def test_drain_deadline_ends_what_is_left_with_an_overloaded_error(engine, tmp_p
             stream = pool.submit(sse_events, url, LONG)
             plain = pool.submit(httpx.post, url + "/v1/messages", json=LONG, timeout=120)
             wait_until(lambda: engine.waiting == 4, "4 requests in the engine's queue")
-            reqs = list(engine._waiting)
+            reqs = list(engine.scheduler.waiting)
             running.drain(0)
             wait_until(lambda: all(r.cancelled for r in reqs), "the drain ends all 4")
             drive(engine, reqs)

@@ -175,17 +175,15 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                           reserve_tokens=args.kv_reserve_tokens, kv_dtype=args.kv_dtype,
                           scheduling=args.scheduling, weights=args.weights,
                           max_logprobs=args.max_logprobs)
-    m = engine.model
-    attention = (f"attention lengths every {engine.decode_buckets[0]} tokens"
-                 if engine.length_buckets else "attention over each step's real length")
+    m, runner = engine.model, engine.runner
     print(f"model {m.name!r} from {m.source}: {engine.slots} slots, context {engine.max_len} "
           f"tokens (KV cache {engine.kv_pages:,} pages of {engine.page_size} = "
           f"{engine.kv_bytes / 2**20:,.1f} MiB of {engine.kv_dtype}, weights {engine.dtype}"
           f"{'' if engine.weights == 'bf16' else ', layers in ' + engine.weights}: "
           f"{engine.weight_bytes / 2**20:,.1f} MiB); "
           "compiling "
-          f"prefill buckets {engine.buckets} and {len(engine.decode)} decode steps "
-          f"({attention} x batches {engine.batch_buckets}) ...",
+          f"prefill buckets {runner.buckets} and decode batches {runner.batch_buckets} "
+          "(attention over each step's real length) ...",
           flush=True)
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),

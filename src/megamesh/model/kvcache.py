@@ -25,9 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.config import ModelConfig
-from megamesh.model.specs import DEFAULT_PAGE, layer_stacks
-
-SCRATCH = 0  # the page padding and idle rows write to
+from megamesh.model.specs import DEFAULT_PAGE, SCRATCH, layer_stacks
 
 
 class KVCache(NamedTuple):

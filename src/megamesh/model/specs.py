@@ -183,6 +183,7 @@ def param_bytes(cfg: ModelConfig, dtype: str | None = None) -> int:
 # KV cache positions per page (`model.kvcache`; vLLM's default block size): divides every
 # attention bucket of the serving engine
 DEFAULT_PAGE = 16
+SCRATCH = 0  # the KV page that padding and idle rows write to (never handed to a request)
 
 
 def splash_block(seq: int) -> int:
