@@ -11,7 +11,8 @@ JAX_FREE = (
     "megamesh.model.specs", "megamesh.model.source", "megamesh.model.hf", "megamesh.model.backend",
     "megamesh.plan.search", "megamesh.plan.questions", "megamesh.plan.report",
     "megamesh.fleet.sim", "megamesh.fleet.questions", "megamesh.fleet.launch",
-    "megamesh.fleet.scenario", "megamesh.cli", "megamesh.serve.kvpool", "megamesh.serve.scheduler",
+    "megamesh.fleet.scenario", "megamesh.fleet.serve_launch", "megamesh.cli", "megamesh.serve.kvpool",
+    "megamesh.serve.scheduler",
     "megamesh.serve.output",
 )
 

@@ -497,6 +497,34 @@ def test_count_tokens_models_health_metrics(client, server, engine):
         assert name in metrics
 
 
+def test_metrics_the_endpoint_picker_and_autoscaler_read(server, engine):
+    """The Gateway API Inference Extension's model-server protocol: queued and running
+    requests, KV cache use (0-1) and the cache's block size and blocks, under the names its
+    endpoint picker reads by default (vLLM's), beside megamesh's own."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tok = engine.model.tokenizer
+    sampling = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+    with engine.paused():
+        running = engine.submit(tok.encode("def encode(obj):").ids, sampling, lambda ev: None)
+        engine.step()
+        waiting = engine.submit(tok.encode("class Queue:").ids, sampling, lambda ev: None)
+        try:
+            text = httpx.get(server.url + "/metrics").text
+            used = engine.pages_used
+        finally:
+            engine.cancel(running)
+            engine.cancel(waiting)
+            drive(engine, [running, waiting])
+    samples = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["vllm:num_requests_waiting"].value == 1 == samples["megamesh_queue_depth"].value
+    assert samples["vllm:num_requests_running"].value == 1 == samples["megamesh_active_slots"].value
+    assert used > 0 and samples["vllm:kv_cache_usage_perc"].value == pytest.approx(used / engine.kv_pages)
+    info = samples["vllm:cache_config_info"].labels
+    assert info == {"block_size": str(engine.page_size), "num_gpu_blocks": str(engine.kv_pages)}
+    assert samples["vllm:lora_requests_info"].labels["max_lora"] == "0"
+
+
 def test_a_max_tokens_past_the_context_ends_at_the_window(client, engine):
     """The Messages API accepts a prompt that fits with a max_tokens that does not (Claude
     Code asks 32,000-64,000) and ends the answer when the context window fills, with

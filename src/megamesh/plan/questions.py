@@ -201,7 +201,8 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
                           f"TPOT {slo_tpot_ms} ms); relax them or use a faster chip")
     replicas = math.ceil(qps / best["requests_per_s_per_replica"])
     chips = replicas * best["chips_per_replica"]
-    best.update({"qps": qps, "replicas": replicas, "chips_needed": chips,
+    best.update({"qps": qps, "input_tokens": input_tokens, "output_tokens": output_tokens,
+                 "context_tokens": input_tokens + output_tokens, "replicas": replicas, "chips_needed": chips,
                  "target_chips": target.chips, "fits_target": chips <= target.chips})
     watts, _ = power_per_chip_w(target)
     tok_per_h = qps * output_tokens * 3600

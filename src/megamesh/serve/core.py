@@ -275,6 +275,22 @@ class Metrics:
             "megamesh_http_connections_closed", "connections this server closed before a whole "
             "request, by reason (header_timeout, body_timeout, bad_request, over_cap, "
             "evicted_waiting, idle_evicted)", ["reason"], registry=r)
+        # The gauges an inference gateway's endpoint picker reads (the Gateway API Inference
+        # Extension's model-server protocol; the names are vLLM's, which the picker reads by
+        # default) and an autoscaler can scale on: megamesh_queue_depth, _active_slots and
+        # _kv_pages_used under the protocol's names
+        self.epp_waiting = Gauge("vllm:num_requests_waiting", "TotalQueuedRequests: requests "
+                                 "waiting for a slot", registry=r)
+        self.epp_running = Gauge("vllm:num_requests_running", "TotalRunningRequests: requests "
+                                 "holding a slot", registry=r)
+        self.epp_kv = Gauge("vllm:kv_cache_usage_perc", "KVCacheUtilization: the fraction of KV "
+                            "cache pages held by requests (0-1)", registry=r)
+        self.epp_cache = Gauge("vllm:cache_config_info", "BlockSize and NumGPUBlocks: positions "
+                               "per KV page and pages, as labels", ["block_size", "num_gpu_blocks"],
+                               registry=r)
+        self.epp_lora = Gauge("vllm:lora_requests_info", "LoRA adapters (this server has none: "
+                              "max_lora 0); the value is when it was read", ["max_lora",
+                              "running_lora_adapters", "waiting_lora_adapters"], registry=r)
 
 
 ROUTES = {"/v1/messages", "/v1/messages/count_tokens", "/v1/models", "/v1/chat/completions",
@@ -409,6 +425,11 @@ class Core:
         self.metrics.kv_pages_used.set_function(lambda: engine.pages_used)
         self.metrics.preempted.set_function(lambda: engine.stats["preempted"])
         self.metrics.prefix_hits.set_function(lambda: engine.stats["prefix_hit_tokens"])
+        self.metrics.epp_waiting.set_function(lambda: engine.waiting)
+        self.metrics.epp_running.set_function(lambda: engine.active)
+        self.metrics.epp_kv.set_function(lambda: engine.pages_used / engine.kv_pages)
+        self.metrics.epp_cache.labels(str(engine.page_size), str(engine.kv_pages)).set(1)
+        self.metrics.epp_lora.labels("0", "", "").set_function(time.time)
         for phase in ("prefill", "decode"):
             self.metrics.step_seconds.labels(phase).set_function(
                 lambda p=phase: engine.stats[f"{p}_seconds"])
