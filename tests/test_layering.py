@@ -12,7 +12,7 @@ JAX_FREE = (
     "megamesh.plan.search", "megamesh.plan.questions", "megamesh.plan.report",
     "megamesh.fleet.sim", "megamesh.fleet.questions", "megamesh.fleet.launch",
     "megamesh.fleet.scenario", "megamesh.fleet.serve_launch", "megamesh.cli", "megamesh.serve.kvpool",
-    "megamesh.serve.scheduler",
+    "megamesh.serve.scheduler", "megamesh.serve.multihost",
     "megamesh.serve.output",
 )
 

@@ -4,7 +4,13 @@ the OpenAI chat-completions API."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.model.specs import WEIGHT_FORMATS
@@ -161,11 +167,19 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     limits = Limits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                     body_min_rate=args.body_min_rate, keep_alive=args.keep_alive_timeout,
                     max_connections=args.max_connections or default_max_connections())
+    from megamesh.train.distributed import initialize_from_env
+
+    # on several hosts (MEGAMESH_COORDINATOR/..._NUM_PROCESSES/..._PROCESS_ID): one model over
+    # every host's devices; process 0 serves HTTP, the others follow (serve.multihost)
+    multi = initialize_from_env()
+    import jax
+
     from megamesh.serve.engine import build_engine
     from megamesh.serve.server import bind, serve
 
-    sock = bind(args.host, args.port)  # held while the engine compiles
-    port = sock.getsockname()[1]
+    leading = not multi or jax.process_index() == 0
+    sock = bind(args.host, args.port) if leading else None  # held while the engine compiles
+    port = sock.getsockname()[1] if sock else None
     from megamesh.serve.api import Settings, create_app
 
     engine = build_engine(args.model, mesh=args.mesh, slots=args.slots, max_len=args.max_len,
@@ -185,7 +199,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
           f"prefill buckets {runner.buckets} and decode batches {runner.batch_buckets} "
           "(attention over each step's real length) ...",
           flush=True)
+    if not leading:
+        return _follow(engine)
     print(f"warm-up done in {engine.start():.1f}s", flush=True)
+    leader, failure = _lead(engine) if multi else (None, None)
     settings = Settings(api_keys=frozenset(args.api_key), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_concurrent_per_key=args.max_concurrent_per_key,
                         input_tokens_per_minute=args.input_tpm, output_tokens_per_minute=args.output_tpm,
@@ -194,6 +211,8 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         any_model=args.any_model, max_output_tokens=args.max_output_tokens,
                         unknown_betas=args.unknown_betas)
     app = create_app(engine, settings)
+    if failure is not None:
+        failure.core = app.state.core
     if engine.extrapolated:
         print(f"warning: --max-len {engine.max_len:,} is past the {engine.trained_len:,} tokens "
               f"{m.name!r} was trained on: positions past it are extrapolated (RoPE as its config "
@@ -210,5 +229,56 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         serve(app, sock, limits, args.drain_seconds)
     finally:
         engine.stop()
+        if leader is not None:
+            leader.close()
     print("stopped", flush=True)
     return 0
+
+
+def _follow(engine: Any) -> int:
+    """A follower process of a multi-host server: warm up as the leader does, then make
+    the leader's calls until it stops (exit 0) or goes away (LeaderLost: exit 1)."""
+    import jax
+
+    from megamesh.serve.multihost import control_address, follow
+
+    t0 = time.perf_counter()
+    engine.runner.warm_up()
+    print(f"process {jax.process_index()}: warm-up done in {time.perf_counter() - t0:.1f}s", flush=True)
+    try:
+        follow(engine.runner, control_address(), jax.process_index())
+    finally:
+        engine.runner.stop()
+    print(f"process {jax.process_index()}: stopped with the leader", flush=True)
+    return 0
+
+
+def _lead(engine: Any) -> tuple[Any, SimpleNamespace]:
+    """Process 0 of a multi-host server: wait for the followers, then send them every step
+    (`serve.multihost.BroadcastRunner`). A follower gone stops this server: /health fails
+    at once, and the process exits 1 a moment later (never a hang on the dead peer)."""
+    import jax
+
+    from megamesh.serve.multihost import BroadcastRunner, Leader, control_address
+
+    failure = SimpleNamespace(core=None)  # the request core, once the app exists
+
+    def lost(pid: int) -> None:
+        why = (f"process {pid} of {jax.process_count()} (a host of this model's replica) is gone; "
+               "this server cannot run a step without it")
+        print(f"megamesh serve: error: {why}: stopping", file=sys.stderr, flush=True)
+        if failure.core is not None:
+            failure.core.failed = why
+        # /health says so for a moment (probes, load balancers), then the process ends
+        threading.Timer(LOST_EXIT_AFTER_S, os._exit, args=(1,)).start()
+
+    address = control_address()
+    print(f"waiting for {jax.process_count() - 1} follower process(es) on port {address[1]} ...",
+          flush=True)
+    leader = Leader(address, jax.process_count() - 1, lost)
+    engine.runner = BroadcastRunner(engine.runner, leader)
+    print(f"{jax.process_count()} processes, {len(jax.devices())} devices: serving one model", flush=True)
+    return leader, failure
+
+
+LOST_EXIT_AFTER_S = 2.0  # /health fails this long before a server that lost a host exits

@@ -9,7 +9,8 @@ What it writes (`serve_manifests`), and why each:
   `megamesh serve` with the plan's mesh and weights; in a multi-host group the pods find
   each other through the variables LWS injects (LWS_LEADER_ADDRESS, LWS_GROUP_SIZE,
   LWS_WORKER_INDEX: the coordinator, process count and process id of `jax.distributed`,
-  as `megamesh train` reads them). A group is recreated whole when any of its pods
+  as `megamesh train` reads them; the leader serves HTTP and sends each step to the
+  others: `serve.multihost`). A group is recreated whole when any of its pods
   restarts (RecreateGroupOnPodRestart): one host of a sharded replica cannot come back
   alone. Probes: startup and liveness on /health/live (loading and compiling take
   minutes), readiness on /health (503 while draining); a preStop pause lets the
@@ -216,8 +217,11 @@ def _leaderworkerset(lay: dict[str, Any], metadata: dict[str, Any], labels: dict
             "name": "megamesh",
             "image": image,
             "command": ["/bin/sh", "-c", script],
+            # jax's coordinator, and the leader's control port for its followers (the next
+            # one: serve.multihost)
             "ports": [{"name": "http", "containerPort": SERVE_PORT},
-                      {"name": "coordinator", "containerPort": COORDINATOR_PORT}],
+                      {"name": "coordinator", "containerPort": COORDINATOR_PORT},
+                      {"name": "control", "containerPort": COORDINATOR_PORT + 1}],
             "resources": {"requests": {"google.com/tpu": lay["chips_per_host"]},
                           "limits": {"google.com/tpu": lay["chips_per_host"]}},
         }

@@ -79,7 +79,10 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         """Readiness: 200 while this server takes requests, 503 from the moment it starts
-        shutting down (load balancers stop sending it traffic)."""
+        shutting down (load balancers stop sending it traffic) or fails (a host of a
+        multi-host server is gone: `error` says which)."""
+        if core.failed:
+            return JSONResponse({"status": "failed", "error": core.failed}, status_code=503)
         return JSONResponse({"status": "draining" if core.draining else "ok", "model": model.name,
                              "slots": engine.slots, "active_slots": engine.active,
                              "queue_depth": engine.waiting, "max_len": engine.max_len,
@@ -90,7 +93,9 @@ def create_app(engine: Engine, settings: Settings | None = None) -> FastAPI:
     @app.get("/health/live")
     async def live() -> Response:
         """Liveness: 200 while the process serves HTTP at all, draining included (a
-        liveness probe on /health would restart a draining server)."""
+        liveness probe on /health would restart a draining server); 503 once it has failed."""
+        if core.failed:
+            return JSONResponse({"status": "failed", "error": core.failed}, status_code=503)
         return JSONResponse({"status": "draining" if core.draining else "ok"})
 
     @app.get("/metrics")

@@ -436,6 +436,8 @@ class Core:
         self.in_flight: Counter[str] = Counter()
         self.live: set[Generation] = set()  # admitted, response not yet over (batch work too)
         self.draining = False  # shutting down: new work is refused, /health is not ready
+        # a host of this (multi-host) server is gone: why; nothing is served any more
+        self.failed: str | None = None
         self.buckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}  # key -> (input, output)
         self.max_token_bytes = longest_token_bytes(self.model.tokenizer)
         self.max_prompt_bytes = engine.max_len * self.max_token_bytes
@@ -815,6 +817,9 @@ class Core:
     # ------------------------------------------------------------------ shutting down
 
     def refuse_if_draining(self) -> None:
+        if self.failed:
+            raise ApiError(503, f"this server failed and takes no requests: {self.failed}",
+                           {"retry-after": str(self.settings.retry_after_s)})
         if self.draining:
             raise ApiError(503, "this server is shutting down and takes no new requests; retry "
                                 "(another replica will answer)",

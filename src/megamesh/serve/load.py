@@ -23,6 +23,7 @@ from megamesh.model import hf
 from megamesh.model.specs import param_specs
 from megamesh.pytree import unflatten
 from megamesh.rundir import EOS, run_dir
+from megamesh.sharding.mesh import global_array
 from megamesh.train.checkpoint import Checkpointer
 
 
@@ -95,7 +96,8 @@ def _load_hf(path: Path, shardings_for: Any, dtype: str, name: str | None) -> Se
     tok = _tokenizer(path / "tokenizer.json", f"Hugging Face directory {path}")
     cfg, flat = hf.load_hf(path)
     shardings = shardings_for(cfg)
-    params = jax.tree.map(lambda a, sh: jax.device_put(np.asarray(a).astype(jnp.dtype(dtype)), sh),
+    # each process (of a server on several hosts) puts its own shards
+    params = jax.tree.map(lambda a, sh: global_array(np.asarray(a).astype(jnp.dtype(dtype)), sh),
                           unflatten(flat), shardings)
     eos = hf_eos_ids(path)
     created = int(max((q.stat().st_mtime for q in path.glob("*.safetensors")), default=time.time()))

@@ -9,7 +9,13 @@ positions and sampling rows (`step.SlotSampling`), and it gives back drawn token
 
 A decode's input tokens can come from the previous decode's output still on the device
 (`_gather_tokens`), so the host need not wait for one decode before dispatching the
-next (`decode(..., prev=...)`)."""
+next (`decode(..., prev=...)`).
+
+On several hosts (`serve.multihost`) every process holds a runner over the same global
+mesh and makes the same calls in the same order; host inputs then become global arrays
+(each process keeps its own shards), and a step a process has not compiled yet (the
+small batches compile in the background, at each process's own pace) is compiled when
+first called."""
 
 from __future__ import annotations
 
@@ -113,8 +119,11 @@ class Runner:
         self.params = quantize_params(model.params, param_shardings(cfg, mesh, strategy("serve")),
                                       cfg, weights)
         self.weight_bytes = weight_bytes(self.params)
-        self.pages = jax.device_put(init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(kv_dtype)),
-                                    full.page_shardings)
+        # made on their devices (on several hosts each process makes its own shards)
+        self.pages = jax.jit(lambda: init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(kv_dtype)),
+                             out_shardings=full.page_shardings)()
+        self.multiprocess = jax.process_count() > 1
+        self._rep = full.token_sharding
         self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.pages))
         self.words = mask_words(cfg.vocab_size)  # of a row's token bitmask
 
@@ -126,16 +135,18 @@ class Runner:
         they are ready)."""
         row = np.zeros((1, self.pages_per_seq), np.int32)
         for b, step in self.prefill_steps.items():
-            _, _, self.pages = step(self.params, self.pages, row, jnp.zeros((1, b), jnp.int32),
-                                    np.int32(0), np.int32(1), SlotSampling.one(0, 0.0, 0, 1.0, self.words))
+            _, _, self.pages = step(self.params, self.pages, *self._host(
+                (row, np.zeros((1, b), np.int32), np.int32(0), np.int32(1),
+                 SlotSampling.one(0, 0.0, 0, 1.0, self.words)), self._rep))
         b = self.slots
         zeros = np.zeros((b,), np.int32)
         params, pages = self._abstract_args()
         # compiled ahead for its shardings: it takes the host's tokens and the device's
         # (`_gather_tokens`) alike, without compiling again
         self._exec[b] = self._compile_decode(b, params, pages)
-        out = self._exec[b](self.params, self.pages, np.zeros((b, self.pages_per_seq), np.int32), zeros,
-                            zeros, SlotSampling.rows([], b, self.words))
+        table = np.zeros((b, self.pages_per_seq), np.int32)
+        out = self._exec[b](self.params, self.pages,
+                            *self._rows(b, table, zeros, zeros, SlotSampling.rows([], b, self.words)))
         self.pages = out[2]
         self._compile_feed(b, b)
         jax.block_until_ready(self.pages)
@@ -183,11 +194,31 @@ class Runner:
 
     def _compile_feed(self, prev: int, batch: int) -> None:
         """Compile the gather of a `batch`-row decode's input tokens from a `prev`-row
-        decode's output (`_gather_tokens`) on the decode steps' row shardings."""
-        sh = {n: self.decode_steps[n].slot_sharding for n in (prev, batch)}
-        like = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh[n])  # noqa: E731
-        fn = jax.jit(_gather_tokens, in_shardings=(sh[prev], sh[batch], sh[batch]), out_shardings=sh[batch])
-        self._feeds[(prev, batch)] = fn.lower(like(prev), like(batch), like(batch)).compile()
+        decode's output (replicated: `DecodeStep.token_sharding`) on the decode's row
+        sharding (`_gather_tokens`)."""
+        row = self.decode_steps[batch].slot_sharding
+        like = lambda n, sh: jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sh)  # noqa: E731
+        fn = jax.jit(_gather_tokens, in_shardings=(self._rep, row, row), out_shardings=row)
+        self._feeds[(prev, batch)] = fn.lower(like(prev, self._rep), like(batch, row),
+                                              like(batch, row)).compile()
+
+    def _host(self, args: Any, sharding: Any) -> Any:
+        """Host (numpy) arguments of a step as it takes them: as they are on one process; on
+        several, global arrays of `sharding` (every process holds the same values)."""
+        if not self.multiprocess:
+            return args
+        return jax.tree.map(lambda x: jax.make_array_from_callback(
+            np.shape(x), sharding, lambda idx: np.asarray(x)[idx]), args)
+
+    def _rows(self, b: int, table: np.ndarray, tokens: Any, positions: np.ndarray,
+              sampling: SlotSampling) -> tuple:
+        """A `b`-row decode's per-row arguments (`_host` on their shardings)."""
+        step = self.decode_steps[b]
+        if not self.multiprocess:
+            return table, tokens, positions, sampling
+        rows = lambda x: x if isinstance(x, jax.Array) else self._host(x, step.slot_sharding)  # noqa: E731
+        return (self._host(table, step.table_sharding), rows(tokens), rows(positions),
+                jax.tree.map(rows, sampling))
 
     # ------------------------------------------------------------------ steps
 
@@ -211,9 +242,9 @@ class Runner:
         padded = np.zeros((1, b), np.int32)
         padded[0, :n] = tokens
         t0 = time.perf_counter()
-        tok, lps, self.pages = self.prefill_steps[b](self.params, self.pages, table_row, padded,
-                                                     np.int32(start), np.int32(n),
-                                                     SlotSampling.one(*draws, self.words, mask))
+        tok, lps, self.pages = self.prefill_steps[b](self.params, self.pages, *self._host(
+            (table_row, padded, np.int32(start), np.int32(n), SlotSampling.one(*draws, self.words, mask)),
+            self._rep))
         tok = int(tok)  # (waits for the step: its time is counted here)
         self.stats["prefill_seconds"] += time.perf_counter() - t0
         return tok, lps
@@ -226,12 +257,17 @@ class Runner:
         through its page table row; returns without waiting (`fetch` reads the result)."""
         B = len(tokens)
         t0 = time.perf_counter()
+        if B not in self._exec:  # (another process's choice, compiled here in the background)
+            self._exec[B] = self._compile_decode(B, *self._abstract_args())
         fed = tokens
         if src is not None and (src >= 0).any():
-            fed = self._feeds[(prev.batch, B)](prev.tokens, src, tokens)
+            if (prev.batch, B) not in self._feeds:
+                self._compile_feed(prev.batch, B)
+            slot = self.decode_steps[B].slot_sharding
+            fed = self._feeds[(prev.batch, B)](prev.tokens, *self._host((src, tokens), slot))
             self.stats["decode_steps_fed_on_device"] += 1
-        nxt, lps, self.pages = self._exec[B](self.params, self.pages, table, fed, positions,
-                                             SlotSampling.rows(rows, B, self.words, masks))
+        nxt, lps, self.pages = self._exec[B](self.params, self.pages, *self._rows(
+            B, table, fed, positions, SlotSampling.rows(rows, B, self.words, masks)))
         self.stats["decode_seconds"] += time.perf_counter() - t0
         self.stats["decode_steps"] += 1
         self.stats[f"decode_steps_{B}"] += 1

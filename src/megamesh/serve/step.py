@@ -103,6 +103,9 @@ class DecodeStep:
     page_shardings: Any
     slot_sharding: NamedSharding
     table_sharding: NamedSharding
+    # of the drawn tokens and log-probabilities: replicated (a few bytes a row), so the
+    # host reads them on any one process of a multi-host server (`serve.multihost`)
+    token_sharding: NamedSharding
     mesh: Mesh
     batch: int
     max_len: int
@@ -176,10 +179,11 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                      sampling.allowed)
         return tok, token_logprobs(logits, tok, logprobs), out.cache.pages
 
+    rep = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(step, in_shardings=(p_shard, pg_shard, table_sh, slot, slot, slot),
-                 out_shardings=(slot, None, pg_shard), donate_argnums=1)
+                 out_shardings=(rep, rep, pg_shard), donate_argnums=1)
     return DecodeStep(fn=fn, param_shardings=p_shard, page_shardings=pg_shard, slot_sharding=slot,
-                      table_sharding=table_sh, mesh=mesh, batch=batch, max_len=max_len,
+                      table_sharding=table_sh, token_sharding=rep, mesh=mesh, batch=batch, max_len=max_len,
                       dtype=dtype, n_pages=n_pages, page_size=page_size,
                       words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype,
                       weights=weights, logprobs=logprobs)
