@@ -49,42 +49,81 @@ def ensure_run(run: Path, max_len: int) -> Path:
 
 
 def serve(name: str, cmd: list[str], env: dict[str, str], port: int, args, tokenizer) -> list[dict]:
-    from megamesh.loadgen import BenchConfig, run_bench
-
     log = open(Path(args.logdir) / f"{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
     url = f"http://127.0.0.1:{port}"
-    rounds = []
     try:
         wait_up(url, proc, timeout=1800)
-        for i in range(args.rounds):
-            cfg = BenchConfig(url=url, dataset="enterprise", num_prompts=args.num_prompts,
-                              request_rate=args.rate, seed=i, warmups=1,
-                              cache_control=name == "megamesh", max_concurrency=None,
-                              system_len=args.system_len, input_min=args.input_min,
-                              input_max=args.input_max, output_min=args.output_min,
-                              output_max=args.output_max, timeout=args.timeout)
-            s = run_bench(cfg, tokenizer)
-            kv = s["kv_pages_used"]
-            kv_text = ("-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max, "
-                       f"{s['preempted'] or 0:.0f} preemptions")
-            print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
-                  f"{s['ttft_ms']['p50']:.0f} p99 {s['ttft_ms']['p99']:.0f} ms, TPOT p50 "
-                  f"{s['tpot_ms']['p50']:.1f} p99 {s['tpot_ms']['p99']:.1f} ms, prefix hits "
-                  f"{s['prefix_cache_hit_rate']:.1%} by usage"
-                  + ("" if s["engine_prefix_hit_rate"] is None else
-                     f", {s['engine_prefix_hit_rate']:.1%} in the engine")
-                  + f", KV in use {kv_text}, "
-                  + ("" if not s["engine_seconds"] else
-                     f"engine {s['engine_seconds']['prefill']:.0f} s prefill / "
-                     f"{s['engine_seconds']['decode']:.0f} s decode, ")
-                  + f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
-            rounds.append(s)
-        return rounds
+        return run_rounds(name, url, args, tokenizer, cache_control=name == "megamesh")
     finally:
         stop(proc, timeout=60)
         log.close()
+
+
+def serve_replicas(policy: str, cmd: list[str], args, tokenizer) -> list[dict]:
+    """--replicas megamesh servers (each as `cmd` alone would be) behind bench/router.py's
+    `policy`; each policy gets fresh replicas (no cache carried from another's run)."""
+    procs, logs = [], []
+    urls = [f"http://127.0.0.1:{8340 + i}" for i in range(args.replicas)]
+    try:
+        for i in range(args.replicas):
+            logs.append(open(Path(args.logdir) / f"replica-{policy}-{i}.log", "w"))
+            procs.append(subprocess.Popen(cmd + ["--port", str(8340 + i)], stdout=logs[-1],
+                                          stderr=subprocess.STDOUT, text=True,
+                                          env={**os.environ, "JAX_PLATFORMS": "cpu"}))
+        for url, proc in zip(urls, procs):
+            wait_up(url, proc, timeout=1800)
+        logs.append(open(Path(args.logdir) / f"router-{policy}.log", "w"))
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "bench" / "router.py"), "--port", "8350",
+                                       "--policy", policy, *urls], stdout=logs[-1],
+                                      stderr=subprocess.STDOUT, text=True))
+        router = "http://127.0.0.1:8350"
+        wait_up(router, procs[-1], timeout=60)
+        rounds = run_rounds(f"{args.replicas} replicas, {policy}", router, args, tokenizer,
+                            cache_control=True)
+        import httpx
+
+        sent = httpx.get(router + "/router").json()["sent"]
+        print(f"  {policy}: requests per replica {sent}", flush=True)
+        for r in rounds:
+            r["requests_per_replica"] = sent
+        return rounds
+    finally:
+        for proc in procs:
+            stop(proc, timeout=60)
+        for log in logs:
+            log.close()
+
+
+def run_rounds(name: str, url: str, args, tokenizer, cache_control: bool) -> list[dict]:
+    from megamesh.loadgen import BenchConfig, run_bench
+
+    rounds = []
+    for i in range(args.rounds):
+        cfg = BenchConfig(url=url, dataset="enterprise", num_prompts=args.num_prompts,
+                          request_rate=args.rate, seed=i, warmups=1,
+                          cache_control=cache_control, max_concurrency=None,
+                          system_len=args.system_len, input_min=args.input_min,
+                          input_max=args.input_max, output_min=args.output_min,
+                          output_max=args.output_max, timeout=args.timeout)
+        s = run_bench(cfg, tokenizer)
+        kv = s["kv_pages_used"]
+        kv_text = ("-" if kv is None else f"{kv['mean']:.0%} mean / {kv['max']:.0%} max, "
+                   f"{s['preempted'] or 0:.0f} preemptions")
+        print(f"  {name} round {i + 1}: {s['output_throughput']:.1f} output tok/s, TTFT p50 "
+              f"{s['ttft_ms']['p50']:.0f} p99 {s['ttft_ms']['p99']:.0f} ms, TPOT p50 "
+              f"{s['tpot_ms']['p50']:.1f} p99 {s['tpot_ms']['p99']:.1f} ms, prefix hits "
+              f"{s['prefix_cache_hit_rate']:.1%} by usage"
+              + ("" if s["engine_prefix_hit_rate"] is None else
+                 f", {s['engine_prefix_hit_rate']:.1%} in the engine")
+              + f", KV in use {kv_text}, "
+              + ("" if not s["engine_seconds"] else
+                 f"engine {s['engine_seconds']['prefill']:.0f} s prefill / "
+                 f"{s['engine_seconds']['decode']:.0f} s decode, ")
+              + f"{s['duration_s']:.0f} s, failed {s['failed']}", flush=True)
+        rounds.append(s)
+    return rounds
 
 
 def main() -> None:
@@ -112,6 +151,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=["megamesh", "dense", "hf-static"])
     ap.add_argument("--logdir", default=str(ROOT / "runs" / "serve_enterprise-logs"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--replicas", type=int, default=0,
+                    help="instead of the one-server comparison: this many megamesh replicas behind "
+                    "bench/router.py, once per --routing policy (issue 27 point 5)")
+    ap.add_argument("--routing", nargs="+", default=["round-robin", "affinity"],
+                    choices=("round-robin", "affinity"))
     args = ap.parse_args()
     Path(args.logdir).mkdir(parents=True, exist_ok=True)
     run = Path(args.run or ROOT / "runs" / f"bench-tiny-{args.max_len}")
@@ -130,6 +174,13 @@ def main() -> None:
                        "--port", "8342", "--mode", "static", "--batch", str(args.budget_seqs)], {}, 8342),
     }
     results = {}
+    if args.replicas:
+        replica = py + ["--slots", str(args.slots), "--kv-pages", str(pages)] + (
+            ["--kv-dtype", args.kv_dtype] if args.kv_dtype else [])
+        for policy in args.routing:
+            print(f"{args.replicas} replicas, {policy}: {' '.join(replica[2:])}", flush=True)
+            results[policy] = serve_replicas(policy, replica, args, tokenizer)
+        args.only = []
     for name in args.only:
         if name == "dense" and not args.baseline_src:
             print("  dense: skipped (no --baseline-src)")
@@ -159,6 +210,15 @@ def main() -> None:
             summary[f"megamesh_vs_{other}"] = ratio
             print(f"megamesh vs {other}: {ratio['output_throughput']:.2f}x output tok/s, TTFT p50 "
                   f"{ratio['ttft_p50_lower_by']:.1f}x lower", flush=True)
+    if {"round-robin", "affinity"} <= set(results):
+        rr, aff = summary["medians"]["round-robin"], summary["medians"]["affinity"]
+        summary["affinity_vs_round_robin"] = {
+            "prefix_cache_hit_rate": [rr["prefix_cache_hit_rate"], aff["prefix_cache_hit_rate"]],
+            "ttft_p50_lower_by": rr["ttft_ms.p50"] / aff["ttft_ms.p50"],
+            "output_throughput": aff["output_throughput"] / rr["output_throughput"]}
+        print(f"affinity vs round-robin: prefix hits {rr['prefix_cache_hit_rate']:.1%} -> "
+              f"{aff['prefix_cache_hit_rate']:.1%}, TTFT p50 {rr['ttft_ms.p50']:.0f} -> "
+              f"{aff['ttft_ms.p50']:.0f} ms", flush=True)
     print(json.dumps(summary["medians"], indent=1))
     out = Path(args.out) if args.out else ROOT / "runs" / f"serve_enterprise-{int(time.time())}.json"
     out.write_text(json.dumps(summary, indent=2, default=str))

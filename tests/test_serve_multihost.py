@@ -135,6 +135,7 @@ def test_two_processes_serve_one_model_and_stop_when_a_host_dies(run_dir):
         single.stop()
 
 
+@pytest.mark.slow
 def test_a_follower_whose_leader_dies_exits_non_zero(run_dir):
     """The other way round: the leader killed, its follower ends (exit 1) with a clear
     error instead of waiting for steps that will never come."""
