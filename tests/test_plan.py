@@ -152,6 +152,28 @@ def test_serving_plan(capsys):
     assert s["chips_needed"] == s["replicas"] * s["chips_per_replica"]
 
 
+def test_serving_plan_kv_splits_only_over_the_kv_heads():
+    """The serving engine splits KV pages by kv head: llama3.1-405b (8 KV heads) in bf16
+    needs tensor=16 on Ironwood, where every device holds the whole cache, so the replica's
+    KV room is one device's free HBM, not sixteen's (`megamesh compile --step decode`
+    agrees: the bf16 decode at 64 x 8,192 tokens needs 559 GB a device); in fp8 it fits
+    tensor=8, one kv head a device."""
+    from megamesh.config import preset
+    from megamesh.model.specs import kv_cache_bytes_per_token
+    from megamesh.plan.questions import serving_answer
+    from megamesh.plan.target import parse_target
+
+    cfg, target = preset("llama3.1-405b"), parse_target("tpu7x:256")
+    kv = kv_cache_bytes_per_token(cfg, "bfloat16")
+    bf16 = serving_answer(cfg, target, qps=1, input_tokens=1024, output_tokens=256, slo_ttft_ms=None,
+                          slo_tpot_ms=None)
+    dev = target.chip.device_hbm_bytes
+    assert bf16["tensor"] == 16 and bf16["kv_capacity_tokens"] * kv < dev  # not 16 devices' worth
+    fp8 = serving_answer(cfg, target, qps=1, input_tokens=1024, output_tokens=256, slo_ttft_ms=None,
+                         slo_tpot_ms=None, weights="fp8")
+    assert fp8["tensor"] == 8 and fp8["kv_capacity_tokens"] * kv / 8 < dev < fp8["kv_capacity_tokens"] * kv
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "llama3.1-405b", "--target", "tpu7x:4", "--seq", "8192", "--batch", "8"],
      "does not fit"),

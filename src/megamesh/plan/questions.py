@@ -133,6 +133,9 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     scales: `megamesh serve --weights`) with room for KV cache; decode is bound by
     max(weights + KV bytes read per step / HBM bandwidth, FLOPs / peak) plus
     tensor-parallel all-reduces. Quantized weights are weight-only: the FLOPs stay bf16's.
+    The KV cache splits over the tensor axis only where it divides the KV heads (the
+    serving engine's pages are split by kv head, `model.kvcache.page_axes`): past the KV
+    head count every device holds (and reads) the whole cache.
     """
     if qps <= 0 or input_tokens < 1 or output_tokens < 1:
         raise ConfigError("--qps must be > 0 and --input-tokens/--output-tokens >= 1")
@@ -149,12 +152,13 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
     peak = chip.bf16_flops / chip.devices_per_chip * MXU_EFFICIENCY
     n_active = matmul_param_count(cfg)
+    kv_ways = lambda t: t if cfg.n_kv_heads % t == 0 else 1  # noqa: E731 -- devices the KV splits over
     options = []
     t = 1
     while t <= target.slice_devices:
         if target.slice_devices % t == 0 and (cfg.n_heads % t == 0 or t > cfg.n_heads):
-            free = dev_hbm * t - wbytes
-            if free > kv_tok * ctx:
+            free = dev_hbm - wbytes / t  # per device
+            if free > kv_tok * ctx / kv_ways(t):
                 options.append(t)
         t *= 2
     if not options:
@@ -163,12 +167,12 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
                           "KV cache; use a larger target or a smaller model")
     best = None
     for t in options[:4]:
-        kv_cap_tokens = (dev_hbm * t - wbytes) / kv_tok
+        kv_cap_tokens = (dev_hbm - wbytes / t) * kv_ways(t) / kv_tok
         max_batch = max(1, int(kv_cap_tokens // ctx))
         for batch in sorted({max_batch} | {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
                                            if b < max_batch}, reverse=True):
             avg_ctx = input_tokens + output_tokens / 2
-            bytes_step = wbytes + batch * avg_ctx * kv_tok
+            bytes_step = wbytes + batch * avg_ctx * kv_tok * t / kv_ways(t)  # read on all t devices
             flops_step = batch * (2 * n_active + 4 * avg_ctx * cfg.n_heads *
                                   cfg.resolved_head_dim * cfg.n_layers)
             tp_comm = 0.0
