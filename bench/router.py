@@ -11,12 +11,14 @@ Policies:
   of the request's prompt, in blocks of 256 characters hashed as a chain (a block's hash
   covers everything before it), whose blocks this router last sent to that replica (an
   LRU index, as the picker's prefix-cache scorer keeps; it does not see the replicas'
-  caches). Queue: (longest - this one's) / (longest - shortest), 1 when all are equal,
-  where a replica's queue is the larger of the requests this router has in flight there
-  (sent, response not finished: exact and immediate) and its own
-  `vllm:num_requests_waiting` + `vllm:num_requests_running`; KV room: 1 -
-  `vllm:kv_cache_usage_perc`. Metrics are scraped from every replica's /metrics every
-  100 ms. Ties go to the replica with fewer requests in flight, then the first.
+  caches). Queue, as the picker's queue scorer: (longest - this one's) / (longest -
+  shortest), 1 when all are equal, of each replica's `vllm:num_requests_waiting` (requests
+  not admitted yet: a running request costs no score, so affinity is not outweighed by a
+  one-request difference in load); KV room: 1 - `vllm:kv_cache_usage_perc`. Metrics are
+  scraped from every replica's /metrics every 100 ms. Ties go to the replica with fewer
+  requests in flight from this router, then the first. (A first version scored the
+  requests in flight instead of waiting ones: a difference of one request outweighed a
+  whole system prompt's affinity, and the hit rate stayed at round-robin's; BENCHMARKS.md.)
 
 `/metrics` answers the sum of the replicas' megamesh_* KV and engine figures (the load
 generator reads them); `/router` says where requests went. Not a product: the gateway
@@ -69,7 +71,7 @@ class Router:
         self.backends, self.policy = backends, policy
         self.rr = itertools.cycle(range(len(backends)))
         self.index: collections.OrderedDict[bytes, set[int]] = collections.OrderedDict()
-        self.waiting = [0.0] * len(backends)  # waiting + running, from the replica's metrics
+        self.waiting = [0.0] * len(backends)  # not admitted yet, from the replica's metrics
         self.kv = [0.0] * len(backends)
         self.inflight = [0] * len(backends)  # sent by this router, response not finished
         self.sent = [0] * len(backends)
@@ -84,14 +86,12 @@ class Router:
                 except httpx.HTTPError:
                     continue
                 self.metrics_text[i] = text
-                queued = 0.0
                 for line in text.splitlines():
                     name, _, value = line.partition(" ")
-                    if name in ("vllm:num_requests_waiting", "vllm:num_requests_running"):
-                        queued += float(value)
+                    if name == "vllm:num_requests_waiting":
+                        self.waiting[i] = float(value)
                     elif name == "vllm:kv_cache_usage_perc":
                         self.kv[i] = float(value)
-                self.waiting[i] = queued
             await asyncio.sleep(0.1)
 
     def choose(self, body: dict) -> int:
@@ -117,7 +117,7 @@ class Router:
                     break
                 run += 1
             prefix[i] = run / len(hashes) if hashes else 0.0
-        queue = [max(float(f), w) for f, w in zip(self.inflight, self.waiting)]
+        queue = self.waiting
         lo, hi = min(queue), max(queue)
         score = [WEIGHTS["prefix"] * prefix[i]
                  + WEIGHTS["queue"] * (1.0 if hi == lo else (hi - queue[i]) / (hi - lo))

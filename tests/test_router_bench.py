@@ -25,8 +25,8 @@ def test_affinity_keeps_a_tenant_on_the_replica_holding_its_prefix_unless_it_is_
     r = Router(["a", "b"], "affinity")
     tenants = [f"You are the assistant of tenant {t}. " * 40 for t in range(6)]
     first = [r.choose(body(s, "first question")) for s in tenants]
-    # the first request of each tenant: no prefix anywhere, so the queue decides (the
-    # requests in flight: they alternate); the others follow their tenant's first
+    # the first request of each tenant: no prefix anywhere, no queue: the fewest in flight
+    # from this router (they alternate); the others follow their tenant's first
     assert first == [0, 1, 0, 1, 0, 1]
     for i in first:
         r.done(i)
