@@ -5,7 +5,13 @@ Inference Gateway's endpoint picker in benchmarks (bench/serve_enterprise.py --r
 
 Policies:
 - `round-robin`: each request to the next replica in turn (what a plain Service does).
-- `affinity`: the picker's default profile, simplified: every replica is scored
+- `affinity`: prefix affinity, then least queue: the request goes to the replica this
+  router sent the longest run of its prompt's leading blocks to (see below), unless that
+  replica has more than SLACK requests waiting beyond the least waiting one; with no
+  prefix anywhere (or past the slack), to the replica with the fewest waiting, then the
+  fewest in flight from this router (as llm-d-router's prefix-cache affinity filter
+  before its load scorers).
+- `scored`: the picker's default profile, simplified: every replica is scored
   3 x prefix affinity + 2 x queue + 2 x KV room (the weights of llm-d-router's default
   scheduling profile) and the best one takes the request. Prefix affinity: the fraction
   of the request's prompt, in blocks of 256 characters hashed as a chain (a block's hash
@@ -46,6 +52,8 @@ from starlette.routing import Route
 BLOCK_CHARS = 256
 INDEX_BLOCKS = 200_000  # LRU capacity of the prefix index (blocks)
 WEIGHTS = {"prefix": 3.0, "queue": 2.0, "kv": 2.0}
+POLICIES = ("round-robin", "affinity", "scored")
+SLACK = 4  # waiting requests a replica holding the prefix may have beyond the least
 SUMMED = ("megamesh_kv_pages_used", "megamesh_kv_pages", "megamesh_prefix_cache_hit_tokens",
           "megamesh_preempted", 'megamesh_engine_seconds{phase="prefill"}',
           'megamesh_engine_seconds{phase="decode"}')
@@ -119,10 +127,15 @@ class Router:
             prefix[i] = run / len(hashes) if hashes else 0.0
         queue = self.waiting
         lo, hi = min(queue), max(queue)
-        score = [WEIGHTS["prefix"] * prefix[i]
-                 + WEIGHTS["queue"] * (1.0 if hi == lo else (hi - queue[i]) / (hi - lo))
-                 + WEIGHTS["kv"] * (1.0 - self.kv[i]) for i in range(n)]
-        best = max(range(n), key=lambda i: (score[i], -self.inflight[i], -i))
+        least = min(range(n), key=lambda i: (queue[i], self.inflight[i], i))
+        if self.policy == "affinity":
+            held = max(range(n), key=lambda i: (prefix[i], -queue[i], -self.inflight[i], -i))
+            best = held if prefix[held] > 0 and queue[held] <= lo + SLACK else least
+        else:
+            score = [WEIGHTS["prefix"] * prefix[i]
+                     + WEIGHTS["queue"] * (1.0 if hi == lo else (hi - queue[i]) / (hi - lo))
+                     + WEIGHTS["kv"] * (1.0 - self.kv[i]) for i in range(n)]
+            best = max(range(n), key=lambda i: (score[i], -self.inflight[i], -i))
         for h in hashes:
             self.index.setdefault(h, set()).add(best)
             self.index.move_to_end(h)
@@ -196,7 +209,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("backends", nargs="+", help="replica base URLs")
     ap.add_argument("--port", type=int, default=8350)
-    ap.add_argument("--policy", choices=("round-robin", "affinity"), default="affinity")
+    ap.add_argument("--policy", choices=POLICIES, default="affinity")
     args = ap.parse_args()
     print(f"routing {args.policy} over {len(args.backends)} replicas on port {args.port} "
           f"({time.time():.0f})", flush=True)

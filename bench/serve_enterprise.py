@@ -155,7 +155,7 @@ def main() -> None:
                     help="instead of the one-server comparison: this many megamesh replicas behind "
                     "bench/router.py, once per --routing policy (issue 27 point 5)")
     ap.add_argument("--routing", nargs="+", default=["round-robin", "affinity"],
-                    choices=("round-robin", "affinity"))
+                    choices=("round-robin", "affinity", "scored"))
     args = ap.parse_args()
     Path(args.logdir).mkdir(parents=True, exist_ok=True)
     run = Path(args.run or ROOT / "runs" / f"bench-tiny-{args.max_len}")
@@ -210,13 +210,13 @@ def main() -> None:
             summary[f"megamesh_vs_{other}"] = ratio
             print(f"megamesh vs {other}: {ratio['output_throughput']:.2f}x output tok/s, TTFT p50 "
                   f"{ratio['ttft_p50_lower_by']:.1f}x lower", flush=True)
-    if {"round-robin", "affinity"} <= set(results):
-        rr, aff = summary["medians"]["round-robin"], summary["medians"]["affinity"]
-        summary["affinity_vs_round_robin"] = {
+    for policy in [p for p in ("affinity", "scored") if p in results and "round-robin" in results]:
+        rr, aff = summary["medians"]["round-robin"], summary["medians"][policy]
+        summary[f"{policy}_vs_round_robin"] = {
             "prefix_cache_hit_rate": [rr["prefix_cache_hit_rate"], aff["prefix_cache_hit_rate"]],
             "ttft_p50_lower_by": rr["ttft_ms.p50"] / aff["ttft_ms.p50"],
             "output_throughput": aff["output_throughput"] / rr["output_throughput"]}
-        print(f"affinity vs round-robin: prefix hits {rr['prefix_cache_hit_rate']:.1%} -> "
+        print(f"{policy} vs round-robin: prefix hits {rr['prefix_cache_hit_rate']:.1%} -> "
               f"{aff['prefix_cache_hit_rate']:.1%}, TTFT p50 {rr['ttft_ms.p50']:.0f} -> "
               f"{aff['ttft_ms.p50']:.0f} ms", flush=True)
     print(json.dumps(summary["medians"], indent=1))
