@@ -149,9 +149,14 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
         f" per jax job; restart budget {m['max_restarts']} ({m['failures_per_hour']:.2f} failures/h "
         f"over {days:.1f} days); {m['spare_slices']} spare slice(s)\n"
     )
-    if args.out:
-        write_new_file(args.out, header + text)
-        print(f"wrote {args.out}: " + header[2:].strip())
+    return _write(args.out, header, text)
+
+
+def _write(out: str | None, header: str, text: str) -> int:
+    """The manifests to a new file (never over one), or to stdout."""
+    if out:
+        write_new_file(out, header + text)
+        print(f"wrote {out}: " + header[2:].strip())
     else:
         print(header + text, end="")
     return 0
@@ -199,9 +204,4 @@ def run_serve(args: argparse.Namespace) -> int:
               f"{lay['max_len']:,} tokens, {lay['slots']} slots{rounded}; autoscaled up to "
               f"{m['hpa']['spec']['maxReplicas']} on queue and KV use; routed by the InferencePool's "
               "endpoint picker\n")
-    if args.out:
-        write_new_file(args.out, header + text)
-        print(f"wrote {args.out}: " + header[2:].strip())
-    else:
-        print(header + text, end="")
-    return 0
+    return _write(args.out, header, text)
