@@ -152,26 +152,25 @@ def test_serving_plan(capsys):
     assert s["chips_needed"] == s["replicas"] * s["chips_per_replica"]
 
 
-def test_serving_plan_kv_splits_only_over_the_kv_heads():
-    """The serving engine splits KV pages by kv head: llama3.1-405b (8 KV heads) in bf16
-    needs tensor=16 on Ironwood, where every device holds the whole cache, so the replica's
-    KV room is one device's free HBM, not sixteen's (`megamesh compile --step decode`
-    agrees: the bf16 decode at 64 x 8,192 tokens needs 559 GB a device); in fp8 it fits
-    tensor=8, one kv head a device."""
+def test_serving_plan_kv_share_per_device_follows_the_kv_heads():
+    """The serving engine splits KV pages by kv head and, with more tensor devices than kv
+    heads, repeats each head on tensor / kv_heads devices (`model.specs.held_kv_heads`):
+    llama3.1-405b (8 KV heads) in bf16 needs tensor=16 on Ironwood, where a device holds
+    1/8 of the cache (not 1/16, not all of it); in fp8 it fits tensor=8, one head each."""
     from megamesh.config import preset
-    from megamesh.model.specs import kv_cache_bytes_per_token
+    from megamesh.model.specs import kv_cache_bytes_per_token, kv_split_ways
     from megamesh.plan.questions import serving_answer
     from megamesh.plan.target import parse_target
 
+    assert [kv_split_ways(8, t) for t in (1, 2, 4, 8, 16, 32)] == [1, 2, 4, 8, 8, 8]
+    assert kv_split_ways(8, 3) == 1 and kv_split_ways(2, 4) == 2
     cfg, target = preset("llama3.1-405b"), parse_target("tpu7x:256")
-    kv = kv_cache_bytes_per_token(cfg, "bfloat16")
-    bf16 = serving_answer(cfg, target, qps=1, input_tokens=1024, output_tokens=256, slo_ttft_ms=None,
-                          slo_tpot_ms=None)
-    dev = target.chip.device_hbm_bytes
-    assert bf16["tensor"] == 16 and bf16["kv_capacity_tokens"] * kv < dev  # not 16 devices' worth
-    fp8 = serving_answer(cfg, target, qps=1, input_tokens=1024, output_tokens=256, slo_ttft_ms=None,
-                         slo_tpot_ms=None, weights="fp8")
-    assert fp8["tensor"] == 8 and fp8["kv_capacity_tokens"] * kv / 8 < dev < fp8["kv_capacity_tokens"] * kv
+    kv, dev = kv_cache_bytes_per_token(cfg, "bfloat16"), target.chip.device_hbm_bytes
+    for weights, tensor in (("bf16", 16), ("fp8", 8)):
+        a = serving_answer(cfg, target, qps=1, input_tokens=1024, output_tokens=256, slo_ttft_ms=None,
+                           slo_tpot_ms=None, weights=weights)
+        share = a["kv_capacity_tokens"] * kv / 8  # one device's KV bytes
+        assert a["tensor"] == tensor and dev / 4 < share < dev, (weights, a)
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -364,11 +364,18 @@ def test_engine_refuses_what_does_not_fit(engine):
 
 
 def test_tensor_parallel_engine_gives_the_same_tokens(run_dir, engine):
+    """data=2,tensor=4 over a model of 2 kv heads: the pages hold each kv head twice
+    (`model.specs.held_kv_heads`), one per device of the tensor axis, instead of the whole
+    cache on every device."""
     from megamesh.serve.engine import build_engine
 
-    sharded = build_engine(str(run_dir), mesh="data=4,tensor=2", slots=8, max_len=256, dtype="float32",
+    sharded = build_engine(str(run_dir), mesh="data=2,tensor=4", slots=8, max_len=256, dtype="float32",
                            log=lambda *_: None)
     assert len(sharded.mesh.devices.flat) == 8
+    assert sharded.cfg.n_kv_heads == 2 and sharded.runner.decode_steps[8].kv_heads == 4
+    for pages in jax.tree.leaves(sharded.runner.pages):
+        assert pages.shape[2] == 2 * 4  # (key, value) of 4 held heads
+        assert pages.addressable_shards[0].data.shape[2] == 2  # one head per device
     sharded.start()
     try:
         tok = engine.model.tokenizer

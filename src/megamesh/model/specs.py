@@ -186,6 +186,25 @@ DEFAULT_PAGE = 16
 SCRATCH = 0  # the KV page that padding and idle rows write to (never handed to a request)
 
 
+def held_kv_heads(n_kv_heads: int, split: int) -> int:
+    """The kv heads the pages hold when the mesh splits kv heads `split` ways: the model's
+    K when the split divides them (or does not fit them evenly either way: then the pages
+    stay whole on every device); `split` when it is a multiple of K (more tensor-parallel
+    devices than kv heads, llama3.1-405b's 8 over 16): each head then sits on split / K
+    devices, repeated as the queries that read it are split (vLLM's way), so a device
+    holds 1/K of the cache instead of all of it."""
+    return split if split > n_kv_heads and split % n_kv_heads == 0 else n_kv_heads
+
+
+def kv_split_ways(n_kv_heads: int, split: int) -> int:
+    """The share of the KV cache one device holds, as 1 / this, over a `split`-way kv head
+    split (`held_kv_heads`): `split` when it divides the kv heads, K when it is a multiple
+    of them (each device holds one repeated head), else 1 (whole on every device)."""
+    if n_kv_heads % split == 0:
+        return split
+    return n_kv_heads if held_kv_heads(n_kv_heads, split) != n_kv_heads else 1
+
+
 def splash_block(seq: int) -> int:
     """Splash attention's tile size for a sequence (`model.kernels`, and the planner's
     FLOP count): 512 (MaxText's default sa_block_*), or the sequence rounded up to 128

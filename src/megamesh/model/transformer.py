@@ -187,6 +187,10 @@ def block(x: jax.Array, p: Params, positions: jax.Array, rope: tuple[jax.Array, 
         out = causal_attention(q, k, v, segments)
     else:
         pages, table, base = kv
+        if pages.shape[2] // 2 != k.shape[2]:  # the pages hold each kv head repeated
+            r = pages.shape[2] // 2 // k.shape[2]  # (`kvcache.held_kv_heads`)
+            k = constrain(jnp.repeat(k, r, axis=2), ("batch", "seq", "kv_heads", "head_dim"))
+            v = constrain(jnp.repeat(v, r, axis=2), ("batch", "seq", "kv_heads", "head_dim"))
         pages = write_kv(pages, k, v, table, positions, base)
         S = table.shape[1] * pages.shape[1] if attend_len is None else attend_len
         out = paged_attention(q, pages, table, base, positions, S)

@@ -19,6 +19,7 @@ from megamesh.model.specs import (
     DEFAULT_PAGE,
     DTYPE_BYTES,
     kv_cache_bytes_per_token,
+    kv_split_ways,
     layer_stacks,
     param_count,
     param_specs,
@@ -243,7 +244,7 @@ def decode_memory(cfg: ModelConfig, layout: Layout, batch: int, max_len: int, *,
     held = hl + ho
     slots = batch / (layout.size("dcn") * layout.size("data") * layout.size("fsdp"))
     t = layout.size("tensor")
-    kv_ways = t if cfg.n_kv_heads % t == 0 else 1
+    kv_ways = kv_split_ways(cfg.n_kv_heads, t)
     page = DEFAULT_PAGE
     positions = (batch * -(-max_len // page) + 1) * page  # every row's pages and the scratch page
     # pages in the serving dtype (the weights')

@@ -11,6 +11,7 @@ from megamesh.model.specs import (
     WEIGHT_FORMATS,
     flops_per_token,
     kv_cache_bytes_per_token,
+    kv_split_ways,
     matmul_param_count,
     serving_weight_bytes,
 )
@@ -133,9 +134,10 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     scales: `megamesh serve --weights`) with room for KV cache; decode is bound by
     max(weights + KV bytes read per step / HBM bandwidth, FLOPs / peak) plus
     tensor-parallel all-reduces. Quantized weights are weight-only: the FLOPs stay bf16's.
-    The KV cache splits over the tensor axis only where it divides the KV heads (the
-    serving engine's pages are split by kv head, `model.kvcache.page_axes`): past the KV
-    head count every device holds (and reads) the whole cache.
+    The KV cache splits over the tensor axis by kv head (the serving engine's pages,
+    `model.kvcache.page_axes`); past the KV head count each head is repeated on tensor /
+    kv_heads devices, so a device holds (and reads) 1 / kv_heads of it
+    (`model.specs.kv_split_ways`).
     """
     if qps <= 0 or input_tokens < 1 or output_tokens < 1:
         raise ConfigError("--qps must be > 0 and --input-tokens/--output-tokens >= 1")
@@ -152,7 +154,7 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
     peak = chip.bf16_flops / chip.devices_per_chip * MXU_EFFICIENCY
     n_active = matmul_param_count(cfg)
-    kv_ways = lambda t: t if cfg.n_kv_heads % t == 0 else 1  # noqa: E731 -- devices the KV splits over
+    kv_ways = lambda t: kv_split_ways(cfg.n_kv_heads, t)  # noqa: E731 -- 1 / a device's share of the KV
     options = []
     t = 1
     while t <= target.slice_devices:

@@ -120,8 +120,8 @@ class Runner:
                                       cfg, weights)
         self.weight_bytes = weight_bytes(self.params)
         # made on their devices (on several hosts each process makes its own shards)
-        self.pages = jax.jit(lambda: init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(kv_dtype)),
-                             out_shardings=full.page_shardings)()
+        self.pages = jax.jit(lambda: init_pages(cfg, kv_pages + 1, page_size, jnp.dtype(kv_dtype),
+                                                full.kv_heads), out_shardings=full.page_shardings)()
         self.multiprocess = jax.process_count() > 1
         self._rep = full.token_sharding
         self.kv_bytes = sum(x.nbytes for x in jax.tree.leaves(self.pages))

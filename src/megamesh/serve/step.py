@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
 from megamesh.model.generate import sample
-from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, init_pages, pages_per_seq
+from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, held_kv_heads, init_pages, pages_per_seq
 from megamesh.model.quant import quantize_tree, quantized_shardings
 from megamesh.model.specs import param_specs
 from megamesh.model.transformer import forward
@@ -37,6 +37,7 @@ from megamesh.pytree import unflatten
 from megamesh.sharding.rules import (
     activation_sharding,
     data_sharding,
+    kv_split,
     page_shardings,
     param_shardings,
     strategy,
@@ -117,13 +118,15 @@ class DecodeStep:
     kv_dtype: str = ""  # of the KV pages (build_decode_step: default the weights' dtype)
     weights: str = "bf16"  # the layers' matmul weights: as loaded, or fp8 / int8 (model.quant)
     logprobs: int = 0  # each row's token's log-probability and the top this many (0: none)
+    kv_heads: int = 0  # the kv heads the pages hold (`kvcache.held_kv_heads`; 0: the model's)
 
     @property
     def pages_per_seq(self) -> int:
         return pages_per_seq(self.max_len, self.page_size)
 
     def abstract_pages(self, cfg: ModelConfig) -> Any:
-        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size, self.kv_dtype))
+        pages = jax.eval_shape(lambda: init_pages(cfg, self.n_pages, self.page_size, self.kv_dtype,
+                                                  self.kv_heads or None))
         return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                             pages, self.page_shardings)
 
@@ -163,8 +166,9 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
     p_shard = quantized_shardings(param_shardings(cfg, mesh, rules), cfg, weights)
     n_pages = n_pages or 1 + batch * pages_per_seq(max_len, page_size)
     kv_dtype = kv_dtype or dtype
-    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, kv_dtype)),
-                              mesh, rules)
+    kv_heads = held_kv_heads(cfg.n_kv_heads, kv_split(mesh, rules, cfg.n_kv_heads))
+    pg_shard = page_shardings(jax.eval_shape(lambda: init_pages(cfg, n_pages, page_size, kv_dtype,
+                                                                kv_heads)), mesh, rules)
     row_spec = data_sharding(mesh, rules, (batch, 1)).spec[:1]
     slot = NamedSharding(mesh, PartitionSpec(*row_spec))
     table_sh = NamedSharding(mesh, PartitionSpec(*row_spec, None))
@@ -186,7 +190,7 @@ def build_decode_step(cfg: ModelConfig, mesh: Mesh, batch: int, max_len: int,
                       table_sharding=table_sh, token_sharding=rep, mesh=mesh, batch=batch, max_len=max_len,
                       dtype=dtype, n_pages=n_pages, page_size=page_size,
                       words=mask_words(cfg.vocab_size), attend_len=attend_len, kv_dtype=kv_dtype,
-                      weights=weights, logprobs=logprobs)
+                      weights=weights, logprobs=logprobs, kv_heads=kv_heads)
 
 
 def build_prefill_step(cfg: ModelConfig, ds: DecodeStep, length: int,

@@ -66,6 +66,15 @@ def page_shardings(pages: dict[str, Any], mesh: Mesh, rules: Rules) -> dict[str,
         pages)
 
 
+def kv_split(mesh: Mesh, rules: Rules, n_kv_heads: int) -> int:
+    """The ways the mesh splits kv heads under `rules` when it can (the size of the mesh
+    axes `kv_heads` maps to that are > 1), whether or not they divide the model's
+    `n_kv_heads` (`model.kvcache.held_kv_heads` decides what the pages hold)."""
+    sizes = mesh_sizes(mesh)
+    whole = math.prod(sizes.values()) * n_kv_heads  # a length every split divides
+    return math.prod(sizes[a] for a in resolve(("kv_heads",), (whole,), sizes, rules)[0])
+
+
 def data_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedSharding:
     """Sharding of a (batch, seq, ...) input array."""
     axes = ("batch", "seq") + (None,) * (len(shape) - 2)
