@@ -154,3 +154,23 @@ def test_a_follower_whose_leader_dies_exits_non_zero(run_dir):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_leader_stops_the_group_cleanly(run_dir):
+    """A clean stop: SIGTERM to the leader drains it, then it tells its follower to stop;
+    both exit 0 (the follower's closing connection is not taken for a lost host)."""
+    with hold_free_port() as coordinator:
+        leader, follower, url, log = start_group(run_dir, coordinator)
+    try:
+        assert ask(url, PROMPTS[2], max_tokens=4)
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(timeout=120) == 0, "".join(log)
+        assert follower.wait(timeout=60) == 0
+        assert "is gone" not in "".join(log)
+        assert "stopped with the leader" in follower.stdout.read()
+    finally:
+        for p in (leader, follower):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

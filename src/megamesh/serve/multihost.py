@@ -141,6 +141,7 @@ class Leader:
         self.on_lost, self.log = on_lost, log
         self.conns: dict[int, socket.socket] = {}
         self.lost: int | None = None
+        self.closing = False  # a clean stop: connections closing are not losses
         self._lock = threading.Lock()
         server = socket.create_server(("", address[1]), reuse_port=False)
         server.settimeout(timeout)
@@ -177,7 +178,7 @@ class Leader:
 
     def _lose(self, pid: int) -> None:
         with self._lock:
-            if self.lost is not None:
+            if self.lost is not None or self.closing:
                 return
             self.lost = pid
         self.on_lost(pid)
@@ -194,6 +195,7 @@ class Leader:
 
     def close(self) -> None:
         """Tell the followers to stop (a clean shutdown of the group)."""
+        self.closing = True
         for conn in self.conns.values():
             try:
                 _send(conn, encode("stop", {}))
