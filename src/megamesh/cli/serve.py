@@ -131,8 +131,15 @@ def default_batch_db(model: str) -> str:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    for flag in ("slots", "max_queue", "max_concurrent_per_key", "page_size", "cache_min_tokens",
-                 "prefill_chunk"):
+    from megamesh.serve.engine import check_engine_flags
+
+    # the engine's settings, checked where the engine checks them, before anything starts
+    check_engine_flags(slots=args.slots, max_len=args.max_len, page_size=args.page_size,
+                       kv_pages=args.kv_pages, reserve_tokens=args.kv_reserve_tokens,
+                       scheduling=args.scheduling, weights=args.weights,
+                       max_logprobs=args.max_logprobs, dtype=args.dtype, kv_dtype=args.kv_dtype,
+                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+    for flag in ("max_concurrent_per_key", "cache_min_tokens"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is not allowed: at least 1")
     if not 0 <= args.port < 65536:

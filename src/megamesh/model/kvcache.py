@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.config import ModelConfig
-from megamesh.model.specs import DEFAULT_PAGE, SCRATCH, held_kv_heads, layer_stacks  # noqa: F401
+from megamesh.model.specs import DEFAULT_PAGE, SCRATCH, layer_stacks
 
 
 class KVCache(NamedTuple):
@@ -55,7 +55,7 @@ def kv_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 def init_pages(cfg: ModelConfig, n_pages: int, page_size: int = DEFAULT_PAGE,
                dtype: Any = None, kv_heads: int | None = None) -> dict[str, jax.Array]:
     """Zeroed pages, `n_pages` per layer (page 0 included: the scratch page), for
-    `kv_heads` kv heads (default the model's; `held_kv_heads`)."""
+    `kv_heads` kv heads (default the model's; `model.specs.held_kv_heads`)."""
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
     return {s.name: jnp.zeros((s.n_layers * n_pages, page_size, 2 * (kv_heads or cfg.n_kv_heads),
                                cfg.resolved_head_dim), dtype)

@@ -154,13 +154,12 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
     hbm_bw = chip.hbm_bw / chip.devices_per_chip
     peak = chip.bf16_flops / chip.devices_per_chip * MXU_EFFICIENCY
     n_active = matmul_param_count(cfg)
-    kv_ways = lambda t: kv_split_ways(cfg.n_kv_heads, t)  # noqa: E731 -- 1 / a device's share of the KV
     options = []
     t = 1
     while t <= target.slice_devices:
         if target.slice_devices % t == 0 and (cfg.n_heads % t == 0 or t > cfg.n_heads):
             free = dev_hbm - wbytes / t  # per device
-            if free > kv_tok * ctx / kv_ways(t):
+            if free > kv_tok * ctx / kv_split_ways(cfg.n_kv_heads, t):
                 options.append(t)
         t *= 2
     if not options:
@@ -169,12 +168,12 @@ def serving_answer(cfg, target: Target, *, qps: float, input_tokens: int, output
                           "KV cache; use a larger target or a smaller model")
     best = None
     for t in options[:4]:
-        kv_cap_tokens = (dev_hbm - wbytes / t) * kv_ways(t) / kv_tok
+        kv_cap_tokens = (dev_hbm - wbytes / t) * kv_split_ways(cfg.n_kv_heads, t) / kv_tok
         max_batch = max(1, int(kv_cap_tokens // ctx))
         for batch in sorted({max_batch} | {b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
                                            if b < max_batch}, reverse=True):
             avg_ctx = input_tokens + output_tokens / 2
-            bytes_step = wbytes + batch * avg_ctx * kv_tok * t / kv_ways(t)  # read on all t devices
+            bytes_step = wbytes + batch * avg_ctx * kv_tok * t / kv_split_ways(cfg.n_kv_heads, t)
             flops_step = batch * (2 * n_active + 4 * avg_ctx * cfg.n_heads *
                                   cfg.resolved_head_dim * cfg.n_layers)
             tp_comm = 0.0

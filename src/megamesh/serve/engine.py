@@ -78,14 +78,17 @@ class _Inflight:
 
 def check_engine_flags(*, slots: int, max_len: int | None, page_size: int, kv_pages: int | None,
                        reserve_tokens: int, scheduling: str, weights: str, max_logprobs: int,
-                       dtype: str, kv_dtype: str | None) -> int | None:
+                       dtype: str | None, kv_dtype: str | None, max_queue: int,
+                       prefill_chunk: int) -> int | None:
     """Every engine setting checked in one place (ConfigError naming the flag and what is
-    allowed), before a model is loaded (`build_engine`, `max_len` None when it is the
-    model's) and again once the context is known (`Engine`). Returns the KV pages to
-    allocate (default: slots x max_len / page_size, the memory of a dense cache with a row
-    per slot; None while max_len is not known)."""
-    if slots < 1:
-        raise ConfigError(f"--slots {slots} is not allowed: at least 1")
+    allowed): by `megamesh serve` before it binds or loads anything, by `build_engine`
+    before a model is loaded (`max_len` None when it is the model's; `dtype` None: the
+    platform's default) and again once the context is known (`Engine`). Returns the KV
+    pages to allocate (default: slots x max_len / page_size, the memory of a dense cache
+    with a row per slot; None while max_len is not known)."""
+    for flag, value in (("--slots", slots), ("--max-queue", max_queue), ("--prefill-chunk", prefill_chunk)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} is not allowed: at least 1")
     if max_len is not None and max_len < 2:
         raise ConfigError(f"--max-len {max_len} is not allowed: at least 2")
     if page_size < 1 or 64 % page_size:
@@ -106,7 +109,7 @@ def check_engine_flags(*, slots: int, max_len: int | None, page_size: int, kv_pa
     if not 0 <= max_logprobs <= MAX_LOGPROBS:
         raise ConfigError(f"--max-logprobs {max_logprobs} is not allowed: 0 to {MAX_LOGPROBS}")
     for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype or dtype)):
-        if value not in ("float32", "bfloat16"):
+        if value is not None and value not in ("float32", "bfloat16"):
             raise ConfigError(f"{flag} {value!r} is not allowed: float32 or bfloat16")
     return kv_pages
 
@@ -133,7 +136,8 @@ class Engine:
         self.kv_pages = check_engine_flags(slots=slots, max_len=self.max_len, page_size=page_size,
                                            kv_pages=kv_pages, reserve_tokens=reserve_tokens,
                                            scheduling=scheduling, weights=weights,
-                                           max_logprobs=max_logprobs, dtype=dtype, kv_dtype=kv_dtype)
+                                           max_logprobs=max_logprobs, dtype=dtype, kv_dtype=kv_dtype,
+                                           max_queue=max_queue, prefill_chunk=max_prefill_tokens)
         self.cfg, self.mesh, self.log, self.slots, self.page_size = cfg, mesh, log, slots, page_size
         self.max_prefill_tokens, self.weights = max_prefill_tokens, weights
         self.dtype, self.kv_dtype, self.max_logprobs = dtype, kv_dtype or dtype, max_logprobs
@@ -459,7 +463,8 @@ def build_engine(model_spec: str, *, mesh: str | None = None, slots: int = 16, m
     dtype = dtype or default_dtype()
     check_engine_flags(slots=slots, max_len=max_len, page_size=page_size, kv_pages=kv_pages,
                        reserve_tokens=reserve_tokens, scheduling=scheduling, weights=weights,
-                       max_logprobs=max_logprobs, dtype=dtype, kv_dtype=kv_dtype)
+                       max_logprobs=max_logprobs, dtype=dtype, kv_dtype=kv_dtype,
+                       max_queue=max_queue, prefill_chunk=prefill_chunk)
     layout = parse_layout(mesh) if mesh else {"tensor": len(jax.devices())}
     n = math.prod(layout.values())
     if n > len(jax.devices()):

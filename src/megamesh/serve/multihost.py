@@ -143,8 +143,7 @@ class Leader:
         self.lost: int | None = None
         self.closing = False  # a clean stop: connections closing are not losses
         self._lock = threading.Lock()
-        server = socket.create_server(("", address[1]), reuse_port=False)
-        server.settimeout(timeout)
+        server = socket.create_server(("", address[1]))
         try:
             deadline = time.monotonic() + timeout
             while len(self.conns) < followers:

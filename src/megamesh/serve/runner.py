@@ -92,7 +92,7 @@ class Runner:
         `model.quant`); `max_logprobs`: alternatives the steps return log-probabilities
         of (0: the decode step computes none)."""
         cfg = model.cfg
-        self.cfg, self.mesh, self.slots, self.max_len = cfg, mesh, slots, max_len
+        self.slots = slots
         self.stats, self.log = stats, log
         self.pages_per_seq = pages_per_seq(max_len, page_size)
         # prefill lengths up to the one a full chunk uses (no longer chunk ever runs)

@@ -29,9 +29,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
 from megamesh.model.generate import sample
-from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, held_kv_heads, init_pages, pages_per_seq
+from megamesh.model.kvcache import DEFAULT_PAGE, KVCache, init_pages, pages_per_seq
 from megamesh.model.quant import quantize_tree, quantized_shardings
-from megamesh.model.specs import param_specs
+from megamesh.model.specs import held_kv_heads, param_specs
 from megamesh.model.transformer import forward
 from megamesh.pytree import unflatten
 from megamesh.sharding.rules import (
@@ -118,7 +118,7 @@ class DecodeStep:
     kv_dtype: str = ""  # of the KV pages (build_decode_step: default the weights' dtype)
     weights: str = "bf16"  # the layers' matmul weights: as loaded, or fp8 / int8 (model.quant)
     logprobs: int = 0  # each row's token's log-probability and the top this many (0: none)
-    kv_heads: int = 0  # the kv heads the pages hold (`kvcache.held_kv_heads`; 0: the model's)
+    kv_heads: int = 0  # the kv heads the pages hold (`specs.held_kv_heads`; 0: the model's)
 
     @property
     def pages_per_seq(self) -> int:
