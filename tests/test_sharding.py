@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from megamesh.config import apply_overrides, preset
 from megamesh.errors import ConfigError
 from megamesh.model.transformer import forward, init_params
+from megamesh.sharding.logical import resolve, weight_compute_rules
 from megamesh.sharding.mesh import make_mesh, parse_layout
 from megamesh.sharding.rules import (
     activation_sharding,
@@ -26,6 +27,7 @@ MOE = {**DENSE, "moe.d_ff_expert": "64"}
 CASES = [  # (model, overrides, layout, strategy)
     ("tiny", DENSE, "data=8", "fsdp"),
     ("tiny", DENSE, "fsdp=2,tensor=4", "fsdp"),
+    ("tiny", DENSE, "fsdp=2,sequence=2,tensor=2", "fsdp"),  # weights over fsdp x sequence
     ("tiny-moe", MOE, "fsdp=2,tensor=2,expert=2", "fsdp"),
     ("tiny", DENSE, "data=2,tensor=4", "serve"),
     ("tiny", DENSE, "data=8", "dp"),
@@ -123,6 +125,23 @@ def test_expected_partition_specs_fsdp_tensor():
     assert s["layers"]["mlp"]["w_down"] == P(None, "tensor", "fsdp")
     assert s["layers"]["attn_norm"] == P(None, None)
     assert s["final_norm"] == P(None)
+
+
+def test_context_parallel_devices_hold_a_share_of_the_weights():
+    """The sequence axis is a ZeRO axis like fsdp (MaxText's rules do the same): weights and
+    optimizer state are split over fsdp x sequence on embed and gathered for compute."""
+    s = specs_for("tiny", DENSE, "fsdp=2,sequence=2,tensor=2", "fsdp")
+    assert s["layers"]["attn"]["wq"] == P(None, ("fsdp", "sequence"), "tensor", None)
+    assert s["layers"]["mlp"]["w_down"] == P(None, "tensor", ("fsdp", "sequence"))
+    assert specs_for("tiny", DENSE, "sequence=8", "fsdp")["layers"]["mlp"]["w_gate"] == \
+        P(None, "sequence", None)
+    # in compute layout the ZeRO axes are dropped (the weight is gathered whole)
+    compute = dict(weight_compute_rules(strategy("fsdp")))
+    assert compute["embed"] == ("tensor",)
+    # activations: the sequence axis stays on the tokens, not on embed
+    assert resolve(("batch", "seq", "embed"), (8, 64, 64),
+                   {"fsdp": 2, "sequence": 2, "tensor": 2}, strategy("fsdp")) == \
+        [("fsdp",), ("sequence",), ("tensor",)]
 
 
 def test_expected_partition_specs_data_and_expert():

@@ -107,10 +107,17 @@ def dense(x: jax.Array, w: Any, n_in: int = 1, out_dtype: Any = None, *, fp8: bo
     out = jnp.dtype(out_dtype or x.dtype)
     quantized = isinstance(w, QuantizedWeight)  # serving: int8 / fp8 values, a scale per output
     values = w.values if quantized else w
-    a, b = matmul_inputs(x.reshape(-1, K), values.reshape(K, -1).astype(x.dtype))
+    fp8_train = not quantized and fp8 and matmul_precision() == "fp8"
+    # native bf16 matmuls keep x's leading (batch, sequence) dims: merged into one, a
+    # sequence split over devices (context parallelism) made XLA gather the whole
+    # sequence for the backward's recompute (4x the MLP's temporaries at 32k tokens over
+    # 4 devices; BENCHMARKS.md "Long context")
+    keep_lead = native_matmuls() and not quantized and not fp8_train
+    a, b = matmul_inputs(x.reshape(*lead, K) if keep_lead else x.reshape(-1, K),
+                         values.reshape(K, -1).astype(x.dtype))
     if quantized:
         y = jnp.dot(a, b, preferred_element_type=jnp.float32) * w.scale.reshape(1, -1)
-    elif fp8 and matmul_precision() == "fp8":  # training in FP8 (`model.quant`)
+    elif fp8_train:  # training in FP8 (`model.quant`)
         y = fp8_dot_general(a, b, (((1,), (0,)), ((), ())))
     else:
         y = jnp.dot(a, b, preferred_element_type=out if native_matmuls() else jnp.float32)

@@ -37,12 +37,18 @@ Rules = tuple[tuple[str, tuple[str, ...]], ...]
 # The mesh axes that carry the batch (the data-parallel axes) in training; serving keeps
 # `expert` for the experts alone. Read them with `batch_axes(strategy)`.
 BATCH_AXES = ("dcn", "data", "fsdp", "expert")
+# The mesh axes parameters are stored split over and all-gathered for compute (ZeRO-3):
+# fsdp, and sequence (context parallelism), whose devices share the batch rows.
+ZERO_AXES = ("fsdp", "sequence")
 
 STRATEGIES: dict[str, Rules] = {
-    # ZeRO-3 style: parameters sharded over fsdp on their embed dim, tensor parallel on
-    # heads/mlp/vocab, experts over expert; the batch spread over every data-like axis.
-    # Between layers the residual stream's embed dim is split over tensor (what the
-    # batch left free), so saved activations are not replicated across a tensor group.
+    # ZeRO-3 style: parameters sharded over fsdp and sequence on their embed dim (the
+    # context-parallel devices hold different tokens of the same batch rows, so they
+    # store a share of the weights and gather them like fsdp: MaxText's rules do the
+    # same), tensor parallel on heads/mlp/vocab, experts over expert; the batch spread
+    # over every data-like axis. Between layers the residual stream's embed dim is split
+    # over tensor (what the batch and the sequence left free), so saved activations are
+    # not replicated across a tensor group.
     "fsdp": (
         ("expert", ("expert",)),
         ("batch", BATCH_AXES),
@@ -51,7 +57,7 @@ STRATEGIES: dict[str, Rules] = {
         ("kv_heads", ("tensor",)),
         ("mlp", ("tensor",)),
         ("vocab", ("tensor",)),
-        ("embed", ("fsdp", "tensor")),
+        ("embed", ZERO_AXES + ("tensor",)),
     ),
     # Pure data parallel: every parameter replicated, the batch split over all axes.
     "dp": (
@@ -102,9 +108,11 @@ def vocab_parallel(rules: Rules) -> Rules:
 
 
 def weight_compute_rules(rules: Rules) -> Rules:
-    """The rules for a weight in its compute layout: fsdp dropped (the weight is gathered
-    whole for its matmul: ZeRO-3), except on vocab, which keeps it under `vocab_parallel`."""
-    return tuple((name, tuple(m for m in axes if m != "fsdp" or name == "vocab"))
+    """The rules for a weight in its compute layout: the ZeRO axes (fsdp, sequence)
+    dropped (the weight is gathered whole for its matmul: ZeRO-3), except fsdp on vocab,
+    which it keeps under `vocab_parallel`."""
+    return tuple((name, tuple(m for m in axes if m not in ZERO_AXES
+                              or (m == "fsdp" and name == "vocab")))
                  for name, axes in rules)
 
 
