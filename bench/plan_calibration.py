@@ -67,6 +67,15 @@ ROWS = [
 ]
 
 
+# Rows whose published run split no sequence (MaxText's recipes for these rows set no
+# context parallelism; PaLM used data and 2D model parallelism): searched without one.
+NO_CONTEXT_PARALLEL = ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8")
+# Rows whose published mesh is known and is not the planner's best: predicted at that
+# mesh (remat and microbatches searched). C4: the recipe's ici_fsdp 64 x ici_tensor 4 x
+# dcn_fsdp 2 (the planner prefers tensor=2 since the long-context memory refit).
+PUBLISHED_MESH = {"C4": {"fsdp": 128, "tensor": 4}}
+
+
 # Published runs NOT used to fit the efficiency constants (held out): id, model, target,
 # seq, batch (sequences), published tokens/s/chip, source. Compared as tokens/s (no MFU
 # convention needed). Both are MaxText recipes, searched as the fitted MaxText rows are.
@@ -78,6 +87,55 @@ HELD_OUT = [
      "98.34 s/step in bf16, batch 1536 x 8192, 256 chips: MaxText's Ironwood recipe as quoted "
      "in the FP8 issue (github.com/AI-Hypercomputer/tpu-recipes training/ironwood; not re-read here)"),
 ]
+# Long-context published runs (held out: not used in any fit): id, model, target, seq,
+# batch (sequences), published MFU or None, published s/step or None, MFU convention,
+# searched with pipeline stages, source. Compared in the published quantity.
+LONG_CONTEXT = [
+    ("L1", "llama3.1-70b", "tpu7x:256", 131072, 64, None, 34.02, "causal", False,
+     "MaxText's Ironwood recipe, bf16, 64 x 131,072 (tpu-recipes training/ironwood/README.md)"),
+    ("L2", "llama3.1-405b", "h100:16384", 131072, 128, 0.38, None, "causal", True,
+     "Llama 3 long-context pre-training: TP8 CP16 PP16 DP8, 16M tokens per batch, 380 TFLOP/s "
+     "per GPU, 38% MFU (arXiv 2407.21783, Table 4)"),
+]
+
+
+def long_context() -> list[dict]:
+    """The planner's best step for each LONG_CONTEXT row (fused kernels as the published
+    runs used, host offload allowed on TPU, pipeline stages where the run had them), and
+    with megamesh's own kernels, beside the published figure."""
+    out = []
+    for rid, name, tgt, seq, batch, pub_mfu, pub_s, conv, pipe, src in LONG_CONTEXT:
+        cfg, target = model(name), parse_target(tgt)
+        best = {}
+        for fam in ("fused", "megamesh"):
+            ranked = search(Workload(cfg, seq, batch, kernels=fam), target,
+                            offload=target.is_tpu, pipeline=pipe).ranked
+            best[fam] = ranked[0] if ranked else None
+        b = best["fused"]
+        if b is None:
+            # e.g. Llama 3's CP16 spans two 8-GPU nodes: the search keeps the sequence
+            # axis inside an NVLink domain, so it has no layout for that run
+            out.append({"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
+                        "published": f"{pub_mfu:.0%} MFU" if pub_mfu is not None else f"{pub_s:.2f} s",
+                        "predicted": "no layout", "error": "-", "error_value": None,
+                        "mfu_points": pub_mfu is not None, "layout": "-", "remat": "-",
+                        "megamesh": "-", "source": src})
+            continue
+        mfu = b.mfu * convention_factor(cfg, seq, conv)
+        err = (mfu - pub_mfu) * 100 if pub_mfu is not None else b.step_time_s / pub_s - 1
+        out.append({"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
+                    "published": f"{pub_mfu:.0%} MFU" if pub_mfu is not None else f"{pub_s:.2f} s",
+                    "predicted": f"{mfu:.1%} MFU" if pub_mfu is not None else f"{b.step_time_s:.2f} s",
+                    "error": f"{err:+.1f} points" if pub_mfu is not None else f"{err:+.1%}",
+                    "error_value": err, "mfu_points": pub_mfu is not None,
+                    "layout": b.layout.text(), "remat": b.layout.remat,
+                    "megamesh": f"{best['megamesh'].step_time_s:.2f} s, {best['megamesh'].mfu:.1%} MFU, "
+                                f"{best['megamesh'].layout.text()}, {best['megamesh'].layout.remat}, "
+                                f"{best['megamesh'].layout.microbatches} mb",
+                    "source": src})
+    return out
+
+
 # Published FP8 runs, each beside its bf16 twin (same model, chips, batch): MaxText's
 # Ironwood recipes, quantization=fp8_full (Qwix: e4m3 weights and activations, e5m2
 # gradients). FP8_MXU_EFFICIENCY (plan/cost.py) is fitted on the fp8 step times (least
@@ -131,8 +189,13 @@ def main() -> int:
         w = Workload(cfg, seq, batch, kernels="fused")
         # MaxText's recipes (C1-C7) offload activations/optimizer state to host memory;
         # Llama 3 (C9, C10) trained with pipeline stages (TP8 x PP16 x DP)
+        # and none of the MaxText recipes or PaLM split the sequence (no context
+        # parallelism: the recipes set no ici_context_parallelism), so those rows are
+        # searched without a sequence axis: the layout family the published run used
         res = search(w, target, offload=tgt.startswith("v5p") or tgt.startswith("v6e"),
-                     pipeline=name == "llama3.1-405b" and tgt.startswith("h100"))
+                     pipeline=name == "llama3.1-405b" and tgt.startswith("h100"),
+                     max_sequence=1 if rid in NO_CONTEXT_PARALLEL else 64,
+                     fixed=PUBLISHED_MESH.get(rid))
         fits = bool(res.ranked)
         best = res.ranked[0] if fits else min(
             (e for e in res.rejected), key=lambda e: e.step_time_s, default=None)
@@ -158,6 +221,15 @@ def main() -> int:
         print(f"| {r['id']} | {r['model']} | {r['target']} | {r['seq']} | {r['batch']} "
               f"| {r['published']:,.1f} | {r['predicted']:,.1f} | {r['ratio']:.2f} | {r['layout']} "
               f"| {r['remat']} | {r['source']} |")
+    print("\nLong context (held out; predicted with the published run's kernels, and with "
+          "megamesh's own):\n")
+    print("| row | model | target | SL | batch (seqs) | published | predicted | error | best layout "
+          "| remat | megamesh kernels | source |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in long_context():
+        print(f"| {r['id']} | {r['model']} | {r['target']} | {r['seq']} | {r['batch']} "
+              f"| {r['published']} | {r['predicted']} | {r['error']} | {r['layout']} | {r['remat']} "
+              f"| {r['megamesh']} | {r['source']} |")
     print(f"\nFP8 (fitted: FP8_MXU_EFFICIENCY; {IRONWOOD}):\n")
     print("| row | model | target | SL | batch (seqs) | published bf16 s | predicted bf16 s "
           "| published fp8 s | predicted fp8 s | fp8 error | published speed-up | predicted speed-up "

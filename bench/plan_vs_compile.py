@@ -6,6 +6,7 @@ per case on 2 cores):
 
     python bench/plan_vs_compile.py            # all cases
     python bench/plan_vs_compile.py --quick    # the small ones
+    python bench/plan_vs_compile.py --long     # long contexts (16k-128k tokens)
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ CASES = [
      False),
 ]
 
+# Long contexts (`--long`): flash kernels hold no T x T probabilities, context parallelism
+# gathers each layer's keys and values (BENCHMARKS.md "Long context").
+LONG_CASES = [
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=8", 32768, 8, "full", 1, False),
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=2,sequence=4", 32768, 8, "full", 1, False),
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=8", 16384, 8, "none", 1, False),
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=2,sequence=4", 32768, 8, "none", 1, False),
+    ("llama3.1-8b", SMALL, "tpu7x:2x2x1", "fsdp=2,sequence=2,tensor=2", 32768, 8,
+     "dots_no_batch", 1, False),
+    ("llama3.1-8b", L4, "tpu7x:2x2x2", "fsdp=4,sequence=4", 65536, 16, "full", 1, False),
+    ("llama3.1-70b", {}, "tpu7x:256", "fsdp=8,sequence=16,tensor=4", 131072, 64, "full", 8,
+     False),
+    ("llama3.1-70b", {}, "tpu7x:256", "fsdp=16,sequence=32", 131072, 64, "full", 4, False),
+    ("llama3.1-70b", {}, "tpu7x:256", "data=8,sequence=32,tensor=2", 131072, 64, "none", 8, False),
+]
+
 
 def main() -> int:
     from megamesh.compile.aot import compile_train
@@ -56,7 +73,8 @@ def main() -> int:
     print("| model | target | layout | seq | batch | remat | mb | plan HBM/dev | XLA HBM/dev "
           "| HBM error | plan fits | XLA fits | FLOPs error | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, over, tgt, lay, seq, batch, remat, mb, is_quick in CASES:
+    cases = LONG_CASES if "--long" in sys.argv else CASES
+    for name, over, tgt, lay, seq, batch, remat, mb, is_quick in cases:
         if quick and not is_quick:
             continue
         cfg = preset(name).replace(**over)

@@ -82,13 +82,17 @@ def _rate(w: Workload, target: Target, crit: dict) -> tuple[float, Workload, Any
 
 def too_large(w: Workload, target: Target, crit: dict, sync_rate: float | None) -> dict | None:
     """For a multi-slice target: the fewest slices that reach 90% of the best tokens/s any
-    slice count reaches at the critical batch (powers of two, and the whole target). None
-    when that is the whole target: one synchronous job uses it well."""
+    slice count reaches at the critical batch (powers of two, halves and thirds of the
+    target, and the whole target); or, when none does, the fewest that reach half of it
+    and past which the other slices add tokens/s at under half their rate per slice
+    (diminishing returns: the critical batch spread that thin leaves the chips idle). None when the whole target is needed and used about as
+    well as any part of it: one synchronous job uses it well."""
     n = target.n_slices
     if n < 2:
         return None
     rates: dict[int, tuple[float, Workload, Any]] = {}
-    for k in sorted({2**i for i in range(n.bit_length()) if 2**i < n}):
+    # powers of two, and halves and thirds of the target (whole islands of it)
+    for k in sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n // 2, n // 3} - {0}):
         got = _rate(w, from_chip_count(target.chip, k * target.slice_chips), crit)
         if got:
             rates[k] = got
@@ -96,6 +100,11 @@ def too_large(w: Workload, target: Target, crit: dict, sync_rate: float | None) 
         return None
     top = max([sync_rate or 0.0, *(r for r, _, _ in rates.values())])
     enough = [k for k, (r, _, _) in rates.items() if r >= 0.9 * top]
+    if not enough and sync_rate:
+        # diminishing returns: the fewest slices from which the rest of the target adds
+        # tokens/s at under half their rate per slice
+        enough = [k for k, (r, _, _) in rates.items()
+                  if r >= 0.5 * top and (sync_rate - r) / (n - k) < 0.5 * r / k][:1]
     if not enough:
         return None  # only the whole target gets there: one job uses it well
     k = min(enough)

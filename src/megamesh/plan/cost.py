@@ -7,7 +7,8 @@ Per device, per step:
 - HBM: weights streamed by every matmul pass (a matmul is bound by max(FLOPs, bytes)),
   plus element-wise traffic (norms, RoPE, softmax, SwiGLU, residuals, logits, optimizer);
 - communication, ring/torus formulas: FSDP all-gather (fwd, bwd) and reduce-scatter of
-  gradients per microbatch; data/sequence/DCN gradient all-reduce once per step (these
+  gradients per microbatch, over fsdp and sequence (the ZeRO axes: context-parallel
+  devices hold a share of the weights too); data/DCN gradient all-reduce once per step (these
   are asynchronous and hide under compute up to OVERLAP); tensor-parallel all-reduces,
   sequence-parallel K/V all-gathers and expert all-to-alls sit on the critical path.
 
@@ -326,18 +327,25 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         net[kind + "_ici"] += times * ici
         net[kind + "_dcn"] += times * dcn
 
-    if layout.size("fsdp") > 1 and layout.stages > 1:  # stage weights gathered once, kept
-        add("fsdp", "async", "fsdp", gathered * 2, 1)
-        add("fsdp", "async", "fsdp", gathered * 4, 1)
-    elif layout.size("fsdp") > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
-        add("fsdp", "async", "fsdp", gathered * 2 * 2, mb)
-        add("fsdp", "async", "fsdp", gathered * 4, mb)
+    def add_zero(full_bytes: float, times: float) -> None:
+        """A gather (or reduce-scatter) over the ZeRO axes, fsdp and sequence: one
+        collective over both, its bytes as fsdp's whole and sequence's 1/fsdp share."""
+        add("fsdp", "async", "fsdp", full_bytes, times)
+        add("fsdp", "async", "sequence", full_bytes / layout.size("fsdp"), times)
+
+    zero = layout.size("fsdp") * s
+    if zero > 1 and layout.stages > 1:  # stage weights gathered once, kept
+        add_zero(gathered * 2, 1)
+        add_zero(gathered * 4, 1)
+    elif zero > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
+        add_zero(gathered * 2 * 2, mb)
+        add_zero(gathered * 4, mb)
     if layout.stages > 1:  # activations forward, their gradients back, at every chunk edge
         p2p = 2 * layout.virtual * mb * tok_mb * D * 2 / t
         comm["pipeline_p2p"] = p2p / (chip.dcn_bw / chip.devices_per_chip * DCN_EFFICIENCY)
         net["async_dcn"] += comm["pipeline_p2p"]
     grad = held * 4
-    for ax in ("data", "sequence", "dcn"):  # parameters replicated over these: all-reduce
+    for ax in ("data", "dcn"):  # parameters replicated over these: all-reduce
         if layout.size(ax) > 1:
             add(ax + "_grads", "async", ax, grad, 2)
     if t > 1:

@@ -26,22 +26,25 @@ from megamesh.model.specs import (
     serving_weight_bytes,
 )
 from megamesh.plan.layout import Layout, Workload
-from megamesh.sharding.logical import resolve, strategy, train_rules
+from megamesh.sharding.logical import ZERO_AXES, resolve, strategy, train_rules
 
 ADAM_BYTES = 8  # two fp32 moments per parameter
-# Bytes (or multiples) per unit of each temporary, fitted on bench/plan_vs_compile.py's
-# cases for the step with the TPU's kernels (splash attention, grouped MoE, native bf16
-# matmuls, fused chunked loss), among the fits that also keep every calibration row
-# within 5 MFU points (bench/plan_calibration.py: memory decides which layouts fit): 8 of
-# its 10 compiled cases within 10%, the misses overestimates (+24%, +30%: v6e:2x2 with
-# tensor=2 or data=2; BENCHMARKS.md "Plan vs compile"). The fit puts no separate weight on
-# the gathered bf16 layer weights and tables (XLA overlaps them with the working set that
-# `recompute` counts whole), one slice of f32 logits x1.5 (its softmax and gradient) plus
-# the head's f32 gradient accumulator, a layer's un-rematerialized working set, saved
-# activations x1 and the fp32 gradient twice (the scan's stacked gradient and the update's
-# input). Approximate: refit when the step changes.
-COEF = {"layer_weights": 0.0, "tables": 0.0, "logits": 1.5, "recompute": 1.0,
-        "activations": 1.0, "grads": 2.0}
+# Bytes (or multiples) per unit of each temporary, fitted on XLA:TPU's HBM for the step
+# with the TPU's kernels (splash attention, grouped MoE, native bf16 matmuls, fused chunked
+# loss, document mask) on bench/memory_fit.py's cases: 10 at 2k-8k tokens and 7 at 16k-128k
+# (bench/plan_vs_compile.py --quick / --long), among the fits that keep every calibration
+# row within 5 MFU points (bench/plan_calibration.py: memory decides which layouts fit).
+# The working set of a layer is its un-rematerialized intermediates x1.7 (flash kernels
+# hold no T x T probabilities: none counted), plus the keys and values context
+# parallelism gathers x1.5; tables gathered over fsdp (not vocab-parallel) x2 bytes per
+# parameter; one slice of f32 logits x1.5 plus the head's f32 gradient accumulator; saved
+# activations x1.05; the fp32 gradient twice (the scan's stacked gradient and the update's
+# input). Long cases within 14% but one: 70B at 128k with no tensor split, 50% under
+# (XLA holds several f32 copies of the 128k-vocabulary tables' gradients there; BENCHMARKS.md
+# "Long context"). Short cases as before (known misses +27-30%, overestimates). Approximate:
+# refit when the step changes.
+COEF = {"layer_weights": 0.0, "tables": 2.0, "logits": 1.5, "recompute": 1.0,
+        "activations": 1.1, "grads": 2.0, "cp_kv": 2.0}
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,7 @@ def _sharded_params(cfg: ModelConfig, sizes_items: tuple, strat: str,
         for i, d in enumerate(dims):
             for m in d:
                 shard[i] //= sizes[m]
-                if m != "fsdp":
+                if m not in ZERO_AXES:
                     gways *= sizes[m]
         i = 0 if s.name.startswith(stacks) else 2
         out[i] += _tiled(shard) if tpu else math.prod(shard)
@@ -161,14 +164,27 @@ def layer_activation_bytes(w: Workload, layout: Layout, remat: str, moe: bool) -
         # the f32 score matrix is a dot output too, but XLA:TPU does not keep it (measured
         # with `megamesh compile`; BENCHMARKS.md), so it is not counted
         return dots_nb + 2 * Dr + 2 * H * Dh
-    # none: every intermediate the backward pass reads
-    # H * Tk * 2 (bf16 probabilities) is counted for flash kernels too, which hold none:
-    # the present fit (COEF) leans on it, and dropping it alone moves the calibration rows
-    # past 5 points; it makes long contexts over-predicted (2-6x at 16k-64k tokens, +51%
-    # for 70B at 128k with context parallelism; BENCHMARKS.md). Without it and with this
-    # fit the same cases come out 22-52% under: a refit with long-context cases (and a
-    # term for the keys and values context parallelism gathers) is open.
-    return dots_nb + 4 * Dr * 2 + scores + H * Tk * 2 + 2 * (2 * H * Dh + K * Dh + F)
+    # none: every intermediate the backward pass reads; the xla kernels' bf16
+    # probabilities too (flash kernels hold no T x T tensor: a row's max and sum at most)
+    probs = 0 if w.flash else H * Tk * 2
+    # SwiGLU keeps six MLP-wide bf16 tensors per token (both projections, the sigmoid,
+    # the SiLU, their product and its copy for the down projection: counted in XLA's
+    # buffers at 32k tokens, BENCHMARKS.md "Long context"): three beyond the dots
+    swiglu = 2 * 3 * F
+    return dots_nb + 4 * Dr * 2 + scores + probs + 2 * (2 * H * Dh + K * Dh + F) + swiglu
+
+
+def context_parallel_kv_bytes(w: Workload, layout: Layout) -> float:
+    """Bytes per device of one layer's keys and values gathered over the sequence axis
+    for a microbatch (bf16, the whole sequence of this device's rows; 0 without context
+    parallelism). The kv heads split over tensor like the query heads (repeated where
+    tensor exceeds them, `model.specs.kv_split_ways`)."""
+    s = layout.size("sequence")
+    if s == 1:
+        return 0.0
+    c = w.cfg
+    kv_dev = c.n_kv_heads / kv_split_ways(c.n_kv_heads, layout.size("tensor"))
+    return tokens_per_microbatch(w, layout) * s * 2 * kv_dev * c.resolved_head_dim * 2
 
 
 @functools.lru_cache(maxsize=4096)
@@ -201,6 +217,9 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
         n_layers = layout.stage_layers(st.n_layers) * min(layout.microbatches, layout.stages)
         n_saved = min(2, n_layers) if layout.remat == "offload" else n_layers
         acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
+        if layout.remat not in ("full", "offload"):
+            # splash's residuals keep each layer's gathered keys and values
+            acts += n_saved * context_parallel_kv_bytes(w, layout)
         per_layer = sum(s.size for n, s in specs.items() if n.startswith(st.name + "/")) / st.n_layers
         if st.moe and c.moe:
             per_layer = per_layer / e
@@ -212,9 +231,12 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # (`sharding.logical.train_rules`): never gathered, and so is the head's gradient
     split = _vocab_split(strat, tuple(sorted(layout.sizes.items())), c.vocab_size, w.batch,
                          layout.microbatches, w.seq)
-    table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) / split
+    # tables gathered over fsdp (not vocab-parallel) are held whole (over tensor) while
+    # used, and their f32 gradients before the reduce-scatter: with a 128k vocabulary and
+    # no tensor split, several GiB (XLA holds more than one f32 copy; fitted, COEF)
+    table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) if split == 1 else 0.0
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
-    if layout.stages > 1 and layout.size("fsdp") > 1:
+    if layout.stages > 1 and layout.size("fsdp") * layout.size("sequence") > 1:
         # with pipeline stages the stage's weights are gathered once per step and kept
         # (bf16, embedding and head included) for all microbatches, as Llama 3's training
         # did (no re-shard after forward), plus one layer's gathered gradient in flight
@@ -225,7 +247,8 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     logits_f32 = tok * c.vocab_size / t * 4
     logits = (min(logits_f32, LOSS_CHUNK_BYTES["tpu"]) * k["logits"]
               + c.vocab_size * c.d_model / t / split * 4)
-    working = tok * recompute * k["recompute"] + logits
+    working = (tok * recompute * k["recompute"] + logits
+               + context_parallel_kv_bytes(w, layout) * k["cp_kv"])
     acts *= k["activations"]
     grads *= k["grads"]
     return Memory(state=state, grads=grads, weights_gathered=weights_gathered, activations=acts,

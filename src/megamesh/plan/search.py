@@ -26,14 +26,15 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _candidate_sizes(w: Workload, target: Target, max_tensor: int = 64):
+def _candidate_sizes(w: Workload, target: Target, max_tensor: int = 64, max_sequence: int = 64):
     c = w.cfg
     ici = target.slice_devices
     n_sl = target.n_slices
     tensors = [d for d in _divisors(ici) if d <= max_tensor and c.n_heads % d == 0
                and (c.d_ff % d == 0)]
     experts = [d for d in _divisors(ici) if c.moe and c.moe.n_experts % d == 0] if c.moe else [1]
-    seqs = [d for d in _divisors(ici) if d <= 64 and w.seq % d == 0 and d * 512 <= w.seq] or [1]
+    seqs = [d for d in _divisors(ici) if d <= max_sequence and w.seq % d == 0
+            and (d == 1 or d * 512 <= w.seq)] or [1]
     # (dcn data-parallel ways, fsdp ways across slices)
     dcn_splits = [(n_sl // f, f) for f in _divisors(n_sl)] if n_sl > 1 else [(1, 1)]
     for t in tensors:
@@ -110,10 +111,11 @@ def _pipeline_options(w: Workload, stages: int, per_replica_seqs: int):
 def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
            fixed: dict[str, int] | None = None, max_tensor: int = 64,
            max_microbatches: int | None = None, offload: bool = False,
-           pipeline: bool = False) -> SearchResult:
+           pipeline: bool = False, max_sequence: int = 64) -> SearchResult:
     """Rank layouts. `offload` also considers host offload of activations (remat
     "offload", which megamesh's step runs) and of optimizer state, `pipeline` pipeline
-    stages across DCN (optimizer offload and pipelines are modelled for planning only)."""
+    stages across DCN (optimizer offload and pipelines are modelled for planning only);
+    `max_sequence` caps the sequence (context-parallel) axis (1: none)."""
     if offload:
         remats = tuple(remats) + OFFLOAD_REMATS
     ranked: list[Estimate] = []
@@ -121,7 +123,7 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
     n = 0
     any_divisible = False
     for stages, sub in _pipelines(w, target, pipeline and not fixed):
-        candidates = [fixed] if fixed else _candidate_sizes(w, sub, max_tensor)
+        candidates = [fixed] if fixed else _candidate_sizes(w, sub, max_tensor, max_sequence)
         for sizes in candidates:
             any_divisible = True
             sizes = {a: v for a, v in sizes.items() if v > 1}
