@@ -58,6 +58,9 @@ MEASURED: dict[tuple, float] = {
     ("llama3.1-70b", "[]", "tpu7x:256", "fsdp=8,sequence=16,tensor=4", 131072, 64, "full", 8): 11.44,
     ("llama3.1-70b", "[]", "tpu7x:256", "fsdp=16,sequence=32", 131072, 64, "full", 4): 41.54,
     ("llama3.1-70b", "[]", "tpu7x:256", "data=8,sequence=32,tensor=2", 131072, 64, "none", 8): 182.17,
+    # after the fit: the planner's best 128k layout (megamesh compile --model llama3.1-70b
+    # --target tpu7x:256 --seq 131072 --batch 64), not used to choose the coefficients
+    ("llama3.1-70b", "[]", "tpu7x:256", "fsdp=64,sequence=8", 131072, 64, "full", 1): 45.29,
     # one Ironwood pod, the 405B step (megamesh compile --model llama3.1-405b --target
     # tpu7x:16x16x36 --mesh data=9,fsdp=128,sequence=2,tensor=8 --seq 8192 --batch 1152
     # --remat dots_no_batch)

@@ -63,6 +63,7 @@ LONG_CASES = [
      False),
     ("llama3.1-70b", {}, "tpu7x:256", "fsdp=16,sequence=32", 131072, 64, "full", 4, False),
     ("llama3.1-70b", {}, "tpu7x:256", "data=8,sequence=32,tensor=2", 131072, 64, "none", 8, False),
+    ("llama3.1-70b", {}, "tpu7x:256", "fsdp=64,sequence=8", 131072, 64, "full", 1, False),
 ]
 
 
