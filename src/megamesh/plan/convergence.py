@@ -85,8 +85,9 @@ def too_large(w: Workload, target: Target, crit: dict, sync_rate: float | None) 
     slice count reaches at the critical batch (powers of two, halves and thirds of the
     target, and the whole target); or, when none does, the fewest that reach half of it
     and past which the other slices add tokens/s at under half their rate per slice
-    (diminishing returns: the critical batch spread that thin leaves the chips idle). None when the whole target is needed and used about as
-    well as any part of it: one synchronous job uses it well."""
+    (diminishing returns: the critical batch spread that thin leaves the chips idle).
+    None when the whole target is needed and used about as well as any part of it: one
+    synchronous job uses it well."""
     n = target.n_slices
     if n < 2:
         return None
