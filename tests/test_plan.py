@@ -346,6 +346,20 @@ def test_published_rows_not_in_the_fit_are_predicted_within_the_band():
         assert abs(r["ratio"] - 1) <= cal.HELD_OUT_BAND, r
 
 
+def test_long_context_published_runs_are_predicted_within_the_band():
+    """Issue 26 point 3: every long-context published run we can source, held out (L1
+    MaxText's Llama 3.1 70B at 128k on Ironwood: step time; L2 Llama 3 405B at 131k on
+    16,384 H100 with CP16 over two NVLink domains: MFU), within +-25% of the published
+    figure (today -6.4% and -4.6 points of 38%)."""
+    cal = _plan_calibration()
+    rows = {r["id"]: r for r in cal.long_context()}
+    assert set(rows) == {"L1", "L2"}
+    assert abs(rows["L1"]["error_value"]) <= cal.HELD_OUT_BAND, rows["L1"]
+    assert abs(rows["L2"]["error_value"] / 38) <= cal.HELD_OUT_BAND, rows["L2"]
+    # the 405B run's layout splits the sequence across NVLink domains, as Llama 3's did
+    assert "sequence" in rows["L2"]["layout"] and "pipeline" in rows["L2"]["layout"]
+
+
 def test_fp8_steps_are_predicted_within_the_band_of_published_fp8_runs():
     """FP8_MXU_EFFICIENCY is fitted on MaxText's published fp8_full rows on Ironwood
     (bench/plan_calibration.py FP8_ROWS): every fp8 step within +-25% of the published

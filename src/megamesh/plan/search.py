@@ -13,6 +13,8 @@ from megamesh.plan.layout import OFFLOAD_REMATS, REMATS, Layout, Workload, place
 from megamesh.plan.memory import estimate_memory
 from megamesh.plan.target import Target
 
+CROSS_DOMAIN_CP_TOKENS = 4096  # tokens of the sequence per device, at least, for CP over DCN
+
 
 @dataclass
 class SearchResult:
@@ -56,6 +58,29 @@ def _candidate_sizes(w: Workload, target: Target, max_tensor: int = 64, max_sequ
                         if w.batch % ways:
                             continue
                         yield sizes
+    if not target.is_tpu and n_sl > 1:
+        # GPUs: the sequence may also span NVLink domains over the scale-out network (as
+        # Llama 3's CP16 over two 8-GPU nodes), filling what tensor and expert leave of a
+        # domain, the other domains split into dcn x fsdp; only where every device keeps
+        # at least CROSS_DOMAIN_CP_TOKENS of the sequence (an assumption: smaller chunks
+        # make latency-bound exchanges over the scale-out network, which the cost model
+        # does not charge; Llama 3 split the sequence only in its 128k stage)
+        for t in tensors:
+            for e in experts:
+                if ici % (t * e):
+                    continue
+                s_i = ici // (t * e)
+                for s_d in _divisors(n_sl)[1:]:
+                    s = s_i * s_d
+                    if s > max_sequence or w.seq % s or s * CROSS_DOMAIN_CP_TOKENS > w.seq:
+                        continue
+                    rest = n_sl // s_d
+                    for f in _divisors(rest):
+                        dcn = rest // f
+                        if w.batch % (dcn * f * e):
+                            continue
+                        yield {"dcn": dcn, "data": 1, "fsdp": f, "sequence": s, "tensor": t,
+                               "expert": e}
 
 
 def _min_batch_ways(w: Workload, target: Target, max_tensor: int) -> int:
