@@ -343,6 +343,18 @@ def test_non_finite_steps_are_skipped_then_stop_training(tmp_path, corpus, nan_a
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == 4  # the last good one (steps 5-7 were bad), intact and restorable
     assert f"the last good checkpoint, {out / 'checkpoints' / '4'}, is intact" in err
+
+
+@pytest.mark.slow
+def test_a_run_stopped_for_non_finite_steps_resumes_from_the_last_good_checkpoint(
+        tmp_path, corpus, nan_at_steps, capsys):
+    """The stop of the test above, then a resume in a fresh process (the suite's time:
+    slow; resume from a checkpoint runs in the default suite elsewhere)."""
+    out = tmp_path / "stop"
+    nan_at_steps(4, 5, 6)
+    assert main(train_args(out, corpus, "--steps", "12", "--train.checkpoint.every=2",
+                           "--train.max_bad_steps=3")) == TrainingDiverged.exit_code
+    capsys.readouterr()
     r = run_train(out, corpus, "--steps", "8", "--train.checkpoint.every=2", "--resume")
     assert r.returncode == 0, r.stderr
 
