@@ -6,7 +6,8 @@ with the date and versions it was measured with). For every point of a coefficie
 this prints the memory error on each case and, for the best candidates, the calibration
 rows' worst MFU difference (memory decides which layouts fit, so the coefficients move
 the calibration too; bench/plan_calibration.py). A candidate is kept when every long
-case (16k-128k tokens) is within LONG_BAND and every short one within SHORT_BAND.
+case (16k-128k tokens) is within LONG_BAND and every short one within SHORT_BAND
+(NOT_FITTED cases are reported, not used); the best long worst case wins.
 
     python bench/memory_fit.py            # the grid, the best candidates, their calibration
     python bench/memory_fit.py --current  # the errors of the coefficients in plan/memory.py
@@ -91,50 +92,57 @@ def _plan(case: tuple) -> float:
     return memory.estimate_memory(w, layout, tpu=target.is_tpu).total / GiB
 
 
-def errors(coef: dict) -> list[tuple[tuple, float, bool]]:
-    """(case key, plan error, long) for every measured case under `coef`."""
+@contextlib.contextmanager
+def _coefficients(coef: dict):
+    """plan/memory.py's COEF replaced by `coef` while inside."""
     saved = dict(memory.COEF)
     memory.COEF.update(coef)
     try:
-        out = []
-        for long, cases in ((False, plan_vs_compile.CASES + [POD_405B]),
-                            (True, plan_vs_compile.LONG_CASES)):
-            for case in cases:
-                k = _key(case)
-                if k in MEASURED:
-                    out.append((k, _plan(case) / MEASURED[k] - 1, long))
-        return out
+        yield
     finally:
         memory.COEF.clear()
         memory.COEF.update(saved)
+
+
+def errors(coef: dict) -> list[tuple[tuple, float, bool]]:
+    """(case key, plan error, long) for every measured case under `coef`."""
+    with _coefficients(coef):
+        return [(_key(case), _plan(case) / MEASURED[_key(case)] - 1, long)
+                for long, cases in ((False, plan_vs_compile.CASES + [POD_405B]),
+                                    (True, plan_vs_compile.LONG_CASES))
+                for case in cases if _key(case) in MEASURED]
 
 
 def calibration_worst(coef: dict) -> float:
-    saved = dict(memory.COEF)
-    memory.COEF.update(coef)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()) as buf:
-            plan_calibration.main()
-        line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("worst |diff|"))
-        return float(line.split("=")[1].split("points")[0])
-    finally:
-        memory.COEF.clear()
-        memory.COEF.update(saved)
+    with _coefficients(coef), contextlib.redirect_stdout(io.StringIO()) as buf:
+        plan_calibration.main()
+    line = next(ln for ln in buf.getvalue().splitlines() if ln.startswith("worst |diff|"))
+    return float(line.split("=")[1].split("points")[0])
 
 
 def _print(coef: dict) -> None:
     for k, err, long in errors(coef):
-        print(f"  {'long ' if long else 'short'} {err:+7.1%}  {k}")
+        note = " (not used to choose)" if k in NOT_FITTED else ""
+        print(f"  {'long ' if long else 'short'} {err:+7.1%}  {k}{note}")
 
 
+# Cases reported but not used to choose: the two known misses (under-predictions at 128k
+# with the 128k vocabulary and little or no tensor split, BENCHMARKS.md "Long context")
+# and the plan's own 128k pick, compiled after the fit as its check.
+NOT_FITTED = {
+    ("llama3.1-70b", "[]", "tpu7x:256", "fsdp=16,sequence=32", 131072, 64, "full", 4),
+    ("llama3.1-70b", "[]", "tpu7x:256", "data=8,sequence=32,tensor=2", 131072, 64, "none", 8),
+    ("llama3.1-70b", "[]", "tpu7x:256", "fsdp=64,sequence=8", 131072, 64, "full", 1),
+}
+# The grid the coefficients in plan/memory.py were chosen on.
 GRID = {
     "logits": (1.5,),
-    "recompute": (1.25, 1.5, 1.75, 2.0),
-    "activations": (1.0, 1.25),
-    "grads": (1.5, 2.0),
-    "cp_kv": (1.0, 2.0, 4.0, 6.0),
-    "layer_weights": (0.0, 2.0, 4.0, 6.0),
-    "tables": (0.0, 4.0, 6.0, 8.0, 10.0, 12.0),
+    "recompute": (1.0, 1.2, 1.4, 1.6, 1.7),
+    "activations": (1.0, 1.05, 1.1, 1.2, 1.3),
+    "grads": (2.0,),
+    "cp_kv": (1.0, 1.5, 2.0),
+    "layer_weights": (0.0,),
+    "tables": (1.0, 2.0, 3.0),
 }
 
 
@@ -145,20 +153,20 @@ def main() -> int:
         print(f"calibration worst |diff|: {calibration_worst(dict(memory.COEF)):.1f} points")
         return 0
     scored = []
-    for values in itertools.product(*GRID.values()):
+    points = list(itertools.product(*GRID.values()))
+    for values in points:
         coef = dict(zip(GRID, values, strict=True))
-        errs = errors(coef)
+        errs = [(k, e, long) for k, e, long in errors(coef) if k not in NOT_FITTED]
         short = max(abs(e) for _, e, long in errs if not long)
         long_ = max(abs(e) for _, e, long in errs if long)
         if short <= SHORT_BAND and long_ <= LONG_BAND:
-            scored.append((long_, sum(e * e for _, e, _ in errs), coef))
-    scored.sort(key=lambda x: (x[0], x[1]))
-    print(f"{len(scored)} of {len(list(itertools.product(*GRID.values())))} grid points keep "
-          f"short cases within {SHORT_BAND:.0%} and long ones within {LONG_BAND:.0%}")
-    for worst, sq, coef in scored[:12]:
-        cal = calibration_worst(coef)
-        print(f"long worst {worst:.1%}, rms {(sq / len(MEASURED)) ** 0.5:.1%}, calibration "
-              f"{cal:.1f} points: {coef}")
+            scored.append((long_, short, coef))
+    scored.sort(key=lambda x: (x[0], x[1]))  # the long cases first, then the short ones
+    print(f"{len(scored)} of {len(points)} grid points keep the short cases within "
+          f"{SHORT_BAND:.0%} and the long ones within {LONG_BAND:.0%}")
+    for long_, short, coef in scored[:5]:
+        print(f"long worst {long_:.1%}, short worst {short:.1%}, calibration "
+              f"{calibration_worst(coef):.1f} points: {coef}")
     return 0
 
 

@@ -102,7 +102,7 @@ LONG_CONTEXT = [
 def long_context() -> list[dict]:
     """The planner's best step for each LONG_CONTEXT row (fused kernels as the published
     runs used, host offload allowed on TPU, pipeline stages where the run had them), and
-    with megamesh's own kernels, beside the published figure."""
+    with megamesh's own kernels, beside the published figure ("no layout" where none fits)."""
     out = []
     for rid, name, tgt, seq, batch, pub_mfu, pub_s, conv, pipe, src in LONG_CONTEXT:
         cfg, target = model(name), parse_target(tgt)
@@ -111,28 +111,23 @@ def long_context() -> list[dict]:
             ranked = search(Workload(cfg, seq, batch, kernels=fam), target,
                             offload=target.is_tpu, pipeline=pipe).ranked
             best[fam] = ranked[0] if ranked else None
-        b = best["fused"]
-        if b is None:
-            # e.g. Llama 3's CP16 spans two 8-GPU nodes: the search keeps the sequence
-            # axis inside an NVLink domain, so it has no layout for that run
-            out.append({"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
-                        "published": f"{pub_mfu:.0%} MFU" if pub_mfu is not None else f"{pub_s:.2f} s",
-                        "predicted": "no layout", "error": "-", "error_value": None,
-                        "mfu_points": pub_mfu is not None, "layout": "-", "remat": "-",
-                        "megamesh": "-", "source": src})
-            continue
-        mfu = b.mfu * convention_factor(cfg, seq, conv)
-        err = (mfu - pub_mfu) * 100 if pub_mfu is not None else b.step_time_s / pub_s - 1
-        out.append({"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
-                    "published": f"{pub_mfu:.0%} MFU" if pub_mfu is not None else f"{pub_s:.2f} s",
-                    "predicted": f"{mfu:.1%} MFU" if pub_mfu is not None else f"{b.step_time_s:.2f} s",
-                    "error": f"{err:+.1f} points" if pub_mfu is not None else f"{err:+.1%}",
-                    "error_value": err, "mfu_points": pub_mfu is not None,
-                    "layout": b.layout.text(), "remat": b.layout.remat,
-                    "megamesh": f"{best['megamesh'].step_time_s:.2f} s, {best['megamesh'].mfu:.1%} MFU, "
-                                f"{best['megamesh'].layout.text()}, {best['megamesh'].layout.remat}, "
-                                f"{best['megamesh'].layout.microbatches} mb",
-                    "source": src})
+        b, own = best["fused"], best["megamesh"]
+        row = {"id": rid, "model": name, "target": tgt, "seq": seq, "batch": batch,
+               "published": f"{pub_mfu:.0%} MFU" if pub_mfu is not None else f"{pub_s:.2f} s",
+               "predicted": "no layout", "error": "-", "error_value": None, "layout": "-",
+               "remat": "-", "source": src,
+               "megamesh": f"{own.step_time_s:.2f} s, {own.mfu:.1%} MFU, {own.layout.text()}, "
+                           f"{own.layout.remat}, {own.layout.microbatches} mb" if own else "no layout"}
+        if b is not None:
+            if pub_mfu is not None:  # MFU points, in the published run's convention
+                mfu = b.mfu * convention_factor(cfg, seq, conv)
+                err = (mfu - pub_mfu) * 100
+                row.update(predicted=f"{mfu:.1%} MFU", error=f"{err:+.1f} points")
+            else:  # step time
+                err = b.step_time_s / pub_s - 1
+                row.update(predicted=f"{b.step_time_s:.2f} s", error=f"{err:+.1%}")
+            row.update(error_value=err, layout=b.layout.text(), remat=b.layout.remat)
+        out.append(row)
     return out
 
 

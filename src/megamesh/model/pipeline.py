@@ -14,8 +14,8 @@ k = i - p (microbatch k mod M, repeat k // M) when 0 <= k < M R, else idles (the
 and the last stage's output for that microbatch on later repeats (so M >= P); every
 other stage takes what the stage before it produced the iteration before (a shift along
 the stage axis: a collective permute when that axis is split over devices). All stages
-run as one `vmap` over the stage axis, so with the stage axis sharded (`stage_axis`:
-the mesh axis) each device computes only its stages. The backward pass is autodiff of
+run as one `vmap` over the stage axis, so with that axis split over devices (`constrain`:
+a sharding constraint on it) each device computes only its stages. The backward pass is autodiff of
 the loop: all forwards, then all backwards (GPipe's schedule; activations of every
 microbatch in flight are kept, as remat inside `stage_fn` decides).
 
@@ -70,8 +70,7 @@ def run_pipeline(stage_fn: Callable[[Any, jax.Array, Any], jax.Array], stacked: 
         raise ValueError(f"the circular schedule needs microbatches ({M}) >= stages ({P})")
     pin = constrain or (lambda a: a)
     chunks = _chunks(stacked, P, R)
-    mb = jax.tree.map(lambda a: a.reshape(M, B // M, *a.shape[1:]), (x, extras))
-    xs, ex = mb
+    xs, ex = jax.tree.map(lambda a: a.reshape(M, B // M, *a.shape[1:]), (x, extras))
     n_iter = M * R + P - 1
     stage_ids = jnp.arange(P)
 

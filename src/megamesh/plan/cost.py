@@ -333,11 +333,10 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         add("fsdp", "async", "fsdp", full_bytes, times)
         add("fsdp", "async", "sequence", full_bytes / layout.size("fsdp"), times)
 
-    zero = layout.size("fsdp") * s
-    if zero > 1 and layout.stages > 1:  # stage weights gathered once, kept
+    if layout.zero_ways > 1 and layout.stages > 1:  # stage weights gathered once, kept
         add_zero(gathered * 2, 1)
         add_zero(gathered * 4, 1)
-    elif zero > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
+    elif layout.zero_ways > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
         add_zero(gathered * 2 * 2, mb)
         add_zero(gathered * 4, mb)
     if layout.stages > 1:  # activations forward, their gradients back, at every chunk edge

@@ -11,7 +11,13 @@ from megamesh.config import ModelConfig
 from megamesh.errors import ConfigError
 from megamesh.plan.target import Target
 from megamesh.runspec import PRECISIONS, SEARCHED_REMATS, RunSpec
-from megamesh.sharding.logical import MESH_AXES, batch_axes, format_layout, split_over_slices
+from megamesh.sharding.logical import (
+    MESH_AXES,
+    ZERO_AXES,
+    batch_axes,
+    format_layout,
+    split_over_slices,
+)
 
 # "megamesh": megamesh's own step on TPU and GPU (`model.backend` defaults): flash
 # attention that skips the blocks above the causal diagonal (splash, cuDNN), grouped-matmul
@@ -102,6 +108,12 @@ class Layout:
         """Idle share of a 1F1B (interleaved) pipeline: (P - 1) / (V * M) of the busy time
         (0 without pipeline)."""
         return (self.stages - 1) / (self.virtual * self.microbatches)
+
+    @property
+    def zero_ways(self) -> int:
+        """Ways the parameters are stored split over the ZeRO axes (fsdp, sequence) and
+        gathered for compute (`sharding.logical.ZERO_AXES`)."""
+        return math.prod(self.size(a) for a in ZERO_AXES)
 
     @property
     def batch_ways(self) -> int:

@@ -31,18 +31,21 @@ from megamesh.sharding.logical import ZERO_AXES, resolve, strategy, train_rules
 ADAM_BYTES = 8  # two fp32 moments per parameter
 # Bytes (or multiples) per unit of each temporary, fitted on XLA:TPU's HBM for the step
 # with the TPU's kernels (splash attention, grouped MoE, native bf16 matmuls, fused chunked
-# loss, document mask) on bench/memory_fit.py's cases: 10 at 2k-8k tokens and 7 at 16k-128k
-# (bench/plan_vs_compile.py --quick / --long), among the fits that keep every calibration
-# row within 5 MFU points (bench/plan_calibration.py: memory decides which layouts fit).
-# The working set of a layer is its un-rematerialized intermediates x1.7 (flash kernels
-# hold no T x T probabilities: none counted), plus the keys and values context
-# parallelism gathers x1.5; tables gathered over fsdp (not vocab-parallel) x2 bytes per
-# parameter; one slice of f32 logits x1.5 plus the head's f32 gradient accumulator; saved
-# activations x1.05; the fp32 gradient twice (the scan's stacked gradient and the update's
-# input). Long cases within 14% but one: 70B at 128k with no tensor split, 50% under
-# (XLA holds several f32 copies of the 128k-vocabulary tables' gradients there; BENCHMARKS.md
-# "Long context"). Short cases as before (known misses +27-30%, overestimates). Approximate:
-# refit when the step changes.
+# loss, document mask): `python bench/memory_fit.py` holds XLA's figures (9 cases at
+# 2k tokens and the 405B pod step at 8k; 10 at 16k-128k, 3 of them reported but not
+# fitted; from bench/plan_vs_compile.py --quick / --long) and the grid these were chosen
+# on (the long cases' worst error, the short ones no worse than before, every
+# calibration row within 5 MFU points:
+# bench/plan_calibration.py, since memory decides which layouts fit). A layer's working
+# set is its un-rematerialized intermediates x1 (flash kernels hold no T x T
+# probabilities: none counted), plus the keys and values context parallelism gathers x2;
+# tables gathered over fsdp (not vocab-parallel) 2 bytes per parameter; one slice of f32
+# logits x1.5 plus the head's f32 gradient accumulator; saved activations x1.1; the fp32
+# gradient twice (the scan's stacked gradient and the update's input). Long cases within
+# 13.1%, but two known misses at 128k with the 128k vocabulary and little or no tensor
+# split: -51% (no tensor split: XLA holds several f32 copies of the tables' gradients) and
+# -22% (remat none); short cases over-predicted up to +29.5% (BENCHMARKS.md "Long
+# context"). Approximate: refit when the step changes.
 COEF = {"layer_weights": 0.0, "tables": 2.0, "logits": 1.5, "recompute": 1.0,
         "activations": 1.1, "grads": 2.0, "cp_kv": 2.0}
 
@@ -236,7 +239,7 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # no tensor split, several GiB (XLA holds more than one f32 copy; fitted, COEF)
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) if split == 1 else 0.0
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
-    if layout.stages > 1 and layout.size("fsdp") * layout.size("sequence") > 1:
+    if layout.stages > 1 and layout.zero_ways > 1:
         # with pipeline stages the stage's weights are gathered once per step and kept
         # (bf16, embedding and head included) for all microbatches, as Llama 3's training
         # did (no re-shard after forward), plus one layer's gathered gradient in flight
