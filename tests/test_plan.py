@@ -220,9 +220,11 @@ def test_host_offload_is_opt_in_and_saves_hbm():
 
 
 def test_pipeline_is_opt_in_and_modelled():
-    """Pipeline stages (planner only): the busiest stage holds its share of the layers, the
-    bubble is (P - 1) / (V M) of the busy time, and Llama 3's 405B run on 16,384 H100s
-    (TP x PP over DCN, published MFU 41%) is predicted within 5 points."""
+    """Pipeline stages: opt-in; the search offers only stage counts that split the layers
+    evenly (the step's pipeline needs it); the busiest stage holds its share of the
+    layers, the bubble is (P - 1) / (V M) of the busy time, and Llama 3's 405B run on
+    16,384 H100s (TP x PP16 over DCN, uneven stages over 126 layers, published MFU 41%) is
+    predicted within 5 points when uneven stages are modelled."""
     from megamesh.plan.cost import estimate
     from megamesh.plan.memory import sharded_params
     from megamesh.plan.target import Target
@@ -232,7 +234,10 @@ def test_pipeline_is_opt_in_and_modelled():
     t = parse_target("h100:16384")
     plain = search(w, t)
     assert all(e.layout.stages == 1 for e in plain.ranked)
-    piped = search(w, t, pipeline=True)
+    runnable = search(w, t, pipeline=True)
+    assert any(e.layout.stages > 1 for e in runnable.ranked)
+    assert all(126 % (e.layout.stages * e.layout.virtual) == 0 for e in runnable.ranked)
+    piped = search(w, t, pipeline=True, published_pipeline=True)
     best = piped.ranked[0]
     assert best.layout.stages > 1 and best.breakdown["bubble"] > 0
     assert abs(best.mfu - 0.41) <= 0.05
@@ -244,6 +249,9 @@ def test_pipeline_is_opt_in_and_modelled():
                  placement=place(sizes, sub))
     assert lay.devices == t.devices and lay.stage_layers(126) == 8  # 2 chunks of ceil(126/32)
     assert lay.bubble == pytest.approx(15 / 64)
+    # the schedule the step runs: (P - 1) of its M V + P - 1 iterations idle
+    from megamesh.model.pipeline import bubble_fraction
+    assert lay.bubble / (1 + lay.bubble) == pytest.approx(bubble_fraction(16, 32, 2))
     whole, _ = sharded_params(w, Layout(sizes))
     stage, _ = sharded_params(w, lay)
     assert whole / 16 < stage < whole / 16 * 1.2  # a 16th of the layers + embedding and head
@@ -256,22 +264,26 @@ def test_pipeline_is_opt_in_and_modelled():
     assert more.breakdown["bubble"] < e.breakdown["bubble"]
 
 
-def test_pipeline_plans_are_refused_where_the_step_has_no_stages(tmp_path, capsys):
-    argv = ["plan", "--model", "llama3.1-405b", "--target", "tpu7x:73728", "--seq", "8192",
+def test_pipeline_plans_are_runnable(tmp_path, capsys):
+    """Issue 26 point 4: a plan with pipeline stages is a run spec the step runs: the
+    stage axis in its layout, one pass of M microbatches, nothing planner-only."""
+    from megamesh.runspec import read_plan
+
+    w = Workload(preset("llama3.1-70b"), 8192, 4608)
+    res = search(w, parse_target("tpu7x:73728"), pipeline=True)
+    piped = [e for e in res.ranked if e.layout.stages > 1]
+    assert piped and all(80 % (e.layout.stages * e.layout.virtual) == 0 for e in piped)
+    spec = piped[0].layout.run_spec(w)
+    assert f"stage={piped[0].layout.stages}" in spec.layout and spec.microbatches == 1
+    assert spec.pipeline_passes == piped[0].layout.microbatches and not spec.planner_only()
+    assert "--train.run.pipeline_microbatches=" in " ".join(spec.train_args())
+    # and through the CLI: plan --pipeline --json is a plan compile/train/launch accept
+    argv = ["plan", "--model", "llama3.1-70b", "--target", "tpu7x:73728", "--seq", "8192",
             "--batch", "4608", "--pipeline", "--json"]
     assert main(argv) == 0
-    plan = json.loads(capsys.readouterr().out)
-    if plan["run"]["spec"]["pipeline_stages"] == 1:  # force one for the refusal checks
-        plan["run"]["spec"]["pipeline_stages"] = 2
     path = tmp_path / "plan.json"
-    path.write_text(json.dumps(plan))
-    assert main(["compile", "--plan", str(path)]) == 2
-    assert "pipeline" in capsys.readouterr().err
-    assert main(["launch", "--plan", str(path), "--out", str(tmp_path / "k8s")]) == 2
-    err = capsys.readouterr().err
-    assert "pipeline" in err and "Traceback" not in err
-    assert main(["train", "--plan", str(path), "--out", str(tmp_path / "run")]) == 2
-    assert "pipeline" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    path.write_text(capsys.readouterr().out)
+    read_plan(path).spec.check_runnable("plan", "train")  # no refusal
 
 
 def test_optimizer_offload_plans_are_refused_where_the_step_cannot_do_it(tmp_path, capsys):
@@ -357,7 +369,7 @@ def test_long_context_published_runs_are_predicted_within_the_band():
     assert abs(rows["L1"]["error_value"]) <= cal.HELD_OUT_BAND, rows["L1"]
     assert abs(rows["L2"]["error_value"] / 38) <= cal.HELD_OUT_BAND, rows["L2"]
     # the 405B run's layout splits the sequence across NVLink domains, as Llama 3's did
-    assert "sequence" in rows["L2"]["layout"] and "pipeline" in rows["L2"]["layout"]
+    assert "sequence" in rows["L2"]["layout"] and "stage=" in rows["L2"]["layout"]
 
 
 def test_fp8_steps_are_predicted_within_the_band_of_published_fp8_runs():

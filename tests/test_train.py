@@ -763,3 +763,23 @@ def test_fp8_run_tracks_bf16_and_resumes_exactly(tmp_path, corpus, reference, ca
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from step 6" in r.stdout
     assert losses(again) == fp8  # exact float equality, step for step
+
+
+def test_resume_across_a_change_of_pipeline_stages(tmp_path, corpus):
+    """Issue 26 point 4: a checkpoint written with 2 pipeline stages restores onto 4 (the
+    layer stacks resharded over the new stage axis) and the run continues as the 2-stage
+    run did: steps 4-6 within 1e-5 (f32)."""
+    four = ["--model.n_layers=4", "--train.checkpoint.every=3", "--steps", "6"]
+    out = tmp_path / "two"
+    r = run_train(out, corpus, *four, "--mesh", "stage=2,fsdp=4")
+    assert r.returncode == 0, r.stderr
+    assert "pipeline 2 stages x 2 microbatches" in r.stdout
+    moved = tmp_path / "four"
+    shutil.copytree(out, moved, ignore=shutil.ignore_patterns("metrics.jsonl", "6"))
+    r = run_train(moved, corpus, *four, "--resume", "--mesh", "stage=4,fsdp=2")
+    assert r.returncode == 0, r.stderr
+    assert "onto mesh stage=4,fsdp=2" in r.stdout
+    want, got = losses(out), losses(moved)
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-5)

@@ -7,8 +7,10 @@ its flags `--mesh`, `--remat`, `--accum`, `--kernels`), `megamesh launch` writes
 manifests that run it. The model (`config.ModelConfig`) says what the network is; the run
 spec says how it runs. Pure Python: plan and fleet import it.
 
-Some of what the planner can choose megamesh's train step does not run yet (pipeline
-stages, optimizer state in host memory): `planner_only()` names them and
+Pipeline stages are the layout's `stage` axis (`stage=4,fsdp=64`), with
+`pipeline_microbatches` and `pipeline_virtual` saying how the step runs them
+(`model.pipeline`). Some of what the planner can choose megamesh's train step does not
+run yet (optimizer state in host memory): `planner_only()` names it and
 `check_runnable()` refuses such a spec with a clear error before anything starts.
 """
 
@@ -46,10 +48,13 @@ class RunSpec:
     # or overrides such as "attention=blockwise,moe=einsum"
     kernels: str = "auto"
     precision: str = "bf16"
-    # Planner only (the train step refuses them, `check_runnable`):
+    # With a `stage` axis in the layout: microbatches per pipeline pass (0: as many as
+    # stages; each gradient-accumulation slice is one pass) and chunks per stage (1: GPipe,
+    # > 1: the circular schedule)
+    pipeline_microbatches: int = 0
+    pipeline_virtual: int = 1
+    # Planner only (the train step refuses it, `check_runnable`):
     offload_optimizer: bool = False  # AdamW moments in host memory
-    pipeline_stages: int = 1  # pipeline stages outside the mesh, across DCN
-    pipeline_virtual: int = 1  # interleaved chunks per stage
 
     def __post_init__(self) -> None:
         if self.layout:
@@ -59,14 +64,26 @@ class RunSpec:
         require(isinstance(self.microbatches, int) and self.microbatches >= 1, "microbatches",
                 self.microbatches, "a positive integer")
         require(self.precision in PRECISIONS, "precision", self.precision, f"one of {', '.join(PRECISIONS)}")
-        for f in ("pipeline_stages", "pipeline_virtual"):
-            v = getattr(self, f)
-            require(isinstance(v, int) and v >= 1, f, v, "a positive integer")
+        require(isinstance(self.pipeline_virtual, int) and self.pipeline_virtual >= 1,
+                "pipeline_virtual", self.pipeline_virtual, "a positive integer")
+        require(isinstance(self.pipeline_microbatches, int) and self.pipeline_microbatches >= 0,
+                "pipeline_microbatches", self.pipeline_microbatches,
+                "a non-negative integer (0: as many as stages)")
 
     @property
     def sizes(self) -> dict[str, int] | None:
         """Mesh axis sizes, or None for the default (every device on fsdp)."""
         return parse_layout(self.layout) if self.layout else None
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: the layout's `stage` axis (1: no pipeline)."""
+        return (self.sizes or {}).get("stage", 1)
+
+    @property
+    def pipeline_passes(self) -> int:
+        """Microbatches per pipeline pass (`pipeline_microbatches`, 0: the stage count)."""
+        return self.pipeline_microbatches or self.stages
 
     def replace(self, **changes: Any) -> RunSpec:
         return replace(self, **changes)
@@ -77,8 +94,6 @@ class RunSpec:
     def planner_only(self) -> list[str]:
         """What in this spec megamesh's train step does not run (empty: runnable)."""
         out = []
-        if self.pipeline_stages > 1:
-            out.append("pipeline stages (plan without --pipeline)")
         if self.offload_optimizer:
             out.append("optimizer state in host memory (plan without --offload)")
         return out
@@ -100,6 +115,9 @@ class RunSpec:
             args += [f"--train.run.strategy={self.strategy}"]
         if self.precision != "bf16":
             args += ["--precision", self.precision]
+        if self.stages > 1:
+            args += [f"--train.run.pipeline_microbatches={self.pipeline_passes}",
+                     f"--train.run.pipeline_virtual={self.pipeline_virtual}"]
         return args
 
 

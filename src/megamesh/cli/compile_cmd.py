@@ -17,7 +17,7 @@ from megamesh.model.backend import choose_kernels, planner_kernels
 from megamesh.model.source import model_config
 from megamesh.model.specs import WEIGHT_FORMATS
 from megamesh.plan.cost import estimate
-from megamesh.plan.layout import Layout, Workload, place
+from megamesh.plan.layout import Layout, Workload, place, run_layout
 from megamesh.plan.memory import decode_memory
 from megamesh.plan.search import search
 from megamesh.plan.target import Target, parse_target
@@ -123,9 +123,9 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
                      data=DataConfig(document_mask=document_mask))
     chosen = choose_kernels("tpu", spec.kernels, sizes)
     if estimate_ is None:
-        lay = Layout(sizes, remat=spec.remat, microbatches=spec.microbatches,
-                     placement=place(sizes, target))
-        estimate_ = estimate(Workload(cfg, seq, batch, spec.precision,
+        lay = run_layout(spec, target)
+        passes = spec.microbatches if lay.stages > 1 else 1  # accumulation around a pipeline
+        estimate_ = estimate(Workload(cfg, seq, batch // passes, spec.precision,
                                       kernels=planner_kernels(chosen)), target, lay)
     print(f"compiling {cfg.name} train step (seq {seq}, batch {batch}, {spec.microbatches} "
           f"microbatches, remat {spec.remat}, kernels {chosen.describe()}"

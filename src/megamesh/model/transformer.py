@@ -33,6 +33,7 @@ from megamesh.model.backend import matmul_inputs, matmul_precision, native_matmu
 from megamesh.model.kernels import causal_attention, paged_attention
 from megamesh.model.kvcache import KVCache, write_kv
 from megamesh.model.moe import dispatch_compute_combine, load_balancing_loss, route
+from megamesh.model.pipeline import Stages, run_pipeline
 from megamesh.model.quant import QuantizedWeight, fp8_dot_general
 from megamesh.model.specs import layer_stacks, param_specs
 from megamesh.pytree import unflatten
@@ -253,10 +254,48 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     return compute_weight(head, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype))
 
 
+def _pipelined_stack(x: jax.Array, stacked: Params, stack_specs: Any, weights: Any,
+                     positions: jax.Array, segments: jax.Array | None, *, cfg: ModelConfig,
+                     moe: bool, remat: str, pipeline: Stages) -> tuple[jax.Array, jax.Array]:
+    """One layer stack as a pipeline (`model.pipeline.run_pipeline`): (x, the stack's
+    MoE aux loss, a mean over the microbatches of each one's sum over the layers).
+
+    Each stage runs its chunk of layers as the plain stack does (a scan, remat per
+    layer, every layer's weights gathered inside the loop: FSDP within a stage streams
+    the weights once per microbatch, as MaxText's pipeline does by default); the rotary
+    tables are made per microbatch from its positions."""
+
+    def stage_fn(chunk: Params, h: jax.Array, extra: Any) -> tuple[jax.Array, jax.Array]:
+        pos, seg = extra
+        rope = rope_tables(pos, cfg)
+
+        def body(h, p):
+            h, _, aux = block(h, weights(p), pos, rope, None, cfg, moe, segments=seg)
+            return h, aux
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+        h, aux = jax.lax.scan(body, h, chunk)
+        return h, jnp.sum(aux)
+
+    def pin_weights(tree: Params) -> Params:
+        # (stages, layers of a chunk, ...): the stage axis over the mesh's stage axis, the
+        # rest stored as the stack is (gathered layer by layer inside the chunk's scan)
+        return jax.tree.map(lambda w, sp: constrain(w, ("stage", None) + tuple(sp.axes[1:])),
+                            tree, stack_specs)
+
+    x, aux = run_pipeline(
+        stage_fn, stacked, x, (positions, segments), stages=pipeline.stages,
+        microbatches=pipeline.microbatches, repeats=pipeline.repeats,
+        pin_state=lambda a: constrain(a, ("stage", "batch", "seq", "embed")),
+        pin_weights=pin_weights, spmd_axis_name="stage")
+    return x, aux / pipeline.microbatches
+
+
 def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None,
             *, cfg: ModelConfig, remat: str = "none", attend_len: int | None = None,
             logits_at: jax.Array | None = None, logits: bool = True,
-            segments: jax.Array | None = None) -> Output:
+            segments: jax.Array | None = None, pipeline: Stages | None = None) -> Output:
     """One pass of the decoder (`Output`: logits, hidden state, cache, MoE aux loss).
 
     Training: cache=None; `remat` (a resolved `runspec.REMAT_POLICIES` name) says what each
@@ -266,6 +305,9 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
     (a prefill needs just its last prompt token's). `logits=False` skips the output head
     (a loss that applies `head_weight` itself reads `hidden`). `segments` (B, T),
     training only: the document of each token of a packed row (document masking).
+    `pipeline` (training only): each layer stack runs as a pipeline over that many stages
+    (`model.pipeline`; the stage axis of the mesh splits each stack's layers), the
+    embedding, the head and the loss outside it.
     """
     if remat == "auto":
         raise ValueError("remat 'auto' must be resolved before the forward pass (train.step.resolve_remat)")
@@ -288,7 +330,11 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
             return jax.tree.map(lambda w, sp: _layer_weight(w, sp, cd), p, stack_specs,
                                 is_leaf=lambda leaf: isinstance(leaf, QuantizedWeight))
 
-        if cache is None:
+        if cache is None and pipeline is not None and pipeline.stages > 1:
+            x, aux = _pipelined_stack(x, params[stack.name], stack_specs, weights, positions,
+                                      segments, cfg=cfg, moe=stack.moe, remat=remat,
+                                      pipeline=pipeline)
+        elif cache is None:
             def body(x, p, stack=stack):
                 x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe,
                                   segments=segments)

@@ -32,13 +32,17 @@ bench/plan_calibration.py, sources in docs/sources.md; BENCHMARKS.md "Planner ca
 Approximate by nature: a torus axis is assumed to get the share of the chip's links its
 size spans (log n / log slice size, at least one torus dimension).
 
-Pipeline parallelism (planner only; megamesh's step has no stages yet) follows the
-interleaved 1F1B schedule of Megatron-LM (Narayanan et al., SC'21): P stages across DCN,
-V chunks per stage, M microbatches; the busiest stage paces the step (layers round up per
-chunk), the bubble adds (P - 1) / (V M) of the busy time, activations and their
-gradients cross each chunk boundary point to point (asynchronous, hidden like the other
-async collectives), and FSDP gathers a stage's weights once per step and keeps them for
-all microbatches (as Llama 3 did: no re-shard after forward).
+Pipeline parallelism follows the schedule megamesh's step runs (`model.pipeline`: GPipe,
+or its circular variant with V chunks per stage): P stages (the mesh's stage axis, across
+DCN), M microbatches, M V + P - 1 iterations of which P - 1 are the fill and drain; the
+busiest stage paces the step, the bubble adds (P - 1) / (V M) of the busy time (the same
+idle share as Megatron's interleaved 1F1B, Narayanan et al., SC'21), every iteration
+hands one microbatch's activations (and, backward, their gradients) to the next stage
+point to point (asynchronous, hidden like the other async collectives), and FSDP within
+a stage gathers each layer's weights every iteration (streamed, as MaxText's pipeline
+does by default): M + (P - 1) / V gathers of the stage's weights per pass. Published
+runs' 1F1B (Layout.schedule "1f1b", for comparison only) keeps at most P microbatches'
+activations and gathers a stage's weights once per step.
 """
 
 from __future__ import annotations
@@ -267,6 +271,9 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     mb = layout.microbatches
     tok_mb = tokens_per_microbatch(w, layout)
     tok_dev = tok_mb * mb
+    # weight gathers (and the work every layer does per microbatch) per pass: with
+    # pipeline stages the fill and drain iterations run the stage's layers too
+    mb_iter = layout.pipeline_iterations
 
     hw_per_token, att, expert_per_token = hardware_flops_per_token(w, layout.remat)
     # attention's hardware FLOPs per token: forward, splash's backward, and the forward
@@ -303,7 +310,7 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     # weight-streaming matmul passes per microbatch: forward, the backward's two GEMMs,
     # and the recomputed forward of full remat
     passes = 2 + forward_passes(layout.remat)
-    t_weights = gathered * 2 * passes * mb / hbm_bw
+    t_weights = gathered * 2 * passes * mb_iter / hbm_bw
     t_mm = max(t_flops, t_weights)
 
     D, Dh = c.d_model, c.resolved_head_dim
@@ -333,14 +340,12 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
         add("fsdp", "async", "fsdp", full_bytes, times)
         add("fsdp", "async", "sequence", full_bytes / layout.size("fsdp"), times)
 
-    if layout.zero_ways > 1 and layout.stages > 1:  # stage weights gathered once, kept
-        add_zero(gathered * 2, 1)
-        add_zero(gathered * 4, 1)
-    elif layout.zero_ways > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
-        add_zero(gathered * 2 * 2, mb)
-        add_zero(gathered * 4, mb)
-    if layout.stages > 1:  # activations forward, their gradients back, at every chunk edge
-        p2p = 2 * layout.virtual * mb * tok_mb * D * 2 / t
+    if layout.zero_ways > 1:  # bf16 weights gathered fwd and bwd, fp32 grads scattered
+        add_zero(gathered * 2 * 2, mb_iter)
+        add_zero(gathered * 4, mb_iter)
+    if layout.stages > 1:  # activations forward, their gradients back, every iteration
+        hops = layout.virtual * mb + (0 if layout.schedule == "1f1b" else layout.stages - 1)
+        p2p = 2 * hops * tok_mb * D * 2 / t
         comm["pipeline_p2p"] = p2p / (chip.dcn_bw / chip.devices_per_chip * DCN_EFFICIENCY)
         net["async_dcn"] += comm["pipeline_p2p"]
     grad = held * 4

@@ -80,12 +80,18 @@ class Layout:
     microbatches: int = 1
     offload_optimizer: bool = False  # AdamW moments live in host memory (planner only)
     placement: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
-    # Pipeline parallelism (planner only: megamesh's step has no pipeline stages yet).
-    # `stages` groups of devices, outside every mesh axis and across DCN, each holding
-    # the layers of `virtual` non-adjacent chunks (interleaved 1F1B schedule); the
+    # Pipeline parallelism (the mesh's `stage` axis, `model.pipeline`): `stages` groups
+    # of devices, outside every other mesh axis and across DCN, each holding the layers
+    # of `virtual` non-adjacent chunks (1: GPipe, > 1: the circular schedule); the
     # `microbatches` then flow through the stages. `sizes` is the mesh of one stage.
     stages: int = 1
     virtual: int = 1
+    # The schedule: "gpipe" is what megamesh's step runs (GPipe, circular when virtual > 1:
+    # every microbatch's activations in flight, each layer's weights gathered every
+    # iteration); "1f1b" models published runs (Megatron's interleaved 1F1B, Llama 3: at
+    # most `stages` microbatches in flight, a stage's weights gathered once per step and
+    # kept, uneven stages allowed), for comparison only: megamesh cannot run it.
+    schedule: str = "gpipe"
 
     def size(self, axis: str) -> int:
         return self.sizes.get(axis, 1)
@@ -105,9 +111,19 @@ class Layout:
 
     @property
     def bubble(self) -> float:
-        """Idle share of a 1F1B (interleaved) pipeline: (P - 1) / (V * M) of the busy time
-        (0 without pipeline)."""
+        """Idle time of the pipeline's schedule over its busy time: (P - 1) / (V M) (0
+        without pipeline). `model.pipeline` runs M V + P - 1 iterations of which M V are
+        busy: an idle share (P - 1) / (M V + P - 1) of the whole, this over the busy part."""
         return (self.stages - 1) / (self.virtual * self.microbatches)
+
+    @property
+    def pipeline_iterations(self) -> float:
+        """Microbatches' worth of work (and of weight gathers) every stage does per pass,
+        idle iterations included: M + (P - 1) / V (M without pipeline; 1 for "1f1b",
+        whose stage weights are gathered once)."""
+        if self.stages > 1 and self.schedule == "1f1b":
+            return 1
+        return self.microbatches + (self.stages - 1) / self.virtual
 
     @property
     def zero_ways(self) -> int:
@@ -122,12 +138,17 @@ class Layout:
 
     def run_spec(self, w: Workload) -> RunSpec:
         """This layout as the run spec train, compile and launch consume."""
-        mesh = any(n > 1 for n in self.sizes.values())
-        return RunSpec(layout=format_layout(self.sizes) if mesh else "",
+        sizes = {**self.sizes, "stage": self.stages}
+        mesh = any(n > 1 for n in sizes.values())
+        if self.stages > 1:  # one pipeline pass of `microbatches` (no accumulation around it)
+            return RunSpec(layout=format_layout(sizes), remat=self.remat, microbatches=1,
+                           kernels=RUN_KERNELS[w.kernels], precision=w.precision,
+                           offload_optimizer=self.offload_optimizer,
+                           pipeline_microbatches=self.microbatches, pipeline_virtual=self.virtual)
+        return RunSpec(layout=format_layout(sizes) if mesh else "",
                        remat=self.remat, microbatches=self.microbatches,
                        kernels=RUN_KERNELS[w.kernels], precision=w.precision,
-                       offload_optimizer=self.offload_optimizer, pipeline_stages=self.stages,
-                       pipeline_virtual=self.virtual)
+                       offload_optimizer=self.offload_optimizer)
 
     def ici(self, axis: str) -> int:
         return self.placement.get(axis, (self.size(axis), 1))[0]
@@ -136,12 +157,26 @@ class Layout:
         return self.placement.get(axis, (self.size(axis), 1))[1]
 
     def text(self) -> str:
-        """`pipeline=P,` (planner only; `xV` when interleaved) then the mesh axes."""
+        """`stage=P,` (`xV` when circular) then the other mesh axes."""
         mesh = ",".join(f"{a}={self.sizes[a]}" for a in MESH_AXES if self.sizes.get(a, 1) > 1)
         if self.stages > 1:
-            pipe = f"pipeline={self.stages}" + (f"x{self.virtual}" if self.virtual > 1 else "")
+            pipe = f"stage={self.stages}" + (f"x{self.virtual}" if self.virtual > 1 else "")
             return pipe + ("," + mesh if mesh else "")
         return mesh or "data=1"
+
+
+def run_layout(spec: RunSpec, target: Target | None = None) -> Layout:
+    """The planner's Layout of a run spec: the `stage` axis taken out of the mesh as
+    pipeline stages (then `microbatches` are one pass's: with gradient accumulation
+    around the pipeline, estimate a workload of global batch / spec.microbatches),
+    placed on `target` when given."""
+    sizes = {a: n for a, n in (spec.sizes or {}).items() if n > 1}
+    placement = place(sizes, target) if target is not None and sizes else {}
+    stages = sizes.pop("stage", 1)
+    if stages > 1:
+        return Layout(sizes, remat=spec.remat, microbatches=spec.pipeline_passes,
+                      placement=placement, stages=stages, virtual=spec.pipeline_virtual)
+    return Layout(sizes, remat=spec.remat, microbatches=spec.microbatches, placement=placement)
 
 
 def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:
@@ -156,6 +191,6 @@ def place(sizes: dict[str, int], target: Target) -> dict[str, tuple[int, int]]:
                           f"{target.devices:,}")
     ici, dcn = split_over_slices([sizes.get(a, 1) for a in MESH_AXES], target.slice_devices)
     out = {a: (i, d) for a, i, d in zip(MESH_AXES, ici, dcn)}
-    if target.is_tpu and any(out[a][1] > 1 for a in MESH_AXES if a not in ("dcn", "data", "fsdp")):
+    if target.is_tpu and any(out[a][1] > 1 for a in MESH_AXES if a not in ("dcn", "stage", "data", "fsdp")):
         raise ConfigError("on TPUs only the dcn, data and fsdp axes may span slices")
     return out

@@ -215,9 +215,14 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     widest_layer = 0.0
     for st in layer_stacks(c):
         # offloaded activations stay in HBM only while in flight (two layers' worth); a
-        # pipeline stage keeps its layers' activations of up to `stages` microbatches in
-        # flight (1F1B)
-        n_layers = layout.stage_layers(st.n_layers) * min(layout.microbatches, layout.stages)
+        # pipeline stage keeps its layers' activations of every iteration of the pass
+        # (`model.pipeline`: autodiff of the schedule, idle iterations included), or
+        # under 1F1B of up to `stages` microbatches
+        in_flight = 1
+        if layout.stages > 1:
+            in_flight = (min(layout.microbatches, layout.stages) if layout.schedule == "1f1b"
+                         else layout.microbatches + (layout.stages - 1) / layout.virtual)
+        n_layers = layout.stage_layers(st.n_layers) * in_flight
         n_saved = min(2, n_layers) if layout.remat == "offload" else n_layers
         acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)
         if layout.remat not in ("full", "offload"):
@@ -239,10 +244,9 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # no tensor split, several GiB (XLA holds more than one f32 copy; fitted, COEF)
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) if split == 1 else 0.0
     weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
-    if layout.stages > 1 and layout.zero_ways > 1:
-        # with pipeline stages the stage's weights are gathered once per step and kept
-        # (bf16, embedding and head included) for all microbatches, as Llama 3's training
-        # did (no re-shard after forward), plus one layer's gathered gradient in flight
+    if layout.stages > 1 and layout.schedule == "1f1b" and layout.zero_ways > 1:
+        # 1F1B as Llama 3 ran it: the stage's weights gathered once per step and kept
+        # (bf16, embedding and head included), plus one layer's gathered gradient in flight
         weights_gathered = gathered * 2 + widest_layer * k["layer_weights"]
     recompute = max(layer_activation_bytes(w, layout, "none", st.moe) for st in layer_stacks(c))
     # the fused cross-entropy holds one slice of f32 logits (and its softmax and gradient)

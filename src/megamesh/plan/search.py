@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from megamesh.errors import ConfigError
+from megamesh.model.specs import layer_stacks
 from megamesh.plan.cost import Estimate, estimate
 from megamesh.plan.layout import OFFLOAD_REMATS, REMATS, Layout, Workload, place
 from megamesh.plan.memory import estimate_memory
@@ -109,23 +110,33 @@ def _rank(e: Estimate) -> tuple[float, float]:
     return float(f"{e.step_time_s:.3g}"), e.dcn_traffic_s
 
 
-def _pipelines(w: Workload, target: Target, pipeline: bool):
-    """(stages, target of one stage): no pipeline, then P stages over DCN, each whole slices."""
+def _pipelines(w: Workload, target: Target, pipeline: bool, uneven: bool):
+    """(stages, target of one stage): no pipeline, then P stages over DCN, each whole slices
+    (that split the layers evenly unless `uneven`)."""
     yield 1, target
     if not pipeline:
         return
     for p in _divisors(target.n_slices):
-        if 1 < p <= w.cfg.n_layers:
+        if 1 < p <= w.cfg.n_layers and (uneven or _splits_layers(w, p)):
             yield p, Target(target.chip, target.n_slices // p, target.slice_chips, target.topology)
 
 
-def _pipeline_options(w: Workload, stages: int, per_replica_seqs: int):
-    """(virtual chunks, microbatches): interleaving factors that leave every chunk a
-    layer, and microbatch counts that are multiples of the stage count (interleaved 1F1B
-    needs it) dividing the sequences of one data-parallel replica."""
+def _splits_layers(w: Workload, chunks: int) -> bool:
+    """Whether every layer stack splits into `chunks` equal chunks (as the step's
+    pipeline needs, `train.step.pipeline_stages`)."""
+    return all(st.n_layers % chunks == 0 for st in layer_stacks(w.cfg))
+
+
+def _pipeline_options(w: Workload, stages: int, per_replica_seqs: int, uneven: bool):
+    """(virtual chunks, microbatches): chunk counts that split every stack evenly (with
+    `uneven`, any that leave every chunk a layer), and microbatch counts that are
+    multiples of the stage count (the circular schedule needs at least as many) dividing
+    the sequences of one data-parallel replica."""
     for v in (1, 2, 4, 8):
         if stages * v > w.cfg.n_layers:
             break
+        if not (uneven or _splits_layers(w, stages * v)):
+            continue
         m = stages
         while m <= per_replica_seqs:
             if per_replica_seqs % m == 0:
@@ -136,18 +147,23 @@ def _pipeline_options(w: Workload, stages: int, per_replica_seqs: int):
 def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
            fixed: dict[str, int] | None = None, max_tensor: int = 64,
            max_microbatches: int | None = None, offload: bool = False,
-           pipeline: bool = False, max_sequence: int = 64) -> SearchResult:
+           pipeline: bool = False, max_sequence: int = 64,
+           published_pipeline: bool = False) -> SearchResult:
     """Rank layouts. `offload` also considers host offload of activations (remat
     "offload", which megamesh's step runs) and of optimizer state, `pipeline` pipeline
-    stages across DCN (optimizer offload and pipelines are modelled for planning only);
-    `max_sequence` caps the sequence (context-parallel) axis (1: none)."""
+    stages across DCN, as many as split every layer stack evenly, under the schedule the
+    step runs (`published_pipeline` instead models published runs' 1F1B with uneven
+    stages, as Llama 3's 126 layers over 16: for comparison only, a plan megamesh cannot
+    run, `Layout.schedule`); optimizer
+    offload is modelled for planning only; `max_sequence` caps the sequence
+    (context-parallel) axis (1: none)."""
     if offload:
         remats = tuple(remats) + OFFLOAD_REMATS
     ranked: list[Estimate] = []
     rejected: list[Estimate] = []
     n = 0
     any_divisible = False
-    for stages, sub in _pipelines(w, target, pipeline and not fixed):
+    for stages, sub in _pipelines(w, target, pipeline and not fixed, published_pipeline):
         candidates = [fixed] if fixed else _candidate_sizes(w, sub, max_tensor, max_sequence)
         for sizes in candidates:
             any_divisible = True
@@ -163,7 +179,8 @@ def search(w: Workload, target: Target, *, remats: tuple[str, ...] = REMATS,
             for remat in remats:
                 if stages > 1:
                     found, tried = _best_pipelined(w, target, sizes, placement, remat, stages,
-                                                   per_dev_seqs, max_microbatches, offload)
+                                                   per_dev_seqs, max_microbatches, offload,
+                                                   published_pipeline)
                 else:
                     found, tried = _fewest_microbatches(w, target, sizes, placement, remat,
                                                         per_dev_seqs, max_microbatches, offload)
@@ -212,19 +229,21 @@ def _fewest_microbatches(w: Workload, target: Target, sizes: dict[str, int], pla
 
 def _best_pipelined(w: Workload, target: Target, sizes: dict[str, int], placement: dict,
                     remat: str, stages: int, per_replica_seqs: int, max_microbatches: int | None,
-                    offload: bool) -> tuple[list[Estimate], int]:
+                    offload: bool, uneven: bool = False) -> tuple[list[Estimate], int]:
     """For each interleaving factor, the fastest microbatch count that fits (or, if none
-    fits, the smallest in memory). More microbatches shrink the bubble and the
-    activations in flight but stream the stage's weights once more each."""
+    fits, the smallest in memory). More microbatches shrink the bubble but stream the
+    stage's weights once more each (the activations in flight are the whole pass's
+    either way: GPipe)."""
     out: list[Estimate] = []
     tried = 0
     by_v: dict[int, list[Estimate]] = {}
-    for v, m in _pipeline_options(w, stages, per_replica_seqs):
+    for v, m in _pipeline_options(w, stages, per_replica_seqs, uneven):
         if max_microbatches and m > max_microbatches:
             continue
         for opt_off in ((False, True) if offload else (False,)):
             lay = Layout(sizes, remat=remat, microbatches=m, placement=placement,
-                         offload_optimizer=opt_off, stages=stages, virtual=v)
+                         offload_optimizer=opt_off, stages=stages, virtual=v,
+                         schedule="1f1b" if uneven else "gpipe")
             tried += 1
             by_v.setdefault(v, []).append(estimate(w, target, lay))
     for ests in by_v.values():

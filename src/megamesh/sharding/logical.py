@@ -11,7 +11,8 @@ sharding code (`sharding.rules`) use exactly the same rules. Resolution, per arr
 - a mesh axis that does not divide the dimension is skipped (that dimension stays
   replicated over it), so any model runs on any mesh.
 
-The mesh axes: dcn (across slices/pods), data, fsdp, sequence, tensor, expert.
+The mesh axes: dcn (across slices/pods), stage (pipeline stages: each holds a share of
+every layer stack, `model.pipeline`), data, fsdp, sequence, tensor, expert.
 
 The train step's rules are its strategy's, except that under fsdp with a small
 microbatch the embedding table and output head are split on vocab rather than gathered
@@ -28,9 +29,9 @@ from collections.abc import Sequence
 
 from megamesh.errors import ConfigError
 
-MESH_AXES = ("dcn", "data", "fsdp", "sequence", "tensor", "expert")
+MESH_AXES = ("dcn", "stage", "data", "fsdp", "sequence", "tensor", "expert")
 LOGICAL_AXES = ("expert", "batch", "seq", "heads", "kv_heads", "mlp", "vocab",
-                "embed", "head_dim", "layers", "norm", "router")
+                "embed", "head_dim", "layers", "norm", "router", "stage")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 
@@ -41,6 +42,12 @@ BATCH_AXES = ("dcn", "data", "fsdp", "expert")
 # fsdp, and sequence (context parallelism), whose devices share the batch rows.
 ZERO_AXES = ("fsdp", "sequence")
 
+# Pipeline stages (training): a stack's layer axis is split over the stage axis (stage p
+# holds a contiguous 1/P of the layers), and so is the stage axis of the pipeline's own
+# buffers (`model.transformer`'s pipelined stacks). Everything else ignores `stage`: the
+# embedding, the head and the loss run on every stage.
+PIPELINE_RULES: Rules = (("stage", ("stage",)), ("layers", ("stage",)))
+
 STRATEGIES: dict[str, Rules] = {
     # ZeRO-3 style: parameters sharded over fsdp and sequence on their embed dim (the
     # context-parallel devices hold different tokens of the same batch rows, so they
@@ -49,7 +56,7 @@ STRATEGIES: dict[str, Rules] = {
     # over every data-like axis. Between layers the residual stream's embed dim is split
     # over tensor (what the batch and the sequence left free), so saved activations are
     # not replicated across a tensor group.
-    "fsdp": (
+    "fsdp": PIPELINE_RULES + (
         ("expert", ("expert",)),
         ("batch", BATCH_AXES),
         ("seq", ("sequence",)),
@@ -60,7 +67,7 @@ STRATEGIES: dict[str, Rules] = {
         ("embed", ZERO_AXES + ("tensor",)),
     ),
     # Pure data parallel: every parameter replicated, the batch split over all axes.
-    "dp": (
+    "dp": PIPELINE_RULES + (
         ("batch", BATCH_AXES + ("tensor",)),
     ),
     # Serving: tensor and expert parallel weights (no fsdp gather per step); the batch

@@ -585,6 +585,7 @@ class Trainer:
             f"{self.mesh.devices.flat[0].platform} devices, mesh {self.layout}, "
             f"batch {tc.global_batch}x{tc.seq_len}, steps {start}->{tc.steps}, remat {ts.remat}; "
             f"kernels {ts.kernels.describe()}, loss in {ts.loss_chunks} slice(s); MFU vs {peak_src}"
+            + ("" if ts.pipeline is None else "; " + ts.pipeline.describe())
             + ("" if ts.document_eos is None else "; attention within documents"
                + (" (positions restart per document)" if tc.data.document_positions else "")))
 

@@ -24,10 +24,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from megamesh.config import ModelConfig
+from megamesh.errors import ConfigError
 from megamesh.model.axes import constrain
 from megamesh.model.backend import LOSS_CHUNK_BYTES, Kernels, planner_kernels
 from megamesh.model.kernels import context_parallel_order
 from megamesh.model.loss import cross_entropy
+from megamesh.model.pipeline import Stages
+from megamesh.model.specs import layer_stacks
 from megamesh.model.transformer import forward, head_weight, init_params
 from megamesh.plan.layout import Layout, Workload
 from megamesh.plan.memory import estimate_memory
@@ -67,12 +70,14 @@ def document_positions(segments: jax.Array) -> jax.Array:
 
 def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 1,
             remat: str = "none", document_eos: int | None = None,
-            restart_positions: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+            restart_positions: bool = False, pipeline: Stages | None = None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy (+ MoE aux loss) of a (B, T+1) token batch; the
     fused cross-entropy over `loss_chunks` slices of the sequence (`model.loss`); `remat`:
     what each layer saves for the backward pass (a resolved policy). `document_eos`:
     attention stays within each packed document (documents end with this id);
-    `restart_positions`: and positions count from 0 in each document."""
+    `restart_positions`: and positions count from 0 in each document. `pipeline`: the
+    layer stacks run as pipeline stages (`model.pipeline`)."""
     tokens, targets = batch[:, :-1], batch[:, 1:]
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -87,7 +92,8 @@ def loss_fn(params: Any, batch: jax.Array, cfg: ModelConfig, loss_chunks: int = 
         segments = None if segments is None else segments[:, order]
     if segments is not None:
         segments = constrain(segments, ("batch", "seq"))
-    out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False, segments=segments)
+    out = forward(params, tokens, positions, cfg=cfg, remat=remat, logits=False, segments=segments,
+                  pipeline=pipeline)
     nll = cross_entropy(out.hidden, head_weight(params, cfg), targets, loss_chunks, fused=True)
     coef = cfg.moe.aux_loss_coef if cfg.moe else 0.0
     return nll + coef * out.aux, {"nll": nll, "aux": out.aux}
@@ -145,13 +151,44 @@ def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernel
     platform = mesh_platform(mesh)
     # a device of this process: asking another host's device for its memory can block
     cap = capacity if capacity is not None else device_memory_bytes(mesh.local_devices[0])
-    w = Workload(cfg, tc.seq_len, tc.global_batch, kernels=planner_kernels(kernels))
     sizes = {k: v for k, v in mesh_sizes(mesh).items() if v > 1}
+    stages = sizes.pop("stage", 1)
+    if stages > 1:  # the planner's pipeline: one pass (an accumulation slice) of M microbatches
+        w = Workload(cfg, tc.seq_len, tc.global_batch // tc.microbatches,
+                     kernels=planner_kernels(kernels))
+        shape = dict(microbatches=tc.run.pipeline_passes, stages=stages,
+                     virtual=tc.run.pipeline_virtual)
+    else:
+        w = Workload(cfg, tc.seq_len, tc.global_batch, kernels=planner_kernels(kernels))
+        shape = dict(microbatches=tc.microbatches)
     for policy in AUTO_REMAT_ORDER:
-        lay = Layout(sizes, remat=policy, microbatches=tc.microbatches)
+        lay = Layout(sizes, remat=policy, **shape)
         if estimate_memory(w, lay, tc.run.strategy, tpu=platform == "tpu").total <= AUTO_REMAT_HEADROOM * cap:
             return policy
     return "full"
+
+
+def pipeline_stages(cfg: ModelConfig, tc: TrainConfig, sizes: dict[str, int]) -> Stages | None:
+    """The pipeline the step runs on a mesh with a `stage` axis (None without one); a
+    ConfigError when the layers or the batch do not split as it needs."""
+    P = sizes.get("stage", 1)
+    if P == 1:
+        return None
+    M, R = tc.run.pipeline_passes, tc.run.pipeline_virtual
+    for st in layer_stacks(cfg):
+        if st.n_layers % (P * R):
+            raise ConfigError(f"{P} pipeline stages x {R} chunks each do not split the "
+                              f"{st.n_layers} layers of {cfg.name}'s {st.name!r} stack evenly: "
+                              f"use a stage count (x pipeline_virtual) that divides {st.n_layers}")
+    rows = tc.global_batch // tc.microbatches
+    if rows % M:
+        raise ConfigError(f"pipeline_microbatches {M} does not divide the {rows} sequences of a "
+                          f"pass (global batch {tc.global_batch} / {tc.microbatches} accumulation "
+                          f"microbatches)")
+    if R > 1 and M < P:
+        raise ConfigError(f"the circular schedule (pipeline_virtual {R}) needs "
+                          f"pipeline_microbatches >= stages: {M} < {P}")
+    return Stages(P, M, R)
 
 
 @dataclass(frozen=True)
@@ -169,6 +206,7 @@ class TrainStep:
     kernels: Kernels  # the attention / MoE / matmul implementations (`model.backend`)
     loss_chunks: int = 1  # slices of the sequence the cross-entropy takes at a time
     document_eos: int | None = None  # document masking: documents end with this id
+    pipeline: Stages | None = None  # the layer stacks' pipeline stages (`pipeline_stages`)
 
     def abstract_state(self) -> Any:
         """ShapeDtypeStructs (with shardings) of the state: for restore and AOT compile."""
@@ -219,9 +257,10 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     micro_sharding = data_sharding(mesh, rules, (tc.global_batch // tc.microbatches, tc.seq_len + 1))
     chunks = loss_chunks(cfg, tc, sizes, rules, platform=mesh_platform(mesh))
     doc_eos = eos_id if document_mask(tc) else None
+    pipeline = pipeline_stages(cfg, tc, sizes)
     grad_fn = jax.value_and_grad(functools.partial(
         loss_fn, loss_chunks=chunks, remat=remat, document_eos=doc_eos,
-        restart_positions=tc.data.document_positions), has_aux=True)
+        restart_positions=tc.data.document_positions, pipeline=pipeline), has_aux=True)
 
     def step(state: State, batch: jax.Array) -> tuple[State, dict[str, jax.Array]]:
         params = state["params"]
@@ -266,7 +305,8 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
     init_fn = jax.jit(init, out_shardings=state_shardings)
     return TrainStep(fn=fn, init=init_fn, state_shardings=state_shardings,
                      batch_sharding=batch_sharding, mesh=mesh, schedule=schedule, rules=rules,
-                     remat=remat, kernels=kernels, loss_chunks=chunks, document_eos=doc_eos)
+                     remat=remat, kernels=kernels, loss_chunks=chunks, document_eos=doc_eos,
+                     pipeline=pipeline)
 
 
 def build_eval_step(cfg: ModelConfig, tc: TrainConfig, ts: TrainStep) -> Any:
