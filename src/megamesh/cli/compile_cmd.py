@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, help="global batch in sequences (default: 1 per chip)")
     p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--pipeline-microbatches", type=int, default=None,
+                   help="with a stage axis in --mesh: microbatches per pipeline pass "
+                        "(default: as many as stages)")
+    p.add_argument("--pipeline-virtual", type=int, default=None,
+                   help="with a stage axis in --mesh: chunks per stage (1: GPipe, > 1: circular)")
     p.add_argument("--remat", help=f"{', '.join(r for r in REMAT_POLICIES if r != 'auto')} (default: "
                    "the plan's; with --mesh, full; else the planner's best)")
     p.add_argument("--kernels", default="auto",
@@ -80,13 +85,17 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                         target.topology)
     kernels = choose_kernels("tpu", args.kernels)  # checked before minutes of compiling
     spec = RunSpec(layout=args.mesh or "", remat=args.remat or "full", microbatches=args.microbatches,
-                   kernels=args.kernels, precision=args.precision or "bf16")
+                   kernels=args.kernels, precision=args.precision or "bf16",
+                   pipeline_microbatches=args.pipeline_microbatches or 0,
+                   pipeline_virtual=args.pipeline_virtual or 1)
     seq, batch = args.seq, args.batch
     if args.plan:
         plan = read_plan(args.plan)
         plan.spec.check_runnable(f"--plan {args.plan}: its layout {plan.spec.layout}", "compile")
         # the plan's run, with the flags given here on top
-        spec = plan.spec.replace(**{k: v for k, v in (("layout", args.mesh), ("remat", args.remat))
+        spec = plan.spec.replace(**{k: v for k, v in (("layout", args.mesh), ("remat", args.remat),
+                                                      ("pipeline_microbatches", args.pipeline_microbatches),
+                                                      ("pipeline_virtual", args.pipeline_virtual))
                                     if v}, kernels=args.kernels if args.kernels != "auto"
                                  else plan.spec.kernels, precision=args.precision or plan.spec.precision)
         seq, batch = plan.seq_len, batch or plan.global_batch
@@ -142,9 +151,22 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
     pred = {"hbm_per_device_bytes": estimate_.memory.total, "flops": estimate_.flops_per_device}
     got = {"hbm_per_device_bytes": r.hbm["total"], "flops": r.flops}
     err = {k: (pred[k] / got[k] - 1) if got[k] else None for k in pred}
+    from megamesh.model.pipeline import schedule
+    from megamesh.train.step import pipeline_stages
+    stages = pipeline_stages(cfg, tc, sizes)
+    pipe = None
+    if stages is not None:  # the schedule the compiled step runs vs the planner's bubble
+        table = schedule(stages.stages, stages.microbatches, stages.repeats)
+        idle = float((table < 0).mean())
+        pipe = {"stages": stages.stages, "microbatches": stages.microbatches,
+                "repeats": stages.repeats, "iterations": int(table.shape[0]),
+                "schedule_idle_share": idle, "schedule_bubble_over_busy": idle / (1 - idle),
+                "planner_bubble_over_busy": estimate_.layout.bubble}
     if as_json:
         out = r.to_json()
         out["document_mask"] = document_mask_on(tc)
+        if pipe:
+            out["pipeline"] = pipe
         out["plan"] = {"prediction": pred, "relative_error": err, "fits": estimate_.fits,
                        "hbm_parts_bytes": estimate_.memory.parts(),
                        "step_time_s": estimate_.step_time_s, "mfu": estimate_.mfu,
@@ -159,6 +181,11 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
             print(f"  context-parallel all-gathers (keys, values, segment ids): {len(g)} asynchronous, "
                   f"{sum(x['compute_between'] > 0 for x in g)} with compute scheduled while in flight")
         print(f"  HBM per device (GiB): {parts}")
+        if pipe:
+            print(f"  pipeline: {stages.describe()}; the schedule runs {pipe['iterations']} "
+                  f"iterations, {pipe['schedule_idle_share']:.1%} of its stage-iterations idle "
+                  f"= {pipe['schedule_bubble_over_busy']:.1%} of the busy time; the planner's "
+                  f"(P - 1) / (V M): {pipe['planner_bubble_over_busy']:.1%}")
         share = r.extra.get("fp8_matmul_share")
         if share is not None and spec.precision == "fp8":
             print(f"  FP8 matmuls: {share:.1%} of the optimized HLO's dot FLOPs "

@@ -120,9 +120,11 @@ def run_pipeline(stage_fn: Callable[[Any, jax.Array, Any], tuple[jax.Array, jax.
     run = jax.vmap(stage_fn, spmd_axis_name=spmd_axis_name)
 
     def stage_weights(r: jax.Array) -> Any:
-        # chunk (r[p], p) for every stage p: a gather over the repeat axis per stage
-        if R == 1:
-            return pin_w(jax.tree.map(lambda c: c[0], chunks))
+        # chunk (r[p], p) for every stage p: a gather over the repeat axis per stage. Even
+        # with one repeat it is indexed by the iteration's r: weights that did not depend on
+        # the iteration would be loop-invariant, and autodiff of the loop hoists what is
+        # computed from them (each layer's gathered compute-dtype weights) out of it and
+        # keeps it for the backward pass: every layer of the stage gathered at once
         return pin_w(jax.tree.map(lambda c: jax.vmap(lambda cp, rp: cp[rp], in_axes=(1, 0))(c, r),
                                   chunks))
 

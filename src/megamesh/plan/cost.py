@@ -115,7 +115,9 @@ class Estimate:
     hbm_capacity: float
     breakdown: dict[str, float]  # seconds: compute, hbm, ici, dcn (exposed parts)
     comm: dict[str, float] = field(default_factory=dict)  # seconds of each collective, unhidden
-    flops_per_device: float = 0.0  # hardware FLOPs per device per step (matmuls)
+    # hardware FLOPs per device per step (matmuls; with megamesh's pipeline the idle
+    # iterations' too: its stages compute on zeros there, `model.pipeline`)
+    flops_per_device: float = 0.0
     model_flops_per_step: float = 0.0
     dcn_traffic_s: float = 0.0  # seconds of DCN transfers per step, hidden or not
 
@@ -409,5 +411,6 @@ def estimate(w: Workload, target: Target, layout: Layout, memory: Memory | None 
     return Estimate(layout=layout, step_time_s=step, mfu=mfu,
                     tokens_per_s_per_chip=w.tokens / step / target.chips, memory=mem,
                     hbm_capacity=chip.device_hbm_bytes, breakdown=breakdown, comm=comm,
-                    flops_per_device=flops_dev, model_flops_per_step=model_flops,
+                    flops_per_device=flops_dev * (1 + layout.bubble * (layout.schedule == "gpipe")),
+                    model_flops_per_step=model_flops,
                     dcn_traffic_s=net["async_dcn"] + net["sync_dcn"])
