@@ -299,6 +299,8 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, corpus, reference):
     assert losses(out) == losses(reference)
 
 
+@pytest.mark.slow  # the default suite resumes onto another mesh and device count with
+# pipeline stages (test_resume_across_a_change_of_pipeline_stages)
 def test_resume_onto_a_different_mesh_and_device_count(tmp_path, corpus, reference):
     out = tmp_path / "run"
     r = run_train(out, corpus, "--steps", "6", "--train.checkpoint.every=3", "--mesh", "fsdp=8")
@@ -537,7 +539,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
 def test_freed_host_memory_is_reused_not_faulted_in_every_step():
     """XLA:CPU's per-run temporaries come back from glibc's heap instead of fresh mmaps: no
-    page faults per run once warm (without it, every run faults its 64 MiB in again)."""
+    page faults per run once warm (without it, runs fault much of their 64 MiB in again)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     counts = {}
     for mode in ("keep", "system"):
@@ -551,9 +553,12 @@ def test_freed_host_memory_is_reused_not_faulted_in_every_step():
                           text=True, check=True,
                           env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert many.stdout.strip() == "False"
+    # with it, (almost) no page faults per run once warm. Without it glibc's own choice
+    # varies with the machine (its dynamic mmap threshold, transparent huge pages): 8,192+
+    # pages per run when the suite was written, 1,289-4,864 on a later machine, so the
+    # baseline is reported, not asserted
     pages = 64 * 1024 * 1024 // 4096
-    assert counts["system"][1] > pages // 2  # the output's pages, faulted in on every run
-    assert counts["keep"][1] < pages // 20
+    assert counts["keep"][1] < pages // 20, counts
 
 
 # jax's coordination service ends every process once one misses its heartbeats for this
@@ -766,9 +771,10 @@ def test_fp8_run_tracks_bf16_and_resumes_exactly(tmp_path, corpus, reference, ca
 
 
 def test_resume_across_a_change_of_pipeline_stages(tmp_path, corpus):
-    """Issue 26 point 4: a checkpoint written with 2 pipeline stages restores onto 4 (the
-    layer stacks resharded over the new stage axis) and the run continues as the 2-stage
-    run did: steps 4-6 within 1e-5 (f32)."""
+    """Issue 26 point 4: a checkpoint written with 2 pipeline stages on 8 devices restores
+    onto 4 stages on 4 devices (the layer stacks resharded over the new stage axis, the
+    rest onto the smaller mesh) and the run continues as the 2-stage run did: steps 4-6
+    within 1e-5 (f32)."""
     four = ["--model.n_layers=4", "--train.checkpoint.every=3", "--steps", "6"]
     out = tmp_path / "two"
     r = run_train(out, corpus, *four, "--mesh", "stage=2,fsdp=4")
@@ -776,9 +782,9 @@ def test_resume_across_a_change_of_pipeline_stages(tmp_path, corpus):
     assert "pipeline 2 stages x 2 microbatches" in r.stdout
     moved = tmp_path / "four"
     shutil.copytree(out, moved, ignore=shutil.ignore_patterns("metrics.jsonl", "6"))
-    r = run_train(moved, corpus, *four, "--resume", "--mesh", "stage=4,fsdp=2")
+    r = run_train(moved, corpus, *four, "--resume", "--mesh", "stage=4", devices=4)
     assert r.returncode == 0, r.stderr
-    assert "onto mesh stage=4,fsdp=2" in r.stdout
+    assert "onto mesh stage=4" in r.stdout and "on 4 cpu devices" in r.stdout
     want, got = losses(out), losses(moved)
     assert sorted(got) == [4, 5, 6]
     for step in got:
