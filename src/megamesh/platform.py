@@ -33,6 +33,25 @@ def quiet_compile_only_libtpu(chip: str) -> None:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip}-8")
 
 
+# libtpu 0.0.42.1 aborts the process (a CHECK in offload_collective_strategies.cc:
+# "(kReplicaInfoEntryCount * core_count) % hbm_granule_words == 0") lowering some
+# all-gathers to the SparseCore across slices: seen for Llama 3.1 405B on 2 to 109
+# Ironwood pods with dcn and sequence axes (remat none and dots_no_batch; the backward's
+# weight gathers over fsdp x sequence), 2026-12-05. Multi-slice compiles run those
+# all-gathers on the TensorCores instead.
+MULTISLICE_LIBTPU_FLAGS = ("--xla_tpu_enable_sparse_core_collective_offload_all_gather=false",)
+
+
+def multislice_libtpu_flags() -> list[str]:
+    """Add MULTISLICE_LIBTPU_FLAGS to LIBTPU_INIT_ARGS (before libtpu loads; a flag the
+    user set there wins). Returns the flags in effect that came from here."""
+    have = os.environ.get("LIBTPU_INIT_ARGS", "")
+    added = [f for f in MULTISLICE_LIBTPU_FLAGS if f.split("=")[0] not in have]
+    if added:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [have, *added]))
+    return [f for f in MULTISLICE_LIBTPU_FLAGS if f in os.environ["LIBTPU_INIT_ARGS"].split()]
+
+
 def default_to_cpu_without_accelerator() -> None:
     if "JAX_PLATFORMS" in os.environ or "jax" in __import__("sys").modules:
         return

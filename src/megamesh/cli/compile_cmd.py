@@ -176,6 +176,9 @@ def compile_and_compare(cfg: ModelConfig, target: Target, spec: RunSpec, seq: in
         _print_verdict(r, target)
         parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.hbm.items() if k != "total")
         print(f"  kernels: {r.extra.get('kernels', '')}")
+        if r.extra.get("libtpu_flags"):
+            print(f"  libtpu: {' '.join(r.extra['libtpu_flags'])} (across slices libtpu 0.0.42.1 "
+                  "aborts lowering some all-gathers to the SparseCore: megamesh.platform)")
         if "context_parallel_gathers" in r.extra:
             g = r.extra["context_parallel_gathers"]
             print(f"  context-parallel all-gathers (keys, values, segment ids): {len(g)} asynchronous, "

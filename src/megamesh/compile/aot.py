@@ -24,7 +24,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
 from megamesh.plan.target import Target
-from megamesh.platform import quiet_compile_only_libtpu
+from megamesh.platform import MULTISLICE_LIBTPU_FLAGS, multislice_libtpu_flags, quiet_compile_only_libtpu
 from megamesh.serve.step import build_decode_step
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes
@@ -70,6 +70,8 @@ def topology_devices(target: Target) -> list[Any]:
     # test beside a user's run) load libtpu instead of failing on its lockfile.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     quiet_compile_only_libtpu(target.chip.name)
+    if target.n_slices > 1:  # read when libtpu loads: a process's first TPU compile decides
+        multislice_libtpu_flags()
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology_name,
                                             num_slices=target.n_slices)
@@ -102,6 +104,10 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
     report.extra["kernels"] = ts.kernels.describe()
     report.extra["remat"] = ts.remat
     report.extra["precision"] = tc.run.precision
+    flags = [f for f in MULTISLICE_LIBTPU_FLAGS
+             if f in os.environ.get("LIBTPU_INIT_ARGS", "").split()]
+    if flags:
+        report.extra["libtpu_flags"] = flags
     if report.hlo_text:
         # matmul FLOPs of the optimized HLO by operand types, and the FP8 share of them
         by_type = matmul_flops(report.hlo_text)

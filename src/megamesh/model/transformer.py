@@ -43,10 +43,24 @@ Params = dict[str, Any]
 # Saved to host memory under remat "offload" (MaxText's names and its v6e recipes' policy):
 # each layer's input and its attention projections; attention and the MLP are recomputed.
 OFFLOADED = ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")
-# each remat policy of `runspec.REMAT_POLICIES` ("auto" is resolved by the train step,
-# "none" saves everything; tests/test_model.py checks every one has an entry): what a
-# layer saves for the backward pass
+# each remat policy of `runspec.REMAT_POLICIES` ("auto" is resolved by the train step;
+# tests/test_model.py checks every one has an entry): what a layer saves for the backward
+# pass. No policy keeps a layer's weights in their compute layout (cast and, under FSDP,
+# all-gathered): the backward gathers them again, as ZeRO-3 does and the planner counts.
+# "none" saves every activation but not what layout ops produce (casts, sharding
+# constraints, reshapes: cheap to redo from what is saved), and so not the weights'
+# gathered copies: saving everything kept every layer's gathered weights for the whole
+# step (405B on two Ironwood pods: 150 GiB per device where the plan counted 77).
+_LAYOUT_OPS = frozenset({"convert_element_type", "sharding_constraint", "reshape", "transpose",
+                         "broadcast_in_dim", "squeeze", "expand_dims", "copy", "copy_p"})
+
+
+def _save_all_but_layout_ops(prim: Any, *_: Any, **__: Any) -> bool:
+    return prim.name not in _LAYOUT_OPS
+
+
 REMAT = {
+    "none": _save_all_but_layout_ops,
     "full": None,  # save nothing inside a layer: recompute it all in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -273,8 +287,7 @@ def _pipelined_stack(x: jax.Array, stacked: Params, stack_specs: Any, weights: A
             h, _, aux = block(h, weights(p), pos, rope, None, cfg, moe, segments=seg)
             return h, aux
 
-        if remat != "none":
-            body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+        body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
         h, aux = jax.lax.scan(body, h, chunk)
         return h, jnp.sum(aux)
 
@@ -340,8 +353,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
                                   segments=segments)
                 return x, aux
 
-            if remat != "none":
-                body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+            body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
             x, aux = jax.lax.scan(body, x, params[stack.name])
         else:
             # the stack's pages ride in the loop carry and are updated in place
