@@ -366,6 +366,8 @@ def test_launch_manifests_validate_against_jobset_and_kubernetes_schemas(plan_fi
     }
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["MEGAMESH_NUM_PROCESSES"] == "4096" and env["MEGASCALE_NUM_SLICES"] == "2"
+    # the libtpu flag `megamesh compile` proved the multi-slice step with (megamesh.platform)
+    assert "sparse_core_collective_offload_all_gather=false" in env["LIBTPU_INIT_ARGS"]
     assert env["MEGAMESH_COORDINATOR"] == "llama70b-slice-0-0.llama70b:8476"
     plan = json.loads(plan_file.read_text())
     assert f"--mesh {plan['best']['layout_text']} " in pod["containers"][0]["command"][2]

@@ -38,6 +38,7 @@ from megamesh.errors import ConfigError
 from megamesh.fleet.scenario import Failures
 from megamesh.hardware import CHIPS
 from megamesh.plan.target import parse_target
+from megamesh.platform import MULTISLICE_LIBTPU_FLAGS
 from megamesh.runspec import PlanFile
 from megamesh.sharding.logical import format_layout, parse_layout
 
@@ -320,6 +321,9 @@ def manifests(
                {"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": coordinator},
                {"name": "MEGASCALE_NUM_SLICES", "value": str(target.n_slices)},
                env[1]]
+        if target.n_slices > 1:  # libtpu 0.0.42.1 aborts on some cross-slice all-gathers
+            # lowered to the SparseCore (megamesh.platform; `megamesh compile` sets the same)
+            env.append({"name": "LIBTPU_INIT_ARGS", "value": " ".join(MULTISLICE_LIBTPU_FLAGS)})
     resources = {"limits": {"google.com/tpu": per_host}, "requests": {"google.com/tpu": per_host}}
     container: dict[str, Any] = {
         "name": "megamesh",
