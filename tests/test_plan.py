@@ -286,6 +286,20 @@ def test_pipeline_plans_are_runnable(tmp_path, capsys):
     read_plan(path).spec.check_runnable("plan", "train")  # no refusal
 
 
+def test_plans_written_before_pipelines_ran_still_read(tmp_path):
+    """A plan file from before the stage axis (`pipeline_stages` in its spec) reads: its
+    stage count becomes the layout's stage axis."""
+    from megamesh.runspec import read_plan
+
+    for stages, layout in ((1, "fsdp=8"), (4, "stage=4,fsdp=8")):
+        path = tmp_path / f"old{stages}.json"
+        path.write_text(json.dumps({"run": {
+            "model": "tiny", "target": "tpu7x:64", "seq_len": 128, "global_batch": 64,
+            "spec": {"layout": "fsdp=8", "pipeline_stages": stages, "pipeline_virtual": 1}}}))
+        spec = read_plan(path).spec
+        assert spec.layout == layout and spec.stages == stages
+
+
 def test_optimizer_offload_plans_are_refused_where_the_step_cannot_do_it(tmp_path, capsys):
     argv = ["plan", "--model", "llama3.1-70b", "--target", "v6e:256", "--seq", "8192",
             "--batch", "256", "--kernel-family", "fused", "--offload", "--json"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from megamesh.errors import ConfigError
 from megamesh.settings import build, require, to_dict
-from megamesh.sharding.logical import STRATEGIES, parse_layout
+from megamesh.sharding.logical import STRATEGIES, format_layout, parse_layout
 
 # Remat (activation checkpointing) policies, the one list (`model.transformer.REMAT`
 # implements each; the planner searches SEARCHED_REMATS).
@@ -157,6 +157,15 @@ def read_plan(path: str | Path, flag: str = "--plan") -> PlanFile:
     if not isinstance(data, dict) or not isinstance(data.get("run"), dict):
         raise ConfigError(f"{flag} {path}: not a `megamesh plan --json` file of a training plan "
                           "(it has no 'run' entry; write it with `megamesh plan --json`, not --serve)")
+    spec = data["run"].get("spec")
+    if isinstance(spec, dict) and "pipeline_stages" in spec:
+        # plans written before pipelines ran: their stage count becomes the stage axis
+        spec = dict(spec)
+        stages = spec.pop("pipeline_stages")
+        if isinstance(stages, int) and stages > 1:
+            sizes = {"stage": stages, **parse_layout(spec.get("layout") or "")}
+            spec["layout"] = format_layout(sizes)
+        data["run"] = {**data["run"], "spec": spec}
     try:
         return build(PlanFile, data["run"], "run.")
     except ConfigError as e:
