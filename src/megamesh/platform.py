@@ -44,12 +44,17 @@ MULTISLICE_LIBTPU_FLAGS = ("--xla_tpu_enable_sparse_core_collective_offload_all_
 
 def multislice_libtpu_flags() -> list[str]:
     """Add MULTISLICE_LIBTPU_FLAGS to LIBTPU_INIT_ARGS (before libtpu loads; a flag the
-    user set there wins). Returns the flags in effect that came from here."""
+    user set there wins). Returns `multislice_flags_in_effect()`."""
     have = os.environ.get("LIBTPU_INIT_ARGS", "")
     added = [f for f in MULTISLICE_LIBTPU_FLAGS if f.split("=")[0] not in have]
     if added:
         os.environ["LIBTPU_INIT_ARGS"] = " ".join(filter(None, [have, *added]))
-    return [f for f in MULTISLICE_LIBTPU_FLAGS if f in os.environ["LIBTPU_INIT_ARGS"].split()]
+    return multislice_flags_in_effect()
+
+
+def multislice_flags_in_effect() -> list[str]:
+    """Which of MULTISLICE_LIBTPU_FLAGS LIBTPU_INIT_ARGS holds."""
+    return [f for f in MULTISLICE_LIBTPU_FLAGS if f in os.environ.get("LIBTPU_INIT_ARGS", "").split()]
 
 
 def default_to_cpu_without_accelerator() -> None:

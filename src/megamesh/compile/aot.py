@@ -24,7 +24,7 @@ from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
 from megamesh.plan.target import Target
-from megamesh.platform import MULTISLICE_LIBTPU_FLAGS, multislice_libtpu_flags, quiet_compile_only_libtpu
+from megamesh.platform import multislice_flags_in_effect, multislice_libtpu_flags, quiet_compile_only_libtpu
 from megamesh.serve.step import build_decode_step
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes
@@ -104,8 +104,7 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
     report.extra["kernels"] = ts.kernels.describe()
     report.extra["remat"] = ts.remat
     report.extra["precision"] = tc.run.precision
-    flags = [f for f in MULTISLICE_LIBTPU_FLAGS
-             if f in os.environ.get("LIBTPU_INIT_ARGS", "").split()]
+    flags = multislice_flags_in_effect()
     if flags:
         report.extra["libtpu_flags"] = flags
     if report.hlo_text:

@@ -268,6 +268,20 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
     return compute_weight(head, ("embed", "vocab"), jnp.dtype(cfg.compute_dtype))
 
 
+def _layer_scan(x: jax.Array, stacked: Params, weights: Any, positions: jax.Array,
+                rope: tuple[jax.Array, jax.Array], segments: jax.Array | None, *,
+                cfg: ModelConfig, moe: bool, remat: str) -> tuple[jax.Array, jax.Array]:
+    """Training: x through the layers of `stacked` (a scan, each layer under `remat`'s
+    policy, its weights in compute layout by `weights`): (x, each layer's MoE aux)."""
+
+    def body(x, p):
+        x, _, aux = block(x, weights(p), positions, rope, None, cfg, moe, segments=segments)
+        return x, aux
+
+    body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
+    return jax.lax.scan(body, x, stacked)
+
+
 def _pipelined_stack(x: jax.Array, stacked: Params, stack_specs: Any, weights: Any,
                      positions: jax.Array, segments: jax.Array | None, *, cfg: ModelConfig,
                      moe: bool, remat: str, pipeline: Stages) -> tuple[jax.Array, jax.Array]:
@@ -281,14 +295,8 @@ def _pipelined_stack(x: jax.Array, stacked: Params, stack_specs: Any, weights: A
 
     def stage_fn(chunk: Params, h: jax.Array, extra: Any) -> tuple[jax.Array, jax.Array]:
         pos, seg = extra
-        rope = rope_tables(pos, cfg)
-
-        def body(h, p):
-            h, _, aux = block(h, weights(p), pos, rope, None, cfg, moe, segments=seg)
-            return h, aux
-
-        body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-        h, aux = jax.lax.scan(body, h, chunk)
+        h, aux = _layer_scan(h, chunk, weights, pos, rope_tables(pos, cfg), seg, cfg=cfg,
+                             moe=moe, remat=remat)
         return h, jnp.sum(aux)
 
     def pin_weights(tree: Params) -> Params:
@@ -348,13 +356,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCa
                                       segments, cfg=cfg, moe=stack.moe, remat=remat,
                                       pipeline=pipeline)
         elif cache is None:
-            def body(x, p, stack=stack):
-                x, _, aux = block(x, weights(p), positions, rope, None, cfg, stack.moe,
-                                  segments=segments)
-                return x, aux
-
-            body = jax.checkpoint(body, policy=REMAT[remat], prevent_cse=False)
-            x, aux = jax.lax.scan(body, x, params[stack.name])
+            x, aux = _layer_scan(x, params[stack.name], weights, positions, rope, segments,
+                                 cfg=cfg, moe=stack.moe, remat=remat)
         else:
             # the stack's pages ride in the loop carry and are updated in place
             n_pages = cache.pages[stack.name].shape[0] // stack.n_layers

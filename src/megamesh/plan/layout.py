@@ -140,15 +140,13 @@ class Layout:
         """This layout as the run spec train, compile and launch consume."""
         sizes = {**self.sizes, "stage": self.stages}
         mesh = any(n > 1 for n in sizes.values())
-        if self.stages > 1:  # one pipeline pass of `microbatches` (no accumulation around it)
-            return RunSpec(layout=format_layout(sizes), remat=self.remat, microbatches=1,
-                           kernels=RUN_KERNELS[w.kernels], precision=w.precision,
-                           offload_optimizer=self.offload_optimizer,
-                           pipeline_microbatches=self.microbatches, pipeline_virtual=self.virtual)
-        return RunSpec(layout=format_layout(sizes) if mesh else "",
-                       remat=self.remat, microbatches=self.microbatches,
+        piped = self.stages > 1  # one pipeline pass of `microbatches`, no accumulation around it
+        return RunSpec(layout=format_layout(sizes) if mesh else "", remat=self.remat,
+                       microbatches=1 if piped else self.microbatches,
                        kernels=RUN_KERNELS[w.kernels], precision=w.precision,
-                       offload_optimizer=self.offload_optimizer)
+                       offload_optimizer=self.offload_optimizer,
+                       pipeline_microbatches=self.microbatches if piped else 0,
+                       pipeline_virtual=self.virtual)
 
     def ici(self, axis: str) -> int:
         return self.placement.get(axis, (self.size(axis), 1))[0]

@@ -221,7 +221,7 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
         in_flight = 1
         if layout.stages > 1:
             in_flight = (min(layout.microbatches, layout.stages) if layout.schedule == "1f1b"
-                         else layout.microbatches + (layout.stages - 1) / layout.virtual)
+                         else layout.pipeline_iterations)
         n_layers = layout.stage_layers(st.n_layers) * in_flight
         n_saved = min(2, n_layers) if layout.remat == "offload" else n_layers
         acts += n_saved * tok * layer_activation_bytes(w, layout, layout.remat, st.moe)

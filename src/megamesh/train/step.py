@@ -32,8 +32,9 @@ from megamesh.model.loss import cross_entropy
 from megamesh.model.pipeline import Stages
 from megamesh.model.specs import layer_stacks
 from megamesh.model.transformer import forward, head_weight, init_params
-from megamesh.plan.layout import Layout, Workload
+from megamesh.plan.layout import Workload, run_layout
 from megamesh.plan.memory import estimate_memory
+from megamesh.sharding.logical import format_layout
 from megamesh.sharding.rules import (
     Rules,
     activation_sharding,
@@ -151,18 +152,12 @@ def resolve_remat(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, kernels: Kernel
     platform = mesh_platform(mesh)
     # a device of this process: asking another host's device for its memory can block
     cap = capacity if capacity is not None else device_memory_bytes(mesh.local_devices[0])
-    sizes = {k: v for k, v in mesh_sizes(mesh).items() if v > 1}
-    stages = sizes.pop("stage", 1)
-    if stages > 1:  # the planner's pipeline: one pass (an accumulation slice) of M microbatches
-        w = Workload(cfg, tc.seq_len, tc.global_batch // tc.microbatches,
-                     kernels=planner_kernels(kernels))
-        shape = dict(microbatches=tc.run.pipeline_passes, stages=stages,
-                     virtual=tc.run.pipeline_virtual)
-    else:
-        w = Workload(cfg, tc.seq_len, tc.global_batch, kernels=planner_kernels(kernels))
-        shape = dict(microbatches=tc.microbatches)
+    spec = tc.run.replace(layout=format_layout(mesh_sizes(mesh)))
+    # with pipeline stages the planner's layout is one pass (an accumulation slice)
+    passes = tc.microbatches if spec.stages > 1 else 1
+    w = Workload(cfg, tc.seq_len, tc.global_batch // passes, kernels=planner_kernels(kernels))
     for policy in AUTO_REMAT_ORDER:
-        lay = Layout(sizes, remat=policy, **shape)
+        lay = run_layout(spec.replace(remat=policy))
         if estimate_memory(w, lay, tc.run.strategy, tpu=platform == "tpu").total <= AUTO_REMAT_HEADROOM * cap:
             return policy
     return "full"
