@@ -24,7 +24,12 @@ from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
 from megamesh.plan.target import Target
-from megamesh.platform import multislice_flags_in_effect, multislice_libtpu_flags, quiet_compile_only_libtpu
+from megamesh.platform import (
+    multislice_flags_in_effect,
+    multislice_libtpu_flags,
+    quiet_compile_only_libtpu,
+    returning_freed_host_memory,
+)
 from megamesh.serve.step import build_decode_step
 from megamesh.sharding.mesh import format_layout, make_mesh
 from megamesh.sharding.rules import mesh_sizes
@@ -154,7 +159,8 @@ def _compile(fn: Any, args: tuple, target: Target, layout: str, step: str,
     flops_once = dot_flops(jaxpr, trip_counts=False) / n
     t0 = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        with returning_freed_host_memory():
+            compiled = lowered.compile()
     except Exception as e:  # XLA reports out-of-HBM as a compile error
         msg = str(e)
         need = _parse_oom(msg)

@@ -268,11 +268,16 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
                 def accumulate(carry, mb):
                     mb = jax.lax.with_sharding_constraint(mb, micro_sharding)
                     (mb_loss, pt), g = grad_fn(params, mb, cfg)
+                    # each microbatch's gradient is reduced to the parameters' own
+                    # (ZeRO) layout before it is added: the running sum is kept sharded,
+                    # never gathered (XLA kept the tables' f32 sums whole otherwise)
+                    g = jax.lax.with_sharding_constraint(g, p_shard)
                     return jax.tree.map(jnp.add, carry, (mb_loss, pt, g)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32),
                                                       {"nll": jnp.zeros(()), "aux": jnp.zeros(())},
                                                       params))
+                zeros = (zeros[0], zeros[1], jax.lax.with_sharding_constraint(zeros[2], p_shard))
                 (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
                 loss, parts, grads = jax.tree.map(lambda x: x / tc.microbatches, (loss, parts, grads))
         grad_norm = optax.tree.norm(grads)
