@@ -32,22 +32,23 @@ ADAM_BYTES = 8  # two fp32 moments per parameter
 # Bytes (or multiples) per unit of each temporary, fitted on XLA:TPU's HBM for the step
 # with the TPU's kernels (splash attention, grouped MoE, native bf16 matmuls, fused chunked
 # loss, document mask): `python bench/memory_fit.py` holds XLA's figures (9 cases at
-# 2k tokens and the 405B pod step at 8k; 10 at 16k-128k, 3 of them reported but not
-# fitted; from bench/plan_vs_compile.py --quick / --long) and the grid these were chosen
-# on (the long cases' worst error, the short ones no worse than before, every
-# calibration row within 5 MFU points:
-# bench/plan_calibration.py, since memory decides which layouts fit). A layer's working
-# set is its un-rematerialized intermediates x1 (flash kernels hold no T x T
-# probabilities: none counted), plus the keys and values context parallelism gathers x2;
-# tables gathered over fsdp (not vocab-parallel) 2 bytes per parameter; one slice of f32
-# logits x1.5 plus the head's f32 gradient accumulator; saved activations x1.1; the fp32
-# gradient twice (the scan's stacked gradient and the update's input). Long cases within
-# 13.1%, but two known misses at 128k with the 128k vocabulary and little or no tensor
-# split: -51% (no tensor split: XLA holds several f32 copies of the tables' gradients) and
-# -22% (remat none); short cases over-predicted up to +29.5% (BENCHMARKS.md "Long
-# context"). Approximate: refit when the step changes.
-COEF = {"layer_weights": 0.0, "tables": 2.0, "logits": 1.5, "recompute": 1.0,
-        "activations": 1.1, "grads": 2.0, "cp_kv": 2.0}
+# 2k tokens and the 405B pod step at 8k; 10 at 16k-128k, the plan's own 128k pick
+# reported but not fitted; from bench/plan_vs_compile.py --quick / --long) and the grid
+# these were chosen on (the long cases' worst error, the short ones over-predicted by at
+# most 40%, every calibration row within 5 MFU points: bench/plan_calibration.py, since
+# memory decides which layouts fit). A layer's working set is its un-rematerialized
+# intermediates x1 (flash kernels hold no T x T probabilities: none counted), plus the
+# keys and values context parallelism gathers x1; tables gathered over fsdp (not
+# vocab-parallel) 2 bytes per parameter and half an f32 copy of their gradients (the
+# embedding's scatter-add, the head's, summed whole before the reduce-scatter); one slice
+# of f32 logits x1.5 plus the head's f32 gradient accumulator; saved activations x1.0;
+# the fp32 gradient twice (the scan's stacked gradient and the update's input). Refit
+# 2026-12-06 after the step kept its running gradient sum sharded: long cases within
+# 10.3% (the held-out 128k pick -4.9%), short ones over-predicted up to +38.6% (v6e
+# fsdp=16 dots_no_batch at 2k: XLA does not hold the tables' f32 gradients at once
+# there); BENCHMARKS.md "Long context". Approximate: refit when the step changes.
+COEF = {"layer_weights": 0.0, "tables": 2.0, "table_grads": 0.5, "logits": 1.5, "recompute": 1.0,
+        "activations": 1.0, "grads": 2.0, "cp_kv": 1.0}
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,10 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     # used, and their f32 gradients before the reduce-scatter: with a 128k vocabulary and
     # no tensor split, several GiB (XLA holds more than one f32 copy; fitted, COEF)
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) if split == 1 else 0.0
-    weights_gathered = widest_layer * k["layer_weights"] + table * k["tables"]
+    # ... and their f32 gradients, summed whole before the reduce-scatter (the embedding's
+    # scatter-add, the head's from the loss), k["table_grads"] f32 copies per table
+    weights_gathered = (widest_layer * k["layer_weights"] + table * k["tables"]
+                        + table * 4 * k["table_grads"])
     if layout.stages > 1 and layout.schedule == "1f1b" and layout.zero_ways > 1:
         # 1F1B as Llama 3 ran it: the stage's weights gathered once per step and kept
         # (bf16, embedding and head included), plus one layer's gathered gradient in flight
