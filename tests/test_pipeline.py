@@ -156,6 +156,17 @@ def test_pipelines_the_step_cannot_run_are_refused():
         train_losses("stage=2,fsdp=4", steps=1, microbatches=1, repeats=2)
 
 
+def all_eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in it (loop bodies, calls)."""
+    for e in jaxpr.eqns:
+        yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from all_eqns(inner)
+
+
 def test_the_stage_weights_are_not_kept_gathered_for_the_backward_pass():
     """Regression: with weights that do not depend on the schedule's iteration, autodiff
     hoisted every layer's compute-dtype weights out of the loop and kept them stacked
@@ -180,18 +191,9 @@ def test_the_stage_weights_are_not_kept_gathered_for_the_backward_pass():
     stacked = {(4, 2, *s.shape[1:]) for n, s in param_specs(cfg).items()
                if n.startswith("layers/") and len(s.shape) > 2}
 
-    def loop_outputs(j):
-        for e in j.eqns:
-            if e.primitive.name in ("scan", "while"):
-                yield from (v.aval for v in e.outvars)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from loop_outputs(inner)
-
-    kept = [a for a in loop_outputs(jaxpr)
-            if a.dtype == jnp.bfloat16 and tuple(a.shape) in stacked]
+    kept = [v.aval for e in all_eqns(jaxpr) if e.primitive.name in ("scan", "while")
+            for v in e.outvars
+            if v.aval.dtype == jnp.bfloat16 and tuple(v.aval.shape) in stacked]
     assert stacked and not kept, kept
 
 
@@ -216,20 +218,10 @@ def test_accumulated_gradients_are_summed_in_the_parameters_layout():
     jaxpr = jax.make_jaxpr(ts.fn)(state, tokens).jaxpr
     want = {(tuple(a.shape), a.sharding.spec) for a in jax.tree.leaves(state["params"])}
     assert any(spec != P() for _, spec in want)  # something is sharded
-
-    def scans(j):
-        for e in j.eqns:
-            if e.primitive.name == "scan":
-                yield e
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from scans(inner)
-
     # the accumulation loop: one iteration per microbatch, the parameters' shapes carried
-    loops = [e for e in scans(jaxpr) if e.params["length"] == 2 and len(e.outvars) >= len(want)]
-    assert len(loops) == 1, [e.params["length"] for e in scans(jaxpr)]
+    scans = [e for e in all_eqns(jaxpr) if e.primitive.name == "scan"]
+    loops = [e for e in scans if e.params["length"] == 2 and len(e.outvars) >= len(want)]
+    assert len(loops) == 1, [e.params["length"] for e in scans]
     body = loops[0].params["jaxpr"].jaxpr
     got = {(tuple(e.outvars[0].aval.shape), e.params["sharding"].spec) for e in body.eqns
            if e.primitive.name == "sharding_constraint"

@@ -70,6 +70,16 @@ def default_to_cpu_without_accelerator() -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
 
 
+def _glibc(name: str) -> Any:
+    """glibc's function `name` (Linux with glibc only; else None)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_host_memory() -> bool:
     """Let glibc keep freed host memory for reuse instead of handing it back to the OS.
 
@@ -96,24 +106,12 @@ def keep_freed_host_memory() -> bool:
     forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
     if forced and int(forced.group(1)) > 1:
         return False
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
     return all(mallopt(param, value) == 1 for param, value in (
         (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
-
-
-def _glibc_malloc_trim() -> Any:
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 @contextlib.contextmanager
@@ -131,7 +129,7 @@ def returning_freed_host_memory(period_s: float = 1.0) -> Iterator[bool]:
     The trim takes each arena's lock briefly; a compile's threads rarely wait on it.
     MEGAMESH_TRIM_HOST_MEMORY=0 turns it off.
     """
-    trim = _glibc_malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is None or os.environ.get("MEGAMESH_TRIM_HOST_MEMORY", "1") == "0":
         yield False
         return

@@ -241,11 +241,10 @@ def estimate_memory(w: Workload, layout: Layout, strat: str = "fsdp", tpu: bool 
     split = _vocab_split(strat, tuple(sorted(layout.sizes.items())), c.vocab_size, w.batch,
                          layout.microbatches, w.seq)
     # tables gathered over fsdp (not vocab-parallel) are held whole (over tensor) while
-    # used, and their f32 gradients before the reduce-scatter: with a 128k vocabulary and
-    # no tensor split, several GiB (XLA holds more than one f32 copy; fitted, COEF)
+    # used, and their f32 gradients summed whole before the reduce-scatter (the embedding's
+    # scatter-add, the head's from the loss): k["table_grads"] f32 copies per table; with
+    # a 128k vocabulary and no tensor split, several GiB
     table = c.vocab_size * c.d_model / t * (1 if c.tie_embeddings else 2) if split == 1 else 0.0
-    # ... and their f32 gradients, summed whole before the reduce-scatter (the embedding's
-    # scatter-add, the head's from the loss), k["table_grads"] f32 copies per table
     weights_gathered = (widest_layer * k["layer_weights"] + table * k["tables"]
                         + table * 4 * k["table_grads"])
     if layout.stages > 1 and layout.schedule == "1f1b" and layout.zero_ways > 1:

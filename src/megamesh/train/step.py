@@ -274,10 +274,9 @@ def build_train_step(cfg: ModelConfig, tc: TrainConfig, mesh: Mesh, *,
                     g = jax.lax.with_sharding_constraint(g, p_shard)
                     return jax.tree.map(jnp.add, carry, (mb_loss, pt, g)), None
 
-                zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32),
-                                                      {"nll": jnp.zeros(()), "aux": jnp.zeros(())},
-                                                      params))
-                zeros = (zeros[0], zeros[1], jax.lax.with_sharding_constraint(zeros[2], p_shard))
+                zeros = (jnp.zeros((), jnp.float32), {"nll": jnp.zeros(()), "aux": jnp.zeros(())},
+                         jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params),
+                                                          p_shard))
                 (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
                 loss, parts, grads = jax.tree.map(lambda x: x / tc.microbatches, (loss, parts, grads))
         grad_norm = optax.tree.norm(grads)
