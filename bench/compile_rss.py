@@ -8,6 +8,8 @@ the HLO text and its parse), by wrapping those calls from outside the product.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 import time
 from typing import Any
@@ -58,6 +60,9 @@ aot.topology_devices = after(aot.topology_devices, "topology devices")
 aot.build_train_step = after(aot.build_train_step, "build_train_step")
 aot.collectives = collectives
 jax.stages.Lowered.compile = compile_
+if os.environ.get("TRIM_PERIOD_S"):  # experiments: how often compile hands freed memory back
+    aot.returning_freed_host_memory = functools.partial(
+        aot.returning_freed_host_memory, period_s=float(os.environ["TRIM_PERIOD_S"]))
 
 if __name__ == "__main__":
     mem("imports")

@@ -189,11 +189,15 @@ def test_sharded_per_device_kernel_equals_unsharded(layout, H, K, local_heads, l
 
     body = next(e for e in jax.make_jaxpr(forward)(q, k, v).jaxpr.eqns
                 if e.primitive.name == "shard_map").params["jaxpr"]
-    # the body's last three inputs are q, k, v (splash's mask tables come first; then
-    # the segment ids)
-    qkv_in = body.invars[-4:-1] if docs else body.invars[-3:]
-    assert tuple(x.aval.shape[2] for x in qkv_in[:2]) == local_heads
+    # the body's inputs end with q, k, v (splash's mask tables come first; then the
+    # queries' and the keys' segment ids)
+    qkv_in = body.invars[-5:-2] if docs else body.invars[-3:]
+    assert tuple(x.aval.shape[-2] for x in qkv_in[:2]) == local_heads
     assert qkv_in[0].aval.shape[1] == local_tokens
+    if "sequence" in layout:  # one copy of the whole sequence's keys and values per device,
+        # gathered by the partitioner outside (no collective in the per-device program)
+        assert qkv_in[1].aval.shape[:3] == (1, 1, 256)
+        assert not [e for e in body.eqns if e.primitive.name.startswith("all_gather")]
 
 
 def test_load_balanced_context_parallel_gives_every_device_the_same_attention_work():

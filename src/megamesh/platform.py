@@ -114,25 +114,36 @@ def keep_freed_host_memory() -> bool:
         (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_AFTER = 32 * 2**20  # the most glibc's own sliding threshold reaches (64-bit)
+
+
 @contextlib.contextmanager
-def returning_freed_host_memory(period_s: float = 1.0) -> Iterator[bool]:
-    """While the block runs, hand the memory glibc holds free back to the OS every
-    `period_s` seconds (`malloc_trim(0)` from a background thread; glibc on Linux only,
-    else nothing; yields whether it runs).
+def returning_freed_host_memory(period_s: float = 1.0,
+                                mmap_threshold: int = 2**20) -> Iterator[bool]:
+    """While the block runs, hand the memory glibc holds free back to the OS: blocks of
+    `mmap_threshold` bytes and more get their own mappings (unmapped when freed) and a
+    background thread calls `malloc_trim(0)` every `period_s` seconds (glibc on Linux
+    only, else nothing; yields whether it runs).
 
     For long XLA compiles of huge device counts: XLA frees and reallocates per-device
     structures pass after pass, and glibc's arenas keep what was freed, so the process's
-    resident memory is far above what it uses. Measured on the 405B step for 32 Ironwood
-    pods (589,824 devices) at the resident peak: glibc's arenas 8.95 GB, 5.51 GB of it in
-    use and 3.44 GB free; trimming every second: peak RSS 9.41 -> 6.28 GB, compile time
-    unchanged (171 -> 164 s, one run each; BENCHMARKS.md "The million-chip compile").
-    The trim takes each arena's lock briefly; a compile's threads rarely wait on it.
-    MEGAMESH_TRIM_HOST_MEMORY=0 turns it off.
+    resident memory is far above what it uses. glibc's own threshold for mapping a block
+    slides up (to 32 MiB) as mapped blocks are freed, so after a while XLA's multi-MB
+    per-device tables land in the arenas too. Measured on the 405B step for 32 Ironwood
+    pods (589,824 devices; BENCHMARKS.md "The million-chip compile"): at the resident peak
+    glibc's arenas held 8.95 GB, 5.51 GB of it in use; peak RSS 9.41 GB untrimmed, 6.36 GB
+    trimming every second, 5.93 GB every 0.25 s with a 1 MiB mapping threshold. At 109
+    pods a trim every 0.25 s cost ~30 s of compile time (each walks ~18 GB of arenas
+    under their locks), so the default is one a second. Afterwards the mapping threshold
+    stays fixed at MMAP_THRESHOLD_AFTER (glibc cannot go back to sliding).
+    MEGAMESH_TRIM_HOST_MEMORY=0 turns all of it off.
     """
-    trim = _glibc("malloc_trim")
-    if trim is None or os.environ.get("MEGAMESH_TRIM_HOST_MEMORY", "1") == "0":
+    trim, mallopt = _glibc("malloc_trim"), _glibc("mallopt")
+    if trim is None or mallopt is None or os.environ.get("MEGAMESH_TRIM_HOST_MEMORY", "1") == "0":
         yield False
         return
+    mallopt(M_MMAP_THRESHOLD, mmap_threshold)
     stop = threading.Event()
 
     def loop() -> None:
@@ -146,3 +157,4 @@ def returning_freed_host_memory(period_s: float = 1.0) -> Iterator[bool]:
     finally:
         stop.set()
         t.join()
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_AFTER)

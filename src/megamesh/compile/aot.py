@@ -23,6 +23,7 @@ from megamesh.compile.hlo import async_overlap, collectives, dot_flops, fp8_shar
 from megamesh.config import ModelConfig
 from megamesh.errors import MegameshError
 from megamesh.fileio import write_new_file
+from megamesh.model.kernels import CP_GATHER
 from megamesh.plan.target import Target
 from megamesh.platform import (
     multislice_flags_in_effect,
@@ -125,7 +126,7 @@ def compile_train(cfg: ModelConfig, tc: Any, target: Target, *,
     if report.hlo_text and mesh_sizes(mesh).get("sequence", 1) > 1:
         # context parallelism's key/value (and segment id) gathers: asynchronous, and the
         # compute the scheduler runs while they are in flight
-        report.extra["context_parallel_gathers"] = async_overlap(report.hlo_text, "shard_map/all_gather")
+        report.extra["context_parallel_gathers"] = async_overlap(report.hlo_text, CP_GATHER)
     return report
 
 

@@ -337,7 +337,7 @@ _COMPUTE = re.compile(r" (fusion|convolution|custom-call|dot)\(")
 
 def async_overlap(hlo_text: str, op_name: str) -> list[dict[str, Any]]:
     """The asynchronous collectives of a scheduled HLO module whose source op name contains
-    `op_name` (e.g. "shard_map/all_gather": context parallelism's key/value gathers):
+    `op_name` (e.g. "context_parallel_gather": context parallelism's key/value gathers):
     for each start/done pair, the compute instructions (fusions, convolutions, custom
     calls, dots) the scheduler put between them, i.e. the work the collective overlaps.
     XLA:TPU runs collectives as `*-start`/`*-done` pairs, or on Ironwood as a

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from megamesh.model.attention import attend
+from megamesh.model.axes import constrain
 from megamesh.model.backend import active, run_per_device
 from megamesh.model.blockwise import (
     DEFAULT_BLOCK,
@@ -61,6 +62,26 @@ _KV = ("batch", None, "kv_heads", "head_dim")
 # splash splits the queries over the sequence axis too (context parallelism)
 _QS = ("batch", "seq", "heads", "head_dim")
 _KVS = ("batch", "seq", "kv_heads", "head_dim")
+# context parallelism's whole-sequence keys and values, one copy per sequence shard
+# (`_replicas`): the leading dimension splits over the sequence's mesh axes
+_KVR = ("seq", "batch", None, "kv_heads", "head_dim")
+CP_GATHER = "context_parallel_gather"  # the op name scope of its key/value gathers
+
+
+def _replicas(x: jax.Array, n: int, axes: tuple[str | None, ...]) -> jax.Array:
+    """`n` copies of `x` (logical `axes`, the sequence second) stacked on a new leading
+    dimension, which the caller splits over the n sequence shards: each device receives
+    the whole sequence without a collective in its own program. XLA's partitioner
+    gathers the sequence (an all-gather over the sequence axis) and, in the backward,
+    sums the n per-device gradients and scatters them back (a reduce-scatter): the same
+    collectives, bytes and HBM as gathering inside `shard_map` (checked on Ironwood).
+    Inside `shard_map` a collective carries an explicit list of every device
+    (`replica_groups`: a million groups of 2 for 109 Ironwood pods at sequence=2, copied
+    pass after pass); the partitioner's carry a reshape of the device order. Those lists
+    were most of what the million-chip compile's host memory grew by with the device
+    count (BENCHMARKS.md "The million-chip compile")."""
+    whole = constrain(x, (axes[0], None, *axes[2:]))  # the gather (named CP_GATHER)
+    return jnp.broadcast_to(whole[None], (n, *x.shape))
 
 
 def load_balanced_order(T: int, n: int) -> np.ndarray:
@@ -119,9 +140,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         if seq_axes:  # context parallel: local queries, keys and values gathered
             fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret,
                                    load_balanced=context_parallel_order(q.shape[1]) is not None)
-            args, axes = (q, k, v), (_QS, _KVS, _KVS)
-            if segments is not None:
-                args, axes = (*args, segments), (*axes, ("batch", "seq"))
+            n = active()[1].ways("seq", q.shape[1])
+            with jax.named_scope(CP_GATHER):
+                args = (q, _replicas(k, n, _KVS), _replicas(v, n, _KVS))
+                axes = (_QS, _KVR, _KVR)
+                if segments is not None:
+                    args = (*args, segments, _replicas(segments, n, ("batch", "seq")))
+                    axes = (*axes, ("batch", "seq"), ("seq", "batch", None))
             return run_per_device(fn, args, axes, _QS, ("heads", "kv_heads"))
         fn = functools.partial(splash_attention, interpret=interpret)
     elif name == "pallas_gpu" or segments is not None:
@@ -197,11 +222,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array 
 
 
 def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array | None = None,
-                            *, axes: tuple[str, ...], interpret: bool = False,
-                            load_balanced: bool = False) -> jax.Array:
+                            kv_seg: jax.Array | None = None, *, axes: tuple[str, ...],
+                            interpret: bool = False, load_balanced: bool = False) -> jax.Array:
     """Splash over a sequence split across mesh `axes` (inside shard_map): this device's
-    queries against the whole sequence's keys and values (all-gathered; their gradients
-    flow back as a reduce-scatter), with the causal mask offset by the queries' positions.
+    queries (and their segment ids `seg`) against the whole sequence's keys and values
+    (and `kv_seg`), gathered outside by the partitioner (`_replicas`: each with a leading
+    dimension of 1 here; their gradients flow back as a reduce-scatter), with the causal
+    mask offset by the queries' positions.
     Splash's masks are static, so there is one kernel per device position, picked by
     `lax.switch` on the device's index.
 
@@ -212,9 +239,8 @@ def splash_context_parallel(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.A
     does not split into 2n chunks) the queries are one contiguous block and the last
     device does (2n - 1) / n^2 of the causal work, not 1 / n."""
     Tl = q.shape[1]
-    k = jax.lax.all_gather(k, axes, axis=1, tiled=True)
-    v = jax.lax.all_gather(v, axes, axis=1, tiled=True)
-    kv_seg = None if seg is None else jax.lax.all_gather(seg, axes, axis=1, tiled=True)
+    k, v = k[0], v[0]
+    kv_seg = None if seg is None else kv_seg[0]
     n = k.shape[1] // Tl
     if not load_balanced:
         branches = [functools.partial(splash_attention, interpret=interpret, q_offset=i * Tl)
