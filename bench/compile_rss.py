@@ -4,6 +4,9 @@ the HLO text and its parse), by wrapping those calls from outside the product.
 
   python bench/compile_rss.py compile --model llama3.1-405b --target tpu7x:16x16x36 \\
       --slices 109 --seq 8192 --batch 125568
+
+TRIM_PERIOD_S=0.25 sets how often `compile` trims glibc's free memory while XLA runs
+(`megamesh.platform.returning_freed_host_memory`; default 1 s).
 """
 
 from __future__ import annotations
