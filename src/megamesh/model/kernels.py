@@ -62,16 +62,14 @@ _KV = ("batch", None, "kv_heads", "head_dim")
 # splash splits the queries over the sequence axis too (context parallelism)
 _QS = ("batch", "seq", "heads", "head_dim")
 _KVS = ("batch", "seq", "kv_heads", "head_dim")
-# context parallelism's whole-sequence keys and values, one copy per sequence shard
-# (`_replicas`): the leading dimension splits over the sequence's mesh axes
-_KVR = ("seq", "batch", None, "kv_heads", "head_dim")
 CP_GATHER = "context_parallel_gather"  # the op name scope of its key/value gathers
 
 
-def _replicas(x: jax.Array, n: int, axes: tuple[str | None, ...]) -> jax.Array:
-    """`n` copies of `x` (logical `axes`, the sequence second) stacked on a new leading
-    dimension, which the caller splits over the n sequence shards: each device receives
-    the whole sequence without a collective in its own program. XLA's partitioner
+def _replicas(x: jax.Array, n: int, whole: tuple[str | None, ...]) -> jax.Array:
+    """`n` copies of `x` in the layout of logical axes `whole` (the sequence unsplit)
+    stacked on a new leading dimension, which the caller splits over the n sequence
+    shards (logical axes ("seq", *whole)): each device receives the whole sequence
+    without a collective in its own program. XLA's partitioner
     gathers the sequence (an all-gather over the sequence axis) and, in the backward,
     sums the n per-device gradients and scatters them back (a reduce-scatter): the same
     collectives, bytes and HBM as gathering inside `shard_map` (checked on Ironwood).
@@ -80,8 +78,8 @@ def _replicas(x: jax.Array, n: int, axes: tuple[str | None, ...]) -> jax.Array:
     pass after pass); the partitioner's carry a reshape of the device order. Those lists
     were most of what the million-chip compile's host memory grew by with the device
     count (BENCHMARKS.md "The million-chip compile")."""
-    whole = constrain(x, (axes[0], None, *axes[2:]))  # the gather (named CP_GATHER)
-    return jnp.broadcast_to(whole[None], (n, *x.shape))
+    x = constrain(x, whole)  # the gather (named CP_GATHER)
+    return jnp.broadcast_to(x[None], (n, *x.shape))
 
 
 def load_balanced_order(T: int, n: int) -> np.ndarray:
@@ -140,12 +138,12 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
         if seq_axes:  # context parallel: local queries, keys and values gathered
             fn = functools.partial(splash_context_parallel, axes=seq_axes, interpret=interpret,
                                    load_balanced=context_parallel_order(q.shape[1]) is not None)
-            n = active()[1].ways("seq", q.shape[1])
+            n = _context_parallel_ways(q.shape[1])
             with jax.named_scope(CP_GATHER):
-                args = (q, _replicas(k, n, _KVS), _replicas(v, n, _KVS))
-                axes = (_QS, _KVR, _KVR)
+                args = (q, _replicas(k, n, _KV), _replicas(v, n, _KV))
+                axes = (_QS, ("seq", *_KV), ("seq", *_KV))
                 if segments is not None:
-                    args = (*args, segments, _replicas(segments, n, ("batch", "seq")))
+                    args = (*args, segments, _replicas(segments, n, ("batch", None)))
                     axes = (*axes, ("batch", "seq"), ("seq", "batch", None))
             return run_per_device(fn, args, axes, _QS, ("heads", "kv_heads"))
         fn = functools.partial(splash_attention, interpret=interpret)
