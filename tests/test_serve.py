@@ -1073,7 +1073,7 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
            for t in (WEATHER, SEARCH)]
     msgs = [{"role": "user", "content": "weather in Oslo?"}]
     r = oa.chat.completions.create(model="tiny", messages=msgs, tools=fns, tool_choice="required",
-                                   max_tokens=64)
+                                   max_tokens=64, seed=3)
     call = r.choices[0].message.tool_calls[0]
     assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
     params = {"weather": WEATHER, "search": SEARCH}[call.function.name]["input_schema"]
@@ -1091,11 +1091,14 @@ def test_tool_calls_and_structured_output_through_the_openai_sdk(server):
     for a in args.values():
         jsonschema.validate(json.loads(a), SEARCH["input_schema"])
     single = oa.chat.completions.create(model="tiny", messages=msgs, tools=fns, tool_choice="required",
-                                        max_tokens=64, parallel_tool_calls=False)
+                                        max_tokens=64, parallel_tool_calls=False, seed=5)
     assert len(single.choices[0].message.tool_calls) == 1
+    # the next turn carries the one call back: ~455 prompt tokens + its <= 64 fit the
+    # 512-token context (parallel calls in the history once made 513, 2026-12-06 CI)
+    one = single.choices[0].message
     follow = oa.chat.completions.create(model="tiny", max_tokens=4, tools=fns, messages=[
-        *msgs, r.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "cold"}])
+        *msgs, one.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": one.tool_calls[0].id, "content": "cold"}])
     assert follow.choices[0].message.content is not None
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                                "n": {"type": "integer", "minimum": 0, "maximum": 9}},
