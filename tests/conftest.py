@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,10 +43,17 @@ def corpus() -> Path:
     return CORPUS
 
 
-# One persistent jax compilation cache for every `megamesh` subprocess of the session: the
-# suite trains the same small model in dozens of processes, and a warm cache halves each
-# start (the cache returns the same executable, so bit-for-bit comparisons still hold).
-COMPILE_CACHE = tempfile.mkdtemp(prefix="megamesh-test-jax-cache-")
+# One persistent jax compilation cache for every `megamesh` subprocess of the session, on
+# every xdist worker: the suite trains the same small model in dozens of processes, and a
+# warm cache halves each start (the cache returns the same executable, so bit-for-bit
+# comparisons still hold). A size limit turns on jax's file lock around each read and
+# write: processes of several workers share it.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _RUN:
+    COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f"megamesh-test-jax-cache-{_RUN}")
+    os.makedirs(COMPILE_CACHE, exist_ok=True)
+else:
+    COMPILE_CACHE = tempfile.mkdtemp(prefix="megamesh-test-jax-cache-")
 
 
 def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
@@ -55,6 +63,7 @@ def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
     env["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
     env.update(extra)
     return env
 
@@ -228,10 +237,25 @@ SMALL = ["--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4", "--mo
 def run_dir(tmp_path_factory, corpus, cli) -> Path:
     """A tiny model trained for 4 steps by `megamesh train`: a real checkpoint and tokenizer
     for the serving tests."""
-    out = tmp_path_factory.mktemp("serve") / "run"
-    r = cli("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch", "4",
-            "--seq", "128", "--out", out, "--no-progress", devices=1)
-    assert r.returncode == 0, r.stderr
+    args = ("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch", "4",
+            "--seq", "128", "--no-progress")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.mktemp("serve") / "run"
+        r = cli(*args, "--out", out, devices=1)
+        assert r.returncode == 0, r.stderr
+        return out
+    # xdist: one run for all workers of this session (their base directories' parent is
+    # the session's), trained by the first worker to need it; the tests only read it
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent
+    out, done = shared / "serve-run", shared / "serve-run.done"
+    with FileLock(str(shared / "serve-run.lock")):
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that died mid-train
+            r = cli(*args, "--out", out, devices=1)
+            assert r.returncode == 0, r.stderr
+            done.touch()
     return out
 
 
