@@ -29,10 +29,6 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# no persistent compilation cache in this process (in-process `megamesh train` runs would
-# otherwise point jax's at their run directory for every later test); subprocesses get
-# the session's (cli_env)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 CORPUS = Path(__file__).parent / "data" / "corpus"
 MEGAMESH = [sys.executable, "-m", "megamesh.cli"]
@@ -54,6 +50,11 @@ if _RUN:
     os.makedirs(COMPILE_CACHE, exist_ok=True)
 else:
     COMPILE_CACHE = tempfile.mkdtemp(prefix="megamesh-test-jax-cache-")
+# this process uses it too (compiles of a second or more; and in-process `megamesh train`
+# runs leave a cache named in the environment alone instead of pointing jax's at their run
+# directory for every later test)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
 
 
 def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
