@@ -869,9 +869,6 @@ SEARCH = {"name": "search", "input_schema": {"type": "object", "properties": {
     "q": {"type": "string", "maxLength": 8}}, "required": ["q"], "additionalProperties": False}}
 
 
-GREEDY = {"temperature": 0}  # this SDK's create() takes no temperature argument
-
-
 def test_tool_use_through_the_anthropic_sdk(client):
     """Tools in the Messages API: with tool_choice any / tool the answer is a tool_use block
     whose input is valid for the tool's input_schema (constrained decoding: this model is
@@ -886,7 +883,7 @@ def test_tool_use_through_the_anthropic_sdk(client):
     for i in range(4):
         choice = {"type": "any"} if i % 2 else {"type": "tool", "name": "search"}
         m = client.messages.create(model="tiny", max_tokens=64, tools=[WEATHER, SEARCH], messages=msgs,
-                                   tool_choice=choice, extra_body=GREEDY)
+                                   tool_choice=choice, **GREEDY)
         assert m.stop_reason == "tool_use", m.content
         call = m.content[-1]
         assert call.type == "tool_use" and call.id.startswith("toolu_")
@@ -896,10 +893,10 @@ def test_tool_use_through_the_anthropic_sdk(client):
             assert i % 2 or c.name == "search"
         one = client.messages.create(model="tiny", max_tokens=64, tools=[WEATHER, SEARCH], messages=msgs,
                                      tool_choice={**choice, "disable_parallel_tool_use": True},
-                                     extra_body=GREEDY)
+                                     **GREEDY)
         assert [c.type for c in one.content] == ["tool_use"] and one.stop_reason == "tool_use"
     with client.messages.stream(model="tiny", max_tokens=64, tools=[WEATHER], messages=msgs,
-                                tool_choice={"type": "any"}, extra_body=GREEDY) as stream:
+                                tool_choice={"type": "any"}, **GREEDY) as stream:
         kinds = [e.delta.type for e in stream if e.type == "content_block_delta"]
         final = stream.get_final_message()
     assert "input_json_delta" in kinds and final.stop_reason == "tool_use"
