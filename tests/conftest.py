@@ -50,11 +50,12 @@ if _RUN:
     os.makedirs(COMPILE_CACHE, exist_ok=True)
 else:
     COMPILE_CACHE = tempfile.mkdtemp(prefix="megamesh-test-jax-cache-")
+COMPILE_CACHE_MAX_SIZE = str(8 * 2**30)
 # this process uses it too (compiles of a second or more; and in-process `megamesh train`
 # runs leave a cache named in the environment alone instead of pointing jax's at their run
 # directory for every later test)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 * 2**30))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", COMPILE_CACHE_MAX_SIZE)
 
 
 def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
@@ -64,7 +65,7 @@ def cli_env(devices: int = 8, **extra: str) -> dict[str, str]:
     env["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = COMPILE_CACHE_MAX_SIZE
     env.update(extra)
     return env
 
@@ -238,12 +239,14 @@ SMALL = ["--model.d_model=128", "--model.n_layers=2", "--model.n_heads=4", "--mo
 def run_dir(tmp_path_factory, corpus, cli) -> Path:
     """A tiny model trained for 4 steps by `megamesh train`: a real checkpoint and tokenizer
     for the serving tests."""
-    args = ("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch", "4",
-            "--seq", "128", "--no-progress")
+    def train(out: Path) -> None:
+        r = cli("train", "--model", "tiny", *SMALL, "--data", corpus, "--steps", "4", "--batch",
+                "4", "--seq", "128", "--out", out, "--no-progress", devices=1)
+        assert r.returncode == 0, r.stderr
+
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         out = tmp_path_factory.mktemp("serve") / "run"
-        r = cli(*args, "--out", out, devices=1)
-        assert r.returncode == 0, r.stderr
+        train(out)
         return out
     # xdist: one run for all workers of this session (their base directories' parent is
     # the session's), trained by the first worker to need it; the tests only read it
@@ -254,8 +257,7 @@ def run_dir(tmp_path_factory, corpus, cli) -> Path:
     with FileLock(str(shared / "serve-run.lock")):
         if not done.exists():
             shutil.rmtree(out, ignore_errors=True)  # a worker that died mid-train
-            r = cli(*args, "--out", out, devices=1)
-            assert r.returncode == 0, r.stderr
+            train(out)
             done.touch()
     return out
 
